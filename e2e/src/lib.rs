@@ -1,0 +1,13 @@
+//! Caracal's end-to-end support: the real upstream control plane on loopback for cluster-tier tests and
+//! the lab, started from the binaries `make controlplane` builds out of `e2e/controlplane/`.
+//!
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! let cp = caracal_e2e::controlplane::ControlPlane::start(Default::default()).await?;
+//! let client = cp.client().await?;
+//! # Ok(()) }
+//! ```
+
+pub mod controlplane;
+pub mod pki;
+pub mod process;

@@ -1,0 +1,112 @@
+//! A throwaway PKI for a test control plane: one CA, the API server's serving certificate, an admin client
+//! certificate (group `system:masters`) and the service-account signing key.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// Paths of the PEM files [`generate`] wrote.
+#[derive(Clone, Debug)]
+pub struct Pki {
+    /// CA certificate (also the client CA the API server trusts).
+    pub ca_cert: PathBuf,
+    /// CA private key (the controller manager signs CSRs with it).
+    pub ca_key: PathBuf,
+    /// API server serving certificate.
+    pub server_cert: PathBuf,
+    /// API server serving key.
+    pub server_key: PathBuf,
+    /// Admin client certificate.
+    pub admin_cert: PathBuf,
+    /// Admin client key.
+    pub admin_key: PathBuf,
+    /// Service-account token signing key (private).
+    pub sa_key: PathBuf,
+    /// Service-account token verification key (public).
+    pub sa_pub: PathBuf,
+}
+
+/// Errors while generating the PKI.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen refused the parameters or failed to sign.
+    #[error("generating a certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A PEM file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn write(dir: &Path, name: &str, pem: &str) -> Result<PathBuf, PkiError> {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).map_err(|source| PkiError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Generates the PKI into `dir`. The serving certificate is valid for loopback and the in-cluster names.
+pub fn generate(dir: &Path) -> Result<Pki, PkiError> {
+    let ca_key = KeyPair::generate()?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "caracal-e2e-ca");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
+
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "10.96.0.1".to_owned(),
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+        "kubernetes.default.svc.cluster.local".to_owned(),
+    ])?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server.signed_by(&server_key, &ca)?;
+
+    let admin_key = KeyPair::generate()?;
+    let mut admin = CertificateParams::new(Vec::<String>::new())?;
+    admin
+        .distinguished_name
+        .push(DnType::CommonName, "caracal-e2e-admin");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let admin_cert = admin.signed_by(&admin_key, &ca)?;
+
+    let sa_key = KeyPair::generate()?;
+
+    Ok(Pki {
+        ca_cert: write(dir, "ca.crt", &ca.pem())?,
+        ca_key: write(dir, "ca.key", &ca_key_pem)?,
+        server_cert: write(dir, "apiserver.crt", &server_cert.pem())?,
+        server_key: write(dir, "apiserver.key", &server_key.serialize_pem())?,
+        admin_cert: write(dir, "admin.crt", &admin_cert.pem())?,
+        admin_key: write(dir, "admin.key", &admin_key.serialize_pem())?,
+        sa_key: write(dir, "sa.key", &sa_key.serialize_pem())?,
+        sa_pub: write(dir, "sa.pub", &sa_key.public_key_pem())?,
+    })
+}

@@ -1,0 +1,1 @@
+//! caracal-node

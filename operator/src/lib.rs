@@ -1,0 +1,1 @@
+//! caracal-operator
