@@ -44,6 +44,7 @@ pub struct BGPConfigurationSpec {
     #[schemars(range(min = 1))]
     pub as_number: Option<u32>,
     /// BGP port BIRD listens on (179 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
     pub listen_port: Option<u16>,
     /// BIRD's log level: Debug, Info, Warning, Error, Fatal.

@@ -127,18 +127,22 @@ pub struct FelixConfigurationSpec {
     #[schemars(length(max = 15))]
     pub wireguard_interface_name_v6: Option<String>,
     /// WireGuard IPv4 UDP port (51820 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
     pub wireguard_listening_port: Option<u16>,
     /// WireGuard IPv6 UDP port (51821 when unset).
     #[serde(rename = "wireguardListeningPortV6")]
+    #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
     pub wireguard_listening_port_v6: Option<u16>,
     /// WireGuard IPv4 MTU; detected when unset.
     #[serde(rename = "wireguardMTU")]
+    #[serde(default)]
     #[schemars(schema_with = "mtu_schema")]
     pub wireguard_mtu: Option<i32>,
     /// WireGuard IPv6 MTU; detected when unset.
     #[serde(rename = "wireguardMTUV6")]
+    #[serde(default)]
     #[schemars(schema_with = "mtu_schema")]
     pub wireguard_mtu_v6: Option<i32>,
     /// Program VXLAN (otherwise derived from the IP pools).
@@ -148,20 +152,24 @@ pub struct FelixConfigurationSpec {
     #[schemars(range(min = 1, max = 16_777_215))]
     pub vxlan_vni: Option<u32>,
     /// VXLAN UDP port (4789 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
     pub vxlan_port: Option<u16>,
     /// VXLAN IPv4 device MTU; detected when unset.
     #[serde(rename = "vxlanMTU")]
+    #[serde(default)]
     #[schemars(schema_with = "mtu_schema")]
     pub vxlan_mtu: Option<i32>,
     /// VXLAN IPv6 device MTU; detected when unset.
     #[serde(rename = "vxlanMTUV6")]
+    #[serde(default)]
     #[schemars(schema_with = "mtu_schema")]
     pub vxlan_mtu_v6: Option<i32>,
     /// Program IPIP (otherwise derived from the IP pools).
     pub ipip_enabled: Option<bool>,
     /// IPIP device MTU; detected when unset.
     #[serde(rename = "ipipMTU")]
+    #[serde(default)]
     #[schemars(schema_with = "mtu_schema")]
     pub ipip_mtu: Option<i32>,
     /// Regular expression of host interfaces whose MTU the agent reads to compute pod MTUs.
@@ -186,11 +194,13 @@ pub struct FelixConfigurationSpec {
     #[schemars(length(max = 64))]
     pub health_host: Option<String>,
     /// Port of the health server (9099 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
     pub health_port: Option<u16>,
     /// Serve Prometheus /metrics.
     pub prometheus_metrics_enabled: Option<bool>,
     /// Port of the metrics server (9091 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
     pub prometheus_metrics_port: Option<u16>,
     /// How often routes are re-read and repaired.

@@ -135,6 +135,7 @@ pub struct CalicoNetworkSpec {
     #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.cidr == a.cidr))").message("two ipPools have the same cidr: give each pool its own network"))]
     pub ip_pools: Option<Vec<InstallationIPPool>>,
     /// Pod interface MTU; detected from the host interface minus encapsulation overhead when unset.
+    #[serde(default)]
     #[schemars(schema_with = "mtu_schema")]
     pub mtu: Option<i32>,
     /// How nodes find their IPv4 address.
@@ -310,9 +311,11 @@ pub struct InstallationSpec {
     /// caracal-typha Deployment overrides.
     pub typha_deployment: Option<DeploymentOverride>,
     /// Port of caracal-node's /metrics (9091 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "crate::schema::port_number_schema")]
     pub node_metrics_port: Option<u16>,
     /// Port of caracal-typha's /metrics (9093 when unset).
+    #[serde(default)]
     #[schemars(schema_with = "crate::schema::port_number_schema")]
     pub typha_metrics_port: Option<u16>,
 }

@@ -9,6 +9,11 @@
 //! Field names follow Calico's (operator.tigera.io/v1 and projectcalico.org/v3), so a Calico manifest
 //! converts by changing its apiVersion. [`crdgen`] turns the types into the committed CRD manifests.
 
+#![expect(
+    clippy::duplicated_attributes,
+    reason = "kube's printcolumn(..) repeats `type_ = ` once per column, which this lint reads as a duplicate"
+)]
+
 pub mod bgp;
 pub mod crdgen;
 pub mod felix;

@@ -77,12 +77,57 @@ impl JsonSchema for Cidr {
 }
 
 /// A network in a policy or network set: a CIDR, or a single address meaning its /32 or /128.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Net(pub IpNet);
+///
+/// A bare address is written back bare, so what a user applied reads back unchanged. Equality, hashing and
+/// ordering look at the network only: `10.1.2.3` and `10.1.2.3/32` are the same net.
+#[derive(Clone, Copy, Debug)]
+pub struct Net {
+    net: IpNet,
+    bare: bool,
+}
+
+impl Net {
+    /// The network.
+    pub fn net(&self) -> IpNet {
+        self.net
+    }
+}
+
+impl From<IpNet> for Net {
+    fn from(net: IpNet) -> Self {
+        Net { net, bare: false }
+    }
+}
+
+impl PartialEq for Net {
+    fn eq(&self, other: &Self) -> bool {
+        self.net == other.net
+    }
+}
+impl Eq for Net {}
+impl std::hash::Hash for Net {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.net.hash(h);
+    }
+}
+impl PartialOrd for Net {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Net {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.net.cmp(&other.net)
+    }
+}
 
 impl fmt::Display for Net {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        if self.bare {
+            self.net.addr().fmt(f)
+        } else {
+            self.net.fmt(f)
+        }
     }
 }
 
@@ -90,10 +135,13 @@ impl FromStr for Net {
     type Err = ipnet::AddrParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.parse::<IpNet>() {
-            Ok(n) => Ok(Net(n)),
+            Ok(net) => Ok(Net { net, bare: false }),
             Err(e) => s
                 .parse::<std::net::IpAddr>()
-                .map(|a| Net(IpNet::from(a)))
+                .map(|a| Net {
+                    net: IpNet::from(a),
+                    bare: true,
+                })
                 .map_err(|_| e),
         }
     }
@@ -101,7 +149,7 @@ impl FromStr for Net {
 
 impl Serialize for Net {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        s.collect_str(self)
     }
 }
 
@@ -290,7 +338,7 @@ impl JsonSchema for Port {
                     "message": "port out of range: use a number from 0 to 65535"
                 },
                 {
-                    "rule": "type(self) == int || self.matches('^([0-9]+(:[0-9]+)?|[a-z0-9][-a-z0-9]*)$')",
+                    "rule": "type(self) == int || self.matches('^([0-9]+(:[0-9]+)?|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$')",
                     "messageExpression": "'\"' + string(self) + '\" is not a port: write a number, a range \"low:high\", or a container port name (lowercase letters, digits and -, at most 15 characters)'"
                 },
                 {
@@ -360,9 +408,11 @@ mod tests {
     #[test]
     fn net_accepts_bare_addresses_as_host_networks() {
         let n: Net = "10.1.2.3".parse().unwrap();
-        assert_eq!(n.to_string(), "10.1.2.3/32");
+        assert_eq!(n.net().to_string(), "10.1.2.3/32");
+        assert_eq!(n.to_string(), "10.1.2.3", "written back as the user wrote it");
+        assert_eq!(n, "10.1.2.3/32".parse().unwrap());
         let n: Net = "fd00::1".parse().unwrap();
-        assert_eq!(n.to_string(), "fd00::1/128");
+        assert_eq!(n.net().to_string(), "fd00::1/128");
         assert!("10.1.2.300".parse::<Net>().is_err());
     }
 

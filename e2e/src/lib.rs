@@ -9,5 +9,6 @@
 //! ```
 
 pub mod controlplane;
+pub mod crds;
 pub mod pki;
 pub mod process;

@@ -1,0 +1,83 @@
+# Caracal's verbs. Every setup step a fresh machine needs lives here and is idempotent.
+#
+#   make test          set up what is missing, then lint and run every test tier
+#   make lab           run Caracal on this machine (today: the control plane; see README)
+#   make controlplane  build the pinned upstream Kubernetes control plane into target/controlplane/bin
+#   make manifests     regenerate manifests/crds from the Rust types
+#   make lint          cargo fmt --check and clippy -D warnings
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+ROOT        := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+CP_DIR      := $(ROOT)/e2e/controlplane
+CP_BIN      := $(ROOT)/target/controlplane/bin
+K8S_VERSION := $(shell awk '$$1 == "require" && $$2 == "k8s.io/kubernetes" {print $$3}' $(CP_DIR)/go.mod)
+K8S_MINOR   := $(word 2,$(subst ., ,$(K8S_VERSION)))
+CP_PROGRAMS := etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
+CP_TARGETS  := $(addprefix $(CP_BIN)/,$(CP_PROGRAMS))
+
+# Debian packages the test tiers need (none beyond the base image yet; later tiers add iproute2, bird2, ...).
+APT_PACKAGES :=
+
+# Never let `go` download a toolchain; build with the one installed.
+export GOTOOLCHAIN := local
+export GOFLAGS     := -mod=readonly -trimpath
+CARGO ?= cargo
+
+VERSION_LDFLAGS := -s -w \
+  -X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
+  -X k8s.io/component-base/version.gitMajor=1 \
+  -X k8s.io/component-base/version.gitMinor=$(K8S_MINOR) \
+  -X k8s.io/component-base/version.gitTreeState=clean \
+  -X k8s.io/client-go/pkg/version.gitVersion=$(K8S_VERSION) \
+  -X k8s.io/client-go/pkg/version.gitMajor=1 \
+  -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
+
+.PHONY: test lab deps controlplane manifests lint unit cluster build clean-controlplane
+
+deps:
+	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
+	@command -v $(CARGO) >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+controlplane: $(CP_TARGETS)
+
+# One rule builds all five programs: they share one module graph and one go build cache.
+$(CP_TARGETS) &: $(CP_DIR)/go.mod $(CP_DIR)/go.sum | deps
+	@mkdir -p $(CP_BIN)
+	@echo "building the control plane ($(K8S_VERSION)): etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl"
+	cd $(CP_DIR) && go build -ldflags '$(VERSION_LDFLAGS)' -o $(CP_BIN)/etcd go.etcd.io/etcd/server/v3
+	cd $(CP_DIR) && go build -ldflags '$(VERSION_LDFLAGS)' -o $(CP_BIN)/ \
+	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+	  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+	@touch $(CP_TARGETS)
+
+clean-controlplane:
+	rm -rf $(CP_BIN)
+
+manifests:
+	$(CARGO) run -q -p caracal-crds --bin crdgen
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+build: deps
+	$(CARGO) build --workspace --all-targets --locked
+
+# Unit tier: pure code, no root, no control plane.
+unit: deps
+	$(CARGO) test --workspace --lib --bins --locked
+
+# Every tier: unit, then the cluster tier against the real API server (e2e/tests).
+test: deps controlplane lint
+	$(CARGO) test --workspace --locked
+
+lab: deps controlplane
+	@echo "The full lab (operator, nodes, pods, policies) arrives with its issue; this starts the control plane."
+	$(CARGO) run -q -p caracal-e2e --bin caracal-lab -- controlplane up --controllers
