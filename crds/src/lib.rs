@@ -23,3 +23,4 @@ pub mod ippool;
 pub mod networkset;
 pub mod policy;
 pub mod schema;
+pub mod selector;

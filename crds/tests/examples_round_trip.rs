@@ -1,7 +1,10 @@
 //! Every Caracal object in examples/ parses into its Rust type and serializes back to the same document:
 //! the types drop no field a user wrote (the cluster tier checks the same against the API server's schema).
 
-#![expect(clippy::expect_used, reason = "a test helper that cannot go on fails the test with the reason")]
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
 
 use std::path::Path;
 

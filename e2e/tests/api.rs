@@ -5,7 +5,10 @@
 //! - a table of invalid objects is rejected, each with a message naming the offending field, and a table of
 //!   edge-of-range valid objects is accepted (so the rules are neither too loose nor too strict).
 
-#![expect(clippy::expect_used, reason = "a test helper that cannot go on fails the test with the reason")]
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
