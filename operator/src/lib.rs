@@ -1,4 +1,8 @@
 //! caracal-operator: reconciles the `Installation` named `default` into CRDs, the caracal-node DaemonSet,
 //! the caracal-typha Deployment, FelixConfiguration and IPPools, and reports status.
 //!
-//! The reconciler arrives with the operator issue; the API it reconciles lives in `caracal-crds`.
+//! - [`render`] is pure: [`render::compute`] fills defaults and checks what needs context,
+//!   [`render::render`] turns the computed Installation and the cluster facts into objects.
+//! - The controller (effects: server-side apply, pruning, status) builds on it.
+
+pub mod render;
