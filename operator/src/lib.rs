@@ -5,4 +5,9 @@
 //!   [`render::render`] turns the computed Installation and the cluster facts into objects.
 //! - The controller (effects: server-side apply, pruning, status) builds on it.
 
+pub mod apply;
+pub mod certs;
+pub mod controller;
+pub mod metrics;
 pub mod render;
+pub mod status;

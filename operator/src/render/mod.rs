@@ -12,7 +12,7 @@ use caracal_crds::installation::InstallationSpec;
 use caracal_crds::schema::Cidr;
 use serde::Serialize;
 
-pub use common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, NAMESPACE, managed_selector};
+pub use common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, NAMESPACE, managed_selector, namespace};
 pub use defaults::{SpecError, compute};
 pub use typha::typha_replicas;
 

@@ -1,0 +1,476 @@
+//! Cluster tier: the operator's controller, in-process, against the real kube-apiserver.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caracal_crds::felix::FelixConfiguration;
+use caracal_crds::installation::Installation;
+use caracal_e2e::controlplane::{ControlPlane, Options};
+use caracal_operator::controller::{self, Context};
+use caracal_operator::metrics::Metrics;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// Generous for a loaded 2-core machine; the figures that matter are measured in `make bench`.
+const DEADLINE: Duration = Duration::from_secs(30);
+const NS: &str = "caracal-system";
+
+struct Running {
+    _cp: ControlPlane,
+    client: Client,
+    ctx: Arc<Context>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+async fn operator() -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "caracal_operator=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let cp = ControlPlane::start(Options::api_only())
+        .await
+        .expect("control plane");
+    let client = cp.client().await.expect("client");
+    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+    let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx.clone(), async move {
+        let _ = rx.await;
+    }));
+    Running {
+        _cp: cp,
+        client,
+        ctx,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+async fn apply_installation(client: &Client, spec: serde_json::Value) {
+    let api: Api<Installation> = Api::all(client.clone());
+    let body = json!({"apiVersion": "operator.caracal.dev/v1", "kind": "Installation", "metadata": {"name": "default"}, "spec": spec});
+    api.patch(
+        "default",
+        &PatchParams::apply("test-user").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .expect("apply Installation");
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn condition(client: &Client, type_: &str) -> Option<(String, String, String)> {
+    let inst = Api::<Installation>::all(client.clone())
+        .get_opt("default")
+        .await
+        .ok()??;
+    let c = inst.status?.conditions.into_iter().find(|c| c.type_ == type_)?;
+    Some((c.status, c.reason, c.message))
+}
+
+const RENDERED: &[(&str, &str)] = &[
+    ("ServiceAccount", "caracal-node"),
+    ("ServiceAccount", "caracal-typha"),
+    ("ConfigMap", "caracal-cni-config"),
+    ("ConfigMap", "caracal-typha-ca"),
+    ("Secret", "caracal-node-certs"),
+    ("Secret", "caracal-typha-certs"),
+    ("Secret", "caracal-ca"),
+    ("DaemonSet", "caracal-node"),
+    ("Deployment", "caracal-typha"),
+    ("Service", "caracal-typha"),
+    ("PodDisruptionBudget", "caracal-typha"),
+];
+
+async fn exists(client: &Client, kind: &str, name: &str) -> bool {
+    let ar = caracal_operator::apply::resource(
+        match kind {
+            "DaemonSet" | "Deployment" => "apps/v1",
+            "PodDisruptionBudget" => "policy/v1",
+            "ClusterRole" | "ClusterRoleBinding" => "rbac.authorization.k8s.io/v1",
+            "IPPool" | "FelixConfiguration" => "caracal.dev/v1",
+            _ => "v1",
+        },
+        kind,
+    );
+    let namespaced = !matches!(
+        kind,
+        "ClusterRole" | "ClusterRoleBinding" | "IPPool" | "FelixConfiguration"
+    );
+    let api: Api<kube::api::DynamicObject> = if namespaced {
+        Api::namespaced_with(client.clone(), NS, &ar)
+    } else {
+        Api::all_with(client.clone(), &ar)
+    };
+    api.get_opt(name).await.ok().flatten().is_some()
+}
+
+#[tokio::test]
+async fn an_installation_becomes_every_object_and_reports_progressing() {
+    let op = operator().await;
+    apply_installation(
+        &op.client,
+        json!({"calicoNetwork": {"ipPools": [{"cidr": "10.244.0.0/16"}]}}),
+    )
+    .await;
+    let client = op.client.clone();
+    eventually("Progressing=True", || {
+        let client = client.clone();
+        async move { condition(&client, "Progressing").await.filter(|c| c.0 == "True") }
+    })
+    .await;
+    for (kind, name) in RENDERED {
+        assert!(exists(&op.client, kind, name).await, "{kind} {name} missing");
+    }
+    for (kind, name) in [
+        ("ClusterRole", "caracal-node"),
+        ("ClusterRoleBinding", "caracal-typha"),
+        ("IPPool", "default-ipv4-ippool"),
+        ("FelixConfiguration", "default"),
+    ] {
+        assert!(exists(&op.client, kind, name).await, "{kind} {name} missing");
+    }
+    let inst = Api::<Installation>::all(op.client.clone())
+        .get("default")
+        .await
+        .expect("get");
+    assert_eq!(
+        inst.spec.calico_network.as_ref().and_then(|n| n.linux_dataplane),
+        None,
+        "defaults never go into spec"
+    );
+    let computed = inst
+        .status
+        .as_ref()
+        .and_then(|s| s.computed.as_ref())
+        .expect("status.computed");
+    let pool = &computed
+        .calico_network
+        .as_ref()
+        .expect("network")
+        .ip_pools
+        .as_ref()
+        .expect("pools")[0];
+    assert_eq!(pool.block_size, Some(26));
+    assert!(
+        inst.status
+            .as_ref()
+            .expect("status")
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == inst.metadata.generation)
+    );
+    assert!(inst.finalizers().contains(&controller::FINALIZER.to_owned()));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn drift_is_repaired_invalid_edits_change_nothing_and_user_felix_fields_survive() {
+    let op = operator().await;
+    let c = op.client.clone();
+    apply_installation(
+        &c,
+        json!({"calicoNetwork": {"ipPools": [{"cidr": "10.244.0.0/16"}]}}),
+    )
+    .await;
+    let services: Api<Service> = Api::namespaced(c.clone(), NS);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(c.clone(), NS);
+    eventually("the DaemonSet and the Service", || {
+        let (d, s) = (daemonsets.clone(), services.clone());
+        async move {
+            d.get_opt("caracal-node").await.ok().flatten()?;
+            s.get_opt("caracal-typha").await.ok().flatten()
+        }
+    })
+    .await;
+
+    // Drift: a deleted Service and an edited DaemonSet come back.
+    services
+        .delete("caracal-typha", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    let edit = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "spec": {"template": {"spec": {"containers": [{"name": "caracal-node", "image": "evil/node:latest"}]}}}});
+    daemonsets
+        .patch(
+            "caracal-node",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(&edit),
+        )
+        .await
+        .expect("edit DS");
+    let t = Instant::now();
+    eventually("Service and DaemonSet restored", || {
+        let (s, d) = (services.clone(), daemonsets.clone());
+        async move {
+            let svc = s.get_opt("caracal-typha").await.ok().flatten()?;
+            let ds = d.get("caracal-node").await.ok()?;
+            let image = ds
+                .spec?
+                .template
+                .spec?
+                .containers
+                .into_iter()
+                .find(|c| c.name == "caracal-node")?
+                .image?;
+            (image.starts_with("caracal/node:") && svc.metadata.deletion_timestamp.is_none()).then_some(())
+        }
+    })
+    .await;
+    eprintln!("drift repaired in {:?}", t.elapsed());
+
+    // A user's own FelixConfiguration field survives reconciles; the operator's fields stay the operator's.
+    let felix: Api<FelixConfiguration> = Api::all(c.clone());
+    let mine = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "Debug", "routeRefreshInterval": "30s"}});
+    felix
+        .patch("default", &PatchParams::apply("a-user"), &Patch::Apply(&mine))
+        .await
+        .expect("user edit");
+    // Force a reconcile (a Node appears) and check the user's fields are still there afterwards.
+    Api::<Node>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).expect("node"),
+        )
+        .await
+        .expect("node");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let f = felix.get("default").await.expect("felix");
+    assert_eq!(
+        f.spec.log_severity_screen,
+        Some(caracal_crds::felix::LogSeverity::Debug)
+    );
+    assert_eq!(
+        f.spec.route_refresh_interval.as_ref().map(|d| d.0.as_str()),
+        Some("30s")
+    );
+    assert_eq!(f.spec.bpf_enabled, Some(false), "operator-owned field still set");
+
+    // An invalid edit: Degraded with the message, and nothing that runs changes.
+    let ds_before = daemonsets
+        .get("caracal-node")
+        .await
+        .expect("ds")
+        .resource_version();
+    let cm_before = Api::<ConfigMap>::namespaced(c.clone(), NS)
+        .get("caracal-cni-config")
+        .await
+        .expect("cm")
+        .resource_version();
+    apply_installation(&c, json!({"calicoNetwork": {"bgp": "Disabled", "ipPools": [{"cidr": "10.244.0.0/16", "encapsulation": "IPIP"}]}})).await;
+    let (_, reason, message) = eventually("Degraded=True", || {
+        let c = c.clone();
+        async move { condition(&c, "Degraded").await.filter(|d| d.0 == "True") }
+    })
+    .await;
+    assert_eq!(reason, "EncapsulationNeedsBGP");
+    assert!(
+        message.contains("spec.calicoNetwork.ipPools[0].encapsulation")
+            && message.contains("set calicoNetwork.bgp to Enabled"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        daemonsets
+            .get("caracal-node")
+            .await
+            .expect("ds")
+            .resource_version(),
+        ds_before,
+        "DaemonSet changed"
+    );
+    let cm_after = Api::<ConfigMap>::namespaced(c.clone(), NS)
+        .get("caracal-cni-config")
+        .await
+        .expect("cm")
+        .resource_version();
+    assert_eq!(cm_after, cm_before, "CNI config changed");
+    let inst = Api::<Installation>::all(c.clone())
+        .get("default")
+        .await
+        .expect("inst");
+    let kept = inst
+        .status
+        .and_then(|s| s.computed)
+        .and_then(|c| c.calico_network)
+        .and_then(|n| n.ip_pools)
+        .expect("pools");
+    assert_eq!(
+        kept[0].encapsulation,
+        Some(caracal_crds::installation::Encapsulation::VXLAN),
+        "status.computed keeps the last valid spec"
+    );
+    op.stop().await;
+}
+
+/// Write requests the API server has served for the resources the operator owns (its own count, from
+/// `/metrics`).
+async fn server_side_writes(client: &Client) -> u64 {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).expect("request"))
+        .await
+        .expect("metrics");
+    let owned = [
+        "daemonsets",
+        "deployments",
+        "services",
+        "configmaps",
+        "secrets",
+        "serviceaccounts",
+        "clusterroles",
+        "clusterrolebindings",
+        "poddisruptionbudgets",
+        "ippools",
+        "felixconfigurations",
+        "installations",
+        "namespaces",
+    ];
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["APPLY", "PATCH", "POST", "PUT", "DELETE"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter(|l| owned.iter().any(|r| l.contains(&format!("resource=\"{r}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_steady_state_reconcile_makes_no_write_request() {
+    let op = operator().await;
+    let c = op.client.clone();
+    apply_installation(&c, json!({})).await;
+    eventually("Progressing=True", || {
+        let c = c.clone();
+        async move { condition(&c, "Progressing").await.filter(|p| p.0 == "True") }
+    })
+    .await;
+    // Let the first rounds settle (status written, watches delivered).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nodes: Api<Node> = Api::all(c.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).expect("node"),
+        )
+        .await
+        .expect("node");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes_before = server_side_writes(&c).await;
+    assert!(
+        writes_before > 10,
+        "the counter sees the operator's first writes ({writes_before})"
+    );
+    let reconciles_before = reconcile_count(&op).await;
+    // Each label edit on the Node triggers a reconcile whose inputs are unchanged.
+    for i in 0..5 {
+        let patch = json!({"metadata": {"labels": {"touch": i.to_string()}}});
+        nodes
+            .patch("n1", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("touch node");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reconciles = reconcile_count(&op).await - reconciles_before;
+    let writes = server_side_writes(&c).await - writes_before;
+    assert!(
+        reconciles >= 3,
+        "expected the node edits to trigger reconciles, saw {reconciles}"
+    );
+    assert_eq!(
+        writes, 0,
+        "{reconciles} steady-state reconciles made {writes} write requests"
+    );
+    op.stop().await;
+}
+
+async fn reconcile_count(op: &Running) -> u64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    op.ctx.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    text.lines()
+        .find(|l| l.starts_with("caracal_operator_reconciles_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang() {
+    let op = operator().await;
+    let c = op.client.clone();
+    apply_installation(&c, json!({})).await;
+    let daemonsets: Api<DaemonSet> = Api::namespaced(c.clone(), NS);
+    eventually("the DaemonSet", || {
+        let d = daemonsets.clone();
+        async move { d.get_opt("caracal-node").await.ok().flatten() }
+    })
+    .await;
+    Api::<Installation>::all(c.clone())
+        .delete("default", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the Installation gone", || {
+        let c = c.clone();
+        async move {
+            Api::<Installation>::all(c)
+                .get_opt("default")
+                .await
+                .ok()
+                .and_then(|o| o.is_none().then_some(()))
+        }
+    })
+    .await;
+    for (kind, name) in [
+        ("DaemonSet", "caracal-node"),
+        ("Deployment", "caracal-typha"),
+        ("ClusterRole", "caracal-node"),
+        ("IPPool", "default-ipv4-ippool"),
+    ] {
+        assert!(!exists(&c, kind, name).await, "{kind} {name} still there");
+    }
+    op.stop().await;
+}
