@@ -331,6 +331,22 @@ impl ControlPlane {
         client_from_kubeconfig(&self.kubeconfig).await
     }
 
+    /// A client that authenticates with a bearer `token` (a ServiceAccount's), trusting this control plane's
+    /// CA: for testing what an identity's RBAC allows.
+    pub async fn client_with_token(&self, token: &str) -> Result<Client, ControlPlaneError> {
+        let ca = std::fs::read_to_string(&self.pki.ca_cert).map_err(io("reading the CA"))?;
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: caracal\n  cluster:\n    server: {}\n    \
+             certificate-authority-data: {}\nusers:\n- name: token\n  user:\n    token: {token}\ncontexts:\n\
+             - name: caracal\n  context:\n    cluster: caracal\n    user: token\ncurrent-context: caracal\n",
+            self.server,
+            base64::engine::general_purpose::STANDARD.encode(ca),
+        );
+        let path = self.dir.join(format!("kubeconfig-token-{}", yaml.len()));
+        std::fs::write(&path, yaml).map_err(io("writing a token kubeconfig"))?;
+        client_from_kubeconfig(&path).await
+    }
+
     /// The admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

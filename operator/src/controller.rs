@@ -401,3 +401,41 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     })
     .await;
 }
+
+/// How an elected run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `shutdown` resolved; the lease was released.
+    Shutdown,
+    /// Another replica took the lease (or it could not be renewed): stop acting at once.
+    LostLease,
+}
+
+/// Runs the controller only while `elector` holds the leader lease.
+pub async fn run_elected(
+    ctx: Arc<Context>,
+    mut elector: crate::leader::Elector,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Outcome {
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = &mut shutdown => return Outcome::Shutdown,
+    }
+    info!(identity = elector.identity(), "leading: reconciling");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut task = tokio::spawn(run(ctx, async move {
+        let _ = stopped.await;
+    }));
+    let outcome = tokio::select! {
+        () = elector.hold() => Outcome::LostLease,
+        () = &mut shutdown => Outcome::Shutdown,
+        _ = &mut task => Outcome::LostLease,
+    };
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    if outcome == Outcome::Shutdown {
+        elector.release().await;
+    }
+    outcome
+}

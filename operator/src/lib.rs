@@ -8,6 +8,9 @@
 pub mod apply;
 pub mod certs;
 pub mod controller;
+pub mod crds;
+pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod status;

@@ -474,3 +474,136 @@ async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang()
     }
     op.stop().await;
 }
+
+#[tokio::test]
+async fn two_operator_replicas_never_both_act_and_the_standby_takes_over() {
+    use caracal_operator::leader::{Elector, Timings};
+    let cp = ControlPlane::start(Options::api_only())
+        .await
+        .expect("control plane");
+    let client = cp.client().await.expect("client");
+    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+    let timings = Timings {
+        lease_duration: Duration::from_secs(4),
+        renew_period: Duration::from_millis(500),
+        renew_deadline: Duration::from_secs(3),
+    };
+    let replica = |id: &str| {
+        let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())));
+        let elector = Elector::new(client.clone(), "default", "caracal-operator", id, timings);
+        let task = tokio::spawn(controller::run_elected(
+            ctx.clone(),
+            elector,
+            std::future::pending(),
+        ));
+        (ctx, task)
+    };
+    let (a, a_task) = replica("replica-a");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (b, b_task) = replica("replica-b");
+    apply_installation(&client, json!({})).await;
+    let count = |ctx: &Arc<Context>| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        ctx.metrics.register(&mut registry);
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text.lines()
+            .find(|l| l.starts_with("caracal_operator_reconciles_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    eventually("the leader reconciles", || {
+        let c = client.clone();
+        async move { condition(&c, "Progressing").await }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(count(&a) > 0, "the first replica leads");
+    assert_eq!(
+        count(&b),
+        0,
+        "the standby must not reconcile while the leader holds the lease"
+    );
+
+    // The leader dies without releasing: the standby waits out the lease, then acts.
+    a_task.abort();
+    let died = Instant::now();
+    let b_ref = b.clone();
+    eventually("the standby takes over", || {
+        let n = count(&b_ref);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    assert!(
+        died.elapsed() >= Duration::from_secs(3),
+        "took over before the lease could expire"
+    );
+    let lease: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "default");
+    let holder = lease
+        .get("caracal-operator")
+        .await
+        .expect("lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some("replica-b"));
+    b_task.abort();
+}
+
+#[tokio::test]
+async fn the_install_manifest_applies_and_its_rbac_is_enough_to_run_the_operator() {
+    let cp = ControlPlane::start(Options::api_only())
+        .await
+        .expect("control plane");
+    let admin = cp.client().await.expect("client");
+    let manifest = caracal_e2e::controlplane::workspace_root().join("manifests/operator");
+    let out = cp
+        .kubectl()
+        .args(["apply", "-f"])
+        .arg(&manifest)
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl apply -f manifests/operator: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Act as the operator's ServiceAccount, with a token from the TokenRequest API.
+    let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(admin.clone(), "caracal-operator");
+    let req = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+        .expect("token request");
+    let token = sa
+        .create_token_request("caracal-operator", &PostParams::default(), &req)
+        .await
+        .expect("token");
+    let token = token.status.expect("token status").token;
+    let client = cp.client_with_token(&token).await.expect("token client");
+
+    // Everything the binary does at start and in a reconcile, with those rights only.
+    caracal_operator::crds::ensure(&client)
+        .await
+        .expect("the operator installs CRDs with its own RBAC");
+    let elector = caracal_operator::leader::Elector::new(
+        client.clone(),
+        "caracal-operator",
+        "caracal-operator",
+        "sa-test",
+        Default::default(),
+    );
+    let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())));
+    let task = tokio::spawn(controller::run_elected(ctx, elector, std::future::pending()));
+    apply_installation(&admin, json!({})).await;
+    eventually("Progressing=True under the operator's own RBAC", || {
+        let c = admin.clone();
+        async move { condition(&c, "Progressing").await.filter(|p| p.0 == "True") }
+    })
+    .await;
+    for (kind, name) in RENDERED {
+        assert!(exists(&admin, kind, name).await, "{kind} {name} missing");
+    }
+    // And it may not do what it was not given: reading pods is not in its role.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
+    assert!(matches!(pods.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403));
+    task.abort();
+}

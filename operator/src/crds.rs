@@ -1,0 +1,35 @@
+//! The operator installs Caracal's CRDs at start: server-side apply of what `caracal-crds` generates, but only
+//! for a CRD whose stored definition differs, so restarts write nothing.
+
+use caracal_crds::crdgen;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+
+use crate::apply::{FIELD_MANAGER, is_subset};
+
+/// Applies every CRD that is missing or differs; returns the names of all of them.
+pub async fn ensure(client: &Client) -> Result<Vec<String>, kube::Error> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for crd in crdgen::all() {
+        let name = crd.name_any();
+        let mut want = serde_json::to_value(&crd).unwrap_or_default();
+        want["apiVersion"] = "apiextensions.k8s.io/v1".into();
+        want["kind"] = "CustomResourceDefinition".into();
+        let live = api
+            .get_opt(&name)
+            .await?
+            .map(|l| serde_json::to_value(l).unwrap_or_default());
+        if !live.is_some_and(|l| is_subset(&want, &l)) {
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&want),
+            )
+            .await?;
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
