@@ -98,8 +98,6 @@ fn leaf(
     server: bool,
     now: OffsetDateTime,
 ) -> Result<(String, String), rcgen::Error> {
-    let key = KeyPair::from_pem(ca_key)?;
-    let issuer = Issuer::from_ca_cert_pem(ca_cert, key)?;
     let sans = if server {
         vec![
             name.to_owned(),
@@ -109,6 +107,32 @@ fn leaf(
     } else {
         Vec::new()
     };
+    signed(ca_cert, ca_key, name, sans, server, now)
+}
+
+/// A new self-signed CA (certificate, key) valid for ten years from `now`.
+pub fn new_ca(now: OffsetDateTime) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params(now)?.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// True when the PEM certificate parses and has more than [`RENEW_BEFORE`] left at `now`.
+pub fn is_fresh(pem: &str, now: OffsetDateTime) -> bool {
+    inspect(pem).is_some_and(|i| fresh(&i, now))
+}
+
+/// A certificate for `name` with `sans` (DNS names or IP addresses), signed by the CA, valid for a year.
+pub fn signed(
+    ca_cert: &str,
+    ca_key: &str,
+    name: &str,
+    sans: Vec<String>,
+    server: bool,
+    now: OffsetDateTime,
+) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::from_pem(ca_key)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert, key)?;
     let mut p = CertificateParams::new(sans)?;
     p.distinguished_name.push(DnType::CommonName, name);
     p.extended_key_usages = vec![if server {
@@ -147,9 +171,7 @@ pub fn plan(
     let (ca_cert, ca_key, ca_update) = match usable {
         Some((c, k)) => (c, k, None),
         None => {
-            let key = KeyPair::generate()?;
-            let cert = ca_params(now)?.self_signed(&key)?;
-            let (c, k) = (cert.pem(), key.serialize_pem());
+            let (c, k) = new_ca(now)?;
             let mut data =
                 BTreeMap::from([("ca.crt".to_owned(), c.clone()), ("ca.key".to_owned(), k.clone())]);
             // Keep trusting the CA being replaced while it is still valid.

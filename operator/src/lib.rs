@@ -14,3 +14,5 @@ pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod status;
+pub mod validate;
+pub mod webhook;

@@ -12,6 +12,7 @@ use caracal_operator::controller::{self, Context, Outcome};
 use caracal_operator::http::{self, Health};
 use caracal_operator::leader::{Elector, Timings};
 use caracal_operator::metrics::Metrics;
+use caracal_operator::webhook::{self, Endpoint};
 use clap::Parser;
 use tracing::info;
 
@@ -33,6 +34,16 @@ struct Args {
     /// Do not apply the CRDs at start (when something else manages them).
     #[arg(long)]
     skip_crds: bool,
+    /// Address the admission webhook listens on (TLS).
+    #[arg(long, env = "CARACAL_OPERATOR_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+    /// Register the webhook at this https URL instead of the in-cluster Service (for an operator that runs
+    /// outside the cluster, as in the lab).
+    #[arg(long, env = "CARACAL_OPERATOR_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Run without the admission webhook.
+    #[arg(long)]
+    no_webhook: bool,
 }
 
 fn init_logs(format: &str) {
@@ -69,6 +80,22 @@ async fn main() -> anyhow::Result<()> {
             .context("installing CRDs")?;
         info!(count = names.len(), "CRDs in place");
     }
+    let _webhook = if args.no_webhook {
+        None
+    } else {
+        let endpoint = match args.webhook_url {
+            Some(url) => Endpoint::Url(url),
+            None => Endpoint::Service {
+                namespace: args.lease_namespace.clone(),
+                name: webhook::NAME.into(),
+            },
+        };
+        Some(
+            webhook::start(&client, &args.lease_namespace, args.webhook_addr, &endpoint)
+                .await
+                .context("starting the admission webhook")?,
+        )
+    };
     health.ready.store(true, Ordering::Relaxed);
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -584,6 +584,16 @@ async fn the_install_manifest_applies_and_its_rbac_is_enough_to_run_the_operator
     caracal_operator::crds::ensure(&client)
         .await
         .expect("the operator installs CRDs with its own RBAC");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let endpoint = caracal_operator::webhook::Endpoint::Url(format!("https://127.0.0.1:{port}/validate"));
+    let listen = format!("127.0.0.1:{port}").parse().expect("addr");
+    let hook = caracal_operator::webhook::start(&client, "caracal-operator", listen, &endpoint)
+        .await
+        .expect("the webhook starts with the operator's own RBAC");
     let elector = caracal_operator::leader::Elector::new(
         client.clone(),
         "caracal-operator",
@@ -605,5 +615,88 @@ async fn the_install_manifest_applies_and_its_rbac_is_enough_to_run_the_operator
     // And it may not do what it was not given: reading pods is not in its role.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
     assert!(matches!(pods.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403));
+    task.abort();
+    hook.abort();
+}
+
+#[tokio::test]
+async fn the_webhook_rejects_bad_selectors_overlapping_pools_and_missing_tiers() {
+    use caracal_operator::webhook::{self, Endpoint};
+    let cp = ControlPlane::start(Options::api_only())
+        .await
+        .expect("control plane");
+    let client = cp.client().await.expect("client");
+    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let endpoint = Endpoint::Url(format!("https://127.0.0.1:{port}{}", webhook::PATH));
+    let task = webhook::start(&client, "default", addr, &endpoint)
+        .await
+        .expect("webhook");
+
+    let create = |doc: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let obj: kube::api::DynamicObject = serde_json::from_value(doc).expect("object");
+            let api = caracal_e2e::crds::api_for(&client, &obj).expect("kind");
+            api.create(&PostParams::default(), &obj).await.map(|_| ())
+        }
+    };
+    let message = |r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(s)) => s.message,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    // The webhook may take a moment to answer after registration.
+    let pool = |name: &str, cidr: &str| json!({"apiVersion": "caracal.dev/v1", "kind": "IPPool", "metadata": {"name": name}, "spec": {"cidr": cidr}});
+    eventually("the webhook admits a valid pool", || {
+        let c = create(pool("first", "10.0.0.0/16"));
+        async move { c.await.ok() }
+    })
+    .await;
+
+    let msg = message(create(pool("second", "10.0.128.0/20")).await);
+    assert!(
+        msg.contains("spec.cidr: 10.0.128.0/20 overlaps IPPool \"first\" (10.0.0.0/16)"),
+        "{msg}"
+    );
+    create(pool("third", "10.1.0.0/16"))
+        .await
+        .expect("a pool next to it is fine");
+
+    let gnp = |spec: serde_json::Value| json!({"apiVersion": "caracal.dev/v1", "kind": "GlobalNetworkPolicy", "metadata": {"name": "p"}, "spec": spec});
+    let msg = message(create(gnp(json!({"selector": "app == 'web' && tier = 'x'"}))).await);
+    assert!(
+        msg.contains("spec.selector: at character 22: expected an operator"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("app == 'web' && tier = 'x'\n{}^", " ".repeat(2 + 21))),
+        "{msg}"
+    );
+    let msg = message(
+        create(gnp(
+            json!({"ingress": [{"action": "Allow", "source": {"selector": "has(app"}}]}),
+        ))
+        .await,
+    );
+    assert!(
+        msg.contains("spec.ingress[0].source.selector: at character 8"),
+        "{msg}"
+    );
+    let msg = message(create(gnp(json!({"tier": "security", "selector": "all()"}))).await);
+    assert!(
+        msg.contains("spec.tier: tier \"security\" does not exist"),
+        "{msg}"
+    );
+
+    let tier = json!({"apiVersion": "caracal.dev/v1", "kind": "Tier", "metadata": {"name": "security"}, "spec": {"order": 100}});
+    create(tier).await.expect("tier");
+    create(gnp(json!({"tier": "security", "selector": "app == 'web'"})))
+        .await
+        .expect("a valid policy in an existing tier");
     task.abort();
 }
