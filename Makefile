@@ -3,6 +3,7 @@
 #   make test          set up what is missing, then lint and run every test tier
 #   make lab           run Caracal on this machine (today: the control plane; see README)
 #   make controlplane  build the pinned upstream Kubernetes control plane into target/controlplane/bin
+#   make bench         performance figures into target/bench/*.json
 #   make manifests     regenerate manifests/crds from the Rust types
 #   make lint          cargo fmt --check and clippy -D warnings
 
@@ -35,7 +36,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab deps controlplane manifests lint unit cluster build clean-controlplane
+.PHONY: test lab bench deps controlplane manifests lint unit cluster build clean-controlplane
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -77,6 +78,10 @@ unit: deps
 # Every tier: unit, then the cluster tier against the real API server (e2e/tests).
 test: deps controlplane lint
 	$(CARGO) test --workspace --locked
+
+# Performance figures, written to target/bench/*.json (timings are reported, never asserted).
+bench: deps controlplane
+	$(CARGO) bench --locked -p caracal-operator --bench operator
 
 lab: deps controlplane
 	@echo "The full lab (operator, nodes, pods, policies) arrives with its issue; this starts the control plane."

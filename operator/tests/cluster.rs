@@ -700,3 +700,107 @@ async fn the_webhook_rejects_bad_selectors_overlapping_pools_and_missing_tiers()
         .expect("a valid policy in an existing tier");
     task.abort();
 }
+
+#[tokio::test]
+async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
+    let cp = ControlPlane::start(Options::api_only())
+        .await
+        .expect("control plane");
+    let client = cp.client().await.expect("client");
+    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+    // What the previous operator left: its objects, written by the same field manager.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/previous-release.yaml"
+    ))
+    .expect("fixture");
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
+    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    ns_api
+        .patch(NS, &PatchParams::apply("caracal-operator"), &Patch::Apply(&ns))
+        .await
+        .expect("namespace");
+    for de in serde_yaml::Deserializer::from_str(&text) {
+        let doc: serde_json::Value = serde::Deserialize::deserialize(de).expect("yaml");
+        let kind = doc["kind"].as_str().expect("kind");
+        let ar = caracal_operator::apply::resource(doc["apiVersion"].as_str().expect("apiVersion"), kind);
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), NS, &ar);
+        let name = doc["metadata"]["name"].as_str().expect("name");
+        api.patch(name, &PatchParams::apply("caracal-operator"), &Patch::Apply(&doc))
+            .await
+            .expect("previous object");
+    }
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let old_uid = daemonsets.get("caracal-node").await.expect("old DS").uid();
+
+    // The new operator starts on the same Installation.
+    let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx, async move {
+        let _ = rx.await;
+    }));
+    let example: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/installation-vxlan.yaml"
+        ))
+        .expect("example"),
+    )
+    .expect("yaml");
+    apply_installation(&client, example["spec"].clone()).await;
+    let migrated = eventually("the DaemonSet migrated", || {
+        let d = daemonsets.clone();
+        async move {
+            let ds = d.get("caracal-node").await.ok()?;
+            let image = ds
+                .spec
+                .as_ref()?
+                .template
+                .spec
+                .as_ref()?
+                .containers
+                .first()?
+                .image
+                .clone()?;
+            (!image.ends_with(":v0.0.9")).then_some(ds)
+        }
+    })
+    .await;
+    assert_eq!(
+        migrated.uid(),
+        old_uid,
+        "the DaemonSet was replaced instead of updated in place"
+    );
+    let env: Vec<String> = migrated
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("pod spec")
+        .containers[0]
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(
+        env.contains(&"CARACAL_CNI_SOCKET".to_owned()),
+        "new env set: {env:?}"
+    );
+    assert!(
+        !env.contains(&"CARACAL_LEGACY_FELIX".to_owned()),
+        "the old release's env var is gone: {env:?}"
+    );
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    eventually("the obsolete ConfigMap pruned", || {
+        let c = configmaps.clone();
+        async move {
+            c.get_opt("caracal-node-config")
+                .await
+                .ok()
+                .and_then(|o| o.is_none().then_some(()))
+        }
+    })
+    .await;
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
