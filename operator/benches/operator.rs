@@ -3,6 +3,7 @@
 //! - first full render + apply: from writing the Installation to every object applied and status written;
 //! - steady-state reconcile cost: duration, and read and write requests the API server served per reconcile;
 //! - drift repair: time from deleting the Typha Service / editing the DaemonSet to the operator restoring it.
+//!
 //! Real kube-apiserver on loopback; timings are reported, never asserted.
 
 #![expect(
