@@ -109,8 +109,15 @@ async fn main() -> anyhow::Result<()> {
         Timings::default(),
     );
     let ctx = Arc::new(Context::new(client, metrics));
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Kubernetes stops a pod with SIGTERM; a person at a terminal with Ctrl-C (SIGINT).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
     };
     let outcome = controller::run_elected(ctx, elector, shutdown).await;
     server.abort();

@@ -213,3 +213,119 @@ pub fn invalid(
 pub fn same(a: Option<&InstallationStatus>, b: &InstallationStatus) -> bool {
     a == Some(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DaemonSetStatus, DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn ds(generation: i64, observed: i64, desired: i32, updated: i32, available: i32) -> DaemonSet {
+        DaemonSet {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            status: Some(DaemonSetStatus {
+                observed_generation: Some(observed),
+                desired_number_scheduled: desired,
+                updated_number_scheduled: Some(updated),
+                number_available: Some(available),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn dep(replicas: i32, available: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(1),
+                available_replicas: Some(available),
+                updated_replicas: Some(replicas),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::now())
+    }
+
+    #[test]
+    fn components_are_ready_only_when_the_rollout_of_this_generation_is_complete() {
+        let states = |d: &DaemonSet| components(Some(d), Some(&dep(1, 1)))[0].state.clone();
+        assert_eq!(states(&ds(2, 2, 3, 3, 3)), "Ready");
+        assert_eq!(
+            states(&ds(2, 1, 3, 3, 3)),
+            "Progressing",
+            "status of an older generation"
+        );
+        assert_eq!(states(&ds(2, 2, 3, 2, 3)), "Progressing", "not all updated");
+        assert_eq!(states(&ds(2, 2, 3, 3, 2)), "Progressing", "not all available");
+        assert_eq!(components(None, None)[1].state, "Missing");
+        assert_eq!(components(None, Some(&dep(2, 1)))[1].state, "Progressing");
+    }
+
+    #[test]
+    fn conditions_carry_generation_and_keep_transition_times_while_unchanged() {
+        let ready = components(Some(&ds(1, 1, 1, 1, 1)), Some(&dep(1, 1)));
+        let first = applied(None, InstallationSpec::default(), ready.clone(), &[], 4, &now());
+        let ready_cond =
+            |s: &InstallationStatus| s.conditions.iter().find(|c| c.type_ == "Ready").cloned().unwrap();
+        assert_eq!(ready_cond(&first).status, "True");
+        assert_eq!(ready_cond(&first).observed_generation, Some(4));
+        let later = Time(first.conditions[0].last_transition_time.0 + std::time::Duration::from_secs(60));
+        let again = applied(Some(&first), InstallationSpec::default(), ready, &[], 5, &later);
+        assert_eq!(
+            ready_cond(&again).last_transition_time,
+            ready_cond(&first).last_transition_time
+        );
+        let degraded = applied(
+            Some(&again),
+            InstallationSpec::default(),
+            vec![],
+            &["old-pool".into()],
+            6,
+            &later,
+        );
+        let d = degraded
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "PoolInUse"));
+        assert!(d.message.contains("old-pool"));
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_valid_computed_spec() {
+        let good = applied(
+            None,
+            InstallationSpec {
+                registry: Some("r/".into()),
+                ..Default::default()
+            },
+            vec![],
+            &[],
+            1,
+            &now(),
+        );
+        let bad = invalid(Some(&good), "PoolOverlap", "spec.x: overlaps".into(), 2, &now());
+        assert_eq!(bad.computed, good.computed);
+        let d = bad.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str(), d.observed_generation),
+            ("True", "PoolOverlap", Some(2))
+        );
+    }
+}

@@ -804,3 +804,100 @@ async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
     let _ = tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
+
+#[tokio::test]
+async fn a_pool_that_still_holds_addresses_is_kept_and_reported_and_degraded_raises_an_event() {
+    let op = operator().await;
+    let c = op.client.clone();
+    apply_installation(
+        &c,
+        json!({"calicoNetwork": {"ipPools": [{"name": "old", "cidr": "10.244.0.0/16"}]}}),
+    )
+    .await;
+    let pools: Api<caracal_crds::ippool::IPPool> = Api::all(c.clone());
+    eventually("pool old", || {
+        let p = pools.clone();
+        async move { p.get_opt("old").await.ok().flatten() }
+    })
+    .await;
+    // A node holds one address from a block of the old pool.
+    let mut allocations = vec![serde_json::Value::Null; 64];
+    allocations[0] = json!(0);
+    let block = json!({"apiVersion": "caracal.dev/v1", "kind": "IPAMBlock", "metadata": {"name": "10-244-0-0-26"},
+        "spec": {"cidr": "10.244.0.0/26", "affinity": "host:n1", "allocations": allocations, "unallocated": (1..64).collect::<Vec<u32>>(),
+                 "attributes": [{"handle_id": "pod-a", "secondary": {"namespace": "default", "pod": "a"}}]}});
+    let blocks: Api<caracal_crds::ipam::IPAMBlock> = Api::all(c.clone());
+    blocks
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(block).expect("block"),
+        )
+        .await
+        .expect("block");
+
+    apply_installation(
+        &c,
+        json!({"calicoNetwork": {"ipPools": [{"name": "new", "cidr": "10.250.0.0/16"}]}}),
+    )
+    .await;
+    let (_, reason, message) = eventually("Degraded=True PoolInUse", || {
+        let c = c.clone();
+        async move { condition(&c, "Degraded").await.filter(|d| d.0 == "True") }
+    })
+    .await;
+    assert_eq!(reason, "PoolInUse");
+    assert!(message.contains("old"), "{message}");
+    assert!(
+        pools.get_opt("old").await.expect("get").is_some(),
+        "a pool with allocations was deleted"
+    );
+    assert!(pools.get_opt("new").await.expect("get").is_some());
+
+    // Once the address is released, the pool goes and the Installation is no longer Degraded.
+    blocks
+        .delete("10-244-0-0-26", &DeleteParams::default())
+        .await
+        .expect("release");
+    let nodes: Api<Node> = Api::all(c.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "nudge"}})).expect("node"),
+        )
+        .await
+        .expect("node");
+    eventually("pool old pruned", || {
+        let p = pools.clone();
+        async move {
+            p.get_opt("old")
+                .await
+                .ok()
+                .and_then(|o| o.is_none().then_some(()))
+        }
+    })
+    .await;
+
+    // An invalid edit raises a Warning Event on the Installation with the reason.
+    apply_installation(&c, json!({"calicoNetwork": {"bgp": "Disabled", "ipPools": [{"cidr": "10.250.0.0/16", "encapsulation": "IPIPCrossSubnet"}]}})).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
+    let ev = eventually("a Warning event", || {
+        let e = events.clone();
+        async move {
+            e.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("EncapsulationNeedsBGP"))
+        }
+    })
+    .await;
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert_eq!(ev.regarding.and_then(|r| r.kind).as_deref(), Some("Installation"));
+    assert!(
+        ev.note
+            .unwrap_or_default()
+            .contains("set calicoNetwork.bgp to Enabled")
+    );
+    op.stop().await;
+}
