@@ -1,5 +1,7 @@
-//! caracal-node: the per-node agent (datastore watch, calculation graph, data plane backends, routing,
-//! IPAM server), and the caracal-cni, caracal-typha and caracalctl binaries.
+//! caracal-node: the per-node agent and the tools that run beside it.
 //!
-//! Its capabilities arrive with the CNI/IPAM, policy and Typha issues; the API it reads lives in
-//! `caracal-crds`.
+//! Today: [`policy`], the rule IR, its conversions from Kubernetes and Caracal policies, and the offline
+//! contract evaluator behind `caracalctl policy matrix` / `explain`. The agent's datastore, calculation graph,
+//! data plane backends, routing, IPAM, CNI plugin and Typha arrive with their issues.
+
+pub mod policy;

@@ -84,3 +84,53 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use caracal_crds::installation::{CalicoNetworkSpec, InstallationIPPool};
+
+    use super::*;
+    use crate::render::{UserPool, compute};
+
+    #[test]
+    fn a_user_pool_with_the_same_cidr_is_adopted_under_its_own_name() {
+        let spec = InstallationSpec {
+            calico_network: Some(CalicoNetworkSpec {
+                ip_pools: Some(vec![InstallationIPPool {
+                    name: Some("from-spec".into()),
+                    cidr: "10.0.0.0/16".parse().unwrap(),
+                    encapsulation: None,
+                    nat_outgoing: None,
+                    node_selector: None,
+                    block_size: None,
+                    disable_bgp_export: None,
+                    allowed_uses: Vec::new(),
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let facts = ClusterFacts {
+            user_pools: vec![UserPool {
+                name: "made-by-hand".into(),
+                cidr: "10.0.0.0/16".parse().unwrap(),
+            }],
+            ..Default::default()
+        };
+        let computed = compute(&spec, &facts).unwrap();
+        let objects = render(&computed, &facts);
+        let pools: Vec<_> = objects.iter().filter(|o| o.kind == "IPPool").collect();
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].name, "made-by-hand");
+        assert_eq!(
+            pools[0].body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "caracal-operator"
+        );
+        assert_eq!(pools[0].body["spec"]["vxlanMode"], "Always");
+        let felix = &objects[0].body["spec"];
+        assert_eq!(
+            (felix["vxlanEnabled"].as_bool(), felix["ipipEnabled"].as_bool()),
+            (Some(true), Some(false))
+        );
+    }
+}
