@@ -19,8 +19,9 @@ K8S_MINOR   := $(word 2,$(subst ., ,$(K8S_VERSION)))
 CP_PROGRAMS := etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 CP_TARGETS  := $(addprefix $(CP_BIN)/,$(CP_PROGRAMS))
 
-# Debian packages the test tiers need (none beyond the base image yet; later tiers add iproute2, bird2, ...).
-APT_PACKAGES :=
+# Debian packages the kernel tier needs (iptables and ipset for the policy data plane, ping and iperf3 to
+# probe it, conntrack to inspect flows).
+APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack
 
 # Never let `go` download a toolchain; build with the one installed.
 export GOTOOLCHAIN := local

@@ -10,5 +10,7 @@
 
 pub mod controlplane;
 pub mod crds;
+pub mod netns;
 pub mod pki;
+pub mod probe;
 pub mod process;

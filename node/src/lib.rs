@@ -4,4 +4,6 @@
 //! contract evaluator behind `caracalctl policy matrix` / `explain`. The agent's datastore, calculation graph,
 //! data plane backends, routing, IPAM, CNI plugin and Typha arrive with their issues.
 
+pub mod calc;
+pub mod dataplane;
 pub mod policy;

@@ -1,0 +1,165 @@
+//! Network namespaces for kernel-tier tests and the lab: a guard that creates a namespace and deletes it on
+//! drop, helpers that wire a "pod" namespace to a "node" namespace with a veth pair, and a way to run code
+//! (open sockets) inside a namespace. Every packet stays inside namespaces the test created.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sched::CloneFlags;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Errors setting namespaces up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// A command failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// Entering a namespace failed.
+    #[error("entering netns {0}: {1}")]
+    Enter(String, String),
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(args: &[&str]) -> Result<String, NetnsError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| NetnsError::Command {
+            command: args.join(" "),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(NetnsError::Command {
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates `crct-<tag>-<pid>-<n>` with loopback up.
+    pub fn new(tag: &str) -> Result<Self, NetnsError> {
+        let name = format!(
+            "crct-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name])?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its name (as `ip netns` knows it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> Result<String, NetnsError> {
+        let mut all = vec!["ip", "-n", &self.name];
+        all.extend(args);
+        run(&all)
+    }
+
+    /// Runs a program inside the namespace: `ip netns exec NAME ARGS...`.
+    pub fn exec(&self, args: &[&str]) -> Result<String, NetnsError> {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend(args);
+        run(&all)
+    }
+
+    /// The prefix that runs a program inside the namespace.
+    pub fn exec_prefix(&self) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.name.clone()]
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+
+    /// Runs `f` on a thread that has entered the namespace; sockets it opens stay in the namespace.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+        let path = format!("/run/netns/{}", self.name);
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            let file =
+                std::fs::File::open(&path).map_err(|e| NetnsError::Enter(name.clone(), e.to_string()))?;
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetnsError::Enter(name.clone(), e.to_string()))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| NetnsError::Enter(self.name.clone(), "thread panicked".into()))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A pod: its namespace, its address, and the host side of its veth in the node namespace.
+#[derive(Debug)]
+pub struct Pod {
+    /// The pod's namespace (eth0 inside).
+    pub ns: NetNs,
+    /// Its IPv4 address.
+    pub ip: std::net::Ipv4Addr,
+    /// The host-side interface in the node namespace.
+    pub iface: String,
+}
+
+/// Wires a pod namespace to `node` the way Caracal's CNI plugin does: a veth (`iface` on the node, `eth0` in
+/// the pod), the pod's /32 with a default route via the link-local gateway 169.254.1.1, and a /32 route on the
+/// node. The node side answers for the gateway address.
+pub fn wire_pod(node: &NetNs, tag: &str, iface: &str, ip: std::net::Ipv4Addr) -> Result<Pod, NetnsError> {
+    let ns = NetNs::new(tag)?;
+    node.ip(&[
+        "link",
+        "add",
+        iface,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    node.ip(&["link", "set", iface, "up"])?;
+    node.ip(&["addr", "add", "169.254.1.1/32", "dev", iface])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", iface])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    ns.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+    ns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+    Ok(Pod {
+        ns,
+        ip,
+        iface: iface.to_owned(),
+    })
+}
+
+/// A node namespace that forwards between its pods.
+pub fn node(tag: &str) -> Result<NetNs, NetnsError> {
+    let ns = NetNs::new(tag)?;
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    Ok(ns)
+}

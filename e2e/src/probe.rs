@@ -1,0 +1,191 @@
+//! Real-packet probes between namespaces: TCP (connect, then an echo, so replies of established connections
+//! are shown to pass), UDP (request and echo) and ICMP (any type/code, over a raw socket).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::netns::{NetNs, NetnsError};
+
+/// What a probe saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connection worked both ways.
+    Connected,
+    /// Nothing answered before the timeout (a dropped packet).
+    NoAnswer,
+    /// The peer refused (a TCP RST or ICMP unreachable).
+    Refused,
+    /// Something else went wrong.
+    Error(String),
+}
+
+impl Outcome {
+    /// True for [`Outcome::Connected`].
+    pub fn connected(&self) -> bool {
+        *self == Outcome::Connected
+    }
+}
+
+/// TCP from `src` to `dst_ip:port` (a listener is opened in `dst` for the probe).
+pub fn tcp(
+    src: &NetNs,
+    dst: &NetNs,
+    dst_ip: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<Outcome, NetnsError> {
+    let listener = dst
+        .enter(move || TcpListener::bind((dst_ip, port)))?
+        .map_err(|e| NetnsError::Enter("bind".into(), e.to_string()))?;
+    let _ = listener.set_nonblocking(true);
+    let server = std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if let Ok((mut s, _)) = listener.accept() {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(timeout));
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).is_ok() {
+                    let _ = s.write_all(&buf);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let addr = SocketAddr::from((dst_ip, port));
+    let outcome = src.enter(move || match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 4];
+            match s.write_all(b"ping").and_then(|()| s.read_exact(&mut buf)) {
+                Ok(()) if &buf == b"ping" => Outcome::Connected,
+                Ok(()) => Outcome::Error("wrong echo".into()),
+                Err(e) => Outcome::Error(format!("connected but no echo: {e}")),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Outcome::NoAnswer,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        Err(e) => Outcome::Error(e.to_string()),
+    })?;
+    let _ = server.join();
+    Ok(outcome)
+}
+
+/// UDP from `src` to `dst_ip:port`: one datagram, answered by an echo opened in `dst`.
+pub fn udp(
+    src: &NetNs,
+    dst: &NetNs,
+    dst_ip: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<Outcome, NetnsError> {
+    let server_sock = dst
+        .enter(move || UdpSocket::bind((dst_ip, port)))?
+        .map_err(|e| NetnsError::Enter("bind".into(), e.to_string()))?;
+    let _ = server_sock.set_read_timeout(Some(timeout + Duration::from_millis(200)));
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        if let Ok((n, from)) = server_sock.recv_from(&mut buf) {
+            let _ = server_sock.send_to(&buf[..n], from);
+        }
+    });
+    let outcome = src.enter(move || {
+        let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Error(e.to_string()),
+        };
+        let _ = sock.set_read_timeout(Some(timeout));
+        if let Err(e) = sock.send_to(b"ping", (dst_ip, port)) {
+            return Outcome::Error(e.to_string());
+        }
+        let mut buf = [0u8; 16];
+        match sock.recv_from(&mut buf) {
+            Ok((4, _)) if &buf[..4] == b"ping" => Outcome::Connected,
+            Ok(_) => Outcome::Error("wrong echo".into()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Outcome::NoAnswer
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            Err(e) => Outcome::Error(e.to_string()),
+        }
+    })?;
+    let _ = server.join();
+    Ok(outcome)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// ICMP `type_`/`code` from `src` to `dst_ip`; Connected when the destination's kernel answers (echo 8 ->
+/// reply 0, timestamp 13 -> reply 14).
+pub fn icmp(
+    src: &NetNs,
+    dst_ip: Ipv4Addr,
+    type_: u8,
+    code: u8,
+    timeout: Duration,
+) -> Result<Outcome, NetnsError> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recv, sendto, socket,
+    };
+    src.enter(move || {
+        let fd = match socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK,
+            SockProtocol::Icmp,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => return Outcome::Error(e.to_string()),
+        };
+        let id: u16 = (std::process::id() & 0xffff) as u16;
+        let mut pkt = vec![type_, code, 0, 0];
+        pkt.extend(id.to_be_bytes());
+        pkt.extend(1u16.to_be_bytes());
+        pkt.extend([0u8; 12]); // timestamp fields, or echo payload
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        let to = SockaddrIn::from(std::net::SocketAddrV4::new(dst_ip, 0));
+        if let Err(e) = sendto(std::os::fd::AsRawFd::as_raw_fd(&fd), &pkt, &to, MsgFlags::empty()) {
+            return Outcome::Error(e.to_string());
+        }
+        let want = match type_ {
+            8 => 0,
+            13 => 14,
+            _ => return Outcome::Error(format!("no reply type known for ICMP type {type_}")),
+        };
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline {
+            if let Ok(n) = recv(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut buf, MsgFlags::empty()) {
+                // Raw IPv4 sockets deliver the IP header first.
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                let from = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                if n > ihl + 8
+                    && from == dst_ip
+                    && buf[ihl] == want
+                    && buf[ihl + 4..ihl + 6] == id.to_be_bytes()
+                {
+                    return Outcome::Connected;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Outcome::NoAnswer
+    })
+}

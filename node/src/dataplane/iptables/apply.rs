@@ -1,0 +1,307 @@
+//! Converging the kernel to a [`Desired`] rendering: `ipset restore` for sets (a changed set is filled as a
+//! temporary set and swapped in, atomically), then one `iptables-restore --noflush` transaction that rewrites
+//! only chains whose content changed, deletes chains no longer wanted and hooks `FORWARD` exactly once.
+//!
+//! Read-back is `iptables-save` / `ipset save`: calling [`Iptables::apply`] again repairs drift (a deleted or
+//! edited rule, a removed hook, a changed set). On start nothing is remembered, and a chain whose hash comment
+//! and rule count match is adopted as it is, so a restarted agent rewrites nothing and established flows never
+//! see a gap.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use super::render::{Desired, FORWARD_CHAIN};
+
+/// Errors running the iptables and ipset tools.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    /// The tool could not be started.
+    #[error("running {tool}: {source} (is it installed? `make deps` installs iptables and ipset)")]
+    Spawn {
+        /// The tool.
+        tool: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The tool failed.
+    #[error("{tool} failed: {stderr}")]
+    Failed {
+        /// The tool.
+        tool: String,
+        /// What it printed.
+        stderr: String,
+    },
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Chains written (new or changed).
+    pub chains_written: usize,
+    /// Chains deleted.
+    pub chains_deleted: usize,
+    /// Sets written (new or changed).
+    pub sets_written: usize,
+    /// Sets destroyed.
+    pub sets_deleted: usize,
+    /// Whether the FORWARD hook had to be (re)installed.
+    pub hooked: bool,
+}
+
+impl ApplyStats {
+    /// True when nothing had to change.
+    pub fn is_noop(&self) -> bool {
+        *self == ApplyStats::default()
+    }
+}
+
+/// The iptables backend of one node.
+#[derive(Debug, Default)]
+pub struct Iptables {
+    /// Prepended to every command (for example `ip netns exec NODE`); empty on a real node.
+    pub exec_prefix: Vec<String>,
+    /// What each chain looked like right after this backend last wrote it (as `iptables-save` prints it).
+    remembered: Chains,
+}
+
+/// Chain name -> rules (without `-A NAME `), as `iptables-save` prints them.
+type Chains = BTreeMap<String, Vec<String>>;
+
+/// Our chains as `iptables-save` shows them, plus the FORWARD rules.
+fn parse_save(text: &str) -> (Chains, Vec<String>) {
+    let mut chains = Chains::new();
+    let mut forward = Vec::new();
+    for line in text.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or_default();
+            if name.starts_with("crc-") {
+                chains.entry(name.to_owned()).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
+            if chain.starts_with("crc-") {
+                chains.entry(chain.to_owned()).or_default().push(rest.to_owned());
+            } else if chain == "FORWARD" {
+                forward.push(rest.to_owned());
+            }
+        }
+    }
+    (chains, forward)
+}
+
+/// Our sets as `ipset save` shows them: name -> (type, members).
+fn parse_ipset_save(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let mut sets: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("create"), Some(name), Some(kind)) if name.starts_with("crc-") => {
+                sets.insert(name.to_owned(), (kind.to_owned(), BTreeSet::new()));
+            }
+            (Some("add"), Some(name), Some(member)) if name.starts_with("crc-") => {
+                if let Some(s) = sets.get_mut(name) {
+                    s.1.insert(member.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
+impl Iptables {
+    /// A backend that runs the tools with `exec_prefix` in front (empty: directly).
+    pub fn new(exec_prefix: Vec<String>) -> Self {
+        Self {
+            exec_prefix,
+            remembered: BTreeMap::new(),
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+        let mut argv: Vec<&str> = self.exec_prefix.iter().map(String::as_str).collect();
+        argv.push(tool);
+        argv.extend(args);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn = |source| IptablesError::Spawn {
+            tool: tool.to_owned(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn)?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes()).map_err(spawn)?;
+        }
+        let out = child.wait_with_output().map_err(spawn)?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed {
+                tool: format!("{tool} {}", args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn current(&self) -> Result<(Chains, Vec<String>), IptablesError> {
+        Ok(parse_save(&self.run("iptables-save", &["-t", "filter"], None)?))
+    }
+
+    /// Converges the kernel to `desired`.
+    pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, IptablesError> {
+        let mut stats = ApplyStats::default();
+        // Sets first: rules may reference new ones.
+        let current_sets = parse_ipset_save(&self.run("ipset", &["save"], None)?);
+        let mut script = String::new();
+        for (name, set) in &desired.sets {
+            let want: BTreeSet<String> = set.members.iter().cloned().collect();
+            match current_sets.get(name) {
+                Some((kind, have)) if kind == set.kind && *have == want => continue,
+                Some(_) => {
+                    let tmp = format!("crc-t-{}", &name[6..]);
+                    script.push_str(&format!(
+                        "create {tmp} {} family inet -exist\nflush {tmp}\n",
+                        set.kind
+                    ));
+                    for m in &want {
+                        script.push_str(&format!("add {tmp} {m}\n"));
+                    }
+                    script.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
+                }
+                None => {
+                    script.push_str(&format!("create {name} {} family inet\n", set.kind));
+                    for m in &want {
+                        script.push_str(&format!("add {name} {m}\n"));
+                    }
+                }
+            }
+            stats.sets_written += 1;
+        }
+        if !script.is_empty() {
+            self.run("ipset", &["restore"], Some(&script))?;
+        }
+
+        let (chains, forward) = self.current()?;
+        let mut restore = String::from("*filter\n");
+        let mut written = Vec::new();
+        for (name, rules) in &desired.chains {
+            let unchanged = chains.get(name).is_some_and(|have| {
+                let hash_ok = have.first().is_some_and(|first| {
+                    first.contains(
+                        rules[0]
+                            .trim_start_matches("-m comment --comment \"")
+                            .trim_end_matches('"'),
+                    )
+                });
+                let same = match self.remembered.get(name) {
+                    Some(seen) => seen == have,
+                    None => have.len() == rules.len(),
+                };
+                hash_ok && same
+            });
+            if unchanged {
+                continue;
+            }
+            written.push(name.clone());
+        }
+        // Declare (and so flush) every chain to write before any rule refers to one of them.
+        for name in &written {
+            restore.push_str(&format!(":{name} - [0:0]\n"));
+        }
+        for name in &written {
+            for r in &desired.chains[name] {
+                restore.push_str(&format!("-A {name} {r}\n"));
+            }
+        }
+        let stale: Vec<&String> = chains
+            .keys()
+            .filter(|c| !desired.chains.contains_key(*c))
+            .collect();
+        let hooks = forward
+            .iter()
+            .filter(|r| r.trim() == format!("-j {FORWARD_CHAIN}"))
+            .count();
+        if hooks == 0 {
+            restore.push_str(&format!("-I FORWARD 1 -j {FORWARD_CHAIN}\n"));
+            stats.hooked = true;
+        }
+        for _ in 1..hooks.max(1) {
+            restore.push_str(&format!("-D FORWARD -j {FORWARD_CHAIN}\n"));
+            stats.hooked = true;
+        }
+        for c in &stale {
+            restore.push_str(&format!("-F {c}\n"));
+        }
+        for c in &stale {
+            restore.push_str(&format!("-X {c}\n"));
+        }
+        restore.push_str("COMMIT\n");
+        stats.chains_written = written.len();
+        stats.chains_deleted = stale.len();
+        if !written.is_empty() || !stale.is_empty() || stats.hooked {
+            self.run("iptables-restore", &["--noflush"], Some(&restore))?;
+        }
+        // Remember what the kernel shows for what we wrote, so a later edit of a rule is noticed as drift.
+        let (after, _) = self.current()?;
+        for name in desired.chains.keys() {
+            if let Some(rules) = after.get(name) {
+                self.remembered.insert(name.clone(), rules.clone());
+            }
+        }
+        self.remembered.retain(|k, _| desired.chains.contains_key(k));
+        // Sets no rule references any more.
+        for name in current_sets.keys().filter(|n| !desired.sets.contains_key(*n)) {
+            if self.run("ipset", &["destroy", name], None).is_ok() {
+                stats.sets_deleted += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Removes everything this backend created: the hook, every `crc-` chain and every `crc-` set.
+    /// Keeps going after errors and reports them all.
+    pub fn remove_all(&mut self) -> Result<(), Vec<IptablesError>> {
+        let mut errors = Vec::new();
+        match self.current() {
+            Ok((chains, forward)) => {
+                let mut restore = String::from("*filter\n");
+                for r in forward
+                    .iter()
+                    .filter(|r| r.contains(&format!("-j {FORWARD_CHAIN}")))
+                {
+                    restore.push_str(&format!("-D FORWARD {r}\n"));
+                }
+                for c in chains.keys() {
+                    restore.push_str(&format!("-F {c}\n"));
+                }
+                for c in chains.keys() {
+                    restore.push_str(&format!("-X {c}\n"));
+                }
+                restore.push_str("COMMIT\n");
+                if let Err(e) = self.run("iptables-restore", &["--noflush"], Some(&restore)) {
+                    errors.push(e);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        match self.run("ipset", &["save"], None) {
+            Ok(text) => {
+                for name in parse_ipset_save(&text).keys() {
+                    if let Err(e) = self.run("ipset", &["destroy", name], None) {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        self.remembered.clear();
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}

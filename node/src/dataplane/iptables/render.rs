@@ -1,0 +1,352 @@
+//! The iptables rendering of a [`DataplaneModel`]: pure, so the rule text is unit-tested without root.
+//!
+//! Layout (filter table; every name carries the `crc-` prefix):
+//! - `FORWARD` jumps once to `crc-FORWARD`: established/related accepted and invalid dropped first, then
+//!   traffic from workloads goes through `crc-from-wl-dispatch` (the source endpoint's egress), traffic to
+//!   workloads through `crc-to-wl-dispatch` (the destination's ingress); what returns is accepted.
+//! - Dispatch chains `goto` one chain per endpoint interface (`crc-fw-IFACE`, `crc-tw-IFACE`); an unknown
+//!   `crc` interface is dropped (fail closed).
+//! - An endpoint chain walks its tiers: it calls each selecting policy's chain while neither the accept nor
+//!   the pass mark is set, returns when accepted, and drops at the end of a tier whose default is Deny unless
+//!   a policy passed.
+//! - One chain per policy and direction (`crc-pi-HASH`, `crc-po-HASH`), shared by every endpoint it selects:
+//!   Allow sets the accept mark and returns, Pass sets the pass mark and returns, Deny drops, Log logs.
+//! - One ipset per distinct selector-in-scope, net list, service-account match (`crc-s-HASH`, hash:net) and
+//!   named port (`crc-p-HASH`, hash:ip,port).
+//!
+//! The first rule of every chain is a comment `crc:HASH` of the chain's content, so the applier can tell an
+//! unchanged chain from one it must rewrite, also across an agent restart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use sha2::{Digest, Sha256};
+
+use crate::calc::{EntitySets, entity_sets};
+use crate::dataplane::{DataplaneModel, SetKey, SetMembers};
+use crate::policy::ir::{Action, Direction, EntityMatch, Icmp, PortMatch, Rule, TierDefault};
+
+/// The mark bit set when a policy accepts.
+pub const MARK_ACCEPT: u32 = 0x10000;
+/// The mark bit set when a policy passes.
+pub const MARK_PASS: u32 = 0x20000;
+/// The top-level chain.
+pub const FORWARD_CHAIN: &str = "crc-FORWARD";
+/// Dispatch to endpoints' ingress chains.
+pub const TO_WL: &str = "crc-to-wl-dispatch";
+/// Dispatch to endpoints' egress chains.
+pub const FROM_WL: &str = "crc-from-wl-dispatch";
+/// Glob of workload interfaces.
+pub const IFACE_GLOB: &str = "crc+";
+
+/// An ipset to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpSet {
+    /// `hash:net` or `hash:ip,port`.
+    pub kind: &'static str,
+    /// Members as `ipset save` prints them.
+    pub members: Vec<String>,
+}
+
+/// The whole rendering.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Desired {
+    /// Chain name -> rules (without `-A NAME`), the hash comment first.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Set name -> set.
+    pub sets: BTreeMap<String, IpSet>,
+}
+
+fn hash(text: &str, len: usize) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect::<String>()[..len].to_owned()
+}
+
+/// The name of the chain of `policy` in `dir`.
+pub fn policy_chain(policy: &str, dir: Direction) -> String {
+    format!(
+        "crc-p{}-{}",
+        if dir == Direction::Ingress { "i" } else { "o" },
+        hash(policy, 12)
+    )
+}
+
+/// The name of the set for `key`.
+pub fn set_name(key: &SetKey) -> String {
+    let prefix = if matches!(key, SetKey::NamedPort { .. }) {
+        "crc-p-"
+    } else {
+        "crc-s-"
+    };
+    format!("{prefix}{}", hash(&format!("{key:?}"), 16))
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
+fn set_members(key: &SetKey, members: &SetMembers) -> IpSet {
+    if !matches!(key, SetKey::NamedPort { .. }) {
+        let m = members
+            .nets
+            .iter()
+            .filter(|n| n.addr().is_ipv4())
+            .map(|n| {
+                if n.prefix_len() == 32 {
+                    n.addr().to_string()
+                } else {
+                    n.to_string()
+                }
+            })
+            .collect();
+        IpSet {
+            kind: "hash:net",
+            members: m,
+        }
+    } else {
+        let m = members
+            .ip_ports
+            .iter()
+            .filter(|(ip, _, _)| ip.is_ipv4())
+            .map(|(ip, proto, port)| format!("{ip},{}:{port}", protocol_name(*proto)))
+            .collect();
+        IpSet {
+            kind: "hash:ip,port",
+            members: m,
+        }
+    }
+}
+
+fn icmp_text(i: &Icmp) -> String {
+    match i.code {
+        Some(c) => format!("{}/{c}", i.type_),
+        None => i.type_.to_string(),
+    }
+}
+
+/// Numeric port lists as multiport arguments, at most 15 ports per match (a range counts twice).
+fn port_chunks(ports: &[PortMatch]) -> Vec<String> {
+    let mut chunks = Vec::new();
+    let (mut cur, mut weight) = (Vec::new(), 0);
+    for p in ports {
+        let (text, w) = match p {
+            PortMatch::Range(lo, hi) if lo == hi => (lo.to_string(), 1),
+            PortMatch::Range(lo, hi) => (format!("{lo}:{hi}"), 2),
+            PortMatch::Named(_) => continue,
+        };
+        if weight + w > 15 {
+            chunks.push(cur.join(","));
+            cur.clear();
+            weight = 0;
+        }
+        cur.push(text);
+        weight += w;
+    }
+    if !cur.is_empty() {
+        chunks.push(cur.join(","));
+    }
+    chunks
+}
+
+/// The matches of one side that do not branch (everything but the positive port list), and the port
+/// alternatives (each one OR'd: a multiport chunk or a named-port set).
+fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str) -> (Vec<String>, Vec<String>) {
+    let mut fixed = Vec::new();
+    let set = |k: &Option<SetKey>, neg: bool| {
+        k.as_ref().map(|k| {
+            format!(
+                "-m set {}--match-set {} {dir}",
+                if neg { "! " } else { "" },
+                set_name(k)
+            )
+        })
+    };
+    fixed.extend(set(&sets.nets, false));
+    fixed.extend(set(&sets.not_nets, true));
+    fixed.extend(set(&sets.selector, false));
+    fixed.extend(set(&sets.not_selector, true));
+    fixed.extend(set(&sets.service_accounts, false));
+    let ports_flag = if dir == "src" { "--sports" } else { "--dports" };
+    for chunk in port_chunks(&m.not_ports) {
+        fixed.push(format!("-m multiport ! {ports_flag} {chunk}"));
+    }
+    for k in &sets.not_named_ports {
+        fixed.push(format!("-m set ! --match-set {} {dir},{dir}", set_name(k)));
+    }
+    let mut alternatives: Vec<String> = port_chunks(&m.ports)
+        .into_iter()
+        .map(|c| format!("-m multiport {ports_flag} {c}"))
+        .collect();
+    alternatives.extend(
+        sets.named_ports
+            .iter()
+            .map(|k| format!("-m set --match-set {} {dir},{dir}", set_name(k))),
+    );
+    (fixed, alternatives)
+}
+
+/// The iptables rules of one IR rule (several when ports are alternatives), followed by the return rule.
+pub fn rule_lines(rule: &Rule) -> Vec<String> {
+    if rule.ip_version == Some(6) {
+        return Vec::new(); // This backend programs IPv4; an IPv6-only rule has nothing to match here.
+    }
+    let mut base = Vec::new();
+    if let Some(p) = rule.protocol {
+        base.push(format!("-p {}", protocol_name(p)));
+    }
+    if let Some(p) = rule.not_protocol {
+        base.push(format!("! -p {}", protocol_name(p)));
+    }
+    if let Some(i) = &rule.icmp {
+        base.push(format!("-m icmp --icmp-type {}", icmp_text(i)));
+    }
+    if let Some(i) = &rule.not_icmp {
+        base.push(format!("-m icmp ! --icmp-type {}", icmp_text(i)));
+    }
+    let (src_fixed, src_alts) = side_matches(&rule.source, &entity_sets(&rule.source, rule.protocol), "src");
+    let (dst_fixed, dst_alts) = side_matches(
+        &rule.destination,
+        &entity_sets(&rule.destination, rule.protocol),
+        "dst",
+    );
+    base.extend(src_fixed);
+    base.extend(dst_fixed);
+    let (target, ret) = match rule.action {
+        Action::Allow => (
+            format!("-j MARK --set-xmark {MARK_ACCEPT:#x}/{MARK_ACCEPT:#x}"),
+            Some(MARK_ACCEPT),
+        ),
+        Action::Pass => (
+            format!("-j MARK --set-xmark {MARK_PASS:#x}/{MARK_PASS:#x}"),
+            Some(MARK_PASS),
+        ),
+        Action::Deny => ("-j DROP".into(), None),
+        Action::Log => ("-j LOG --log-prefix \"crc-policy: \"".into(), None),
+    };
+    let src_alts = if src_alts.is_empty() {
+        vec![String::new()]
+    } else {
+        src_alts
+    };
+    let dst_alts = if dst_alts.is_empty() {
+        vec![String::new()]
+    } else {
+        dst_alts
+    };
+    let mut out = Vec::new();
+    for s in &src_alts {
+        for d in &dst_alts {
+            let parts: Vec<&str> = base
+                .iter()
+                .map(String::as_str)
+                .chain([s.as_str(), d.as_str(), target.as_str()])
+                .filter(|x| !x.is_empty())
+                .collect();
+            out.push(parts.join(" "));
+        }
+    }
+    if let Some(mark) = ret {
+        out.push(format!("-m mark --mark {mark:#x}/{mark:#x} -j RETURN"));
+    }
+    out
+}
+
+fn with_hash(rules: Vec<String>) -> Vec<String> {
+    let h = hash(&rules.join("\n"), 16);
+    let mut out = vec![format!("-m comment --comment \"crc:{h}\"")];
+    out.extend(rules);
+    out
+}
+
+fn endpoint_chain(tiers: &[crate::dataplane::TierRef], dir: Direction) -> Vec<String> {
+    let both = MARK_ACCEPT | MARK_PASS;
+    let mut rules = Vec::new();
+    for t in tiers {
+        rules.push(format!(
+            "-m comment --comment \"tier {}\" -j MARK --set-xmark 0x0/{both:#x}",
+            t.name
+        ));
+        for p in &t.policies {
+            rules.push(format!(
+                "-m mark --mark 0x0/{both:#x} -j {}",
+                policy_chain(p, dir)
+            ));
+        }
+        rules.push(format!(
+            "-m mark --mark {MARK_ACCEPT:#x}/{MARK_ACCEPT:#x} -j RETURN"
+        ));
+        if t.default_action == TierDefault::Deny {
+            rules.push(format!(
+                "-m mark --mark 0x0/{MARK_PASS:#x} -m comment --comment \"end of tier {}\" -j DROP",
+                t.name
+            ));
+        }
+    }
+    // No tier selected the endpoint, or every selecting tier passed: the profile allows.
+    rules.push("-j RETURN".into());
+    rules
+}
+
+/// Renders the model.
+pub fn render(model: &DataplaneModel) -> Desired {
+    let mut d = Desired::default();
+    d.chains.insert(
+        FORWARD_CHAIN.into(),
+        with_hash(vec![
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+            "-m conntrack --ctstate INVALID -j DROP".into(),
+            format!("-i {IFACE_GLOB} -j {FROM_WL}"),
+            format!("-o {IFACE_GLOB} -j {TO_WL}"),
+            format!("-i {IFACE_GLOB} -j ACCEPT"),
+            format!("-o {IFACE_GLOB} -j ACCEPT"),
+        ]),
+    );
+    let (mut to, mut from) = (Vec::new(), Vec::new());
+    for ep in &model.endpoints {
+        let tiers = model.endpoint_tiers.get(&ep.iface).cloned().unwrap_or_default();
+        let (tw, fw) = (format!("crc-tw-{}", ep.iface), format!("crc-fw-{}", ep.iface));
+        to.push(format!("-o {} -g {tw}", ep.iface));
+        from.push(format!("-i {} -g {fw}", ep.iface));
+        d.chains
+            .insert(tw, with_hash(endpoint_chain(&tiers.ingress, Direction::Ingress)));
+        d.chains
+            .insert(fw, with_hash(endpoint_chain(&tiers.egress, Direction::Egress)));
+    }
+    to.push("-m comment --comment \"unknown endpoint\" -j DROP".into());
+    from.push("-m comment --comment \"unknown endpoint\" -j DROP".into());
+    d.chains.insert(TO_WL.into(), with_hash(to));
+    d.chains.insert(FROM_WL.into(), with_hash(from));
+    for (name, p) in &model.policies {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            if let Some(rules) = p.rules(dir) {
+                let lines = rules.iter().flat_map(rule_lines).collect();
+                d.chains.insert(policy_chain(name, dir), with_hash(lines));
+            }
+        }
+    }
+    for (key, members) in &model.sets {
+        d.sets.insert(set_name(key), set_members(key, members));
+    }
+    d
+}
+
+/// The `iptables-save` style text of the whole rendering, for golden files and people.
+pub fn to_text(d: &Desired) -> String {
+    let mut out = String::new();
+    for (name, set) in &d.sets {
+        let _ = writeln!(out, "# ipset {name} {}: {}", set.kind, set.members.join(" "));
+    }
+    for (chain, rules) in &d.chains {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+        for r in rules {
+            let _ = writeln!(out, "-A {chain} {r}");
+        }
+    }
+    out
+}

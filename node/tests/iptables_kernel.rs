@@ -1,0 +1,279 @@
+//! Kernel tier: the iptables backend enforces the policy contract on real packets between network
+//! namespaces (TCP, UDP, ICMP; established replies pass; a denied SYN gets no answer), repairs drift, adopts
+//! its state on restart without breaking an established connection, and removes everything it created.
+//! Needs root (CI runs as root).
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use caracal_e2e::netns::{self, NetNs, Pod};
+use caracal_e2e::probe::{self, Outcome};
+use caracal_node::calc;
+use caracal_node::dataplane::LocalEndpoint;
+use caracal_node::dataplane::iptables::apply::{ApplyStats, Iptables};
+use caracal_node::dataplane::iptables::render;
+use caracal_node::policy::contract::{Check, WORLD, scenarios};
+use caracal_node::policy::load::load_documents;
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+struct Node {
+    ns: NetNs,
+    pods: BTreeMap<String, Pod>,
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel-tier tests need root (CI runs as root)"
+    );
+}
+
+/// A node namespace with the contract world's pods wired to it.
+fn node() -> Node {
+    require_root();
+    let ns = netns::node("ipt").expect("node namespace");
+    let world = load_documents(docs("")).expect("world").world;
+    let mut pods = BTreeMap::new();
+    for ep in &world.endpoints {
+        let iface = format!("crc{}{}", ep.namespace, ep.name);
+        let ip = match ep.ips[0] {
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(_) => panic!("IPv4 world"),
+        };
+        pods.insert(ep.key(), netns::wire_pod(&ns, "pod", &iface, ip).expect("pod"));
+    }
+    Node { ns, pods }
+}
+
+fn docs(manifests: &str) -> Vec<(String, Value)> {
+    serde_yaml::Deserializer::from_str(WORLD)
+        .chain(serde_yaml::Deserializer::from_str(manifests))
+        .filter_map(|de| {
+            let v: Value = serde::Deserialize::deserialize(de).expect("YAML");
+            (!v.is_null()).then(|| ("scenario".to_owned(), v))
+        })
+        .collect()
+}
+
+fn local(node: &Node) -> Vec<LocalEndpoint> {
+    node.pods
+        .iter()
+        .map(|(k, p)| LocalEndpoint {
+            key: k.clone(),
+            iface: p.iface.clone(),
+            ips: vec![p.ip.into()],
+        })
+        .collect()
+}
+
+fn program(node: &Node, backend: &mut Iptables, manifests: &str) -> ApplyStats {
+    let world = load_documents(docs(manifests)).expect("load").world;
+    let model = calc::compute(&world, &local(node));
+    backend.apply(&render::render(&model)).expect("apply")
+}
+
+fn probe(node: &Node, check: &Check) -> Outcome {
+    let (from, to, port, _) = *check;
+    let (a, b) = (&node.pods[from], &node.pods[to]);
+    if let Some(icmp) = port.strip_suffix("/ICMP") {
+        let (t, c) = icmp.split_once('.').expect("TYPE.CODE");
+        return probe::icmp(
+            &a.ns,
+            b.ip,
+            t.parse().expect("type"),
+            c.parse().expect("code"),
+            TIMEOUT,
+        )
+        .expect("icmp probe");
+    }
+    let (p, proto) = port.split_once('/').expect("PORT/PROTO");
+    let p: u16 = p.parse().expect("port");
+    match proto {
+        "TCP" => probe::tcp(&a.ns, &b.ns, b.ip, p, TIMEOUT).expect("tcp probe"),
+        "UDP" => probe::udp(&a.ns, &b.ns, b.ip, p, TIMEOUT).expect("udp probe"),
+        other => panic!("the contract uses no {other} checks"),
+    }
+}
+
+#[test]
+fn the_iptables_backend_enforces_the_contract_table_on_real_packets() {
+    let node = node();
+    let mut backend = Iptables::new(node.ns.exec_prefix());
+    let mut failures = Vec::new();
+    let mut checks = 0;
+    for s in scenarios() {
+        program(&node, &mut backend, s.manifests);
+        for check in &s.checks {
+            checks += 1;
+            let outcome = probe(&node, check);
+            let ok = match (check.3, &outcome) {
+                (true, Outcome::Connected) => true,
+                // Denied means dropped: no answer at all, not a reset or an unreachable.
+                (false, Outcome::NoAnswer) => true,
+                _ => false,
+            };
+            if !ok {
+                failures.push(format!(
+                    "{}: {} -> {} {}: expected {}, saw {outcome:?}",
+                    s.name,
+                    check.0,
+                    check.1,
+                    check.2,
+                    if check.3 { "allowed" } else { "dropped" }
+                ));
+            }
+        }
+    }
+    backend.remove_all().expect("clean up");
+    assert!(
+        failures.is_empty(),
+        "{} of {checks} real-packet checks disagree with the contract:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+const DENY_X_INGRESS_FROM_Y: &str = "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: all()\n  ingress: [{action: Deny, source: {namespaceSelector: ns == 'y'}}, {action: Allow}]\n";
+
+#[test]
+fn drift_is_repaired_by_the_next_apply() {
+    let node = node();
+    let mut backend = Iptables::new(node.ns.exec_prefix());
+    program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    let check: Check = ("y/a", "x/a", "80/TCP", false);
+    assert_eq!(probe(&node, &check), Outcome::NoAnswer);
+    // Someone deletes the Deny rule of the policy chain and the FORWARD hook is removed.
+    let save = node.ns.exec(&["iptables-save", "-t", "filter"]).expect("save");
+    let deny = save
+        .lines()
+        .find(|l| l.starts_with("-A crc-pi-") && l.ends_with("-j DROP"))
+        .expect("a Deny rule")
+        .to_owned();
+    let args: Vec<&str> = deny.trim_start_matches("-A ").split_whitespace().collect();
+    let mut del = vec!["iptables", "-D"];
+    del.extend(args.iter().map(|a| a.trim_matches('"')));
+    node.ns.exec(&del).expect("delete rule");
+    assert_eq!(
+        probe(&node, &check),
+        Outcome::Connected,
+        "the deletion took effect"
+    );
+    let stats = program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    assert_eq!(
+        stats.chains_written, 1,
+        "only the damaged chain is rewritten: {stats:?}"
+    );
+    assert_eq!(probe(&node, &check), Outcome::NoAnswer, "the rule is back");
+    node.ns
+        .exec(&["iptables", "-D", "FORWARD", "-j", "crc-FORWARD"])
+        .expect("unhook");
+    let stats = program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    assert!(stats.hooked && stats.chains_written == 0, "{stats:?}");
+    assert_eq!(probe(&node, &check), Outcome::NoAnswer);
+    // A changed set is swapped in; unchanged chains stay untouched.
+    let stats = program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    assert!(stats.is_noop(), "a steady state rewrites nothing: {stats:?}");
+    backend.remove_all().expect("clean up");
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
+    let node = node();
+    let mut backend = Iptables::new(node.ns.exec_prefix());
+    let allow_web = "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: pod == 'a'\n  ingress: [{action: Allow, protocol: TCP, source: {selector: pod == 'b'}, destination: {ports: [80]}}]\n";
+    program(&node, &mut backend, allow_web);
+    let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
+    let ip = server.ip;
+    let listener = server
+        .ns
+        .enter(move || std::net::TcpListener::bind((ip, 80)))
+        .expect("enter")
+        .expect("bind");
+    let mut conn = client
+        .ns
+        .enter(move || std::net::TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(2)))
+        .expect("enter")
+        .expect("connect");
+    let (mut accepted, _) = listener.accept().expect("accept");
+    let roundtrip = |c: &mut std::net::TcpStream, s: &mut std::net::TcpStream| {
+        use std::io::{Read, Write};
+        c.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        c.write_all(b"ping").expect("write");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("server reads");
+        s.write_all(b"pong").expect("reply");
+        c.read_exact(&mut buf).expect("client reads");
+        assert_eq!(&buf, b"pong");
+    };
+    roundtrip(&mut conn, &mut accepted);
+
+    // The agent restarts: a new backend with no memory adopts what is there and rewrites nothing.
+    drop(backend);
+    let mut restarted = Iptables::new(node.ns.exec_prefix());
+    let stats = program(&node, &mut restarted, allow_web);
+    assert!(stats.is_noop(), "a restart must adopt, not rebuild: {stats:?}");
+    roundtrip(&mut conn, &mut accepted);
+
+    // A policy change that no longer allows new connections leaves the established one working.
+    let stats = program(
+        &node,
+        &mut restarted,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+    );
+    assert!(stats.chains_written > 0);
+    roundtrip(&mut conn, &mut accepted);
+    drop(listener); // the accepted connection stays; the probe below opens its own listener
+    assert_eq!(
+        probe(&node, &("x/b", "x/a", "80/TCP", false)),
+        Outcome::NoAnswer,
+        "new connections are denied"
+    );
+    restarted.remove_all().expect("clean up");
+}
+
+#[test]
+fn removal_leaves_no_chain_set_or_hook_behind() {
+    let node = node();
+    let mut backend = Iptables::new(node.ns.exec_prefix());
+    let s = scenarios()
+        .into_iter()
+        .find(|s| s.name.contains("network set by label"))
+        .expect("scenario");
+    program(&node, &mut backend, s.manifests);
+    let save = node.ns.exec(&["iptables-save", "-t", "filter"]).expect("save");
+    assert!(
+        save.contains(":crc-FORWARD") && save.contains("-A FORWARD -j crc-FORWARD"),
+        "{save}"
+    );
+    assert!(
+        node.ns
+            .exec(&["ipset", "list", "-n"])
+            .expect("ipset")
+            .lines()
+            .any(|l| l.starts_with("crc-"))
+    );
+    backend.remove_all().expect("remove");
+    let save = node.ns.exec(&["iptables-save", "-t", "filter"]).expect("save");
+    assert!(!save.contains("crc-"), "left behind:\n{save}");
+    assert!(
+        !node
+            .ns
+            .exec(&["ipset", "list", "-n"])
+            .expect("ipset")
+            .lines()
+            .any(|l| l.starts_with("crc-"))
+    );
+    assert_eq!(
+        probe(&node, &("y/a", "x/a", "80/TCP", true)),
+        Outcome::Connected,
+        "traffic flows without Caracal"
+    );
+}
