@@ -83,6 +83,7 @@ test: deps controlplane lint
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
 bench: deps controlplane
 	$(CARGO) bench --locked -p caracal-operator --bench operator
+	$(CARGO) bench --locked -p caracal-node --bench policy
 
 lab: deps controlplane
 	@echo "The full lab (operator, nodes, pods, policies) arrives with its issue; this starts the control plane."

@@ -1,6 +1,9 @@
 //! The calculation graph: from the policy world and this node's endpoints to the [`DataplaneModel`].
 //!
-//! [`compute`] is the full computation. It is pure and runs without root.
+//! [`compute`] is the full computation; [`graph::CalcGraph`] keeps the same result up to date incrementally.
+//! Both are pure and run without root.
+
+pub mod graph;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -75,64 +78,120 @@ pub fn entity_sets(m: &EntityMatch, protocol: Option<u8>) -> EntitySets {
     }
 }
 
-fn in_scope(world: &World, scope: &str, ns: Option<&str>) -> bool {
-    if scope == "any" {
-        return true;
+/// A scope ready to evaluate, with the namespace verdicts cached.
+struct ScopeEval<'w> {
+    world: &'w World,
+    kind: ScopeKind,
+    cache: std::collections::HashMap<Option<String>, bool>,
+}
+
+enum ScopeKind {
+    Any,
+    Namespace(String),
+    Selector(Option<Expr>),
+}
+
+impl<'w> ScopeEval<'w> {
+    fn new(world: &'w World, scope: &str) -> Self {
+        let kind = if scope == "any" {
+            ScopeKind::Any
+        } else if let Some(ns) = scope.strip_prefix("ns:") {
+            ScopeKind::Namespace(ns.to_owned())
+        } else {
+            ScopeKind::Selector(
+                scope
+                    .strip_prefix("nsel:")
+                    .and_then(|t| caracal_crds::selector::parse(t).ok()),
+            )
+        };
+        ScopeEval {
+            world,
+            kind,
+            cache: std::collections::HashMap::new(),
+        }
     }
-    if let Some(want) = scope.strip_prefix("ns:") {
-        return ns == Some(want);
-    }
-    let Some(text) = scope.strip_prefix("nsel:") else {
-        return false;
-    };
-    let Ok(sel) = caracal_crds::selector::parse(text) else {
-        return false;
-    };
-    match ns {
-        Some(ns) => sel.matches_namespace(NamespaceTarget::Namespace(&world.namespace_labels(ns))),
-        None => sel.matches_namespace(NamespaceTarget::Global),
+
+    fn contains(&mut self, ns: Option<&str>) -> bool {
+        match &self.kind {
+            ScopeKind::Any => true,
+            ScopeKind::Namespace(want) => ns == Some(want.as_str()),
+            ScopeKind::Selector(None) => false,
+            ScopeKind::Selector(Some(sel)) => {
+                let key = ns.map(str::to_owned);
+                if let Some(v) = self.cache.get(&key) {
+                    return *v;
+                }
+                let v = match ns {
+                    Some(ns) => {
+                        sel.matches_namespace(NamespaceTarget::Namespace(&self.world.namespace_labels(ns)))
+                    }
+                    None => sel.matches_namespace(NamespaceTarget::Global),
+                };
+                self.cache.insert(key, v);
+                v
+            }
+        }
     }
 }
 
 /// The members of a set in `world`.
 pub fn members(world: &World, key: &SetKey) -> SetMembers {
+    members_among(world, key, &world.endpoints, true)
+}
+
+/// The members of a set among `endpoints` (candidates), plus the world's network sets when `with_sets`.
+pub fn members_among<'a>(
+    world: &World,
+    key: &SetKey,
+    endpoints: impl IntoIterator<Item = &'a crate::policy::model::Endpoint>,
+    with_sets: bool,
+) -> SetMembers {
     let mut out = SetMembers::default();
     match key {
         SetKey::Selected { selector, scope } => {
             let Ok(sel) = caracal_crds::selector::parse(selector) else {
                 return out;
             };
-            for ep in &world.endpoints {
-                if in_scope(world, scope, Some(&ep.namespace)) && sel.matches(&ep.labels) {
+            let mut scope = ScopeEval::new(world, scope);
+            for ep in endpoints {
+                if sel.matches(&ep.labels) && scope.contains(Some(&ep.namespace)) {
                     out.nets.extend(ep.ips.iter().map(|ip| ipnet::IpNet::from(*ip)));
                 }
             }
-            for set in &world.network_sets {
-                if in_scope(world, scope, set.namespace.as_deref()) && sel.matches(&set.labels) {
-                    out.nets.extend(set.nets.iter().copied());
+            if with_sets {
+                for set in &world.network_sets {
+                    if sel.matches(&set.labels) && scope.contains(set.namespace.as_deref()) {
+                        out.nets.extend(set.nets.iter().copied());
+                    }
                 }
             }
         }
-        SetKey::Nets(nets) => out.nets.extend(nets.iter().copied()),
+        SetKey::Nets(nets) => {
+            if with_sets {
+                out.nets.extend(nets.iter().copied());
+            }
+        }
         SetKey::ServiceAccounts { names, selector } => {
             let sel = (!selector.is_empty())
                 .then(|| caracal_crds::selector::parse(selector).ok())
                 .flatten();
-            for ep in &world.endpoints {
+            for ep in endpoints {
                 let name_ok = names.is_empty() || names.contains(&ep.service_account);
-                let labels = world
-                    .service_accounts
-                    .get(&(ep.namespace.clone(), ep.service_account.clone()))
-                    .cloned()
-                    .unwrap_or_default();
-                let sel_ok = sel.as_ref().is_none_or(|s| s.matches(&labels));
+                let sel_ok = sel.as_ref().is_none_or(|s| {
+                    let labels = world
+                        .service_accounts
+                        .get(&(ep.namespace.clone(), ep.service_account.clone()))
+                        .cloned()
+                        .unwrap_or_default();
+                    s.matches(&labels)
+                });
                 if name_ok && sel_ok {
                     out.nets.extend(ep.ips.iter().map(|ip| ipnet::IpNet::from(*ip)));
                 }
             }
         }
         SetKey::NamedPort { name, protocol } => {
-            for ep in &world.endpoints {
+            for ep in endpoints {
                 for p in ep
                     .ports
                     .iter()
@@ -165,8 +224,10 @@ fn rule_sets<'a>(rules: impl Iterator<Item = &'a crate::policy::ir::Rule>, out: 
 
 /// The full computation: which policies apply to which local endpoint, and every referenced set's members.
 pub fn compute(world: &World, local: &[LocalEndpoint]) -> DataplaneModel {
+    let mut endpoints = local.to_vec();
+    endpoints.sort_by(|a, b| a.key.cmp(&b.key));
     let mut model = DataplaneModel {
-        endpoints: local.to_vec(),
+        endpoints,
         ..Default::default()
     };
     for le in local {

@@ -65,7 +65,7 @@ pub struct SetMembers {
 /// Everything the policy data plane of one node must enforce.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct DataplaneModel {
-    /// Endpoints on this node, by interface.
+    /// Endpoints on this node, sorted by key.
     pub endpoints: Vec<LocalEndpoint>,
     /// Per interface: for each direction, the tiers (with only the policies selecting that endpoint).
     pub endpoint_tiers: BTreeMap<String, EndpointTiers>,

@@ -63,6 +63,8 @@ pub struct Iptables {
     pub exec_prefix: Vec<String>,
     /// What each chain looked like right after this backend last wrote it (as `iptables-save` prints it).
     remembered: Chains,
+    /// The rendering last converged to.
+    last: Option<Desired>,
 }
 
 /// Chain name -> rules (without `-A NAME `), as `iptables-save` prints them.
@@ -116,6 +118,7 @@ impl Iptables {
         Self {
             exec_prefix,
             remembered: BTreeMap::new(),
+            last: None,
         }
     }
 
@@ -154,80 +157,146 @@ impl Iptables {
         Ok(parse_save(&self.run("iptables-save", &["-t", "filter"], None)?))
     }
 
-    /// Converges the kernel to `desired`.
+    /// Converges the kernel to `desired`, reading the whole state back first: adopts matching state at start
+    /// and repairs any drift. Run it at start and periodically.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, IptablesError> {
-        let mut stats = ApplyStats::default();
-        // Sets first: rules may reference new ones.
         let current_sets = parse_ipset_save(&self.run("ipset", &["save"], None)?);
-        let mut script = String::new();
-        for (name, set) in &desired.sets {
-            let want: BTreeSet<String> = set.members.iter().cloned().collect();
-            match current_sets.get(name) {
-                Some((kind, have)) if kind == set.kind && *have == want => continue,
-                Some(_) => {
-                    let tmp = format!("crc-t-{}", &name[6..]);
-                    script.push_str(&format!(
-                        "create {tmp} {} family inet -exist\nflush {tmp}\n",
-                        set.kind
-                    ));
-                    for m in &want {
-                        script.push_str(&format!("add {tmp} {m}\n"));
-                    }
-                    script.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
-                }
-                None => {
-                    script.push_str(&format!("create {name} {} family inet\n", set.kind));
-                    for m in &want {
-                        script.push_str(&format!("add {name} {m}\n"));
-                    }
-                }
-            }
-            stats.sets_written += 1;
-        }
-        if !script.is_empty() {
-            self.run("ipset", &["restore"], Some(&script))?;
-        }
-
+        let sets: Vec<String> = desired
+            .sets
+            .iter()
+            .filter(|(name, set)| {
+                let want: BTreeSet<String> = set.members.iter().cloned().collect();
+                !matches!(current_sets.get(*name), Some((kind, have)) if kind == set.kind && *have == want)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
         let (chains, forward) = self.current()?;
-        let mut restore = String::from("*filter\n");
-        let mut written = Vec::new();
-        for (name, rules) in &desired.chains {
-            let unchanged = chains.get(name).is_some_and(|have| {
-                let hash_ok = have.first().is_some_and(|first| {
-                    first.contains(
-                        rules[0]
-                            .trim_start_matches("-m comment --comment \"")
-                            .trim_end_matches('"'),
-                    )
-                });
-                let same = match self.remembered.get(name) {
-                    Some(seen) => seen == have,
-                    None => have.len() == rules.len(),
-                };
-                hash_ok && same
-            });
-            if unchanged {
-                continue;
-            }
-            written.push(name.clone());
-        }
-        // Declare (and so flush) every chain to write before any rule refers to one of them.
-        for name in &written {
-            restore.push_str(&format!(":{name} - [0:0]\n"));
-        }
-        for name in &written {
-            for r in &desired.chains[name] {
-                restore.push_str(&format!("-A {name} {r}\n"));
-            }
-        }
-        let stale: Vec<&String> = chains
+        let written: Vec<String> = desired
+            .chains
+            .iter()
+            .filter(|(name, rules)| {
+                !chains.get(*name).is_some_and(|have| {
+                    let hash = rules[0]
+                        .trim_start_matches("-m comment --comment \"")
+                        .trim_end_matches('"');
+                    let hash_ok = have.first().is_some_and(|first| first.contains(hash));
+                    let same = match self.remembered.get(*name) {
+                        Some(seen) => seen == have,
+                        None => have.len() == rules.len(),
+                    };
+                    hash_ok && same
+                })
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let stale: Vec<String> = chains
             .keys()
             .filter(|c| !desired.chains.contains_key(*c))
+            .cloned()
             .collect();
         let hooks = forward
             .iter()
             .filter(|r| r.trim() == format!("-j {FORWARD_CHAIN}"))
             .count();
+        let stale_sets: Vec<String> = current_sets
+            .keys()
+            .filter(|n| !desired.sets.contains_key(*n))
+            .cloned()
+            .collect();
+        let existing: BTreeSet<String> = current_sets.keys().cloned().collect();
+        self.write(desired, &sets, &existing, &written, &stale, hooks, &stale_sets)
+    }
+
+    /// Converges to `desired` from what this backend last applied, without reading the whole state back:
+    /// the fast path for changes (a pod, a policy). Falls back to [`Iptables::apply`] the first time.
+    pub fn apply_update(&mut self, desired: &Desired) -> Result<ApplyStats, IptablesError> {
+        let Some(last) = self.last.take() else {
+            return self.apply(desired);
+        };
+        let sets: Vec<String> = desired
+            .sets
+            .iter()
+            .filter(|(n, s)| last.sets.get(*n) != Some(*s))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let written: Vec<String> = desired
+            .chains
+            .iter()
+            .filter(|(n, r)| last.chains.get(*n) != Some(*r))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let stale: Vec<String> = last
+            .chains
+            .keys()
+            .filter(|c| !desired.chains.contains_key(*c))
+            .cloned()
+            .collect();
+        let stale_sets: Vec<String> = last
+            .sets
+            .keys()
+            .filter(|n| !desired.sets.contains_key(*n))
+            .cloned()
+            .collect();
+        let existing: BTreeSet<String> = last.sets.keys().cloned().collect();
+        self.write(desired, &sets, &existing, &written, &stale, 1, &stale_sets)
+    }
+
+    /// Writes the sets and chains named, removes the stale ones, fixes the hook when `hooks != 1`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one plan, spelled out; both apply paths build it"
+    )]
+    fn write(
+        &mut self,
+        desired: &Desired,
+        sets: &[String],
+        existing_sets: &BTreeSet<String>,
+        written: &[String],
+        stale: &[String],
+        hooks: usize,
+        stale_sets: &[String],
+    ) -> Result<ApplyStats, IptablesError> {
+        let mut stats = ApplyStats::default();
+        // Sets first: rules may reference new ones.
+        let mut script = String::new();
+        for name in sets {
+            let Some(set) = desired.sets.get(name) else {
+                continue;
+            };
+            if existing_sets.contains(name) {
+                let tmp = format!("crc-t-{}", &name[6..]);
+                script.push_str(&format!(
+                    "create {tmp} {} family inet -exist\nflush {tmp}\n",
+                    set.kind
+                ));
+                for m in &set.members {
+                    script.push_str(&format!("add {tmp} {m}\n"));
+                }
+                script.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
+            } else {
+                script.push_str(&format!(
+                    "create {name} {} family inet -exist\nflush {name}\n",
+                    set.kind
+                ));
+                for m in &set.members {
+                    script.push_str(&format!("add {name} {m}\n"));
+                }
+            }
+        }
+        stats.sets_written = sets.len();
+        if !script.is_empty() {
+            self.run("ipset", &["restore"], Some(&script))?;
+        }
+        let mut restore = String::from("*filter\n");
+        // Declare (and so flush) every chain to write before any rule refers to one of them.
+        for name in written {
+            restore.push_str(&format!(":{name} - [0:0]\n"));
+        }
+        for name in written {
+            for r in &desired.chains[name] {
+                restore.push_str(&format!("-A {name} {r}\n"));
+            }
+        }
         if hooks == 0 {
             restore.push_str(&format!("-I FORWARD 1 -j {FORWARD_CHAIN}\n"));
             stats.hooked = true;
@@ -236,10 +305,10 @@ impl Iptables {
             restore.push_str(&format!("-D FORWARD -j {FORWARD_CHAIN}\n"));
             stats.hooked = true;
         }
-        for c in &stale {
+        for c in stale {
             restore.push_str(&format!("-F {c}\n"));
         }
-        for c in &stale {
+        for c in stale {
             restore.push_str(&format!("-X {c}\n"));
         }
         restore.push_str("COMMIT\n");
@@ -248,20 +317,33 @@ impl Iptables {
         if !written.is_empty() || !stale.is_empty() || stats.hooked {
             self.run("iptables-restore", &["--noflush"], Some(&restore))?;
         }
-        // Remember what the kernel shows for what we wrote, so a later edit of a rule is noticed as drift.
-        let (after, _) = self.current()?;
-        for name in desired.chains.keys() {
-            if let Some(rules) = after.get(name) {
-                self.remembered.insert(name.clone(), rules.clone());
+        // Remember what the kernel shows for what we wrote, so a later edit of a rule is noticed as drift:
+        // a few chains are listed one by one, many through one full save.
+        if written.len() > 20 {
+            let (after, _) = self.current()?;
+            for name in written {
+                if let Some(rules) = after.get(name) {
+                    self.remembered.insert(name.clone(), rules.clone());
+                }
+            }
+        } else {
+            for name in written {
+                let listed = self.run("iptables", &["-S", name], None)?;
+                let rules = listed
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(&format!("-A {name} ")).map(str::to_owned))
+                    .collect();
+                self.remembered.insert(name.clone(), rules);
             }
         }
         self.remembered.retain(|k, _| desired.chains.contains_key(k));
         // Sets no rule references any more.
-        for name in current_sets.keys().filter(|n| !desired.sets.contains_key(*n)) {
+        for name in stale_sets {
             if self.run("ipset", &["destroy", name], None).is_ok() {
                 stats.sets_deleted += 1;
             }
         }
+        self.last = Some(desired.clone());
         Ok(stats)
     }
 
@@ -302,6 +384,7 @@ impl Iptables {
             Err(e) => errors.push(e),
         }
         self.remembered.clear();
+        self.last = None;
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 }
