@@ -141,7 +141,10 @@ fn the_iptables_backend_enforces_the_contract_table_on_real_packets() {
     }
     // The fast path left exactly what a full read-back expects.
     let stats = backend.apply(&last.expect("scenarios")).expect("apply");
-    assert!(stats.is_noop(), "after apply_update, a full apply found drift: {stats:?}");
+    assert!(
+        stats.is_noop(),
+        "after apply_update, a full apply found drift: {stats:?}"
+    );
     backend.remove_all().expect("clean up");
     assert!(
         failures.is_empty(),
@@ -253,12 +256,16 @@ fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
 #[test]
 fn removal_leaves_no_chain_set_or_hook_behind() {
     let node = node();
-    let mut backend = Iptables::new(node.ns.exec_prefix());
+    // Through the trait object the agent uses, chosen from configuration.
+    let mut backend = caracal_node::dataplane::backend("Iptables", node.ns.exec_prefix()).expect("backend");
     let s = scenarios()
         .into_iter()
         .find(|s| s.name.contains("network set by label"))
         .expect("scenario");
-    program(&node, &mut backend, s.manifests);
+    let world = load_documents(docs(s.manifests)).expect("load").world;
+    backend
+        .converge(&calc::compute(&world, &local(&node)))
+        .expect("converge");
     let save = node.ns.exec(&["iptables-save", "-t", "filter"]).expect("save");
     assert!(
         save.contains(":crc-FORWARD") && save.contains("-A FORWARD -j crc-FORWARD"),

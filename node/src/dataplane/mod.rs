@@ -103,3 +103,74 @@ pub fn tier_ref(t: &Tier, policies: Vec<String>) -> TierRef {
         policies,
     }
 }
+
+/// What a backend reports about one convergence.
+pub use iptables::apply::ApplyStats;
+
+/// Errors of a policy data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The iptables backend failed.
+    #[error(transparent)]
+    Iptables(#[from] iptables::apply::IptablesError),
+    /// The configured data plane is not one this build provides.
+    #[error("data plane {0:?} is not available in this Caracal release: use Iptables")]
+    Unsupported(String),
+}
+
+/// A policy data plane: takes the whole desired model and converges the kernel to it. Implementations are
+/// idempotent, diff-based, and touch only objects with Caracal's prefix.
+pub trait PolicyDataplane: Send {
+    /// Converges after reading the kernel's state back: adopts what matches, repairs drift. At start and
+    /// periodically.
+    fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError>;
+    /// Converges from what was last applied, without a full read-back: for changes.
+    fn update(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError>;
+    /// Removes everything the backend created, reporting every error.
+    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>>;
+}
+
+impl PolicyDataplane for iptables::apply::Iptables {
+    fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        Ok(self.apply(&iptables::render::render(model))?)
+    }
+
+    fn update(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        Ok(self.apply_update(&iptables::render::render(model))?)
+    }
+
+    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
+        iptables::apply::Iptables::remove_all(self)
+            .map_err(|es| es.into_iter().map(DataplaneError::from).collect())
+    }
+}
+
+/// The backend for the configured data plane (`CARACAL_DATAPLANE`, as the operator renders it).
+/// `exec_prefix` runs the kernel tools elsewhere (a namespace, in tests); empty on a node.
+pub fn backend(
+    dataplane: &str,
+    exec_prefix: Vec<String>,
+) -> Result<Box<dyn PolicyDataplane>, DataplaneError> {
+    match dataplane {
+        "Iptables" | "" => Ok(Box::new(iptables::apply::Iptables::new(exec_prefix))),
+        other => Err(DataplaneError::Unsupported(other.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_is_chosen_from_configuration() {
+        assert!(backend("Iptables", vec![]).is_ok());
+        let err = backend("BPF", vec![])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("\"BPF\" is not available") && err.contains("use Iptables"),
+            "{err}"
+        );
+    }
+}
