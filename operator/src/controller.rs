@@ -122,6 +122,15 @@ async fn facts(client: &Client) -> Result<ClusterFacts, Error> {
     })
 }
 
+/// True for an IPPool object with an allocated address in one of `in_use` (the blocks that hold some).
+fn holds_addresses(kind: &str, obj: &kube::api::DynamicObject, in_use: &[ipnet::IpNet]) -> bool {
+    kind == "IPPool"
+        && obj.data["spec"]["cidr"]
+            .as_str()
+            .and_then(|c| c.parse::<ipnet::IpNet>().ok())
+            .is_some_and(|pool| in_use.iter().any(|b| pool.contains(&b.network())))
+}
+
 /// CIDRs of IPPools that still hold allocations (an IPAMBlock inside them with an allocated address).
 async fn pools_in_use(client: &Client) -> Result<Vec<ipnet::IpNet>, Error> {
     let blocks: Api<IPAMBlock> = Api::all(client.clone());
@@ -215,13 +224,7 @@ async fn apply(inst: Arc<Installation>, ctx: &Context) -> Result<Action, Error> 
     let in_use = pools_in_use(&ctx.client).await?;
     let (deleted, kept) = ctx
         .applier
-        .prune(&rendered.objects, |kind, obj| {
-            kind == "IPPool"
-                && obj.data["spec"]["cidr"]
-                    .as_str()
-                    .and_then(|c| c.parse::<ipnet::IpNet>().ok())
-                    .is_some_and(|pool| in_use.iter().any(|b| pool.contains(&b.network())))
-        })
+        .prune(&rendered.objects, |kind, obj| holds_addresses(kind, obj, &in_use))
         .await?;
     if writes > 0 || !deleted.is_empty() {
         info!(writes, deleted = deleted.len(), "applied");
@@ -269,13 +272,7 @@ async fn cleanup(inst: Arc<Installation>, ctx: &Context) -> Result<Action, Error
         let in_use = pools_in_use(&ctx.client).await?;
         let (deleted, kept) = ctx
             .applier
-            .prune(&[], |kind, obj| {
-                kind == "IPPool"
-                    && obj.data["spec"]["cidr"]
-                        .as_str()
-                        .and_then(|c| c.parse::<ipnet::IpNet>().ok())
-                        .is_some_and(|pool| in_use.iter().any(|b| pool.contains(&b.network())))
-            })
+            .prune(&[], |kind, obj| holds_addresses(kind, obj, &in_use))
             .await?;
         let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
         match ns.delete(NAMESPACE, &DeleteParams::default()).await {

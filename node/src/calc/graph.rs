@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caracal_crds::selector::Expr;
 
-use super::{entity_sets, members, members_among};
+use super::{members, members_among, rule_sets};
 use crate::dataplane::{DataplaneModel, EndpointTiers, LocalEndpoint, SetKey, tier_ref};
 use crate::policy::eval::selects;
 use crate::policy::ir::{Direction, Policy, Tier, TierDefault, order_key};
@@ -100,18 +100,10 @@ pub struct CalcGraph {
 
 fn policy_sets(p: &Policy) -> BTreeSet<SetKey> {
     let mut out = BTreeSet::new();
-    for r in p.ingress.iter().flatten().chain(p.egress.iter().flatten()) {
-        for side in [&r.source, &r.destination] {
-            let s = entity_sets(side, r.protocol);
-            out.extend(
-                [s.selector, s.not_selector, s.nets, s.not_nets, s.service_accounts]
-                    .into_iter()
-                    .flatten(),
-            );
-            out.extend(s.named_ports);
-            out.extend(s.not_named_ports);
-        }
-    }
+    rule_sets(
+        p.ingress.iter().flatten().chain(p.egress.iter().flatten()),
+        &mut out,
+    );
     out
 }
 

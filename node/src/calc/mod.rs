@@ -207,7 +207,10 @@ pub fn members_among<'a>(
 }
 
 /// Every set key a rule list references.
-fn rule_sets<'a>(rules: impl Iterator<Item = &'a crate::policy::ir::Rule>, out: &mut BTreeSet<SetKey>) {
+pub(crate) fn rule_sets<'a>(
+    rules: impl Iterator<Item = &'a crate::policy::ir::Rule>,
+    out: &mut BTreeSet<SetKey>,
+) {
     for r in rules {
         for side in [&r.source, &r.destination] {
             let s = entity_sets(side, r.protocol);
