@@ -6,4 +6,5 @@
 
 pub mod calc;
 pub mod dataplane;
+pub mod datastore;
 pub mod policy;
