@@ -202,6 +202,7 @@ fn throughput() -> serde_json::Value {
             labels: [("pod".to_owned(), name.to_owned())].into(),
             service_account: "default".into(),
             ports: vec![],
+            node: None,
         });
     }
     let local = [ep(&a, "t/a"), ep(&b, "t/b")];

@@ -4,7 +4,9 @@
 //! contract evaluator behind `caracalctl policy matrix` / `explain`. The agent's datastore, calculation graph,
 //! data plane backends, routing, IPAM, CNI plugin and Typha arrive with their issues.
 
+pub mod agent;
 pub mod calc;
+pub mod cni;
 pub mod dataplane;
 pub mod datastore;
 pub mod policy;

@@ -138,6 +138,7 @@ fn endpoint(v: &Value) -> Option<Endpoint> {
             })
         })
         .collect();
+    let node = v["spec"]["nodeName"].as_str().map(str::to_owned);
     Some(Endpoint {
         namespace: ns,
         name: name(v),
@@ -145,6 +146,7 @@ fn endpoint(v: &Value) -> Option<Endpoint> {
         labels: l,
         service_account: sa,
         ports,
+        node,
     })
 }
 

@@ -37,6 +37,8 @@ pub struct Endpoint {
     pub service_account: String,
     /// Declared container ports.
     pub ports: Vec<NamedPort>,
+    /// The node the pod runs on (`spec.nodeName`), when scheduled.
+    pub node: Option<String>,
 }
 
 impl Endpoint {

@@ -50,6 +50,7 @@ pub fn pod(ns: usize, i: usize, app: u64, tier: u64) -> Endpoint {
             protocol: 6,
             port: 8080,
         }],
+        node: None,
         namespace,
     }
 }
