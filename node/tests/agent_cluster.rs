@@ -2,11 +2,6 @@
 //! NetworkPolicy written through the real API server on real packets between pod namespaces, follows its
 //! deletion, and leaves enforcement in place when it stops.
 
-#![expect(
-    clippy::expect_used,
-    reason = "a test helper that cannot go on fails the test with the reason"
-)]
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
