@@ -9,4 +9,5 @@ pub mod calc;
 pub mod cni;
 pub mod dataplane;
 pub mod datastore;
+pub mod http;
 pub mod policy;
