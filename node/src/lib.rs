@@ -10,4 +10,5 @@ pub mod cni;
 pub mod dataplane;
 pub mod datastore;
 pub mod http;
+pub mod ipam;
 pub mod policy;
