@@ -2,4 +2,5 @@
 //! with compare-and-swap on resourceVersion. Today: the allocation logic inside a block ([`block`]); the
 //! agent's allocator, affinity claims, borrowing and garbage collection arrive with the CNI issue.
 
+pub mod allocator;
 pub mod block;

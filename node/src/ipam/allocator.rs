@@ -1,0 +1,261 @@
+//! Allocating pod addresses against the API server, safely under concurrency:
+//!
+//! - an address exists only once the `IPAMBlock` recording it has been written with the resourceVersion it
+//!   was read at (compare-and-swap); a conflict re-reads and retries, so concurrent allocations on one node
+//!   or across nodes never hand out an address twice;
+//! - a node claims a new block by *creating* its `IPAMBlock` (named after its CIDR): creation is atomic, so
+//!   when two nodes race for the last block exactly one wins, and the loser moves on;
+//! - a `BlockAffinity` records the claim (pending, then confirmed) for people and for garbage collection.
+//!
+//! Handles (`IPAMHandle`), borrowing from other nodes' blocks, strict affinity and garbage collection arrive
+//! with the CNI issue.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use caracal_crds::ipam::{AffinityState, BlockAffinity, BlockAffinitySpec, IPAMBlock};
+use caracal_crds::ippool::IPPool;
+use ipnet::IpNet;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+
+use super::block::{Block, BlockError, block_name, blocks_of};
+
+/// How many times a conflicting write is retried before giving up.
+const MAX_CONFLICTS: usize = 50;
+
+/// Errors allocating.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// The API server refused or failed a request.
+    #[error("{0}: {1}")]
+    Api(&'static str, kube::Error),
+    /// Every pool this node may use is out of blocks and addresses.
+    #[error("no free address for node {node} in any IPPool it may use")]
+    Exhausted {
+        /// The node.
+        node: String,
+    },
+    /// Too many concurrent writers kept winning.
+    #[error("gave up after {0} conflicting writes")]
+    Contended(usize),
+    /// A stored block is inconsistent.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+}
+
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Allocates for one node. Clones share one lock: a node's own allocations are serialized (the agent serves
+/// them one at a time), so compare-and-swap conflicts come only from other nodes.
+#[derive(Clone)]
+pub struct Allocator {
+    client: Client,
+    node: String,
+    serial: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Allocator {
+    /// An allocator for `node`.
+    pub fn new(client: Client, node: &str) -> Self {
+        Self {
+            client,
+            node: node.to_owned(),
+            serial: std::sync::Arc::default(),
+        }
+    }
+
+    fn affinity(&self) -> String {
+        format!("host:{}", self.node)
+    }
+
+    /// The pools this node may allocate from (enabled, node selector matching `node_labels`), per family.
+    async fn pools(
+        &self,
+        v4: bool,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<(IpNet, u8)>, AllocError> {
+        let pools = Api::<IPPool>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| AllocError::Api("listing IPPools", e))?;
+        Ok(pools
+            .into_iter()
+            .filter(|p| p.spec.disabled != Some(true) && p.spec.cidr.is_ipv4() == v4)
+            .filter(|p| {
+                p.spec
+                    .node_selector
+                    .as_ref()
+                    .is_none_or(|s| s.parse().is_ok_and(|e| e.matches(node_labels)))
+            })
+            .map(|p| {
+                let default = if v4 { 26 } else { 122 };
+                (
+                    p.spec.cidr.0,
+                    u8::try_from(p.spec.block_size.unwrap_or(default)).unwrap_or(default as u8),
+                )
+            })
+            .collect())
+    }
+
+    /// One address for `handle`, from this node's blocks, claiming a new block when they are full.
+    pub async fn assign(
+        &self,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+        v4: bool,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<IpAddr, AllocError> {
+        let _serial = self.serial.lock().await;
+        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
+        for _ in 0..MAX_CONFLICTS {
+            // 1. A block of ours with room.
+            let mine = blocks
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| AllocError::Api("listing IPAMBlocks", e))?;
+            let mut conflicted = false;
+            for obj in mine.into_iter().filter(|b| {
+                b.spec.affinity.as_deref() == Some(&self.affinity()) && b.spec.cidr.is_ipv4() == v4
+            }) {
+                let mut block = Block::from_spec(&obj.spec)?;
+                if block.free() == 0 {
+                    continue;
+                }
+                let ip = block.assign(1, handle, attrs.clone())?[0];
+                let mut updated = obj.clone();
+                updated.spec = block.to_spec();
+                match blocks
+                    .replace(&obj.name_any(), &PostParams::default(), &updated)
+                    .await
+                {
+                    Ok(_) => return Ok(ip),
+                    Err(e) if conflict(&e) => {
+                        conflicted = true;
+                        break;
+                    }
+                    Err(e) => return Err(AllocError::Api("writing an IPAMBlock", e)),
+                }
+            }
+            if conflicted {
+                continue;
+            }
+            // 2. Claim a new block: whoever creates its IPAMBlock first owns it.
+            if !self.claim(v4, node_labels).await? {
+                return Err(AllocError::Exhausted {
+                    node: self.node.clone(),
+                });
+            }
+        }
+        Err(AllocError::Contended(MAX_CONFLICTS))
+    }
+
+    /// Claims the first unclaimed block of a usable pool; false when there is none.
+    async fn claim(&self, v4: bool, node_labels: &BTreeMap<String, String>) -> Result<bool, AllocError> {
+        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
+        let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
+        let existing: std::collections::BTreeSet<String> = blocks
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| AllocError::Api("listing IPAMBlocks", e))?
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect();
+        for (pool, prefix) in self.pools(v4, node_labels).await? {
+            for cidr in blocks_of(pool, prefix) {
+                let name = block_name(cidr);
+                if existing.contains(&name) {
+                    continue;
+                }
+                let aff_name = format!("{}-{name}", self.node);
+                let mut aff = BlockAffinity::new(
+                    &aff_name,
+                    BlockAffinitySpec {
+                        state: AffinityState::Pending,
+                        node: self.node.clone(),
+                        cidr: caracal_crds::schema::Cidr(cidr),
+                        deleted: false,
+                    },
+                );
+                aff.metadata.labels = Some(BTreeMap::from([(
+                    "caracal.dev/node".to_owned(),
+                    self.node.clone(),
+                )]));
+                let aff = match affinities.create(&PostParams::default(), &aff).await {
+                    Ok(a) => Some(a),
+                    // Another task of this node is claiming the same block: let the allocation loop re-read.
+                    Err(e) if conflict(&e) => affinities
+                        .get_opt(&aff_name)
+                        .await
+                        .map_err(|e| AllocError::Api("reading a BlockAffinity", e))?,
+                    Err(e) => return Err(AllocError::Api("creating a BlockAffinity", e)),
+                };
+                let block = IPAMBlock::new(&name, Block::new(cidr, Some(self.affinity())).to_spec());
+                match blocks.create(&PostParams::default(), &block).await {
+                    Ok(_) => {
+                        if let Some(mut confirmed) = aff {
+                            confirmed.spec.state = AffinityState::Confirmed;
+                            match affinities
+                                .replace(&aff_name, &PostParams::default(), &confirmed)
+                                .await
+                            {
+                                // A sibling task confirmed it first, or it is being recreated: either way the block is ours.
+                                Ok(_) => {}
+                                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                                Err(e) => return Err(AllocError::Api("confirming a BlockAffinity", e)),
+                            }
+                        }
+                        return Ok(true);
+                    }
+                    Err(e) if conflict(&e) => {
+                        // Someone created the block first. If it was this node (another task), it is ours.
+                        let owner = blocks
+                            .get_opt(&name)
+                            .await
+                            .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?
+                            .and_then(|b| b.spec.affinity);
+                        if owner.as_deref() == Some(&self.affinity()) {
+                            return Ok(true);
+                        }
+                        // Another node won: drop our pending claim and try the next block.
+                        let _ = affinities.delete(&aff_name, &Default::default()).await;
+                    }
+                    Err(e) => return Err(AllocError::Api("creating an IPAMBlock", e)),
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Releases `ip` wherever it is held (idempotent).
+    pub async fn release(&self, ip: IpAddr) -> Result<bool, AllocError> {
+        let _serial = self.serial.lock().await;
+        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
+        for _ in 0..MAX_CONFLICTS {
+            let all = blocks
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| AllocError::Api("listing IPAMBlocks", e))?;
+            let Some(obj) = all.into_iter().find(|b| b.spec.cidr.0.contains(&ip)) else {
+                return Ok(false);
+            };
+            let mut block = Block::from_spec(&obj.spec)?;
+            if !block.release(ip)? {
+                return Ok(false);
+            }
+            let mut updated = obj.clone();
+            updated.spec = block.to_spec();
+            match blocks
+                .replace(&obj.name_any(), &PostParams::default(), &updated)
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(e) if conflict(&e) => continue,
+                Err(e) => return Err(AllocError::Api("writing an IPAMBlock", e)),
+            }
+        }
+        Err(AllocError::Contended(MAX_CONFLICTS))
+    }
+}
