@@ -1,6 +1,8 @@
 //! The CNI side of a node. Today: how a pod's host-side interface is named, which the agent needs to find
 //! the interface of each local pod and the plugin needs to create it. The plugin itself arrives with its issue.
 
+pub mod spec;
+
 use sha2::{Digest, Sha256};
 
 /// The host-side veth of pod `namespace/pod`: `crc` and 11 hex digits of a hash of `namespace.pod`
