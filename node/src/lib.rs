@@ -12,3 +12,4 @@ pub mod datastore;
 pub mod http;
 pub mod ipam;
 pub mod policy;
+pub mod typha;

@@ -41,8 +41,9 @@ pub fn kind_id(api_version: &str, kind: &str) -> String {
     format!("{api_version}/{kind}")
 }
 
-/// One change to the datastore view.
-#[derive(Clone, Debug, PartialEq)]
+/// One change to the datastore view (also what Typha sends on the wire).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op")]
 pub enum Update {
     /// A (re)list of `kind` starts: what follows until [`Update::InSync`] replaces its entries.
     Resync {
