@@ -11,6 +11,7 @@
 pub mod controlplane;
 pub mod crds;
 pub mod netns;
+pub mod objects;
 pub mod pki;
 pub mod probe;
 pub mod process;

@@ -12,7 +12,7 @@ use caracal_e2e::probe::{self, Outcome};
 use caracal_node::agent::{self, Config, Status};
 use caracal_node::cni::host_iface;
 use caracal_node::datastore::api;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -48,32 +48,12 @@ async fn a_network_policy_written_through_the_api_is_enforced_on_real_packets() 
     let pods = [("web", "server", "10.60.0.1"), ("other", "client", "10.60.0.2")];
     let mut wired = Vec::new();
     for (ns, name, ip) in pods {
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
-            )
+        caracal_e2e::objects::namespace(&client, ns, json!({}))
             .await
             .expect("namespace");
-        Api::<ServiceAccount>::namespaced(client.clone(), ns)
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa"),
-            )
-            .await
-            .expect("service account");
-        let pod = json!({"metadata": {"name": name, "labels": {"app": name}}, "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "pause"}]}});
-        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-        api.create(&PostParams::default(), &serde_json::from_value(pod).expect("pod"))
+        caracal_e2e::objects::pod(&client, ns, name, json!({"app": name}), NODE, ip)
             .await
             .expect("pod");
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}})),
-        )
-        .await
-        .expect("status");
         wired.push(
             netns::wire_pod(&node, "apod", &host_iface(ns, name), ip.parse().expect("ip")).expect("wire"),
         );

@@ -13,8 +13,6 @@ use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_e2e::netns;
 use caracal_e2e::probe::http_get;
 use caracal_node::cni::host_iface;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 fn free_port() -> u16 {
@@ -43,32 +41,12 @@ async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
         "10.61.0.1".parse().expect("ip"),
     )
     .expect("pod");
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "app"}})).expect("ns"),
-        )
+    caracal_e2e::objects::namespace(&client, "app", json!({}))
         .await
-        .expect("ns");
-    Api::<ServiceAccount>::namespaced(client.clone(), "app")
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa"),
-        )
-        .await
-        .expect("sa");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
-    let pod = json!({"metadata": {"name": "web"}, "spec": {"nodeName": "bin-node", "containers": [{"name": "c", "image": "pause"}]}});
-    pods.create(&PostParams::default(), &serde_json::from_value(pod).expect("pod"))
+        .expect("namespace");
+    caracal_e2e::objects::pod(&client, "app", "web", json!({}), "bin-node", "10.61.0.1")
         .await
         .expect("pod");
-    pods.patch_status(
-        "web",
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"status": {"podIP": "10.61.0.1"}})),
-    )
-    .await
-    .expect("status");
 
     let (health, metrics) = (free_port(), free_port());
     let log = cp.dir().join("caracal-node.log");

@@ -14,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use caracal_crds::selector::Expr;
 
-use super::{members, members_among, rule_sets};
-use crate::dataplane::{DataplaneModel, EndpointTiers, LocalEndpoint, SetKey, tier_ref};
+use super::{endpoint_tiers, members, members_among, rule_sets};
+use crate::dataplane::{DataplaneModel, EndpointTiers, LocalEndpoint, SetKey};
 use crate::policy::eval::selects;
-use crate::policy::ir::{Direction, Policy, Tier, TierDefault, order_key};
+use crate::policy::ir::{Policy, Tier, TierDefault, order_key};
 use crate::policy::model::{Endpoint, Labels, World};
 
 /// Endpoint keys by label, for narrowing selector evaluation.
@@ -180,29 +180,10 @@ impl CalcGraph {
 
     /// The tiers and policies that apply to endpoint `key`.
     fn tiers_for(&self, key: &str) -> EndpointTiers {
-        let mut tiers = EndpointTiers::default();
-        let Some(ep) = self.by_key.get(key).map(|i| &self.world.endpoints[*i]) else {
-            return tiers;
-        };
-        for dir in [Direction::Ingress, Direction::Egress] {
-            for tier in &self.world.tiers {
-                let names: Vec<String> = tier
-                    .policies
-                    .iter()
-                    .filter(|p| p.rules(dir).is_some() && selects(&self.world, p, ep))
-                    .map(|p| p.name.clone())
-                    .collect();
-                if !names.is_empty() {
-                    let list = if dir == Direction::Ingress {
-                        &mut tiers.ingress
-                    } else {
-                        &mut tiers.egress
-                    };
-                    list.push(tier_ref(tier, names));
-                }
-            }
-        }
-        tiers
+        self.by_key
+            .get(key)
+            .map(|i| endpoint_tiers(&self.world, &self.world.endpoints[*i]))
+            .unwrap_or_default()
     }
 
     /// Recomputes which policies select local endpoint `key`, and drops policies nobody uses any more.

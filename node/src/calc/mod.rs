@@ -225,6 +225,30 @@ pub(crate) fn rule_sets<'a>(
     }
 }
 
+/// The tiers, and in each the policies in order, that apply to `ep` in each direction.
+pub fn endpoint_tiers(world: &World, ep: &crate::policy::model::Endpoint) -> EndpointTiers {
+    let mut tiers = EndpointTiers::default();
+    for dir in [Direction::Ingress, Direction::Egress] {
+        for tier in &world.tiers {
+            let names: Vec<String> = tier
+                .policies
+                .iter()
+                .filter(|p| p.rules(dir).is_some() && selects(world, p, ep))
+                .map(|p| p.name.clone())
+                .collect();
+            if !names.is_empty() {
+                let list = if dir == Direction::Ingress {
+                    &mut tiers.ingress
+                } else {
+                    &mut tiers.egress
+                };
+                list.push(tier_ref(tier, names));
+            }
+        }
+    }
+    tiers
+}
+
 /// The full computation: which policies apply to which local endpoint, and every referenced set's members.
 pub fn compute(world: &World, local: &[LocalEndpoint]) -> DataplaneModel {
     let mut endpoints = local.to_vec();
@@ -241,26 +265,21 @@ pub fn compute(world: &World, local: &[LocalEndpoint]) -> DataplaneModel {
                 .insert(le.iface.clone(), EndpointTiers::default());
             continue;
         };
-        let mut tiers = EndpointTiers::default();
-        for dir in [Direction::Ingress, Direction::Egress] {
-            for tier in &world.tiers {
-                let names: Vec<String> = tier
-                    .policies
+        let tiers = endpoint_tiers(world, ep);
+        for name in tiers
+            .ingress
+            .iter()
+            .chain(tiers.egress.iter())
+            .flat_map(|t| t.policies.iter())
+        {
+            if !model.policies.contains_key(name)
+                && let Some(p) = world
+                    .tiers
                     .iter()
-                    .filter(|p| p.rules(dir).is_some() && selects(world, p, ep))
-                    .map(|p| {
-                        model.policies.entry(p.name.clone()).or_insert_with(|| p.clone());
-                        p.name.clone()
-                    })
-                    .collect();
-                if !names.is_empty() {
-                    let list = if dir == Direction::Ingress {
-                        &mut tiers.ingress
-                    } else {
-                        &mut tiers.egress
-                    };
-                    list.push(tier_ref(tier, names));
-                }
+                    .flat_map(|t| t.policies.iter())
+                    .find(|p| &p.name == name)
+            {
+                model.policies.insert(name.clone(), p.clone());
             }
         }
         model.endpoint_tiers.insert(le.iface.clone(), tiers);

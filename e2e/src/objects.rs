@@ -1,0 +1,45 @@
+//! Small builders for the objects cluster-tier tests create: a namespace (with its `default`
+//! ServiceAccount, which no controller manager creates in an API-only control plane) and a pod scheduled to
+//! a node with the address a kubelet would report.
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Creates namespace `name` with `labels`, and its `default` ServiceAccount.
+pub async fn namespace(client: &Client, name: &str, labels: serde_json::Value) -> Result<(), kube::Error> {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+        .map_err(kube::Error::SerdeError)?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).map_err(kube::Error::SerdeError)?;
+    Api::<ServiceAccount>::namespaced(client.clone(), name)
+        .create(&PostParams::default(), &sa)
+        .await?;
+    Ok(())
+}
+
+/// Creates pod `namespace/name` with `labels` on `node`, then sets `status.podIP` to `ip`.
+pub async fn pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+    node: &str,
+    ip: &str,
+) -> Result<(), kube::Error> {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause"}]}
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    api.create(&PostParams::default(), &pod).await?;
+    let status = json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
