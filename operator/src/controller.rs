@@ -268,6 +268,27 @@ async fn cleanup(inst: Arc<Installation>, ctx: &Context) -> Result<Action, Error
         k8s_openapi::jiff::Timestamp::now().duration_since(t).as_secs()
             > i64::try_from(CLEANUP_DEADLINE.as_secs()).unwrap_or(i64::MAX)
     });
+    // Say what is happening while the Installation waits on its finalizer.
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let wants = [status::Want {
+        type_: "Progressing",
+        status: true,
+        reason: "Uninstalling".into(),
+        message: format!(
+            "removing what the operator rendered (IPPools that hold addresses stay); the finalizer is released after \
+             at most {CLEANUP_DEADLINE:?} even if cleanup keeps failing"
+        ),
+    }];
+    let mut st = inst.status.clone().unwrap_or_default();
+    st.conditions = status::set_conditions(
+        &st.conditions,
+        &wants,
+        inst.metadata.generation.unwrap_or(0),
+        &now,
+    );
+    if let Err(e) = write_status(&inst, ctx, st).await {
+        warn!(error = %e, "reporting cleanup in status");
+    }
     let result = async {
         let in_use = pools_in_use(&ctx.client).await?;
         let (deleted, kept) = ctx

@@ -449,10 +449,52 @@ async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang()
         async move { d.get_opt("caracal-node").await.ok().flatten() }
     })
     .await;
-    Api::<Installation>::all(c.clone())
+    // A second finalizer of the test's own holds the object after the operator's cleanup, so the status
+    // the operator writes while uninstalling can be read.
+    let insts: Api<Installation> = Api::all(c.clone());
+    let mut finalizers = insts.get("default").await.expect("get").finalizers().to_vec();
+    finalizers.push("test.caracal.dev/hold".into());
+    insts
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"finalizers": finalizers}})),
+        )
+        .await
+        .expect("hold");
+    insts
         .delete("default", &DeleteParams::default())
         .await
         .expect("delete");
+    let held = eventually("the operator's finalizer released", || {
+        let i = insts.clone();
+        async move {
+            let inst = i.get("default").await.ok()?;
+            (!inst.finalizers().iter().any(|f| f == controller::FINALIZER)).then_some(inst)
+        }
+    })
+    .await;
+    let uninstalling = held
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Progressing")
+        .expect("Progressing");
+    assert_eq!(uninstalling.reason, "Uninstalling");
+    assert!(
+        uninstalling.message.contains("released after at most"),
+        "{}",
+        uninstalling.message
+    );
+    insts
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"finalizers": []}})),
+        )
+        .await
+        .expect("release hold");
     eventually("the Installation gone", || {
         let c = c.clone();
         async move {
