@@ -82,6 +82,29 @@ async fn concurrent_allocations_and_racing_nodes_never_share_an_address_or_a_blo
         .sum();
     assert_eq!(stored, 100, "the stored blocks hold exactly what was handed out");
 
+    // `caracalctl ipam show` reports the pool and its two blocks, as a person would see them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caracalctl"))
+        .env("KUBECONFIG", cp.kubeconfig())
+        .args(["ipam", "show"])
+        .output()
+        .expect("caracalctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("many "))
+        .expect("the pool line");
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>(),
+        ["many", "10.50.0.0/24", "/26", "2", "100", "256"],
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("host:node-a")).count(),
+        2,
+        "{text}"
+    );
+
     // Releasing is idempotent, and the address can be handed out again.
     let some = *ips.iter().next().expect("an address");
     assert!(a.release(some).await.expect("release"));

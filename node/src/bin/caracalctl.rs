@@ -26,6 +26,17 @@ enum Top {
         #[command(subcommand)]
         command: PolicyCmd,
     },
+    /// Caracal IPAM, read from the cluster (KUBECONFIG or in-cluster).
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// Pools, blocks and how full they are.
+    Show,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,8 +76,38 @@ enum PolicyCmd {
     },
 }
 
+fn ipam_show() -> anyhow::Result<()> {
+    use caracal_crds::ipam::IPAMBlock;
+    use caracal_crds::ippool::IPPool;
+    use kube::api::{Api, ListParams};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the API server (KUBECONFIG or in-cluster)")?;
+        let pools = Api::<IPPool>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .context("listing IPPools")?;
+        let blocks = Api::<IPAMBlock>::all(client)
+            .list(&ListParams::default())
+            .await
+            .context("listing IPAMBlocks")?;
+        print!(
+            "{}",
+            caracal_node::ipam::report::report(&pools.items, &blocks.items)
+        );
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Top::Ipam {
+            command: IpamCmd::Show,
+        } => ipam_show()?,
         Top::Policy {
             command: PolicyCmd::Matrix { files, ports, output },
         } => {

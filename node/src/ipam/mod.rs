@@ -4,3 +4,4 @@
 
 pub mod allocator;
 pub mod block;
+pub mod report;
