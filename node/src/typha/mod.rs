@@ -3,5 +3,8 @@
 //! the Typha issue and feed the agent's datastore the same [`Update`](crate::datastore::Update)s a direct
 //! watch does.
 
+pub mod client;
 pub mod log;
 pub mod protocol;
+pub mod server;
+pub mod tls;
