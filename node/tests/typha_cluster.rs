@@ -129,6 +129,47 @@ async fn create_ns(client: &kube::Client, name: &str, labels: serde_json::Value)
 }
 
 #[tokio::test]
+async fn typha_hands_out_no_snapshot_before_its_upstream_is_complete() {
+    let pki = pki();
+    let srv = server::Server::new(server::Config::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let serving = tokio::spawn(srv.clone().serve(
+        listener,
+        tls::server_config(&pki.ca, &pki.server.0, &pki.server.1).expect("tls"),
+    ));
+    let (tx, mut rx) = mpsc::channel(64);
+    let cfg = client::Config::new(vec![addr.clone()], "node-1");
+    let tls_cfg = tls::client_config(&pki.ca, &pki.node.0, &pki.node.1).expect("tls");
+    let session = tokio::spawn(async move { client::session(&cfg, &addr, tls_cfg, &tx).await });
+    // One kind listed, the others not: nothing reaches the agent.
+    srv.push(Update::InSync {
+        kind: "v1/Pod".into(),
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "a client got data before Typha's view was complete"
+    );
+    assert!(!srv.ready());
+    for (v, k, _, _) in caracal_node::datastore::KINDS {
+        srv.push(Update::InSync {
+            kind: caracal_node::datastore::kind_id(v, k),
+        })
+        .await;
+    }
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("data once complete");
+    assert!(matches!(first, Some(Update::Resync { .. })), "{first:?}");
+    session.abort();
+    serving.abort();
+}
+
+#[tokio::test]
 async fn agents_through_typha_hold_what_a_direct_watch_holds_across_failover() {
     let cp = ControlPlane::start(Options::api_only())
         .await

@@ -62,6 +62,7 @@ async fn the_operator_binary_serves_health_and_metrics_reconciles_and_exits_clea
         ])
         .args(["--log-format", "json"])
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("start caracal-operator");

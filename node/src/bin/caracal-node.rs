@@ -9,6 +9,9 @@
 //! - `CARACAL_NETNS`: program the data plane of this named network namespace instead of the agent's own
 //!   (for a lab where agents reach the API server from the host).
 //! - `CARACAL_LOG_FORMAT=json` for JSON logs; `KUBECONFIG` or the in-cluster service account for the API.
+//! - Typha: `CARACAL_TYPHA_ADDRS` (`host:port,...`) or `CARACAL_TYPHA_SERVICE` (port 5473) with
+//!   `CARACAL_TYPHA_CA_FILE`, `CARACAL_TYPHA_CERT_FILE`, `CARACAL_TYPHA_KEY_FILE` and
+//!   `CARACAL_TYPHA_SERVER_NAME` (caracal-typha); without them the agent watches the API server directly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,19 @@ use anyhow::Context as _;
 use caracal_node::agent::{self, Config, Status};
 use caracal_node::datastore::api;
 use tokio::sync::mpsc;
+
+/// Typha replicas: `CARACAL_TYPHA_ADDRS` (`host:port,...`), or the Service `CARACAL_TYPHA_SERVICE` on port 5473.
+fn typha_addrs() -> Option<Vec<String>> {
+    if let Ok(list) = std::env::var("CARACAL_TYPHA_ADDRS")
+        && !list.is_empty()
+    {
+        return Some(list.split(',').map(str::to_owned).collect());
+    }
+    std::env::var("CARACAL_TYPHA_SERVICE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(|s| vec![format!("{s}:5473")])
+}
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -51,11 +67,31 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(caracal_node::http::serve(health, status.clone())),
         tokio::spawn(caracal_node::http::serve(metrics, status.clone())),
     ];
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
     let (tx, rx) = mpsc::channel(4096);
-    let watches = api::watch(client, tx);
+    let watches = match typha_addrs() {
+        // Through Typha when the configuration names it, directly otherwise: the same updates either way.
+        Some(addrs) => {
+            let read = |var: &str| -> anyhow::Result<String> {
+                let path = std::env::var(var)
+                    .with_context(|| format!("{var} must name a PEM file to talk to Typha"))?;
+                std::fs::read_to_string(&path).with_context(|| format!("{var}: reading {path}"))
+            };
+            let tls = caracal_node::typha::tls::client_config(
+                &read("CARACAL_TYPHA_CA_FILE")?,
+                &read("CARACAL_TYPHA_CERT_FILE")?,
+                &read("CARACAL_TYPHA_KEY_FILE")?,
+            )?;
+            let mut cfg = caracal_node::typha::client::Config::new(addrs, &node_name);
+            cfg.server_identity = env("CARACAL_TYPHA_SERVER_NAME", "caracal-typha");
+            vec![tokio::spawn(caracal_node::typha::client::run(cfg, tls, tx))]
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
+            api::watch(client, tx)
+        }
+    };
     let cfg = Config {
         node_name,
         dataplane: env("CARACAL_DATAPLANE", "Iptables"),

@@ -18,8 +18,9 @@ use crate::policy::load::{LoadError, Loaded, load_documents};
 /// A kind the agent watches: (apiVersion, kind, plural, namespaced).
 pub type KindSpec = (&'static str, &'static str, &'static str, bool);
 
-/// Everything node agents read for policy.
+/// Everything node agents read: policy inputs, and the IPAM, routing and agent configuration objects.
 pub const KINDS: &[KindSpec] = &[
+    ("v1", "Node", "nodes", false),
     ("v1", "Namespace", "namespaces", false),
     ("v1", "Pod", "pods", true),
     ("v1", "ServiceAccount", "serviceaccounts", true),
@@ -34,6 +35,16 @@ pub const KINDS: &[KindSpec] = &[
     ("caracal.dev/v1", "Tier", "tiers", false),
     ("caracal.dev/v1", "NetworkSet", "networksets", true),
     ("caracal.dev/v1", "GlobalNetworkSet", "globalnetworksets", false),
+    ("caracal.dev/v1", "IPPool", "ippools", false),
+    ("caracal.dev/v1", "IPAMBlock", "ipamblocks", false),
+    (
+        "caracal.dev/v1",
+        "FelixConfiguration",
+        "felixconfigurations",
+        false,
+    ),
+    ("caracal.dev/v1", "BGPConfiguration", "bgpconfigurations", false),
+    ("caracal.dev/v1", "BGPPeer", "bgppeers", false),
 ];
 
 /// `apiVersion/kind`, the key of a kind in the cache.

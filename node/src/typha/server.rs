@@ -59,6 +59,8 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// Updates fanned out.
     pub updates: AtomicU64,
+    /// Objects in the snapshot.
+    pub snapshot: AtomicU64,
 }
 
 /// The server state shared by the upstream feed and the connections.
@@ -68,6 +70,7 @@ pub struct Server {
     tx: broadcast::Sender<(u64, Frame)>,
     stop: tokio::sync::watch::Sender<bool>,
     accepted: AtomicU64,
+    synced: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -82,6 +85,7 @@ impl Server {
             tx,
             stop,
             accepted: AtomicU64::new(0),
+            synced: Default::default(),
             stats: Stats::default(),
             cfg,
         })
@@ -92,10 +96,25 @@ impl Server {
         let _ = self.stop.send(true);
     }
 
+    /// True once every watched kind has been listed upstream (the snapshot is complete).
+    pub fn ready(&self) -> bool {
+        let synced = self.synced.lock().map(|s| s.clone()).unwrap_or_default();
+        crate::datastore::KINDS
+            .iter()
+            .all(|(v, k, _, _)| synced.contains(&crate::datastore::kind_id(v, k)))
+    }
+
     /// Records an upstream update and fans it out (encoded once).
     pub async fn push(&self, update: Update) {
+        if let Update::InSync { kind } = &update
+            && let Ok(mut s) = self.synced.lock()
+        {
+            s.insert(kind.clone());
+        }
         let mut log = self.log.lock().await;
-        if let Some(frame) = log.push(update) {
+        let pushed = log.push(update);
+        self.stats.snapshot.store(log.len() as u64, Ordering::Relaxed);
+        if let Some(frame) = pushed {
             self.stats.updates.fetch_add(1, Ordering::Relaxed);
             let _ = self.tx.send((log.seq(), frame));
         }
@@ -181,6 +200,11 @@ impl Server {
                 return Err(message);
             }
         };
+        // Never hand out a snapshot before every kind is listed upstream: a partial view marked complete
+        // would let an agent program policy with objects missing.
+        while !self.ready() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         protocol::write(
             &mut wr,
             &Frame::encode(&ServerMsg::HelloAck {
