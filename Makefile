@@ -84,6 +84,8 @@ test: deps controlplane lint
 bench: deps controlplane
 	$(CARGO) bench --locked -p caracal-operator --bench operator
 	$(CARGO) bench --locked -p caracal-node --bench policy
+	$(CARGO) build --locked --release -p caracal-node --bin caracal-typha
+	$(CARGO) bench --locked -p caracal-node --bench typha
 
 lab: deps controlplane
 	@echo "The full lab (operator, nodes, pods, policies) arrives with its issue; this starts the control plane."
