@@ -170,6 +170,69 @@ async fn typha_hands_out_no_snapshot_before_its_upstream_is_complete() {
 }
 
 #[tokio::test]
+async fn a_client_too_slow_to_keep_up_is_dropped_so_it_resyncs() {
+    let pki = pki();
+    let srv = server::Server::new(server::Config {
+        client_buffer: 16,
+        ..Default::default()
+    });
+    for (v, k, _, _) in caracal_node::datastore::KINDS {
+        srv.push(Update::InSync {
+            kind: caracal_node::datastore::kind_id(v, k),
+        })
+        .await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let serving = tokio::spawn(srv.clone().serve(
+        listener,
+        tls::server_config(&pki.ca, &pki.server.0, &pki.server.1).expect("tls"),
+    ));
+    // A client that says hello and then never reads.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("caracal-typha").expect("name");
+    let cfg = tls::client_config(&pki.ca, &pki.node.0, &pki.node.1).expect("tls");
+    let mut stalled = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    let hello = caracal_node::typha::protocol::ClientMsg::Hello {
+        protocol_version: 1,
+        node_name: "slow".into(),
+    };
+    caracal_node::typha::protocol::write(
+        &mut stalled,
+        &caracal_node::typha::protocol::Frame::encode(&hello),
+    )
+    .await
+    .expect("hello");
+    // Updates keep coming (about 20 MB): its socket fills, its queue overflows, and it is dropped.
+    let big = "x".repeat(2000);
+    let start = Instant::now();
+    let mut i = 0u64;
+    while srv.stats.dropped.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a client that never reads was not dropped"
+        );
+        srv.push(Update::Upsert {
+            kind: "v1/Namespace".into(),
+            key: format!("n{i}"),
+            object: json!({"metadata": {"name": format!("n{i}")}, "pad": big}),
+        })
+        .await;
+        i += 1;
+        if i.is_multiple_of(1000) {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(stalled);
+    serving.abort();
+}
+
+#[tokio::test]
 async fn agents_through_typha_hold_what_a_direct_watch_holds_across_failover() {
     let cp = ControlPlane::start(Options::api_only())
         .await

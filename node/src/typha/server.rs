@@ -49,8 +49,10 @@ impl Default for Config {
 }
 
 /// Counters for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
+    /// Time from an update reaching Typha to its frame being written to a client.
+    pub fanout: prometheus_client::metrics::histogram::Histogram,
     /// Clients connected now.
     pub connections: AtomicI64,
     /// Clients refused (identity, protocol).
@@ -63,11 +65,26 @@ pub struct Stats {
     pub snapshot: AtomicU64,
 }
 
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            fanout: prometheus_client::metrics::histogram::Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            connections: AtomicI64::default(),
+            refused: AtomicU64::default(),
+            dropped: AtomicU64::default(),
+            updates: AtomicU64::default(),
+            snapshot: AtomicU64::default(),
+        }
+    }
+}
+
 /// The server state shared by the upstream feed and the connections.
 pub struct Server {
     cfg: Config,
     log: Mutex<UpdateLog>,
-    tx: broadcast::Sender<(u64, Frame)>,
+    tx: broadcast::Sender<(u64, Frame, Instant)>,
     stop: tokio::sync::watch::Sender<bool>,
     accepted: AtomicU64,
     synced: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -116,7 +133,7 @@ impl Server {
         self.stats.snapshot.store(log.len() as u64, Ordering::Relaxed);
         if let Some(frame) = pushed {
             self.stats.updates.fetch_add(1, Ordering::Relaxed);
-            let _ = self.tx.send((log.seq(), frame));
+            let _ = self.tx.send((log.seq(), frame, Instant::now()));
         }
     }
 
@@ -243,10 +260,11 @@ impl Server {
                     break Err("server shutting down".to_owned());
                 }
                 msg = rx.recv() => match msg {
-                    Ok((seq, frame)) if seq > at => {
+                    Ok((seq, frame, pushed)) if seq > at => {
                         if let Err(e) = protocol::write(&mut wr, &frame).await {
                             break Err(e.to_string());
                         }
+                        self.stats.fanout.observe(pushed.elapsed().as_secs_f64());
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {

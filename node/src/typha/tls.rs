@@ -90,7 +90,7 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// The identities a certificate carries: its common name and its DNS names.
+/// The identities a certificate carries: its common name, its DNS names and its URI names.
 pub fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return Vec::new();
@@ -102,8 +102,12 @@ pub fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
         .collect();
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = name {
-                out.push((*d).to_owned());
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d)
+                | x509_parser::extensions::GeneralName::URI(d) => {
+                    out.push((*d).to_owned());
+                }
+                _ => {}
             }
         }
     }
