@@ -110,3 +110,65 @@ pub fn generate(dir: &Path) -> Result<Pki, PkiError> {
         sa_pub: write(dir, "sa.pub", &sa_key.public_key_pem())?,
     })
 }
+
+/// Certificates for Typha's mutual TLS in tests and benchmarks: a CA, the server (`caracal-typha`, also as a
+/// DNS SAN), a node agent client (`caracal-node`) and a client with the wrong identity (`intruder`).
+/// Each pair is (certificate PEM, key PEM).
+#[derive(Clone, Debug)]
+pub struct TyphaPki {
+    /// The CA certificate.
+    pub ca: String,
+    /// Typha's server certificate and key.
+    pub server: (String, String),
+    /// A node agent's client certificate and key.
+    pub node: (String, String),
+    /// A client certificate with the wrong identity.
+    pub intruder: (String, String),
+}
+
+impl TyphaPki {
+    /// Generates the set.
+    pub fn generate() -> Result<Self, PkiError> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "caracal-ca");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, ca_key)?;
+        let leaf = |cn: &str,
+                    sans: Vec<String>,
+                    eku: ExtendedKeyUsagePurpose|
+         -> Result<(String, String), PkiError> {
+            let key = KeyPair::generate()?;
+            let mut p = CertificateParams::new(sans)?;
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.extended_key_usages = vec![eku];
+            Ok((p.signed_by(&key, &ca)?.pem(), key.serialize_pem()))
+        };
+        Ok(TyphaPki {
+            server: leaf(
+                "caracal-typha",
+                vec!["caracal-typha".into()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            )?,
+            node: leaf("caracal-node", vec![], ExtendedKeyUsagePurpose::ClientAuth)?,
+            intruder: leaf("intruder", vec![], ExtendedKeyUsagePurpose::ClientAuth)?,
+            ca: ca.pem(),
+        })
+    }
+
+    /// Writes `ca.crt`, `typha.crt`, `typha.key`, `node.crt`, `node.key` into `dir` (its own directory: not
+    /// a control plane's, whose `ca.crt` is the API server's client CA) and returns their paths in that order.
+    pub fn write(&self, dir: &Path) -> Result<[PathBuf; 5], PkiError> {
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+            path: dir.to_owned(),
+            source,
+        })?;
+        Ok([
+            write(dir, "ca.crt", &self.ca)?,
+            write(dir, "typha.crt", &self.server.0)?,
+            write(dir, "typha.key", &self.server.1)?,
+            write(dir, "node.crt", &self.node.0)?,
+            write(dir, "node.key", &self.node.1)?,
+        ])
+    }
+}

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use caracal_e2e::controlplane::{ControlPlane, Options, workspace_root};
 use caracal_node::datastore::Update;
 use caracal_node::typha::{client, tls};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -86,25 +85,8 @@ async fn main() {
         .expect("CRDs");
     // PKI for Typha, in its own directory.
     let dir = cp.dir().join("typha-pki");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.distinguished_name.push(DnType::CommonName, "caracal-ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, ca_key).expect("ca");
-    let leaf = |cn: &str, sans: Vec<String>| {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(sans).expect("params");
-        p.distinguished_name.push(DnType::CommonName, cn);
-        (p.signed_by(&key, &ca).expect("sign").pem(), key.serialize_pem())
-    };
-    let (server, node) = (
-        leaf("caracal-typha", vec!["caracal-typha".into()]),
-        leaf("caracal-node", vec![]),
-    );
-    for (name, text) in [("ca.crt", ca.pem()), ("tls.crt", server.0), ("tls.key", server.1)] {
-        std::fs::write(dir.join(name), text).expect("write");
-    }
+    let pki = caracal_e2e::pki::TyphaPki::generate().expect("pki");
+    let [ca_path, tcrt, tkey, _, _] = pki.write(&dir).expect("write pki");
     let baseline = watches(&kc).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
@@ -117,9 +99,9 @@ async fn main() {
         .env("CARACAL_TYPHA_PORT", port.to_string())
         .env("CARACAL_TYPHA_HEALTH_PORT", "0")
         .env("CARACAL_TYPHA_METRICS_PORT", "0")
-        .env("CARACAL_TYPHA_CA_FILE", dir.join("ca.crt"))
-        .env("CARACAL_TYPHA_CERT_FILE", dir.join("tls.crt"))
-        .env("CARACAL_TYPHA_KEY_FILE", dir.join("tls.key"))
+        .env("CARACAL_TYPHA_CA_FILE", &ca_path)
+        .env("CARACAL_TYPHA_CERT_FILE", &tcrt)
+        .env("CARACAL_TYPHA_KEY_FILE", &tkey)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -129,7 +111,7 @@ async fn main() {
     let rss_before = proc_status(pid, "VmRSS:");
 
     // 1,000 clients; each forwards the names of namespaces it sees to a shared collector.
-    let tls_cfg = tls::client_config(&ca.pem(), &node.0, &node.1).expect("tls");
+    let tls_cfg = tls::client_config(&pki.ca, &pki.node.0, &pki.node.1).expect("tls");
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
     let addr = format!("127.0.0.1:{port}");
     let started = Instant::now();

@@ -136,27 +136,10 @@ async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
 }
 
 fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.distinguished_name.push(DnType::CommonName, "caracal-ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, ca_key).expect("ca");
-    let leaf = |cn: &str, sans: Vec<String>| {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(sans).expect("params");
-        p.distinguished_name.push(DnType::CommonName, cn);
-        (p.signed_by(&key, &ca).expect("sign").pem(), key.serialize_pem())
-    };
-    let (server, node) = (
-        leaf("caracal-typha", vec!["caracal-typha".into()]),
-        leaf("caracal-node", vec![]),
-    );
-    let paths = ["ca.crt", "typha.crt", "typha.key", "node.crt", "node.key"].map(|n| dir.join(n));
-    for (p, text) in paths.iter().zip([ca.pem(), server.0, server.1, node.0, node.1]) {
-        std::fs::write(p, text).expect("write pem");
-    }
-    paths
+    caracal_e2e::pki::TyphaPki::generate()
+        .expect("pki")
+        .write(dir)
+        .expect("write pki")
 }
 
 #[tokio::test]

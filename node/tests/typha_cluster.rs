@@ -14,42 +14,13 @@ use std::time::{Duration, Instant};
 use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_node::datastore::{Cache, Update, api};
 use caracal_node::typha::{client, server, tls};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-struct Pki {
-    ca: String,
-    server: (String, String),
-    node: (String, String),
-    intruder: (String, String),
-}
+type Pki = caracal_e2e::pki::TyphaPki;
 
 fn pki() -> Pki {
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.distinguished_name.push(DnType::CommonName, "caracal-ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, ca_key).expect("ca");
-    let leaf = |cn: &str, sans: Vec<String>, server: bool| {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(sans).expect("params");
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        (p.signed_by(&key, &ca).expect("sign").pem(), key.serialize_pem())
-    };
-    Pki {
-        server: leaf("caracal-typha", vec!["caracal-typha".into()], true),
-        node: leaf("caracal-node", vec![], false),
-        intruder: leaf("intruder", vec![], false),
-        ca: ca.pem(),
-    }
+    Pki::generate().expect("pki")
 }
 
 /// A Typha replica fed by its own upstream watches; returns its address and the tasks to kill it.
