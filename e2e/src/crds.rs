@@ -80,3 +80,23 @@ pub fn api_for(client: &Client, obj: &DynamicObject) -> Option<Api<DynamicObject
         Api::all_with(client.clone(), &ar)
     })
 }
+
+/// Errors of [`control_plane`].
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The control plane did not start or cannot be reached.
+    #[error(transparent)]
+    ControlPlane(#[from] crate::controlplane::ControlPlaneError),
+    /// The CRDs could not be installed.
+    #[error(transparent)]
+    Crds(#[from] CrdError),
+}
+
+/// An API-only control plane with every Caracal CRD Established, and an admin client: what most
+/// cluster-tier tests start from.
+pub async fn control_plane() -> Result<(crate::controlplane::ControlPlane, Client), SetupError> {
+    let cp = crate::controlplane::ControlPlane::start(crate::controlplane::Options::api_only()).await?;
+    let client = cp.client().await?;
+    install(&client, Duration::from_secs(60)).await?;
+    Ok((cp, client))
+}

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::{ControlPlane, Options, workspace_root};
+use caracal_e2e::controlplane::workspace_root;
 use caracal_node::datastore::Update;
 use caracal_node::typha::{client, tls};
 use serde_json::json;
@@ -76,13 +76,9 @@ fn summary(mut xs: Vec<f64>) -> serde_json::Value {
 
 #[tokio::main]
 async fn main() {
-    let cp = ControlPlane::start(Options::api_only())
+    let (cp, kc) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let kc = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&kc, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     // PKI for Typha, in its own directory.
     let dir = cp.dir().join("typha-pki");
     let pki = caracal_e2e::pki::TyphaPki::generate().expect("pki");

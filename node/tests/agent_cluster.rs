@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_e2e::netns;
 use caracal_e2e::probe::{self, Outcome};
 use caracal_node::agent::{self, Config, Status};
@@ -35,13 +34,9 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
 #[tokio::test]
 async fn a_network_policy_written_through_the_api_is_enforced_on_real_packets() {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
 
     // Two pods on this node, in namespaces `web` and `other`, wired as the CNI plugin will wire them.
     let node = netns::node("agent").expect("node namespace");

@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_node::datastore::{Cache, api};
 use caracal_node::policy::contract::{WORLD, scenarios};
 use caracal_node::policy::load::load_documents;
@@ -117,13 +116,9 @@ async fn wait_for(
 
 #[tokio::test]
 async fn the_api_datastore_gives_the_engine_the_same_world_as_yaml_and_follows_changes() {
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     let (tx, mut rx) = mpsc::channel(1024);
     let tasks = api::watch(client.clone(), tx);
     let mut cache = Cache::default();

@@ -7,11 +7,9 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use caracal_crds::ipam::{AffinityState, BlockAffinity, IPAMBlock};
 use caracal_crds::ippool::{IPPool, IPPoolSpec};
-use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_node::ipam::allocator::{AllocError, Allocator};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -41,13 +39,9 @@ fn attrs(i: usize) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn concurrent_allocations_and_racing_nodes_never_share_an_address_or_a_block() {
-    let cp = ControlPlane::start(Options::api_only())
+    let (cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     let labels = BTreeMap::new();
 
     // 100 concurrent allocations on one node from a pool of four /26 blocks.

@@ -9,7 +9,6 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_e2e::netns;
 use caracal_e2e::probe::http_get;
 use caracal_node::cni::host_iface;
@@ -36,13 +35,9 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
-    let cp = ControlPlane::start(Options::api_only())
+    let (cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     let node = netns::node("nbin").expect("node namespace");
     let _pod = netns::wire_pod(
         &node,
@@ -145,13 +140,9 @@ fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
 #[tokio::test]
 async fn the_node_binary_through_the_typha_binary_programs_its_node() {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
-    let cp = ControlPlane::start(Options::api_only())
+    let (cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     let node = netns::node("ntyp").expect("node namespace");
     let _pod = netns::wire_pod(
         &node,

@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_node::datastore::{Cache, Update, api};
 use caracal_node::typha::{client, server, tls};
 use serde_json::json;
@@ -205,13 +204,9 @@ async fn a_client_too_slow_to_keep_up_is_dropped_so_it_resyncs() {
 
 #[tokio::test]
 async fn agents_through_typha_hold_what_a_direct_watch_holds_across_failover() {
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, kc) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let kc = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&kc, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     let pki = pki();
     let (addr_a, tasks_a, srv_a) = replica(&kc, &pki).await;
     let (addr_b, tasks_b, srv_b) = replica(&kc, &pki).await;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caracal_crds::installation::Installation;
-use caracal_e2e::controlplane::{ControlPlane, Options, workspace_root};
+use caracal_e2e::controlplane::workspace_root;
 use caracal_operator::controller::{self, Context};
 use caracal_operator::metrics::Metrics;
 use caracal_operator::render::{ClusterFacts, compute, render};
@@ -121,13 +121,9 @@ where
 }
 
 async fn cluster_run() -> serde_json::Value {
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs");
+        .expect("control plane with CRDs");
     let nodes: Api<Node> = Api::all(client.clone());
     for i in 0..3 {
         let node = serde_json::from_value(json!({"metadata": {"name": format!("n{i}")}})).expect("node");

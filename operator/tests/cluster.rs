@@ -50,11 +50,9 @@ async fn operator() -> Running {
         )
         .with_test_writer()
         .try_init();
-    let cp = ControlPlane::start(Options::api_only())
+    let (cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+        .expect("control plane with CRDs");
     let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(ctx.clone(), async move {
@@ -520,11 +518,9 @@ async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang()
 #[tokio::test]
 async fn two_operator_replicas_never_both_act_and_the_standby_takes_over() {
     use caracal_operator::leader::{Elector, Timings};
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+        .expect("control plane with CRDs");
     let timings = Timings {
         lease_duration: Duration::from_secs(4),
         renew_period: Duration::from_millis(500),
@@ -664,11 +660,9 @@ async fn the_install_manifest_applies_and_its_rbac_is_enough_to_run_the_operator
 #[tokio::test]
 async fn the_webhook_rejects_bad_selectors_overlapping_pools_and_missing_tiers() {
     use caracal_operator::webhook::{self, Endpoint};
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+        .expect("control plane with CRDs");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
@@ -745,11 +739,9 @@ async fn the_webhook_rejects_bad_selectors_overlapping_pools_and_missing_tiers()
 
 #[tokio::test]
 async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
-    let cp = ControlPlane::start(Options::api_only())
+    let (_cp, client) = caracal_e2e::crds::control_plane()
         .await
-        .expect("control plane");
-    let client = cp.client().await.expect("client");
-    caracal_e2e::crds::install(&client, DEADLINE).await.expect("CRDs");
+        .expect("control plane with CRDs");
     // What the previous operator left: its objects, written by the same field manager.
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
