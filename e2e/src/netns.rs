@@ -163,3 +163,74 @@ pub fn node(tag: &str) -> Result<NetNs, NetnsError> {
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     Ok(ns)
 }
+
+/// The underlay: a namespace holding a bridge (`br0`, with the network's first address) that node
+/// namespaces are attached to, as hosts on one L2 segment. Nothing in it routes anywhere else, so every
+/// packet stays inside namespaces the test created.
+#[derive(Debug)]
+pub struct Underlay {
+    /// The namespace holding the bridge.
+    pub ns: NetNs,
+    /// The underlay network (e.g. 10.99.0.0/24); the bridge holds its first address.
+    pub net: ipnet::Ipv4Net,
+    links: AtomicU32,
+}
+
+impl Underlay {
+    /// A new underlay on `net`.
+    pub fn new(net: ipnet::Ipv4Net) -> Result<Self, NetnsError> {
+        let ns = NetNs::new("ul")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        let gw = net.hosts().next().unwrap_or(net.addr());
+        ns.ip(&["addr", "add", &format!("{gw}/{}", net.prefix_len()), "dev", "br0"])?;
+        Ok(Underlay {
+            ns,
+            net,
+            links: AtomicU32::new(0),
+        })
+    }
+
+    /// The bridge's address (nodes' default gateway).
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        self.net.hosts().next().unwrap_or(self.net.addr())
+    }
+
+    /// Attaches `node` as `iface` with address `host` (an address of the underlay network), and a default
+    /// route via the bridge (proxy ARP for pods' link-local gateway needs one).
+    pub fn attach(&self, node: &NetNs, iface: &str, host: std::net::Ipv4Addr) -> Result<(), NetnsError> {
+        let n = self.links.fetch_add(1, Ordering::Relaxed);
+        let port = format!("ul{n}");
+        self.ns.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            iface,
+            "netns",
+            node.name(),
+        ])?;
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{host}/{}", self.net.prefix_len()),
+            "dev",
+            iface,
+        ])?;
+        node.ip(&["link", "set", iface, "up"])?;
+        node.ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+            "dev",
+            iface,
+        ])?;
+        Ok(())
+    }
+}

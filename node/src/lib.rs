@@ -11,5 +11,6 @@ pub mod dataplane;
 pub mod datastore;
 pub mod http;
 pub mod ipam;
+pub mod netlink;
 pub mod policy;
 pub mod typha;

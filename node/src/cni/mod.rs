@@ -2,6 +2,7 @@
 //! the interface of each local pod and the plugin needs to create it. The plugin itself arrives with its issue.
 
 pub mod spec;
+pub mod wire;
 
 use sha2::{Digest, Sha256};
 

@@ -1,0 +1,535 @@
+//! Typed rtnetlink access to one network namespace: links, addresses, routes, neighbours and FDB entries.
+//!
+//! A netlink socket belongs to the namespace it was opened in, so [`Netlink::open`] opens it from a
+//! short-lived thread that has entered the namespace (`setns`); the rest of the agent never changes
+//! namespace. The same trick writes per-namespace sysctls ([`sysctl`]).
+//!
+//! Routes the agent owns carry [`PROTO_CARACAL`], so listing, diffing and cleanup find exactly its own.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt as _;
+use ipnet::{IpNet, Ipv4Net};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+
+/// The route protocol number on every route the agent writes (`ip route show proto 80`).
+pub const PROTO_CARACAL: u8 = 80;
+
+/// Errors talking to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// Entering a namespace or opening a socket failed.
+    #[error("network namespace {path}: {source}")]
+    Namespace {
+        /// The namespace file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel refused a request.
+    #[error("{what}: {source}")]
+    Request {
+        /// What was being done.
+        what: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+    /// A link that must exist does not.
+    #[error("no link named {0}")]
+    NoLink(String),
+}
+
+fn req(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |source| NetlinkError::Request { what, source }
+}
+
+/// True when the kernel said "no such thing" (ENOENT, ENODEV, ESRCH): deletes treat it as done.
+pub fn is_not_found(e: &NetlinkError) -> bool {
+    match e {
+        NetlinkError::NoLink(_) => true,
+        NetlinkError::Request {
+            source: rtnetlink::Error::NetlinkError(m),
+            ..
+        } => m
+            .raw_code()
+            .checked_neg()
+            .is_some_and(|c| c == libc::ENOENT || c == libc::ENODEV || c == libc::ESRCH),
+        _ => false,
+    }
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `path` (or stays where it is for None).
+pub fn in_netns<T: Send + 'static>(
+    path: Option<&Path>,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, NetlinkError> {
+    let Some(path) = path else {
+        return f().map_err(|source| NetlinkError::Namespace {
+            path: PathBuf::from("(own)"),
+            source,
+        });
+    };
+    let owned = path.to_path_buf();
+    let thread = std::thread::spawn(move || -> std::io::Result<T> {
+        let ns = std::fs::File::open(&owned)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        f()
+    });
+    let result = thread
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")));
+    result.map_err(|source| NetlinkError::Namespace {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `value` to `/proc/sys/<key>` (dots become slashes) inside the namespace at `netns`.
+pub fn sysctl(netns: Option<&Path>, key: &str, value: &str) -> Result<(), NetlinkError> {
+    let file = format!("/proc/sys/{}", key.replace('.', "/"));
+    let value = value.to_owned();
+    in_netns(netns, move || std::fs::write(&file, value))
+}
+
+/// The path of a named namespace (`ip netns add NAME`).
+pub fn named_netns(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+/// A route the agent owns: destination, and either an interface (scope link) or a gateway through one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnedRoute {
+    /// Destination.
+    pub dst: Ipv4Net,
+    /// What happens to it.
+    pub target: RouteTarget,
+}
+
+/// Where an owned route sends traffic.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteTarget {
+    /// Directly out of an interface (a pod's veth).
+    Dev(u32),
+    /// Via a gateway on an interface, marked onlink (VXLAN peers, same-subnet nodes).
+    Via(Ipv4Addr, u32),
+    /// Dropped: this node's own blocks, so unknown addresses in them are not sent back out.
+    Blackhole,
+}
+
+/// The parameters of a VXLAN device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanDevice {
+    /// Its name (`vxlan.caracal`).
+    pub name: String,
+    /// The VNI (4096 by default).
+    pub vni: u32,
+    /// The UDP port (4789 by default).
+    pub port: u16,
+    /// The node's underlay address (the tunnel's source).
+    pub local: Ipv4Addr,
+    /// The underlay link's index.
+    pub parent: u32,
+    /// The VTEP MAC (published on the Node).
+    pub mac: [u8; 6],
+    /// The device MTU.
+    pub mtu: u32,
+}
+
+/// A netlink connection bound to one namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+    netns: Option<PathBuf>,
+}
+
+impl Netlink {
+    /// Opens a connection in the namespace at `netns` (None: the agent's own). Needs a tokio runtime.
+    pub fn open(netns: Option<&Path>) -> Result<Self, NetlinkError> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle, _) = in_netns(netns, move || {
+            let _guard = rt.enter();
+            rtnetlink::new_connection()
+        })?;
+        tokio::spawn(conn);
+        Ok(Self {
+            handle,
+            netns: netns.map(Path::to_path_buf),
+        })
+    }
+
+    /// The namespace this connection works in.
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
+    }
+
+    /// The link named `name`, if any.
+    pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                let e = req(format!("reading link {name}"))(e);
+                if is_not_found(&e) { Ok(None) } else { Err(e) }
+            }
+        }
+    }
+
+    /// The index of the link named `name`.
+    pub async fn index(&self, name: &str) -> Result<u32, NetlinkError> {
+        self.link(name)
+            .await?
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetlinkError::NoLink(name.to_owned()))
+    }
+
+    /// Every link's name by index.
+    pub async fn links(&self) -> Result<Vec<(u32, String)>, NetlinkError> {
+        let all: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing links"))?;
+        Ok(all
+            .into_iter()
+            .filter_map(|l| link_name(&l).map(|n| (l.header.index, n)))
+            .collect())
+    }
+
+    /// Creates veth `host` here with its peer `peer` directly inside the namespace `peer_netns`.
+    pub async fn add_veth_into(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_netns: &std::fs::File,
+        mtu: u32,
+        host_mac: [u8; 6],
+    ) -> Result<(), NetlinkError> {
+        use std::os::fd::AsRawFd as _;
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_owned())
+            .mtu(mtu)
+            .setns_by_fd(peer_netns.as_raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host.to_owned())
+            .mtu(mtu)
+            .address(host_mac.to_vec())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(req(format!("creating veth {host}")))
+    }
+
+    /// Sets a link up, with `mtu` when given.
+    pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<(), NetlinkError> {
+        let mut b = LinkUnspec::new_with_index(index).up();
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(req(format!("setting link {index} up")))
+    }
+
+    /// Deletes the link named `name`; absent is fine. Returns whether it existed.
+    pub async fn del_link(&self, name: &str) -> Result<bool, NetlinkError> {
+        let Some(l) = self.link(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(l.header.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = req(format!("deleting link {name}"))(e);
+                if is_not_found(&e) { Ok(false) } else { Err(e) }
+            }
+        }
+    }
+
+    /// Adds `addr` to link `index` (already present is fine).
+    pub async fn add_addr(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(req(format!("adding {addr} to link {index}"))(e)),
+        }
+    }
+
+    /// The addresses on link `index`.
+    pub async fn addrs(&self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing addresses"))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| {
+                let prefix = m.header.prefix_len;
+                m.attributes.into_iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => IpNet::new(ip, prefix).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Adds (or replaces) an IPv4 route, tagged with `proto`.
+    pub async fn replace_route(&self, route: &OwnedRoute, proto: u8) -> Result<(), NetlinkError> {
+        let msg = route_message(route, proto);
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("writing route {}", route.dst)))
+    }
+
+    /// Adds the default route via `gw` on `index` (`ip route add default via GW dev IF onlink`).
+    pub async fn add_default_via(&self, gw: Ipv4Addr, index: u32) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .onlink()
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(req("adding the default route"))
+    }
+
+    /// Deletes an owned route; absent is fine.
+    pub async fn del_route(&self, route: &OwnedRoute, proto: u8) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .route()
+            .del(route_message(route, proto))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = req(format!("deleting route {}", route.dst))(e);
+                if is_not_found(&e) { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    /// Every IPv4 route in the main table tagged with `proto`.
+    pub async fn routes(&self, proto: u8) -> Result<Vec<OwnedRoute>, NetlinkError> {
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing routes"))?;
+        Ok(all
+            .into_iter()
+            .filter(|m| u8::from(m.header.protocol) == proto)
+            .filter_map(|m| parse_route(&m))
+            .collect())
+    }
+
+    /// Creates (or adopts) the VXLAN device `v.name`: VNI, UDP port, local address and parent link, no
+    /// learning. A device with other parameters (a changed port or node address) is recreated.
+    pub async fn ensure_vxlan(&self, v: &VxlanDevice) -> Result<u32, NetlinkError> {
+        if let Some(l) = self.link(&v.name).await? {
+            if vxlan_matches(&l, v.vni, v.port, v.local) && link_mac(&l) == Some(v.mac) {
+                self.set_up(l.header.index, Some(v.mtu)).await?;
+                return Ok(l.header.index);
+            }
+            self.del_link(&v.name).await?;
+        }
+        let msg = LinkVxlan::new(&v.name, v.vni)
+            .port(v.port)
+            .local(v.local)
+            .dev(v.parent)
+            .learning(false)
+            .address(v.mac.to_vec())
+            .mtu(v.mtu)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(req(format!("creating {}", v.name)))?;
+        self.index(&v.name).await
+    }
+
+    /// A permanent ARP entry: `ip` is at `mac` on link `index`.
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("writing the ARP entry for {ip}")))
+    }
+
+    /// A permanent FDB entry on a VXLAN device: frames for `mac` go to `dst`.
+    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(IpAddr::V4(dst))
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("writing the FDB entry for {dst}")))
+    }
+
+    /// Permanent neighbours on link `index` (ARP when `bridge` is false, FDB otherwise): (mac, ip).
+    pub async fn neighbours(
+        &self,
+        index: u32,
+        bridge: bool,
+    ) -> Result<Vec<([u8; 6], Ipv4Addr)>, NetlinkError> {
+        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let mut get = self.handle.neighbours().get();
+        if bridge {
+            get = get.set_address_family(netlink_packet_route::AddressFamily::Bridge);
+        }
+        let all: Vec<_> = get
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing neighbours"))?;
+        Ok(all
+            .into_iter()
+            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter_map(|m| {
+                let mut mac = None;
+                let mut ip = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::LinkLayerAddress(l) => {
+                            mac = <[u8; 6]>::try_from(l.as_slice()).ok()
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                        _ => {}
+                    }
+                }
+                Some((mac?, ip?))
+            })
+            .collect())
+    }
+}
+
+fn link_name(l: &LinkMessage) -> Option<String> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+/// The MTU of a link message.
+pub fn link_mtu(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+/// The MAC address of a link message.
+pub fn link_mac(l: &LinkMessage) -> Option<[u8; 6]> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+        _ => None,
+    })
+}
+
+fn vxlan_matches(l: &LinkMessage, vni: u32, port: u16, local: Ipv4Addr) -> bool {
+    use netlink_packet_route::link::InfoVxlan;
+    let Some(data) = l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(d)) => Some(d.clone()),
+            _ => None,
+        }),
+        _ => None,
+    }) else {
+        return false;
+    };
+    let has = |want: &InfoVxlan| data.contains(want);
+    has(&InfoVxlan::Id(vni)) && has(&InfoVxlan::Port(port)) && has(&InfoVxlan::Local(local))
+}
+
+fn route_message(route: &OwnedRoute, proto: u8) -> RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.dst.addr(), route.dst.prefix_len())
+        .protocol(RouteProtocol::from(proto));
+    match route.target {
+        RouteTarget::Dev(i) => b.output_interface(i).scope(RouteScope::Link).build(),
+        RouteTarget::Via(gw, i) => b.gateway(gw).output_interface(i).onlink().build(),
+        RouteTarget::Blackhole => b.kind(RouteType::BlackHole).build(),
+    }
+}
+
+fn parse_route(m: &RouteMessage) -> Option<OwnedRoute> {
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gw = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    let target = if m.header.kind == RouteType::BlackHole {
+        RouteTarget::Blackhole
+    } else {
+        match (gw, oif) {
+            (Some(g), Some(i)) => RouteTarget::Via(g, i),
+            (None, Some(i)) => RouteTarget::Dev(i),
+            _ => return None,
+        }
+    };
+    Some(OwnedRoute { dst, target })
+}

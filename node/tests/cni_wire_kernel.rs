@@ -1,0 +1,97 @@
+//! Kernel tier: the CNI wiring (netlink) connects pods through a node namespace by proxy ARP for the
+//! link-local gateway; a repeated ADD changes nothing; DEL is idempotent and works after the pod's
+//! namespace is gone. Needs root.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use caracal_e2e::netns::{self, NetNs, Underlay};
+use caracal_e2e::probe;
+use caracal_node::cni::wire::{self, PodWiring};
+use caracal_node::netlink::{Netlink, PROTO_CARACAL, named_netns};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn wiring(node: &NetNs, pod: &NetNs, iface: &str, ip: &str) -> PodWiring {
+    let _ = node;
+    PodWiring {
+        host_iface: iface.into(),
+        netns: named_netns(pod.name()),
+        ifname: "eth0".into(),
+        ips: vec![ip.parse().expect("ip")],
+        mtu: 1450,
+    }
+}
+
+fn node_with_uplink() -> (Underlay, NetNs) {
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let underlay = Underlay::new("10.98.0.0/24".parse().expect("net")).expect("underlay");
+    let node = netns::node("wire").expect("node");
+    underlay
+        .attach(&node, "eth0", Ipv4Addr::new(10, 98, 0, 2))
+        .expect("attach");
+    (underlay, node)
+}
+
+#[tokio::test]
+async fn wired_pods_reach_each_other_through_proxy_arp_and_del_is_idempotent() {
+    let (_underlay, node) = node_with_uplink();
+    let nl = Netlink::open(Some(&named_netns(node.name()))).expect("netlink");
+    let a = NetNs::new("pa").expect("pod a");
+    let b = NetNs::new("pb").expect("pod b");
+    let wa = wiring(&node, &a, "crcwiretesta", "10.200.0.5/32");
+    let wb = wiring(&node, &b, "crcwiretestb", "10.200.0.6/32");
+    let first = wire::add(&nl, &wa).await.expect("wire a");
+    wire::add(&nl, &wb).await.expect("wire b");
+
+    // The pod sees its /32, the gateway route and the MTU.
+    let addr = a.ip(&["-o", "addr", "show", "eth0"]).expect("addr");
+    assert!(addr.contains("10.200.0.5/32"), "{addr}");
+    let link = a.ip(&["-o", "link", "show", "eth0"]).expect("link");
+    assert!(link.contains("mtu 1450"), "{link}");
+    let routes = a.ip(&["route"]).expect("routes");
+    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
+    let host_routes = node
+        .ip(&["route", "show", "proto", &PROTO_CARACAL.to_string()])
+        .expect("routes");
+    assert!(
+        host_routes.contains("10.200.0.5 dev crcwiretesta"),
+        "{host_routes}"
+    );
+
+    for (src, dst, ip) in [
+        (&a, &b, Ipv4Addr::new(10, 200, 0, 6)),
+        (&b, &a, Ipv4Addr::new(10, 200, 0, 5)),
+    ] {
+        assert!(probe::tcp(src, dst, ip, 8080, TIMEOUT).expect("tcp").connected());
+        assert!(probe::icmp(src, ip, 8, 0, TIMEOUT).expect("icmp").connected());
+    }
+    // The gateway's MAC is the host side's, learned by proxy ARP.
+    let neigh = a.ip(&["neigh", "show", "169.254.1.1"]).expect("neigh");
+    assert!(neigh.contains("ee:ee:ee:ee:ee:ee"), "{neigh}");
+
+    // A repeated ADD returns the same wiring and leaves the interface alone.
+    let index_before = nl.index("crcwiretesta").await.expect("index");
+    assert_eq!(wire::add(&nl, &wa).await.expect("again"), first);
+    assert_eq!(nl.index("crcwiretesta").await.expect("index"), index_before);
+    assert!(wire::check(&nl, &wa).await.expect("check").is_some());
+
+    // DEL removes both ends and the route; again is fine; after the pod namespace is gone too.
+    assert!(wire::del(&nl, "crcwiretesta").await.expect("del"));
+    assert!(!wire::del(&nl, "crcwiretesta").await.expect("del again"));
+    assert!(wire::check(&nl, &wa).await.expect("check").is_none());
+    let host_routes = node
+        .ip(&["route", "show", "proto", &PROTO_CARACAL.to_string()])
+        .expect("routes");
+    assert!(!host_routes.contains("10.200.0.5"), "{host_routes}");
+    drop(b);
+    let _ = wire::del(&nl, "crcwiretestb")
+        .await
+        .expect("del after the namespace is gone");
+    assert!(nl.link("crcwiretestb").await.expect("link").is_none());
+}
