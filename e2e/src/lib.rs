@@ -8,6 +8,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
+pub mod cni;
 pub mod controlplane;
 pub mod crds;
 pub mod netns;

@@ -31,14 +31,43 @@ pub async fn pod(
     node: &str,
     ip: &str,
 ) -> Result<(), kube::Error> {
+    scheduled_pod(client, namespace, name, labels, node).await?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let status = json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+/// Creates pod `namespace/name` with `labels`, bound to `node`, with no address yet (the CNI plugin gives
+/// it one).
+pub async fn scheduled_pod(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+    node: &str,
+) -> Result<(), kube::Error> {
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": labels},
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause"}]}
     }))
     .map_err(kube::Error::SerdeError)?;
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    api.create(&PostParams::default(), &pod).await?;
-    let status = json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    Ok(())
+}
+
+/// Registers Node `name` with `internal_ip` as its InternalIP (what a kubelet does).
+pub async fn node(client: &Client, name: &str, internal_ip: &str) -> Result<(), kube::Error> {
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    api.create(&PostParams::default(), &node).await?;
+    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}]}});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
     Ok(())

@@ -55,6 +55,18 @@ impl Supervised {
         log: &Path,
         lifetime: Lifetime,
     ) -> Result<Self, ProcessError> {
+        Self::spawn_env(name, program, args, &[], log, lifetime)
+    }
+
+    /// [`Supervised::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        lifetime: Lifetime,
+    ) -> Result<Self, ProcessError> {
         if !program.exists() {
             return Err(ProcessError::Missing {
                 program: program.to_owned(),
@@ -71,7 +83,11 @@ impl Supervised {
             .map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
         match lifetime {
             Lifetime::Attached => set_parent_death_signal(&mut cmd),
             Lifetime::Detached => {
@@ -123,6 +139,14 @@ impl Supervised {
     pub fn stop(&mut self, grace: Duration) {
         if let Some(mut child) = self.child.take() {
             terminate_pid(child.id(), grace);
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the program with SIGKILL at once (a crash, for tests) and reaps it.
+    pub fn kill_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
             let _ = child.wait();
         }
     }

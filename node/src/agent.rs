@@ -17,7 +17,9 @@ use crate::calc::compute;
 use crate::cni::host_iface;
 use crate::dataplane::{self, DataplaneError, LocalEndpoint};
 use crate::datastore::{Cache, Update};
+use crate::ipam::node::{Held, NodeIpam, attr};
 use crate::policy::model::World;
+use crate::routing::Routing;
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
@@ -34,6 +36,18 @@ pub struct Config {
     pub refresh: Duration,
 }
 
+/// The agent's optional parts beyond policy: IPAM (whose assignments are the local pods' addresses) and
+/// routing.
+#[derive(Default)]
+pub struct Parts {
+    /// The node's IPAM server.
+    pub ipam: Option<NodeIpam>,
+    /// Routing.
+    pub routing: Option<Routing>,
+    /// How often IPAM garbage collection runs.
+    pub gc_every: Option<Duration>,
+}
+
 /// What the agent exposes to health checks and metrics.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -45,6 +59,10 @@ pub struct Status {
     pub repairs: AtomicU64,
     /// Programs that failed.
     pub failures: AtomicU64,
+    /// Routing syncs that changed something after the first (drift or datastore changes).
+    pub routing_changes: AtomicU64,
+    /// Routing syncs that failed.
+    pub routing_failures: AtomicU64,
 }
 
 /// This node's endpoints in `world`, with their host interfaces.
@@ -61,21 +79,69 @@ pub fn local_endpoints(world: &World, node: &str) -> Vec<LocalEndpoint> {
         .collect()
 }
 
+/// The addresses IPAM gave each local pod (`namespace/name` -> addresses): they are the pods' addresses
+/// before the kubelet writes `status.podIPs`, so policy is in place from the pod's first packet.
+fn ipam_addresses(
+    held: &std::collections::BTreeMap<String, Held>,
+) -> std::collections::BTreeMap<String, Vec<std::net::IpAddr>> {
+    held.values()
+        .filter_map(|h| {
+            let key = format!("{}/{}", h.attrs.get(attr::NAMESPACE)?, h.attrs.get(attr::POD)?);
+            Some((key, h.ips.clone()))
+        })
+        .collect()
+}
+
+async fn sync_routing(routing: &mut Option<Routing>, cache: &Cache, status: &Status, first: &mut bool) {
+    let Some(r) = routing.as_mut() else { return };
+    match r.sync(cache).await {
+        Ok(stats) => {
+            if !stats.is_noop() {
+                if !*first {
+                    status.routing_changes.fetch_add(1, Ordering::Relaxed);
+                }
+                info!(?stats, "routing converged");
+            }
+            *first = false;
+        }
+        Err(e) => {
+            status.routing_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "routing sync failed; retrying on the next change or refresh");
+        }
+    }
+}
+
 /// Runs until `updates` closes or `shutdown` resolves.
 pub async fn run(
     cfg: Config,
     mut updates: mpsc::Receiver<Update>,
     status: Arc<Status>,
+    parts: Parts,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DataplaneError> {
     let mut backend = dataplane::backend(&cfg.dataplane, cfg.exec_prefix.clone())?;
+    let Parts {
+        ipam,
+        mut routing,
+        gc_every,
+    } = parts;
+    let mut ipam_changes = ipam.as_ref().map(NodeIpam::subscribe);
     let mut cache = Cache::default();
     let mut dirty = false;
     let mut programmed_once = false;
+    let mut routing_first = true;
     let mut refresh = tokio::time::interval(cfg.refresh);
     refresh.tick().await;
+    let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(60)));
+    gc.tick().await;
     tokio::pin!(shutdown);
     loop {
+        let ipam_changed = async {
+            match ipam_changes.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             u = updates.recv() => match u {
@@ -85,6 +151,14 @@ pub async fn run(
                 }
                 None => return Ok(()),
             },
+            true = ipam_changed => dirty = true,
+            _ = gc.tick(), if ipam.is_some() && cache.kind_in_sync("v1/Pod") => {
+                if let Some(i) = &ipam
+                    && let Err(e) = i.gc(|ns, pod| cache.get("v1/Pod", &format!("{ns}/{pod}")).is_some()).await
+                {
+                    warn!(error = %e, "IPAM garbage collection failed");
+                }
+            },
             () = tokio::time::sleep(cfg.debounce), if dirty && cache.in_sync() => {
                 // Drain what queued up meanwhile, then program once.
                 while let Ok(u) = updates.try_recv() {
@@ -92,7 +166,11 @@ pub async fn run(
                 }
                 dirty = false;
                 let full = !programmed_once;
-                match program(&cfg, &cache, backend.as_mut(), full) {
+                let addrs = match &ipam {
+                    Some(i) => ipam_addresses(&i.held().await),
+                    None => Default::default(),
+                };
+                match program(&cfg, &cache, &addrs, backend.as_mut(), full) {
                     Ok(_) => {
                         programmed_once = true;
                         status.programs.fetch_add(1, Ordering::Relaxed);
@@ -104,9 +182,15 @@ pub async fn run(
                         dirty = true;
                     }
                 }
+                sync_routing(&mut routing, &cache, &status, &mut routing_first).await;
             },
             _ = refresh.tick(), if programmed_once => {
-                match program(&cfg, &cache, backend.as_mut(), true) {
+                let addrs = match &ipam {
+                    Some(i) => ipam_addresses(&i.held().await),
+                    None => Default::default(),
+                };
+                sync_routing(&mut routing, &cache, &status, &mut routing_first).await;
+                match program(&cfg, &cache, &addrs, backend.as_mut(), true) {
                     Ok(stats) => {
                         if !stats.is_noop() {
                             status.repairs.fetch_add(1, Ordering::Relaxed);
@@ -125,10 +209,32 @@ pub async fn run(
 fn program(
     cfg: &Config,
     cache: &Cache,
+    addrs: &std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
     backend: &mut dyn dataplane::PolicyDataplane,
     full: bool,
 ) -> Result<dataplane::ApplyStats, DataplaneError> {
-    let loaded = match cache.world() {
+    // Local pods get the addresses IPAM gave them before the kubelet reports them in status, through the
+    // same loader as everything else.
+    let mut docs = cache.documents();
+    for (_, v) in docs
+        .iter_mut()
+        .filter(|(_, v)| v["kind"] == "Pod" && v["spec"]["nodeName"] == cfg.node_name.as_str())
+    {
+        let key = format!(
+            "{}/{}",
+            v["metadata"]["namespace"].as_str().unwrap_or_default(),
+            v["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        if let Some(ips) = addrs.get(&key) {
+            let list: Vec<serde_json::Value> = ips
+                .iter()
+                .map(|ip| serde_json::json!({"ip": ip.to_string()}))
+                .collect();
+            v["status"]["podIP"] = ips.first().map(ToString::to_string).into();
+            v["status"]["podIPs"] = list.into();
+        }
+    }
+    let loaded = match crate::policy::load::load_documents(docs) {
         Ok(l) => l,
         Err(e) => {
             // A policy the loader cannot convert: keep the data plane as it is rather than tear it down.

@@ -13,4 +13,5 @@ pub mod http;
 pub mod ipam;
 pub mod netlink;
 pub mod policy;
+pub mod routing;
 pub mod typha;

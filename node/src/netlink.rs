@@ -423,17 +423,21 @@ impl Netlink {
             .map_err(req(format!("writing the FDB entry for {dst}")))
     }
 
-    /// Permanent neighbours on link `index` (ARP when `bridge` is false, FDB otherwise): (mac, ip).
+    /// Neighbours on link `index` (ARP when `bridge` is false, FDB otherwise): (mac, ip). The kernel reports
+    /// a permanent FDB entry's state with extra bits, so state is not compared: on Caracal's own devices
+    /// every entry is Caracal's.
     pub async fn neighbours(
         &self,
         index: u32,
         bridge: bool,
     ) -> Result<Vec<([u8; 6], Ipv4Addr)>, NetlinkError> {
         use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
-        let mut get = self.handle.neighbours().get();
-        if bridge {
-            get = get.set_address_family(netlink_packet_route::AddressFamily::Bridge);
-        }
+        let family = if bridge {
+            netlink_packet_route::AddressFamily::Bridge
+        } else {
+            netlink_packet_route::AddressFamily::Inet
+        };
+        let get = self.handle.neighbours().get().set_address_family(family);
         let all: Vec<_> = get
             .execute()
             .try_collect()
@@ -441,7 +445,7 @@ impl Netlink {
             .map_err(req("listing neighbours"))?;
         Ok(all
             .into_iter()
-            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter(|m| m.header.ifindex == index && m.header.family == family)
             .filter_map(|m| {
                 let mut mac = None;
                 let mut ip = None;

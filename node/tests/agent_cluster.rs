@@ -66,9 +66,15 @@ async fn a_network_policy_written_through_the_api_is_enforced_on_real_packets() 
         refresh: Duration::from_secs(90),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(agent::run(cfg, rx, status.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let agent = tokio::spawn(agent::run(
+        cfg,
+        rx,
+        status.clone(),
+        agent::Parts::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     eventually("the agent programmed the data plane", || {
         status.ready.load(Ordering::Relaxed)
     })

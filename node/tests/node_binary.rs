@@ -59,6 +59,8 @@ async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
         .env("KUBECONFIG", cp.kubeconfig())
         .env("CARACAL_NODE_NAME", "bin-node")
         .env("CARACAL_NETNS", node.name())
+        .env("CARACAL_CNI_SOCKET", cp.dir().join("bin-node.sock"))
+        .env("CARACAL_STATE_DIR", cp.dir().join("bin-node-state"))
         .env("CARACAL_HEALTH_PORT", health.to_string())
         .env("CARACAL_METRICS_PORT", metrics.to_string())
         .stdin(Stdio::null())
@@ -181,8 +183,11 @@ async fn the_node_binary_through_the_typha_binary_programs_its_node() {
     let mut typha = Reap(typha);
     let nlog = cp.dir().join("node.log");
     let agent = Command::new(env!("CARGO_BIN_EXE_caracal-node"))
+        .env("KUBECONFIG", cp.kubeconfig())
         .env("CARACAL_NODE_NAME", "typha-node")
         .env("CARACAL_NETNS", node.name())
+        .env("CARACAL_CNI_SOCKET", cp.dir().join("typha-node.sock"))
+        .env("CARACAL_STATE_DIR", cp.dir().join("typha-node-state"))
         .env("CARACAL_HEALTH_PORT", health.to_string())
         .env("CARACAL_METRICS_PORT", metrics.to_string())
         .env("CARACAL_TYPHA_ADDRS", format!("127.0.0.1:{typha_port}"))

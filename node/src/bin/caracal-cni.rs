@@ -2,8 +2,8 @@
 //! init container runs to put the plugin and the network configuration on the host.
 //!
 //! As a plugin it answers VERSION, validates the environment and the configuration with the spec's error
-//! codes, and sends ADD / DEL / CHECK / STATUS / GC to the node agent over its unix socket. The agent's CNI
-//! server arrives with the CNI issue: until it answers, every request that needs it fails with code 11
+//! codes, and forwards ADD / DEL / CHECK / STATUS / GC to the node agent over its unix socket (one JSON
+//! line each way; `cni::server` does the work). When the agent cannot be reached the answer is code 11
 //! ("try again later"), which container runtimes retry.
 
 use std::io::Read as _;
@@ -63,20 +63,9 @@ fn plugin() -> Result<serde_json::Value, (CniError, String)> {
     })?;
     let conf = spec::net_conf(&stdin).map_err(|e| (e, latest.clone()))?;
     let version = conf.cni_version.clone();
-    // Every other command needs the node agent.
-    match std::os::unix::net::UnixStream::connect(&conf.agent_socket) {
-        Ok(_) => Err((
-            CniError::new(
-                Code::TryAgainLater,
-                "node agent not serving CNI",
-                format!(
-                    "{} accepted a connection, but this caracal-node does not serve CNI requests yet; retry once it does",
-                    conf.agent_socket
-                ),
-            ),
-            version,
-        )),
-        Err(e) => Err((
+    // Every other command is the node agent's.
+    let stream = std::os::unix::net::UnixStream::connect(&conf.agent_socket).map_err(|e| {
+        (
             CniError::new(
                 Code::TryAgainLater,
                 "node agent not ready",
@@ -85,9 +74,49 @@ fn plugin() -> Result<serde_json::Value, (CniError, String)> {
                     conf.agent_socket
                 ),
             ),
+            version.clone(),
+        )
+    })?;
+    let raw: serde_json::Value = serde_json::from_slice(&stdin).unwrap_or_default();
+    let answer = ask(stream, &spec::AgentRequest::new(&inv, raw)).map_err(|e| {
+        (
+            CniError::new(
+                Code::TryAgainLater,
+                "node agent did not answer",
+                format!(
+                    "talking to caracal-node at {}: {e}; the runtime will retry",
+                    conf.agent_socket
+                ),
+            ),
+            version.clone(),
+        )
+    })?;
+    match answer {
+        spec::AgentResponse::Ok(v) => Ok(v),
+        spec::AgentResponse::Error { code, msg, details } => Err((
+            CniError {
+                code: spec::Code::from_u32(code),
+                msg,
+                details,
+            },
             version,
         )),
     }
+}
+
+/// One request line out, one answer line back.
+fn ask(
+    mut stream: std::os::unix::net::UnixStream,
+    req: &spec::AgentRequest,
+) -> std::io::Result<spec::AgentResponse> {
+    use std::io::{BufRead as _, Write as _};
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
 }
 
 fn main() {
@@ -99,6 +128,7 @@ fn main() {
         return;
     }
     match plugin() {
+        Ok(serde_json::Value::Null) => {}
         Ok(v) => println!("{v}"),
         Err((e, version)) => {
             println!("{}", e.to_json(&version));

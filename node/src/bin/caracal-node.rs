@@ -1,5 +1,6 @@
-//! `caracal-node`: the per-node agent. Today it runs the policy loop (datastore watch -> calculation ->
-//! iptables) and serves health and metrics; IPAM, the CNI server and routing arrive with their issues.
+//! `caracal-node`: the per-node agent: the policy loop (datastore -> calculation -> iptables), the IPAM
+//! server and the CNI server the `caracal-cni` plugin forwards to, and routing (node address, VXLAN,
+//! routes, natOutgoing, MTU); health and metrics.
 //!
 //! Configuration (environment, as the operator renders the DaemonSet):
 //! - `CARACAL_NODE_NAME` (required): this node's name.
@@ -9,6 +10,11 @@
 //! - `CARACAL_NETNS`: program the data plane of this named network namespace instead of the agent's own
 //!   (for a lab where agents reach the API server from the host).
 //! - `CARACAL_LOG_FORMAT=json` for JSON logs; `KUBECONFIG` or the in-cluster service account for the API.
+//! - `CARACAL_CNI_SOCKET` (/var/run/caracal/cni.sock): where the CNI server listens.
+//! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal.
+//! - `CARACAL_IPV4_AUTODETECTION` (first-found) or `CARACAL_IP` (an address/prefix to use as is).
+//! - `CARACAL_BGP` (`Enabled`/`Disabled`), `CARACAL_MTU` (an explicit pod MTU).
+//! - `CARACAL_IPAM_RESERVE` (16), `CARACAL_IPAM_GC_GRACE_SECONDS` (900), `CARACAL_REFRESH_SECONDS` (90).
 //! - Typha: `CARACAL_TYPHA_ADDRS` (`host:port,...`) or `CARACAL_TYPHA_SERVICE` (port 5473) with
 //!   `CARACAL_TYPHA_CA_FILE`, `CARACAL_TYPHA_CERT_FILE`, `CARACAL_TYPHA_KEY_FILE` and
 //!   `CARACAL_TYPHA_SERVER_NAME` (caracal-typha); without them the agent watches the API server directly.
@@ -68,6 +74,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(caracal_node::http::serve(metrics, status.clone())),
     ];
     let (tx, rx) = mpsc::channel(4096);
+    // IPAM writes to the API server whether the datastore comes from it or from Typha.
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
     let watches = match typha_addrs() {
         // Through Typha when the configuration names it, directly otherwise: the same updates either way.
         Some(addrs) => {
@@ -85,19 +95,79 @@ async fn main() -> anyhow::Result<()> {
             cfg.server_identity = env("CARACAL_TYPHA_SERVER_NAME", "caracal-typha");
             vec![tokio::spawn(caracal_node::typha::client::run(cfg, tls, tx))]
         }
-        None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
-            api::watch(client, tx)
-        }
+        None => api::watch(client.clone(), tx),
     };
+    let netns = std::env::var("CARACAL_NETNS")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .map(|n| caracal_node::netlink::named_netns(&n));
+    let nl = caracal_node::netlink::Netlink::open(netns.as_deref()).context("netlink")?;
+    let mut ipam_cfg =
+        caracal_node::ipam::node::Config::new(&node_name, env("CARACAL_STATE_DIR", "/var/lib/caracal"));
+    ipam_cfg.reserve = env("CARACAL_IPAM_RESERVE", "16")
+        .parse()
+        .context("CARACAL_IPAM_RESERVE")?;
+    ipam_cfg.gc_grace = Duration::from_secs(
+        env("CARACAL_IPAM_GC_GRACE_SECONDS", "900")
+            .parse()
+            .context("CARACAL_IPAM_GC_GRACE_SECONDS")?,
+    );
+    let ipam = caracal_node::ipam::node::NodeIpam::start(client.clone(), ipam_cfg)
+        .await
+        .context("starting IPAM")?;
+    let method = match std::env::var("CARACAL_IP") {
+        Ok(ip) if !ip.is_empty() => caracal_node::routing::address::Method::Fixed(
+            ip.parse()
+                .context("CARACAL_IP must be an address with its prefix, like 10.0.0.2/24")?,
+        ),
+        _ => caracal_node::routing::address::parse(&env("CARACAL_IPV4_AUTODETECTION", "first-found"))?,
+    };
+    let mtu = Arc::new(std::sync::atomic::AtomicU32::new(1450));
+    let explicit_mtu = match std::env::var("CARACAL_MTU") {
+        Ok(m) if !m.is_empty() && m != "0" => Some(m.parse().context("CARACAL_MTU must be a number")?),
+        _ => None,
+    };
+    let routing = caracal_node::routing::Routing::new(
+        caracal_node::routing::Config {
+            node: node_name.clone(),
+            method,
+            bgp: env("CARACAL_BGP", "Disabled") == "Enabled",
+            mtu: explicit_mtu,
+            exec_prefix: exec_prefix.clone(),
+        },
+        nl.clone(),
+        client.clone(),
+        ipam.clone(),
+        mtu.clone(),
+    );
+    let cni = caracal_node::cni::server::CniServer {
+        ipam: ipam.clone(),
+        node: nl,
+        mtu,
+        status: status.clone(),
+    };
+    let socket = std::path::PathBuf::from(env("CARACAL_CNI_SOCKET", "/var/run/caracal/cni.sock"));
+    let cni_task = tokio::spawn(async move {
+        if let Err(e) = cni.serve(socket.clone()).await {
+            tracing::error!(error = %e, socket = %socket.display(), "the CNI server stopped");
+        }
+    });
+    let refresh = Duration::from_secs(
+        env("CARACAL_REFRESH_SECONDS", "90")
+            .parse()
+            .context("CARACAL_REFRESH_SECONDS")?,
+    );
     let cfg = Config {
         node_name,
         dataplane: env("CARACAL_DATAPLANE", "Iptables"),
         exec_prefix,
         debounce: Duration::from_millis(50),
-        refresh: Duration::from_secs(90),
+        refresh,
+    };
+    let parts = agent::Parts {
+        ipam: Some(ipam),
+        routing: Some(routing),
+        gc_every: Some(Duration::from_secs(30).min(refresh)),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("SIGTERM handler")?;
@@ -107,7 +177,8 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    let result = agent::run(cfg, rx, status, shutdown).await;
+    let result = agent::run(cfg, rx, status, parts, shutdown).await;
+    cni_task.abort();
     watches.iter().for_each(tokio::task::JoinHandle::abort);
     servers.iter().for_each(tokio::task::JoinHandle::abort);
     result.context("the policy data plane")

@@ -1,6 +1,8 @@
-//! The CNI side of a node. Today: how a pod's host-side interface is named, which the agent needs to find
-//! the interface of each local pod and the plugin needs to create it. The plugin itself arrives with its issue.
+//! The CNI side of a node: the protocol ([`spec`]), the agent's server that the `caracal-cni` plugin
+//! forwards to ([`server`]), the netlink wiring of a pod ([`wire`]), and how a pod's host-side interface
+//! is named ([`host_iface`]), which the policy loop uses to find each local pod's interface.
 
+pub mod server;
 pub mod spec;
 pub mod wire;
 

@@ -31,8 +31,30 @@ pub enum Code {
     InvalidNetworkConfig = 7,
     /// 11: try again later (the node agent is not ready).
     TryAgainLater = 11,
+    /// 50: the plugin is not available (STATUS: no addresses, or the agent is not ready).
+    NotAvailable = 50,
     /// 100: the node agent refused the request.
     AgentRefused = 100,
+}
+
+impl Code {
+    /// The code for a number received from the agent (unknown numbers become [`Code::AgentRefused`]).
+    pub fn from_u32(n: u32) -> Self {
+        [
+            Code::IncompatibleVersion,
+            Code::UnsupportedField,
+            Code::UnknownContainer,
+            Code::InvalidEnvironment,
+            Code::IoFailure,
+            Code::DecodeFailure,
+            Code::InvalidNetworkConfig,
+            Code::TryAgainLater,
+            Code::NotAvailable,
+        ]
+        .into_iter()
+        .find(|c| *c as u32 == n)
+        .unwrap_or(Code::AgentRefused)
+    }
 }
 
 /// A CNI error, written to stdout as the spec's error object.
@@ -253,6 +275,73 @@ pub fn net_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
         ));
     }
     Ok(conf)
+}
+
+/// What the plugin sends the node agent: the invocation and the configuration, one JSON line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRequest {
+    /// `ADD`, `DEL`, `CHECK`, `STATUS` or `GC`.
+    pub command: String,
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_NETNS`.
+    pub netns: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `CNI_ARGS`.
+    pub args: BTreeMap<String, String>,
+    /// The network configuration as given on stdin.
+    pub conf: Value,
+}
+
+impl AgentRequest {
+    /// The request for an invocation and its stdin.
+    pub fn new(inv: &Invocation, conf: Value) -> Self {
+        let command = match inv.command {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+            Command::Version => "VERSION",
+        };
+        Self {
+            command: command.into(),
+            container_id: inv.container_id.clone(),
+            netns: inv.netns.clone(),
+            ifname: inv.ifname.clone(),
+            args: inv.args.clone(),
+            conf,
+        }
+    }
+}
+
+/// The agent's answer: a result (possibly empty) or a CNI error, one JSON line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AgentResponse {
+    /// Success; the value is printed as the plugin's result (null prints nothing).
+    Ok(Value),
+    /// Failure with the spec's error fields.
+    Error {
+        /// The code.
+        code: u32,
+        /// Short message.
+        msg: String,
+        /// Details.
+        details: String,
+    },
+}
+
+impl From<CniError> for AgentResponse {
+    fn from(e: CniError) -> Self {
+        AgentResponse::Error {
+            code: e.code as u32,
+            msg: e.msg,
+            details: e.details,
+        }
+    }
 }
 
 /// The `VERSION` answer.

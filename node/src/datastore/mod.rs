@@ -124,6 +124,21 @@ impl Cache {
         }
     }
 
+    /// The objects of one kind (`v1/Pod`), by key (`namespace/name`, or `name` for cluster-scoped kinds).
+    pub fn of_kind(&self, kind: &str) -> impl Iterator<Item = (&String, &Value)> {
+        self.objects.get(kind).into_iter().flatten()
+    }
+
+    /// One object by kind and key.
+    pub fn get(&self, kind: &str, key: &str) -> Option<&Value> {
+        self.objects.get(kind)?.get(key)
+    }
+
+    /// True once `kind` has been listed completely at least once.
+    pub fn kind_in_sync(&self, kind: &str) -> bool {
+        self.synced.contains(kind)
+    }
+
     /// True once every watched kind has been listed completely.
     pub fn in_sync(&self) -> bool {
         KINDS

@@ -153,7 +153,11 @@ impl Allocator {
     }
 
     /// Claims the first unclaimed block of a usable pool; false when there is none.
-    async fn claim(&self, v4: bool, node_labels: &BTreeMap<String, String>) -> Result<bool, AllocError> {
+    pub(crate) async fn claim(
+        &self,
+        v4: bool,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<bool, AllocError> {
         let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
         let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
         let existing: std::collections::BTreeSet<String> = blocks

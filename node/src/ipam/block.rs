@@ -47,6 +47,8 @@ pub struct Block {
     pub cidr: IpNet,
     /// `host:<node>` or None.
     pub affinity: Option<String>,
+    /// Only the affine node may allocate here (no borrowing).
+    pub strict_affinity: bool,
     /// Per address offset: the index into `attributes` of its holder.
     allocations: Vec<Option<u32>>,
     /// Free offsets, in hand-out order (released addresses go to the back, so they are reused last).
@@ -86,6 +88,7 @@ impl Block {
         Block {
             cidr,
             affinity,
+            strict_affinity: false,
             allocations: vec![None; n],
             unallocated: (0..u32::try_from(n).unwrap_or(u32::MAX)).collect(),
             attributes: Vec::new(),
@@ -145,6 +148,45 @@ impl Block {
         let o = ip_offset(self.cidr, ip)? as usize;
         let idx = (*self.allocations.get(o)?)? as usize;
         self.attributes.get(idx)?.handle_id.as_deref()
+    }
+
+    /// The holder record (handle and attributes) of `ip`, if allocated.
+    pub fn attributes_of(&self, ip: IpAddr) -> Option<&AllocationAttribute> {
+        let o = ip_offset(self.cidr, ip)? as usize;
+        let idx = (*self.allocations.get(o)?)? as usize;
+        self.attributes.get(idx)
+    }
+
+    /// Hands an already allocated `ip` to another holder (a node's reserved address given to a pod).
+    /// Returns false, changing nothing, when `ip` is free.
+    pub fn reassign(
+        &mut self,
+        ip: IpAddr,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+    ) -> Result<bool, BlockError> {
+        let o = ip_offset(self.cidr, ip).ok_or(BlockError::NotInBlock { ip, cidr: self.cidr })? as usize;
+        if self.allocations[o].is_none() {
+            return Ok(false);
+        }
+        let index = match self
+            .attributes
+            .iter()
+            .position(|a| a.handle_id.as_deref() == Some(handle) && a.secondary == attrs)
+        {
+            Some(i) => i,
+            None => {
+                self.attributes.push(AllocationAttribute {
+                    handle_id: Some(handle.to_owned()),
+                    secondary: attrs,
+                });
+                self.attributes.len() - 1
+            }
+        };
+        self.allocations[o] = Some(u32::try_from(index).unwrap_or(u32::MAX));
+        self.gc_attributes();
+        self.sequence += 1;
+        Ok(true)
     }
 
     /// Releases `ip`; releasing a free address is a no-op (DEL is idempotent). Returns whether it was held.
@@ -220,7 +262,7 @@ impl Block {
         IPAMBlockSpec {
             cidr: Cidr(self.cidr),
             affinity: self.affinity.clone(),
-            strict_affinity: false,
+            strict_affinity: self.strict_affinity,
             allocations: self.allocations.clone(),
             unallocated: self.unallocated.clone(),
             attributes: self.attributes.clone(),
@@ -264,6 +306,7 @@ impl Block {
         Ok(Block {
             cidr,
             affinity: spec.affinity.clone(),
+            strict_affinity: spec.strict_affinity,
             allocations: spec.allocations.clone(),
             unallocated: spec.unallocated.clone(),
             attributes: spec.attributes.clone(),
@@ -310,6 +353,29 @@ mod tests {
                 wanted: 1
             })
         );
+    }
+
+    #[test]
+    fn a_reserved_address_can_be_handed_to_a_pod_and_the_reserve_record_goes_when_unused() {
+        let mut b = Block::new("10.0.0.0/30".parse().unwrap(), None);
+        let reserved = b.assign(2, "reserve", attrs("-")).unwrap();
+        assert!(b.reassign(reserved[0], "pod-a", attrs("a")).unwrap());
+        assert_eq!(b.holder(reserved[0]), Some("pod-a"));
+        assert_eq!(b.holder(reserved[1]), Some("reserve"));
+        assert!(b.reassign(reserved[1], "pod-b", attrs("b")).unwrap());
+        assert!(
+            b.to_spec()
+                .attributes
+                .iter()
+                .all(|a| a.handle_id.as_deref() != Some("reserve"))
+        );
+        assert_eq!(b.attributes_of(reserved[1]).unwrap().secondary, attrs("b"));
+        let free = "10.0.0.3".parse().unwrap();
+        assert!(
+            !b.reassign(free, "pod-c", attrs("c")).unwrap(),
+            "a free address is not reassigned"
+        );
+        assert_eq!(Block::from_spec(&b.to_spec()).unwrap(), b);
     }
 
     #[test]

@@ -56,6 +56,43 @@ impl ApplyStats {
     }
 }
 
+/// Runs an iptables/ipset tool behind `exec_prefix`, feeding `stdin`; fails with what it printed.
+pub fn run_tool(
+    exec_prefix: &[String],
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, IptablesError> {
+    let mut argv: Vec<&str> = exec_prefix.iter().map(String::as_str).collect();
+    argv.push(tool);
+    argv.extend(args);
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn = |source| IptablesError::Spawn {
+        tool: tool.to_owned(),
+        source,
+    };
+    let mut child = cmd.spawn().map_err(spawn)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(spawn)?;
+    }
+    let out = child.wait_with_output().map_err(spawn)?;
+    if !out.status.success() {
+        return Err(IptablesError::Failed {
+            tool: format!("{tool} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The iptables backend of one node.
 #[derive(Debug, Default)]
 pub struct Iptables {
@@ -123,34 +160,7 @@ impl Iptables {
     }
 
     fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
-        let mut argv: Vec<&str> = self.exec_prefix.iter().map(String::as_str).collect();
-        argv.push(tool);
-        argv.extend(args);
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let spawn = |source| IptablesError::Spawn {
-            tool: tool.to_owned(),
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn)?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes()).map_err(spawn)?;
-        }
-        let out = child.wait_with_output().map_err(spawn)?;
-        if !out.status.success() {
-            return Err(IptablesError::Failed {
-                tool: format!("{tool} {}", args.join(" ")),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_tool(&self.exec_prefix, tool, args, stdin)
     }
 
     fn current(&self) -> Result<(Chains, Vec<String>), IptablesError> {

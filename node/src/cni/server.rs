@@ -1,0 +1,334 @@
+//! The node agent's CNI server: `caracal-cni` forwards each invocation over a unix socket (one JSON line
+//! each way) and the agent does the work: IPAM from memory, the veth wiring over netlink, and the endpoint
+//! becomes known to the policy loop at once.
+//!
+//! A pod is fail-closed from its first packet: until the policy loop has written its chains, the dispatch
+//! chains' final rule drops traffic of any `crc…` interface they do not know. So ADD does not wait for an
+//! iptables write (which would put tens of milliseconds into every pod start); it returns once the address
+//! is journalled, the interface exists and the agent holds the endpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::UnixListener;
+use tracing::{debug, warn};
+
+use super::host_iface;
+use super::spec::{self, AgentRequest, AgentResponse, Attachment, CniError, Code};
+use super::wire::{self, PodWiring};
+use crate::ipam::node::{NodeIpam, attr};
+use crate::netlink::Netlink;
+
+/// The handle of a container's allocation (Calico's `k8s-pod-network.<id>` form).
+pub fn handle_of(container_id: &str) -> String {
+    format!("caracal.{container_id}")
+}
+
+/// What the server works with.
+#[derive(Clone)]
+pub struct CniServer {
+    /// IPAM.
+    pub ipam: NodeIpam,
+    /// Netlink in the node's namespace.
+    pub node: Netlink,
+    /// The pod MTU the agent computed (used when the configuration says 0).
+    pub mtu: Arc<AtomicU32>,
+    /// The agent's status: STATUS answers ready once it has programmed from a complete view.
+    pub status: Arc<crate::agent::Status>,
+}
+
+fn refused(msg: &str, details: impl Into<String>) -> CniError {
+    CniError::new(Code::AgentRefused, msg, details)
+}
+
+impl CniServer {
+    /// Serves on `socket` until the task is dropped (a stale socket file is replaced).
+    pub async fn serve(self, socket: PathBuf) -> std::io::Result<()> {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(read).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let response = match serde_json::from_str::<AgentRequest>(&line) {
+                    Ok(req) => me.handle(req).await,
+                    Err(e) => CniError::new(
+                        Code::DecodeFailure,
+                        "invalid request from the plugin",
+                        e.to_string(),
+                    )
+                    .into(),
+                };
+                let mut out = serde_json::to_vec(&response).unwrap_or_default();
+                out.push(b'\n');
+                if let Err(e) = write.write_all(&out).await {
+                    debug!(error = %e, "the plugin went away before the answer");
+                }
+            });
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, req: AgentRequest) -> AgentResponse {
+        let result = match req.command.as_str() {
+            "ADD" => self.add(&req).await,
+            "DEL" => self.del(&req).await.map(|()| Value::Null),
+            "CHECK" => self.check(&req).await.map(|()| Value::Null),
+            "STATUS" => self.status().await.map(|()| Value::Null),
+            "GC" => self.gc(&req).await.map(|()| Value::Null),
+            other => Err(CniError::new(
+                Code::InvalidEnvironment,
+                "invalid CNI_COMMAND",
+                format!("the agent does not handle {other:?}"),
+            )),
+        };
+        match result {
+            Ok(v) => AgentResponse::Ok(v),
+            Err(e) => {
+                warn!(command = %req.command, container = %req.container_id, error = %e, "CNI request failed");
+                e.into()
+            }
+        }
+    }
+
+    fn pod_of(req: &AgentRequest) -> Result<(String, String), CniError> {
+        match (req.args.get("K8S_POD_NAMESPACE"), req.args.get("K8S_POD_NAME")) {
+            (Some(ns), Some(pod)) if !ns.is_empty() && !pod.is_empty() => Ok((ns.clone(), pod.clone())),
+            _ => Err(CniError::new(
+                Code::InvalidEnvironment,
+                "missing pod identity",
+                "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME (the kubelet sets them)",
+            )),
+        }
+    }
+
+    fn wiring(
+        &self,
+        req: &AgentRequest,
+        ns: &str,
+        pod: &str,
+        ips: &[std::net::IpAddr],
+        mtu: u32,
+    ) -> PodWiring {
+        PodWiring {
+            host_iface: host_iface(ns, pod),
+            netns: PathBuf::from(&req.netns),
+            ifname: req.ifname.clone(),
+            ips: ips
+                .iter()
+                .filter_map(|ip| ipnet::IpNet::new(*ip, if ip.is_ipv4() { 32 } else { 128 }).ok())
+                .collect(),
+            mtu,
+        }
+    }
+
+    async fn add(&self, req: &AgentRequest) -> Result<Value, CniError> {
+        let conf = spec::net_conf(req.conf.to_string().as_bytes())?;
+        let (ns, pod) = Self::pod_of(req)?;
+        if !Path::new(&req.netns).exists() {
+            return Err(CniError::new(
+                Code::InvalidEnvironment,
+                "CNI_NETNS does not exist",
+                format!("CNI_NETNS {} is not a network namespace on this node", req.netns),
+            ));
+        }
+        let handle = handle_of(&req.container_id);
+        let attrs = BTreeMap::from([
+            (attr::NAMESPACE.to_owned(), ns.clone()),
+            (attr::POD.to_owned(), pod.clone()),
+            ("containerID".to_owned(), req.container_id.clone()),
+        ]);
+        let ips =
+            self.ipam.assign(&handle, attrs).await.map_err(|e| {
+                CniError::new(Code::TryAgainLater, "no address available", format!("IPAM: {e}"))
+            })?;
+        let mtu = if conf.mtu != 0 {
+            conf.mtu
+        } else {
+            self.mtu.load(Ordering::Relaxed)
+        };
+        let w = self.wiring(req, &ns, &pod, &ips, mtu);
+        let wired = match wire::add(&self.node, &w).await {
+            Ok(x) => x,
+            Err(e) => {
+                // Nothing half-done stays behind: the interface goes, the address is given back.
+                let _ = wire::del(&self.node, &w.host_iface).await;
+                let _ = self.ipam.release(&handle).await;
+                return Err(refused("wiring the pod failed", e.to_string()));
+            }
+        };
+        let ours = spec::result_json(
+            &Attachment {
+                host_iface: w.host_iface.clone(),
+                host_mac: wired.host_mac,
+                ifname: w.ifname.clone(),
+                mac: wired.pod_mac,
+                sandbox: req.netns.clone(),
+                ips: w.ips.clone(),
+            },
+            &conf.cni_version,
+        );
+        Ok(match conf.prev_result {
+            Some(prev) => chain(prev, ours),
+            None => ours,
+        })
+    }
+
+    async fn del(&self, req: &AgentRequest) -> Result<(), CniError> {
+        let handle = handle_of(&req.container_id);
+        // The pod's identity from what IPAM recorded, or from CNI_ARGS.
+        let held = self.ipam.get(&handle).await;
+        let pod = held
+            .as_ref()
+            .and_then(|h| {
+                Some((
+                    h.attrs.get(attr::NAMESPACE)?.clone(),
+                    h.attrs.get(attr::POD)?.clone(),
+                ))
+            })
+            .or_else(|| Self::pod_of(req).ok());
+        if let Some((ns, pod)) = pod {
+            wire::del(&self.node, &host_iface(&ns, &pod))
+                .await
+                .map_err(|e| refused("removing the pod interface failed", e.to_string()))?;
+        }
+        self.ipam
+            .release(&handle)
+            .await
+            .map_err(|e| refused("releasing the address failed", e.to_string()))?;
+        Ok(())
+    }
+
+    async fn check(&self, req: &AgentRequest) -> Result<(), CniError> {
+        let (ns, pod) = Self::pod_of(req)?;
+        let handle = handle_of(&req.container_id);
+        let Some(held) = self.ipam.get(&handle).await else {
+            return Err(refused(
+                "CHECK failed",
+                format!("container {} holds no address", req.container_id),
+            ));
+        };
+        let w = self.wiring(req, &ns, &pod, &held.ips, 0);
+        match wire::check(&self.node, &w).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(refused(
+                "CHECK failed",
+                format!(
+                    "{} or the pod's {} is missing or lacks its addresses",
+                    w.host_iface, w.ifname
+                ),
+            )),
+            Err(e) => Err(refused("CHECK failed", e.to_string())),
+        }
+    }
+
+    async fn status(&self) -> Result<(), CniError> {
+        if !self.status.ready.load(Ordering::Relaxed) {
+            return Err(CniError::new(
+                Code::NotAvailable,
+                "node agent not ready",
+                "caracal-node has not programmed its data plane from a complete datastore view yet",
+            ));
+        }
+        if !self.ipam.ready().await {
+            return Err(CniError::new(
+                Code::NotAvailable,
+                "no addresses",
+                "every IPPool this node may use is exhausted: add a pool or free addresses",
+            ));
+        }
+        Ok(())
+    }
+
+    /// CNI GC: releases every pod allocation on this node whose container is not in
+    /// `cni.dev/valid-attachments`, and removes its interface.
+    async fn gc(&self, req: &AgentRequest) -> Result<(), CniError> {
+        let Some(valid) = req
+            .conf
+            .get("cni.dev/valid-attachments")
+            .and_then(Value::as_array)
+        else {
+            return Err(CniError::new(
+                Code::InvalidNetworkConfig,
+                "invalid GC request",
+                "cni.dev/valid-attachments must be a list of {containerID, ifname}",
+            ));
+        };
+        let valid: std::collections::BTreeSet<String> = valid
+            .iter()
+            .filter_map(|a| a.get("containerID").and_then(Value::as_str))
+            .map(handle_of)
+            .collect();
+        for (handle, h) in self.ipam.held().await {
+            if !handle.starts_with("caracal.") || valid.contains(&handle) {
+                continue;
+            }
+            if let (Some(ns), Some(pod)) = (h.attrs.get(attr::NAMESPACE), h.attrs.get(attr::POD)) {
+                let _ = wire::del(&self.node, &host_iface(ns, pod)).await;
+            }
+            self.ipam
+                .release(&handle)
+                .await
+                .map_err(|e| refused("GC: releasing an address failed", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends Caracal's interfaces and addresses to a previous plugin's result (chaining).
+fn chain(mut prev: Value, ours: Value) -> Value {
+    let offset = prev["interfaces"].as_array().map_or(0, Vec::len);
+    if let Some(list) = ours["interfaces"].as_array() {
+        let target = prev["interfaces"].as_array_mut();
+        match target {
+            Some(t) => t.extend(list.iter().cloned()),
+            None => prev["interfaces"] = Value::Array(list.clone()),
+        }
+    }
+    let mut ips: Vec<Value> = ours["ips"].as_array().cloned().unwrap_or_default();
+    for ip in &mut ips {
+        if let Some(i) = ip["interface"].as_u64() {
+            ip["interface"] = (i + offset as u64).into();
+        }
+    }
+    match prev["ips"].as_array_mut() {
+        Some(t) => t.extend(ips),
+        None => prev["ips"] = Value::Array(ips),
+    }
+    if let Some(routes) = ours["routes"].as_array() {
+        match prev["routes"].as_array_mut() {
+            Some(t) => t.extend(routes.iter().cloned()),
+            None => prev["routes"] = Value::Array(routes.clone()),
+        }
+    }
+    prev["cniVersion"] = ours["cniVersion"].clone();
+    prev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[test]
+    fn chaining_appends_interfaces_and_shifts_ip_interface_indexes() {
+        let prev = serde_json::json!({"cniVersion": "1.0.0", "interfaces": [{"name": "x"}], "ips": [{"address": "10.9.0.1/24", "interface": 0}]});
+        let ours = serde_json::json!({"cniVersion": "1.0.0", "interfaces": [{"name": "crc1"}, {"name": "eth0"}], "ips": [{"address": "10.0.0.5/32", "interface": 1}], "routes": [{"dst": "0.0.0.0/0"}]});
+        let got = chain(prev, ours);
+        assert_eq!(got["interfaces"].as_array().unwrap().len(), 3);
+        assert_eq!(got["ips"][1]["interface"], 2);
+        assert_eq!(got["ips"][0]["address"], "10.9.0.1/24");
+        assert_eq!(got["routes"][0]["dst"], "0.0.0.0/0");
+    }
+}

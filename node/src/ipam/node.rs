@@ -1,0 +1,799 @@
+//! The node agent's IPAM server: a CNI ADD is answered from memory, with no API round trip, yet no address
+//! is ever handed out twice.
+//!
+//! How:
+//! - **A reserve.** The agent keeps a few addresses *reserved* in the API: allocated in its blocks (by
+//!   compare-and-swap, like any allocation) to the handle `caracal-reserve.<node>`. Nobody else can take
+//!   them, so handing one to a pod needs only memory. A background task refills the reserve from the
+//!   node's affine blocks, claims a new block when they are full, and borrows from other nodes' blocks when
+//!   the pools are exhausted (unless `IPAMConfiguration.strictAffinity`).
+//! - **A journal.** Before ADD answers, the assignment is appended to a per-node journal file; DEL appends a
+//!   release. An agent killed with SIGKILL loses nothing the kernel already has (the write is complete
+//!   when `write` returns; the page cache survives the process), and on restart the journal replays onto
+//!   what the API holds. (A node that loses power loses its pods too, so the journal is not fsynced.)
+//! - **A committer.** In the background, assignments become real holders in the `IPAMBlock` (the reserve
+//!   record is handed to the pod's handle) with an `IPAMHandle` per pod, and releases free their
+//!   addresses, batched per block with compare-and-swap.
+//! - **Garbage collection.** An address whose pod has been gone for longer than a grace period is released,
+//!   as is anything CNI GC says is no longer attached.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caracal_crds::ipam::{IPAMBlock, IPAMConfiguration, IPAMHandle, IPAMHandleSpec};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify};
+use tracing::{info, warn};
+
+use super::allocator::{AllocError, Allocator};
+use super::block::Block;
+
+/// Attribute keys recorded with each allocation.
+pub mod attr {
+    /// The pod's namespace.
+    pub const NAMESPACE: &str = "namespace";
+    /// The pod's name.
+    pub const POD: &str = "pod";
+    /// The node holding the address.
+    pub const NODE: &str = "node";
+    /// What the address is for when it is not a pod (`reserve`, `vxlanTunnelAddress`).
+    pub const TYPE: &str = "type";
+}
+
+/// Tuning of the server.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node.
+    pub node: String,
+    /// Where the journal lives (`/var/lib/caracal`); one file per node.
+    pub state_dir: PathBuf,
+    /// How many addresses to keep reserved.
+    pub reserve: usize,
+    /// How long an address whose pod is gone is kept before GC releases it.
+    pub gc_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for `node`: a reserve of 16 and Calico's 15-minute leak grace period.
+    pub fn new(node: &str, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node: node.to_owned(),
+            state_dir: state_dir.into(),
+            reserve: 16,
+            gc_grace: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// One journal record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Record {
+    /// `handle` was given `ips`.
+    Assign {
+        handle: String,
+        ips: Vec<IpAddr>,
+        attrs: BTreeMap<String, String>,
+    },
+    /// `handle` gave `ips` back.
+    Release { handle: String, ips: Vec<IpAddr> },
+}
+
+/// Per block: assignments to commit (address, handle, attributes) and releases (address, handle).
+type BlockWork = (
+    Vec<(IpAddr, String, BTreeMap<String, String>)>,
+    Vec<(IpAddr, String)>,
+);
+
+/// What a handle holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+    /// Its attributes (namespace, pod, node).
+    pub attrs: BTreeMap<String, String>,
+    /// Already recorded in the IPAMBlocks under its handle.
+    pub committed: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    reserve: VecDeque<IpAddr>,
+    held: BTreeMap<String, Held>,
+    /// Released but not yet freed in the API: address -> the handle that held it.
+    releasing: BTreeMap<IpAddr, String>,
+    /// When GC first saw a handle's pod missing.
+    missing_since: BTreeMap<String, Instant>,
+    /// The last refill found nothing anywhere.
+    exhausted: bool,
+}
+
+/// Errors of the IPAM server.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// Allocating in the API failed.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// The journal cannot be written or read.
+    #[error("IPAM journal {path}: {source}")]
+    Journal {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The API server failed a request.
+    #[error("{0}: {1}")]
+    Api(&'static str, kube::Error),
+}
+
+/// The node's IPAM server (cheap to clone).
+#[derive(Clone)]
+pub struct NodeIpam {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    client: Client,
+    alloc: Allocator,
+    state: Mutex<State>,
+    journal: std::sync::Mutex<std::fs::File>,
+    journal_path: PathBuf,
+    refill_lock: Mutex<()>,
+    commit_kick: Notify,
+    refill_kick: Notify,
+    /// Bumped whenever a handle is assigned or released (the agent reprograms on it).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// The object name of a handle's `IPAMHandle` (lower-case, DNS-safe).
+pub fn handle_object_name(handle: &str) -> String {
+    handle
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(253)
+        .collect()
+}
+
+impl NodeIpam {
+    /// The handle under which this node's reserve is recorded.
+    pub fn reserve_handle(node: &str) -> String {
+        format!("caracal-reserve.{node}")
+    }
+
+    /// Loads the node's state (the API's blocks, then the journal replayed onto them), rewrites the
+    /// journal compactly, and starts the committer and the refiller.
+    pub async fn start(client: Client, cfg: Config) -> Result<Self, IpamError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| IpamError::Journal {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let journal_path = cfg.state_dir.join(format!("ipam-{}.journal", cfg.node));
+        let records = read_journal(&journal_path)?;
+        let state = load(&client, &cfg.node, records).await?;
+        let journal = rewrite_journal(&journal_path, &state)?;
+        let inner = Arc::new(Inner {
+            alloc: Allocator::new(client.clone(), &cfg.node),
+            cfg,
+            client,
+            state: Mutex::new(state),
+            journal: std::sync::Mutex::new(journal),
+            journal_path,
+            refill_lock: Mutex::new(()),
+            commit_kick: Notify::new(),
+            refill_kick: Notify::new(),
+            changes: tokio::sync::watch::channel(0).0,
+        });
+        let me = NodeIpam { inner };
+        tokio::spawn(me.clone().commit_loop());
+        tokio::spawn(me.clone().refill_loop());
+        me.inner.commit_kick.notify_one();
+        me.inner.refill_kick.notify_one();
+        Ok(me)
+    }
+
+    /// A receiver that changes whenever a handle is assigned or released.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.inner.changes.send_modify(|n| *n += 1);
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.cfg.node
+    }
+
+    fn append(&self, r: &Record) -> Result<(), IpamError> {
+        let mut line = serde_json::to_vec(r).unwrap_or_default();
+        line.push(b'\n');
+        let mut f = self
+            .inner
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.write_all(&line).map_err(|source| IpamError::Journal {
+            path: self.inner.journal_path.clone(),
+            source,
+        })
+    }
+
+    /// One IPv4 address for `handle` (the same one again when it already holds one).
+    pub async fn assign(
+        &self,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        loop {
+            {
+                let mut st = self.inner.state.lock().await;
+                if let Some(h) = st.held.get(handle) {
+                    return Ok(h.ips.clone());
+                }
+                if let Some(ip) = st.reserve.pop_front() {
+                    let mut attrs = attrs;
+                    attrs.insert(attr::NODE.into(), self.inner.cfg.node.clone());
+                    // Journal first: once it is written, a restarted agent knows the address is taken.
+                    if let Err(e) = self.append(&Record::Assign {
+                        handle: handle.to_owned(),
+                        ips: vec![ip],
+                        attrs: attrs.clone(),
+                    }) {
+                        st.reserve.push_front(ip);
+                        return Err(e);
+                    }
+                    st.held.insert(
+                        handle.to_owned(),
+                        Held {
+                            ips: vec![ip],
+                            attrs,
+                            committed: false,
+                        },
+                    );
+                    if st.reserve.len() * 2 < self.inner.cfg.reserve {
+                        self.inner.refill_kick.notify_one();
+                    }
+                    self.inner.commit_kick.notify_one();
+                    self.changed();
+                    return Ok(vec![ip]);
+                }
+            }
+            // The reserve is empty: refill now, in the request's path.
+            self.refill().await?;
+            if self.inner.state.lock().await.reserve.is_empty() {
+                return Err(AllocError::Exhausted {
+                    node: self.inner.cfg.node.clone(),
+                }
+                .into());
+            }
+        }
+    }
+
+    /// Releases what `handle` holds (nothing held is fine: DEL is idempotent). Returns the addresses.
+    pub async fn release(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let mut st = self.inner.state.lock().await;
+        let Some(h) = st.held.remove(handle) else {
+            return Ok(Vec::new());
+        };
+        self.append(&Record::Release {
+            handle: handle.to_owned(),
+            ips: h.ips.clone(),
+        })?;
+        for ip in &h.ips {
+            st.releasing.insert(*ip, handle.to_owned());
+        }
+        st.missing_since.remove(handle);
+        self.inner.commit_kick.notify_one();
+        self.changed();
+        Ok(h.ips)
+    }
+
+    /// What `handle` holds.
+    pub async fn get(&self, handle: &str) -> Option<Held> {
+        self.inner.state.lock().await.held.get(handle).cloned()
+    }
+
+    /// Every handle this node holds.
+    pub async fn held(&self) -> BTreeMap<String, Held> {
+        self.inner.state.lock().await.held.clone()
+    }
+
+    /// Addresses reserved and not handed out.
+    pub async fn reserved(&self) -> usize {
+        self.inner.state.lock().await.reserve.len()
+    }
+
+    /// True once the node has addresses to hand out (CNI STATUS).
+    pub async fn ready(&self) -> bool {
+        let st = self.inner.state.lock().await;
+        !st.reserve.is_empty() || !st.exhausted
+    }
+
+    /// Nothing waits to be written to the API.
+    pub async fn settled(&self) -> bool {
+        let st = self.inner.state.lock().await;
+        st.releasing.is_empty() && st.held.values().all(|h| h.committed)
+    }
+
+    /// Releases pod handles whose pod `exists` says is gone, once it has been gone for the grace period.
+    /// Handles that are not pods' (the reserve, tunnel addresses) are left alone. Returns the released.
+    pub async fn gc(&self, exists: impl Fn(&str, &str) -> bool) -> Result<Vec<String>, IpamError> {
+        let now = Instant::now();
+        let grace = self.inner.cfg.gc_grace;
+        let expired: Vec<String> = {
+            let mut st = self.inner.state.lock().await;
+            let mut gone = Vec::new();
+            let mut expired = Vec::new();
+            for (handle, h) in &st.held {
+                let (Some(ns), Some(pod)) = (h.attrs.get(attr::NAMESPACE), h.attrs.get(attr::POD)) else {
+                    continue;
+                };
+                if !exists(ns, pod) {
+                    gone.push(handle.clone());
+                }
+            }
+            st.missing_since.retain(|h, _| gone.contains(h));
+            for h in gone {
+                let since = *st.missing_since.entry(h.clone()).or_insert(now);
+                if now.duration_since(since) >= grace {
+                    expired.push(h);
+                }
+            }
+            expired
+        };
+        for h in &expired {
+            info!(handle = %h, "releasing an address whose pod is gone (IPAM GC)");
+            self.release(h).await?;
+        }
+        Ok(expired)
+    }
+
+    /// Refills the reserve to its target (serialized; concurrent callers wait for one refill).
+    pub async fn refill(&self) -> Result<(), IpamError> {
+        let _one = self.inner.refill_lock.lock().await;
+        let have = self.inner.state.lock().await.reserve.len();
+        let target = self.inner.cfg.reserve.max(1);
+        if have * 2 >= target && have > 0 {
+            return Ok(());
+        }
+        let got = self.reserve_more(target - have).await?;
+        let mut st = self.inner.state.lock().await;
+        st.exhausted = got.is_empty() && st.reserve.is_empty();
+        st.reserve.extend(got);
+        Ok(())
+    }
+
+    async fn node_labels(&self) -> BTreeMap<String, String> {
+        Api::<Node>::all(self.inner.client.clone())
+            .get_opt(&self.inner.cfg.node)
+            .await
+            .ok()
+            .flatten()
+            .map(|n| n.labels().clone())
+            .unwrap_or_default()
+    }
+
+    async fn strict_affinity(&self) -> bool {
+        Api::<IPAMConfiguration>::all(self.inner.client.clone())
+            .get_opt("default")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.spec.strict_affinity == Some(true))
+    }
+
+    /// Reserves up to `n` addresses in the API: own blocks first, then a newly claimed block, then (unless
+    /// strict affinity) other nodes' blocks.
+    async fn reserve_more(&self, n: usize) -> Result<Vec<IpAddr>, IpamError> {
+        let node = &self.inner.cfg.node;
+        let mine = format!("host:{node}");
+        let reserve = Self::reserve_handle(node);
+        let attrs = BTreeMap::from([
+            (attr::NODE.to_owned(), node.clone()),
+            (attr::TYPE.to_owned(), "reserve".to_owned()),
+        ]);
+        let labels = self.node_labels().await;
+        let mut claimed_once = false;
+        let mut borrow = false;
+        let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
+        for _ in 0..50 {
+            let all = blocks
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
+            let candidates: Vec<IPAMBlock> = all
+                .into_iter()
+                .filter(|b| b.spec.cidr.is_ipv4() && !b.spec.deleted)
+                .filter(|b| {
+                    if borrow {
+                        b.spec.affinity.as_deref() != Some(mine.as_str()) && !b.spec.strict_affinity
+                    } else {
+                        b.spec.affinity.as_deref() == Some(mine.as_str())
+                    }
+                })
+                .filter(|b| !b.spec.unallocated.is_empty())
+                .collect();
+            if let Some(obj) = candidates.into_iter().next() {
+                let mut block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
+                let take = if borrow { n.min(4) } else { n.min(block.free()) };
+                let ips = block
+                    .assign(take, &reserve, attrs.clone())
+                    .map_err(AllocError::from)?;
+                let mut updated = obj.clone();
+                updated.spec = block.to_spec();
+                match blocks
+                    .replace(&obj.name_any(), &PostParams::default(), &updated)
+                    .await
+                {
+                    Ok(_) => {
+                        if borrow {
+                            info!(block = %obj.spec.cidr, count = ips.len(), "borrowed addresses from another node's block: the pools are exhausted");
+                        }
+                        return Ok(ips);
+                    }
+                    Err(e) if conflict(&e) => continue,
+                    Err(e) => return Err(IpamError::Api("reserving addresses in an IPAMBlock", e)),
+                }
+            }
+            if !borrow && !claimed_once {
+                claimed_once = true;
+                if self.inner.alloc.claim(true, &labels).await? {
+                    continue;
+                }
+            }
+            if !borrow && !self.strict_affinity().await {
+                borrow = true;
+                continue;
+            }
+            return Ok(Vec::new());
+        }
+        Err(AllocError::Contended(50).into())
+    }
+
+    async fn refill_loop(self) {
+        loop {
+            self.inner.refill_kick.notified().await;
+            if let Err(e) = self.refill().await {
+                warn!(error = %e, "refilling the IPAM reserve failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.inner.refill_kick.notify_one();
+            }
+        }
+    }
+
+    async fn commit_loop(self) {
+        loop {
+            self.inner.commit_kick.notified().await;
+            // Let concurrent requests gather into one write per block.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Err(e) = self.commit().await {
+                warn!(error = %e, "writing IPAM changes to the API failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.inner.commit_kick.notify_one();
+            }
+        }
+    }
+
+    /// Writes pending assignments and releases to the API: per block, one compare-and-swap write.
+    pub async fn commit(&self) -> Result<(), IpamError> {
+        let (assigns, releases) = {
+            let st = self.inner.state.lock().await;
+            let assigns: Vec<(String, Held)> = st
+                .held
+                .iter()
+                .filter(|(_, h)| !h.committed)
+                .map(|(k, h)| (k.clone(), h.clone()))
+                .collect();
+            (assigns, st.releasing.clone())
+        };
+        if assigns.is_empty() && releases.is_empty() {
+            return Ok(());
+        }
+        let reserve = Self::reserve_handle(&self.inner.cfg.node);
+        let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
+        let all = blocks
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
+        let mut by_block: BTreeMap<String, BlockWork> = BTreeMap::new();
+        let block_of = |ip: &IpAddr| {
+            all.iter()
+                .find(|b| b.spec.cidr.0.contains(ip))
+                .map(ResourceExt::name_any)
+        };
+        for (handle, h) in &assigns {
+            for ip in &h.ips {
+                if let Some(b) = block_of(ip) {
+                    by_block
+                        .entry(b)
+                        .or_default()
+                        .0
+                        .push((*ip, handle.clone(), h.attrs.clone()));
+                }
+            }
+        }
+        for (ip, handle) in &releases {
+            if let Some(b) = block_of(ip) {
+                by_block.entry(b).or_default().1.push((*ip, handle.clone()));
+            }
+        }
+        let mut done_assign = BTreeSet::new();
+        let mut done_release = BTreeSet::new();
+        for (name, (adds, dels)) in by_block {
+            for _ in 0..50 {
+                let Some(obj) = blocks
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| IpamError::Api("reading an IPAMBlock", e))?
+                else {
+                    break;
+                };
+                let mut block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
+                for (ip, handle, attrs) in &adds {
+                    match block.holder(*ip) {
+                        Some(h) if h == reserve => {
+                            block
+                                .reassign(*ip, handle, attrs.clone())
+                                .map_err(AllocError::from)?;
+                        }
+                        Some(h) if h == handle => {}
+                        other => {
+                            warn!(%ip, handle, holder = ?other, "a reserved address is held by someone else in the API")
+                        }
+                    }
+                }
+                for (ip, handle) in &dels {
+                    if block.holder(*ip).is_some_and(|h| h == handle || h == reserve) {
+                        block.release(*ip).map_err(AllocError::from)?;
+                    }
+                }
+                let mut updated = obj.clone();
+                updated.spec = block.to_spec();
+                if updated.spec == obj.spec {
+                    break;
+                }
+                match blocks.replace(&name, &PostParams::default(), &updated).await {
+                    Ok(_) => break,
+                    Err(e) if conflict(&e) => continue,
+                    Err(e) => return Err(IpamError::Api("writing an IPAMBlock", e)),
+                }
+            }
+            done_assign.extend(adds.iter().map(|(ip, h, _)| (*ip, h.clone())));
+            done_release.extend(dels.iter().map(|(ip, h)| (*ip, h.clone())));
+        }
+        let mut handle_blocks: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+        for (handle, h) in &assigns {
+            let per = handle_blocks.entry(handle.clone()).or_default();
+            for ip in &h.ips {
+                if let Some(b) = block_of(ip) {
+                    *per.entry(b).or_insert(0) += 1;
+                }
+            }
+        }
+        self.write_handles(&handle_blocks, &releases).await?;
+        let mut st = self.inner.state.lock().await;
+        for (handle, h) in &assigns {
+            if h.ips
+                .iter()
+                .all(|ip| done_assign.contains(&(*ip, handle.clone())))
+                && let Some(live) = st.held.get_mut(handle)
+                && live.ips == h.ips
+            {
+                live.committed = true;
+            }
+        }
+        st.releasing
+            .retain(|ip, h| !done_release.contains(&(*ip, h.clone())));
+        Ok(())
+    }
+
+    /// One `IPAMHandle` per committed handle (per block, how many addresses it holds there); released
+    /// handles' objects are deleted.
+    async fn write_handles(
+        &self,
+        assigns: &BTreeMap<String, BTreeMap<String, u32>>,
+        releases: &BTreeMap<IpAddr, String>,
+    ) -> Result<(), IpamError> {
+        let api: Api<IPAMHandle> = Api::all(self.inner.client.clone());
+        for (handle, block) in assigns {
+            let block = block.clone();
+            let obj = IPAMHandle::new(
+                &handle_object_name(handle),
+                IPAMHandleSpec {
+                    handle_id: handle.clone(),
+                    block,
+                    deleted: false,
+                },
+            );
+            match api.create(&PostParams::default(), &obj).await {
+                Ok(_) => {}
+                Err(e) if conflict(&e) => {}
+                Err(e) => return Err(IpamError::Api("creating an IPAMHandle", e)),
+            }
+        }
+        let released: BTreeSet<&String> = releases.values().collect();
+        for handle in released {
+            match api
+                .delete(&handle_object_name(handle), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(IpamError::Api("deleting an IPAMHandle", e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_journal(path: &Path) -> Result<Vec<Record>, IpamError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(IpamError::Journal {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    // A torn last line (killed mid-write) is skipped: its ADD never answered.
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+fn rewrite_journal(path: &Path, st: &State) -> Result<std::fs::File, IpamError> {
+    let err = |source| IpamError::Journal {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("journal.tmp");
+    let mut out = String::new();
+    for (handle, h) in &st.held {
+        let r = Record::Assign {
+            handle: handle.clone(),
+            ips: h.ips.clone(),
+            attrs: h.attrs.clone(),
+        };
+        out.push_str(&serde_json::to_string(&r).unwrap_or_default());
+        out.push('\n');
+    }
+    let mut releasing: BTreeMap<&String, Vec<IpAddr>> = BTreeMap::new();
+    for (ip, h) in &st.releasing {
+        releasing.entry(h).or_default().push(*ip);
+    }
+    for (handle, ips) in releasing {
+        let assign = Record::Assign {
+            handle: handle.clone(),
+            ips: ips.clone(),
+            attrs: BTreeMap::new(),
+        };
+        let release = Record::Release {
+            handle: handle.clone(),
+            ips,
+        };
+        for r in [assign, release] {
+            out.push_str(&serde_json::to_string(&r).unwrap_or_default());
+            out.push('\n');
+        }
+    }
+    std::fs::write(&tmp, out).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(err)
+}
+
+/// The node's state from the API's blocks with the journal replayed onto them.
+async fn load(client: &Client, node: &str, records: Vec<Record>) -> Result<State, IpamError> {
+    let reserve_handle = NodeIpam::reserve_handle(node);
+    let blocks = Api::<IPAMBlock>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
+    let mut st = State::default();
+    let mut reserved = BTreeSet::new();
+    // Who holds each address in the API, for the journal replay.
+    let mut api_holder: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for obj in &blocks {
+        let block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
+        for (ip, handle) in block.allocated() {
+            api_holder.insert(ip, handle.clone());
+            if handle == reserve_handle {
+                reserved.insert(ip);
+                continue;
+            }
+            let attrs = block
+                .attributes_of(ip)
+                .map(|a| a.secondary.clone())
+                .unwrap_or_default();
+            if attrs.get(attr::NODE).map(String::as_str) == Some(node) {
+                let h = st.held.entry(handle).or_insert_with(|| Held {
+                    ips: Vec::new(),
+                    attrs: attrs.clone(),
+                    committed: true,
+                });
+                h.ips.push(ip);
+            }
+        }
+    }
+    for r in records {
+        match r {
+            Record::Assign { handle, ips, attrs } => {
+                // Only addresses still ours in the API: reserved (not yet committed) or held by this handle.
+                let ours: Vec<IpAddr> = ips
+                    .into_iter()
+                    .filter(|ip| reserved.contains(ip) || api_holder.get(ip).is_some_and(|h| *h == handle))
+                    .collect();
+                if ours.is_empty() {
+                    continue;
+                }
+                for ip in &ours {
+                    reserved.remove(ip);
+                }
+                let committed = ours
+                    .iter()
+                    .all(|ip| api_holder.get(ip).is_some_and(|h| *h == handle));
+                let entry = st.held.entry(handle).or_insert_with(|| Held {
+                    ips: Vec::new(),
+                    attrs: attrs.clone(),
+                    committed,
+                });
+                if entry.attrs.is_empty() {
+                    entry.attrs = attrs;
+                }
+                for ip in ours {
+                    if !entry.ips.contains(&ip) {
+                        entry.ips.push(ip);
+                    }
+                }
+            }
+            Record::Release { handle, ips } => {
+                if let Some(h) = st.held.remove(&handle) {
+                    for ip in h.ips.iter().chain(&ips) {
+                        if api_holder
+                            .get(ip)
+                            .is_some_and(|x| *x == handle || *x == reserve_handle)
+                        {
+                            st.releasing.insert(*ip, handle.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Reserved addresses no journal record took are free to hand out.
+    st.reserve = reserved.into_iter().collect();
+    info!(
+        held = st.held.len(),
+        reserved = st.reserve.len(),
+        releasing = st.releasing.len(),
+        "IPAM state loaded"
+    );
+    Ok(st)
+}

@@ -1,0 +1,300 @@
+//! Reachability between nodes: the node's address and VTEP published on its Node object, the VXLAN device
+//! with static ARP and FDB entries per peer, a route per remote block (encapsulated, direct in the same
+//! subnet, or BIRD's with BGP), blackholes for own blocks, the pods' /32 routes, natOutgoing, and the pod
+//! MTU. [`model`] computes (pure); [`Routing::sync`] converges the kernel, and running it again repairs
+//! drift (a deleted route or FDB entry returns).
+
+pub mod address;
+pub mod model;
+pub mod nat;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::cni::host_iface;
+use crate::datastore::Cache;
+use crate::ipam::node::{NodeIpam, attr};
+use crate::netlink::{Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget, VxlanDevice};
+use model::{Desired, Hop, annotation};
+
+/// The VXLAN device's name.
+pub const VXLAN_DEVICE: &str = "vxlan.caracal";
+/// Felix's defaults.
+pub const DEFAULT_VNI: u32 = 4096;
+/// Felix's default VXLAN port.
+pub const DEFAULT_PORT: u16 = 4789;
+
+/// How routing is configured (from the DaemonSet's environment).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node.
+    pub node: String,
+    /// How to find the node's address.
+    pub method: address::Method,
+    /// BIRD carries routes for pools without encapsulation.
+    pub bgp: bool,
+    /// An explicit pod MTU (Installation `calicoNetwork.mtu`): wins over detection.
+    pub mtu: Option<u32>,
+    /// Prefix for iptables/ipset (a namespace in tests and the lab).
+    pub exec_prefix: Vec<String>,
+}
+
+/// Errors converging routing.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    /// The kernel refused.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// No address to publish.
+    #[error(transparent)]
+    Address(#[from] address::AddressError),
+    /// The nat table.
+    #[error("natOutgoing: {0}")]
+    Nat(#[from] crate::dataplane::iptables::apply::IptablesError),
+    /// The VTEP address could not be allocated.
+    #[error("allocating the VTEP address: {0}")]
+    Ipam(#[from] crate::ipam::node::IpamError),
+    /// Publishing on the Node failed.
+    #[error("publishing the node's address on its Node object: {0}")]
+    Publish(kube::Error),
+}
+
+/// What one sync changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Routes written.
+    pub routes_added: usize,
+    /// Routes removed.
+    pub routes_removed: usize,
+    /// ARP/FDB entries written.
+    pub neighbours_written: usize,
+    /// The nat table or its sets changed.
+    pub nat_changed: bool,
+    /// The Node's annotations were updated.
+    pub published: bool,
+}
+
+impl SyncStats {
+    /// True when the kernel already matched.
+    pub fn is_noop(&self) -> bool {
+        *self == SyncStats::default()
+    }
+}
+
+/// The routing side of one node.
+pub struct Routing {
+    cfg: Config,
+    nl: Netlink,
+    client: Client,
+    ipam: NodeIpam,
+    /// The pod MTU, shared with the CNI server.
+    pub mtu: Arc<AtomicU32>,
+    warned: BTreeSet<String>,
+}
+
+fn felix(cache: &Cache) -> Value {
+    cache
+        .get("caracal.dev/v1/FelixConfiguration", "default")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The handle of a node's VTEP address.
+pub fn vtep_handle(node: &str) -> String {
+    format!("vxlan-tunnel-addr.{node}")
+}
+
+impl Routing {
+    /// Routing for the namespace `nl` works in.
+    pub fn new(cfg: Config, nl: Netlink, client: Client, ipam: NodeIpam, mtu: Arc<AtomicU32>) -> Self {
+        Self {
+            cfg,
+            nl,
+            client,
+            ipam,
+            mtu,
+            warned: BTreeSet::new(),
+        }
+    }
+
+    /// Converges the node's routing to what `cache` says.
+    pub async fn sync(&mut self, cache: &Cache) -> Result<SyncStats, RoutingError> {
+        let mut stats = SyncStats::default();
+        crate::netlink::sysctl(self.nl.netns(), "net.ipv4.ip_forward", "1")?;
+        let me = self.cfg.node.clone();
+        let my_node = cache.get("v1/Node", &me).cloned().unwrap_or(Value::Null);
+        let internal_ip = my_node["status"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["type"] == "InternalIP")
+            .and_then(|a| a["address"].as_str()?.parse().ok());
+        let chosen = address::detect(&self.nl, &self.cfg.method, internal_ip).await?;
+        let nodes = model::nodes(cache.of_kind("v1/Node").map(|(_, v)| v));
+        let pools = model::pools(cache.of_kind("caracal.dev/v1/IPPool").map(|(_, v)| v));
+        let blocks = model::blocks(cache.of_kind("caracal.dev/v1/IPAMBlock").map(|(_, v)| v));
+        let desired = model::compute(&me, Some(chosen.ip), &nodes, &pools, &blocks, self.cfg.bgp);
+        for w in &desired.warnings {
+            if self.warned.insert(w.clone()) {
+                warn!("{w}");
+            }
+        }
+        let f = felix(cache);
+        let explicit = self
+            .cfg
+            .mtu
+            .or_else(|| f["vxlanMTU"].as_u64().and_then(|m| u32::try_from(m).ok()));
+        let pod_mtu = explicit.unwrap_or_else(|| model::pod_mtu(chosen.mtu, desired.vxlan, false, false));
+        self.mtu.store(pod_mtu, Ordering::Relaxed);
+
+        // The VXLAN device, its address and the peers.
+        let mut annotations =
+            BTreeMap::from([(annotation::IPV4_ADDRESS.to_owned(), Some(chosen.ip.to_string()))]);
+        let mut vxlan_index = None;
+        if desired.vxlan {
+            let vtep = self.vtep_address().await?;
+            let mac = address::vtep_mac(&me);
+            let dev = VxlanDevice {
+                name: VXLAN_DEVICE.into(),
+                vni: f["vxlanVNI"]
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .unwrap_or(DEFAULT_VNI),
+                port: f["vxlanPort"]
+                    .as_u64()
+                    .and_then(|v| u16::try_from(v).ok())
+                    .unwrap_or(DEFAULT_PORT),
+                local: chosen.ip.addr(),
+                parent: chosen.index,
+                mac,
+                mtu: pod_mtu,
+            };
+            let index = self.nl.ensure_vxlan(&dev).await?;
+            self.nl
+                .add_addr(index, IpNet::V4(Ipv4Net::new(vtep, 32).unwrap_or_default()))
+                .await?;
+            stats.neighbours_written += self.sync_peers(index, &desired).await?;
+            vxlan_index = Some(index);
+            annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), Some(vtep.to_string()));
+            annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), Some(model::mac_text(mac)));
+        } else {
+            self.nl.del_link(VXLAN_DEVICE).await?;
+            annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), None);
+            annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), None);
+        }
+        stats.published = self.publish(&my_node, annotations).await?;
+
+        // Routes: remote blocks, own blackholes, local pods.
+        let mut want: BTreeSet<OwnedRoute> = BTreeSet::new();
+        for (dst, hop) in &desired.routes {
+            let target = match hop {
+                Hop::Vxlan(v) => match vxlan_index {
+                    Some(i) => RouteTarget::Via(*v, i),
+                    None => continue,
+                },
+                Hop::Direct(ip) => RouteTarget::Via(*ip, chosen.index),
+                Hop::Blackhole => RouteTarget::Blackhole,
+            };
+            want.insert(OwnedRoute { dst: *dst, target });
+        }
+        // Read the kernel before the pods: a pod wired meanwhile is then never taken for a stale route.
+        let have: BTreeSet<OwnedRoute> = self.nl.routes(PROTO_CARACAL).await?.into_iter().collect();
+        want.extend(self.pod_routes().await?);
+        for r in have.difference(&want) {
+            self.nl.del_route(r, PROTO_CARACAL).await?;
+            stats.routes_removed += 1;
+        }
+        for r in want.difference(&have) {
+            self.nl.replace_route(r, PROTO_CARACAL).await?;
+            stats.routes_added += 1;
+        }
+        stats.nat_changed = nat::apply(&self.cfg.exec_prefix, &desired.masquerade, &desired.all_pools)?;
+        Ok(stats)
+    }
+
+    /// The node's VTEP address, allocated once from IPAM under its own handle.
+    async fn vtep_address(&self) -> Result<Ipv4Addr, RoutingError> {
+        let handle = vtep_handle(&self.cfg.node);
+        let attrs = BTreeMap::from([(attr::TYPE.to_owned(), "vxlanTunnelAddress".to_owned())]);
+        let ips = self.ipam.assign(&handle, attrs).await?;
+        Ok(ips
+            .into_iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or(Ipv4Addr::UNSPECIFIED))
+    }
+
+    async fn sync_peers(&self, index: u32, desired: &Desired) -> Result<usize, RoutingError> {
+        let arp: BTreeSet<([u8; 6], Ipv4Addr)> =
+            self.nl.neighbours(index, false).await?.into_iter().collect();
+        let fdb: BTreeSet<([u8; 6], Ipv4Addr)> = self.nl.neighbours(index, true).await?.into_iter().collect();
+        let mut n = 0;
+        for (vtep, (mac, node_ip)) in &desired.peers {
+            if !arp.contains(&(*mac, *vtep)) {
+                self.nl.replace_neighbour(index, *vtep, *mac).await?;
+                n += 1;
+            }
+            if !fdb.contains(&(*mac, *node_ip)) {
+                self.nl.replace_fdb(index, *mac, *node_ip).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// /32 routes to this node's pods through their veths (those whose interface exists).
+    async fn pod_routes(&self) -> Result<Vec<OwnedRoute>, RoutingError> {
+        let links: BTreeMap<String, u32> = self.nl.links().await?.into_iter().map(|(i, n)| (n, i)).collect();
+        let mut out = Vec::new();
+        for h in self.ipam.held().await.into_values() {
+            let (Some(ns), Some(pod)) = (h.attrs.get(attr::NAMESPACE), h.attrs.get(attr::POD)) else {
+                continue;
+            };
+            let Some(index) = links.get(&host_iface(ns, pod)) else {
+                continue;
+            };
+            for ip in h.ips {
+                if let IpAddr::V4(v4) = ip {
+                    out.push(crate::cni::wire::pod_route(
+                        Ipv4Net::new(v4, 32).unwrap_or_default(),
+                        *index,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the node's routing annotations when they differ from what the Node object has.
+    async fn publish(
+        &self,
+        node: &Value,
+        want: BTreeMap<String, Option<String>>,
+    ) -> Result<bool, RoutingError> {
+        let have = &node["metadata"]["annotations"];
+        let differs = want
+            .iter()
+            .any(|(k, v)| have[k.as_str()].as_str() != v.as_deref());
+        if !differs || node.is_null() {
+            return Ok(false);
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": want}});
+        Api::<Node>::all(self.client.clone())
+            .patch(&self.cfg.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(RoutingError::Publish)?;
+        info!(node = %self.cfg.node, ?want, "published the node's routing addresses");
+        Ok(true)
+    }
+}

@@ -1,0 +1,471 @@
+//! What reachability a node needs, computed from the datastore (pure): a route per remote block (through the
+//! VXLAN device, straight to the node in the same subnet, or nothing when BIRD carries it), a blackhole per
+//! own block, /32 routes for addresses borrowed across nodes, the VXLAN peers' ARP and FDB entries, and the
+//! natOutgoing sets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use caracal_crds::ippool::EncapMode;
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+/// Node annotations the agents publish and read (Calico's names, in Caracal's domain).
+pub mod annotation {
+    /// The node's underlay address with its prefix (`10.99.0.2/24`).
+    pub const IPV4_ADDRESS: &str = "caracal.dev/IPv4Address";
+    /// The node's VXLAN tunnel (VTEP) address.
+    pub const IPV4_VXLAN_TUNNEL_ADDR: &str = "caracal.dev/IPv4VXLANTunnelAddr";
+    /// The node's VTEP MAC address.
+    pub const VXLAN_TUNNEL_MAC: &str = "caracal.dev/VXLANTunnelMACAddr";
+}
+
+/// What other nodes publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// Underlay address and prefix.
+    pub ip: Option<Ipv4Net>,
+    /// VTEP address.
+    pub vtep: Option<Ipv4Addr>,
+    /// VTEP MAC.
+    pub vtep_mac: Option<[u8; 6]>,
+}
+
+/// A pool as routing sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pool {
+    /// Its network.
+    pub cidr: Ipv4Net,
+    /// VXLAN mode.
+    pub vxlan: EncapMode,
+    /// IPIP mode.
+    pub ipip: EncapMode,
+    /// Masquerade traffic leaving every pool.
+    pub nat_outgoing: bool,
+    /// No new allocations (routes still exist for what is allocated).
+    pub disabled: bool,
+}
+
+/// A block as routing sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Its network.
+    pub cidr: Ipv4Net,
+    /// The affine node.
+    pub node: Option<String>,
+    /// Addresses held by pods on other nodes than the affine one (borrowed), with their node.
+    pub borrowed: Vec<(Ipv4Addr, String)>,
+}
+
+/// How traffic for a destination leaves this node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hop {
+    /// Through `vxlan.caracal` to the remote VTEP (onlink).
+    Vxlan(Ipv4Addr),
+    /// Straight to the node's underlay address (same subnet).
+    Direct(Ipv4Addr),
+    /// Dropped: one of this node's blocks (its live pods have more specific routes).
+    Blackhole,
+}
+
+/// The routing a node wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// The VXLAN device is needed.
+    pub vxlan: bool,
+    /// Destination -> hop.
+    pub routes: BTreeMap<Ipv4Net, Hop>,
+    /// VXLAN peers: VTEP address -> (VTEP MAC, node address), for ARP and FDB entries.
+    pub peers: BTreeMap<Ipv4Addr, ([u8; 6], Ipv4Addr)>,
+    /// Pools whose traffic leaving all pools is masqueraded.
+    pub masquerade: BTreeSet<Ipv4Net>,
+    /// Every pool (destinations that are never masqueraded).
+    pub all_pools: BTreeSet<Ipv4Net>,
+    /// Problems worth a log line (a node without an address, an IPIP pool on a kernel without IPIP).
+    pub warnings: Vec<String>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    <[u8; 6]>::try_from(parts.as_slice()).ok()
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Nodes from `v1/Node` documents.
+pub fn nodes<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<NodeInfo> {
+    docs.map(|n| {
+        let a = &n["metadata"]["annotations"];
+        NodeInfo {
+            name: n["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+            ip: a[annotation::IPV4_ADDRESS].as_str().and_then(|s| s.parse().ok()),
+            vtep: a[annotation::IPV4_VXLAN_TUNNEL_ADDR]
+                .as_str()
+                .and_then(|s| s.parse().ok()),
+            vtep_mac: a[annotation::VXLAN_TUNNEL_MAC].as_str().and_then(parse_mac),
+        }
+    })
+    .collect()
+}
+
+fn mode(v: &Value) -> EncapMode {
+    serde_json::from_value(v.clone()).unwrap_or(EncapMode::Never)
+}
+
+/// IPv4 pools from `caracal.dev/v1/IPPool` documents.
+pub fn pools<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<Pool> {
+    docs.filter_map(|p| {
+        let s = &p["spec"];
+        Some(Pool {
+            cidr: s["cidr"].as_str()?.parse().ok()?,
+            vxlan: mode(&s["vxlanMode"]),
+            ipip: mode(&s["ipipMode"]),
+            nat_outgoing: s["natOutgoing"].as_bool().unwrap_or(false),
+            disabled: s["disabled"].as_bool().unwrap_or(false),
+        })
+    })
+    .collect()
+}
+
+/// IPv4 blocks from `caracal.dev/v1/IPAMBlock` documents, with their borrowed addresses.
+pub fn blocks<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<BlockInfo> {
+    docs.filter_map(|b| {
+        let s = &b["spec"];
+        let cidr: Ipv4Net = s["cidr"].as_str()?.parse().ok()?;
+        let node = s["affinity"]
+            .as_str()
+            .and_then(|a| a.strip_prefix("host:"))
+            .map(str::to_owned);
+        let attrs = s["attributes"].as_array().cloned().unwrap_or_default();
+        let mut borrowed = Vec::new();
+        for (offset, slot) in s["allocations"].as_array().into_iter().flatten().enumerate() {
+            let Some(i) = slot.as_u64() else { continue };
+            let Some(holder) = attrs
+                .get(usize::try_from(i).unwrap_or(usize::MAX))
+                .and_then(|a| a["secondary"]["node"].as_str())
+            else {
+                continue;
+            };
+            if Some(holder) != node.as_deref() {
+                let ip = Ipv4Addr::from(u32::from(cidr.network()) + u32::try_from(offset).unwrap_or(0));
+                borrowed.push((ip, holder.to_owned()));
+            }
+        }
+        Some(BlockInfo { cidr, node, borrowed })
+    })
+    .collect()
+}
+
+/// The routing node `me` (underlay address `my_ip`) wants. With `bgp`, routes between nodes in pools
+/// without encapsulation are BIRD's, not these.
+pub fn compute(
+    me: &str,
+    my_ip: Option<Ipv4Net>,
+    nodes: &[NodeInfo],
+    pools: &[Pool],
+    blocks: &[BlockInfo],
+    bgp: bool,
+) -> Desired {
+    let mut d = Desired::default();
+    let by_name: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    d.vxlan = pools.iter().any(|p| !p.disabled && p.vxlan != EncapMode::Never);
+    for p in pools {
+        d.all_pools.insert(p.cidr);
+        if p.nat_outgoing && !p.disabled {
+            d.masquerade.insert(p.cidr);
+        }
+        if p.ipip != EncapMode::Never {
+            d.warnings.push(format!(
+                "IPPool {}: ipipMode {:?} needs the kernel's ipip module; IPIP routes are not programmed",
+                p.cidr, p.ipip
+            ));
+        }
+    }
+    if d.vxlan {
+        for n in nodes.iter().filter(|n| n.name != me) {
+            if let (Some(vtep), Some(mac), Some(ip)) = (n.vtep, n.vtep_mac, n.ip) {
+                d.peers.insert(vtep, (mac, ip.addr()));
+            }
+        }
+    }
+    let hop_to = |node: &str, dst: Ipv4Net, d: &mut Desired| -> Option<Hop> {
+        let pool = pools.iter().find(|p| p.cidr.contains(&dst.network()))?;
+        let Some(n) = by_name.get(node) else {
+            d.warnings.push(format!("{dst}: node {node} is unknown"));
+            return None;
+        };
+        let same_subnet = match (my_ip, n.ip) {
+            (Some(mine), Some(theirs)) => mine.contains(&theirs.addr()),
+            _ => false,
+        };
+        let vxlan = match pool.vxlan {
+            EncapMode::Always => true,
+            EncapMode::CrossSubnet => !same_subnet,
+            EncapMode::Never => false,
+        };
+        if vxlan {
+            return match n.vtep {
+                Some(v) if n.vtep_mac.is_some() => Some(Hop::Vxlan(v)),
+                _ => {
+                    d.warnings
+                        .push(format!("{dst}: node {node} has not published its VTEP yet"));
+                    None
+                }
+            };
+        }
+        if pool.ipip != EncapMode::Never || bgp {
+            // IPIP is not programmed here; with BGP, BIRD announces the route (a static one would fight it).
+            return None;
+        }
+        if same_subnet {
+            return n.ip.map(|i| Hop::Direct(i.addr()));
+        }
+        d.warnings.push(format!(
+            "{dst}: node {node} is in another subnet and the pool does not encapsulate"
+        ));
+        None
+    };
+    for b in blocks {
+        match b.node.as_deref() {
+            Some(n) if n == me => {
+                d.routes.insert(b.cidr, Hop::Blackhole);
+            }
+            Some(n) => {
+                if let Some(h) = hop_to(n, b.cidr, &mut d) {
+                    d.routes.insert(b.cidr, h);
+                }
+            }
+            None => {}
+        }
+        for (ip, holder) in &b.borrowed {
+            if holder == me {
+                continue; // The pod's own /32 through its veth.
+            }
+            let dst = Ipv4Net::new(*ip, 32).unwrap_or_default();
+            if let Some(h) = hop_to(holder, dst, &mut d) {
+                d.routes.insert(dst, h);
+            }
+        }
+    }
+    d
+}
+
+/// The MTU pods get: `host_mtu` minus the encapsulation's overhead (VXLAN 50, IPIP 20, WireGuard 60).
+pub fn pod_mtu(host_mtu: u32, vxlan: bool, ipip: bool, wireguard: bool) -> u32 {
+    let overhead = if wireguard {
+        60
+    } else if vxlan {
+        50
+    } else if ipip {
+        20
+    } else {
+        0
+    };
+    host_mtu.saturating_sub(overhead)
+}
+
+/// True when `ip` is an IPv4 address inside one of `nets`.
+pub fn inside(ip: IpAddr, nets: &BTreeSet<Ipv4Net>) -> bool {
+    matches!(ip, IpAddr::V4(v4) if nets.iter().any(|n| n.contains(&v4)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ip: &str, vtep: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            ip: Some(ip.parse().unwrap()),
+            vtep: Some(vtep.parse().unwrap()),
+            vtep_mac: Some([0x66, 0, 0, 0, 0, name.len() as u8]),
+        }
+    }
+
+    fn pool(cidr: &str, vxlan: EncapMode) -> Pool {
+        Pool {
+            cidr: cidr.parse().unwrap(),
+            vxlan,
+            ipip: EncapMode::Never,
+            nat_outgoing: true,
+            disabled: false,
+        }
+    }
+
+    fn block(cidr: &str, node: &str) -> BlockInfo {
+        BlockInfo {
+            cidr: cidr.parse().unwrap(),
+            node: Some(node.into()),
+            borrowed: vec![],
+        }
+    }
+
+    fn setup() -> (Vec<NodeInfo>, Vec<BlockInfo>) {
+        let nodes = vec![
+            node("a", "10.99.0.2/24", "10.244.0.0"),
+            node("b", "10.99.0.3/24", "10.244.0.64"),
+            node("c", "10.98.0.4/24", "10.244.0.128"),
+        ];
+        let mut b = block("10.244.0.64/26", "b");
+        b.borrowed.push(("10.244.0.70".parse().unwrap(), "c".into()));
+        b.borrowed.push(("10.244.0.71".parse().unwrap(), "a".into()));
+        let blocks = vec![block("10.244.0.0/26", "a"), b, block("10.244.0.128/26", "c")];
+        (nodes, blocks)
+    }
+
+    #[test]
+    fn vxlan_always_routes_every_remote_block_through_its_vtep_and_blackholes_its_own() {
+        let (nodes, blocks) = setup();
+        let d = compute(
+            "a",
+            nodes[0].ip,
+            &nodes,
+            &[pool("10.244.0.0/16", EncapMode::Always)],
+            &blocks,
+            false,
+        );
+        assert!(d.vxlan);
+        assert_eq!(d.routes[&"10.244.0.0/26".parse().unwrap()], Hop::Blackhole);
+        assert_eq!(
+            d.routes[&"10.244.0.64/26".parse().unwrap()],
+            Hop::Vxlan("10.244.0.64".parse().unwrap())
+        );
+        assert_eq!(
+            d.routes[&"10.244.0.128/26".parse().unwrap()],
+            Hop::Vxlan("10.244.0.128".parse().unwrap())
+        );
+        // A borrowed address goes to the node that holds it; our own borrowed address is the veth's.
+        assert_eq!(
+            d.routes[&"10.244.0.70/32".parse().unwrap()],
+            Hop::Vxlan("10.244.0.128".parse().unwrap())
+        );
+        assert!(!d.routes.contains_key(&"10.244.0.71/32".parse().unwrap()));
+        assert_eq!(d.peers.len(), 2);
+        assert_eq!(
+            d.peers[&"10.244.0.64".parse().unwrap()].1,
+            "10.99.0.3".parse::<Ipv4Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn cross_subnet_encapsulates_only_across_subnets() {
+        let (nodes, blocks) = setup();
+        let d = compute(
+            "a",
+            nodes[0].ip,
+            &nodes,
+            &[pool("10.244.0.0/16", EncapMode::CrossSubnet)],
+            &blocks,
+            false,
+        );
+        assert_eq!(
+            d.routes[&"10.244.0.64/26".parse().unwrap()],
+            Hop::Direct("10.99.0.3".parse().unwrap())
+        );
+        assert_eq!(
+            d.routes[&"10.244.0.128/26".parse().unwrap()],
+            Hop::Vxlan("10.244.0.128".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn no_encapsulation_routes_directly_in_the_subnet_and_leaves_the_rest_to_bgp() {
+        let (nodes, blocks) = setup();
+        let plain = compute(
+            "a",
+            nodes[0].ip,
+            &nodes,
+            &[pool("10.244.0.0/16", EncapMode::Never)],
+            &blocks,
+            false,
+        );
+        assert!(!plain.vxlan);
+        assert!(plain.peers.is_empty());
+        assert_eq!(
+            plain.routes[&"10.244.0.64/26".parse().unwrap()],
+            Hop::Direct("10.99.0.3".parse().unwrap())
+        );
+        assert!(!plain.routes.contains_key(&"10.244.0.128/26".parse().unwrap()));
+        assert!(plain.warnings.iter().any(|w| w.contains("another subnet")));
+        let bgp = compute(
+            "a",
+            nodes[0].ip,
+            &nodes,
+            &[pool("10.244.0.0/16", EncapMode::Never)],
+            &blocks,
+            true,
+        );
+        assert_eq!(
+            bgp.routes.len(),
+            1,
+            "only the own blackhole: BIRD carries the rest: {:?}",
+            bgp.routes
+        );
+    }
+
+    #[test]
+    fn a_node_without_a_published_vtep_gets_no_route_yet_and_a_warning() {
+        let (mut nodes, blocks) = setup();
+        nodes[1].vtep = None;
+        let d = compute(
+            "a",
+            nodes[0].ip,
+            &nodes,
+            &[pool("10.244.0.0/16", EncapMode::Always)],
+            &blocks,
+            false,
+        );
+        assert!(!d.routes.contains_key(&"10.244.0.64/26".parse().unwrap()));
+        assert!(d.warnings.iter().any(|w| w.contains("VTEP")));
+    }
+
+    #[test]
+    fn nat_sets_and_mtu() {
+        let mut p2 = pool("10.245.0.0/16", EncapMode::Never);
+        p2.nat_outgoing = false;
+        let d = compute(
+            "a",
+            None,
+            &[],
+            &[pool("10.244.0.0/16", EncapMode::Always), p2],
+            &[],
+            false,
+        );
+        assert_eq!(d.masquerade.len(), 1);
+        assert_eq!(d.all_pools.len(), 2);
+        assert!(inside("10.245.1.1".parse().unwrap(), &d.all_pools));
+        assert_eq!(pod_mtu(1500, true, false, false), 1450);
+        assert_eq!(pod_mtu(1500, false, true, false), 1480);
+        assert_eq!(pod_mtu(1500, true, false, true), 1440);
+        assert_eq!(pod_mtu(9000, false, false, false), 9000);
+    }
+
+    #[test]
+    fn documents_parse_into_nodes_pools_and_blocks_with_borrowed_addresses() {
+        let n = serde_json::json!({"metadata": {"name": "b", "annotations": {
+            annotation::IPV4_ADDRESS: "10.99.0.3/24", annotation::IPV4_VXLAN_TUNNEL_ADDR: "10.244.0.64",
+            annotation::VXLAN_TUNNEL_MAC: "66:0a:0b:0c:0d:0e"}}});
+        let got = nodes([&n].into_iter());
+        assert_eq!(got[0].vtep_mac, Some([0x66, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e]));
+        let b = serde_json::json!({"spec": {"cidr": "10.244.0.64/30", "affinity": "host:b",
+            "allocations": [0, null, 1, null], "unallocated": [1, 3],
+            "attributes": [{"handle_id": "x", "secondary": {"node": "b"}}, {"handle_id": "y", "secondary": {"node": "c"}}]}});
+        let got = blocks([&b].into_iter());
+        assert_eq!(
+            got[0].borrowed,
+            vec![("10.244.0.66".parse().unwrap(), "c".to_owned())]
+        );
+        let p = serde_json::json!({"spec": {"cidr": "10.244.0.0/16", "vxlanMode": "CrossSubnet", "natOutgoing": true}});
+        assert_eq!(pools([&p].into_iter())[0].vxlan, EncapMode::CrossSubnet);
+    }
+}

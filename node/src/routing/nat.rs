@@ -1,0 +1,120 @@
+//! natOutgoing: traffic from a pool with `natOutgoing: true` to anywhere outside every pool is masqueraded
+//! to the node's address. One chain (`crc-nat-outgoing`, hooked once from nat `POSTROUTING`) with one rule
+//! over two ipsets; a pool change only swaps set contents. Read back each time, so drift is repaired.
+
+use std::collections::BTreeSet;
+
+use ipnet::Ipv4Net;
+
+use crate::dataplane::iptables::apply::{IptablesError, run_tool};
+
+/// The chain.
+pub const CHAIN: &str = "crc-nat-outgoing";
+/// Pools whose traffic is masqueraded.
+pub const MASQ_SET: &str = "crc-masq-pools";
+/// Every pool (never masqueraded as a destination).
+pub const ALL_SET: &str = "crc-all-pools";
+
+fn rule() -> String {
+    format!("-m set --match-set {MASQ_SET} src -m set ! --match-set {ALL_SET} dst -j MASQUERADE")
+}
+
+fn hook() -> String {
+    format!("-m comment --comment \"caracal nat-outgoing\" -j {CHAIN}")
+}
+
+fn members(save: &str, set: &str) -> Option<BTreeSet<String>> {
+    let mut found = false;
+    let mut out = BTreeSet::new();
+    for l in save.lines() {
+        let mut w = l.split_whitespace();
+        match (w.next(), w.next(), w.next()) {
+            (Some("create"), Some(name), _) if name == set => found = true,
+            (Some("add"), Some(name), Some(m)) if name == set => {
+                out.insert(m.to_owned());
+            }
+            _ => {}
+        }
+    }
+    found.then_some(out)
+}
+
+/// Converges the nat table and the two sets; returns whether anything had to change.
+pub fn apply(
+    exec_prefix: &[String],
+    masquerade: &BTreeSet<Ipv4Net>,
+    all: &BTreeSet<Ipv4Net>,
+) -> Result<bool, IptablesError> {
+    let mut changed = false;
+    let save = run_tool(exec_prefix, "ipset", &["save"], None)?;
+    let mut script = String::new();
+    for (set, want) in [(MASQ_SET, masquerade), (ALL_SET, all)] {
+        let want: BTreeSet<String> = want.iter().map(ToString::to_string).collect();
+        if members(&save, set).as_ref() == Some(&want) {
+            continue;
+        }
+        let tmp = format!("{set}-t");
+        script.push_str(&format!("create {tmp} hash:net -exist\nflush {tmp}\n"));
+        for m in &want {
+            script.push_str(&format!("add {tmp} {m}\n"));
+        }
+        script.push_str(&format!(
+            "create {set} hash:net -exist\nswap {tmp} {set}\ndestroy {tmp}\n"
+        ));
+    }
+    if !script.is_empty() {
+        run_tool(exec_prefix, "ipset", &["restore"], Some(&script))?;
+        changed = true;
+    }
+    let nat = run_tool(exec_prefix, "iptables-save", &["-t", "nat"], None)?;
+    let chain_rules: Vec<&str> = nat
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("-A {CHAIN} ")))
+        .collect();
+    let hooks = nat
+        .lines()
+        .filter(|l| l.starts_with("-A POSTROUTING ") && l.ends_with(&format!("-j {CHAIN}")))
+        .count();
+    if chain_rules != [rule().as_str()] || hooks != 1 {
+        let mut t = format!("*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} {}\n", rule());
+        for _ in 0..hooks {
+            t.push_str(&format!("-D POSTROUTING {}\n", hook()));
+        }
+        t.push_str(&format!("-I POSTROUTING 1 {}\nCOMMIT\n", hook()));
+        run_tool(exec_prefix, "iptables-restore", &["--noflush"], Some(&t))?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Removes the chain, its hook and the sets (errors are collected, teardown goes on).
+pub fn remove(exec_prefix: &[String]) -> Vec<IptablesError> {
+    let mut errors = Vec::new();
+    if let Ok(nat) = run_tool(exec_prefix, "iptables-save", &["-t", "nat"], None) {
+        let mut t = String::from("*nat\n");
+        for _ in nat
+            .lines()
+            .filter(|l| l.starts_with("-A POSTROUTING ") && l.ends_with(&format!("-j {CHAIN}")))
+        {
+            t.push_str(&format!("-D POSTROUTING {}\n", hook()));
+        }
+        if nat
+            .lines()
+            .any(|l| l == format!(":{CHAIN} - [0:0]") || l.starts_with(&format!(":{CHAIN} ")))
+        {
+            t.push_str(&format!("-F {CHAIN}\n-X {CHAIN}\n"));
+        }
+        t.push_str("COMMIT\n");
+        if let Err(e) = run_tool(exec_prefix, "iptables-restore", &["--noflush"], Some(&t)) {
+            errors.push(e);
+        }
+    }
+    for set in [MASQ_SET, ALL_SET] {
+        if let Err(e) = run_tool(exec_prefix, "ipset", &["destroy", set], None)
+            && !e.to_string().contains("does not exist")
+        {
+            errors.push(e);
+        }
+    }
+    errors
+}

@@ -1,0 +1,303 @@
+//! Kernel + cluster tier: three nodes as namespaces on an underlay bridge, each running the real
+//! `caracal-node`, pods created through the real `caracal-cni` plugin. With a VXLAN pool, pods on all nodes
+//! reach each other over TCP, UDP and ICMP; a pod reaches an "outside" namespace through natOutgoing
+//! (the outside sees the node's address); nodes publish their addresses; pods get the MTU minus VXLAN's
+//! overhead; a deleted route and a deleted FDB entry come back; CHECK and STATUS answer; DEL after the pod's
+//! namespace is gone succeeds and the address is released. Needs root.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use caracal_crds::ipam::IPAMBlock;
+use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_e2e::cluster::{TestCluster, TestPod};
+use caracal_e2e::cni::Invocation;
+use caracal_e2e::netns::NetNs;
+use caracal_e2e::probe;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+
+const PROBE: Duration = Duration::from_millis(700);
+
+async fn pool(client: &kube::Client, cidr: &str, vxlan: EncapMode) {
+    let spec = IPPoolSpec {
+        cidr: cidr.parse().expect("cidr"),
+        block_size: Some(26),
+        vxlan_mode: Some(vxlan),
+        ipip_mode: None,
+        nat_outgoing: Some(true),
+        disabled: None,
+        disable_bgp_export: None,
+        node_selector: None,
+        allowed_uses: vec![],
+        assignment_mode: None,
+    };
+    Api::<IPPool>::all(client.clone())
+        .create(&PostParams::default(), &IPPool::new("default-ipv4", spec))
+        .await
+        .expect("pool");
+}
+
+/// Retries a probe until it connects or the deadline passes (routes and policy program asynchronously).
+async fn connects(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what} never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn all_pairs_reach(pods: &[TestPod]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for a in pods {
+        for b in pods {
+            if a.ip == b.ip {
+                continue;
+            }
+            let tcp = probe::tcp(&a.ns, &b.ns, b.ip, 8080, PROBE).is_ok_and(|o| o.connected());
+            let udp = probe::udp(&a.ns, &b.ns, b.ip, 5353, PROBE).is_ok_and(|o| o.connected());
+            let icmp = probe::icmp(&a.ns, b.ip, 8, 0, PROBE).is_ok_and(|o| o.connected());
+            if !(tcp && udp && icmp) {
+                failed.push(format!("{} -> {}: tcp {tcp} udp {udp} icmp {icmp}", a.ip, b.ip));
+            }
+        }
+    }
+    failed
+}
+
+#[tokio::test]
+async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through_nat() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let mut c = TestCluster::new(
+        3,
+        Path::new(env!("CARGO_BIN_EXE_caracal-node")),
+        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+    )
+    .await
+    .expect("cluster");
+    c.agent_env.push(("CARACAL_REFRESH_SECONDS".into(), "2".into()));
+    pool(&c.client, "10.244.0.0/16", EncapMode::Always).await;
+    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
+        .await
+        .expect("namespace");
+    c.start_agents().await.expect("agents");
+
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        pods.push(
+            c.add_pod(i, "demo", &format!("p{i}"), json!({"app": "x"}))
+                .await
+                .expect("ADD"),
+        );
+    }
+    // Every pod has its own address from the pool, and an MTU of the underlay's 1500 minus VXLAN's 50.
+    let mut ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3);
+    assert!(pods.iter().all(|p| {
+        "10.244.0.0/16"
+            .parse::<ipnet::Ipv4Net>()
+            .expect("net")
+            .contains(&p.ip)
+    }));
+    let link = pods[0].ns.ip(&["-o", "link", "show", "eth0"]).expect("link");
+    assert!(link.contains("mtu 1450"), "{link}");
+
+    // Nodes publish their underlay address and VTEP; the VXLAN device has Felix's defaults.
+    let nodes = Api::<Node>::all(c.client.clone());
+    let n0 = nodes.get("node-0").await.expect("node");
+    let ann = n0.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        ann.get("caracal.dev/IPv4Address").map(String::as_str),
+        Some("10.97.0.2/24")
+    );
+    assert!(ann.contains_key("caracal.dev/IPv4VXLANTunnelAddr"), "{ann:?}");
+    let dev = c.nodes[0]
+        .ns
+        .ip(&["-d", "link", "show", "vxlan.caracal"])
+        .expect("vxlan device");
+    assert!(
+        dev.contains("vxlan id 4096") && dev.contains("dstport 4789"),
+        "{dev}"
+    );
+
+    connects("every pod pair over TCP, UDP and ICMP", || {
+        let failed = all_pairs_reach(&pods);
+        if !failed.is_empty() {
+            eprintln!("not yet: {failed:?}");
+        }
+        failed.is_empty()
+    })
+    .await;
+
+    // natOutgoing: a namespace on the underlay outside every pool sees the node's address.
+    let outside = NetNs::new("out").expect("outside");
+    c.underlay
+        .attach(&outside, "eth0", Ipv4Addr::new(10, 97, 0, 200))
+        .expect("attach");
+    let listener = outside
+        .enter(|| TcpListener::bind("10.97.0.200:9000"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let src = pods[1].ns.enter(|| {
+        std::net::TcpStream::connect_timeout(
+            &"10.97.0.200:9000".parse().expect("addr"),
+            Duration::from_secs(3),
+        )
+        .map(|s| s.local_addr().map(|a| a.ip()))
+    });
+    assert!(matches!(src, Ok(Ok(Ok(_)))), "pod -> outside: {src:?}");
+    let start = Instant::now();
+    let peer = loop {
+        match listener.accept() {
+            Ok((_, peer)) => break peer,
+            Err(_) if start.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("outside never saw the connection: {e}"),
+        }
+    };
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(c.nodes[1].ip),
+        "masqueraded to node-1's address"
+    );
+
+    // Drift: a deleted remote-block route and a deleted FDB entry come back within the refresh interval.
+    let routes = c.nodes[0]
+        .ns
+        .ip(&["route", "show", "proto", "80"])
+        .expect("routes");
+    let remote = routes
+        .lines()
+        .find(|l| l.contains("dev vxlan.caracal"))
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .expect("a route through the VXLAN device");
+    c.nodes[0]
+        .ns
+        .ip(&["route", "del", &remote])
+        .expect("delete route");
+    let fdb = c.nodes[0]
+        .ns
+        .exec(&["bridge", "fdb", "show", "dev", "vxlan.caracal"])
+        .expect("fdb");
+    let entry = fdb
+        .lines()
+        .find(|l| l.contains("dst"))
+        .expect("an FDB entry")
+        .to_owned();
+    let mac = entry.split_whitespace().next().expect("mac").to_owned();
+    let dst = entry
+        .split_whitespace()
+        .skip_while(|w| *w != "dst")
+        .nth(1)
+        .expect("dst")
+        .to_owned();
+    c.nodes[0]
+        .ns
+        .exec(&["bridge", "fdb", "del", &mac, "dev", "vxlan.caracal", "dst", &dst])
+        .expect("delete fdb");
+    connects("the deleted route and FDB entry restored", || {
+        let r = c.nodes[0]
+            .ns
+            .ip(&["route", "show", "proto", "80"])
+            .unwrap_or_default();
+        let f = c.nodes[0]
+            .ns
+            .exec(&["bridge", "fdb", "show", "dev", "vxlan.caracal"])
+            .unwrap_or_default();
+        r.lines().any(|l| l.starts_with(&format!("{remote} "))) && f.contains(&mac)
+    })
+    .await;
+
+    // CHECK and STATUS answer success.
+    let path0 = format!("/run/netns/{}", pods[0].ns.name());
+    let check = c
+        .cni(
+            0,
+            &Invocation {
+                command: "CHECK",
+                container_id: &pods[0].container_id,
+                netns: &path0,
+                ifname: "eth0",
+                pod: Some(("demo", "p0")),
+            },
+        )
+        .expect("CHECK");
+    assert_eq!(check.0, 0, "CHECK: {}", check.1);
+    let status = c
+        .cni(
+            0,
+            &Invocation {
+                command: "STATUS",
+                container_id: "",
+                netns: "",
+                ifname: "",
+                pod: None,
+            },
+        )
+        .expect("STATUS");
+    assert_eq!(status.0, 0, "STATUS: {}", status.1);
+
+    // DEL after the pod's namespace is gone succeeds, twice, and the address goes back to the pool.
+    let gone = pods.pop().expect("pod");
+    let gone_ip = gone.ip;
+    let (node, cid) = (gone.node, gone.container_id.clone());
+    drop(gone.ns);
+    for _ in 0..2 {
+        let (code, out) = c
+            .cni(
+                node,
+                &Invocation {
+                    command: "DEL",
+                    container_id: &cid,
+                    netns: "",
+                    ifname: "eth0",
+                    pod: Some(("demo", "p2")),
+                },
+            )
+            .expect("DEL");
+        assert_eq!(code, 0, "DEL: {out}");
+    }
+    let blocks = Api::<IPAMBlock>::all(c.client.clone());
+    let start = Instant::now();
+    loop {
+        let held = blocks
+            .list(&ListParams::default())
+            .await
+            .expect("blocks")
+            .items
+            .iter()
+            .any(|b| {
+                caracal_node::ipam::block::Block::from_spec(&b.spec)
+                    .is_ok_and(|blk| blk.holder(std::net::IpAddr::V4(gone_ip)).is_some())
+            });
+        if !held {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{gone_ip} still held after DEL"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..3 {
+        assert!(
+            c.nodes[i].agent.as_mut().expect("agent").check_running().is_ok(),
+            "{}",
+            c.agent_log(i, 30)
+        );
+    }
+}
