@@ -147,6 +147,8 @@ pub struct VxlanDevice {
 pub struct Netlink {
     handle: Handle,
     netns: Option<PathBuf>,
+    /// The kernel runs one dump per socket at a time (a second gets EBUSY): dumps take turns.
+    dumps: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Netlink {
@@ -161,6 +163,7 @@ impl Netlink {
         Ok(Self {
             handle,
             netns: netns.map(Path::to_path_buf),
+            dumps: std::sync::Arc::default(),
         })
     }
 
@@ -191,6 +194,7 @@ impl Netlink {
 
     /// Every link's name by index.
     pub async fn links(&self) -> Result<Vec<(u32, String)>, NetlinkError> {
+        let _turn = self.dumps.lock().await;
         let all: Vec<LinkMessage> = self
             .handle
             .link()
@@ -279,6 +283,7 @@ impl Netlink {
 
     /// The addresses on link `index`.
     pub async fn addrs(&self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        let _turn = self.dumps.lock().await;
         use netlink_packet_route::address::AddressAttribute;
         let msgs: Vec<_> = self
             .handle
@@ -313,12 +318,13 @@ impl Netlink {
             .map_err(req(format!("writing route {}", route.dst)))
     }
 
-    /// Adds the default route via `gw` on `index` (`ip route add default via GW dev IF onlink`).
+    /// Adds the default route via `gw` on `index` (`ip route add default via GW dev IF onlink proto 80`).
     pub async fn add_default_via(&self, gw: Ipv4Addr, index: u32) -> Result<(), NetlinkError> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(gw)
             .output_interface(index)
             .onlink()
+            .protocol(RouteProtocol::from(PROTO_CARACAL))
             .build();
         self.handle
             .route()
@@ -348,6 +354,7 @@ impl Netlink {
 
     /// Every IPv4 route in the main table tagged with `proto`.
     pub async fn routes(&self, proto: u8) -> Result<Vec<OwnedRoute>, NetlinkError> {
+        let _turn = self.dumps.lock().await;
         let all: Vec<RouteMessage> = self
             .handle
             .route()
@@ -431,6 +438,7 @@ impl Netlink {
         index: u32,
         bridge: bool,
     ) -> Result<Vec<([u8; 6], Ipv4Addr)>, NetlinkError> {
+        let _turn = self.dumps.lock().await;
         use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
         let family = if bridge {
             netlink_packet_route::AddressFamily::Bridge

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnet::{IpNet, Ipv4Net};
+use netlink_packet_route::link::LinkMessage;
 
 use crate::netlink::{self, Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget};
 
@@ -83,8 +84,13 @@ pub fn pod_route(ip: Ipv4Net, index: u32) -> OwnedRoute {
 /// it already is exactly this wiring (a repeated ADD), in which case nothing changes.
 pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
     let ips = v4s(&w.ips)?;
-    if let Some(done) = check(node, w).await? {
-        return Ok(done);
+    if let Some((host, eth)) = existing(node, w, &ips).await? {
+        // A repeated ADD (perhaps after an agent killed mid-ADD): finish the host side, answer the same.
+        host_side(node, w, &ips).await?;
+        return Ok(Wired {
+            host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
+            pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
+        });
     }
     node.del_link(&w.host_iface).await?;
     let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
@@ -117,7 +123,16 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         .as_ref()
         .and_then(netlink::link_mac)
         .unwrap_or_default();
-    // Host side: answer ARP for the gateway, route the pod's addresses to it.
+    host_side(node, w, &ips).await?;
+    Ok(Wired {
+        host_mac: mac_text(HOST_MAC),
+        pod_mac: mac_text(pod_mac),
+    })
+}
+
+/// The host side: answer ARP for the gateway (proxy ARP, no delay), up, the pod's addresses routed to it.
+/// Idempotent, and without dumps (one write each), so concurrent ADDs do not queue behind each other.
+async fn host_side(node: &Netlink, w: &PodWiring, ips: &[Ipv4Net]) -> Result<(), WireError> {
     netlink::sysctl(
         node.netns(),
         &format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
@@ -130,29 +145,21 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
     )?;
     let host = node.index(&w.host_iface).await?;
     node.set_up(host, None).await?;
-    for ip in &ips {
+    for ip in ips {
         node.replace_route(&pod_route(*ip, host), PROTO_CARACAL).await?;
     }
-    Ok(Wired {
-        host_mac: mac_text(HOST_MAC),
-        pod_mac: mac_text(pod_mac),
-    })
+    Ok(())
 }
 
-/// The existing wiring when it is complete and matches `w` (host side up with the pod routes, the pod side
-/// holding every address); None otherwise.
-pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireError> {
-    let ips = v4s(&w.ips)?;
+/// Both ends when they exist and the pod side holds every address.
+async fn existing(
+    node: &Netlink,
+    w: &PodWiring,
+    ips: &[Ipv4Net],
+) -> Result<Option<(LinkMessage, LinkMessage)>, WireError> {
     let Some(host) = node.link(&w.host_iface).await? else {
         return Ok(None);
     };
-    let routes = node.routes(PROTO_CARACAL).await?;
-    if !ips
-        .iter()
-        .all(|ip| routes.contains(&pod_route(*ip, host.header.index)))
-    {
-        return Ok(None);
-    }
     if !Path::new(&w.netns).exists() {
         return Ok(None);
     }
@@ -162,6 +169,32 @@ pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireE
     };
     let have = pod.addrs(eth.header.index).await?;
     if !ips.iter().all(|ip| have.contains(&IpNet::V4(*ip))) {
+        return Ok(None);
+    }
+    // The default route is the pod side's last step: with it, the pod side is complete.
+    let default = pod
+        .routes(PROTO_CARACAL)
+        .await?
+        .into_iter()
+        .any(|r| r.dst.prefix_len() == 0 && r.target == RouteTarget::Via(GATEWAY, eth.header.index));
+    if !default {
+        return Ok(None);
+    }
+    Ok(Some((host, eth)))
+}
+
+/// The existing wiring when it is complete and matches `w` (host side with the pod routes, the pod side
+/// holding every address); None otherwise.
+pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireError> {
+    let ips = v4s(&w.ips)?;
+    let Some((host, eth)) = existing(node, w, &ips).await? else {
+        return Ok(None);
+    };
+    let routes = node.routes(PROTO_CARACAL).await?;
+    if !ips
+        .iter()
+        .all(|ip| routes.contains(&pod_route(*ip, host.header.index)))
+    {
         return Ok(None);
     }
     Ok(Some(Wired {
