@@ -86,6 +86,8 @@ bench: deps controlplane
 	$(CARGO) bench --locked -p caracal-node --bench policy
 	$(CARGO) build --locked --release -p caracal-node --bin caracal-typha
 	$(CARGO) bench --locked -p caracal-node --bench typha
+	$(CARGO) build --locked --release -p caracal-node --bin caracal-node --bin caracal-cni
+	$(CARGO) bench --locked -p caracal-node --bench cni
 
 lab: deps controlplane
 	@echo "The full lab (operator, nodes, pods, policies) arrives with its issue; this starts the control plane."

@@ -92,9 +92,35 @@ fn ipam_addresses(
         .collect()
 }
 
-async fn sync_routing(routing: &mut Option<Routing>, cache: &Cache, status: &Status, first: &mut bool) {
-    let Some(r) = routing.as_mut() else { return };
-    match r.sync(cache).await {
+/// Kinds whose changes routing depends on (pod changes do not: the CNI wiring owns pod routes).
+fn routing_input(u: &Update) -> bool {
+    let kind = match u {
+        Update::Resync { kind }
+        | Update::Upsert { kind, .. }
+        | Update::Delete { kind, .. }
+        | Update::InSync { kind } => kind,
+    };
+    [
+        "v1/Node",
+        "caracal.dev/v1/IPPool",
+        "caracal.dev/v1/IPAMBlock",
+        "caracal.dev/v1/FelixConfiguration",
+        "caracal.dev/v1/BGPConfiguration",
+        "caracal.dev/v1/BGPPeer",
+    ]
+    .contains(&kind.as_str())
+}
+
+/// Converges routing; false when it failed (the next change or refresh retries).
+async fn sync_routing(
+    routing: &mut Option<Routing>,
+    cache: &Cache,
+    status: &Status,
+    first: &mut bool,
+    force: bool,
+) -> bool {
+    let Some(r) = routing.as_mut() else { return true };
+    match r.sync(cache, force).await {
         Ok(stats) => {
             if !stats.is_noop() {
                 if !*first {
@@ -103,10 +129,12 @@ async fn sync_routing(routing: &mut Option<Routing>, cache: &Cache, status: &Sta
                 info!(?stats, "routing converged");
             }
             *first = false;
+            true
         }
         Err(e) => {
             status.routing_failures.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "routing sync failed; retrying on the next change or refresh");
+            false
         }
     }
 }
@@ -119,7 +147,10 @@ pub async fn run(
     parts: Parts,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DataplaneError> {
-    let mut backend = dataplane::backend(&cfg.dataplane, cfg.exec_prefix.clone())?;
+    let backend: Backend = Arc::new(std::sync::Mutex::new(dataplane::backend(
+        &cfg.dataplane,
+        cfg.exec_prefix.clone(),
+    )?));
     let Parts {
         ipam,
         mut routing,
@@ -128,6 +159,7 @@ pub async fn run(
     let mut ipam_changes = ipam.as_ref().map(NodeIpam::subscribe);
     let mut cache = Cache::default();
     let mut dirty = false;
+    let mut routing_dirty = true;
     let mut programmed_once = false;
     let mut routing_first = true;
     let mut refresh = tokio::time::interval(cfg.refresh);
@@ -146,6 +178,7 @@ pub async fn run(
             () = &mut shutdown => return Ok(()),
             u = updates.recv() => match u {
                 Some(u) => {
+                    routing_dirty |= routing_input(&u);
                     cache.apply(u);
                     dirty = true;
                 }
@@ -162,6 +195,7 @@ pub async fn run(
             () = tokio::time::sleep(cfg.debounce), if dirty && cache.in_sync() => {
                 // Drain what queued up meanwhile, then program once.
                 while let Ok(u) = updates.try_recv() {
+                    routing_dirty |= routing_input(&u);
                     cache.apply(u);
                 }
                 dirty = false;
@@ -170,7 +204,7 @@ pub async fn run(
                     Some(i) => ipam_addresses(&i.held().await),
                     None => Default::default(),
                 };
-                match program(&cfg, &cache, &addrs, backend.as_mut(), full) {
+                match program_blocking(&cfg, &cache, addrs, &backend, full).await {
                     Ok(_) => {
                         programmed_once = true;
                         status.programs.fetch_add(1, Ordering::Relaxed);
@@ -182,15 +216,17 @@ pub async fn run(
                         dirty = true;
                     }
                 }
-                sync_routing(&mut routing, &cache, &status, &mut routing_first).await;
+                if routing_dirty {
+                    routing_dirty = !sync_routing(&mut routing, &cache, &status, &mut routing_first, false).await;
+                }
             },
             _ = refresh.tick(), if programmed_once => {
                 let addrs = match &ipam {
                     Some(i) => ipam_addresses(&i.held().await),
                     None => Default::default(),
                 };
-                sync_routing(&mut routing, &cache, &status, &mut routing_first).await;
-                match program(&cfg, &cache, &addrs, backend.as_mut(), true) {
+                routing_dirty = !sync_routing(&mut routing, &cache, &status, &mut routing_first, true).await;
+                match program_blocking(&cfg, &cache, addrs, &backend, true).await {
                     Ok(stats) => {
                         if !stats.is_noop() {
                             status.repairs.fetch_add(1, Ordering::Relaxed);
@@ -206,16 +242,35 @@ pub async fn run(
     }
 }
 
-fn program(
+type Backend = Arc<std::sync::Mutex<Box<dyn dataplane::PolicyDataplane>>>;
+
+/// Runs [`program`] on a blocking thread: the kernel tools take tens to hundreds of milliseconds, and the
+/// runtime's threads must keep answering CNI requests meanwhile.
+async fn program_blocking(
     cfg: &Config,
     cache: &Cache,
+    addrs: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    backend: &Backend,
+    full: bool,
+) -> Result<dataplane::ApplyStats, DataplaneError> {
+    let (cfg, docs, backend) = (cfg.clone(), cache.documents(), backend.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut b = backend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        program(&cfg, docs, &addrs, b.as_mut(), full)
+    })
+    .await
+    .unwrap_or_else(|e| Err(DataplaneError::Internal(format!("programming task: {e}"))))
+}
+
+fn program(
+    cfg: &Config,
+    mut docs: Vec<(String, serde_json::Value)>,
     addrs: &std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
     backend: &mut dyn dataplane::PolicyDataplane,
     full: bool,
 ) -> Result<dataplane::ApplyStats, DataplaneError> {
     // Local pods get the addresses IPAM gave them before the kubelet reports them in status, through the
     // same loader as everything else.
-    let mut docs = cache.documents();
     for (_, v) in docs
         .iter_mut()
         .filter(|(_, v)| v["kind"] == "Pod" && v["spec"]["nodeName"] == cfg.node_name.as_str())

@@ -65,37 +65,48 @@ pub fn is_not_found(e: &NetlinkError) -> bool {
     }
 }
 
-/// Runs `f` on a thread that has entered the network namespace at `path` (or stays where it is for None).
-pub fn in_netns<T: Send + 'static>(
+/// Runs `f` on a new thread that has entered the network namespace at `path` (or on a new thread in the
+/// agent's own namespace for None), awaiting it without blocking the runtime: a namespace switch is per
+/// thread, so the thread is never reused.
+pub async fn in_netns<T: Send + 'static>(
     path: Option<&Path>,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T, NetlinkError> {
-    let Some(path) = path else {
-        return f().map_err(|source| NetlinkError::Namespace {
-            path: PathBuf::from("(own)"),
-            source,
-        });
-    };
-    let owned = path.to_path_buf();
-    let thread = std::thread::spawn(move || -> std::io::Result<T> {
-        let ns = std::fs::File::open(&owned)?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        f()
+    let owned = path.map(Path::to_path_buf);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> std::io::Result<T> {
+            if let Some(p) = &owned {
+                let ns = std::fs::File::open(p)?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            }
+            f()
+        };
+        let _ = tx.send(run());
     });
-    let result = thread
-        .join()
+    let result = rx
+        .await
         .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")));
     result.map_err(|source| NetlinkError::Namespace {
-        path: path.to_path_buf(),
+        path: path.map_or_else(|| PathBuf::from("(own)"), Path::to_path_buf),
         source,
     })
 }
 
-/// Writes `value` to `/proc/sys/<key>` (dots become slashes) inside the namespace at `netns`.
-pub fn sysctl(netns: Option<&Path>, key: &str, value: &str) -> Result<(), NetlinkError> {
-    let file = format!("/proc/sys/{}", key.replace('.', "/"));
-    let value = value.to_owned();
-    in_netns(netns, move || std::fs::write(&file, value))
+/// Writes sysctls (`key` with dots, value) inside the namespace at `netns`, all from one thread.
+pub async fn sysctls(netns: Option<&Path>, settings: Vec<(String, String)>) -> Result<(), NetlinkError> {
+    in_netns(netns, move || {
+        for (key, value) in settings {
+            std::fs::write(format!("/proc/sys/{}", key.replace('.', "/")), value)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Writes one sysctl inside the namespace at `netns`.
+pub async fn sysctl(netns: Option<&Path>, key: &str, value: &str) -> Result<(), NetlinkError> {
+    sysctls(netns, vec![(key.to_owned(), value.to_owned())]).await
 }
 
 /// The path of a named namespace (`ip netns add NAME`).
@@ -153,12 +164,13 @@ pub struct Netlink {
 
 impl Netlink {
     /// Opens a connection in the namespace at `netns` (None: the agent's own). Needs a tokio runtime.
-    pub fn open(netns: Option<&Path>) -> Result<Self, NetlinkError> {
+    pub async fn open(netns: Option<&Path>) -> Result<Self, NetlinkError> {
         let rt = tokio::runtime::Handle::current();
         let (conn, handle, _) = in_netns(netns, move || {
             let _guard = rt.enter();
             rtnetlink::new_connection()
-        })?;
+        })
+        .await?;
         tokio::spawn(conn);
         Ok(Self {
             handle,

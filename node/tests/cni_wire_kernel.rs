@@ -41,7 +41,9 @@ fn node_with_uplink() -> (Underlay, NetNs) {
 #[tokio::test]
 async fn wired_pods_reach_each_other_through_proxy_arp_and_del_is_idempotent() {
     let (_underlay, node) = node_with_uplink();
-    let nl = Netlink::open(Some(&named_netns(node.name()))).expect("netlink");
+    let nl = Netlink::open(Some(&named_netns(node.name())))
+        .await
+        .expect("netlink");
     let a = NetNs::new("pa").expect("pod a");
     let b = NetNs::new("pb").expect("pod b");
     let wa = wiring(&node, &a, "crcwiretesta", "10.200.0.5/32");

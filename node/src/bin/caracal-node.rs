@@ -14,7 +14,7 @@
 //! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal.
 //! - `CARACAL_IPV4_AUTODETECTION` (first-found) or `CARACAL_IP` (an address/prefix to use as is).
 //! - `CARACAL_BGP` (`Enabled`/`Disabled`), `CARACAL_MTU` (an explicit pod MTU).
-//! - `CARACAL_IPAM_RESERVE` (16), `CARACAL_IPAM_GC_GRACE_SECONDS` (900), `CARACAL_REFRESH_SECONDS` (90).
+//! - `CARACAL_IPAM_RESERVE` (32), `CARACAL_IPAM_GC_GRACE_SECONDS` (900), `CARACAL_REFRESH_SECONDS` (90).
 //! - Typha: `CARACAL_TYPHA_ADDRS` (`host:port,...`) or `CARACAL_TYPHA_SERVICE` (port 5473) with
 //!   `CARACAL_TYPHA_CA_FILE`, `CARACAL_TYPHA_CERT_FILE`, `CARACAL_TYPHA_KEY_FILE` and
 //!   `CARACAL_TYPHA_SERVER_NAME` (caracal-typha); without them the agent watches the API server directly.
@@ -101,10 +101,12 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .filter(|n| !n.is_empty())
         .map(|n| caracal_node::netlink::named_netns(&n));
-    let nl = caracal_node::netlink::Netlink::open(netns.as_deref()).context("netlink")?;
+    let nl = caracal_node::netlink::Netlink::open(netns.as_deref())
+        .await
+        .context("netlink")?;
     let mut ipam_cfg =
         caracal_node::ipam::node::Config::new(&node_name, env("CARACAL_STATE_DIR", "/var/lib/caracal"));
-    ipam_cfg.reserve = env("CARACAL_IPAM_RESERVE", "16")
+    ipam_cfg.reserve = env("CARACAL_IPAM_RESERVE", "32")
         .parse()
         .context("CARACAL_IPAM_RESERVE")?;
     ipam_cfg.gc_grace = Duration::from_secs(

@@ -150,6 +150,7 @@ impl CniServer {
             (attr::POD.to_owned(), pod.clone()),
             ("containerID".to_owned(), req.container_id.clone()),
         ]);
+        let t0 = std::time::Instant::now();
         let ips =
             self.ipam.assign(&handle, attrs).await.map_err(|e| {
                 CniError::new(Code::TryAgainLater, "no address available", format!("IPAM: {e}"))
@@ -160,6 +161,7 @@ impl CniServer {
             self.mtu.load(Ordering::Relaxed)
         };
         let w = self.wiring(req, &ns, &pod, &ips, mtu);
+        let t1 = std::time::Instant::now();
         let wired = match wire::add(&self.node, &w).await {
             Ok(x) => x,
             Err(e) => {
@@ -169,6 +171,12 @@ impl CniServer {
                 return Err(refused("wiring the pod failed", e.to_string()));
             }
         };
+        debug!(
+            pod = %format!("{ns}/{pod}"),
+            ipam_us = (t1 - t0).as_micros() as u64,
+            wire_us = t1.elapsed().as_micros() as u64,
+            "ADD"
+        );
         let ours = spec::result_json(
             &Attachment {
                 host_iface: w.host_iface.clone(),

@@ -100,7 +100,7 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
     node.add_veth_into(&w.host_iface, &w.ifname, &pod_ns, w.mtu, HOST_MAC)
         .await?;
     // Pod side.
-    let pod = Netlink::open(Some(&w.netns))?;
+    let pod = Netlink::open(Some(&w.netns)).await?;
     let lo = pod.index("lo").await?;
     pod.set_up(lo, None).await?;
     let eth = pod.index(&w.ifname).await?;
@@ -133,16 +133,20 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
 /// The host side: answer ARP for the gateway (proxy ARP, no delay), up, the pod's addresses routed to it.
 /// Idempotent, and without dumps (one write each), so concurrent ADDs do not queue behind each other.
 async fn host_side(node: &Netlink, w: &PodWiring, ips: &[Ipv4Net]) -> Result<(), WireError> {
-    netlink::sysctl(
+    netlink::sysctls(
         node.netns(),
-        &format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
-        "1",
-    )?;
-    netlink::sysctl(
-        node.netns(),
-        &format!("net.ipv4.neigh.{}.proxy_delay", w.host_iface),
-        "0",
-    )?;
+        vec![
+            (
+                format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
+                "1".to_owned(),
+            ),
+            (
+                format!("net.ipv4.neigh.{}.proxy_delay", w.host_iface),
+                "0".to_owned(),
+            ),
+        ],
+    )
+    .await?;
     let host = node.index(&w.host_iface).await?;
     node.set_up(host, None).await?;
     for ip in ips {
@@ -163,7 +167,7 @@ async fn existing(
     if !Path::new(&w.netns).exists() {
         return Ok(None);
     }
-    let pod = Netlink::open(Some(&w.netns))?;
+    let pod = Netlink::open(Some(&w.netns)).await?;
     let Some(eth) = pod.link(&w.ifname).await? else {
         return Ok(None);
     };

@@ -116,6 +116,9 @@ pub enum DataplaneError {
     /// The configured data plane is not one this build provides.
     #[error("data plane {0:?} is not available in this Caracal release: use Iptables")]
     Unsupported(String),
+    /// The task programming the data plane died (a panic in a backend).
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// A policy data plane: takes the whole desired model and converges the kernel to it. Implementations are

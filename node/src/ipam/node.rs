@@ -61,12 +61,13 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for `node`: a reserve of 16 and Calico's 15-minute leak grace period.
+    /// Defaults for `node`: a reserve of 32 (half a default block: a burst of pods is served from memory
+    /// while the reserve refills in the background) and Calico's 15-minute leak grace period.
     pub fn new(node: &str, state_dir: impl Into<PathBuf>) -> Self {
         Self {
             node: node.to_owned(),
             state_dir: state_dir.into(),
-            reserve: 16,
+            reserve: 32,
             gc_grace: Duration::from_secs(15 * 60),
         }
     }
@@ -148,6 +149,9 @@ struct Inner {
     journal: std::sync::Mutex<std::fs::File>,
     journal_path: PathBuf,
     refill_lock: Mutex<()>,
+    /// Held while writing this node's blocks: the committer and the refiller write the same objects, and
+    /// taking turns spares both the compare-and-swap conflicts (each costs a re-read).
+    block_writes: Mutex<()>,
     commit_kick: Notify,
     refill_kick: Notify,
     /// Bumped whenever a handle is assigned or released (the agent reprograms on it).
@@ -203,6 +207,7 @@ impl NodeIpam {
             journal: std::sync::Mutex::new(journal),
             journal_path,
             refill_lock: Mutex::new(()),
+            block_writes: Mutex::new(()),
             commit_kick: Notify::new(),
             refill_kick: Notify::new(),
             changes: tokio::sync::watch::channel(0).0,
@@ -275,7 +280,7 @@ impl NodeIpam {
                             committed: false,
                         },
                     );
-                    if st.reserve.len() * 2 < self.inner.cfg.reserve {
+                    if st.reserve.len() * 4 < self.inner.cfg.reserve * 3 {
                         self.inner.refill_kick.notify_one();
                     }
                     self.inner.commit_kick.notify_one();
@@ -378,10 +383,19 @@ impl NodeIpam {
         let _one = self.inner.refill_lock.lock().await;
         let have = self.inner.state.lock().await.reserve.len();
         let target = self.inner.cfg.reserve.max(1);
-        if have * 2 >= target && have > 0 {
+        if have * 4 >= target * 3 && have > 0 {
             return Ok(());
         }
-        let got = self.reserve_more(target - have).await?;
+        let started = Instant::now();
+        let got = {
+            let _writes = self.inner.block_writes.lock().await;
+            self.reserve_more(target - have).await?
+        };
+        tracing::debug!(
+            got = got.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "IPAM reserve refilled"
+        );
         let mut st = self.inner.state.lock().await;
         st.exhausted = got.is_empty() && st.reserve.is_empty();
         st.reserve.extend(got);
@@ -417,30 +431,38 @@ impl NodeIpam {
             (attr::NODE.to_owned(), node.clone()),
             (attr::TYPE.to_owned(), "reserve".to_owned()),
         ]);
-        let labels = self.node_labels().await;
-        let mut claimed_once = false;
+        let mut labels = None;
+        let mut claims = 0;
         let mut borrow = false;
+        let mut got = Vec::new();
         let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
         for _ in 0..50 {
+            if got.len() >= n {
+                return Ok(got);
+            }
             let all = blocks
                 .list(&ListParams::default())
                 .await
                 .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
-            let candidates: Vec<IPAMBlock> = all
+            let candidate = all
                 .into_iter()
-                .filter(|b| b.spec.cidr.is_ipv4() && !b.spec.deleted)
-                .filter(|b| {
+                .filter(|b| b.spec.cidr.is_ipv4() && !b.spec.deleted && !b.spec.unallocated.is_empty())
+                .find(|b| {
                     if borrow {
                         b.spec.affinity.as_deref() != Some(mine.as_str()) && !b.spec.strict_affinity
                     } else {
                         b.spec.affinity.as_deref() == Some(mine.as_str())
                     }
-                })
-                .filter(|b| !b.spec.unallocated.is_empty())
-                .collect();
-            if let Some(obj) = candidates.into_iter().next() {
+                });
+            if let Some(obj) = candidate {
                 let mut block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
-                let take = if borrow { n.min(4) } else { n.min(block.free()) };
+                let want = n - got.len();
+                // Borrowing takes a few at a time: the owner may need its block back.
+                let take = if borrow {
+                    want.min(4)
+                } else {
+                    want.min(block.free())
+                };
                 let ips = block
                     .assign(take, &reserve, attrs.clone())
                     .map_err(AllocError::from)?;
@@ -453,26 +475,45 @@ impl NodeIpam {
                     Ok(_) => {
                         if borrow {
                             info!(block = %obj.spec.cidr, count = ips.len(), "borrowed addresses from another node's block: the pools are exhausted");
+                            // One borrow per refill: the next refill looks again (the owner may free some).
+                            got.extend(ips);
+                            return Ok(got);
                         }
-                        return Ok(ips);
+                        got.extend(ips);
+                        continue;
                     }
                     Err(e) if conflict(&e) => continue,
                     Err(e) => return Err(IpamError::Api("reserving addresses in an IPAMBlock", e)),
                 }
             }
-            if !borrow && !claimed_once {
-                claimed_once = true;
-                if self.inner.alloc.claim(true, &labels).await? {
+            // Own blocks are full: claim another (within one refill, as many as the reserve needs).
+            if !borrow && claims < 4 {
+                claims += 1;
+                if labels.is_none() {
+                    labels = Some(self.node_labels().await);
+                }
+                if self
+                    .inner
+                    .alloc
+                    .claim(true, labels.as_ref().unwrap_or(&BTreeMap::new()))
+                    .await?
+                {
                     continue;
                 }
+            }
+            if !got.is_empty() {
+                return Ok(got);
             }
             if !borrow && !self.strict_affinity().await {
                 borrow = true;
                 continue;
             }
-            return Ok(Vec::new());
+            return Ok(got);
         }
-        Err(AllocError::Contended(50).into())
+        if got.is_empty() {
+            return Err(AllocError::Contended(50).into());
+        }
+        Ok(got)
     }
 
     async fn refill_loop(self) {
@@ -516,6 +557,7 @@ impl NodeIpam {
         }
         let reserve = Self::reserve_handle(&self.inner.cfg.node);
         let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
+        let writes = self.inner.block_writes.lock().await;
         let all = blocks
             .list(&ListParams::default())
             .await
@@ -545,13 +587,19 @@ impl NodeIpam {
         let mut done_assign = BTreeSet::new();
         let mut done_release = BTreeSet::new();
         for (name, (adds, dels)) in by_block {
+            // The first attempt works on the listed object; a conflict re-reads it.
+            let mut listed = all.iter().find(|b| b.name_any() == name).cloned();
             for _ in 0..50 {
-                let Some(obj) = blocks
-                    .get_opt(&name)
-                    .await
-                    .map_err(|e| IpamError::Api("reading an IPAMBlock", e))?
-                else {
-                    break;
+                let obj = match listed.take() {
+                    Some(o) => o,
+                    None => match blocks
+                        .get_opt(&name)
+                        .await
+                        .map_err(|e| IpamError::Api("reading an IPAMBlock", e))?
+                    {
+                        Some(o) => o,
+                        None => break,
+                    },
                 };
                 let mut block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
                 for (ip, handle, attrs) in &adds {
@@ -595,6 +643,7 @@ impl NodeIpam {
                 }
             }
         }
+        drop(writes);
         self.write_handles(&handle_blocks, &releases).await?;
         let mut st = self.inner.state.lock().await;
         for (handle, h) in &assigns {

@@ -63,6 +63,9 @@ pub enum RoutingError {
     /// The VTEP address could not be allocated.
     #[error("allocating the VTEP address: {0}")]
     Ipam(#[from] crate::ipam::node::IpamError),
+    /// A blocking task died.
+    #[error("routing task: {0}")]
+    Task(String),
     /// Publishing on the Node failed.
     #[error("publishing the node's address on its Node object: {0}")]
     Publish(kube::Error),
@@ -99,6 +102,9 @@ pub struct Routing {
     /// The pod MTU, shared with the CNI server.
     pub mtu: Arc<AtomicU32>,
     warned: BTreeSet<String>,
+    /// What the last successful sync converged to: an unchanged input needs no kernel work until the next
+    /// forced (periodic) sync.
+    last: Option<(Desired, address::Chosen, u32)>,
 }
 
 fn felix(cache: &Cache) -> Value {
@@ -123,13 +129,15 @@ impl Routing {
             ipam,
             mtu,
             warned: BTreeSet::new(),
+            last: None,
         }
     }
 
-    /// Converges the node's routing to what `cache` says.
-    pub async fn sync(&mut self, cache: &Cache) -> Result<SyncStats, RoutingError> {
+    /// Converges the node's routing to what `cache` says. Unless `force`, nothing is done when the desired
+    /// routing equals what the last sync converged to (the periodic sync forces, and repairs drift).
+    pub async fn sync(&mut self, cache: &Cache, force: bool) -> Result<SyncStats, RoutingError> {
         let mut stats = SyncStats::default();
-        crate::netlink::sysctl(self.nl.netns(), "net.ipv4.ip_forward", "1")?;
+        crate::netlink::sysctl(self.nl.netns(), "net.ipv4.ip_forward", "1").await?;
         let me = self.cfg.node.clone();
         let my_node = cache.get("v1/Node", &me).cloned().unwrap_or(Value::Null);
         let internal_ip = my_node["status"]["addresses"]
@@ -155,6 +163,10 @@ impl Routing {
             .or_else(|| f["vxlanMTU"].as_u64().and_then(|m| u32::try_from(m).ok()));
         let pod_mtu = explicit.unwrap_or_else(|| model::pod_mtu(chosen.mtu, desired.vxlan, false, false));
         self.mtu.store(pod_mtu, Ordering::Relaxed);
+        let key = (desired.clone(), chosen.clone(), pod_mtu);
+        if !force && self.last.as_ref() == Some(&key) {
+            return Ok(stats);
+        }
 
         // The VXLAN device, its address and the peers.
         let mut annotations =
@@ -217,7 +229,16 @@ impl Routing {
             self.nl.replace_route(r, PROTO_CARACAL).await?;
             stats.routes_added += 1;
         }
-        stats.nat_changed = nat::apply(&self.cfg.exec_prefix, &desired.masquerade, &desired.all_pools)?;
+        // The nat tools are processes: off the runtime's threads.
+        let (prefix, masq, all) = (
+            self.cfg.exec_prefix.clone(),
+            desired.masquerade.clone(),
+            desired.all_pools.clone(),
+        );
+        stats.nat_changed = tokio::task::spawn_blocking(move || nat::apply(&prefix, &masq, &all))
+            .await
+            .map_err(|e| RoutingError::Task(e.to_string()))??;
+        self.last = Some(key);
         Ok(stats)
     }
 
