@@ -21,7 +21,7 @@ CP_TARGETS  := $(addprefix $(CP_BIN)/,$(CP_PROGRAMS))
 
 # Debian packages the kernel tier needs (iptables and ipset for the policy data plane, ping and iperf3 to
 # probe it, conntrack to inspect flows).
-APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack
+APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack bird2
 
 # Never let `go` download a toolchain; build with the one installed.
 export GOTOOLCHAIN := local

@@ -320,3 +320,22 @@ pub async fn eventually(
     }
     Ok(())
 }
+
+/// Probes every ordered pair of pods over TCP, UDP and ICMP; returns the pairs that failed.
+pub fn unreachable_pairs(pods: &[TestPod], timeout: Duration) -> Vec<String> {
+    let mut failed = Vec::new();
+    for a in pods {
+        for b in pods {
+            if a.ip == b.ip {
+                continue;
+            }
+            let tcp = crate::probe::tcp(&a.ns, &b.ns, b.ip, 8080, timeout).is_ok_and(|o| o.connected());
+            let udp = crate::probe::udp(&a.ns, &b.ns, b.ip, 5353, timeout).is_ok_and(|o| o.connected());
+            let icmp = crate::probe::icmp(&a.ns, b.ip, 8, 0, timeout).is_ok_and(|o| o.connected());
+            if !(tcp && udp && icmp) {
+                failed.push(format!("{} -> {}: tcp {tcp} udp {udp} icmp {icmp}", a.ip, b.ip));
+            }
+        }
+    }
+    failed
+}

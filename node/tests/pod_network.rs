@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 
 use caracal_crds::ipam::IPAMBlock;
 use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
-use caracal_e2e::cluster::{TestCluster, TestPod};
+use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::cni::Invocation;
 use caracal_e2e::netns::NetNs;
-use caracal_e2e::probe;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
@@ -55,24 +54,6 @@ async fn connects(what: &str, mut f: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn all_pairs_reach(pods: &[TestPod]) -> Vec<String> {
-    let mut failed = Vec::new();
-    for a in pods {
-        for b in pods {
-            if a.ip == b.ip {
-                continue;
-            }
-            let tcp = probe::tcp(&a.ns, &b.ns, b.ip, 8080, PROBE).is_ok_and(|o| o.connected());
-            let udp = probe::udp(&a.ns, &b.ns, b.ip, 5353, PROBE).is_ok_and(|o| o.connected());
-            let icmp = probe::icmp(&a.ns, b.ip, 8, 0, PROBE).is_ok_and(|o| o.connected());
-            if !(tcp && udp && icmp) {
-                failed.push(format!("{} -> {}: tcp {tcp} udp {udp} icmp {icmp}", a.ip, b.ip));
-            }
-        }
-    }
-    failed
 }
 
 #[tokio::test]
@@ -133,7 +114,7 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
     );
 
     connects("every pod pair over TCP, UDP and ICMP", || {
-        let failed = all_pairs_reach(&pods);
+        let failed = caracal_e2e::cluster::unreachable_pairs(&pods, PROBE);
         if !failed.is_empty() {
             eprintln!("not yet: {failed:?}");
         }

@@ -136,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             bgp: env("CARACAL_BGP", "Disabled") == "Enabled",
             mtu: explicit_mtu,
             exec_prefix: exec_prefix.clone(),
+            state_dir: std::path::PathBuf::from(env("CARACAL_STATE_DIR", "/var/lib/caracal")),
         },
         nl.clone(),
         client.clone(),

@@ -5,6 +5,7 @@
 //! drift (a deleted route or FDB entry returns).
 
 pub mod address;
+pub mod bgp;
 pub mod model;
 pub mod nat;
 
@@ -44,8 +45,10 @@ pub struct Config {
     pub bgp: bool,
     /// An explicit pod MTU (Installation `calicoNetwork.mtu`): wins over detection.
     pub mtu: Option<u32>,
-    /// Prefix for iptables/ipset (a namespace in tests and the lab).
+    /// Prefix for iptables/ipset and BIRD (a namespace in tests and the lab).
     pub exec_prefix: Vec<String>,
+    /// Where BIRD's configuration, control socket and log live (per node).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Errors converging routing.
@@ -63,6 +66,9 @@ pub enum RoutingError {
     /// The VTEP address could not be allocated.
     #[error("allocating the VTEP address: {0}")]
     Ipam(#[from] crate::ipam::node::IpamError),
+    /// BIRD.
+    #[error(transparent)]
+    Bird(#[from] bgp::BirdError),
     /// A blocking task died.
     #[error("routing task: {0}")]
     Task(String),
@@ -105,6 +111,8 @@ pub struct Routing {
     /// What the last successful sync converged to: an unchanged input needs no kernel work until the next
     /// forced (periodic) sync.
     last: Option<(Desired, address::Chosen, u32)>,
+    /// BIRD, when BGP is enabled.
+    bird: Option<bgp::Bird>,
 }
 
 fn felix(cache: &Cache) -> Value {
@@ -123,13 +131,24 @@ impl Routing {
     /// Routing for the namespace `nl` works in.
     pub fn new(cfg: Config, nl: Netlink, client: Client, ipam: NodeIpam, mtu: Arc<AtomicU32>) -> Self {
         Self {
-            cfg,
             nl,
             client,
             ipam,
             mtu,
             warned: BTreeSet::new(),
             last: None,
+            bird: cfg
+                .bgp
+                .then(|| bgp::Bird::new(&cfg.state_dir.join("bird"), cfg.exec_prefix.clone())),
+            cfg,
+        }
+    }
+
+    /// BIRD's `show protocols`, when BGP is enabled.
+    pub async fn bgp_protocols(&self) -> Option<String> {
+        match &self.bird {
+            Some(b) => b.protocols().await.ok(),
+            None => None,
         }
     }
 
@@ -155,6 +174,27 @@ impl Routing {
             if self.warned.insert(w.clone()) {
                 warn!("{w}");
             }
+        }
+        if let Some(bird) = self.bird.as_mut() {
+            let nodes: BTreeMap<String, Value> = cache
+                .of_kind("v1/Node")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let config = cache
+                .get("caracal.dev/v1/BGPConfiguration", "default")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let peers: Vec<Value> = cache
+                .of_kind("caracal.dev/v1/BGPPeer")
+                .map(|(_, v)| v.clone())
+                .collect();
+            let mine: BTreeSet<Ipv4Net> = blocks
+                .iter()
+                .filter(|b| b.node.as_deref() == Some(me.as_str()))
+                .map(|b| b.cidr)
+                .collect();
+            let input = bgp::input(&me, chosen.ip, &nodes, &config, &peers, mine);
+            bird.ensure(&bgp::render(&input)).await?;
         }
         let f = felix(cache);
         let explicit = self

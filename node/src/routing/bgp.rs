@@ -1,0 +1,547 @@
+//! BGP through BIRD 2: the agent renders BIRD's configuration from the datastore ([`render`], pure) and
+//! runs Debian's `bird` for its node ([`Bird`]), reconfiguring it (`birdc configure`) when the
+//! configuration changes.
+//!
+//! What BIRD does: announce this node's blocks (a static blackhole route per block, exported to peers only),
+//! peer with every other node (node-to-node mesh, unless `BGPConfiguration.nodeToNodeMeshEnabled` is false)
+//! and with the peers `BGPPeer`s give it (explicit `peerIP`s, or the nodes a `peerSelector` picks, with
+//! route-reflector clusters), and write only what it learns over BGP into the kernel. The static routes
+//! never reach the kernel: the agent programs its own blackholes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use caracal_crds::selector;
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use tracing::{info, warn};
+
+/// Node annotation naming the route-reflector cluster a node reflects for (Calico's
+/// `routeReflectorClusterID`).
+pub const RR_CLUSTER_ANNOTATION: &str = "caracal.dev/route-reflector-cluster-id";
+/// Calico's default AS number.
+pub const DEFAULT_AS: u32 = 64512;
+/// BGP's port.
+pub const DEFAULT_PORT: u16 = 179;
+
+/// One BGP session this node wants.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    /// Protocol name in BIRD (unique, derived from the address).
+    pub name: String,
+    /// The peer's address.
+    pub ip: Ipv4Addr,
+    /// The peer's port.
+    pub port: u16,
+    /// The peer's AS.
+    pub asn: u32,
+    /// The peer is a route-reflector client of this node (`rr client`).
+    pub rr_client: bool,
+    /// The peer is on this node's subnet (a direct session; otherwise multihop).
+    pub direct: bool,
+}
+
+/// Everything the configuration depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpInput {
+    /// This node's address (router id and session source).
+    pub router_id: Ipv4Addr,
+    /// This node's subnet.
+    pub subnet: Ipv4Net,
+    /// This node's AS.
+    pub asn: u32,
+    /// The port BIRD listens on and peers use.
+    pub port: u16,
+    /// Blocks this node announces.
+    pub blocks: BTreeSet<Ipv4Net>,
+    /// The sessions.
+    pub peers: Vec<Peer>,
+    /// This node's route-reflector cluster id, when it is a reflector.
+    pub rr_cluster: Option<Ipv4Addr>,
+}
+
+fn labels(node: &Value) -> BTreeMap<String, String> {
+    node["metadata"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect()
+}
+
+fn node_ip(node: &Value) -> Option<Ipv4Addr> {
+    let a = node["metadata"]["annotations"][super::model::annotation::IPV4_ADDRESS].as_str()?;
+    a.parse::<Ipv4Net>().ok().map(|n| n.addr())
+}
+
+fn rr_cluster(node: &Value) -> Option<Ipv4Addr> {
+    node["metadata"]["annotations"][RR_CLUSTER_ANNOTATION]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+fn selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
+    match sel.as_str() {
+        None => false,
+        Some(text) => selector::parse(text).is_ok_and(|e| e.matches(labels)),
+    }
+}
+
+/// The BGP input for node `me` from the datastore: its address, the Nodes (with their published
+/// addresses), `BGPConfiguration "default"`, every `BGPPeer`, and the blocks it announces.
+pub fn input(
+    me: &str,
+    my_ip: Ipv4Net,
+    nodes: &BTreeMap<String, Value>,
+    bgp_config: &Value,
+    peers: &[Value],
+    blocks: BTreeSet<Ipv4Net>,
+) -> BgpInput {
+    let router_id = my_ip.addr();
+    let subnet = my_ip.trunc();
+    let spec = &bgp_config["spec"];
+    let asn = spec["asNumber"]
+        .as_u64()
+        .and_then(|a| u32::try_from(a).ok())
+        .unwrap_or(DEFAULT_AS);
+    let port = spec["listenPort"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(DEFAULT_PORT);
+    let mesh = spec["nodeToNodeMeshEnabled"].as_bool().unwrap_or(true);
+    let my = nodes.get(me).cloned().unwrap_or(Value::Null);
+    let my_labels = labels(&my);
+    let my_rr = rr_cluster(&my);
+    let mut out: BTreeMap<Ipv4Addr, Peer> = BTreeMap::new();
+    let add_node = |name: &str, node: &Value, out: &mut BTreeMap<Ipv4Addr, Peer>| {
+        if name == me {
+            return;
+        }
+        let Some(ip) = node_ip(node) else { return };
+        let theirs = rr_cluster(node);
+        // A reflector treats a peer outside its cluster as its client.
+        let rr_client = my_rr.is_some() && theirs != my_rr;
+        out.insert(
+            ip,
+            Peer {
+                name: format!("node_{}", ip.to_string().replace('.', "_")),
+                ip,
+                port,
+                asn,
+                rr_client,
+                direct: subnet.contains(&ip),
+            },
+        );
+    };
+    if mesh {
+        for (name, node) in nodes {
+            add_node(name, node, &mut out);
+        }
+    }
+    for p in peers {
+        let s = &p["spec"];
+        let applies_to = |name: &str, labels: &BTreeMap<String, String>| -> bool {
+            match (s["node"].as_str(), s["nodeSelector"].is_string()) {
+                (Some(n), _) => n == name,
+                (None, true) => selects(&s["nodeSelector"], labels),
+                (None, false) => true,
+            }
+        };
+        if let Some(addr) = s["peerIP"].as_str() {
+            if !applies_to(me, &my_labels) {
+                continue;
+            }
+            let (ip, port_text) = match addr.rsplit_once(':') {
+                Some((ip, port)) if ip.parse::<Ipv4Addr>().is_ok() => (ip, Some(port)),
+                _ => (addr, None),
+            };
+            let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+            out.insert(
+                ip,
+                Peer {
+                    name: format!("peer_{}", ip.to_string().replace('.', "_")),
+                    ip,
+                    port: port_text.and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_PORT),
+                    asn: s["asNumber"]
+                        .as_u64()
+                        .and_then(|a| u32::try_from(a).ok())
+                        .unwrap_or(asn),
+                    rr_client: false,
+                    direct: subnet.contains(&ip),
+                },
+            );
+        } else if s["peerSelector"].is_string() {
+            // Sessions are symmetric: this node peers with the nodes the selector picks when the BGPPeer
+            // applies to it, and with the nodes the BGPPeer applies to when the selector picks it.
+            for (name, node) in nodes {
+                let l = labels(node);
+                let forward = applies_to(me, &my_labels) && selects(&s["peerSelector"], &l);
+                let backward = selects(&s["peerSelector"], &my_labels) && applies_to(name, &l);
+                if forward || backward {
+                    add_node(name, node, &mut out);
+                }
+            }
+        }
+    }
+    BgpInput {
+        router_id,
+        subnet,
+        asn,
+        port,
+        blocks,
+        peers: out.into_values().collect(),
+        rr_cluster: my_rr,
+    }
+}
+
+/// BIRD 2's configuration for `input`.
+pub fn render(input: &BgpInput) -> String {
+    let mut c = String::new();
+    c.push_str("# Written by caracal-node; changes are overwritten.\n");
+    c.push_str(&format!("router id {};\n", input.router_id));
+    c.push_str("log stderr all;\n\n");
+    c.push_str("protocol device {\n  scan time 10;\n}\n\n");
+    // Only what BGP learned goes to the kernel; the static blocks stay in BIRD.
+    c.push_str(
+        "protocol kernel caracal_kernel {\n  learn off;\n  persist;\n  scan time 10;\n  merge paths on;\n",
+    );
+    c.push_str("  ipv4 {\n    import none;\n    export filter {\n      if source = RTS_BGP then accept;\n      reject;\n    };\n  };\n}\n\n");
+    c.push_str("protocol static caracal_blocks {\n  ipv4;\n");
+    for b in &input.blocks {
+        c.push_str(&format!("  route {b} blackhole;\n"));
+    }
+    c.push_str("}\n\n");
+    c.push_str("filter caracal_export {\n  if proto = \"caracal_blocks\" then accept;\n");
+    if input.rr_cluster.is_some() {
+        // A reflector passes on what it learned.
+        c.push_str("  if source = RTS_BGP then accept;\n");
+    }
+    c.push_str("  reject;\n}\n\n");
+    c.push_str("template bgp caracal_peer {\n");
+    c.push_str(&format!(
+        "  local {} port {} as {};\n",
+        input.router_id, input.port, input.asn
+    ));
+    c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n");
+    if let Some(id) = input.rr_cluster {
+        c.push_str(&format!("  rr cluster id {id};\n"));
+    }
+    c.push_str("  ipv4 {\n    import all;\n    export filter caracal_export;\n    next hop self;\n  };\n}\n");
+    for p in &input.peers {
+        c.push_str(&format!(
+            "\nprotocol bgp {} from caracal_peer {{\n  neighbor {} port {} as {};\n",
+            p.name, p.ip, p.port, p.asn
+        ));
+        // On the node's subnet the peer is the next hop itself; beyond it, BGP needs multihop (and a route).
+        c.push_str(if p.direct { "  direct;\n" } else { "  multihop;\n" });
+        if p.rr_client {
+            c.push_str("  rr client;\n");
+        }
+        c.push_str("}\n");
+    }
+    c
+}
+
+/// Errors running BIRD.
+#[derive(Debug, thiserror::Error)]
+pub enum BirdError {
+    /// Files or the process.
+    #[error("BIRD ({what}): {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `birdc configure` refused the configuration.
+    #[error("BIRD refused its configuration: {0}")]
+    Refused(String),
+}
+
+/// The node's BIRD: configuration file, control socket, process.
+pub struct Bird {
+    dir: PathBuf,
+    exec_prefix: Vec<String>,
+    child: Option<tokio::process::Child>,
+    last: Option<String>,
+}
+
+impl Bird {
+    /// BIRD for a node whose files live in `dir`, run behind `exec_prefix` (a namespace in tests).
+    pub fn new(dir: &Path, exec_prefix: Vec<String>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            exec_prefix,
+            child: None,
+            last: None,
+        }
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("bird.conf")
+    }
+
+    fn io(what: &str) -> impl FnOnce(std::io::Error) -> BirdError + '_ {
+        move |source| BirdError::Io {
+            what: what.to_owned(),
+            source,
+        }
+    }
+
+    fn command(&self, program: &str) -> tokio::process::Command {
+        let mut argv: Vec<String> = self.exec_prefix.clone();
+        argv.push(program.to_owned());
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
+    }
+
+    /// Makes BIRD run `config`: starts it (stopping a stale one from an earlier agent), or reconfigures it
+    /// when the text changed; restarts it if it died.
+    pub async fn ensure(&mut self, config: &str) -> Result<(), BirdError> {
+        std::fs::create_dir_all(&self.dir).map_err(Self::io("creating its directory"))?;
+        let running = match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        };
+        if running && self.last.as_deref() == Some(config) {
+            return Ok(());
+        }
+        std::fs::write(self.conf(), config).map_err(Self::io("writing bird.conf"))?;
+        if running {
+            let out = self
+                .command("birdc")
+                .arg("-s")
+                .arg(self.socket())
+                .arg("configure")
+                .output()
+                .await
+                .map_err(Self::io("running birdc configure"))?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !text.contains("Reconfigured") && !text.contains("Reconfiguration in progress") {
+                return Err(BirdError::Refused(text));
+            }
+            info!("BIRD reconfigured");
+        } else {
+            self.stop_stale();
+            let log = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("bird.log"))
+                .map_err(Self::io("opening bird.log"))?;
+            let err = log.try_clone().map_err(Self::io("opening bird.log"))?;
+            let child = self
+                .command("bird")
+                .arg("-f")
+                .arg("-c")
+                .arg(self.conf())
+                .arg("-s")
+                .arg(self.socket())
+                .arg("-P")
+                .arg(self.dir.join("bird.pid"))
+                .stdin(std::process::Stdio::null())
+                .stdout(log)
+                .stderr(err)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(Self::io(
+                    "starting bird (Debian package bird2; `make deps` installs it)",
+                ))?;
+            info!(pid = ?child.id(), "BIRD started");
+            self.child = Some(child);
+        }
+        self.last = Some(config.to_owned());
+        Ok(())
+    }
+
+    /// Stops a BIRD an earlier agent left running (its pid file names it).
+    fn stop_stale(&self) {
+        let Ok(pid) = std::fs::read_to_string(self.dir.join("bird.pid")) else {
+            return;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            return;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "bird" {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            for _ in 0..50 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            warn!(pid, "stopped a BIRD left by an earlier agent");
+        }
+    }
+
+    /// `birdc show protocols` (for status and tests).
+    pub async fn protocols(&self) -> Result<String, BirdError> {
+        let out = self
+            .command("birdc")
+            .arg("-s")
+            .arg(self.socket())
+            .arg("show")
+            .arg("protocols")
+            .output()
+            .await
+            .map_err(Self::io("running birdc"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, ip: &str, labels: Value, rr: Option<&str>) -> (String, Value) {
+        let mut ann = json!({"caracal.dev/IPv4Address": format!("{ip}/24")});
+        if let Some(id) = rr {
+            ann[RR_CLUSTER_ANNOTATION] = id.into();
+        }
+        (
+            name.into(),
+            json!({"metadata": {"name": name, "labels": labels, "annotations": ann}}),
+        )
+    }
+
+    fn nodes() -> BTreeMap<String, Value> {
+        BTreeMap::from([
+            node("a", "10.0.0.2", json!({"rack": "1"}), None),
+            node("b", "10.0.0.3", json!({"rack": "1"}), None),
+            node(
+                "rr",
+                "10.0.0.9",
+                json!({"route-reflector": "true"}),
+                Some("1.0.0.1"),
+            ),
+        ])
+    }
+
+    fn blocks() -> BTreeSet<Ipv4Net> {
+        BTreeSet::from(["10.244.0.0/26".parse().unwrap()])
+    }
+
+    #[test]
+    fn the_mesh_peers_every_other_node_with_the_default_as_and_port() {
+        let i = input(
+            "a",
+            "10.0.0.2/24".parse().unwrap(),
+            &nodes(),
+            &Value::Null,
+            &[],
+            blocks(),
+        );
+        assert_eq!(i.asn, 64512);
+        let ips: Vec<String> = i.peers.iter().map(|p| p.ip.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.3", "10.0.0.9"]);
+        assert!(
+            i.peers
+                .iter()
+                .all(|p| p.port == 179 && p.asn == 64512 && !p.rr_client)
+        );
+    }
+
+    #[test]
+    fn route_reflectors_replace_the_mesh_symmetrically() {
+        let cfg = json!({"spec": {"nodeToNodeMeshEnabled": false, "asNumber": 65001, "listenPort": 1790}});
+        let peer = json!({"spec": {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}});
+        let client = input(
+            "a",
+            "10.0.0.2/24".parse().unwrap(),
+            &nodes(),
+            &cfg,
+            std::slice::from_ref(&peer),
+            blocks(),
+        );
+        assert_eq!(
+            client.peers.len(),
+            1,
+            "a client peers only with the reflector: {:?}",
+            client.peers
+        );
+        assert_eq!(
+            (client.peers[0].ip.to_string(), client.peers[0].rr_client),
+            ("10.0.0.9".into(), false)
+        );
+        assert_eq!((client.asn, client.port), (65001, 1790));
+        let rr = input(
+            "rr",
+            "10.0.0.9/24".parse().unwrap(),
+            &nodes(),
+            &cfg,
+            &[peer],
+            BTreeSet::new(),
+        );
+        assert_eq!(
+            rr.peers.len(),
+            2,
+            "the reflector peers with every client: {:?}",
+            rr.peers
+        );
+        assert!(rr.peers.iter().all(|p| p.rr_client));
+        let text = render(&rr);
+        assert!(
+            text.contains("rr cluster id 1.0.0.1;") && text.contains("rr client;"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn explicit_peers_apply_to_their_nodes_with_their_as_and_port() {
+        let peer = json!({"spec": {"node": "b", "peerIP": "10.0.0.100:1179", "asNumber": 65100}});
+        let a = input(
+            "a",
+            "10.0.0.2/24".parse().unwrap(),
+            &nodes(),
+            &Value::Null,
+            std::slice::from_ref(&peer),
+            blocks(),
+        );
+        assert!(a.peers.iter().all(|p| p.ip.to_string() != "10.0.0.100"));
+        let b = input(
+            "b",
+            "10.0.0.3/24".parse().unwrap(),
+            &nodes(),
+            &Value::Null,
+            &[peer],
+            blocks(),
+        );
+        let ext = b
+            .peers
+            .iter()
+            .find(|p| p.ip.to_string() == "10.0.0.100")
+            .expect("peer");
+        assert_eq!((ext.port, ext.asn), (1179, 65100));
+    }
+
+    /// The rendered configuration, pinned by a golden file (regenerate with CARACAL_UPDATE_GOLDEN=1 and
+    /// review the diff).
+    #[test]
+    fn the_rendered_configuration_matches_its_golden_file() {
+        let i = input(
+            "a",
+            "10.0.0.2/24".parse().unwrap(),
+            &nodes(),
+            &Value::Null,
+            &[],
+            blocks(),
+        );
+        let text = render(&i);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/routing/testdata/bird-mesh.conf");
+        if std::env::var("CARACAL_UPDATE_GOLDEN").is_ok() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        assert_eq!(text, std::fs::read_to_string(&path).unwrap());
+    }
+}

@@ -1,0 +1,115 @@
+//! Kernel + cluster tier: three nodes with BGP and no encapsulation. Each agent renders BIRD's
+//! configuration and runs Debian's `bird` in its node namespace; the node-to-node mesh comes up
+//! (every session Established), each node's kernel learns the other nodes' blocks from BIRD, and pods on
+//! all nodes reach each other over TCP, UDP and ICMP. Needs root and bird2 (`make deps` installs it).
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_e2e::cluster::{TestCluster, unreachable_pairs};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+fn birdc(state: &Path, args: &[&str]) -> String {
+    let out = Command::new("birdc")
+        .arg("-s")
+        .arg(state.join("bird/bird.ctl"))
+        .args(args)
+        .output()
+        .expect("birdc (Debian bird2; make deps installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn bgp_mesh_with_bird_carries_pod_routes_between_three_nodes() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let mut c = TestCluster::with_underlay(
+        3,
+        Path::new(env!("CARGO_BIN_EXE_caracal-node")),
+        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        "10.96.10.0/24",
+    )
+    .await
+    .expect("cluster");
+    c.agent_env.push(("CARACAL_BGP".into(), "Enabled".into()));
+    let spec = IPPoolSpec {
+        cidr: "10.245.0.0/16".parse().expect("cidr"),
+        block_size: Some(26),
+        vxlan_mode: Some(EncapMode::Never),
+        ipip_mode: Some(EncapMode::Never),
+        nat_outgoing: Some(true),
+        disabled: None,
+        disable_bgp_export: None,
+        node_selector: None,
+        allowed_uses: vec![],
+        assignment_mode: None,
+    };
+    Api::<IPPool>::all(c.client.clone())
+        .create(&PostParams::default(), &IPPool::new("bgp-pool", spec))
+        .await
+        .expect("pool");
+    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
+        .await
+        .expect("namespace");
+    c.start_agents().await.expect("agents");
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        pods.push(
+            c.add_pod(i, "demo", &format!("b{i}"), json!({}))
+                .await
+                .expect("ADD"),
+        );
+    }
+
+    // Every node's BIRD has two Established sessions, and its kernel has the other nodes' blocks.
+    let start = Instant::now();
+    loop {
+        let mut pending = Vec::new();
+        for n in &c.nodes {
+            let protocols = birdc(&n.state, &["show", "protocols"]);
+            let established = protocols
+                .lines()
+                .filter(|l| l.contains("BGP") && l.contains("Established"))
+                .count();
+            let routes = n.ns.ip(&["route", "show", "proto", "bird"]).unwrap_or_default();
+            let learned = routes.lines().filter(|l| l.starts_with("10.245.")).count();
+            if established != 2 || learned < 2 {
+                pending.push(format!(
+                    "{}: {established} sessions, {learned} learned routes\n{protocols}\n{routes}",
+                    n.name
+                ));
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "BGP never converged:\n{}",
+            pending.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // No VXLAN device: BGP carries the routes.
+    assert!(c.nodes[0].ns.ip(&["link", "show", "vxlan.caracal"]).is_err());
+
+    let start = Instant::now();
+    loop {
+        let failed = unreachable_pairs(&pods, Duration::from_millis(700));
+        if failed.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pods unreachable over BGP routes: {failed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
