@@ -65,6 +65,12 @@ pub fn is_not_found(e: &NetlinkError) -> bool {
     }
 }
 
+/// True when the kernel does not support what was asked (a link kind whose module is missing).
+pub fn is_not_supported(e: &NetlinkError) -> bool {
+    matches!(e, NetlinkError::Request { source: rtnetlink::Error::NetlinkError(m), .. }
+        if m.raw_code().checked_neg().is_some_and(|c| c == libc::EOPNOTSUPP || c == libc::ENODEV || c == libc::ENOENT))
+}
+
 /// Runs `f` on a new thread that has entered the network namespace at `path` (or on a new thread in the
 /// agent's own namespace for None), awaiting it without blocking the runtime: a namespace switch is per
 /// thread, so the thread is never reused.
@@ -408,6 +414,23 @@ impl Netlink {
             .await
             .map_err(req(format!("creating {}", v.name)))?;
         self.index(&v.name).await
+    }
+
+    /// Creates (or adopts) the IPIP device `name` (`tunl0`): up, with `mtu`. Fails when the kernel has no
+    /// ipip module ([`is_not_supported`]).
+    pub async fn ensure_ipip(&self, name: &str, mtu: u32) -> Result<u32, NetlinkError> {
+        if let Some(l) = self.link(name).await? {
+            self.set_up(l.header.index, Some(mtu)).await?;
+            return Ok(l.header.index);
+        }
+        let msg = rtnetlink::LinkIpIp::new(name).mtu(mtu).up().build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(req(format!("creating {name}")))?;
+        self.index(name).await
     }
 
     /// A permanent ARP entry: `ip` is at `mac` on link `index`.

@@ -68,6 +68,7 @@ pub fn parse(text: &str) -> Result<Method, AddressError> {
 
 fn ours(name: &str) -> bool {
     name == "lo"
+        || name == "tunl0"
         || name.starts_with("crc")
         || name.starts_with("vxlan.caracal")
         || name.starts_with("wg.caracal")

@@ -27,6 +27,8 @@ use crate::ipam::node::{NodeIpam, attr};
 use crate::netlink::{Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget, VxlanDevice};
 use model::{Desired, Hop, annotation};
 
+/// The IPIP device's name (the ipip module's fallback device, as Calico uses it).
+pub const IPIP_DEVICE: &str = "tunl0";
 /// The VXLAN device's name.
 pub const VXLAN_DEVICE: &str = "vxlan.caracal";
 /// Felix's defaults.
@@ -122,6 +124,11 @@ fn felix(cache: &Cache) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The handle of a node's IPIP tunnel address.
+pub fn ipip_handle(node: &str) -> String {
+    format!("ipip-tunnel-addr.{node}")
+}
+
 /// The handle of a node's VTEP address.
 pub fn vtep_handle(node: &str) -> String {
     format!("vxlan-tunnel-addr.{node}")
@@ -201,7 +208,8 @@ impl Routing {
             .cfg
             .mtu
             .or_else(|| f["vxlanMTU"].as_u64().and_then(|m| u32::try_from(m).ok()));
-        let pod_mtu = explicit.unwrap_or_else(|| model::pod_mtu(chosen.mtu, desired.vxlan, false, false));
+        let pod_mtu =
+            explicit.unwrap_or_else(|| model::pod_mtu(chosen.mtu, desired.vxlan, desired.ipip, false));
         self.mtu.store(pod_mtu, Ordering::Relaxed);
         let key = (desired.clone(), chosen.clone(), pod_mtu);
         if !force && self.last.as_ref() == Some(&key) {
@@ -243,6 +251,32 @@ impl Routing {
             annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), None);
             annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), None);
         }
+        let mut ipip_index = None;
+        if desired.ipip {
+            match self
+                .nl
+                .ensure_ipip(IPIP_DEVICE, chosen.mtu.saturating_sub(20))
+                .await
+            {
+                Ok(index) => {
+                    let addr = self
+                        .tunnel_address(&ipip_handle(&me), "ipipTunnelAddress")
+                        .await?;
+                    self.nl
+                        .add_addr(index, IpNet::V4(Ipv4Net::new(addr, 32).unwrap_or_default()))
+                        .await?;
+                    annotations.insert(annotation::IPV4_IPIP_TUNNEL_ADDR.into(), Some(addr.to_string()));
+                    ipip_index = Some(index);
+                }
+                Err(e) if crate::netlink::is_not_supported(&e) => {
+                    let w = "an IPPool asks for IPIP, but this kernel has no ipip module: IPIP routes are not programmed (use vxlanMode)".to_owned();
+                    if self.warned.insert(w.clone()) {
+                        warn!("{w}");
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         stats.published = self.publish(&my_node, annotations).await?;
 
         // Routes: remote blocks, own blackholes, local pods.
@@ -254,6 +288,10 @@ impl Routing {
                     None => continue,
                 },
                 Hop::Direct(ip) => RouteTarget::Via(*ip, chosen.index),
+                Hop::Ipip(ip) => match ipip_index {
+                    Some(i) => RouteTarget::Via(*ip, i),
+                    None => continue,
+                },
                 Hop::Blackhole => RouteTarget::Blackhole,
             };
             want.insert(OwnedRoute { dst: *dst, target });
@@ -284,9 +322,14 @@ impl Routing {
 
     /// The node's VTEP address, allocated once from IPAM under its own handle.
     async fn vtep_address(&self) -> Result<Ipv4Addr, RoutingError> {
-        let handle = vtep_handle(&self.cfg.node);
-        let attrs = BTreeMap::from([(attr::TYPE.to_owned(), "vxlanTunnelAddress".to_owned())]);
-        let ips = self.ipam.assign(&handle, attrs).await?;
+        self.tunnel_address(&vtep_handle(&self.cfg.node), "vxlanTunnelAddress")
+            .await
+    }
+
+    /// A tunnel device's address, allocated once from IPAM under `handle`.
+    async fn tunnel_address(&self, handle: &str, kind: &str) -> Result<Ipv4Addr, RoutingError> {
+        let attrs = BTreeMap::from([(attr::TYPE.to_owned(), kind.to_owned())]);
+        let ips = self.ipam.assign(handle, attrs).await?;
         Ok(ips
             .into_iter()
             .find_map(|ip| match ip {

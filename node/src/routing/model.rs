@@ -18,6 +18,8 @@ pub mod annotation {
     pub const IPV4_VXLAN_TUNNEL_ADDR: &str = "caracal.dev/IPv4VXLANTunnelAddr";
     /// The node's VTEP MAC address.
     pub const VXLAN_TUNNEL_MAC: &str = "caracal.dev/VXLANTunnelMACAddr";
+    /// The node's IPIP tunnel address.
+    pub const IPV4_IPIP_TUNNEL_ADDR: &str = "caracal.dev/IPv4IPIPTunnelAddr";
 }
 
 /// What other nodes publish.
@@ -66,6 +68,8 @@ pub enum Hop {
     Vxlan(Ipv4Addr),
     /// Straight to the node's underlay address (same subnet).
     Direct(Ipv4Addr),
+    /// Through the IPIP device `tunl0` to the node's underlay address (onlink).
+    Ipip(Ipv4Addr),
     /// Dropped: one of this node's blocks (its live pods have more specific routes).
     Blackhole,
 }
@@ -75,6 +79,8 @@ pub enum Hop {
 pub struct Desired {
     /// The VXLAN device is needed.
     pub vxlan: bool,
+    /// The IPIP device is needed.
+    pub ipip: bool,
     /// Destination -> hop.
     pub routes: BTreeMap<Ipv4Net, Hop>,
     /// VXLAN peers: VTEP address -> (VTEP MAC, node address), for ARP and FDB entries.
@@ -184,11 +190,8 @@ pub fn compute(
         if p.nat_outgoing && !p.disabled {
             d.masquerade.insert(p.cidr);
         }
-        if p.ipip != EncapMode::Never {
-            d.warnings.push(format!(
-                "IPPool {}: ipipMode {:?} needs the kernel's ipip module; IPIP routes are not programmed",
-                p.cidr, p.ipip
-            ));
+        if p.ipip != EncapMode::Never && !p.disabled {
+            d.ipip = true;
         }
     }
     if d.vxlan {
@@ -223,8 +226,16 @@ pub fn compute(
                 }
             };
         }
-        if pool.ipip != EncapMode::Never || bgp {
-            // IPIP is not programmed here; with BGP, BIRD announces the route (a static one would fight it).
+        let ipip = match pool.ipip {
+            EncapMode::Always => true,
+            EncapMode::CrossSubnet => !same_subnet,
+            EncapMode::Never => false,
+        };
+        if ipip {
+            return n.ip.map(|i| Hop::Ipip(i.addr()));
+        }
+        if bgp {
+            // BIRD announces the route (a static one would fight it).
             return None;
         }
         if same_subnet {
@@ -427,6 +438,29 @@ mod tests {
         );
         assert!(!d.routes.contains_key(&"10.244.0.64/26".parse().unwrap()));
         assert!(d.warnings.iter().any(|w| w.contains("VTEP")));
+    }
+
+    #[test]
+    fn ipip_routes_through_tunl0_to_the_node_address_and_cross_subnet_only_across_subnets() {
+        let (nodes, blocks) = setup();
+        let mut p = pool("10.244.0.0/16", EncapMode::Never);
+        p.ipip = EncapMode::Always;
+        let d = compute("a", nodes[0].ip, &nodes, std::slice::from_ref(&p), &blocks, true);
+        assert!(d.ipip && !d.vxlan);
+        assert_eq!(
+            d.routes[&"10.244.0.64/26".parse().unwrap()],
+            Hop::Ipip("10.99.0.3".parse().unwrap())
+        );
+        p.ipip = EncapMode::CrossSubnet;
+        let d = compute("a", nodes[0].ip, &nodes, &[p], &blocks, false);
+        assert_eq!(
+            d.routes[&"10.244.0.64/26".parse().unwrap()],
+            Hop::Direct("10.99.0.3".parse().unwrap())
+        );
+        assert_eq!(
+            d.routes[&"10.244.0.128/26".parse().unwrap()],
+            Hop::Ipip("10.98.0.4".parse().unwrap())
+        );
     }
 
     #[test]

@@ -1,0 +1,101 @@
+//! Kernel + cluster tier: with an IPIP pool, the agents create `tunl0`, route each remote block through it
+//! to the node's underlay address, and pods on two nodes reach each other. This kernel has no ipip module:
+//! the test probes for it first and reports `SKIP` when it is missing (the only skip the project allows).
+//! On such a kernel the agent logs that IPIP cannot be programmed; the routing unit tests pin the routes.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_e2e::cluster::{TestCluster, unreachable_pairs};
+use caracal_e2e::netns::NetNs;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+/// Whether this kernel can create an IPIP device (it loads the module on demand when it has one).
+fn ipip_supported() -> bool {
+    let ns = NetNs::new("ipipprobe").expect("namespace");
+    ns.ip(&[
+        "link",
+        "add",
+        "probe0",
+        "type",
+        "ipip",
+        "remote",
+        "192.0.2.1",
+        "local",
+        "192.0.2.2",
+    ])
+    .is_ok()
+}
+
+#[tokio::test]
+async fn ipip_routes_carry_pod_traffic_between_nodes() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    if !ipip_supported() {
+        println!("SKIP ipip_routes_carry_pod_traffic_between_nodes: ipip kernel module missing");
+        return;
+    }
+    let mut c = TestCluster::with_underlay(
+        2,
+        Path::new(env!("CARGO_BIN_EXE_caracal-node")),
+        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        "10.96.20.0/24",
+    )
+    .await
+    .expect("cluster");
+    let spec = IPPoolSpec {
+        cidr: "10.246.0.0/16".parse().expect("cidr"),
+        block_size: Some(26),
+        vxlan_mode: Some(EncapMode::Never),
+        ipip_mode: Some(EncapMode::Always),
+        nat_outgoing: None,
+        disabled: None,
+        disable_bgp_export: None,
+        node_selector: None,
+        allowed_uses: vec![],
+        assignment_mode: None,
+    };
+    Api::<IPPool>::all(c.client.clone())
+        .create(&PostParams::default(), &IPPool::new("ipip-pool", spec))
+        .await
+        .expect("pool");
+    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
+        .await
+        .expect("namespace");
+    c.start_agents().await.expect("agents");
+    let mut pods = Vec::new();
+    for i in 0..2 {
+        pods.push(
+            c.add_pod(i, "demo", &format!("t{i}"), json!({}))
+                .await
+                .expect("ADD"),
+        );
+    }
+    let routes = c.nodes[0]
+        .ns
+        .ip(&["route", "show", "proto", "80"])
+        .expect("routes");
+    let start = Instant::now();
+    loop {
+        let failed = unreachable_pairs(&pods, Duration::from_millis(700));
+        if failed.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pods unreachable over IPIP: {failed:?}\n{routes}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let routes = c.nodes[0]
+        .ns
+        .ip(&["route", "show", "proto", "80"])
+        .expect("routes");
+    assert!(routes.contains("dev tunl0"), "{routes}");
+}
