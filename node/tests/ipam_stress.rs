@@ -345,3 +345,62 @@ async fn two_nodes_racing_for_the_only_block_never_share_an_address_and_strict_a
     );
     drop(cp);
 }
+
+#[tokio::test]
+async fn blocks_left_with_only_the_reserve_are_released_and_addresses_stay_unique() {
+    let (cp, client) = caracal_e2e::crds::control_plane().await.expect("control plane");
+    pool(&client, "rel", "10.72.0.0/24").await;
+    let mut cfg = node::Config::new("rel", cp.dir().join("rel"));
+    cfg.reserve = 8;
+    let ipam = NodeIpam::start(client.clone(), cfg).await.expect("ipam");
+    let attrs = |i: usize| BTreeMap::from([("pod".to_owned(), format!("r{i}"))]);
+    let mut kept = BTreeSet::new();
+    for i in 0..130 {
+        let ips = ipam.assign(&format!("r-{i}"), attrs(i)).await.expect("assign");
+        if i < 2 {
+            kept.extend(ips);
+        }
+    }
+    let own_blocks = || async {
+        Api::<IPAMBlock>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .expect("blocks")
+            .items
+            .into_iter()
+            .filter(|b| b.spec.affinity.as_deref() == Some("host:rel"))
+            .count()
+    };
+    assert!(
+        own_blocks().await >= 3,
+        "130 addresses and a reserve need three /26 blocks"
+    );
+    for i in 2..130 {
+        ipam.release(&format!("r-{i}")).await.expect("release");
+    }
+    let start = Instant::now();
+    while !ipam.settled().await {
+        assert!(start.elapsed() < Duration::from_secs(30), "never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let released = ipam.release_empty_blocks().await.expect("release blocks");
+    assert!(!released.is_empty(), "no block was released");
+    assert_eq!(
+        own_blocks().await,
+        1,
+        "only the block holding the two live pods remains"
+    );
+    let affinities = Api::<caracal_crds::ipam::BlockAffinity>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("affinities");
+    assert_eq!(affinities.items.len(), 1);
+    // A second pass releases nothing more (no churn), and new addresses never collide with the kept ones.
+    assert!(ipam.release_empty_blocks().await.expect("again").is_empty());
+    for i in 200..220 {
+        for ip in ipam.assign(&format!("r-{i}"), attrs(i)).await.expect("assign") {
+            assert!(kept.insert(ip), "{ip} handed out twice");
+        }
+    }
+    drop(cp);
+}

@@ -375,7 +375,87 @@ impl NodeIpam {
             info!(handle = %h, "releasing an address whose pod is gone (IPAM GC)");
             self.release(h).await?;
         }
+        if self.settled().await {
+            self.release_empty_blocks().await?;
+        }
         Ok(expired)
+    }
+
+    /// Releases this node's blocks that hold nothing but its reserve, as long as the reserve left in its
+    /// other blocks plus their free addresses still cover the reserve target (so releasing never forces a new
+    /// claim: no churn). Deletes each with a resourceVersion precondition, then its BlockAffinity. Returns the
+    /// released blocks.
+    pub async fn release_empty_blocks(&self) -> Result<Vec<String>, IpamError> {
+        let node = &self.inner.cfg.node;
+        let mine = format!("host:{node}");
+        let reserve = Self::reserve_handle(node);
+        let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
+        let _writes = self.inner.block_writes.lock().await;
+        let own: Vec<IPAMBlock> = blocks
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?
+            .into_iter()
+            .filter(|b| b.spec.affinity.as_deref() == Some(mine.as_str()))
+            .collect();
+        let mut released = Vec::new();
+        let mut remaining: Vec<&IPAMBlock> = own.iter().collect();
+        for obj in &own {
+            if remaining.len() <= 1 {
+                break;
+            }
+            let block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
+            let held = block.allocated();
+            if held.iter().any(|(_, h)| *h != reserve) {
+                continue;
+            }
+            let ours: BTreeSet<IpAddr> = held.iter().map(|(ip, _)| *ip).collect();
+            let mut st = self.inner.state.lock().await;
+            // Every reserved address of the block must still be in the reserve (none handed out meanwhile).
+            if ours.iter().any(|ip| !st.reserve.contains(ip)) {
+                continue;
+            }
+            let others: Vec<&IPAMBlock> = remaining
+                .iter()
+                .copied()
+                .filter(|b| b.name_any() != obj.name_any())
+                .collect();
+            let free_elsewhere: usize = others.iter().map(|b| b.spec.unallocated.len()).sum();
+            if st.reserve.len() - ours.len() + free_elsewhere < self.inner.cfg.reserve {
+                continue;
+            }
+            let precondition = kube::api::Preconditions {
+                resource_version: obj.metadata.resource_version.clone(),
+                uid: obj.metadata.uid.clone(),
+            };
+            let dp = DeleteParams {
+                preconditions: Some(precondition),
+                ..DeleteParams::default()
+            };
+            match blocks.delete(&obj.name_any(), &dp).await {
+                Ok(_) => {}
+                Err(e) if conflict(&e) || not_found(&e) => continue,
+                Err(e) => return Err(IpamError::Api("deleting an empty IPAMBlock", e)),
+            }
+            st.reserve.retain(|ip| !ours.contains(ip));
+            drop(st);
+            let aff = format!("{node}-{}", obj.name_any());
+            match Api::<caracal_crds::ipam::BlockAffinity>::all(self.inner.client.clone())
+                .delete(&aff, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(IpamError::Api("deleting a BlockAffinity", e)),
+            }
+            info!(block = %obj.spec.cidr, "released an empty block");
+            released.push(obj.name_any());
+            remaining = others;
+        }
+        if !released.is_empty() {
+            self.inner.refill_kick.notify_one();
+        }
+        Ok(released)
     }
 
     /// Refills the reserve to its target (serialized; concurrent callers wait for one refill).
