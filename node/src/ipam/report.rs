@@ -43,16 +43,36 @@ pub fn report(pools: &[IPPool], blocks: &[IPAMBlock]) -> String {
             count(cidr)
         );
     }
-    let _ = writeln!(out, "\n{:<24} {:<24} {:>10}", "BLOCK", "AFFINITY", "IN USE");
+    // A node agent's reserve (addresses it holds to answer ADDs from memory) is shown apart from pods.
+    let reserved_in = |b: &IPAMBlock| {
+        b.spec
+            .allocations
+            .iter()
+            .flatten()
+            .filter(|i| {
+                b.spec.attributes.get(**i as usize).is_some_and(|a| {
+                    a.handle_id
+                        .as_deref()
+                        .is_some_and(|h| h.starts_with("caracal-reserve."))
+                })
+            })
+            .count()
+    };
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:<24} {:>10} {:>9}",
+        "BLOCK", "AFFINITY", "IN USE", "RESERVED"
+    );
     let mut sorted: Vec<&IPAMBlock> = blocks.iter().collect();
     sorted.sort_by_key(|b| b.spec.cidr);
     for b in sorted {
         let _ = writeln!(
             out,
-            "{:<24} {:<24} {:>10}",
+            "{:<24} {:<24} {:>10} {:>9}",
             b.spec.cidr.to_string(),
             b.spec.affinity.clone().unwrap_or_else(|| "-".into()),
-            format!("{}/{}", used_in(b), b.spec.allocations.len())
+            format!("{}/{}", used_in(b), b.spec.allocations.len()),
+            reserved_in(b)
         );
     }
     out
@@ -82,6 +102,7 @@ mod tests {
         );
         let mut b = Block::new("10.244.0.0/26".parse().unwrap(), Some("host:n1".into()));
         b.assign(3, "h", Default::default()).unwrap();
+        b.assign(2, "caracal-reserve.n1", Default::default()).unwrap();
         let block = IPAMBlock::new(&block_name(b.cidr), b.to_spec());
         let text = report(&[pool], &[block]);
         let pool_line = text.lines().nth(1).unwrap();
@@ -92,11 +113,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            pool_line.split_whitespace().collect::<Vec<_>>()[3..5] == ["1", "3"],
+            pool_line.split_whitespace().collect::<Vec<_>>()[3..5] == ["1", "5"],
             "{text}"
         );
-        assert!(
-            text.contains("10.244.0.0/26") && text.contains("host:n1") && text.contains("3/64"),
+        let block_line = text.lines().find(|l| l.starts_with("10.244.0.0/26")).unwrap();
+        assert_eq!(
+            block_line.split_whitespace().collect::<Vec<_>>(),
+            ["10.244.0.0/26", "host:n1", "5/64", "2"],
             "{text}"
         );
     }
