@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod cni;
 pub mod controlplane;
 pub mod crds;
+pub mod kubelet;
 pub mod netns;
 pub mod objects;
 pub mod pki;

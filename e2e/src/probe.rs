@@ -210,3 +210,52 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .unwrap_or_default(),
     ))
 }
+
+/// TCP from `src` to a server that already listens at `dst_ip:port` and echoes (a lab pod's server):
+/// connect, send, read the echo.
+pub fn tcp_echo(src: &NetNs, dst_ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Outcome, NetnsError> {
+    let addr = SocketAddr::from((dst_ip, port));
+    src.enter(move || match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 4];
+            match s.write_all(b"ping").and_then(|()| s.read_exact(&mut buf)) {
+                Ok(()) if &buf == b"ping" => Outcome::Connected,
+                Ok(()) => Outcome::Error("wrong echo".into()),
+                Err(e) => Outcome::Error(format!("connected but no echo: {e}")),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Outcome::NoAnswer,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        Err(e) => Outcome::Error(e.to_string()),
+    })
+}
+
+/// UDP from `src` to a server that already answers at `dst_ip:port` with an echo.
+pub fn udp_echo(src: &NetNs, dst_ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Outcome, NetnsError> {
+    src.enter(move || {
+        let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Error(e.to_string()),
+        };
+        let _ = sock.set_read_timeout(Some(timeout));
+        if let Err(e) = sock.send_to(b"ping", (dst_ip, port)) {
+            return Outcome::Error(e.to_string());
+        }
+        let mut buf = [0u8; 16];
+        match sock.recv_from(&mut buf) {
+            Ok((4, _)) if &buf[..4] == b"ping" => Outcome::Connected,
+            Ok(_) => Outcome::Error("wrong echo".into()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Outcome::NoAnswer
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            Err(e) => Outcome::Error(e.to_string()),
+        }
+    })
+}

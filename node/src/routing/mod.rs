@@ -177,7 +177,15 @@ impl Routing {
         let pools = model::pools(cache.of_kind("caracal.dev/v1/IPPool").map(|(_, v)| v));
         let blocks = model::blocks(cache.of_kind("caracal.dev/v1/IPAMBlock").map(|(_, v)| v));
         let desired = model::compute(&me, Some(chosen.ip), &nodes, &pools, &blocks, self.cfg.bgp);
-        for w in &desired.warnings {
+        let mut warnings = desired.warnings.clone();
+        for (name, p) in cache.of_kind("caracal.dev/v1/IPPool") {
+            if p["spec"]["cidr"].as_str().is_some_and(|c| c.contains(':')) {
+                warnings.push(format!(
+                    "IPPool {name} is IPv6: IPv6 pod addresses are not served yet (the policy data plane enforces IPv4 only, and an address it cannot police would fail open); pods get IPv4 addresses"
+                ));
+            }
+        }
+        for w in &warnings {
             if self.warned.insert(w.clone()) {
                 warn!("{w}");
             }

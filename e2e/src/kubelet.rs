@@ -1,0 +1,285 @@
+//! The lab kubelet's workload side: it watches the pods bound to its node and, for each workload pod (not
+//! host-network), does what a container runtime does for networking: creates the pod's network namespace,
+//! calls the CNI plugin (`ADD`, the runtime's environment and the network configuration on stdin), starts a
+//! small server answering TCP (echo) and UDP (echo) on every declared container port, and reports
+//! `status.podIP` / `podIPs`, `hostIP`, phase Running and Ready. When a pod is deleted it calls `DEL`,
+//! stops the servers, removes the namespace, and confirms the deletion (grace period 0), as a kubelet does.
+//!
+//! Host-network pods (the operator's DaemonSet and Deployment) are the process side of the lab kubelet.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::cni::{self, Invocation};
+use crate::netns::NetNs;
+
+/// A pod this kubelet runs.
+#[derive(Debug)]
+pub struct RunningPod {
+    /// Its network namespace.
+    pub ns: NetNs,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// The container id used with the plugin.
+    pub container_id: String,
+    servers: Servers,
+}
+
+/// How a kubelet reaches its node.
+#[derive(Clone, Debug)]
+pub struct KubeletConfig {
+    /// The Node name.
+    pub node: String,
+    /// The node's namespace (the plugin runs inside it, as on a node).
+    pub node_ns: String,
+    /// The node's underlay address (`status.hostIP`).
+    pub host_ip: Ipv4Addr,
+    /// The plugin binary.
+    pub plugin: PathBuf,
+    /// The network configuration handed to the plugin (the conflist's plugin entry).
+    pub conf: Value,
+}
+
+/// Pods by `namespace/name`.
+pub type Pods = Arc<Mutex<BTreeMap<String, RunningPod>>>;
+
+fn is_workload(p: &Pod) -> bool {
+    !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+}
+
+fn ports(p: &Pod) -> Vec<(u16, String)> {
+    p.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|port| {
+            Some((
+                u16::try_from(port.container_port).ok()?,
+                port.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            ))
+        })
+        .collect()
+}
+
+/// The echo servers of one pod: threads (not tasks, so a busy runtime never starves them) that stop when
+/// the flag is set.
+#[derive(Debug, Default)]
+struct Servers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Starts the echo servers of one pod inside its namespace: TCP echo and UDP echo per declared port.
+fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::Ordering;
+    let servers = Servers::default();
+    for (port, proto) in ports {
+        let (port, stop) = (*port, servers.stop.clone());
+        if proto == "UDP" {
+            let Ok(Ok(sock)) = ns.enter(move || std::net::UdpSocket::bind((ip, port))) else {
+                continue;
+            };
+            let _ = sock.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
+                }
+            });
+        } else {
+            let Ok(Ok(listener)) = ns.enter(move || std::net::TcpListener::bind((ip, port))) else {
+                continue;
+            };
+            let _ = listener.set_nonblocking(true);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            std::thread::spawn(move || {
+                                let _ = s.set_nonblocking(false);
+                                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+                                let mut buf = [0u8; 4096];
+                                while let Ok(n) = s.read(&mut buf) {
+                                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                        }
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                    }
+                }
+            });
+        }
+    }
+    servers
+}
+
+impl KubeletConfig {
+    fn invoke(
+        &self,
+        command: &str,
+        cid: &str,
+        netns: &str,
+        pod: (&str, &str),
+    ) -> std::io::Result<(i32, Value)> {
+        let prefix = vec![
+            "ip".to_owned(),
+            "netns".to_owned(),
+            "exec".to_owned(),
+            self.node_ns.clone(),
+        ];
+        cni::invoke(
+            &self.plugin,
+            &prefix,
+            &Invocation {
+                command,
+                container_id: cid,
+                netns,
+                ifname: "eth0",
+                pod: Some(pod),
+            },
+            &self.conf,
+        )
+    }
+
+    /// Sets a pod up: namespace, CNI ADD (retried while the agent says "try again"), servers, status.
+    async fn start_pod(&self, client: &Client, p: &Pod) -> Result<RunningPod, String> {
+        let (ns, name) = (p.namespace().unwrap_or_default(), p.name_any());
+        let netns = NetNs::new("lpod").map_err(|e| e.to_string())?;
+        let path = format!("/run/netns/{}", netns.name());
+        let cid = format!("lab{}", p.uid().unwrap_or_default().replace('-', ""));
+        let started = std::time::Instant::now();
+        let ip = loop {
+            let (me, cid2, path2, ns2, name2) =
+                (self.clone(), cid.clone(), path.clone(), ns.clone(), name.clone());
+            let (code, out) =
+                tokio::task::spawn_blocking(move || me.invoke("ADD", &cid2, &path2, (&ns2, &name2)))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("running the plugin: {e}"))?;
+            if code == 0 {
+                break out["ips"][0]["address"]
+                    .as_str()
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                    .ok_or_else(|| format!("ADD result without an IPv4 address: {out}"))?;
+            }
+            if out["code"] != 11 || started.elapsed() > std::time::Duration::from_secs(120) {
+                return Err(format!("CNI ADD failed: {out}"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
+        let servers = serve(&netns, ip, &ports(p));
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": self.host_ip.to_string(),
+            "hostIPs": [{"ip": self.host_ip.to_string()}],
+            "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [
+                {"type": "Ready", "status": "True"},
+                {"type": "ContainersReady", "status": "True"},
+                {"type": "PodScheduled", "status": "True"}
+            ]
+        }});
+        Api::<Pod>::namespaced(client.clone(), &ns)
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .map_err(|e| format!("reporting status: {e}"))?;
+        Ok(RunningPod {
+            ns: netns,
+            ip,
+            container_id: cid,
+            servers,
+        })
+    }
+
+    /// Tears a pod down: servers, CNI DEL, namespace.
+    async fn stop_pod(&self, key: &str, pod: RunningPod) {
+        drop(pod.servers);
+        let (ns, name) = key.split_once('/').unwrap_or(("", key));
+        let (me, cid, path, ns, name) = (
+            self.clone(),
+            pod.container_id.clone(),
+            format!("/run/netns/{}", pod.ns.name()),
+            ns.to_owned(),
+            name.to_owned(),
+        );
+        match tokio::task::spawn_blocking(move || me.invoke("DEL", &cid, &path, (&ns, &name))).await {
+            Ok(Ok((0, _))) => {}
+            other => warn!(pod = key, result = ?other, "CNI DEL failed"),
+        }
+        drop(pod.ns);
+    }
+
+    /// Runs the kubelet until the task is dropped; `pods` shows what it runs.
+    pub async fn run(self, client: Client, pods: Pods) {
+        let api: Api<Pod> = Api::all(client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
+        let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
+        while let Some(ev) = events.next().await {
+            let (p, deleted) = match ev {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => {
+                    let deleting = p.metadata.deletion_timestamp.is_some();
+                    (p, deleting)
+                }
+                Ok(Event::Delete(p)) => (p, true),
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(node = %self.node, error = %e, "pod watch error");
+                    continue;
+                }
+            };
+            if !is_workload(&p) {
+                continue;
+            }
+            let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+            let running = pods.lock().map(|m| m.contains_key(&key)).unwrap_or(false);
+            if deleted {
+                let taken = pods.lock().ok().and_then(|mut m| m.remove(&key));
+                if let Some(pod) = taken {
+                    self.stop_pod(&key, pod).await;
+                    info!(pod = %key, node = %self.node, "pod stopped");
+                }
+                if p.metadata.deletion_timestamp.is_some() {
+                    let _ = Api::<Pod>::namespaced(client.clone(), &p.namespace().unwrap_or_default())
+                        .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                        .await;
+                }
+                continue;
+            }
+            if running {
+                continue;
+            }
+            match self.start_pod(&client, &p).await {
+                Ok(pod) => {
+                    info!(pod = %key, node = %self.node, ip = %pod.ip, "pod running");
+                    if let Ok(mut m) = pods.lock() {
+                        m.insert(key, pod);
+                    }
+                }
+                Err(e) => warn!(pod = %key, error = %e, "starting the pod failed"),
+            }
+        }
+    }
+}
