@@ -4,11 +4,6 @@
 //! NetworkPolicy written to the API denies it; deleting a pod calls DEL, releases its address, and the pod
 //! object goes away. Needs root.
 
-#![expect(
-    clippy::expect_used,
-    reason = "a test helper that cannot go on fails the test with the reason"
-)]
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
