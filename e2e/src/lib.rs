@@ -16,5 +16,6 @@ pub mod kubelet;
 pub mod netns;
 pub mod objects;
 pub mod pki;
+pub mod podspec;
 pub mod probe;
 pub mod process;
