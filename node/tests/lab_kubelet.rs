@@ -67,10 +67,15 @@ async fn the_lab_kubelet_runs_workload_pods_through_the_plugin_and_tears_them_do
             host_ip: n.ip,
             plugin: c.plugin_bin.clone(),
             conf: caracal_e2e::cni::caracal_conf(&n.socket),
+            host: None,
         };
         let running = Pods::default();
         pods.push(running.clone());
-        kubelets.push(tokio::spawn(cfg.run(c.client.clone(), running)));
+        kubelets.push(tokio::spawn(cfg.run(
+            c.client.clone(),
+            running,
+            Default::default(),
+        )));
     }
     let api: Api<Pod> = Api::namespaced(c.client.clone(), "shop");
     for (name, node, labels, ports) in [

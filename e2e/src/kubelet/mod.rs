@@ -5,7 +5,9 @@
 //! `status.podIP` / `podIPs`, `hostIP`, phase Running and Ready. When a pod is deleted it calls `DEL`,
 //! stops the servers, removes the namespace, and confirms the deletion (grace period 0), as a kubelet does.
 //!
-//! Host-network pods (the operator's DaemonSet and Deployment) are the process side of the lab kubelet.
+//! Host-network pods (the operator's DaemonSet and Deployment) run as processes ([`host`]).
+
+pub mod host;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -49,10 +51,15 @@ pub struct KubeletConfig {
     pub plugin: PathBuf,
     /// The network configuration handed to the plugin (the conflist's plugin entry).
     pub conf: Value,
+    /// How host-network pods run (None: they are left alone).
+    pub host: Option<host::HostConfig>,
 }
 
 /// Pods by `namespace/name`.
 pub type Pods = Arc<Mutex<BTreeMap<String, RunningPod>>>;
+
+/// Host-network pods by `namespace/name`.
+pub type HostPods = Arc<Mutex<BTreeMap<String, host::HostPod>>>;
 
 fn is_workload(p: &Pod) -> bool {
     !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
@@ -135,6 +142,33 @@ fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
 }
 
 impl KubeletConfig {
+    /// Starts or stops a host-network pod.
+    async fn host_pod(&self, client: &Client, host_pods: &HostPods, key: &str, p: &Pod, deleted: bool) {
+        let Some(hc) = &self.host else { return };
+        if deleted {
+            let taken = host_pods.lock().ok().and_then(|mut m| m.remove(key));
+            drop(taken);
+            if p.metadata.deletion_timestamp.is_some() {
+                let _ = Api::<Pod>::namespaced(client.clone(), &p.namespace().unwrap_or_default())
+                    .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                    .await;
+            }
+            return;
+        }
+        if host_pods.lock().map(|m| m.contains_key(key)).unwrap_or(true) {
+            return;
+        }
+        match host::start(hc, client, &self.node, &self.host_ip.to_string(), p).await {
+            Ok(hp) => {
+                info!(pod = %key, node = %self.node, "host-network pod started");
+                if let Ok(mut m) = host_pods.lock() {
+                    m.insert(key.to_owned(), hp);
+                }
+            }
+            Err(e) => warn!(pod = %key, node = %self.node, error = %e, "starting a host-network pod failed"),
+        }
+    }
+
     fn invoke(
         &self,
         command: &str,
@@ -232,8 +266,8 @@ impl KubeletConfig {
         drop(pod.ns);
     }
 
-    /// Runs the kubelet until the task is dropped; `pods` shows what it runs.
-    pub async fn run(self, client: Client, pods: Pods) {
+    /// Runs the kubelet until the task is dropped; `pods` and `host_pods` show what it runs.
+    pub async fn run(self, client: Client, pods: Pods, host_pods: HostPods) {
         let api: Api<Pod> = Api::all(client.clone());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
         let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
@@ -250,10 +284,11 @@ impl KubeletConfig {
                     continue;
                 }
             };
+            let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
             if !is_workload(&p) {
+                self.host_pod(&client, &host_pods, &key, &p, deleted).await;
                 continue;
             }
-            let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
             let running = pods.lock().map(|m| m.contains_key(&key)).unwrap_or(false);
             if deleted {
                 let taken = pods.lock().ok().and_then(|mut m| m.remove(&key));
