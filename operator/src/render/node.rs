@@ -191,6 +191,8 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         env("CARACAL_HEALTH_PORT", HEALTH_PORT.to_string()),
         env("CARACAL_METRICS_PORT", metrics_port.to_string()),
         env("CARACAL_CNI_SOCKET", AGENT_SOCKET),
+        // The agent's state (IPAM journal, BIRD's files), on the var-lib-caracal host mount.
+        env("CARACAL_STATE_DIR", "/var/lib/caracal"),
         env(
             "CARACAL_TYPHA_SERVICE",
             format!("{}.{NAMESPACE}", super::typha::TYPHA),
