@@ -90,5 +90,5 @@ bench: deps controlplane
 	$(CARGO) bench --locked -p caracal-node --bench cni
 
 lab: deps controlplane
-	@echo "The full lab (operator, nodes, pods, policies) arrives with its issue; this starts the control plane."
-	$(CARGO) run -q -p caracal-e2e --bin caracal-lab -- controlplane up --controllers
+	$(CARGO) build --locked --workspace --bins
+	$(CARGO) run -q -p caracal-e2e --bin caracal-lab -- up $(LAB_ARGS)

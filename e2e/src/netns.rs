@@ -47,6 +47,8 @@ pub fn run(args: &[&str]) -> Result<String, NetnsError> {
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    /// Created here, so deleted on drop (false for [`NetNs::existing`]).
+    owned: bool,
 }
 
 impl NetNs {
@@ -58,9 +60,17 @@ impl NetNs {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         run(&["ip", "netns", "add", &name])?;
-        let ns = NetNs { name };
+        let ns = NetNs { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A namespace someone else created and will delete (a lab pod's, from another process).
+    pub fn existing(name: &str) -> Self {
+        NetNs {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     /// Its name (as `ip netns` knows it).
@@ -111,6 +121,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = run(&["ip", "netns", "del", &self.name]);
     }
 }

@@ -62,12 +62,16 @@ pub async fn scheduled_pod(
 /// Registers Node `name` with `internal_ip` as its InternalIP (what a kubelet does).
 pub async fn node(client: &Client, name: &str, internal_ip: &str) -> Result<(), kube::Error> {
     let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
     }))
     .map_err(kube::Error::SerdeError)?;
     let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     api.create(&PostParams::default(), &node).await?;
-    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}]}});
+    let resources = json!({"cpu": "2", "memory": "8Gi", "pods": "110"});
+    let status = json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}],
+        "capacity": resources, "allocatable": resources
+    }});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
     Ok(())

@@ -89,6 +89,8 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
                 .expect("bin dir")
                 .to_path_buf(),
             extra_env: vec![("KUBECONFIG".into(), cp.kubeconfig().display().to_string())],
+            admin_kubeconfig: cp.kubeconfig().to_path_buf(),
+            typha: Default::default(),
         }),
     };
     let host_pods = HostPods::default();

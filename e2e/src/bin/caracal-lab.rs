@@ -1,5 +1,11 @@
-//! `caracal-lab`: runs Caracal on this machine. This release has the control plane verbs:
+//! `caracal-lab`: runs Caracal on this machine.
 //!
+//! - `caracal-lab up [--nodes N] [--installation FILE]`: the whole lab in the foreground (see
+//!   `caracal_e2e::lab`): control plane, operator, nodes with lab kubelets, the Installation, the demo
+//!   (`e2e/lab/demo.yaml`), and the connectivity table measured with real connections; Ctrl-C tears it all
+//!   down.
+//! - `caracal-lab probe [--output json|table]`: measures the table again for the pods of a running lab.
+//! - `caracal-lab apply -f PATH`: `kubectl apply` against the lab.
 //! - `caracal-lab controlplane up [--controllers] [--detach]`: starts etcd and kube-apiserver (and the
 //!   controller manager and scheduler with `--controllers`) on loopback, writes `target/lab/kubeconfig`,
 //!   and runs until Ctrl-C (or returns at once with `--detach`).
@@ -20,6 +26,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole lab in the foreground until Ctrl-C.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// The Installation to apply.
+        #[arg(long, default_value = "examples/installation-vxlan.yaml")]
+        installation: PathBuf,
+    },
+    /// Measure connectivity between the running lab's pods.
+    Probe {
+        /// `table` or `json` (the shape of `caracalctl policy matrix`).
+        #[arg(long, default_value = "table")]
+        output: String,
+    },
+    /// `kubectl apply -f PATH` against the running lab.
+    Apply {
+        /// File or directory.
+        #[arg(short = 'f')]
+        file: PathBuf,
+    },
     /// The upstream Kubernetes control plane on loopback.
     Controlplane {
         #[command(subcommand)]
@@ -46,12 +73,91 @@ fn lab_dir() -> PathBuf {
     controlplane::workspace_root().join("target/lab")
 }
 
+fn print_table(table: &std::collections::BTreeMap<String, bool>) {
+    println!("{:<52} RESULT", "FLOW");
+    for (flow, ok) in table {
+        println!("{flow:<52} {}", if *ok { "allowed" } else { "denied" });
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let state_dir = lab_dir().join("controlplane");
     let kubeconfig = lab_dir().join("kubeconfig");
     match cli.command {
+        Command::Up { nodes, installation } => {
+            let installation = if installation.is_absolute() {
+                installation
+            } else {
+                controlplane::workspace_root().join(installation)
+            };
+            let started = std::time::Instant::now();
+            // Ctrl-C at any point drops what was built so far: every guard (namespaces, processes, the
+            // control plane) cleans up on drop.
+            let run = async {
+                let lab =
+                    caracal_e2e::lab::Lab::up(&caracal_e2e::lab::LabOptions { nodes, installation }).await?;
+                println!("==> demo: e2e/lab/demo.yaml");
+                lab.apply(&controlplane::workspace_root().join("e2e/lab/demo.yaml"))?;
+                lab.wait_pods(&["frontend", "backend", "data"]).await?;
+                let pods = lab.record_pods().await?;
+                // Policy takes a moment after the pods start (they are fail-closed until then).
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                let table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+                print_table(&table);
+                println!(
+                    "first connectivity table {:.1} s after start; kubeconfig: {}; Ctrl-C stops the lab",
+                    started.elapsed().as_secs_f64(),
+                    kubeconfig.display()
+                );
+                std::future::pending::<()>().await;
+                anyhow::Ok(lab)
+            };
+            let result = tokio::select! {
+                r = run => r.map(caracal_e2e::lab::Lab::down),
+                _ = tokio::signal::ctrl_c() => {
+                    println!("stopping ...");
+                    Ok(())
+                }
+            };
+            // The lab's state goes with it (pods' secrets and tokens included); the logs stay.
+            for stale in ["nodes", "pods"] {
+                let _ = std::fs::remove_dir_all(lab_dir().join(stale));
+            }
+            for stale in [
+                "pods.json",
+                "kubeconfig",
+                "operator.kubeconfig",
+                "operator-manifest.yaml",
+            ] {
+                let _ = std::fs::remove_file(lab_dir().join(stale));
+            }
+            result?;
+        }
+        Command::Probe { output } => {
+            let pods: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(lab_dir().join("pods.json"))
+                    .context("no running lab (target/lab/pods.json)")?,
+            )?;
+            let table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&table)?);
+            } else {
+                print_table(&table);
+            }
+        }
+        Command::Apply { file } => {
+            let out = std::process::Command::new(controlplane::bin_dir().join("kubectl"))
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["apply", "-f"])
+                .arg(&file)
+                .status()?;
+            if !out.success() {
+                anyhow::bail!("kubectl apply failed");
+            }
+        }
         Command::Controlplane {
             action: CpAction::Up { controllers, detach },
         } => {

@@ -27,8 +27,50 @@ pub struct HostConfig {
     pub lab_dir: PathBuf,
     /// The workspace binaries (`target/debug`).
     pub bin_dir: PathBuf,
-    /// Extra environment for every process of the node (`KUBECONFIG`, `CARACAL_NETNS`, ...).
+    /// Extra environment for every process of the node (`CARACAL_NETNS`, ...).
     pub extra_env: Vec<(String, String)>,
+    /// The admin kubeconfig: its server and CA go into each pod's own kubeconfig, whose credentials are a
+    /// token of the pod's ServiceAccount (so every component runs with exactly its RBAC).
+    pub admin_kubeconfig: PathBuf,
+    /// Typha pods running in the lab (pod -> the port its 5473 got), shared by every node's kubelet: a pod
+    /// that names the Typha Service is given `CARACAL_TYPHA_ADDRS` instead (the lab has no cluster DNS).
+    pub typha: Arc<std::sync::Mutex<BTreeMap<String, u16>>>,
+}
+
+/// A kubeconfig for `token` against the admin kubeconfig's server and CA.
+async fn token_kubeconfig(
+    cfg: &HostConfig,
+    client: &Client,
+    pod: &Pod,
+    dir: &std::path::Path,
+) -> Result<Option<PathBuf>, String> {
+    let Some(sa) = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()) else {
+        return Ok(None);
+    };
+    let ns = pod.namespace().unwrap_or_default();
+    let req = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 86400}}))
+        .map_err(|e| e.to_string())?;
+    let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
+        .create_token_request(&sa, &kube::api::PostParams::default(), &req)
+        .await
+        .map_err(|e| format!("a token for ServiceAccount {ns}/{sa}: {e}"))?
+        .status
+        .map(|s| s.token)
+        .ok_or("TokenRequest without a token")?;
+    let admin: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(&cfg.admin_kubeconfig)
+            .map_err(|e| format!("reading the admin kubeconfig: {e}"))?,
+    )
+    .map_err(|e| format!("the admin kubeconfig: {e}"))?;
+    let cluster = &admin["clusters"][0]["cluster"];
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: sa\ncurrent-context: lab\n",
+        cluster["server"].as_str().unwrap_or_default(),
+        cluster["certificate-authority-data"].as_str().unwrap_or_default()
+    );
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(Some(path))
 }
 
 /// A host-network pod this kubelet runs.
@@ -39,11 +81,16 @@ pub struct HostPod {
     /// Declared port -> the port it got on this machine.
     pub ports: BTreeMap<u16, u16>,
     ready_loop: Arc<AtomicBool>,
+    key: String,
+    typha: Arc<std::sync::Mutex<BTreeMap<String, u16>>>,
 }
 
 impl Drop for HostPod {
     fn drop(&mut self) {
         self.ready_loop.store(false, Ordering::Relaxed);
+        if let Ok(mut m) = self.typha.lock() {
+            m.remove(&self.key);
+        }
         for p in &mut self.processes {
             p.stop(Duration::from_secs(5));
         }
@@ -132,11 +179,30 @@ pub async fn start(
         std::fs::write(path, data).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     std::fs::create_dir_all(&pod_root).map_err(|e| format!("creating {}: {e}", pod_root.display()))?;
+    let mut lab_env = cfg.extra_env.clone();
+    if let Some(kc) = token_kubeconfig(cfg, client, pod, &pod_root).await? {
+        lab_env.push(("KUBECONFIG".into(), kc.display().to_string()));
+    }
+    if plan
+        .processes
+        .iter()
+        .any(|p| podspec::env_of(p, "CARACAL_TYPHA_SERVICE").is_some_and(|v| !v.is_empty()))
+    {
+        let addrs: Vec<String> = cfg
+            .typha
+            .lock()
+            .map(|m| m.values().map(|p| format!("127.0.0.1:{p}")).collect())
+            .unwrap_or_default();
+        if addrs.is_empty() {
+            return Err("waiting for a Typha pod to run".into());
+        }
+        lab_env.push(("CARACAL_TYPHA_ADDRS".into(), addrs.join(",")));
+    }
     let mut processes = Vec::new();
     let mut readiness = None;
     for p in &plan.processes {
         let mut env = p.env.clone();
-        env.extend(cfg.extra_env.iter().cloned());
+        env.extend(lab_env.iter().cloned());
         let log = pod_root.join(format!("{}.log", p.container));
         if p.init {
             let (program, args, log2) = (p.program.clone(), p.args.clone(), log.clone());
@@ -213,9 +279,17 @@ pub async fn start(
             }
         });
     }
+    if pod.labels().get("k8s-app").map(String::as_str) == Some("caracal-typha")
+        && let Some(p) = ports.get(&5473)
+        && let Ok(mut m) = cfg.typha.lock()
+    {
+        m.insert(format!("{ns}/{name}"), *p);
+    }
     Ok(HostPod {
         processes,
         ports,
         ready_loop,
+        key: format!("{ns}/{name}"),
+        typha: cfg.typha.clone(),
     })
 }

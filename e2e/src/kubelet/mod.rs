@@ -169,8 +169,47 @@ impl KubeletConfig {
         }
     }
 
+    /// The plugin and its configuration: as given, or (in the lab) what the operator's install step put in
+    /// the node's CNI directories, with host paths mapped to the node's own directory.
+    fn cni_runtime(&self) -> Result<(PathBuf, Value), String> {
+        if !self.conf.is_null() {
+            return Ok((self.plugin.clone(), self.conf.clone()));
+        }
+        let Some(hc) = &self.host else {
+            return Err("no CNI configuration".into());
+        };
+        let root = hc.lab_dir.join("nodes").join(&self.node);
+        let net_d = root.join("etc/cni/net.d");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&net_d)
+            .map_err(|e| format!("no CNI configuration yet in {}: {e}", net_d.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
+            .collect();
+        files.sort();
+        let first = files
+            .first()
+            .ok_or_else(|| format!("no CNI configuration yet in {}", net_d.display()))?;
+        let list: Value = serde_json::from_slice(&std::fs::read(first).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", first.display()))?;
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        if let Some(sock) = conf["agent_socket"].as_str() {
+            conf["agent_socket"] = crate::podspec::host_path(&root, sock)
+                .display()
+                .to_string()
+                .into();
+        }
+        let plugin = root
+            .join("opt/cni/bin")
+            .join(conf["type"].as_str().unwrap_or("caracal"));
+        Ok((plugin, conf))
+    }
+
     fn invoke(
         &self,
+        plugin: &std::path::Path,
+        conf: &Value,
         command: &str,
         cid: &str,
         netns: &str,
@@ -183,7 +222,7 @@ impl KubeletConfig {
             self.node_ns.clone(),
         ];
         cni::invoke(
-            &self.plugin,
+            plugin,
             &prefix,
             &Invocation {
                 command,
@@ -192,7 +231,7 @@ impl KubeletConfig {
                 ifname: "eth0",
                 pod: Some(pod),
             },
-            &self.conf,
+            conf,
         )
     }
 
@@ -202,27 +241,23 @@ impl KubeletConfig {
         let netns = NetNs::new("lpod").map_err(|e| e.to_string())?;
         let path = format!("/run/netns/{}", netns.name());
         let cid = format!("lab{}", p.uid().unwrap_or_default().replace('-', ""));
-        let started = std::time::Instant::now();
-        let ip = loop {
-            let (me, cid2, path2, ns2, name2) =
-                (self.clone(), cid.clone(), path.clone(), ns.clone(), name.clone());
-            let (code, out) =
-                tokio::task::spawn_blocking(move || me.invoke("ADD", &cid2, &path2, (&ns2, &name2)))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("running the plugin: {e}"))?;
-            if code == 0 {
-                break out["ips"][0]["address"]
-                    .as_str()
-                    .and_then(|a| a.split('/').next())
-                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
-                    .ok_or_else(|| format!("ADD result without an IPv4 address: {out}"))?;
-            }
-            if out["code"] != 11 || started.elapsed() > std::time::Duration::from_secs(120) {
-                return Err(format!("CNI ADD failed: {out}"));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        };
+        let (plugin, conf) = self.cni_runtime()?;
+        let (me, cid2, path2, ns2, name2) =
+            (self.clone(), cid.clone(), path.clone(), ns.clone(), name.clone());
+        let (code, out) = tokio::task::spawn_blocking(move || {
+            me.invoke(&plugin, &conf, "ADD", &cid2, &path2, (&ns2, &name2))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("running the plugin: {e}"))?;
+        if code != 0 {
+            return Err(format!("CNI ADD: {out}"));
+        }
+        let ip = out["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| format!("ADD result without an IPv4 address: {out}"))?;
         let servers = serve(&netns, ip, &ports(p));
         let status = json!({"status": {
             "phase": "Running",
@@ -259,62 +294,139 @@ impl KubeletConfig {
             ns.to_owned(),
             name.to_owned(),
         );
-        match tokio::task::spawn_blocking(move || me.invoke("DEL", &cid, &path, (&ns, &name))).await {
+        let Ok((plugin, conf)) = self.cni_runtime() else {
+            warn!(pod = key, "no CNI configuration for DEL");
+            return;
+        };
+        match tokio::task::spawn_blocking(move || me.invoke(&plugin, &conf, "DEL", &cid, &path, (&ns, &name)))
+            .await
+        {
             Ok(Ok((0, _))) => {}
             other => warn!(pod = key, result = ?other, "CNI DEL failed"),
         }
         drop(pod.ns);
     }
 
-    /// Runs the kubelet until the task is dropped; `pods` and `host_pods` show what it runs.
+    /// Starts, keeps or stops one pod (idempotent; called on every event and retried every tick).
+    async fn sync_pod(
+        &self,
+        client: &Client,
+        pods: &Pods,
+        host_pods: &HostPods,
+        key: &str,
+        p: &Pod,
+        deleted: bool,
+    ) {
+        if !is_workload(p) {
+            self.host_pod(client, host_pods, key, p, deleted).await;
+            return;
+        }
+        if deleted {
+            let taken = pods.lock().ok().and_then(|mut m| m.remove(key));
+            if let Some(pod) = taken {
+                self.stop_pod(key, pod).await;
+                info!(pod = %key, node = %self.node, "pod stopped");
+            }
+            if p.metadata.deletion_timestamp.is_some() {
+                let _ = Api::<Pod>::namespaced(client.clone(), &p.namespace().unwrap_or_default())
+                    .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                    .await;
+            }
+            return;
+        }
+        if pods.lock().map(|m| m.contains_key(key)).unwrap_or(true) {
+            return;
+        }
+        match self.start_pod(client, p).await {
+            Ok(pod) => {
+                info!(pod = %key, node = %self.node, ip = %pod.ip, "pod running");
+                if let Ok(mut m) = pods.lock() {
+                    m.insert(key.to_owned(), pod);
+                }
+            }
+            Err(e) => warn!(pod = %key, error = %e, "starting the pod failed; retrying"),
+        }
+    }
+
+    /// Runs the kubelet until the task is dropped; `pods` and `host_pods` show what it runs. Pods that
+    /// could not start (the agent not ready yet, a volume's source missing) are retried every 2 s.
     pub async fn run(self, client: Client, pods: Pods, host_pods: HostPods) {
         let api: Api<Pod> = Api::all(client.clone());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
         let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
-        while let Some(ev) = events.next().await {
-            let (p, deleted) = match ev {
-                Ok(Event::Apply(p) | Event::InitApply(p)) => {
-                    let deleting = p.metadata.deletion_timestamp.is_some();
-                    (p, deleting)
+        let mut seen: BTreeMap<String, Pod> = BTreeMap::new();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                ev = events.next() => {
+                    let Some(ev) = ev else { return };
+                    let (p, deleted) = match ev {
+                        Ok(Event::Apply(p) | Event::InitApply(p)) => {
+                            let deleting = p.metadata.deletion_timestamp.is_some();
+                            (p, deleting)
+                        }
+                        Ok(Event::Delete(p)) => (p, true),
+                        Ok(_) => continue,
+                        Err(e) => {
+                            warn!(node = %self.node, error = %e, "pod watch error");
+                            continue;
+                        }
+                    };
+                    let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                    if deleted {
+                        seen.remove(&key);
+                    } else {
+                        seen.insert(key.clone(), p.clone());
+                    }
+                    self.sync_pod(&client, &pods, &host_pods, &key, &p, deleted).await;
                 }
-                Ok(Event::Delete(p)) => (p, true),
-                Ok(_) => continue,
-                Err(e) => {
-                    warn!(node = %self.node, error = %e, "pod watch error");
-                    continue;
-                }
-            };
-            let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-            if !is_workload(&p) {
-                self.host_pod(&client, &host_pods, &key, &p, deleted).await;
-                continue;
-            }
-            let running = pods.lock().map(|m| m.contains_key(&key)).unwrap_or(false);
-            if deleted {
-                let taken = pods.lock().ok().and_then(|mut m| m.remove(&key));
-                if let Some(pod) = taken {
-                    self.stop_pod(&key, pod).await;
-                    info!(pod = %key, node = %self.node, "pod stopped");
-                }
-                if p.metadata.deletion_timestamp.is_some() {
-                    let _ = Api::<Pod>::namespaced(client.clone(), &p.namespace().unwrap_or_default())
-                        .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
-                        .await;
-                }
-                continue;
-            }
-            if running {
-                continue;
-            }
-            match self.start_pod(&client, &p).await {
-                Ok(pod) => {
-                    info!(pod = %key, node = %self.node, ip = %pod.ip, "pod running");
-                    if let Ok(mut m) = pods.lock() {
-                        m.insert(key, pod);
+                _ = tick.tick() => {
+                    for (key, p) in seen.clone() {
+                        self.sync_pod(&client, &pods, &host_pods, &key, &p, false).await;
                     }
                 }
-                Err(e) => warn!(pod = %key, error = %e, "starting the pod failed"),
             }
         }
+    }
+}
+
+/// What a kubelet's heartbeat does, every 10 s until dropped: the Node's Ready condition and its Lease in
+/// `kube-node-lease`, so the node lifecycle controller keeps the node Ready and the scheduler uses it.
+pub async fn heartbeat(client: Client, node: String) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    loop {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = json!({"status": {"conditions": [{
+            "type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "caracal lab kubelet is posting ready status",
+            "lastHeartbeatTime": now, "lastTransitionTime": now
+        }]}});
+        if let Err(e) = nodes
+            .patch_status(&node, &PatchParams::default(), &Patch::Strategic(&status))
+            .await
+        {
+            warn!(node = %node, error = %e, "node heartbeat");
+        }
+        let micro = k8s_openapi::jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": micro}
+        });
+        if let Err(e) = leases
+            .patch(
+                &node,
+                &PatchParams::apply("caracal-lab-kubelet").force(),
+                &Patch::Apply(&lease),
+            )
+            .await
+        {
+            warn!(node = %node, error = %e, "node lease");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
     }
 }
