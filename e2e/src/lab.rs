@@ -358,11 +358,11 @@ impl Lab {
     }
 }
 
-/// Probes every ordered pair of recorded pods on every declared port of the destination (real connections
-/// between the pods' namespaces); the result is the connectivity matrix as `caracalctl policy matrix`
-/// prints it: `{"src -> dst:port/proto": true|false}`.
-pub fn probe(pods: &Value, timeout: Duration) -> BTreeMap<String, bool> {
-    let mut out = BTreeMap::new();
+/// Probes every ordered pair of recorded pods on every port the destination declares, with real
+/// connections between the pods' namespaces. The cells have the shape `caracalctl policy matrix` prints
+/// (`from`, `to`, `port`, `protocol`, `allowed`), sorted the same way.
+pub fn probe(pods: &Value, timeout: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
     let list = pods.as_array().cloned().unwrap_or_default();
     for src in &list {
         let Some(netns) = src["netns"].as_str() else {
@@ -385,16 +385,17 @@ pub fn probe(pods: &Value, timeout: Duration) -> BTreeMap<String, bool> {
                     crate::probe::tcp_echo(&ns, ip, p, timeout)
                 }
                 .is_ok_and(|o| o.connected());
-                out.insert(
-                    format!(
-                        "{} -> {}:{p}/{proto}",
-                        src["pod"].as_str().unwrap_or(""),
-                        dst["pod"].as_str().unwrap_or("")
-                    ),
-                    ok,
-                );
+                out.push(json!({"from": src["pod"], "to": dst["pod"], "port": p, "protocol": proto, "allowed": ok}));
             }
         }
     }
+    out.sort_by_key(|c| {
+        (
+            c["port"].as_u64(),
+            c["protocol"].to_string(),
+            c["from"].to_string(),
+            c["to"].to_string(),
+        )
+    });
     out
 }

@@ -73,10 +73,16 @@ fn lab_dir() -> PathBuf {
     controlplane::workspace_root().join("target/lab")
 }
 
-fn print_table(table: &std::collections::BTreeMap<String, bool>) {
-    println!("{:<52} RESULT", "FLOW");
-    for (flow, ok) in table {
-        println!("{flow:<52} {}", if *ok { "allowed" } else { "denied" });
+fn print_table(cells: &[serde_json::Value]) {
+    println!("{:<20} {:<20} {:<10} RESULT", "FROM", "TO", "PORT");
+    for c in cells {
+        println!(
+            "{:<20} {:<20} {:<10} {}",
+            c["from"].as_str().unwrap_or(""),
+            c["to"].as_str().unwrap_or(""),
+            format!("{}/{}", c["port"], c["protocol"].as_str().unwrap_or("")),
+            if c["allowed"] == true { "allowed" } else { "denied" }
+        );
     }
 }
 

@@ -1,0 +1,177 @@
+//! Lab tier: the whole system from `caracal-lab up` (control plane, operator from its manifest, three nodes
+//! with lab kubelets, the VXLAN Installation). Pods pinned to the three nodes reach each other; the demo's
+//! policies are enforced; a NetworkPolicy applied with kubectl is enforced across nodes; and at every point
+//! the connectivity measured with real connections equals what `caracalctl policy matrix` computes from the
+//! same objects read back from the API server. Tearing the lab down leaves no namespace behind. Needs root
+//! and the workspace's binaries (`cargo test --workspace` builds them).
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use caracal_e2e::controlplane::workspace_root;
+use caracal_e2e::lab::{self, Lab, LabOptions};
+use caracal_node::policy::load::load_documents;
+use caracal_node::policy::matrix::{self, ProbePort};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+
+/// The matrix the policy engine computes from the objects in the API server, restricted to the ports each
+/// destination declares (where the lab's pods listen), in the probe's shape.
+async fn expected(client: &kube::Client, pods: &Value) -> Vec<Value> {
+    let mut docs = Vec::new();
+    let ns: Vec<Namespace> = Api::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("ns")
+        .items;
+    let po: Vec<Pod> = Api::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("pods")
+        .items;
+    let np: Vec<NetworkPolicy> = Api::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("np")
+        .items;
+    for v in ns
+        .iter()
+        .map(|o| serde_json::to_value(o).expect("json"))
+        .chain(po.iter().map(|o| serde_json::to_value(o).expect("json")))
+        .chain(np.iter().map(|o| serde_json::to_value(o).expect("json")))
+    {
+        docs.push(("api".to_owned(), v));
+    }
+    let world = load_documents(docs).expect("load").world;
+    let mut declared = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for p in pods.as_array().into_iter().flatten() {
+        for port in p["ports"].as_array().into_iter().flatten() {
+            let (n, proto) = (
+                port["port"].as_u64().expect("port"),
+                port["protocol"].as_str().expect("proto"),
+            );
+            declared.insert((p["pod"].as_str().expect("pod").to_owned(), n, proto.to_owned()));
+            ports.insert(format!("{n}/{proto}"));
+        }
+    }
+    let ports: Vec<ProbePort> = ports.iter().map(|p| p.parse().expect("port")).collect();
+    let recorded: BTreeSet<String> = pods
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["pod"].as_str().map(str::to_owned))
+        .collect();
+    let mut out: Vec<Value> = matrix::matrix(&world, &ports)
+        .into_iter()
+        .filter(|c| c.from != c.to && recorded.contains(&c.from) && recorded.contains(&c.to))
+        .filter(|c| declared.contains(&(c.to.clone(), u64::from(c.port), c.protocol.to_owned())))
+        .map(|c| json!({"from": c.from, "to": c.to, "port": c.port, "protocol": c.protocol, "allowed": c.allowed}))
+        .collect();
+    out.sort_by_key(|c| {
+        (
+            c["port"].as_u64(),
+            c["protocol"].to_string(),
+            c["from"].to_string(),
+            c["to"].to_string(),
+        )
+    });
+    out
+}
+
+async fn agrees(lab: &Lab, what: &str) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let pods = lab.record_pods().await.expect("record");
+        let measured = lab::probe(&pods, Duration::from_millis(800));
+        let want = expected(&lab.client, &pods).await;
+        if measured == want {
+            return measured;
+        }
+        let diff: Vec<String> = measured
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("measured {a} / expected {b}"))
+            .collect();
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what}: probe and policy matrix disagree ({} vs {} cells): {diff:?}",
+            measured.len(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_policy_matrix() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let lab = Lab::up(&LabOptions {
+        nodes: 3,
+        installation: workspace_root().join("examples/installation-vxlan.yaml"),
+    })
+    .await
+    .expect("lab up");
+    lab.apply(&workspace_root().join("e2e/lab/demo.yaml"))
+        .expect("demo");
+    let pinned = lab.cp.dir().join("pinned.yaml");
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
+    for i in 0..3 {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: e2e, labels: {{app: p{i}}}}}\nspec:\n  nodeName: lab-node-{i}\n  containers: [{{name: c, image: lab/echo, ports: [{{containerPort: 9000}}]}}]\n"
+        ));
+    }
+    std::fs::write(&pinned, text).expect("write");
+    lab.apply(&pinned).expect("pinned pods");
+    lab.wait_pods(&["frontend", "backend", "data", "e2e"])
+        .await
+        .expect("pods");
+
+    let cells = agrees(&lab, "after start").await;
+    // Pods on three different nodes reach each other (over VXLAN), and the demo's policies deny.
+    let cell = |from: &str, to: &str, port: u64| {
+        cells
+            .iter()
+            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
+            .map(|c| c["allowed"] == true)
+    };
+    for (a, b) in [("e2e/p0", "e2e/p1"), ("e2e/p1", "e2e/p2"), ("e2e/p2", "e2e/p0")] {
+        assert_eq!(cell(a, b, 9000), Some(true), "{a} -> {b}");
+    }
+    assert_eq!(cell("frontend/web", "backend/api", 8080), Some(true));
+    assert_eq!(cell("frontend/web", "data/db", 5432), Some(false));
+
+    // A NetworkPolicy applied with kubectl isolates p2; the measurement follows across nodes.
+    let deny = lab.cp.dir().join("deny.yaml");
+    std::fs::write(
+        &deny,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: isolate-p2, namespace: e2e}\nspec: {podSelector: {matchLabels: {app: p2}}, policyTypes: [Ingress]}\n",
+    )
+    .expect("write");
+    lab.apply(&deny).expect("deny");
+    let cells = agrees(&lab, "after the NetworkPolicy").await;
+    let denied = cells
+        .iter()
+        .filter(|c| c["to"] == "e2e/p2" && c["allowed"] == false)
+        .count();
+    assert!(denied >= 2, "p2 is not isolated: {cells:?}");
+
+    let names: Vec<String> = lab.nodes.iter().map(|(_, ns, _)| ns.name().to_owned()).collect();
+    lab.down();
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    let left = String::from_utf8_lossy(&left.stdout);
+    for n in names {
+        assert!(!left.contains(&n), "{n} left behind");
+    }
+}
