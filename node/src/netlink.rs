@@ -451,6 +451,38 @@ impl Netlink {
             .map_err(req(format!("writing the ARP entry for {ip}")))
     }
 
+    /// Deletes an ARP entry (`bridge` false) or an FDB entry (`bridge` true) on link `index`; absent is fine.
+    pub async fn del_neighbour(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        bridge: bool,
+    ) -> Result<(), NetlinkError> {
+        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = if bridge {
+            netlink_packet_route::AddressFamily::Bridge
+        } else {
+            netlink_packet_route::AddressFamily::Inet
+        };
+        msg.header.ifindex = index;
+        if bridge {
+            msg.header.flags = NeighbourFlags::Own;
+            msg.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        }
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = req(format!("deleting the neighbour {ip}"))(e);
+                if is_not_found(&e) { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
     /// A permanent FDB entry on a VXLAN device: frames for `mac` go to `dst`.
     pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), NetlinkError> {
         self.handle
@@ -498,6 +530,10 @@ impl Netlink {
                             mac = <[u8; 6]>::try_from(l.as_slice()).ok()
                         }
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                        // FDB entries (family bridge) carry the remote as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from);
+                        }
                         _ => {}
                     }
                 }

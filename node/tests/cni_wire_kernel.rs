@@ -97,3 +97,49 @@ async fn wired_pods_reach_each_other_through_proxy_arp_and_del_is_idempotent() {
         .expect("del after the namespace is gone");
     assert!(nl.link("crcwiretestb").await.expect("link").is_none());
 }
+
+#[tokio::test]
+async fn vxlan_peers_arp_and_fdb_entries_are_written_listed_and_deleted() {
+    let (_underlay, node) = node_with_uplink();
+    let nl = Netlink::open(Some(&named_netns(node.name())))
+        .await
+        .expect("netlink");
+    let parent = nl.index("eth0").await.expect("eth0");
+    let dev = caracal_node::netlink::VxlanDevice {
+        name: "vxlan.caracal".into(),
+        vni: 4096,
+        port: 4789,
+        local: Ipv4Addr::new(10, 98, 0, 2),
+        parent,
+        mac: [0x66, 1, 2, 3, 4, 5],
+        mtu: 1450,
+    };
+    let index = nl.ensure_vxlan(&dev).await.expect("vxlan");
+    assert_eq!(
+        nl.ensure_vxlan(&dev).await.expect("adopted"),
+        index,
+        "an existing device is adopted"
+    );
+    let (mac, vtep, peer) = (
+        [0x66, 9, 9, 9, 9, 9],
+        Ipv4Addr::new(10, 244, 1, 0),
+        Ipv4Addr::new(10, 98, 0, 3),
+    );
+    nl.replace_neighbour(index, vtep, mac).await.expect("arp");
+    nl.replace_fdb(index, mac, peer).await.expect("fdb");
+    assert_eq!(
+        nl.neighbours(index, false).await.expect("arp list"),
+        vec![(mac, vtep)]
+    );
+    assert_eq!(
+        nl.neighbours(index, true).await.expect("fdb list"),
+        vec![(mac, peer)]
+    );
+    nl.del_neighbour(index, mac, vtep, false).await.expect("arp del");
+    nl.del_neighbour(index, mac, peer, true).await.expect("fdb del");
+    assert!(nl.neighbours(index, false).await.expect("arp list").is_empty());
+    assert!(nl.neighbours(index, true).await.expect("fdb list").is_empty());
+    nl.del_neighbour(index, mac, peer, true)
+        .await
+        .expect("deleting again is fine");
+}

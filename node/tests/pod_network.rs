@@ -190,17 +190,36 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
         .ns
         .exec(&["bridge", "fdb", "del", &mac, "dev", "vxlan.caracal", "dst", &dst])
         .expect("delete fdb");
-    connects("the deleted route and FDB entry restored", || {
-        let r = c.nodes[0]
-            .ns
-            .ip(&["route", "show", "proto", "80"])
-            .unwrap_or_default();
-        let f = c.nodes[0]
-            .ns
-            .exec(&["bridge", "fdb", "show", "dev", "vxlan.caracal"])
-            .unwrap_or_default();
-        r.lines().any(|l| l.starts_with(&format!("{remote} "))) && f.contains(&mac)
-    })
+    // An entry for a peer that does not exist is removed.
+    c.nodes[0]
+        .ns
+        .exec(&[
+            "bridge",
+            "fdb",
+            "append",
+            "66:00:00:00:00:99",
+            "dev",
+            "vxlan.caracal",
+            "dst",
+            "10.97.0.99",
+        ])
+        .expect("stray fdb");
+    connects(
+        "the deleted route and FDB entry restored, the stray one removed",
+        || {
+            let r = c.nodes[0]
+                .ns
+                .ip(&["route", "show", "proto", "80"])
+                .unwrap_or_default();
+            let f = c.nodes[0]
+                .ns
+                .exec(&["bridge", "fdb", "show", "dev", "vxlan.caracal"])
+                .unwrap_or_default();
+            r.lines().any(|l| l.starts_with(&format!("{remote} ")))
+                && f.contains(&mac)
+                && !f.contains("66:00:00:00:00:99")
+        },
+    )
     .await;
 
     // CHECK and STATUS answer success.

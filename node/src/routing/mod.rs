@@ -352,6 +352,18 @@ impl Routing {
             self.nl.neighbours(index, false).await?.into_iter().collect();
         let fdb: BTreeSet<([u8; 6], Ipv4Addr)> = self.nl.neighbours(index, true).await?.into_iter().collect();
         let mut n = 0;
+        // Entries of peers that are gone (a deleted node, a changed VTEP) go first.
+        let want_arp: BTreeSet<([u8; 6], Ipv4Addr)> =
+            desired.peers.iter().map(|(v, (m, _))| (*m, *v)).collect();
+        let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = desired.peers.values().copied().collect();
+        for (mac, ip) in arp.difference(&want_arp) {
+            self.nl.del_neighbour(index, *mac, *ip, false).await?;
+            n += 1;
+        }
+        for (mac, ip) in fdb.difference(&want_fdb) {
+            self.nl.del_neighbour(index, *mac, *ip, true).await?;
+            n += 1;
+        }
         for (vtep, (mac, node_ip)) in &desired.peers {
             if !arp.contains(&(*mac, *vtep)) {
                 self.nl.replace_neighbour(index, *vtep, *mac).await?;
