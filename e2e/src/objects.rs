@@ -76,3 +76,33 @@ pub async fn node(client: &Client, name: &str, internal_ip: &str) -> Result<(), 
         .await?;
     Ok(())
 }
+
+/// Creates IPPool `name` on `cidr` with /26 blocks and the given encapsulation and natOutgoing.
+pub async fn ippool(
+    client: &Client,
+    name: &str,
+    cidr: &str,
+    vxlan: caracal_crds::ippool::EncapMode,
+    ipip: caracal_crds::ippool::EncapMode,
+    nat_outgoing: bool,
+) -> Result<(), kube::Error> {
+    use caracal_crds::ippool::{IPPool, IPPoolSpec};
+    let spec = IPPoolSpec {
+        cidr: cidr
+            .parse()
+            .map_err(|e| kube::Error::Service(format!("{cidr}: {e}").into()))?,
+        block_size: Some(26),
+        vxlan_mode: Some(vxlan),
+        ipip_mode: Some(ipip),
+        nat_outgoing: Some(nat_outgoing),
+        disabled: None,
+        disable_bgp_export: None,
+        node_selector: None,
+        allowed_uses: vec![],
+        assignment_mode: None,
+    };
+    Api::<IPPool>::all(client.clone())
+        .create(&PostParams::default(), &IPPool::new(name, spec))
+        .await?;
+    Ok(())
+}

@@ -54,21 +54,7 @@ pub fn tcp(
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let addr = SocketAddr::from((dst_ip, port));
-    let outcome = src.enter(move || match TcpStream::connect_timeout(&addr, timeout) {
-        Ok(mut s) => {
-            let _ = s.set_read_timeout(Some(timeout));
-            let mut buf = [0u8; 4];
-            match s.write_all(b"ping").and_then(|()| s.read_exact(&mut buf)) {
-                Ok(()) if &buf == b"ping" => Outcome::Connected,
-                Ok(()) => Outcome::Error("wrong echo".into()),
-                Err(e) => Outcome::Error(format!("connected but no echo: {e}")),
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Outcome::NoAnswer,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
-        Err(e) => Outcome::Error(e.to_string()),
-    })?;
+    let outcome = tcp_echo(src, dst_ip, port, timeout)?;
     let _ = server.join();
     Ok(outcome)
 }

@@ -16,12 +16,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::cni::{self, Invocation};
 use caracal_e2e::controlplane::workspace_root;
 use caracal_e2e::netns::NetNs;
-use kube::api::{Api, PostParams};
 use serde_json::json;
 
 const PODS: usize = 500;
@@ -121,22 +120,16 @@ async fn main() {
     let mut c = TestCluster::new(1, &release.join("caracal-node"), &release.join("caracal-cni"))
         .await
         .expect("cluster (make bench builds the release binaries first)");
-    let spec = IPPoolSpec {
-        cidr: "10.80.0.0/16".parse().expect("cidr"),
-        block_size: Some(26),
-        vxlan_mode: Some(EncapMode::Never),
-        ipip_mode: None,
-        nat_outgoing: None,
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(c.client.clone())
-        .create(&PostParams::default(), &IPPool::new("bench", spec))
-        .await
-        .expect("pool");
+    caracal_e2e::objects::ippool(
+        &c.client,
+        "bench",
+        "10.80.0.0/16",
+        EncapMode::Never,
+        EncapMode::Never,
+        false,
+    )
+    .await
+    .expect("pool");
     caracal_e2e::objects::namespace(&c.client, "bench", json!({}))
         .await
         .expect("namespace");

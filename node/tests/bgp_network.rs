@@ -12,9 +12,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::{TestCluster, unreachable_pairs};
-use kube::api::{Api, PostParams};
 use serde_json::json;
 
 fn birdc(state: &Path, args: &[&str]) -> String {
@@ -39,22 +38,16 @@ async fn bgp_mesh_with_bird_carries_pod_routes_between_three_nodes() {
     .await
     .expect("cluster");
     c.agent_env.push(("CARACAL_BGP".into(), "Enabled".into()));
-    let spec = IPPoolSpec {
-        cidr: "10.245.0.0/16".parse().expect("cidr"),
-        block_size: Some(26),
-        vxlan_mode: Some(EncapMode::Never),
-        ipip_mode: Some(EncapMode::Never),
-        nat_outgoing: Some(true),
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(c.client.clone())
-        .create(&PostParams::default(), &IPPool::new("bgp-pool", spec))
-        .await
-        .expect("pool");
+    caracal_e2e::objects::ippool(
+        &c.client,
+        "bgp-pool",
+        "10.245.0.0/16",
+        EncapMode::Never,
+        EncapMode::Never,
+        true,
+    )
+    .await
+    .expect("pool");
     caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
         .await
         .expect("namespace");

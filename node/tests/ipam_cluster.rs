@@ -9,26 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use caracal_crds::ipam::{AffinityState, BlockAffinity, IPAMBlock};
-use caracal_crds::ippool::{IPPool, IPPoolSpec};
+use caracal_crds::ippool::{EncapMode, IPPool};
 use caracal_node::ipam::allocator::{AllocError, Allocator};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-async fn pool(client: &Client, name: &str, cidr: &str, block: i32) {
-    let spec = IPPoolSpec {
-        cidr: cidr.parse().expect("cidr"),
-        block_size: Some(block),
-        vxlan_mode: None,
-        ipip_mode: None,
-        nat_outgoing: None,
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
+async fn pool(client: &Client, name: &str, cidr: &str) {
+    caracal_e2e::objects::ippool(client, name, cidr, EncapMode::Never, EncapMode::Never, false)
         .await
         .expect("pool");
 }
@@ -45,7 +32,7 @@ async fn concurrent_allocations_and_racing_nodes_never_share_an_address_or_a_blo
     let labels = BTreeMap::new();
 
     // 100 concurrent allocations on one node from a pool of four /26 blocks.
-    pool(&client, "many", "10.50.0.0/24", 26).await;
+    pool(&client, "many", "10.50.0.0/24").await;
     let a = Allocator::new(client.clone(), "node-a");
     let tasks: Vec<_> = (0..100)
         .map(|i| {
@@ -112,7 +99,7 @@ async fn concurrent_allocations_and_racing_nodes_never_share_an_address_or_a_blo
         .expect("delete pool");
     for round in 0..10 {
         let cidr = format!("10.60.{round}.0/26");
-        pool(&client, &format!("race-{round}"), &cidr, 26).await;
+        pool(&client, &format!("race-{round}"), &cidr).await;
         let (b, c) = (
             Allocator::new(client.clone(), &format!("b{round}")),
             Allocator::new(client.clone(), &format!("c{round}")),

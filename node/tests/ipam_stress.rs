@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use caracal_crds::ipam::{IPAMBlock, IPAMConfiguration, IPAMConfigurationSpec};
-use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::cni::{self, Invocation};
 use caracal_e2e::netns::NetNs;
@@ -31,20 +31,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
 async fn pool(client: &kube::Client, name: &str, cidr: &str) {
-    let spec = IPPoolSpec {
-        cidr: cidr.parse().expect("cidr"),
-        block_size: Some(26),
-        vxlan_mode: Some(EncapMode::Never),
-        ipip_mode: None,
-        nat_outgoing: None,
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new(name, spec))
+    caracal_e2e::objects::ippool(client, name, cidr, EncapMode::Never, EncapMode::Never, false)
         .await
         .expect("pool");
 }

@@ -11,10 +11,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::{TestCluster, unreachable_pairs};
 use caracal_e2e::netns::NetNs;
-use kube::api::{Api, PostParams};
 use serde_json::json;
 
 /// Whether this kernel can create an IPIP device (it loads the module on demand when it has one).
@@ -49,22 +48,16 @@ async fn ipip_routes_carry_pod_traffic_between_nodes() {
     )
     .await
     .expect("cluster");
-    let spec = IPPoolSpec {
-        cidr: "10.246.0.0/16".parse().expect("cidr"),
-        block_size: Some(26),
-        vxlan_mode: Some(EncapMode::Never),
-        ipip_mode: Some(EncapMode::Always),
-        nat_outgoing: None,
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(c.client.clone())
-        .create(&PostParams::default(), &IPPool::new("ipip-pool", spec))
-        .await
-        .expect("pool");
+    caracal_e2e::objects::ippool(
+        &c.client,
+        "ipip-pool",
+        "10.246.0.0/16",
+        EncapMode::Never,
+        EncapMode::Always,
+        false,
+    )
+    .await
+    .expect("pool");
     caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
         .await
         .expect("namespace");

@@ -1,7 +1,8 @@
 //! Cluster tier: the lab kubelet's process side runs a host-network pod written to the API server, as the
 //! operator's Typha Deployment renders it: the image becomes the workspace's `caracal-typha`, the secret
 //! and configMap volumes become files its environment points at, its ports are remapped, the readiness probe
-//! on the remapped port turns the pod Ready, and deleting the pod stops the process.
+//! on the remapped port turns the pod Ready, the process runs with its pod's ServiceAccount token, and
+//! deleting the pod stops the process.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -26,6 +27,18 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
     caracal_e2e::objects::namespace(&client, "caracal-system", json!({}))
         .await
         .expect("namespace");
+    // The kubelet runs each process with its pod's ServiceAccount token: give this pod's account (the
+    // namespace's default) what Typha reads.
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "typha-x-view"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "caracal-system"}]
+    }))
+    .expect("binding");
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
     let cm: ConfigMap =
         serde_json::from_value(json!({"metadata": {"name": "typha-ca"}, "data": {"ca.crt": pki.ca}}))
             .expect("cm");
@@ -88,7 +101,7 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
                 .parent()
                 .expect("bin dir")
                 .to_path_buf(),
-            extra_env: vec![("KUBECONFIG".into(), cp.kubeconfig().display().to_string())],
+            extra_env: vec![],
             admin_kubeconfig: cp.kubeconfig().to_path_buf(),
             typha: Default::default(),
         }),
@@ -126,6 +139,10 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
     assert!(
         environ.contains("caracal-system_typha-x/typha-certs/tls.crt"),
         "{environ}"
+    );
+    assert!(
+        environ.contains("KUBECONFIG=") && environ.contains("caracal-system_typha-x/kubeconfig"),
+        "the process runs with its pod's ServiceAccount kubeconfig: {environ}"
     );
     assert_eq!(
         caracal_e2e::probe::http_get(health, "/readyz").map(|r| r.0),

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::kubelet::{KubeletConfig, Pods};
 use caracal_e2e::probe::{self, Outcome};
@@ -37,22 +37,16 @@ async fn the_lab_kubelet_runs_workload_pods_through_the_plugin_and_tears_them_do
     )
     .await
     .expect("cluster");
-    let spec = IPPoolSpec {
-        cidr: "10.247.0.0/16".parse().expect("cidr"),
-        block_size: Some(26),
-        vxlan_mode: Some(EncapMode::Always),
-        ipip_mode: None,
-        nat_outgoing: None,
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(c.client.clone())
-        .create(&PostParams::default(), &IPPool::new("lab-pool", spec))
-        .await
-        .expect("pool");
+    caracal_e2e::objects::ippool(
+        &c.client,
+        "lab-pool",
+        "10.247.0.0/16",
+        EncapMode::Always,
+        EncapMode::Never,
+        false,
+    )
+    .await
+    .expect("pool");
     caracal_e2e::objects::namespace(&c.client, "shop", json!({}))
         .await
         .expect("namespace");

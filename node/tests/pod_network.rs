@@ -15,31 +15,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use caracal_crds::ipam::IPAMBlock;
-use caracal_crds::ippool::{EncapMode, IPPool, IPPoolSpec};
+use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::cni::Invocation;
 use caracal_e2e::netns::NetNs;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use serde_json::json;
 
 const PROBE: Duration = Duration::from_millis(700);
 
 async fn pool(client: &kube::Client, cidr: &str, vxlan: EncapMode) {
-    let spec = IPPoolSpec {
-        cidr: cidr.parse().expect("cidr"),
-        block_size: Some(26),
-        vxlan_mode: Some(vxlan),
-        ipip_mode: None,
-        nat_outgoing: Some(true),
-        disabled: None,
-        disable_bgp_export: None,
-        node_selector: None,
-        allowed_uses: vec![],
-        assignment_mode: None,
-    };
-    Api::<IPPool>::all(client.clone())
-        .create(&PostParams::default(), &IPPool::new("default-ipv4", spec))
+    caracal_e2e::objects::ippool(client, "default-ipv4", cidr, vxlan, EncapMode::Never, true)
         .await
         .expect("pool");
 }
