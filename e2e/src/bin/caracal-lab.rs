@@ -4,6 +4,9 @@
 //!   `caracal_e2e::lab`): control plane, operator, nodes with lab kubelets, the Installation, the demo
 //!   (`e2e/lab/demo.yaml`), and the connectivity table measured with real connections; Ctrl-C tears it all
 //!   down.
+//! - `caracal-lab up --detach`: the same in a background process (log in `target/lab/lab.log`, pid in
+//!   `target/lab/lab.pid`), returning once the table is printed; `caracal-lab down` stops it and waits until
+//!   it has removed everything; `caracal-lab status` shows the Installation's conditions, nodes and pods.
 //! - `caracal-lab probe [--output json|table]`: measures the table again for the pods of a running lab.
 //! - `caracal-lab apply -f PATH`: `kubectl apply` against the lab.
 //! - `caracal-lab controlplane up [--controllers] [--detach]`: starts etcd and kube-apiserver (and the
@@ -34,7 +37,14 @@ enum Command {
         /// The Installation to apply.
         #[arg(long, default_value = "examples/installation-vxlan.yaml")]
         installation: PathBuf,
+        /// Run in the background (log in target/lab/lab.log) and return once the table is printed.
+        #[arg(long)]
+        detach: bool,
     },
+    /// Stop a detached lab (everything it started goes with it).
+    Down,
+    /// The state of a running lab: Installation conditions, components, nodes, pods.
+    Status,
     /// Measure connectivity between the running lab's pods.
     Probe {
         /// `table` or `json` (the shape of `caracalctl policy matrix`).
@@ -73,6 +83,138 @@ fn lab_dir() -> PathBuf {
     controlplane::workspace_root().join("target/lab")
 }
 
+/// `up --detach`: the same lab in a background process of its own session; returns once it printed its
+/// table (or failed), showing its progress meanwhile.
+fn detach_up(nodes: usize, installation: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Seek as _};
+    use std::os::unix::process::CommandExt as _;
+    let pid_file = lab_dir().join("lab.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file)
+        && std::path::Path::new(&format!("/proc/{}", pid.trim())).exists()
+    {
+        anyhow::bail!(
+            "a lab is already running (pid {}): `caracal-lab down` first",
+            pid.trim()
+        );
+    }
+    std::fs::create_dir_all(lab_dir())?;
+    let log_path = lab_dir().join("lab.log");
+    let log = std::fs::File::create(&log_path)?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["up", "--nodes", &nodes.to_string(), "--installation"])
+        .arg(installation)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the lab in the background")?;
+    std::fs::write(&pid_file, child.id().to_string())?;
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&log_path)?);
+    let mut pos = 0;
+    loop {
+        reader.seek(std::io::SeekFrom::Start(pos))?;
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 0 {
+            pos += line.len() as u64;
+            print!("{line}");
+            if line.contains("first connectivity table") {
+                println!(
+                    "the lab runs in the background (pid {}); `caracal-lab down` stops it",
+                    child.id()
+                );
+                return Ok(());
+            }
+            line.clear();
+        }
+        if !std::path::Path::new(&format!("/proc/{}", child.id())).exists() {
+            let _ = std::fs::remove_file(&pid_file);
+            anyhow::bail!("the lab stopped; its log is {}", log_path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// `down`: SIGTERM to the detached lab, and wait for it to have cleaned up.
+fn down() -> anyhow::Result<()> {
+    let pid_file = lab_dir().join("lab.pid");
+    let Ok(text) = std::fs::read_to_string(&pid_file) else {
+        println!("no detached lab is running");
+        return Ok(());
+    };
+    let pid: i32 = text.trim().parse().context("target/lab/lab.pid")?;
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    let start = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        // A zombie (not reaped yet) is gone for our purpose.
+        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            break;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            anyhow::bail!("the lab (pid {pid}) did not stop within 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    println!("stopped");
+    Ok(())
+}
+
+/// `status`: what the API server says about the running lab.
+async fn status(kubeconfig: &std::path::Path) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::ResourceExt as _;
+    let client = controlplane::client_from_kubeconfig(kubeconfig)
+        .await
+        .context("no running lab (target/lab/kubeconfig)")?;
+    let inst: kube::api::Api<caracal_crds::installation::Installation> = kube::api::Api::all(client.clone());
+    match inst.get_opt("default").await? {
+        Some(i) => {
+            for c in i.status.iter().flat_map(|s| s.conditions.iter()) {
+                println!("Installation {:<12} {:<6} {}", c.type_, c.status, c.message);
+            }
+        }
+        None => println!("no Installation"),
+    }
+    println!();
+    for n in kube::api::Api::<Node>::all(client.clone())
+        .list(&Default::default())
+        .await?
+    {
+        let ready = n
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        println!(
+            "node {:<14} {}",
+            n.name_any(),
+            if ready { "Ready" } else { "NotReady" }
+        );
+    }
+    println!();
+    println!("{:<44} {:<14} {:<16} READY", "POD", "NODE", "IP");
+    for p in kube::api::Api::<Pod>::all(client)
+        .list(&Default::default())
+        .await?
+    {
+        let st = p.status.clone().unwrap_or_default();
+        let ready = st
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        println!(
+            "{:<44} {:<14} {:<16} {}",
+            format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()),
+            p.spec.and_then(|s| s.node_name).unwrap_or_default(),
+            st.pod_ip.unwrap_or_default(),
+            ready
+        );
+    }
+    Ok(())
+}
+
 fn print_table(cells: &[serde_json::Value]) {
     println!("{:<20} {:<20} {:<10} RESULT", "FROM", "TO", "PORT");
     for c in cells {
@@ -92,14 +234,26 @@ async fn main() -> anyhow::Result<()> {
     let state_dir = lab_dir().join("controlplane");
     let kubeconfig = lab_dir().join("kubeconfig");
     match cli.command {
-        Command::Up { nodes, installation } => {
+        Command::Up {
+            nodes,
+            installation,
+            detach: true,
+        } => return detach_up(nodes, &installation),
+        Command::Down => return down(),
+        Command::Status => return status(&kubeconfig).await,
+        Command::Up {
+            nodes,
+            installation,
+            detach: false,
+        } => {
             let installation = if installation.is_absolute() {
                 installation
             } else {
                 controlplane::workspace_root().join(installation)
             };
             let started = std::time::Instant::now();
-            // Ctrl-C at any point drops what was built so far: every guard (namespaces, processes, the
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            // Ctrl-C (or SIGTERM from `caracal-lab down`) at any point drops what was built so far: every guard (namespaces, processes, the
             // control plane) cleans up on drop.
             let run = async {
                 let lab =
@@ -124,6 +278,10 @@ async fn main() -> anyhow::Result<()> {
                 r = run => r.map(caracal_e2e::lab::Lab::down),
                 _ = tokio::signal::ctrl_c() => {
                     println!("stopping ...");
+                    Ok(())
+                }
+                _ = term.recv() => {
+                    println!("stopping (SIGTERM) ...");
                     Ok(())
                 }
             };
