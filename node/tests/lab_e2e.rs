@@ -2,7 +2,9 @@
 //! with lab kubelets, the VXLAN Installation). Pods pinned to the three nodes reach each other; the demo's
 //! policies are enforced; a NetworkPolicy applied with kubectl is enforced across nodes; and at every point
 //! the connectivity measured with real connections equals what `caracalctl policy matrix` computes from the
-//! same objects read back from the API server. Tearing the lab down leaves no namespace behind. Needs root
+//! same objects read back from the API server. Restarting a node agent keeps an established TCP connection
+//! between pods on two nodes; deleting a pod releases its address; tearing the lab down leaves no namespace
+//! behind. Needs root
 //! and the workspace's binaries (`cargo test --workspace` builds them).
 
 #![expect(
@@ -163,6 +165,128 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         .filter(|c| c["to"] == "e2e/p2" && c["allowed"] == false)
         .count();
     assert!(denied >= 2, "p2 is not isolated: {cells:?}");
+
+    // Restarting a node agent (its pod deleted; the DaemonSet brings a new one) keeps an established TCP
+    // connection between pods on two nodes working: the rules stay in the kernel and the new agent adopts them.
+    let (p0_ns, p1_ip) = {
+        let pods = lab.record_pods().await.expect("record");
+        let find = |name: &str| {
+            pods.as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["pod"] == name)
+                .cloned()
+                .expect("recorded pod")
+        };
+        let (p0, p1) = (find("e2e/p0"), find("e2e/p1"));
+        (
+            p0["netns"].as_str().expect("netns").to_owned(),
+            p1["ip"]
+                .as_str()
+                .expect("ip")
+                .parse::<std::net::Ipv4Addr>()
+                .expect("ip"),
+        )
+    };
+    let ns = caracal_e2e::netns::NetNs::existing(&p0_ns);
+    let mut stream = ns
+        .enter(move || std::net::TcpStream::connect_timeout(&(p1_ip, 9000).into(), Duration::from_secs(3)))
+        .expect("enter")
+        .expect("connect p0 -> p1");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let echo = |s: &mut std::net::TcpStream, msg: &[u8]| {
+        use std::io::{Read as _, Write as _};
+        let mut buf = vec![0u8; msg.len()];
+        s.write_all(msg)
+            .and_then(|()| s.read_exact(&mut buf))
+            .map(|()| buf == msg)
+    };
+    assert!(echo(&mut stream, b"before").expect("echo before"));
+    let node_pods: Api<Pod> = Api::namespaced(lab.client.clone(), "caracal-system");
+    let agent = node_pods
+        .list(&ListParams::default().labels("k8s-app=caracal-node"))
+        .await
+        .expect("agents")
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("lab-node-1"))
+        .expect("the agent on lab-node-1");
+    let old = agent.metadata.name.clone().expect("name");
+    node_pods
+        .delete(&old, &Default::default())
+        .await
+        .expect("delete agent pod");
+    let start = Instant::now();
+    loop {
+        let fresh = node_pods
+            .list(&ListParams::default().labels("k8s-app=caracal-node"))
+            .await
+            .expect("agents")
+            .items
+            .into_iter()
+            .find(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("lab-node-1")
+                    && p.metadata.name.as_deref() != Some(old.as_str())
+            });
+        let ready = fresh.is_some_and(|p| {
+            p.status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the restarted agent never became Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        echo(&mut stream, b"after the agent restart").expect("echo after"),
+        "the established connection broke"
+    );
+    drop(stream);
+
+    // Deleting a pod releases its address.
+    let p2_ip = lab
+        .record_pods()
+        .await
+        .expect("record")
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "e2e/p2")
+        .and_then(|p| p["ip"].as_str().map(str::to_owned))
+        .expect("p2");
+    Api::<Pod>::namespaced(lab.client.clone(), "e2e")
+        .delete("p2", &Default::default())
+        .await
+        .expect("delete p2");
+    let blocks = Api::<caracal_crds::ipam::IPAMBlock>::all(lab.client.clone());
+    let start = Instant::now();
+    loop {
+        let held = blocks
+            .list(&ListParams::default())
+            .await
+            .expect("blocks")
+            .items
+            .iter()
+            .any(|b| {
+                caracal_node::ipam::block::Block::from_spec(&b.spec)
+                    .is_ok_and(|blk| blk.holder(p2_ip.parse().expect("ip")).is_some())
+            });
+        if !held {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{p2_ip} still held after its pod was deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     let names: Vec<String> = lab.nodes.iter().map(|(_, ns, _)| ns.name().to_owned()).collect();
     lab.down();
