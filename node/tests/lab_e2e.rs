@@ -2,7 +2,9 @@
 //! with lab kubelets, the VXLAN Installation). Pods pinned to the three nodes reach each other; the demo's
 //! policies are enforced; a NetworkPolicy applied with kubectl is enforced across nodes; and at every point
 //! the connectivity measured with real connections equals what `caracalctl policy matrix` computes from the
-//! same objects read back from the API server. Restarting a node agent keeps an established TCP connection
+//! same objects read back from the API server. An invalid Installation edit is Degraded and changes nothing;
+//! an edit from VXLAN to BGP with an explicit MTU rolls the agents and connectivity comes back (BIRD's
+//! routes, new pods with the new MTU). Restarting a node agent keeps an established TCP connection
 //! between pods on two nodes; deleting a pod releases its address; tearing the lab down leaves no namespace
 //! behind. Needs root
 //! and the workspace's binaries (`cargo test --workspace` builds them).
@@ -166,6 +168,121 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         .count();
     assert!(denied >= 2, "p2 is not isolated: {cells:?}");
 
+    // An invalid Installation edit is reported Degraded and changes nothing that runs.
+    let ds_api: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        Api::namespaced(lab.client.clone(), "caracal-system");
+    let ds_version = ds_api
+        .get("caracal-node")
+        .await
+        .expect("ds")
+        .metadata
+        .resource_version;
+    let edit = |body: &str| {
+        let path = lab.cp.dir().join("installation-edit.yaml");
+        std::fs::write(&path, format!("apiVersion: operator.caracal.dev/v1\nkind: Installation\nmetadata: {{name: default}}\nspec:\n{body}")).expect("write");
+        lab.apply(&path).expect("apply the edit");
+    };
+    edit(
+        "  calicoNetwork:\n    bgp: Disabled\n    ipPools: [{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: IPIP, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}]\n",
+    );
+    let installations: Api<caracal_crds::installation::Installation> = Api::all(lab.client.clone());
+    let start = Instant::now();
+    loop {
+        let degraded = installations
+            .get("default")
+            .await
+            .expect("installation")
+            .status
+            .is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.status == "True")
+            });
+        if degraded {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the invalid edit was not reported Degraded"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        ds_api
+            .get("caracal-node")
+            .await
+            .expect("ds")
+            .metadata
+            .resource_version,
+        ds_version,
+        "an invalid edit must not touch the DaemonSet"
+    );
+    agrees(&lab, "after an invalid edit").await;
+
+    // VXLAN -> BGP with an explicit MTU: the agents roll through the DaemonSet, BIRD carries the routes, the
+    // VXLAN device goes, connectivity comes back, and a new pod gets the new MTU.
+    edit(
+        "  calicoNetwork:\n    bgp: Enabled\n    mtu: 1400\n    ipPools: [{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: None, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}]\n    nodeAddressAutodetectionV4: {firstFound: true}\n  nodeUpdateStrategy: {type: RollingUpdate, rollingUpdate: {maxUnavailable: 1}}\n",
+    );
+    let start = Instant::now();
+    loop {
+        let d = ds_api.get("caracal-node").await.expect("ds");
+        let (generation, st) = (d.metadata.generation, d.status.unwrap_or_default());
+        if st.observed_generation == generation
+            && st.updated_number_scheduled == Some(3)
+            && st.number_ready == 3
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the agents never rolled: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let start = Instant::now();
+    loop {
+        let bird = lab.nodes[0]
+            .1
+            .ip(&["route", "show", "proto", "bird"])
+            .unwrap_or_default();
+        let vxlan_gone = lab.nodes[0].1.ip(&["link", "show", "vxlan.caracal"]).is_err();
+        if bird.lines().count() >= 2 && vxlan_gone {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "BGP routes never arrived: {bird}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    agrees(&lab, "after VXLAN -> BGP").await;
+    std::fs::write(
+        &pinned,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p3, namespace: e2e, labels: {app: p3}}\nspec:\n  nodeName: lab-node-2\n  containers: [{name: c, image: lab/echo, ports: [{containerPort: 9000}]}]\n",
+    )
+    .expect("write");
+    lab.apply(&pinned).expect("p3");
+    lab.wait_pods(&["e2e"]).await.expect("p3 running");
+    let p3_ns = lab
+        .record_pods()
+        .await
+        .expect("record")
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == "e2e/p3")
+        .and_then(|p| p["netns"].as_str().map(str::to_owned))
+        .expect("p3");
+    let link = caracal_e2e::netns::NetNs::existing(&p3_ns)
+        .ip(&["-o", "link", "show", "eth0"])
+        .expect("link");
+    assert!(
+        link.contains("mtu 1400"),
+        "the explicit MTU reaches new pods: {link}"
+    );
+    agrees(&lab, "with a pod started under BGP").await;
+
     // Restarting a node agent (its pod deleted; the DaemonSet brings a new one) keeps an established TCP
     // connection between pods on two nodes working: the rules stay in the kernel and the new agent adopts them.
     let (p0_ns, p1_ip) = {
@@ -244,6 +361,10 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Give a retransmission time to land (the first packets may meet the restart).
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
     assert!(
         echo(&mut stream, b"after the agent restart").expect("echo after"),
         "the established connection broke"

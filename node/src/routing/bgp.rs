@@ -225,7 +225,8 @@ pub fn render(input: &BgpInput) -> String {
         "  local {} port {} as {};\n",
         input.router_id, input.port, input.asn
     ));
-    c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n");
+    // Graceful restart: when an agent restarts (and its BIRD with it), peers keep its routes until it is back.
+    c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n  graceful restart on;\n");
     if let Some(id) = input.rr_cluster {
         c.push_str(&format!("  rr cluster id {id};\n"));
     }
