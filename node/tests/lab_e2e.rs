@@ -5,8 +5,8 @@
 //! same objects read back from the API server. An invalid Installation edit is Degraded and changes nothing;
 //! an edit from VXLAN to BGP with an explicit MTU rolls the agents and connectivity comes back (BIRD's
 //! routes, new pods with the new MTU). Restarting a node agent keeps an established TCP connection
-//! between pods on two nodes; deleting a pod releases its address; tearing the lab down leaves no namespace
-//! behind. Needs root
+//! between pods on two nodes; deleting a pod releases its address; deleting the Installation stops every
+//! agent and Typha; tearing the lab down leaves no namespace behind. Needs root
 //! and the workspace's binaries (`cargo test --workspace` builds them).
 
 #![expect(
@@ -405,6 +405,31 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "{p2_ip} still held after its pod was deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Deleting the Installation tears Caracal down: the operator's objects go, and with them every agent and
+    // Typha process on the nodes.
+    installations
+        .delete("default", &Default::default())
+        .await
+        .expect("delete the Installation");
+    let start = Instant::now();
+    loop {
+        let gone = installations.get_opt("default").await.expect("get").is_none()
+            && ds_api.get_opt("caracal-node").await.expect("get").is_none();
+        let processes: usize = lab
+            .host_pods
+            .iter()
+            .map(|h| h.lock().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        if gone && processes == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "teardown incomplete: objects gone {gone}, {processes} host pods still running"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
