@@ -88,6 +88,8 @@ bench: deps controlplane
 	$(CARGO) bench --locked -p caracal-node --bench typha
 	$(CARGO) build --locked --release -p caracal-node --bin caracal-node --bin caracal-cni
 	$(CARGO) bench --locked -p caracal-node --bench cni
+	$(CARGO) build --locked --workspace --bins
+	$(CARGO) bench --locked -p caracal-node --bench lab
 
 lab: deps controlplane
 	$(CARGO) build --locked --workspace --bins

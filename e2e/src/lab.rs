@@ -271,6 +271,11 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The operator process's id.
+    pub fn operator_pid(&self) -> Option<u32> {
+        self.operator.as_ref().and_then(Supervised::pid)
+    }
+
     /// Applies `file` with kubectl.
     pub fn apply(&self, file: &Path) -> anyhow::Result<()> {
         kubectl_apply(&self.cp, file)
