@@ -7,7 +7,8 @@
 //! - `caracal-lab up --detach`: the same in a background process (log in `target/lab/lab.log`, pid in
 //!   `target/lab/lab.pid`), returning once the table is printed; `caracal-lab down` stops it and waits until
 //!   it has removed everything; `caracal-lab status` shows the Installation's conditions, nodes and pods.
-//! - `caracal-lab probe [--output json|table]`: measures the table again for the pods of a running lab.
+//! - `caracal-lab probe [--port 80/TCP ...] [--output json|table]`: measures the table again for the pods of a
+//!   running lab (every declared port, or only those given).
 //! - `caracal-lab apply -f PATH`: `kubectl apply` against the lab.
 //! - `caracal-lab controlplane up [--controllers] [--detach]`: starts etcd and kube-apiserver (and the
 //!   controller manager and scheduler with `--controllers`) on loopback, writes `target/lab/kubeconfig`,
@@ -47,6 +48,9 @@ enum Command {
     Status,
     /// Measure connectivity between the running lab's pods.
     Probe {
+        /// Only these ports (`80/TCP`, `53/UDP`; repeatable); every port a pod declares when none is given.
+        #[arg(long = "port")]
+        ports: Vec<String>,
         /// `table` or `json` (the shape of `caracalctl policy matrix`).
         #[arg(long, default_value = "table")]
         output: String,
@@ -265,6 +269,9 @@ async fn main() -> anyhow::Result<()> {
                 // Policy takes a moment after the pods start (they are fail-closed until then).
                 tokio::time::sleep(std::time::Duration::from_secs(3)).await;
                 let table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+                println!("==> components");
+                status(&kubeconfig).await?;
+                println!("==> connectivity (real connections between the pods)");
                 print_table(&table);
                 println!(
                     "first connectivity table {:.1} s after start; kubeconfig: {}; Ctrl-C stops the lab",
@@ -299,12 +306,28 @@ async fn main() -> anyhow::Result<()> {
             }
             result?;
         }
-        Command::Probe { output } => {
+        Command::Probe { ports, output } => {
             let pods: serde_json::Value = serde_json::from_slice(
                 &std::fs::read(lab_dir().join("pods.json"))
                     .context("no running lab (target/lab/pods.json)")?,
             )?;
-            let table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+            let wanted: Vec<(u64, String)> = ports
+                .iter()
+                .map(|p| {
+                    let (n, proto) = p.split_once('/').unwrap_or((p, "TCP"));
+                    n.parse::<u64>()
+                        .map(|n| (n, proto.to_ascii_uppercase()))
+                        .map_err(|_| anyhow::anyhow!("--port {p:?}: write it as 80/TCP or 53/UDP"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let mut table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+            if !wanted.is_empty() {
+                table.retain(|c| {
+                    wanted.iter().any(|(n, proto)| {
+                        c["port"].as_u64() == Some(*n) && c["protocol"].as_str() == Some(proto)
+                    })
+                });
+            }
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&table)?);
             } else {
