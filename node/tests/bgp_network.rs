@@ -33,7 +33,7 @@ async fn bgp_mesh_with_bird_carries_pod_routes_between_three_nodes() {
         3,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
         Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
-        "10.96.10.0/24",
+        "10.95.10.0/24",
     )
     .await
     .expect("cluster");

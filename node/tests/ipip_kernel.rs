@@ -44,7 +44,7 @@ async fn ipip_routes_carry_pod_traffic_between_nodes() {
         2,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
         Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
-        "10.96.20.0/24",
+        "10.95.20.0/24",
     )
     .await
     .expect("cluster");

@@ -33,7 +33,7 @@ async fn the_lab_kubelet_runs_workload_pods_through_the_plugin_and_tears_them_do
         2,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
         Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
-        "10.96.30.0/24",
+        "10.95.30.0/24",
     )
     .await
     .expect("cluster");
@@ -109,7 +109,7 @@ async fn the_lab_kubelet_runs_workload_pods_through_the_plugin_and_tears_them_do
         .expect("status.podIP reported");
     assert_eq!(
         db.status.as_ref().and_then(|s| s.host_ip.as_deref()),
-        Some("10.96.30.3")
+        Some("10.95.30.3")
     );
     let web_probe = |f: &dyn Fn(&caracal_e2e::netns::NetNs) -> bool| {
         let m = pods[0].lock().expect("lock");
