@@ -73,6 +73,26 @@ fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// Makes the API server (on the machine's loopback) reachable at the same address inside the node namespace
+/// `ns`: a listener on the namespace's 127.0.0.1:`port` whose connections are carried to the machine's. TLS is
+/// end to end (bytes are copied), so the certificate and the kubeconfigs stay as they are.
+fn api_forwarder(ns: &NetNs, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = ns
+        .enter(move || std::net::TcpListener::bind(("127.0.0.1", port)))
+        .map_err(|e| anyhow::anyhow!("entering {}: {e}", ns.name()))??;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inside, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut host) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inside, &mut host).await;
+                }
+            });
+        }
+    }))
+}
+
 /// A kubeconfig with a token of ServiceAccount `ns/sa`, written to `path`.
 async fn sa_kubeconfig(
     cp: &ControlPlane,
@@ -197,6 +217,12 @@ impl Lab {
         ));
         let net: ipnet::Ipv4Net = "10.99.0.0/24".parse()?;
         let underlay = Underlay::new(net)?;
+        let api_port: u16 = cp
+            .server()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("the API server's port")?;
         let typha = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let mut nodes = Vec::new();
         let mut tasks = Vec::new();
@@ -207,6 +233,7 @@ impl Lab {
             let ns = crate::netns::node(&format!("lab{i}"))?;
             let ip = Ipv4Addr::from(u32::from(net.network()) + 2 + u32::try_from(i)?);
             underlay.attach(&ns, "eth0", ip)?;
+            tasks.push(api_forwarder(&ns, api_port)?);
             crate::objects::node(&client, &name, &ip.to_string()).await?;
             tasks.push(tokio::spawn(kubelet::heartbeat(client.clone(), name.clone())));
             let cfg = KubeletConfig {
@@ -218,9 +245,10 @@ impl Lab {
                 host: Some(HostConfig {
                     lab_dir: dir.clone(),
                     bin_dir: bin.clone(),
-                    extra_env: vec![("CARACAL_NETNS".into(), ns.name().to_owned())],
+                    extra_env: Vec::new(),
                     admin_kubeconfig: cp.kubeconfig().to_path_buf(),
                     typha: typha.clone(),
+                    node_ns: Some(ns.name().to_owned()),
                 }),
             };
             let (p, h) = (Pods::default(), HostPods::default());

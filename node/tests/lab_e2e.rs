@@ -1,5 +1,5 @@
 //! Lab tier: the whole system from `caracal-lab up` (control plane, operator from its manifest, three nodes
-//! with lab kubelets, the VXLAN Installation). Pods pinned to the three nodes reach each other; the demo's
+//! with lab kubelets, the VXLAN Installation). The agents run inside their nodes' namespaces. Pods pinned to the three nodes reach each other; the demo's
 //! policies are enforced; a NetworkPolicy applied with kubectl is enforced across nodes; and at every point
 //! the connectivity measured with real connections equals what `caracalctl policy matrix` computes from the
 //! same objects read back from the API server. An invalid Installation edit is Degraded and changes nothing;
@@ -124,6 +124,28 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     })
     .await
     .expect("lab up");
+    // The DaemonSet's agents run as processes inside their node's network namespace.
+    for (i, (name, ns, _)) in lab.nodes.iter().enumerate() {
+        let node_net = ns
+            .enter(|| std::fs::read_link("/proc/thread-self/ns/net"))
+            .expect("enter")
+            .expect("netns link");
+        let pids: Vec<u32> = lab.host_pods[i]
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(k, _)| k.starts_with("caracal-system/caracal-node-"))
+            .flat_map(|(_, p)| p.processes.iter().filter_map(|s| s.pid()).collect::<Vec<_>>())
+            .collect();
+        assert!(!pids.is_empty(), "no agent process on {name}");
+        for pid in pids {
+            let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("process netns");
+            assert_eq!(
+                net, node_net,
+                "the agent on {name} runs outside its node's namespace"
+            );
+        }
+    }
     lab.apply(&workspace_root().join("e2e/lab/demo.yaml"))
         .expect("demo");
     let pinned = lab.cp.dir().join("pinned.yaml");

@@ -104,6 +104,7 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
             extra_env: vec![],
             admin_kubeconfig: cp.kubeconfig().to_path_buf(),
             typha: Default::default(),
+            node_ns: None,
         }),
     };
     let host_pods = HostPods::default();

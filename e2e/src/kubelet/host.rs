@@ -32,9 +32,21 @@ pub struct HostConfig {
     /// The admin kubeconfig: its server and CA go into each pod's own kubeconfig, whose credentials are a
     /// token of the pod's ServiceAccount (so every component runs with exactly its RBAC).
     pub admin_kubeconfig: PathBuf,
-    /// Typha pods running in the lab (pod -> the port its 5473 got), shared by every node's kubelet: a pod
-    /// that names the Typha Service is given `CARACAL_TYPHA_ADDRS` instead (the lab has no cluster DNS).
-    pub typha: Arc<std::sync::Mutex<BTreeMap<String, u16>>>,
+    /// Typha pods running in the lab (pod -> `address:port` of its 5473), shared by every node's kubelet: a
+    /// pod that names the Typha Service is given `CARACAL_TYPHA_ADDRS` instead (the lab has no cluster DNS).
+    pub typha: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    /// Run the processes inside this network namespace (the node's), as on a node: ports stay as declared
+    /// and probes are made inside it. None: in the machine's own namespace, with ports remapped per pod.
+    pub node_ns: Option<String>,
+}
+
+/// Where `ip` is (the processes of a node run behind `ip netns exec`).
+fn ip_tool() -> PathBuf {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/ip"))
 }
 
 /// A kubeconfig for `token` against the admin kubeconfig's server and CA.
@@ -82,7 +94,7 @@ pub struct HostPod {
     pub ports: BTreeMap<u16, u16>,
     ready_loop: Arc<AtomicBool>,
     key: String,
-    typha: Arc<std::sync::Mutex<BTreeMap<String, u16>>>,
+    typha: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
 impl Drop for HostPod {
@@ -154,7 +166,12 @@ pub async fn start(
     let node_root = cfg.lab_dir.join("nodes").join(node);
     let pod_root = cfg.lab_dir.join("pods").join(format!("{ns}_{name}"));
     let mut ports = BTreeMap::new();
-    let mut port = |declared: u16| *ports.entry(declared).or_insert_with(free_port);
+    let in_node = cfg.node_ns.is_some();
+    let mut port = |declared: u16| {
+        *ports
+            .entry(declared)
+            .or_insert_with(|| if in_node { declared } else { free_port() })
+    };
     let plan = podspec::plan(
         pod,
         &mut Context {
@@ -191,7 +208,7 @@ pub async fn start(
         let addrs: Vec<String> = cfg
             .typha
             .lock()
-            .map(|m| m.values().map(|p| format!("127.0.0.1:{p}")).collect())
+            .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
         if addrs.is_empty() {
             return Err("waiting for a Typha pod to run".into());
@@ -203,9 +220,23 @@ pub async fn start(
     for p in &plan.processes {
         let mut env = p.env.clone();
         env.extend(lab_env.iter().cloned());
+        // Inside the node's namespace: `ip netns exec NODE PROGRAM ARGS...` (ip execs the program in place).
+        let (program, args) = match &cfg.node_ns {
+            Some(node_ns) => {
+                let mut a = vec![
+                    "netns".to_owned(),
+                    "exec".to_owned(),
+                    node_ns.clone(),
+                    p.program.display().to_string(),
+                ];
+                a.extend(p.args.iter().cloned());
+                (ip_tool(), a)
+            }
+            None => (p.program.clone(), p.args.clone()),
+        };
         let log = pod_root.join(format!("{}.log", p.container));
         if p.init {
-            let (program, args, log2) = (p.program.clone(), p.args.clone(), log.clone());
+            let (program, args, log2) = (program.clone(), args.clone(), log.clone());
             let status = tokio::task::spawn_blocking(move || {
                 std::process::Command::new(&program)
                     .args(&args)
@@ -230,8 +261,8 @@ pub async fn start(
         processes.push(
             Supervised::spawn_env(
                 &format!("{ns}/{name}/{}", p.container),
-                &p.program,
-                &p.args,
+                &program,
+                &args,
                 &env,
                 &log,
                 Lifetime::Attached,
@@ -252,16 +283,24 @@ pub async fn start(
             host_ip.to_owned(),
             ready_loop.clone(),
         );
+        let node_ns = cfg.node_ns.clone();
         tokio::spawn(async move {
             let mut last = None;
             while alive.load(Ordering::Relaxed) {
                 let ready = match &readiness {
                     Some((port, path)) => {
                         let (port, path) = (*port, path.clone());
-                        tokio::task::spawn_blocking(move || crate::probe::http_get(port, &path).map(|r| r.0))
-                            .await
-                            .ok()
-                            .flatten()
+                        let node_ns: Option<String> = node_ns.clone();
+                        tokio::task::spawn_blocking(move || match node_ns {
+                            Some(n) => crate::netns::NetNs::existing(&n)
+                                .enter(move || crate::probe::http_get(port, &path).map(|r| r.0))
+                                .ok()
+                                .flatten(),
+                            None => crate::probe::http_get(port, &path).map(|r| r.0),
+                        })
+                        .await
+                        .ok()
+                        .flatten()
                             == Some(200)
                     }
                     None => true,
@@ -283,7 +322,12 @@ pub async fn start(
         && let Some(p) = ports.get(&5473)
         && let Ok(mut m) = cfg.typha.lock()
     {
-        m.insert(format!("{ns}/{name}"), *p);
+        let addr = if in_node {
+            format!("{host_ip}:{p}")
+        } else {
+            format!("127.0.0.1:{p}")
+        };
+        m.insert(format!("{ns}/{name}"), addr);
     }
     Ok(HostPod {
         processes,
