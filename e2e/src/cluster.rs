@@ -21,6 +21,9 @@ pub enum ClusterError {
     /// Control plane or CRDs.
     #[error(transparent)]
     Setup(#[from] crate::crds::SetupError),
+    /// The control plane's helpers.
+    #[error(transparent)]
+    ControlPlane(#[from] crate::controlplane::ControlPlaneError),
     /// Namespaces.
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
@@ -102,10 +105,6 @@ pub struct TestCluster {
     next_container: u32,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl TestCluster {
     /// Control plane + CRDs, `n` node namespaces on the underlay `10.97.0.0/24` (node i at .(i+2)),
     /// registered as Nodes `node-0`.., with no agents yet.
@@ -140,7 +139,7 @@ impl TestCluster {
                 ip,
                 socket: dir.join("cni.sock"),
                 state: dir.join("state"),
-                health: free_port()?,
+                health: crate::controlplane::free_port()?,
                 agent: None,
                 log: dir.join("caracal-node.log"),
             });
@@ -160,7 +159,7 @@ impl TestCluster {
     /// Starts (or restarts) node `i`'s agent.
     pub fn start_agent(&mut self, i: usize) -> Result<(), ClusterError> {
         let n = &mut self.nodes[i];
-        let metrics = free_port()?;
+        let metrics = crate::controlplane::free_port()?;
         let mut env: Vec<(String, String)> = vec![
             ("KUBECONFIG".into(), self.cp.kubeconfig().display().to_string()),
             ("CARACAL_NODE_NAME".into(), n.name.clone()),

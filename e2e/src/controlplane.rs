@@ -118,7 +118,7 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the program that gets it binds it moments later).
-fn free_port() -> Result<u16, ControlPlaneError> {
+pub fn free_port() -> Result<u16, ControlPlaneError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free loopback port"))?;
     Ok(l.local_addr().map_err(io("finding a free loopback port"))?.port())
 }
@@ -428,4 +428,37 @@ pub fn stop_detached(state_dir: &Path) -> Result<bool, ControlPlaneError> {
     }
     std::fs::remove_dir_all(state_dir).map_err(io(format!("removing {}", state_dir.display())))?;
     Ok(true)
+}
+
+/// Writes to `out` a kubeconfig whose credentials are a fresh token of ServiceAccount `ns/sa` (TokenRequest,
+/// one day), with the server and CA of the admin kubeconfig at `admin`: a process run with it has exactly
+/// that account's RBAC.
+pub async fn service_account_kubeconfig(
+    client: &Client,
+    admin: &Path,
+    ns: &str,
+    sa: &str,
+    out: &Path,
+) -> Result<(), String> {
+    let req =
+        serde_json::from_value(serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 86400}}))
+            .map_err(|e| e.to_string())?;
+    let token = kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &kube::api::PostParams::default(), &req)
+        .await
+        .map_err(|e| format!("a token for ServiceAccount {ns}/{sa}: {e}"))?
+        .status
+        .map(|s| s.token)
+        .ok_or("TokenRequest without a token")?;
+    let admin: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(admin).map_err(|e| format!("reading {}: {e}", admin.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", admin.display()))?;
+    let cluster = &admin["clusters"][0]["cluster"];
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: caracal\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: caracal\n  context:\n    cluster: caracal\n    user: sa\ncurrent-context: caracal\n",
+        cluster["server"].as_str().unwrap_or_default(),
+        cluster["certificate-authority-data"].as_str().unwrap_or_default()
+    );
+    std::fs::write(out, text).map_err(|e| format!("writing {}: {e}", out.display()))
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -66,13 +66,6 @@ fn step(what: &str) {
     println!("==> {what}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 /// Makes the API server (on the machine's loopback) reachable at the same address inside the node namespace
 /// `ns`: a listener on the namespace's 127.0.0.1:`port` whose connections are carried to the machine's. TLS is
 /// end to end (bytes are copied), so the certificate and the kubeconfigs stay as they are.
@@ -91,35 +84,6 @@ fn api_forwarder(ns: &NetNs, port: u16) -> anyhow::Result<tokio::task::JoinHandl
             });
         }
     }))
-}
-
-/// A kubeconfig with a token of ServiceAccount `ns/sa`, written to `path`.
-async fn sa_kubeconfig(
-    cp: &ControlPlane,
-    client: &Client,
-    ns: &str,
-    sa: &str,
-    path: &Path,
-) -> anyhow::Result<()> {
-    let req = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 86400}}))?;
-    let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &req)
-        .await
-        .with_context(|| format!("a token for {ns}/{sa}"))?
-        .status
-        .context("TokenRequest without a token")?
-        .token;
-    let admin: Value = serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig())?)?;
-    let cluster = &admin["clusters"][0]["cluster"];
-    std::fs::write(
-        path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: sa\ncurrent-context: lab\n",
-            cluster["server"].as_str().unwrap_or_default(),
-            cluster["certificate-authority-data"].as_str().unwrap_or_default()
-        ),
-    )?;
-    Ok(())
 }
 
 fn kubectl_apply(cp: &ControlPlane, file: &Path) -> anyhow::Result<()> {
@@ -189,9 +153,17 @@ impl Lab {
         std::fs::write(&manifest, docs.join("---\n"))?;
         kubectl_apply(&cp, &manifest)?;
         let op_kc = dir.join("operator.kubeconfig");
-        sa_kubeconfig(&cp, &client, "caracal-operator", "caracal-operator", &op_kc).await?;
+        crate::controlplane::service_account_kubeconfig(
+            &client,
+            cp.kubeconfig(),
+            "caracal-operator",
+            "caracal-operator",
+            &op_kc,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
         let bin = workspace_root().join("target/debug");
-        let hook = free_port();
+        let hook = crate::controlplane::free_port()?;
         let operator = Supervised::spawn_env(
             "caracal-operator",
             &bin.join("caracal-operator"),
@@ -201,7 +173,7 @@ impl Lab {
                 "--webhook-url".into(),
                 format!("https://127.0.0.1:{hook}/validate"),
                 "--http-addr".into(),
-                format!("127.0.0.1:{}", free_port()),
+                format!("127.0.0.1:{}", crate::controlplane::free_port()?),
             ],
             &[
                 ("KUBECONFIG".into(), op_kc.display().to_string()),

@@ -77,31 +77,7 @@ pub fn udp(
             let _ = server_sock.send_to(&buf[..n], from);
         }
     });
-    let outcome = src.enter(move || {
-        let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
-            Ok(s) => s,
-            Err(e) => return Outcome::Error(e.to_string()),
-        };
-        let _ = sock.set_read_timeout(Some(timeout));
-        if let Err(e) = sock.send_to(b"ping", (dst_ip, port)) {
-            return Outcome::Error(e.to_string());
-        }
-        let mut buf = [0u8; 16];
-        match sock.recv_from(&mut buf) {
-            Ok((4, _)) if &buf[..4] == b"ping" => Outcome::Connected,
-            Ok(_) => Outcome::Error("wrong echo".into()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Outcome::NoAnswer
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
-            Err(e) => Outcome::Error(e.to_string()),
-        }
-    })?;
+    let outcome = udp_echo(src, dst_ip, port, timeout)?;
     let _ = server.join();
     Ok(outcome)
 }

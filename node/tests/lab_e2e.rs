@@ -14,6 +14,8 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -408,28 +410,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         .delete("p2", &Default::default())
         .await
         .expect("delete p2");
-    let blocks = Api::<caracal_crds::ipam::IPAMBlock>::all(lab.client.clone());
-    let start = Instant::now();
-    loop {
-        let held = blocks
-            .list(&ListParams::default())
-            .await
-            .expect("blocks")
-            .items
-            .iter()
-            .any(|b| {
-                caracal_node::ipam::block::Block::from_spec(&b.spec)
-                    .is_ok_and(|blk| blk.holder(p2_ip.parse().expect("ip")).is_some())
-            });
-        if !held {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{p2_ip} still held after its pod was deleted"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::wait_released(&lab.client, p2_ip.parse().expect("ip"), Duration::from_secs(60)).await;
 
     // Deleting the Installation tears Caracal down: the operator's objects go, and with them every agent and
     // Typha process on the nodes.

@@ -4,6 +4,8 @@
 //! NetworkPolicy written to the API denies it; deleting a pod calls DEL, releases its address, and the pod
 //! object goes away. Needs root.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -151,25 +153,7 @@ async fn the_lab_kubelet_runs_workload_pods_through_the_plugin_and_tears_them_do
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let blocks = Api::<caracal_crds::ipam::IPAMBlock>::all(c.client.clone());
-    let start = Instant::now();
-    loop {
-        let held = blocks
-            .list(&Default::default())
-            .await
-            .expect("blocks")
-            .items
-            .iter()
-            .any(|b| {
-                caracal_node::ipam::block::Block::from_spec(&b.spec)
-                    .is_ok_and(|blk| blk.holder(std::net::IpAddr::V4(db_ip)).is_some())
-            });
-        if !held {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{db_ip} still held");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_released(&c.client, std::net::IpAddr::V4(db_ip), Duration::from_secs(30)).await;
     for k in kubelets {
         k.abort();
     }

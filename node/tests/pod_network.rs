@@ -10,17 +10,18 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
+mod common;
+
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use caracal_crds::ipam::IPAMBlock;
 use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::cni::Invocation;
 use caracal_e2e::netns::NetNs;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use serde_json::json;
 
 const PROBE: Duration = Duration::from_millis(700);
@@ -258,28 +259,7 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
             .expect("DEL");
         assert_eq!(code, 0, "DEL: {out}");
     }
-    let blocks = Api::<IPAMBlock>::all(c.client.clone());
-    let start = Instant::now();
-    loop {
-        let held = blocks
-            .list(&ListParams::default())
-            .await
-            .expect("blocks")
-            .items
-            .iter()
-            .any(|b| {
-                caracal_node::ipam::block::Block::from_spec(&b.spec)
-                    .is_ok_and(|blk| blk.holder(std::net::IpAddr::V4(gone_ip)).is_some())
-            });
-        if !held {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{gone_ip} still held after DEL"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_released(&c.client, std::net::IpAddr::V4(gone_ip), Duration::from_secs(20)).await;
     for i in 0..3 {
         assert!(
             c.nodes[i].agent.as_mut().expect("agent").check_running().is_ok(),

@@ -49,7 +49,7 @@ fn ip_tool() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/sbin/ip"))
 }
 
-/// A kubeconfig for `token` against the admin kubeconfig's server and CA.
+/// The pod's own ServiceAccount kubeconfig in `dir` (None for a pod without an account).
 async fn token_kubeconfig(
     cfg: &HostConfig,
     client: &Client,
@@ -59,29 +59,15 @@ async fn token_kubeconfig(
     let Some(sa) = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()) else {
         return Ok(None);
     };
-    let ns = pod.namespace().unwrap_or_default();
-    let req = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 86400}}))
-        .map_err(|e| e.to_string())?;
-    let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
-        .create_token_request(&sa, &kube::api::PostParams::default(), &req)
-        .await
-        .map_err(|e| format!("a token for ServiceAccount {ns}/{sa}: {e}"))?
-        .status
-        .map(|s| s.token)
-        .ok_or("TokenRequest without a token")?;
-    let admin: serde_json::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(&cfg.admin_kubeconfig)
-            .map_err(|e| format!("reading the admin kubeconfig: {e}"))?,
-    )
-    .map_err(|e| format!("the admin kubeconfig: {e}"))?;
-    let cluster = &admin["clusters"][0]["cluster"];
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: sa\ncurrent-context: lab\n",
-        cluster["server"].as_str().unwrap_or_default(),
-        cluster["certificate-authority-data"].as_str().unwrap_or_default()
-    );
     let path = dir.join("kubeconfig");
-    std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    crate::controlplane::service_account_kubeconfig(
+        client,
+        &cfg.admin_kubeconfig,
+        &pod.namespace().unwrap_or_default(),
+        &sa,
+        &path,
+    )
+    .await?;
     Ok(Some(path))
 }
 
@@ -107,13 +93,6 @@ impl Drop for HostPod {
             p.stop(Duration::from_secs(5));
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 async fn patch_status(client: &Client, pod: &Pod, status: serde_json::Value) -> Result<(), String> {
@@ -168,9 +147,13 @@ pub async fn start(
     let mut ports = BTreeMap::new();
     let in_node = cfg.node_ns.is_some();
     let mut port = |declared: u16| {
-        *ports
-            .entry(declared)
-            .or_insert_with(|| if in_node { declared } else { free_port() })
+        *ports.entry(declared).or_insert_with(|| {
+            if in_node {
+                declared
+            } else {
+                crate::controlplane::free_port().unwrap_or(0)
+            }
+        })
     };
     let plan = podspec::plan(
         pod,
