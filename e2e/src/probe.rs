@@ -2,7 +2,7 @@
 //! are shown to pass), UDP (request and echo) and ICMP (any type/code, over a raw socket).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::netns::{NetNs, NetnsError};
@@ -27,14 +27,15 @@ impl Outcome {
     }
 }
 
-/// TCP from `src` to `dst_ip:port` (a listener is opened in `dst` for the probe).
+/// TCP from `src` to `dst_ip:port` (either family; a listener is opened in `dst` for the probe).
 pub fn tcp(
     src: &NetNs,
     dst: &NetNs,
-    dst_ip: Ipv4Addr,
+    dst_ip: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<Outcome, NetnsError> {
+    let dst_ip = dst_ip.into();
     let listener = dst
         .enter(move || TcpListener::bind((dst_ip, port)))?
         .map_err(|e| NetnsError::Enter("bind".into(), e.to_string()))?;
@@ -59,14 +60,15 @@ pub fn tcp(
     Ok(outcome)
 }
 
-/// UDP from `src` to `dst_ip:port`: one datagram, answered by an echo opened in `dst`.
+/// UDP from `src` to `dst_ip:port` (either family): one datagram, answered by an echo opened in `dst`.
 pub fn udp(
     src: &NetNs,
     dst: &NetNs,
-    dst_ip: Ipv4Addr,
+    dst_ip: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> Result<Outcome, NetnsError> {
+    let dst_ip = dst_ip.into();
     let server_sock = dst
         .enter(move || UdpSocket::bind((dst_ip, port)))?
         .map_err(|e| NetnsError::Enter("bind".into(), e.to_string()))?;
@@ -175,8 +177,13 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// TCP from `src` to a server that already listens at `dst_ip:port` and echoes (a lab pod's server):
 /// connect, send, read the echo.
-pub fn tcp_echo(src: &NetNs, dst_ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Outcome, NetnsError> {
-    let addr = SocketAddr::from((dst_ip, port));
+pub fn tcp_echo(
+    src: &NetNs,
+    dst_ip: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> Result<Outcome, NetnsError> {
+    let addr = SocketAddr::from((dst_ip.into(), port));
     src.enter(move || match TcpStream::connect_timeout(&addr, timeout) {
         Ok(mut s) => {
             let _ = s.set_read_timeout(Some(timeout));
@@ -194,9 +201,20 @@ pub fn tcp_echo(src: &NetNs, dst_ip: Ipv4Addr, port: u16, timeout: Duration) -> 
 }
 
 /// UDP from `src` to a server that already answers at `dst_ip:port` with an echo.
-pub fn udp_echo(src: &NetNs, dst_ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Outcome, NetnsError> {
+pub fn udp_echo(
+    src: &NetNs,
+    dst_ip: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> Result<Outcome, NetnsError> {
+    let dst_ip = dst_ip.into();
+    let any: IpAddr = if dst_ip.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
     src.enter(move || {
-        let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+        let sock = match UdpSocket::bind((any, 0)) {
             Ok(s) => s,
             Err(e) => return Outcome::Error(e.to_string()),
         };

@@ -34,6 +34,8 @@ pub struct Config {
     pub debounce: Duration,
     /// How often to converge with a full read-back (Felix's `iptablesRefreshInterval`, 90 s by default).
     pub refresh: Duration,
+    /// Enforce policy on IPv6 too (`ip6tables`; Felix's `ipv6Support`).
+    pub ipv6: bool,
 }
 
 /// The agent's optional parts beyond policy: IPAM (whose assignments are the local pods' addresses) and
@@ -150,6 +152,7 @@ pub async fn run(
     let backend: Backend = Arc::new(std::sync::Mutex::new(dataplane::backend(
         &cfg.dataplane,
         cfg.exec_prefix.clone(),
+        cfg.ipv6,
     )?));
     let Parts {
         ipam,

@@ -6,11 +6,11 @@
 //!
 //! Routes the agent owns carry [`PROTO_CARACAL`], so listing, diffing and cleanup find exactly its own.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt as _;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
 use netlink_packet_route::route::{
@@ -123,8 +123,8 @@ pub fn named_netns(name: &str) -> PathBuf {
 /// A route the agent owns: destination, and either an interface (scope link) or a gateway through one.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OwnedRoute {
-    /// Destination.
-    pub dst: Ipv4Net,
+    /// Destination (either family).
+    pub dst: IpNet,
     /// What happens to it.
     pub target: RouteTarget,
 }
@@ -135,7 +135,7 @@ pub enum RouteTarget {
     /// Directly out of an interface (a pod's veth).
     Dev(u32),
     /// Via a gateway on an interface, marked onlink (VXLAN peers, same-subnet nodes).
-    Via(Ipv4Addr, u32),
+    Via(IpAddr, u32),
     /// Dropped: this node's own blocks, so unknown addresses in them are not sent back out.
     Blackhole,
 }
@@ -149,8 +149,8 @@ pub struct VxlanDevice {
     pub vni: u32,
     /// The UDP port (4789 by default).
     pub port: u16,
-    /// The node's underlay address (the tunnel's source).
-    pub local: Ipv4Addr,
+    /// The node's underlay address (the tunnel's source; IPv6 for `vxlan6.caracal`).
+    pub local: IpAddr,
     /// The underlay link's index.
     pub parent: u32,
     /// The VTEP MAC (published on the Node).
@@ -324,7 +324,7 @@ impl Netlink {
             .collect())
     }
 
-    /// Adds (or replaces) an IPv4 route, tagged with `proto`.
+    /// Adds (or replaces) a route of either family, tagged with `proto`.
     pub async fn replace_route(&self, route: &OwnedRoute, proto: u8) -> Result<(), NetlinkError> {
         let msg = route_message(route, proto);
         self.handle
@@ -337,13 +337,21 @@ impl Netlink {
     }
 
     /// Adds the default route via `gw` on `index` (`ip route add default via GW dev IF onlink proto 80`).
-    pub async fn add_default_via(&self, gw: Ipv4Addr, index: u32) -> Result<(), NetlinkError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gw)
-            .output_interface(index)
-            .onlink()
-            .protocol(RouteProtocol::from(PROTO_CARACAL))
-            .build();
+    pub async fn add_default_via(&self, gw: IpAddr, index: u32) -> Result<(), NetlinkError> {
+        let msg = match gw {
+            IpAddr::V4(gw) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gw)
+                .output_interface(index)
+                .onlink()
+                .protocol(RouteProtocol::from(PROTO_CARACAL))
+                .build(),
+            // An IPv6 link-local gateway needs no onlink: it is on the link by definition.
+            IpAddr::V6(gw) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(gw)
+                .output_interface(index)
+                .protocol(RouteProtocol::from(PROTO_CARACAL))
+                .build(),
+        };
         self.handle
             .route()
             .add(msg)
@@ -370,10 +378,10 @@ impl Netlink {
         }
     }
 
-    /// Every IPv4 route in the main table tagged with `proto`.
+    /// Every route of both families in the main table tagged with `proto`.
     pub async fn routes(&self, proto: u8) -> Result<Vec<OwnedRoute>, NetlinkError> {
         let _turn = self.dumps.lock().await;
-        let all: Vec<RouteMessage> = self
+        let mut all: Vec<RouteMessage> = self
             .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -381,6 +389,15 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(req("listing routes"))?;
+        let v6: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing IPv6 routes"))?;
+        all.extend(v6);
         Ok(all
             .into_iter()
             .filter(|m| u8::from(m.header.protocol) == proto)
@@ -398,9 +415,12 @@ impl Netlink {
             }
             self.del_link(&v.name).await?;
         }
-        let msg = LinkVxlan::new(&v.name, v.vni)
-            .port(v.port)
-            .local(v.local)
+        let b = LinkVxlan::new(&v.name, v.vni).port(v.port);
+        let b = match v.local {
+            IpAddr::V4(ip) => b.local(ip),
+            IpAddr::V6(ip) => b.local6(ip),
+        };
+        let msg = b
             .dev(v.parent)
             .learning(false)
             .address(v.mac.to_vec())
@@ -433,16 +453,11 @@ impl Netlink {
         self.index(name).await
     }
 
-    /// A permanent ARP entry: `ip` is at `mac` on link `index`.
-    pub async fn replace_neighbour(
-        &self,
-        index: u32,
-        ip: Ipv4Addr,
-        mac: [u8; 6],
-    ) -> Result<(), NetlinkError> {
+    /// A permanent ARP (or IPv6 neighbour) entry: `ip` is at `mac` on link `index`.
+    pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip)
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .replace()
@@ -456,15 +471,15 @@ impl Netlink {
         &self,
         index: u32,
         mac: [u8; 6],
-        ip: Ipv4Addr,
+        ip: IpAddr,
         bridge: bool,
     ) -> Result<(), NetlinkError> {
         use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
         let mut msg = NeighbourMessage::default();
-        msg.header.family = if bridge {
-            netlink_packet_route::AddressFamily::Bridge
-        } else {
-            netlink_packet_route::AddressFamily::Inet
+        msg.header.family = match (bridge, ip) {
+            (true, _) => netlink_packet_route::AddressFamily::Bridge,
+            (false, IpAddr::V4(_)) => netlink_packet_route::AddressFamily::Inet,
+            (false, IpAddr::V6(_)) => netlink_packet_route::AddressFamily::Inet6,
         };
         msg.header.ifindex = index;
         if bridge {
@@ -472,8 +487,10 @@ impl Netlink {
             msg.attributes
                 .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
         }
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        msg.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
         match self.handle.neighbours().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -484,11 +501,11 @@ impl Netlink {
     }
 
     /// A permanent FDB entry on a VXLAN device: frames for `mac` go to `dst`.
-    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), NetlinkError> {
+    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
             .add_bridge(index, &mac)
-            .destination(IpAddr::V4(dst))
+            .destination(dst)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()
@@ -497,20 +514,21 @@ impl Netlink {
             .map_err(req(format!("writing the FDB entry for {dst}")))
     }
 
-    /// Neighbours on link `index` (ARP when `bridge` is false, FDB otherwise): (mac, ip). The kernel reports
-    /// a permanent FDB entry's state with extra bits, so state is not compared: on Caracal's own devices
-    /// every entry is Caracal's.
+    /// Permanent neighbours on link `index` (ARP, or IPv6 neighbours when `v6`, when `bridge` is false; FDB
+    /// entries otherwise): (mac, ip). The kernel reports a permanent FDB entry's state with extra bits, so state is
+    /// not compared: on Caracal's own devices every entry is Caracal's.
     pub async fn neighbours(
         &self,
         index: u32,
         bridge: bool,
-    ) -> Result<Vec<([u8; 6], Ipv4Addr)>, NetlinkError> {
+        v6: bool,
+    ) -> Result<Vec<([u8; 6], IpAddr)>, NetlinkError> {
         let _turn = self.dumps.lock().await;
         use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
-        let family = if bridge {
-            netlink_packet_route::AddressFamily::Bridge
-        } else {
-            netlink_packet_route::AddressFamily::Inet
+        let family = match (bridge, v6) {
+            (true, _) => netlink_packet_route::AddressFamily::Bridge,
+            (false, false) => netlink_packet_route::AddressFamily::Inet,
+            (false, true) => netlink_packet_route::AddressFamily::Inet6,
         };
         let get = self.handle.neighbours().get().set_address_family(family);
         let all: Vec<_> = get
@@ -521,6 +539,9 @@ impl Netlink {
         Ok(all
             .into_iter()
             .filter(|m| m.header.ifindex == index && m.header.family == family)
+            // Neighbour entries the kernel learned (NDP on an IPv6 device) are not Caracal's: only permanent
+            // ones are listed. (FDB states carry extra bits and are all Caracal's here.)
+            .filter(|m| bridge || m.header.state == NeighbourState::Permanent)
             .filter_map(|m| {
                 let mut mac = None;
                 let mut ip = None;
@@ -529,10 +550,22 @@ impl Netlink {
                         NeighbourAttribute::LinkLayerAddress(l) => {
                             mac = <[u8; 6]>::try_from(l.as_slice()).ok()
                         }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            ip = Some(IpAddr::V4(*v4))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                            ip = Some(IpAddr::V6(*v6))
+                        }
                         // FDB entries (family bridge) carry the remote as raw bytes.
                         NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                            ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from);
+                            ip = <[u8; 4]>::try_from(b.as_slice())
+                                .ok()
+                                .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
+                                .or_else(|| {
+                                    <[u8; 16]>::try_from(b.as_slice())
+                                        .ok()
+                                        .map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+                                });
                         }
                         _ => {}
                     }
@@ -566,7 +599,7 @@ pub fn link_mac(l: &LinkMessage) -> Option<[u8; 6]> {
     })
 }
 
-fn vxlan_matches(l: &LinkMessage, vni: u32, port: u16, local: Ipv4Addr) -> bool {
+fn vxlan_matches(l: &LinkMessage, vni: u32, port: u16, local: IpAddr) -> bool {
     use netlink_packet_route::link::InfoVxlan;
     let Some(data) = l.attributes.iter().find_map(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
@@ -578,33 +611,67 @@ fn vxlan_matches(l: &LinkMessage, vni: u32, port: u16, local: Ipv4Addr) -> bool 
         return false;
     };
     let has = |want: &InfoVxlan| data.contains(want);
-    has(&InfoVxlan::Id(vni)) && has(&InfoVxlan::Port(port)) && has(&InfoVxlan::Local(local))
+    let local = match local {
+        IpAddr::V4(ip) => InfoVxlan::Local(ip),
+        IpAddr::V6(ip) => InfoVxlan::Local6(ip),
+    };
+    has(&InfoVxlan::Id(vni)) && has(&InfoVxlan::Port(port)) && has(&local)
 }
 
 fn route_message(route: &OwnedRoute, proto: u8) -> RouteMessage {
-    let b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(route.dst.addr(), route.dst.prefix_len())
-        .protocol(RouteProtocol::from(proto));
-    match route.target {
-        RouteTarget::Dev(i) => b.output_interface(i).scope(RouteScope::Link).build(),
-        RouteTarget::Via(gw, i) => b.gateway(gw).output_interface(i).onlink().build(),
-        RouteTarget::Blackhole => b.kind(RouteType::BlackHole).build(),
+    match (route.dst, route.target.clone()) {
+        (IpNet::V4(dst), target) => {
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.addr(), dst.prefix_len())
+                .protocol(RouteProtocol::from(proto));
+            match target {
+                RouteTarget::Dev(i) => b.output_interface(i).scope(RouteScope::Link).build(),
+                RouteTarget::Via(IpAddr::V4(gw), i) => b.gateway(gw).output_interface(i).onlink().build(),
+                RouteTarget::Via(IpAddr::V6(gw), i) => b.via(gw).output_interface(i).onlink().build(),
+                RouteTarget::Blackhole => b.kind(RouteType::BlackHole).build(),
+            }
+        }
+        (IpNet::V6(dst), target) => {
+            let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.addr(), dst.prefix_len())
+                .protocol(RouteProtocol::from(proto));
+            match target {
+                RouteTarget::Dev(i) => b.output_interface(i).scope(RouteScope::Link).build(),
+                RouteTarget::Via(IpAddr::V6(gw), i) => b.gateway(gw).output_interface(i).onlink().build(),
+                // An IPv6 destination through an IPv4 gateway is not something Caracal writes.
+                RouteTarget::Via(IpAddr::V4(_), i) => b.output_interface(i).build(),
+                RouteTarget::Blackhole => b.kind(RouteType::BlackHole).build(),
+            }
+        }
+    }
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
     }
 }
 
 fn parse_route(m: &RouteMessage) -> Option<OwnedRoute> {
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let v6 = m.header.address_family == netlink_packet_route::AddressFamily::Inet6;
+    let mut dst = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
     let mut gw = None;
     let mut oif = None;
     for a in &m.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+            RouteAttribute::Destination(d) => dst = route_addr(d)?,
+            RouteAttribute::Gateway(g) => gw = route_addr(g),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
     }
-    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?;
+    let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
     let target = if m.header.kind == RouteType::BlackHole {
         RouteTarget::Blackhole
     } else {

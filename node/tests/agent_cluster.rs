@@ -64,6 +64,7 @@ async fn a_network_policy_written_through_the_api_is_enforced_on_real_packets() 
         exec_prefix: node.exec_prefix(),
         debounce: Duration::from_millis(50),
         refresh: Duration::from_secs(90),
+        ipv6: true,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(agent::run(
@@ -136,7 +137,7 @@ async fn a_network_policy_written_through_the_api_is_enforced_on_real_packets() 
         save.contains("-A FORWARD -j crc-FORWARD"),
         "rules stay while the agent is down"
     );
-    caracal_node::dataplane::backend("Iptables", node.exec_prefix())
+    caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
         .expect("backend")
         .remove_all()
         .expect("cleanup");

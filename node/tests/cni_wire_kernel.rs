@@ -7,7 +7,7 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use caracal_e2e::netns::{self, NetNs, Underlay};
@@ -98,48 +98,139 @@ async fn wired_pods_reach_each_other_through_proxy_arp_and_del_is_idempotent() {
     assert!(nl.link("crcwiretestb").await.expect("link").is_none());
 }
 
+/// Writes, lists and deletes one peer's neighbour and FDB entries on `dev`.
+async fn peer_entries_round_trip(
+    nl: &Netlink,
+    dev: &caracal_node::netlink::VxlanDevice,
+    vtep: IpAddr,
+    peer: IpAddr,
+) {
+    let index = nl.ensure_vxlan(dev).await.expect("vxlan");
+    assert_eq!(
+        nl.ensure_vxlan(dev).await.expect("adopted"),
+        index,
+        "an existing device is adopted"
+    );
+    let v6 = vtep.is_ipv6();
+    let mac = [0x66, 9, 9, 9, 9, 9];
+    nl.replace_neighbour(index, vtep, mac).await.expect("neighbour");
+    nl.replace_fdb(index, mac, peer).await.expect("fdb");
+    assert_eq!(
+        nl.neighbours(index, false, v6).await.expect("neighbour list"),
+        vec![(mac, vtep)]
+    );
+    assert_eq!(
+        nl.neighbours(index, true, v6).await.expect("fdb list"),
+        vec![(mac, peer)]
+    );
+    nl.del_neighbour(index, mac, vtep, false)
+        .await
+        .expect("neighbour del");
+    nl.del_neighbour(index, mac, peer, true).await.expect("fdb del");
+    assert!(
+        nl.neighbours(index, false, v6)
+            .await
+            .expect("neighbour list")
+            .is_empty()
+    );
+    assert!(nl.neighbours(index, true, v6).await.expect("fdb list").is_empty());
+    nl.del_neighbour(index, mac, peer, true)
+        .await
+        .expect("deleting again is fine");
+}
+
 #[tokio::test]
-async fn vxlan_peers_arp_and_fdb_entries_are_written_listed_and_deleted() {
+async fn vxlan_peers_neighbour_and_fdb_entries_are_written_listed_and_deleted_in_both_families() {
     let (_underlay, node) = node_with_uplink();
+    node.ip(&["-6", "addr", "add", "fd00:98::2/64", "dev", "eth0", "nodad"])
+        .expect("IPv6 underlay address");
     let nl = Netlink::open(Some(&named_netns(node.name())))
         .await
         .expect("netlink");
     let parent = nl.index("eth0").await.expect("eth0");
-    let dev = caracal_node::netlink::VxlanDevice {
+    let mut dev = caracal_node::netlink::VxlanDevice {
         name: "vxlan.caracal".into(),
         vni: 4096,
         port: 4789,
-        local: Ipv4Addr::new(10, 98, 0, 2),
+        local: IpAddr::V4(Ipv4Addr::new(10, 98, 0, 2)),
         parent,
         mac: [0x66, 1, 2, 3, 4, 5],
         mtu: 1450,
     };
-    let index = nl.ensure_vxlan(&dev).await.expect("vxlan");
-    assert_eq!(
-        nl.ensure_vxlan(&dev).await.expect("adopted"),
-        index,
-        "an existing device is adopted"
-    );
-    let (mac, vtep, peer) = (
-        [0x66, 9, 9, 9, 9, 9],
-        Ipv4Addr::new(10, 244, 1, 0),
-        Ipv4Addr::new(10, 98, 0, 3),
-    );
-    nl.replace_neighbour(index, vtep, mac).await.expect("arp");
-    nl.replace_fdb(index, mac, peer).await.expect("fdb");
-    assert_eq!(
-        nl.neighbours(index, false).await.expect("arp list"),
-        vec![(mac, vtep)]
-    );
-    assert_eq!(
-        nl.neighbours(index, true).await.expect("fdb list"),
-        vec![(mac, peer)]
-    );
-    nl.del_neighbour(index, mac, vtep, false).await.expect("arp del");
-    nl.del_neighbour(index, mac, peer, true).await.expect("fdb del");
-    assert!(nl.neighbours(index, false).await.expect("arp list").is_empty());
-    assert!(nl.neighbours(index, true).await.expect("fdb list").is_empty());
-    nl.del_neighbour(index, mac, peer, true)
+    peer_entries_round_trip(
+        &nl,
+        &dev,
+        "10.244.1.0".parse().expect("ip"),
+        "10.98.0.3".parse().expect("ip"),
+    )
+    .await;
+    dev.name = "vxlan6.caracal".into();
+    dev.local = "fd00:98::2".parse().expect("ip");
+    dev.mac = [0x66, 1, 2, 3, 4, 6];
+    dev.mtu = 1430;
+    peer_entries_round_trip(
+        &nl,
+        &dev,
+        "fd10::1".parse().expect("ip"),
+        "fd00:98::3".parse().expect("ip"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dual_stack_pods_get_a_128_and_reach_each_other_over_ipv6_through_the_link_local_gateway() {
+    let (_underlay, node) = node_with_uplink();
+    node.sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("forwarding");
+    let nl = Netlink::open(Some(&named_netns(node.name())))
         .await
-        .expect("deleting again is fine");
+        .expect("netlink");
+    let a = NetNs::new("pa").expect("pod a");
+    let b = NetNs::new("pb").expect("pod b");
+    let dual = |pod: &NetNs, iface: &str, v4: &str, v6: &str| {
+        let mut w = wiring(&node, pod, iface, v4);
+        w.ips.push(v6.parse().expect("ip"));
+        w
+    };
+    let wa = dual(&a, "crcwire6a", "10.200.0.5/32", "fd20::5/128");
+    let wb = dual(&b, "crcwire6b", "10.200.0.6/32", "fd20::6/128");
+    let first = wire::add(&nl, &wa).await.expect("wire a");
+    wire::add(&nl, &wb).await.expect("wire b");
+
+    // The pod holds its /128 at once (no duplicate address detection), with a default route via the host
+    // side's link-local address.
+    let addr = a.ip(&["-6", "-o", "addr", "show", "eth0"]).expect("addr");
+    assert!(
+        addr.contains("fd20::5/128") && !addr.contains("tentative"),
+        "{addr}"
+    );
+    let routes = a.ip(&["-6", "route"]).expect("routes");
+    assert!(
+        routes.contains("default via fe80::ecee:eeff:feee:eeee dev eth0"),
+        "{routes}"
+    );
+    let host_routes = node
+        .ip(&["-6", "route", "show", "proto", &PROTO_CARACAL.to_string()])
+        .expect("routes");
+    assert!(host_routes.contains("fd20::5 dev crcwire6a"), "{host_routes}");
+
+    for (src, dst, ip) in [(&a, &b, "fd20::6"), (&b, &a, "fd20::5")] {
+        let ip: std::net::Ipv6Addr = ip.parse().expect("ip");
+        assert!(probe::tcp(src, dst, ip, 8080, TIMEOUT).expect("tcp").connected());
+        assert!(probe::udp(src, dst, ip, 5353, TIMEOUT).expect("udp").connected());
+    }
+    // IPv4 still works beside it.
+    assert!(
+        probe::tcp(&a, &b, Ipv4Addr::new(10, 200, 0, 6), 8080, TIMEOUT)
+            .expect("tcp")
+            .connected()
+    );
+    // A repeated ADD is the same wiring, CHECK sees both families, DEL removes both routes.
+    assert_eq!(wire::add(&nl, &wa).await.expect("again"), first);
+    assert!(wire::check(&nl, &wa).await.expect("check").is_some());
+    assert!(wire::del(&nl, "crcwire6a").await.expect("del"));
+    let host_routes = node
+        .ip(&["-6", "route", "show", "proto", &PROTO_CARACAL.to_string()])
+        .expect("routes");
+    assert!(!host_routes.contains("fd20::5"), "{host_routes}");
 }

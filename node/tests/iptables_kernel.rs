@@ -268,7 +268,8 @@ fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
 fn removal_leaves_no_chain_set_or_hook_behind() {
     let node = node();
     // Through the trait object the agent uses, chosen from configuration.
-    let mut backend = caracal_node::dataplane::backend("Iptables", node.ns.exec_prefix()).expect("backend");
+    let mut backend =
+        caracal_node::dataplane::backend("Iptables", node.ns.exec_prefix(), true).expect("backend");
     let s = scenarios()
         .into_iter()
         .find(|s| s.name.contains("network set by label"))

@@ -126,7 +126,7 @@ async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
             .contains("crc-FORWARD"),
         "rules stay after the agent stops"
     );
-    caracal_node::dataplane::backend("Iptables", node.exec_prefix())
+    caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
         .expect("backend")
         .remove_all()
         .expect("cleanup");
@@ -249,7 +249,7 @@ async fn the_node_binary_through_the_typha_binary_programs_its_node() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    caracal_node::dataplane::backend("Iptables", node.exec_prefix())
+    caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
         .expect("backend")
         .remove_all()
         .expect("cleanup");

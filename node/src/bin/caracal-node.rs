@@ -13,6 +13,9 @@
 //! - `CARACAL_CNI_SOCKET` (/var/run/caracal/cni.sock): where the CNI server listens.
 //! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal.
 //! - `CARACAL_IPV4_AUTODETECTION` (first-found) or `CARACAL_IP` (an address/prefix to use as is).
+//! - IPv6 (pods get an IPv6 address too, `ip6tables` enforces policy, IPv6 blocks are routed) is on when
+//!   `CARACAL_IPV6_AUTODETECTION` names a method or `CARACAL_IP6` an address/prefix; `none` or unset means
+//!   off. The operator sets the method when the Installation has an IPv6 pool.
 //! - `CARACAL_BGP` (`Enabled`/`Disabled`), `CARACAL_MTU` (an explicit pod MTU).
 //! - `CARACAL_IPAM_RESERVE` (32), `CARACAL_IPAM_GC_GRACE_SECONDS` (900), `CARACAL_REFRESH_SECONDS` (90).
 //! - Typha: `CARACAL_TYPHA_ADDRS` (`host:port,...`) or `CARACAL_TYPHA_SERVICE` (port 5473) with
@@ -124,6 +127,20 @@ async fn main() -> anyhow::Result<()> {
         ),
         _ => caracal_node::routing::address::parse(&env("CARACAL_IPV4_AUTODETECTION", "first-found"))?,
     };
+    let method6 = match (
+        std::env::var("CARACAL_IP6"),
+        std::env::var("CARACAL_IPV6_AUTODETECTION"),
+    ) {
+        (Ok(ip), _) if !ip.is_empty() && ip != "none" => Some(caracal_node::routing::address::Method::Fixed(
+            ip.parse()
+                .context("CARACAL_IP6 must be an address with its prefix, like fd00::2/64")?,
+        )),
+        (_, Ok(m)) if !m.trim().is_empty() && m.trim() != "none" => {
+            Some(caracal_node::routing::address::parse(&m)?)
+        }
+        _ => None,
+    };
+    let ipv6 = method6.is_some();
     let mtu = Arc::new(std::sync::atomic::AtomicU32::new(1450));
     let explicit_mtu = match std::env::var("CARACAL_MTU") {
         Ok(m) if !m.is_empty() && m != "0" => Some(m.parse().context("CARACAL_MTU must be a number")?),
@@ -133,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
         caracal_node::routing::Config {
             node: node_name.clone(),
             method,
+            method6,
             bgp: env("CARACAL_BGP", "Disabled") == "Enabled",
             mtu: explicit_mtu,
             exec_prefix: exec_prefix.clone(),
@@ -166,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
         exec_prefix,
         debounce: Duration::from_millis(50),
         refresh,
+        ipv6,
     };
     let parts = agent::Parts {
         ipam: Some(ipam),

@@ -2,17 +2,23 @@
 //! gateway 169.254.1.1 by proxy ARP, and whose pod side (`eth0`) carries the pod's /32 and a default route
 //! through that gateway. The host gets a /32 route to the pod through the veth. Every pod therefore sees
 //! the same gateway and MAC, and all traffic leaves the pod through the node's routing and policy.
+//!
+//! IPv6 the same way: the pod's /128, and a default route via `fe80::ecee:eeff:feee:eeee`, the link-local
+//! address the kernel gives the host side from its MAC `ee:ee:ee:ee:ee:ee`. Duplicate address detection is
+//! off on both ends (`accept_dad=0`), so both addresses work at once rather than after a second of DAD.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use netlink_packet_route::link::LinkMessage;
 
 use crate::netlink::{self, Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget};
 
 /// The gateway every pod routes through (answered by proxy ARP on the host side).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway: the host side's EUI-64 link-local address (from [`HOST_MAC`]).
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 /// The host side's MAC, as Calico uses: every pod sees the same gateway MAC.
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
 
@@ -51,9 +57,6 @@ pub enum WireError {
         /// Why.
         source: std::io::Error,
     },
-    /// Only IPv4 pod addresses are wired so far.
-    #[error("{0} is not IPv4: IPv6 pod addresses are not wired yet")]
-    NotV4(IpNet),
     /// The kernel refused.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
@@ -63,19 +66,23 @@ fn mac_text(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn v4s(ips: &[IpNet]) -> Result<Vec<Ipv4Net>, WireError> {
-    ips.iter()
-        .map(|ip| match ip {
-            IpNet::V4(v) => Ok(Ipv4Net::new(v.addr(), 32).unwrap_or(*v)),
-            IpNet::V6(_) => Err(WireError::NotV4(*ip)),
-        })
-        .collect()
+/// The pod's addresses as host prefixes (/32, /128).
+fn hosts(ips: &[IpNet]) -> Vec<IpNet> {
+    ips.iter().map(|ip| IpNet::from(ip.addr())).collect()
+}
+
+/// The gateway of `ip`'s family.
+fn gateway(ip: &IpNet) -> IpAddr {
+    match ip {
+        IpNet::V4(_) => IpAddr::V4(GATEWAY),
+        IpNet::V6(_) => IpAddr::V6(GATEWAY_V6),
+    }
 }
 
 /// The host route to a pod address through its veth.
-pub fn pod_route(ip: Ipv4Net, index: u32) -> OwnedRoute {
+pub fn pod_route(ip: IpAddr, index: u32) -> OwnedRoute {
     OwnedRoute {
-        dst: Ipv4Net::new(ip.addr(), 32).unwrap_or(ip),
+        dst: IpNet::from(ip),
         target: RouteTarget::Dev(index),
     }
 }
@@ -83,7 +90,7 @@ pub fn pod_route(ip: Ipv4Net, index: u32) -> OwnedRoute {
 /// Creates the pair and configures both ends. An existing host side of the same name is replaced unless
 /// it already is exactly this wiring (a repeated ADD), in which case nothing changes.
 pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
-    let ips = v4s(&w.ips)?;
+    let ips = hosts(&w.ips);
     if let Some((host, eth)) = existing(node, w, &ips).await? {
         // A repeated ADD (perhaps after an agent killed mid-ADD): finish the host side, answer the same.
         host_side(node, w, &ips).await?;
@@ -101,22 +108,43 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         .await?;
     // Pod side.
     let pod = Netlink::open(Some(&w.netns)).await?;
+    let v6 = ips.iter().any(|ip| ip.addr().is_ipv6());
+    if v6 {
+        // Before the address exists: no duplicate address detection, so it is usable at once.
+        netlink::sysctls(
+            Some(&w.netns),
+            vec![
+                (format!("net.ipv6.conf.{}.disable_ipv6", w.ifname), "0".to_owned()),
+                (format!("net.ipv6.conf.{}.accept_dad", w.ifname), "0".to_owned()),
+            ],
+        )
+        .await?;
+    }
     let lo = pod.index("lo").await?;
     pod.set_up(lo, None).await?;
     let eth = pod.index(&w.ifname).await?;
     for ip in &ips {
-        pod.add_addr(eth, IpNet::V4(*ip)).await?;
+        pod.add_addr(eth, *ip).await?;
     }
     pod.set_up(eth, None).await?;
-    pod.replace_route(
-        &OwnedRoute {
-            dst: Ipv4Net::new(GATEWAY, 32).unwrap_or_default(),
-            target: RouteTarget::Dev(eth),
-        },
-        PROTO_CARACAL,
-    )
-    .await?;
-    pod.add_default_via(GATEWAY, eth).await?;
+    if ips.iter().any(|ip| ip.addr().is_ipv4()) {
+        pod.replace_route(
+            &OwnedRoute {
+                dst: IpNet::from(IpAddr::V4(GATEWAY)),
+                target: RouteTarget::Dev(eth),
+            },
+            PROTO_CARACAL,
+        )
+        .await?;
+    }
+    // The IPv6 default route last: `existing` takes the default routes as the sign of a complete pod side.
+    for ip in ips
+        .iter()
+        .filter(|ip| ip.addr().is_ipv4())
+        .chain(ips.iter().filter(|ip| ip.addr().is_ipv6()))
+    {
+        pod.add_default_via(gateway(ip), eth).await?;
+    }
     let pod_mac = pod
         .link(&w.ifname)
         .await?
@@ -132,25 +160,30 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
 
 /// The host side: answer ARP for the gateway (proxy ARP, no delay), up, the pod's addresses routed to it.
 /// Idempotent, and without dumps (one write each), so concurrent ADDs do not queue behind each other.
-async fn host_side(node: &Netlink, w: &PodWiring, ips: &[Ipv4Net]) -> Result<(), WireError> {
-    netlink::sysctls(
-        node.netns(),
-        vec![
-            (
-                format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
-                "1".to_owned(),
-            ),
-            (
-                format!("net.ipv4.neigh.{}.proxy_delay", w.host_iface),
-                "0".to_owned(),
-            ),
-        ],
-    )
-    .await?;
+async fn host_side(node: &Netlink, w: &PodWiring, ips: &[IpNet]) -> Result<(), WireError> {
+    let mut settings = vec![
+        (
+            format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
+            "1".to_owned(),
+        ),
+        (
+            format!("net.ipv4.neigh.{}.proxy_delay", w.host_iface),
+            "0".to_owned(),
+        ),
+    ];
+    if ips.iter().any(|ip| ip.addr().is_ipv6()) {
+        // The gateway address (the link-local the kernel derives from the MAC) is usable at once.
+        settings.push((
+            format!("net.ipv6.conf.{}.accept_dad", w.host_iface),
+            "0".to_owned(),
+        ));
+    }
+    netlink::sysctls(node.netns(), settings).await?;
     let host = node.index(&w.host_iface).await?;
     node.set_up(host, None).await?;
     for ip in ips {
-        node.replace_route(&pod_route(*ip, host), PROTO_CARACAL).await?;
+        node.replace_route(&pod_route(ip.addr(), host), PROTO_CARACAL)
+            .await?;
     }
     Ok(())
 }
@@ -159,7 +192,7 @@ async fn host_side(node: &Netlink, w: &PodWiring, ips: &[Ipv4Net]) -> Result<(),
 async fn existing(
     node: &Netlink,
     w: &PodWiring,
-    ips: &[Ipv4Net],
+    ips: &[IpNet],
 ) -> Result<Option<(LinkMessage, LinkMessage)>, WireError> {
     let Some(host) = node.link(&w.host_iface).await? else {
         return Ok(None);
@@ -172,16 +205,19 @@ async fn existing(
         return Ok(None);
     };
     let have = pod.addrs(eth.header.index).await?;
-    if !ips.iter().all(|ip| have.contains(&IpNet::V4(*ip))) {
+    if !ips.iter().all(|ip| have.contains(ip)) {
         return Ok(None);
     }
-    // The default route is the pod side's last step: with it, the pod side is complete.
-    let default = pod
-        .routes(PROTO_CARACAL)
-        .await?
-        .into_iter()
-        .any(|r| r.dst.prefix_len() == 0 && r.target == RouteTarget::Via(GATEWAY, eth.header.index));
-    if !default {
+    // The default routes are the pod side's last step: with them, the pod side is complete.
+    let routes = pod.routes(PROTO_CARACAL).await?;
+    let defaults = ips.iter().all(|ip| {
+        routes.iter().any(|r| {
+            r.dst.prefix_len() == 0
+                && r.dst.addr().is_ipv4() == ip.addr().is_ipv4()
+                && r.target == RouteTarget::Via(gateway(ip), eth.header.index)
+        })
+    });
+    if !defaults {
         return Ok(None);
     }
     Ok(Some((host, eth)))
@@ -190,14 +226,14 @@ async fn existing(
 /// The existing wiring when it is complete and matches `w` (host side with the pod routes, the pod side
 /// holding every address); None otherwise.
 pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireError> {
-    let ips = v4s(&w.ips)?;
+    let ips = hosts(&w.ips);
     let Some((host, eth)) = existing(node, w, &ips).await? else {
         return Ok(None);
     };
     let routes = node.routes(PROTO_CARACAL).await?;
     if !ips
         .iter()
-        .all(|ip| routes.contains(&pod_route(*ip, host.header.index)))
+        .all(|ip| routes.contains(&pod_route(ip.addr(), host.header.index)))
     {
         return Ok(None);
     }

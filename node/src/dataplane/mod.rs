@@ -104,6 +104,40 @@ pub fn tier_ref(t: &Tier, policies: Vec<String>) -> TierRef {
     }
 }
 
+/// An IP family: the iptables backend runs once per family (`iptables` and `ip6tables`), each with its own
+/// tables and sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4 (`iptables`, ipsets `family inet`).
+    #[default]
+    V4,
+    /// IPv6 (`ip6tables`, ipsets `family inet6`).
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`.
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    /// 4 or 6 (a rule's `ipVersion`).
+    pub fn version(self) -> u8 {
+        match self {
+            Family::V4 => 4,
+            Family::V6 => 6,
+        }
+    }
+
+    /// The longest prefix (a single address).
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
 /// What a backend reports about one convergence.
 pub use iptables::apply::ApplyStats;
 
@@ -133,29 +167,68 @@ pub trait PolicyDataplane: Send {
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>>;
 }
 
-impl PolicyDataplane for iptables::apply::Iptables {
-    fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply(&iptables::render::render(model))?)
+/// The iptables backend of both families: `iptables` always, `ip6tables` when IPv6 is on (Felix's
+/// `ipv6Support`). Each family converges on its own; the stats add up.
+pub struct DualStack {
+    v4: iptables::apply::Iptables,
+    v6: Option<iptables::apply::Iptables>,
+}
+
+impl DualStack {
+    /// Both families behind `exec_prefix` (IPv6 only when `ipv6`).
+    pub fn new(exec_prefix: Vec<String>, ipv6: bool) -> Self {
+        Self {
+            v6: ipv6.then(|| iptables::apply::Iptables::for_family(exec_prefix.clone(), Family::V6)),
+            v4: iptables::apply::Iptables::new(exec_prefix),
+        }
     }
 
-    fn update(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply_update(&iptables::render::render(model))?)
-    }
-
-    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
-        iptables::apply::Iptables::remove_all(self)
-            .map_err(|es| es.into_iter().map(DataplaneError::from).collect())
+    fn each(
+        &mut self,
+        model: &DataplaneModel,
+        f: impl Fn(
+            &mut iptables::apply::Iptables,
+            &iptables::render::Desired,
+        ) -> Result<ApplyStats, iptables::apply::IptablesError>,
+    ) -> Result<ApplyStats, DataplaneError> {
+        let mut stats = f(&mut self.v4, &iptables::render::render_family(model, Family::V4))?;
+        if let Some(v6) = self.v6.as_mut() {
+            stats.add(&f(v6, &iptables::render::render_family(model, Family::V6))?);
+        }
+        Ok(stats)
     }
 }
 
-/// The backend for the configured data plane (`CARACAL_DATAPLANE`, as the operator renders it).
-/// `exec_prefix` runs the kernel tools elsewhere (a namespace, in tests); empty on a node.
+impl PolicyDataplane for DualStack {
+    fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        self.each(model, iptables::apply::Iptables::apply)
+    }
+
+    fn update(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        self.each(model, iptables::apply::Iptables::apply_update)
+    }
+
+    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
+        let mut errors: Vec<DataplaneError> = Vec::new();
+        for b in std::iter::once(&mut self.v4).chain(self.v6.as_mut()) {
+            if let Err(es) = b.remove_all() {
+                errors.extend(es.into_iter().map(DataplaneError::from));
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+/// The backend for the configured data plane (`CARACAL_DATAPLANE`, as the operator renders it), enforcing
+/// IPv6 too when `ipv6`. `exec_prefix` runs the kernel tools elsewhere (a namespace, in tests); empty on a
+/// node.
 pub fn backend(
     dataplane: &str,
     exec_prefix: Vec<String>,
+    ipv6: bool,
 ) -> Result<Box<dyn PolicyDataplane>, DataplaneError> {
     match dataplane {
-        "Iptables" | "" => Ok(Box::new(iptables::apply::Iptables::new(exec_prefix))),
+        "Iptables" | "" => Ok(Box::new(DualStack::new(exec_prefix, ipv6))),
         other => Err(DataplaneError::Unsupported(other.to_owned())),
     }
 }
@@ -166,8 +239,8 @@ mod tests {
 
     #[test]
     fn the_backend_is_chosen_from_configuration() {
-        assert!(backend("Iptables", vec![]).is_ok());
-        let err = backend("BPF", vec![])
+        assert!(backend("Iptables", vec![], true).is_ok());
+        let err = backend("BPF", vec![], true)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -100,6 +100,15 @@ impl Allocator {
             .collect())
     }
 
+    /// Whether an enabled pool of the family selects this node.
+    pub(crate) async fn serves(
+        &self,
+        v4: bool,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<bool, AllocError> {
+        Ok(!self.pools(v4, node_labels).await?.is_empty())
+    }
+
     /// One address for `handle`, from this node's blocks, claiming a new block when they are full.
     pub async fn assign(
         &self,

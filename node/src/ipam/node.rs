@@ -14,6 +14,8 @@
 //! - **A committer.** In the background, assignments become real holders in the `IPAMBlock` (the reserve
 //!   record is handed to the pod's handle) with an `IPAMHandle` per pod, and releases free their
 //!   addresses, batched per block with compare-and-swap.
+//! - **Both families.** A pod gets one address of each family that has an enabled pool selecting its node
+//!   (IPv4, IPv6, or both); the reserve holds addresses of each family, refilled per family.
 //! - **Garbage collection.** An address whose pod has been gone for longer than a grace period is released,
 //!   as is anything CNI GC says is no longer attached.
 
@@ -106,14 +108,48 @@ pub struct Held {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Reserved addresses of both families, in the order they were reserved.
     reserve: VecDeque<IpAddr>,
+    /// The families this node serves (an enabled pool of that family selects it): IPv4, IPv6. Learned by
+    /// each refill.
+    families: [bool; 2],
     held: BTreeMap<String, Held>,
     /// Released but not yet freed in the API: address -> the handle that held it.
     releasing: BTreeMap<IpAddr, String>,
     /// When GC first saw a handle's pod missing.
     missing_since: BTreeMap<String, Instant>,
-    /// The last refill found nothing anywhere.
+    /// The last refill found nothing anywhere for a family the node serves.
     exhausted: bool,
+}
+
+fn family_index(ip: &IpAddr) -> usize {
+    usize::from(ip.is_ipv6())
+}
+
+impl State {
+    /// Reserved addresses of family `f` (0 IPv4, 1 IPv6).
+    fn reserved_in(&self, f: usize) -> usize {
+        self.reserve.iter().filter(|ip| family_index(ip) == f).count()
+    }
+
+    /// Takes the oldest reserved address of family `f`.
+    fn take(&mut self, f: usize) -> Option<IpAddr> {
+        let i = self.reserve.iter().position(|ip| family_index(ip) == f)?;
+        self.reserve.remove(i)
+    }
+
+    /// The families to hand out: those served (IPv4 alone until the first refill has looked at the pools).
+    fn wanted(&self) -> Vec<usize> {
+        let served: Vec<usize> = (0..2).filter(|f| self.families[*f]).collect();
+        if served.is_empty() { vec![0] } else { served }
+    }
+
+    /// True when some served family's reserve is below three quarters of `target`.
+    fn low(&self, target: usize) -> bool {
+        self.wanted()
+            .into_iter()
+            .any(|f| self.reserved_in(f) * 4 < target * 3)
+    }
 }
 
 /// Errors of the IPAM server.
@@ -248,54 +284,87 @@ impl NodeIpam {
         })
     }
 
-    /// One IPv4 address for `handle` (the same one again when it already holds one).
+    /// One address of each family the node serves for `handle` (the same ones again when it already holds
+    /// some).
     pub async fn assign(
         &self,
         handle: &str,
         attrs: BTreeMap<String, String>,
     ) -> Result<Vec<IpAddr>, IpamError> {
+        self.assign_in(handle, attrs, None).await
+    }
+
+    /// One address of the IPv4 (`v6` false) or IPv6 family for `handle` (a tunnel device's address).
+    pub async fn assign_family(
+        &self,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+        v6: bool,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        self.assign_in(handle, attrs, Some(usize::from(v6))).await
+    }
+
+    async fn assign_in(
+        &self,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+        family: Option<usize>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut refilled = false;
         loop {
             {
                 let mut st = self.inner.state.lock().await;
                 if let Some(h) = st.held.get(handle) {
                     return Ok(h.ips.clone());
                 }
-                if let Some(ip) = st.reserve.pop_front() {
+                let wanted = family.map_or_else(|| st.wanted(), |f| vec![f]);
+                let missing: Vec<usize> = wanted
+                    .iter()
+                    .copied()
+                    .filter(|f| st.reserved_in(*f) == 0)
+                    .collect();
+                if missing.is_empty() {
+                    let ips: Vec<IpAddr> = wanted.iter().filter_map(|f| st.take(*f)).collect();
                     let mut attrs = attrs;
                     attrs.insert(attr::NODE.into(), self.inner.cfg.node.clone());
-                    // Journal first: once it is written, a restarted agent knows the address is taken.
+                    // Journal first: once it is written, a restarted agent knows the addresses are taken.
                     if let Err(e) = self.append(&Record::Assign {
                         handle: handle.to_owned(),
-                        ips: vec![ip],
+                        ips: ips.clone(),
                         attrs: attrs.clone(),
                     }) {
-                        st.reserve.push_front(ip);
+                        for ip in ips.into_iter().rev() {
+                            st.reserve.push_front(ip);
+                        }
                         return Err(e);
                     }
                     st.held.insert(
                         handle.to_owned(),
                         Held {
-                            ips: vec![ip],
+                            ips: ips.clone(),
                             attrs,
                             committed: false,
                         },
                     );
-                    if st.reserve.len() * 4 < self.inner.cfg.reserve * 3 {
+                    if st.low(self.inner.cfg.reserve) {
                         self.inner.refill_kick.notify_one();
                     }
                     self.inner.commit_kick.notify_one();
                     self.changed();
-                    return Ok(vec![ip]);
+                    return Ok(ips);
+                }
+                if refilled {
+                    let family = if missing.contains(&0) { "IPv4" } else { "IPv6" };
+                    warn!(node = %self.inner.cfg.node, family, "no address left in any IPPool this node may use");
+                    return Err(AllocError::Exhausted {
+                        node: self.inner.cfg.node.clone(),
+                    }
+                    .into());
                 }
             }
-            // The reserve is empty: refill now, in the request's path.
-            self.refill().await?;
-            if self.inner.state.lock().await.reserve.is_empty() {
-                return Err(AllocError::Exhausted {
-                    node: self.inner.cfg.node.clone(),
-                }
-                .into());
-            }
+            // A reserve is empty: refill now, in the request's path.
+            self.refill_families(family.map(|f| vec![f])).await?;
+            refilled = true;
         }
     }
 
@@ -336,7 +405,14 @@ impl NodeIpam {
     /// True once the node has addresses to hand out (CNI STATUS).
     pub async fn ready(&self) -> bool {
         let st = self.inner.state.lock().await;
-        !st.reserve.is_empty() || !st.exhausted
+        st.wanted().iter().all(|f| st.reserved_in(*f) > 0) || !st.exhausted
+    }
+
+    /// The families this node hands out: (IPv4, IPv6).
+    pub async fn families(&self) -> (bool, bool) {
+        let st = self.inner.state.lock().await;
+        let w = st.wanted();
+        (w.contains(&0), w.contains(&1))
     }
 
     /// Nothing waits to be written to the API.
@@ -401,8 +477,10 @@ impl NodeIpam {
         let mut released = Vec::new();
         let mut remaining: Vec<&IPAMBlock> = own.iter().collect();
         for obj in &own {
-            if remaining.len() <= 1 {
-                break;
+            // Per family: the last block of a family stays.
+            let v4 = obj.spec.cidr.is_ipv4();
+            if remaining.iter().filter(|b| b.spec.cidr.is_ipv4() == v4).count() <= 1 {
+                continue;
             }
             let block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
             let held = block.allocated();
@@ -420,8 +498,12 @@ impl NodeIpam {
                 .copied()
                 .filter(|b| b.name_any() != obj.name_any())
                 .collect();
-            let free_elsewhere: usize = others.iter().map(|b| b.spec.unallocated.len()).sum();
-            if st.reserve.len() - ours.len() + free_elsewhere < self.inner.cfg.reserve {
+            let free_elsewhere: usize = others
+                .iter()
+                .filter(|b| b.spec.cidr.is_ipv4() == v4)
+                .map(|b| b.spec.unallocated.len())
+                .sum();
+            if st.reserved_in(usize::from(!v4)) - ours.len() + free_elsewhere < self.inner.cfg.reserve {
                 continue;
             }
             let precondition = kube::api::Preconditions {
@@ -458,27 +540,56 @@ impl NodeIpam {
         Ok(released)
     }
 
-    /// Refills the reserve to its target (serialized; concurrent callers wait for one refill).
+    /// Refills the reserve of every family the node serves to its target (serialized; concurrent callers
+    /// wait for one refill). Which families are served is looked up in the pools each time.
     pub async fn refill(&self) -> Result<(), IpamError> {
+        self.refill_families(None).await
+    }
+
+    /// Refills `only` these families (0 IPv4, 1 IPv6), or every served one.
+    async fn refill_families(&self, only: Option<Vec<usize>>) -> Result<(), IpamError> {
         let _one = self.inner.refill_lock.lock().await;
-        let have = self.inner.state.lock().await.reserve.len();
         let target = self.inner.cfg.reserve.max(1);
-        if have * 4 >= target * 3 && have > 0 {
-            return Ok(());
-        }
         let started = Instant::now();
-        let got = {
-            let _writes = self.inner.block_writes.lock().await;
-            self.reserve_more(target - have).await?
-        };
+        let labels = self.node_labels().await;
+        let mut served = [false; 2];
+        for (f, slot) in served.iter_mut().enumerate() {
+            *slot = self.inner.alloc.serves(f == 0, &labels).await?;
+        }
+        let mut exhausted = false;
+        let mut got_total = 0;
+        for f in 0..2 {
+            // A family with no pool for this node is not served; IPv4 is still tried, so a node whose
+            // pools are all gone reports itself exhausted.
+            if !served[f] && f == 1 {
+                continue;
+            }
+            if only.as_ref().is_some_and(|o| !o.contains(&f)) {
+                continue;
+            }
+            let have = self.inner.state.lock().await.reserved_in(f);
+            if have * 4 >= target * 3 && have > 0 {
+                continue;
+            }
+            let got = {
+                let _writes = self.inner.block_writes.lock().await;
+                self.reserve_more(target - have, f == 0, &labels).await?
+            };
+            got_total += got.len();
+            let mut st = self.inner.state.lock().await;
+            if got.is_empty() && st.reserved_in(f) == 0 && (served[f] || f == 0) {
+                exhausted = true;
+            }
+            st.reserve.extend(got);
+        }
+        let mut st = self.inner.state.lock().await;
+        st.families = served;
+        st.exhausted = exhausted;
         tracing::debug!(
-            got = got.len(),
+            got = got_total,
             ms = started.elapsed().as_millis() as u64,
             "IPAM reserve refilled"
         );
-        let mut st = self.inner.state.lock().await;
-        st.exhausted = got.is_empty() && st.reserve.is_empty();
-        st.reserve.extend(got);
         Ok(())
     }
 
@@ -501,9 +612,14 @@ impl NodeIpam {
             .is_some_and(|c| c.spec.strict_affinity == Some(true))
     }
 
-    /// Reserves up to `n` addresses in the API: own blocks first, then a newly claimed block, then (unless
-    /// strict affinity) other nodes' blocks.
-    async fn reserve_more(&self, n: usize) -> Result<Vec<IpAddr>, IpamError> {
+    /// Reserves up to `n` addresses of one family in the API: own blocks first, then a newly claimed block,
+    /// then (unless strict affinity) other nodes' blocks.
+    async fn reserve_more(
+        &self,
+        n: usize,
+        v4: bool,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
         let node = &self.inner.cfg.node;
         let mine = format!("host:{node}");
         let reserve = Self::reserve_handle(node);
@@ -511,7 +627,6 @@ impl NodeIpam {
             (attr::NODE.to_owned(), node.clone()),
             (attr::TYPE.to_owned(), "reserve".to_owned()),
         ]);
-        let mut labels = None;
         let mut claims = 0;
         let mut borrow = false;
         let mut got = Vec::new();
@@ -526,7 +641,7 @@ impl NodeIpam {
                 .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
             let candidate = all
                 .into_iter()
-                .filter(|b| b.spec.cidr.is_ipv4() && !b.spec.deleted && !b.spec.unallocated.is_empty())
+                .filter(|b| b.spec.cidr.is_ipv4() == v4 && !b.spec.deleted && !b.spec.unallocated.is_empty())
                 .find(|b| {
                     if borrow {
                         b.spec.affinity.as_deref() != Some(mine.as_str()) && !b.spec.strict_affinity
@@ -569,15 +684,7 @@ impl NodeIpam {
             // Own blocks are full: claim another (within one refill, as many as the reserve needs).
             if !borrow && claims < 4 {
                 claims += 1;
-                if labels.is_none() {
-                    labels = Some(self.node_labels().await);
-                }
-                if self
-                    .inner
-                    .alloc
-                    .claim(true, labels.as_ref().unwrap_or(&BTreeMap::new()))
-                    .await?
-                {
+                if self.inner.alloc.claim(v4, node_labels).await? {
                     continue;
                 }
             }

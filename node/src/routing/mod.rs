@@ -3,6 +3,11 @@
 //! subnet, or BIRD's with BGP), blackholes for own blocks, the pods' /32 routes, natOutgoing, and the pod
 //! MTU. [`model`] computes (pure); [`Routing::sync`] converges the kernel, and running it again repairs
 //! drift (a deleted route or FDB entry returns).
+//!
+//! IPv6, when on (`Config::method6`): the node's IPv6 address is found and published, IPv6 forwarding is
+//! on, IPv6 blocks are routed through `vxlan6.caracal` (tunnelled between the nodes' IPv6 addresses) or
+//! straight to the node's IPv6 address in the same subnet, and natOutgoing has its `ip6tables` twin. BIRD
+//! carries IPv4 only: an IPv6 pool without encapsulation is routed directly in the subnet.
 
 pub mod address;
 pub mod bgp;
@@ -10,11 +15,11 @@ pub mod model;
 pub mod nat;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
@@ -31,6 +36,9 @@ use model::{Desired, Hop, annotation};
 pub const IPIP_DEVICE: &str = "tunl0";
 /// The VXLAN device's name.
 pub const VXLAN_DEVICE: &str = "vxlan.caracal";
+/// The IPv6 VXLAN device's name (Calico's `vxlan-v6.calico` would be 16 characters here, one over the
+/// kernel's limit).
+pub const VXLAN_V6_DEVICE: &str = "vxlan6.caracal";
 /// Felix's defaults.
 pub const DEFAULT_VNI: u32 = 4096;
 /// Felix's default VXLAN port.
@@ -43,6 +51,8 @@ pub struct Config {
     pub node: String,
     /// How to find the node's address.
     pub method: address::Method,
+    /// How to find the node's IPv6 address; None when IPv6 is off.
+    pub method6: Option<address::Method>,
     /// BIRD carries routes for pools without encapsulation.
     pub bgp: bool,
     /// An explicit pod MTU (Installation `calicoNetwork.mtu`): wins over detection.
@@ -112,7 +122,12 @@ pub struct Routing {
     warned: BTreeSet<String>,
     /// What the last successful sync converged to: an unchanged input needs no kernel work until the next
     /// forced (periodic) sync.
-    last: Option<(Desired, address::Chosen, u32)>,
+    last: Option<(
+        Desired,
+        address::Chosen,
+        Option<address::Chosen<ipnet::Ipv6Net>>,
+        u32,
+    )>,
     /// BIRD, when BGP is enabled.
     bird: Option<bgp::Bird>,
 }
@@ -132,6 +147,11 @@ pub fn ipip_handle(node: &str) -> String {
 /// The handle of a node's VTEP address.
 pub fn vtep_handle(node: &str) -> String {
     format!("vxlan-tunnel-addr.{node}")
+}
+
+/// The handle of a node's IPv6 VTEP address.
+pub fn vtep6_handle(node: &str) -> String {
+    format!("vxlan-v6-tunnel-addr.{node}")
 }
 
 impl Routing {
@@ -163,25 +183,47 @@ impl Routing {
     /// routing equals what the last sync converged to (the periodic sync forces, and repairs drift).
     pub async fn sync(&mut self, cache: &Cache, force: bool) -> Result<SyncStats, RoutingError> {
         let mut stats = SyncStats::default();
-        crate::netlink::sysctl(self.nl.netns(), "net.ipv4.ip_forward", "1").await?;
+        let mut forwarding = vec![("net.ipv4.ip_forward".to_owned(), "1".to_owned())];
+        if self.cfg.method6.is_some() {
+            forwarding.push(("net.ipv6.conf.all.forwarding".to_owned(), "1".to_owned()));
+        }
+        crate::netlink::sysctls(self.nl.netns(), forwarding).await?;
         let me = self.cfg.node.clone();
         let my_node = cache.get("v1/Node", &me).cloned().unwrap_or(Value::Null);
-        let internal_ip = my_node["status"]["addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|a| a["type"] == "InternalIP")
-            .and_then(|a| a["address"].as_str()?.parse().ok());
-        let chosen = address::detect(&self.nl, &self.cfg.method, internal_ip).await?;
+        let internal = |v6: bool| -> Option<IpAddr> {
+            my_node["status"]["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["type"] == "InternalIP")
+                .filter_map(|a| a["address"].as_str()?.parse::<IpAddr>().ok())
+                .find(|ip| ip.is_ipv6() == v6)
+        };
+        let chosen = address::detect(&self.nl, &self.cfg.method, internal(false)).await?;
+        let mut warnings = Vec::new();
+        let chosen6 = match &self.cfg.method6 {
+            Some(m) => match address::detect_v6(&self.nl, m, internal(true)).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warnings.push(format!("IPv6 is on but the node has no IPv6 address: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
         let nodes = model::nodes(cache.of_kind("v1/Node").map(|(_, v)| v));
         let pools = model::pools(cache.of_kind("caracal.dev/v1/IPPool").map(|(_, v)| v));
         let blocks = model::blocks(cache.of_kind("caracal.dev/v1/IPAMBlock").map(|(_, v)| v));
-        let desired = model::compute(&me, Some(chosen.ip), &nodes, &pools, &blocks, self.cfg.bgp);
-        let mut warnings = desired.warnings.clone();
+        let underlay = model::Underlay {
+            v4: Some(chosen.ip),
+            v6: chosen6.as_ref().map(|c| c.ip),
+        };
+        let desired = model::compute(&me, underlay, &nodes, &pools, &blocks, self.cfg.bgp);
+        warnings.extend(desired.warnings.iter().cloned());
         for (name, p) in cache.of_kind("caracal.dev/v1/IPPool") {
-            if p["spec"]["cidr"].as_str().is_some_and(|c| c.contains(':')) {
+            if self.cfg.method6.is_none() && p["spec"]["cidr"].as_str().is_some_and(|c| c.contains(':')) {
                 warnings.push(format!(
-                    "IPPool {name} is IPv6: IPv6 pod addresses are not served yet (the policy data plane enforces IPv4 only, and an address it cannot police would fail open); pods get IPv4 addresses"
+                    "IPPool {name} is IPv6, but IPv6 is off on this node (CARACAL_IPV6_AUTODETECTION is none or unset; the operator sets it when the Installation has an IPv6 pool): its addresses are not routed here"
                 ));
             }
         }
@@ -203,10 +245,13 @@ impl Routing {
                 .of_kind("caracal.dev/v1/BGPPeer")
                 .map(|(_, v)| v.clone())
                 .collect();
-            let mine: BTreeSet<Ipv4Net> = blocks
+            let mine: BTreeSet<ipnet::Ipv4Net> = blocks
                 .iter()
                 .filter(|b| b.node.as_deref() == Some(me.as_str()))
-                .map(|b| b.cidr)
+                .filter_map(|b| match b.cidr {
+                    IpNet::V4(c) => Some(c),
+                    IpNet::V6(_) => None,
+                })
                 .collect();
             let input = bgp::input(&me, chosen.ip, &nodes, &config, &peers, mine);
             bird.ensure(&bgp::render(&input)).await?;
@@ -216,41 +261,53 @@ impl Routing {
             .cfg
             .mtu
             .or_else(|| f["vxlanMTU"].as_u64().and_then(|m| u32::try_from(m).ok()));
-        let pod_mtu =
-            explicit.unwrap_or_else(|| model::pod_mtu(chosen.mtu, desired.vxlan, desired.ipip, false));
+        let pod_mtu = explicit.unwrap_or_else(|| {
+            let mut mtu = model::pod_mtu(chosen.mtu, desired.vxlan, desired.ipip, false);
+            if let (true, Some(c6)) = (desired.vxlan6, &chosen6) {
+                // VXLAN over IPv6 costs 70 bytes (a 40-byte outer header).
+                mtu = mtu.min(c6.mtu.saturating_sub(70));
+            }
+            mtu
+        });
         self.mtu.store(pod_mtu, Ordering::Relaxed);
-        let key = (desired.clone(), chosen.clone(), pod_mtu);
+        let key = (desired.clone(), chosen.clone(), chosen6.clone(), pod_mtu);
         if !force && self.last.as_ref() == Some(&key) {
             return Ok(stats);
         }
 
-        // The VXLAN device, its address and the peers.
+        // The VXLAN devices, their addresses and the peers.
         let mut annotations =
             BTreeMap::from([(annotation::IPV4_ADDRESS.to_owned(), Some(chosen.ip.to_string()))]);
+        annotations.insert(
+            annotation::IPV6_ADDRESS.to_owned(),
+            chosen6.as_ref().map(|c| c.ip.to_string()),
+        );
+        let vni = f["vxlanVNI"]
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(DEFAULT_VNI);
+        let port = f["vxlanPort"]
+            .as_u64()
+            .and_then(|v| u16::try_from(v).ok())
+            .unwrap_or(DEFAULT_PORT);
         let mut vxlan_index = None;
         if desired.vxlan {
-            let vtep = self.vtep_address().await?;
+            let vtep = self
+                .tunnel_address(&vtep_handle(&me), "vxlanTunnelAddress", false)
+                .await?;
             let mac = address::vtep_mac(&me);
             let dev = VxlanDevice {
                 name: VXLAN_DEVICE.into(),
-                vni: f["vxlanVNI"]
-                    .as_u64()
-                    .and_then(|v| u32::try_from(v).ok())
-                    .unwrap_or(DEFAULT_VNI),
-                port: f["vxlanPort"]
-                    .as_u64()
-                    .and_then(|v| u16::try_from(v).ok())
-                    .unwrap_or(DEFAULT_PORT),
-                local: chosen.ip.addr(),
+                vni,
+                port,
+                local: IpAddr::V4(chosen.ip.addr()),
                 parent: chosen.index,
                 mac,
                 mtu: pod_mtu,
             };
             let index = self.nl.ensure_vxlan(&dev).await?;
-            self.nl
-                .add_addr(index, IpNet::V4(Ipv4Net::new(vtep, 32).unwrap_or_default()))
-                .await?;
-            stats.neighbours_written += self.sync_peers(index, &desired).await?;
+            self.nl.add_addr(index, IpNet::from(vtep)).await?;
+            stats.neighbours_written += self.sync_peers(index, &desired, false).await?;
             vxlan_index = Some(index);
             annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), Some(vtep.to_string()));
             annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), Some(model::mac_text(mac)));
@@ -258,6 +315,41 @@ impl Routing {
             self.nl.del_link(VXLAN_DEVICE).await?;
             annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), None);
             annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), None);
+        }
+        let mut vxlan6_index = None;
+        match (&chosen6, desired.vxlan6) {
+            (Some(c6), true) => {
+                let vtep = self
+                    .tunnel_address(&vtep6_handle(&me), "vxlanV6TunnelAddress", true)
+                    .await?;
+                let mac = address::vtep_mac_v6(&me);
+                let dev = VxlanDevice {
+                    name: VXLAN_V6_DEVICE.into(),
+                    vni,
+                    port,
+                    local: IpAddr::V6(c6.ip.addr()),
+                    parent: c6.index,
+                    mac,
+                    mtu: pod_mtu,
+                };
+                let index = self.nl.ensure_vxlan(&dev).await?;
+                crate::netlink::sysctl(
+                    self.nl.netns(),
+                    &format!("net.ipv6.conf.{VXLAN_V6_DEVICE}.accept_dad"),
+                    "0",
+                )
+                .await?;
+                self.nl.add_addr(index, IpNet::from(vtep)).await?;
+                stats.neighbours_written += self.sync_peers(index, &desired, true).await?;
+                vxlan6_index = Some(index);
+                annotations.insert(annotation::IPV6_VXLAN_TUNNEL_ADDR.into(), Some(vtep.to_string()));
+                annotations.insert(annotation::VXLAN_TUNNEL_MAC_V6.into(), Some(model::mac_text(mac)));
+            }
+            _ => {
+                self.nl.del_link(VXLAN_V6_DEVICE).await?;
+                annotations.insert(annotation::IPV6_VXLAN_TUNNEL_ADDR.into(), None);
+                annotations.insert(annotation::VXLAN_TUNNEL_MAC_V6.into(), None);
+            }
         }
         let mut ipip_index = None;
         if desired.ipip {
@@ -268,11 +360,9 @@ impl Routing {
             {
                 Ok(index) => {
                     let addr = self
-                        .tunnel_address(&ipip_handle(&me), "ipipTunnelAddress")
+                        .tunnel_address(&ipip_handle(&me), "ipipTunnelAddress", false)
                         .await?;
-                    self.nl
-                        .add_addr(index, IpNet::V4(Ipv4Net::new(addr, 32).unwrap_or_default()))
-                        .await?;
+                    self.nl.add_addr(index, IpNet::from(addr)).await?;
                     annotations.insert(annotation::IPV4_IPIP_TUNNEL_ADDR.into(), Some(addr.to_string()));
                     ipip_index = Some(index);
                 }
@@ -291,13 +381,17 @@ impl Routing {
         let mut want: BTreeSet<OwnedRoute> = BTreeSet::new();
         for (dst, hop) in &desired.routes {
             let target = match hop {
-                Hop::Vxlan(v) => match vxlan_index {
-                    Some(i) => RouteTarget::Via(*v, i),
-                    None => continue,
+                Hop::Vxlan(v) => match (v.is_ipv4(), vxlan_index, vxlan6_index) {
+                    (true, Some(i), _) | (false, _, Some(i)) => RouteTarget::Via(*v, i),
+                    _ => continue,
                 },
-                Hop::Direct(ip) => RouteTarget::Via(*ip, chosen.index),
+                Hop::Direct(ip) => match (ip.is_ipv4(), &chosen6) {
+                    (true, _) => RouteTarget::Via(*ip, chosen.index),
+                    (false, Some(c6)) => RouteTarget::Via(*ip, c6.index),
+                    (false, None) => continue,
+                },
                 Hop::Ipip(ip) => match ipip_index {
-                    Some(i) => RouteTarget::Via(*ip, i),
+                    Some(i) => RouteTarget::Via(IpAddr::V4(*ip), i),
                     None => continue,
                 },
                 Hop::Blackhole => RouteTarget::Blackhole,
@@ -316,46 +410,50 @@ impl Routing {
             stats.routes_added += 1;
         }
         // The nat tools are processes: off the runtime's threads.
-        let (prefix, masq, all) = (
+        let (prefix, masq, all, v6) = (
             self.cfg.exec_prefix.clone(),
             desired.masquerade.clone(),
             desired.all_pools.clone(),
+            self.cfg.method6.is_some(),
         );
-        stats.nat_changed = tokio::task::spawn_blocking(move || nat::apply(&prefix, &masq, &all))
-            .await
-            .map_err(|e| RoutingError::Task(e.to_string()))??;
+        stats.nat_changed = tokio::task::spawn_blocking(move || {
+            let mut changed = nat::apply(&prefix, crate::dataplane::Family::V4, &masq, &all)?;
+            if v6 {
+                changed |= nat::apply(&prefix, crate::dataplane::Family::V6, &masq, &all)?;
+            }
+            Ok::<bool, crate::dataplane::iptables::apply::IptablesError>(changed)
+        })
+        .await
+        .map_err(|e| RoutingError::Task(e.to_string()))??;
         self.last = Some(key);
         Ok(stats)
     }
 
-    /// The node's VTEP address, allocated once from IPAM under its own handle.
-    async fn vtep_address(&self) -> Result<Ipv4Addr, RoutingError> {
-        self.tunnel_address(&vtep_handle(&self.cfg.node), "vxlanTunnelAddress")
-            .await
-    }
-
-    /// A tunnel device's address, allocated once from IPAM under `handle`.
-    async fn tunnel_address(&self, handle: &str, kind: &str) -> Result<Ipv4Addr, RoutingError> {
+    /// A tunnel device's address of one family, allocated once from IPAM under `handle`.
+    async fn tunnel_address(&self, handle: &str, kind: &str, v6: bool) -> Result<IpAddr, RoutingError> {
         let attrs = BTreeMap::from([(attr::TYPE.to_owned(), kind.to_owned())]);
-        let ips = self.ipam.assign(handle, attrs).await?;
-        Ok(ips
-            .into_iter()
-            .find_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(v4),
-                IpAddr::V6(_) => None,
-            })
-            .unwrap_or(Ipv4Addr::UNSPECIFIED))
+        let ips = self.ipam.assign_family(handle, attrs, v6).await?;
+        ips.into_iter().find(|ip| ip.is_ipv6() == v6).ok_or_else(|| {
+            RoutingError::Ipam(crate::ipam::node::IpamError::Alloc(
+                crate::ipam::allocator::AllocError::Exhausted {
+                    node: self.cfg.node.clone(),
+                },
+            ))
+        })
     }
 
-    async fn sync_peers(&self, index: u32, desired: &Desired) -> Result<usize, RoutingError> {
-        let arp: BTreeSet<([u8; 6], Ipv4Addr)> =
-            self.nl.neighbours(index, false).await?.into_iter().collect();
-        let fdb: BTreeSet<([u8; 6], Ipv4Addr)> = self.nl.neighbours(index, true).await?.into_iter().collect();
+    /// The neighbour and FDB entries of one VXLAN device (`v6`: the IPv6 one) for the peers of its family.
+    async fn sync_peers(&self, index: u32, desired: &Desired, v6: bool) -> Result<usize, RoutingError> {
+        let arp: BTreeSet<([u8; 6], IpAddr)> =
+            self.nl.neighbours(index, false, v6).await?.into_iter().collect();
+        let fdb: BTreeSet<([u8; 6], IpAddr)> =
+            self.nl.neighbours(index, true, v6).await?.into_iter().collect();
+        let peers: Vec<(&IpAddr, &([u8; 6], IpAddr))> =
+            desired.peers.iter().filter(|(v, _)| v.is_ipv6() == v6).collect();
         let mut n = 0;
         // Entries of peers that are gone (a deleted node, a changed VTEP) go first.
-        let want_arp: BTreeSet<([u8; 6], Ipv4Addr)> =
-            desired.peers.iter().map(|(v, (m, _))| (*m, *v)).collect();
-        let want_fdb: BTreeSet<([u8; 6], Ipv4Addr)> = desired.peers.values().copied().collect();
+        let want_arp: BTreeSet<([u8; 6], IpAddr)> = peers.iter().map(|(v, (m, _))| (*m, **v)).collect();
+        let want_fdb: BTreeSet<([u8; 6], IpAddr)> = peers.iter().map(|(_, p)| **p).collect();
         for (mac, ip) in arp.difference(&want_arp) {
             self.nl.del_neighbour(index, *mac, *ip, false).await?;
             n += 1;
@@ -364,7 +462,7 @@ impl Routing {
             self.nl.del_neighbour(index, *mac, *ip, true).await?;
             n += 1;
         }
-        for (vtep, (mac, node_ip)) in &desired.peers {
+        for (vtep, (mac, node_ip)) in peers {
             if !arp.contains(&(*mac, *vtep)) {
                 self.nl.replace_neighbour(index, *vtep, *mac).await?;
                 n += 1;
@@ -377,7 +475,7 @@ impl Routing {
         Ok(n)
     }
 
-    /// /32 routes to this node's pods through their veths (those whose interface exists).
+    /// Host routes (/32, /128) to this node's pods through their veths (those whose interface exists).
     async fn pod_routes(&self) -> Result<Vec<OwnedRoute>, RoutingError> {
         let links: BTreeMap<String, u32> = self.nl.links().await?.into_iter().map(|(i, n)| (n, i)).collect();
         let mut out = Vec::new();
@@ -389,12 +487,7 @@ impl Routing {
                 continue;
             };
             for ip in h.ips {
-                if let IpAddr::V4(v4) = ip {
-                    out.push(crate::cni::wire::pod_route(
-                        Ipv4Net::new(v4, 32).unwrap_or_default(),
-                        *index,
-                    ));
-                }
+                out.push(crate::cni::wire::pod_route(ip, *index));
             }
         }
         Ok(out)

@@ -1,29 +1,36 @@
 //! What reachability a node needs, computed from the datastore (pure): a route per remote block (through the
 //! VXLAN device, straight to the node in the same subnet, or nothing when BIRD carries it), a blackhole per
-//! own block, /32 routes for addresses borrowed across nodes, the VXLAN peers' ARP and FDB entries, and the
-//! natOutgoing sets.
+//! own block, host routes for addresses borrowed across nodes, the VXLAN peers' neighbour and FDB entries,
+//! and the natOutgoing sets. Both families: an IPv6 block goes through `vxlan6.caracal` (tunnelled over the
+//! nodes' IPv6 addresses) or straight to the node's IPv6 address, as its pool says.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use caracal_crds::ippool::EncapMode;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 /// Node annotations the agents publish and read (Calico's names, in Caracal's domain).
 pub mod annotation {
     /// The node's underlay address with its prefix (`10.99.0.2/24`).
     pub const IPV4_ADDRESS: &str = "caracal.dev/IPv4Address";
+    /// The node's IPv6 underlay address with its prefix (`fd00:99::2/64`).
+    pub const IPV6_ADDRESS: &str = "caracal.dev/IPv6Address";
     /// The node's VXLAN tunnel (VTEP) address.
     pub const IPV4_VXLAN_TUNNEL_ADDR: &str = "caracal.dev/IPv4VXLANTunnelAddr";
     /// The node's VTEP MAC address.
     pub const VXLAN_TUNNEL_MAC: &str = "caracal.dev/VXLANTunnelMACAddr";
+    /// The node's IPv6 VXLAN tunnel (VTEP) address.
+    pub const IPV6_VXLAN_TUNNEL_ADDR: &str = "caracal.dev/IPv6VXLANTunnelAddr";
+    /// The node's IPv6 VTEP MAC address.
+    pub const VXLAN_TUNNEL_MAC_V6: &str = "caracal.dev/VXLANTunnelMACAddrV6";
     /// The node's IPIP tunnel address.
     pub const IPV4_IPIP_TUNNEL_ADDR: &str = "caracal.dev/IPv4IPIPTunnelAddr";
 }
 
 /// What other nodes publish.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct NodeInfo {
     /// Node name.
     pub name: String,
@@ -33,16 +40,22 @@ pub struct NodeInfo {
     pub vtep: Option<Ipv4Addr>,
     /// VTEP MAC.
     pub vtep_mac: Option<[u8; 6]>,
+    /// IPv6 underlay address and prefix.
+    pub ip6: Option<Ipv6Net>,
+    /// IPv6 VTEP address.
+    pub vtep6: Option<Ipv6Addr>,
+    /// IPv6 VTEP MAC.
+    pub vtep_mac6: Option<[u8; 6]>,
 }
 
 /// A pool as routing sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
-    /// Its network.
-    pub cidr: Ipv4Net,
+    /// Its network (either family).
+    pub cidr: IpNet,
     /// VXLAN mode.
     pub vxlan: EncapMode,
-    /// IPIP mode.
+    /// IPIP mode (IPv4 pools only).
     pub ipip: EncapMode,
     /// Masquerade traffic leaving every pool.
     pub nat_outgoing: bool,
@@ -54,20 +67,20 @@ pub struct Pool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockInfo {
     /// Its network.
-    pub cidr: Ipv4Net,
+    pub cidr: IpNet,
     /// The affine node.
     pub node: Option<String>,
     /// Addresses held by pods on other nodes than the affine one (borrowed), with their node.
-    pub borrowed: Vec<(Ipv4Addr, String)>,
+    pub borrowed: Vec<(IpAddr, String)>,
 }
 
 /// How traffic for a destination leaves this node.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hop {
-    /// Through `vxlan.caracal` to the remote VTEP (onlink).
-    Vxlan(Ipv4Addr),
-    /// Straight to the node's underlay address (same subnet).
-    Direct(Ipv4Addr),
+    /// Through the family's VXLAN device to the remote VTEP (onlink).
+    Vxlan(IpAddr),
+    /// Straight to the node's underlay address of the family (same subnet).
+    Direct(IpAddr),
     /// Through the IPIP device `tunl0` to the node's underlay address (onlink).
     Ipip(Ipv4Addr),
     /// Dropped: one of this node's blocks (its live pods have more specific routes).
@@ -77,18 +90,21 @@ pub enum Hop {
 /// The routing a node wants.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// The VXLAN device is needed.
+    /// The IPv4 VXLAN device is needed.
     pub vxlan: bool,
+    /// The IPv6 VXLAN device is needed.
+    pub vxlan6: bool,
     /// The IPIP device is needed.
     pub ipip: bool,
     /// Destination -> hop.
-    pub routes: BTreeMap<Ipv4Net, Hop>,
-    /// VXLAN peers: VTEP address -> (VTEP MAC, node address), for ARP and FDB entries.
-    pub peers: BTreeMap<Ipv4Addr, ([u8; 6], Ipv4Addr)>,
+    pub routes: BTreeMap<IpNet, Hop>,
+    /// VXLAN peers: VTEP address -> (VTEP MAC, node address), for neighbour and FDB entries (IPv6 VTEPs
+    /// belong to the IPv6 device).
+    pub peers: BTreeMap<IpAddr, ([u8; 6], IpAddr)>,
     /// Pools whose traffic leaving all pools is masqueraded.
-    pub masquerade: BTreeSet<Ipv4Net>,
+    pub masquerade: BTreeSet<IpNet>,
     /// Every pool (destinations that are never masqueraded).
-    pub all_pools: BTreeSet<Ipv4Net>,
+    pub all_pools: BTreeSet<IpNet>,
     /// Problems worth a log line (a node without an address, an IPIP pool on a kernel without IPIP).
     pub warnings: Vec<String>,
 }
@@ -108,17 +124,22 @@ pub fn mac_text(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
+fn parsed<T: std::str::FromStr>(annotations: &Value, key: &str) -> Option<T> {
+    annotations[key].as_str().and_then(|s| s.parse().ok())
+}
+
 /// Nodes from `v1/Node` documents.
 pub fn nodes<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<NodeInfo> {
     docs.map(|n| {
         let a = &n["metadata"]["annotations"];
         NodeInfo {
             name: n["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
-            ip: a[annotation::IPV4_ADDRESS].as_str().and_then(|s| s.parse().ok()),
-            vtep: a[annotation::IPV4_VXLAN_TUNNEL_ADDR]
-                .as_str()
-                .and_then(|s| s.parse().ok()),
+            ip: parsed(a, annotation::IPV4_ADDRESS),
+            vtep: parsed(a, annotation::IPV4_VXLAN_TUNNEL_ADDR),
             vtep_mac: a[annotation::VXLAN_TUNNEL_MAC].as_str().and_then(parse_mac),
+            ip6: parsed(a, annotation::IPV6_ADDRESS),
+            vtep6: parsed(a, annotation::IPV6_VXLAN_TUNNEL_ADDR),
+            vtep_mac6: a[annotation::VXLAN_TUNNEL_MAC_V6].as_str().and_then(parse_mac),
         }
     })
     .collect()
@@ -128,7 +149,7 @@ fn mode(v: &Value) -> EncapMode {
     serde_json::from_value(v.clone()).unwrap_or(EncapMode::Never)
 }
 
-/// IPv4 pools from `caracal.dev/v1/IPPool` documents.
+/// Pools (both families) from `caracal.dev/v1/IPPool` documents.
 pub fn pools<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<Pool> {
     docs.filter_map(|p| {
         let s = &p["spec"];
@@ -143,11 +164,23 @@ pub fn pools<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<Pool> {
     .collect()
 }
 
-/// IPv4 blocks from `caracal.dev/v1/IPAMBlock` documents, with their borrowed addresses.
+/// The address `offset` places into `net`.
+fn nth(net: IpNet, offset: u64) -> IpAddr {
+    match net {
+        IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(n.network()).wrapping_add(u32::try_from(offset).unwrap_or(0)),
+        )),
+        IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(n.network()).wrapping_add(u128::from(offset)),
+        )),
+    }
+}
+
+/// Blocks (both families) from `caracal.dev/v1/IPAMBlock` documents, with their borrowed addresses.
 pub fn blocks<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<BlockInfo> {
     docs.filter_map(|b| {
         let s = &b["spec"];
-        let cidr: Ipv4Net = s["cidr"].as_str()?.parse().ok()?;
+        let cidr: IpNet = s["cidr"].as_str()?.parse().ok()?;
         let node = s["affinity"]
             .as_str()
             .and_then(|a| a.strip_prefix("host:"))
@@ -163,8 +196,7 @@ pub fn blocks<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<BlockInfo> {
                 continue;
             };
             if Some(holder) != node.as_deref() {
-                let ip = Ipv4Addr::from(u32::from(cidr.network()) + u32::try_from(offset).unwrap_or(0));
-                borrowed.push((ip, holder.to_owned()));
+                borrowed.push((nth(cidr, offset as u64), holder.to_owned()));
             }
         }
         Some(BlockInfo { cidr, node, borrowed })
@@ -172,11 +204,20 @@ pub fn blocks<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<BlockInfo> {
     .collect()
 }
 
-/// The routing node `me` (underlay address `my_ip`) wants. With `bgp`, routes between nodes in pools
+/// This node's underlay addresses, one per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Underlay {
+    /// IPv4.
+    pub v4: Option<Ipv4Net>,
+    /// IPv6.
+    pub v6: Option<Ipv6Net>,
+}
+
+/// The routing node `me` (underlay addresses `mine`) wants. With `bgp`, routes between nodes in IPv4 pools
 /// without encapsulation are BIRD's, not these.
 pub fn compute(
     me: &str,
-    my_ip: Option<Ipv4Net>,
+    mine: Underlay,
     nodes: &[NodeInfo],
     pools: &[Pool],
     blocks: &[BlockInfo],
@@ -184,32 +225,50 @@ pub fn compute(
 ) -> Desired {
     let mut d = Desired::default();
     let by_name: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    d.vxlan = pools.iter().any(|p| !p.disabled && p.vxlan != EncapMode::Never);
+    let active = |p: &&Pool| !p.disabled && p.vxlan != EncapMode::Never;
+    d.vxlan = pools.iter().filter(active).any(|p| p.cidr.addr().is_ipv4());
+    d.vxlan6 = pools.iter().filter(active).any(|p| p.cidr.addr().is_ipv6());
     for p in pools {
         d.all_pools.insert(p.cidr);
         if p.nat_outgoing && !p.disabled {
             d.masquerade.insert(p.cidr);
         }
-        if p.ipip != EncapMode::Never && !p.disabled {
+        if p.ipip != EncapMode::Never && !p.disabled && p.cidr.addr().is_ipv4() {
             d.ipip = true;
         }
     }
-    if d.vxlan {
-        for n in nodes.iter().filter(|n| n.name != me) {
-            if let (Some(vtep), Some(mac), Some(ip)) = (n.vtep, n.vtep_mac, n.ip) {
-                d.peers.insert(vtep, (mac, ip.addr()));
-            }
+    for n in nodes.iter().filter(|n| n.name != me) {
+        if d.vxlan
+            && let (Some(vtep), Some(mac), Some(ip)) = (n.vtep, n.vtep_mac, n.ip)
+        {
+            d.peers.insert(IpAddr::V4(vtep), (mac, IpAddr::V4(ip.addr())));
+        }
+        if d.vxlan6
+            && let (Some(vtep), Some(mac), Some(ip)) = (n.vtep6, n.vtep_mac6, n.ip6)
+        {
+            d.peers.insert(IpAddr::V6(vtep), (mac, IpAddr::V6(ip.addr())));
         }
     }
-    let hop_to = |node: &str, dst: Ipv4Net, d: &mut Desired| -> Option<Hop> {
+    let hop_to = |node: &str, dst: IpNet, d: &mut Desired| -> Option<Hop> {
         let pool = pools.iter().find(|p| p.cidr.contains(&dst.network()))?;
         let Some(n) = by_name.get(node) else {
             d.warnings.push(format!("{dst}: node {node} is unknown"));
             return None;
         };
-        let same_subnet = match (my_ip, n.ip) {
-            (Some(mine), Some(theirs)) => mine.contains(&theirs.addr()),
-            _ => false,
+        let v4 = dst.addr().is_ipv4();
+        // The peer's underlay address of the destination's family, and whether it shares our subnet.
+        let (theirs, same_subnet): (Option<IpAddr>, bool) = if v4 {
+            let t = n.ip.map(|i| i.addr());
+            (
+                t.map(IpAddr::V4),
+                matches!((mine.v4, t), (Some(m), Some(t)) if m.contains(&t)),
+            )
+        } else {
+            let t = n.ip6.map(|i| i.addr());
+            (
+                t.map(IpAddr::V6),
+                matches!((mine.v6, t), (Some(m), Some(t)) if m.contains(&t)),
+            )
         };
         let vxlan = match pool.vxlan {
             EncapMode::Always => true,
@@ -217,33 +276,44 @@ pub fn compute(
             EncapMode::Never => false,
         };
         if vxlan {
-            return match n.vtep {
-                Some(v) if n.vtep_mac.is_some() => Some(Hop::Vxlan(v)),
-                _ => {
+            let vtep = if v4 {
+                n.vtep.filter(|_| n.vtep_mac.is_some()).map(IpAddr::V4)
+            } else {
+                n.vtep6.filter(|_| n.vtep_mac6.is_some()).map(IpAddr::V6)
+            };
+            return match vtep {
+                Some(v) => Some(Hop::Vxlan(v)),
+                None => {
                     d.warnings
                         .push(format!("{dst}: node {node} has not published its VTEP yet"));
                     None
                 }
             };
         }
-        let ipip = match pool.ipip {
-            EncapMode::Always => true,
-            EncapMode::CrossSubnet => !same_subnet,
-            EncapMode::Never => false,
-        };
+        let ipip = v4
+            && match pool.ipip {
+                EncapMode::Always => true,
+                EncapMode::CrossSubnet => !same_subnet,
+                EncapMode::Never => false,
+            };
         if ipip {
             return n.ip.map(|i| Hop::Ipip(i.addr()));
         }
-        if bgp {
+        if bgp && v4 {
             // BIRD announces the route (a static one would fight it).
             return None;
         }
         if same_subnet {
-            return n.ip.map(|i| Hop::Direct(i.addr()));
+            return theirs.map(Hop::Direct);
         }
-        d.warnings.push(format!(
-            "{dst}: node {node} is in another subnet and the pool does not encapsulate"
-        ));
+        d.warnings.push(if theirs.is_none() {
+            format!(
+                "{dst}: node {node} has published no IPv{} address",
+                if v4 { 4 } else { 6 }
+            )
+        } else {
+            format!("{dst}: node {node} is in another subnet and the pool does not encapsulate")
+        });
         None
     };
     for b in blocks {
@@ -260,9 +330,9 @@ pub fn compute(
         }
         for (ip, holder) in &b.borrowed {
             if holder == me {
-                continue; // The pod's own /32 through its veth.
+                continue; // The pod's own host route through its veth.
             }
-            let dst = Ipv4Net::new(*ip, 32).unwrap_or_default();
+            let dst = IpNet::from(*ip);
             if let Some(h) = hop_to(holder, dst, &mut d) {
                 d.routes.insert(dst, h);
             }
@@ -285,9 +355,9 @@ pub fn pod_mtu(host_mtu: u32, vxlan: bool, ipip: bool, wireguard: bool) -> u32 {
     host_mtu.saturating_sub(overhead)
 }
 
-/// True when `ip` is an IPv4 address inside one of `nets`.
-pub fn inside(ip: IpAddr, nets: &BTreeSet<Ipv4Net>) -> bool {
-    matches!(ip, IpAddr::V4(v4) if nets.iter().any(|n| n.contains(&v4)))
+/// True when `ip` is inside one of `nets`.
+pub fn inside(ip: IpAddr, nets: &BTreeSet<IpNet>) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 #[cfg(test)]
@@ -300,7 +370,12 @@ mod tests {
             ip: Some(ip.parse().unwrap()),
             vtep: Some(vtep.parse().unwrap()),
             vtep_mac: Some([0x66, 0, 0, 0, 0, name.len() as u8]),
+            ..NodeInfo::default()
         }
+    }
+
+    fn v4(n: &NodeInfo) -> Underlay {
+        Underlay { v4: n.ip, v6: n.ip6 }
     }
 
     fn pool(cidr: &str, vxlan: EncapMode) -> Pool {
@@ -339,7 +414,7 @@ mod tests {
         let (nodes, blocks) = setup();
         let d = compute(
             "a",
-            nodes[0].ip,
+            v4(&nodes[0]),
             &nodes,
             &[pool("10.244.0.0/16", EncapMode::Always)],
             &blocks,
@@ -373,7 +448,7 @@ mod tests {
         let (nodes, blocks) = setup();
         let d = compute(
             "a",
-            nodes[0].ip,
+            v4(&nodes[0]),
             &nodes,
             &[pool("10.244.0.0/16", EncapMode::CrossSubnet)],
             &blocks,
@@ -394,7 +469,7 @@ mod tests {
         let (nodes, blocks) = setup();
         let plain = compute(
             "a",
-            nodes[0].ip,
+            v4(&nodes[0]),
             &nodes,
             &[pool("10.244.0.0/16", EncapMode::Never)],
             &blocks,
@@ -410,7 +485,7 @@ mod tests {
         assert!(plain.warnings.iter().any(|w| w.contains("another subnet")));
         let bgp = compute(
             "a",
-            nodes[0].ip,
+            v4(&nodes[0]),
             &nodes,
             &[pool("10.244.0.0/16", EncapMode::Never)],
             &blocks,
@@ -430,7 +505,7 @@ mod tests {
         nodes[1].vtep = None;
         let d = compute(
             "a",
-            nodes[0].ip,
+            v4(&nodes[0]),
             &nodes,
             &[pool("10.244.0.0/16", EncapMode::Always)],
             &blocks,
@@ -445,14 +520,21 @@ mod tests {
         let (nodes, blocks) = setup();
         let mut p = pool("10.244.0.0/16", EncapMode::Never);
         p.ipip = EncapMode::Always;
-        let d = compute("a", nodes[0].ip, &nodes, std::slice::from_ref(&p), &blocks, true);
+        let d = compute(
+            "a",
+            v4(&nodes[0]),
+            &nodes,
+            std::slice::from_ref(&p),
+            &blocks,
+            true,
+        );
         assert!(d.ipip && !d.vxlan);
         assert_eq!(
             d.routes[&"10.244.0.64/26".parse().unwrap()],
             Hop::Ipip("10.99.0.3".parse().unwrap())
         );
         p.ipip = EncapMode::CrossSubnet;
-        let d = compute("a", nodes[0].ip, &nodes, &[p], &blocks, false);
+        let d = compute("a", v4(&nodes[0]), &nodes, &[p], &blocks, false);
         assert_eq!(
             d.routes[&"10.244.0.64/26".parse().unwrap()],
             Hop::Direct("10.99.0.3".parse().unwrap())
@@ -464,12 +546,79 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_blocks_go_through_the_ipv6_vtep_or_straight_to_the_nodes_ipv6_address() {
+        let six = |name: &str, ip: &str, vtep: &str| NodeInfo {
+            name: name.into(),
+            ip6: Some(ip.parse().unwrap()),
+            vtep6: Some(vtep.parse().unwrap()),
+            vtep_mac6: Some([0x66, 6, 0, 0, 0, name.len() as u8]),
+            ..NodeInfo::default()
+        };
+        let nodes = vec![
+            six("a", "fd00:99::2/64", "fd10::"),
+            six("bb", "fd00:99::3/64", "fd10::40"),
+            six("ccc", "fd00:98::4/64", "fd10::80"),
+        ];
+        let mut shared = BlockInfo {
+            cidr: "fd10::40/122".parse().unwrap(),
+            node: Some("bb".into()),
+            borrowed: vec![],
+        };
+        shared.borrowed.push(("fd10::45".parse().unwrap(), "ccc".into()));
+        let blocks = vec![
+            BlockInfo {
+                cidr: "fd10::/122".parse().unwrap(),
+                node: Some("a".into()),
+                borrowed: vec![],
+            },
+            shared,
+            BlockInfo {
+                cidr: "fd10::80/122".parse().unwrap(),
+                node: Some("ccc".into()),
+                borrowed: vec![],
+            },
+        ];
+        let mine = Underlay {
+            v4: None,
+            v6: nodes[0].ip6,
+        };
+        let mut p = pool("fd10::/48", EncapMode::Always);
+        let d = compute("a", mine, &nodes, std::slice::from_ref(&p), &blocks, false);
+        assert!(d.vxlan6 && !d.vxlan);
+        assert_eq!(d.routes[&"fd10::/122".parse().unwrap()], Hop::Blackhole);
+        assert_eq!(
+            d.routes[&"fd10::40/122".parse().unwrap()],
+            Hop::Vxlan("fd10::40".parse().unwrap())
+        );
+        assert_eq!(
+            d.routes[&"fd10::45/128".parse().unwrap()],
+            Hop::Vxlan("fd10::80".parse().unwrap()),
+            "a borrowed address goes to the node holding it"
+        );
+        assert_eq!(
+            d.peers[&"fd10::40".parse::<IpAddr>().unwrap()],
+            ([0x66, 6, 0, 0, 0, 2], "fd00:99::3".parse().unwrap())
+        );
+        // Without encapsulation: straight to the node's IPv6 address in the subnet, even with BGP (BIRD
+        // carries IPv4 only); across subnets, nothing and a warning.
+        p.vxlan = EncapMode::Never;
+        let d = compute("a", mine, &nodes, &[p], &blocks, true);
+        assert!(!d.vxlan6);
+        assert_eq!(
+            d.routes[&"fd10::40/122".parse().unwrap()],
+            Hop::Direct("fd00:99::3".parse().unwrap())
+        );
+        assert!(!d.routes.contains_key(&"fd10::80/122".parse().unwrap()));
+        assert!(d.warnings.iter().any(|w| w.contains("another subnet")));
+    }
+
+    #[test]
     fn nat_sets_and_mtu() {
         let mut p2 = pool("10.245.0.0/16", EncapMode::Never);
         p2.nat_outgoing = false;
         let d = compute(
             "a",
-            None,
+            Underlay::default(),
             &[],
             &[pool("10.244.0.0/16", EncapMode::Always), p2],
             &[],

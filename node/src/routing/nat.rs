@@ -1,11 +1,13 @@
 //! natOutgoing: traffic from a pool with `natOutgoing: true` to anywhere outside every pool is masqueraded
 //! to the node's address. One chain (`crc-nat-outgoing`, hooked once from nat `POSTROUTING`) with one rule
-//! over two ipsets; a pool change only swaps set contents. Read back each time, so drift is repaired.
+//! over two ipsets; a pool change only swaps set contents. Read back each time, so drift is repaired. IPv6
+//! has the same in `ip6tables` with its own sets (`crc6-masq-pools`, `crc6-all-pools`).
 
 use std::collections::BTreeSet;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
+use crate::dataplane::Family;
 use crate::dataplane::iptables::apply::{IptablesError, run_tool};
 
 /// The chain.
@@ -15,8 +17,17 @@ pub const MASQ_SET: &str = "crc-masq-pools";
 /// Every pool (never masqueraded as a destination).
 pub const ALL_SET: &str = "crc-all-pools";
 
-fn rule() -> String {
-    format!("-m set --match-set {MASQ_SET} src -m set ! --match-set {ALL_SET} dst -j MASQUERADE")
+/// The family's (masquerade set, all-pools set, iptables tool).
+fn names(family: Family) -> (&'static str, &'static str, &'static str) {
+    match family {
+        Family::V4 => (MASQ_SET, ALL_SET, "iptables"),
+        Family::V6 => ("crc6-masq-pools", "crc6-all-pools", "ip6tables"),
+    }
+}
+
+fn rule(family: Family) -> String {
+    let (masq, all, _) = names(family);
+    format!("-m set --match-set {masq} src -m set ! --match-set {all} dst -j MASQUERADE")
 }
 
 fn hook() -> String {
@@ -39,34 +50,44 @@ fn members(save: &str, set: &str) -> Option<BTreeSet<String>> {
     found.then_some(out)
 }
 
-/// Converges the nat table and the two sets; returns whether anything had to change.
+/// Converges the nat table of `family` and its two sets to the pools of that family in `masquerade` and
+/// `all`; returns whether anything had to change.
 pub fn apply(
     exec_prefix: &[String],
-    masquerade: &BTreeSet<Ipv4Net>,
-    all: &BTreeSet<Ipv4Net>,
+    family: Family,
+    masquerade: &BTreeSet<IpNet>,
+    all: &BTreeSet<IpNet>,
 ) -> Result<bool, IptablesError> {
+    let (masq_set, all_set, tool) = names(family);
+    let inet = if family == Family::V4 { "inet" } else { "inet6" };
     let mut changed = false;
     let save = run_tool(exec_prefix, "ipset", &["save"], None)?;
     let mut script = String::new();
-    for (set, want) in [(MASQ_SET, masquerade), (ALL_SET, all)] {
-        let want: BTreeSet<String> = want.iter().map(ToString::to_string).collect();
+    for (set, want) in [(masq_set, masquerade), (all_set, all)] {
+        let want: BTreeSet<String> = want
+            .iter()
+            .filter(|n| Family::of(&n.addr()) == family)
+            .map(ToString::to_string)
+            .collect();
         if members(&save, set).as_ref() == Some(&want) {
             continue;
         }
         let tmp = format!("{set}-t");
-        script.push_str(&format!("create {tmp} hash:net -exist\nflush {tmp}\n"));
+        script.push_str(&format!(
+            "create {tmp} hash:net family {inet} -exist\nflush {tmp}\n"
+        ));
         for m in &want {
             script.push_str(&format!("add {tmp} {m}\n"));
         }
         script.push_str(&format!(
-            "create {set} hash:net -exist\nswap {tmp} {set}\ndestroy {tmp}\n"
+            "create {set} hash:net family {inet} -exist\nswap {tmp} {set}\ndestroy {tmp}\n"
         ));
     }
     if !script.is_empty() {
         run_tool(exec_prefix, "ipset", &["restore"], Some(&script))?;
         changed = true;
     }
-    let nat = run_tool(exec_prefix, "iptables-save", &["-t", "nat"], None)?;
+    let nat = run_tool(exec_prefix, &format!("{tool}-save"), &["-t", "nat"], None)?;
     let chain_rules: Vec<&str> = nat
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("-A {CHAIN} ")))
@@ -75,22 +96,23 @@ pub fn apply(
         .lines()
         .filter(|l| l.starts_with("-A POSTROUTING ") && l.ends_with(&format!("-j {CHAIN}")))
         .count();
-    if chain_rules != [rule().as_str()] || hooks != 1 {
-        let mut t = format!("*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} {}\n", rule());
+    if chain_rules != [rule(family).as_str()] || hooks != 1 {
+        let mut t = format!("*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} {}\n", rule(family));
         for _ in 0..hooks {
             t.push_str(&format!("-D POSTROUTING {}\n", hook()));
         }
         t.push_str(&format!("-I POSTROUTING 1 {}\nCOMMIT\n", hook()));
-        run_tool(exec_prefix, "iptables-restore", &["--noflush"], Some(&t))?;
+        run_tool(exec_prefix, &format!("{tool}-restore"), &["--noflush"], Some(&t))?;
         changed = true;
     }
     Ok(changed)
 }
 
-/// Removes the chain, its hook and the sets (errors are collected, teardown goes on).
-pub fn remove(exec_prefix: &[String]) -> Vec<IptablesError> {
+/// Removes the chain, its hook and the sets of `family` (errors are collected, teardown goes on).
+pub fn remove(exec_prefix: &[String], family: Family) -> Vec<IptablesError> {
+    let (masq_set, all_set, tool) = names(family);
     let mut errors = Vec::new();
-    if let Ok(nat) = run_tool(exec_prefix, "iptables-save", &["-t", "nat"], None) {
+    if let Ok(nat) = run_tool(exec_prefix, &format!("{tool}-save"), &["-t", "nat"], None) {
         let mut t = String::from("*nat\n");
         for _ in nat
             .lines()
@@ -105,11 +127,11 @@ pub fn remove(exec_prefix: &[String]) -> Vec<IptablesError> {
             t.push_str(&format!("-F {CHAIN}\n-X {CHAIN}\n"));
         }
         t.push_str("COMMIT\n");
-        if let Err(e) = run_tool(exec_prefix, "iptables-restore", &["--noflush"], Some(&t)) {
+        if let Err(e) = run_tool(exec_prefix, &format!("{tool}-restore"), &["--noflush"], Some(&t)) {
             errors.push(e);
         }
     }
-    for set in [MASQ_SET, ALL_SET] {
+    for set in [masq_set, all_set] {
         if let Err(e) = run_tool(exec_prefix, "ipset", &["destroy", set], None)
             && !e.to_string().contains("does not exist")
         {

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use super::render::{Desired, FORWARD_CHAIN};
+use super::render::{Desired, FORWARD_CHAIN, set_prefixes};
+use crate::dataplane::Family;
 
 /// Errors running the iptables and ipset tools.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,15 @@ pub struct ApplyStats {
 }
 
 impl ApplyStats {
+    /// Adds another convergence's figures (the other family's).
+    pub fn add(&mut self, other: &ApplyStats) {
+        self.chains_written += other.chains_written;
+        self.chains_deleted += other.chains_deleted;
+        self.sets_written += other.sets_written;
+        self.sets_deleted += other.sets_deleted;
+        self.hooked |= other.hooked;
+    }
+
     /// True when nothing had to change.
     pub fn is_noop(&self) -> bool {
         *self == ApplyStats::default()
@@ -93,11 +103,13 @@ pub fn run_tool(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The iptables backend of one node.
+/// The iptables backend of one node and one family.
 #[derive(Debug, Default)]
 pub struct Iptables {
     /// Prepended to every command (for example `ip netns exec NODE`); empty on a real node.
     pub exec_prefix: Vec<String>,
+    /// IPv4 (`iptables`) or IPv6 (`ip6tables`).
+    family: Family,
     /// What each chain looked like right after this backend last wrote it (as `iptables-save` prints it).
     remembered: Chains,
     /// The rendering last converged to.
@@ -129,16 +141,18 @@ fn parse_save(text: &str) -> (Chains, Vec<String>) {
     (chains, forward)
 }
 
-/// Our sets as `ipset save` shows them: name -> (type, members).
-fn parse_ipset_save(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
+/// The policy sets of `family` as `ipset save` shows them: name -> (type, members). Other sets (the other
+/// family's, routing's natOutgoing sets) are not this backend's.
+fn parse_ipset_save(text: &str, family: Family) -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let ours = |name: &str| set_prefixes(family).iter().any(|p| name.starts_with(p));
     let mut sets: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();
         match (words.next(), words.next(), words.next()) {
-            (Some("create"), Some(name), Some(kind)) if name.starts_with("crc-") => {
+            (Some("create"), Some(name), Some(kind)) if ours(name) => {
                 sets.insert(name.to_owned(), (kind.to_owned(), BTreeSet::new()));
             }
-            (Some("add"), Some(name), Some(member)) if name.starts_with("crc-") => {
+            (Some("add"), Some(name), Some(member)) if ours(name) => {
                 if let Some(s) = sets.get_mut(name) {
                     s.1.insert(member.to_owned());
                 }
@@ -150,10 +164,16 @@ fn parse_ipset_save(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> 
 }
 
 impl Iptables {
-    /// A backend that runs the tools with `exec_prefix` in front (empty: directly).
+    /// An IPv4 backend that runs the tools with `exec_prefix` in front (empty: directly).
     pub fn new(exec_prefix: Vec<String>) -> Self {
+        Self::for_family(exec_prefix, Family::V4)
+    }
+
+    /// A backend for `family`.
+    pub fn for_family(exec_prefix: Vec<String>, family: Family) -> Self {
         Self {
             exec_prefix,
+            family,
             remembered: BTreeMap::new(),
             last: None,
         }
@@ -163,14 +183,33 @@ impl Iptables {
         run_tool(&self.exec_prefix, tool, args, stdin)
     }
 
+    /// The family's tool: `iptables`, `iptables-save`, `iptables-restore` or their `ip6tables` twins.
+    fn tool(&self, suffix: &str) -> String {
+        match self.family {
+            Family::V4 => format!("iptables{suffix}"),
+            Family::V6 => format!("ip6tables{suffix}"),
+        }
+    }
+
+    fn ipset_family(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        }
+    }
+
     fn current(&self) -> Result<(Chains, Vec<String>), IptablesError> {
-        Ok(parse_save(&self.run("iptables-save", &["-t", "filter"], None)?))
+        Ok(parse_save(&self.run(
+            &self.tool("-save"),
+            &["-t", "filter"],
+            None,
+        )?))
     }
 
     /// Converges the kernel to `desired`, reading the whole state back first: adopts matching state at start
     /// and repairs any drift. Run it at start and periodically.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyStats, IptablesError> {
-        let current_sets = parse_ipset_save(&self.run("ipset", &["save"], None)?);
+        let current_sets = parse_ipset_save(&self.run("ipset", &["save"], None)?, self.family);
         let sets: Vec<String> = desired
             .sets
             .iter()
@@ -274,10 +313,11 @@ impl Iptables {
                 continue;
             };
             if existing_sets.contains(name) {
-                let tmp = format!("crc-t-{}", &name[6..]);
+                let tmp = format!("{}{}", set_prefixes(self.family)[2], &name[6..]);
                 script.push_str(&format!(
-                    "create {tmp} {} family inet -exist\nflush {tmp}\n",
-                    set.kind
+                    "create {tmp} {} family {} -exist\nflush {tmp}\n",
+                    set.kind,
+                    self.ipset_family()
                 ));
                 for m in &set.members {
                     script.push_str(&format!("add {tmp} {m}\n"));
@@ -285,8 +325,9 @@ impl Iptables {
                 script.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
             } else {
                 script.push_str(&format!(
-                    "create {name} {} family inet -exist\nflush {name}\n",
-                    set.kind
+                    "create {name} {} family {} -exist\nflush {name}\n",
+                    set.kind,
+                    self.ipset_family()
                 ));
                 for m in &set.members {
                     script.push_str(&format!("add {name} {m}\n"));
@@ -325,7 +366,7 @@ impl Iptables {
         stats.chains_written = written.len();
         stats.chains_deleted = stale.len();
         if !written.is_empty() || !stale.is_empty() || stats.hooked {
-            self.run("iptables-restore", &["--noflush"], Some(&restore))?;
+            self.run(&self.tool("-restore"), &["--noflush"], Some(&restore))?;
         }
         // Remember what the kernel shows for what we wrote, so a later edit of a rule is noticed as drift:
         // a few chains are listed one by one, many through one full save.
@@ -338,7 +379,7 @@ impl Iptables {
             }
         } else {
             for name in written {
-                let listed = self.run("iptables", &["-S", name], None)?;
+                let listed = self.run(&self.tool(""), &["-S", name], None)?;
                 let rules = listed
                     .lines()
                     .filter_map(|l| l.strip_prefix(&format!("-A {name} ")).map(str::to_owned))
@@ -377,7 +418,7 @@ impl Iptables {
                     restore.push_str(&format!("-X {c}\n"));
                 }
                 restore.push_str("COMMIT\n");
-                if let Err(e) = self.run("iptables-restore", &["--noflush"], Some(&restore)) {
+                if let Err(e) = self.run(&self.tool("-restore"), &["--noflush"], Some(&restore)) {
                     errors.push(e);
                 }
             }
@@ -385,7 +426,7 @@ impl Iptables {
         }
         match self.run("ipset", &["save"], None) {
             Ok(text) => {
-                for name in parse_ipset_save(&text).keys() {
+                for name in parse_ipset_save(&text, self.family).keys() {
                     if let Err(e) = self.run("ipset", &["destroy", name], None) {
                         errors.push(e);
                     }

@@ -14,6 +14,11 @@
 //! - One ipset per distinct selector-in-scope, net list, service-account match (`crc-s-HASH`, hash:net) and
 //!   named port (`crc-p-HASH`, hash:ip,port).
 //!
+//! Each family is rendered on its own ([`render_family`]): `ip6tables` has its own tables, so chain names are
+//! the same in both, while IPv6 sets are named `crc6s-` / `crc6p-` and created `family inet6`. A rule limited
+//! to the other family (`ipVersion`, or protocol ICMP in IPv6 and ICMPv6 in IPv4) renders to nothing; a set
+//! holds only its family's members, so a rule matching only the other family's networks matches nothing.
+//!
 //! The first rule of every chain is a comment `crc:HASH` of the chain's content, so the applier can tell an
 //! unchanged chain from one it must rewrite, also across an agent restart.
 
@@ -23,7 +28,7 @@ use std::fmt::Write as _;
 use sha2::{Digest, Sha256};
 
 use crate::calc::{EntitySets, entity_sets};
-use crate::dataplane::{DataplaneModel, SetKey, SetMembers};
+use crate::dataplane::{DataplaneModel, Family, SetKey, SetMembers};
 use crate::policy::ir::{Action, Direction, EntityMatch, Icmp, PortMatch, Rule, TierDefault};
 
 /// The mark bit set when a policy accepts.
@@ -71,12 +76,27 @@ pub fn policy_chain(policy: &str, dir: Direction) -> String {
     )
 }
 
-/// The name of the set for `key`.
+/// The name of the IPv4 set for `key`.
 pub fn set_name(key: &SetKey) -> String {
+    set_name_in(key, Family::V4)
+}
+
+/// The prefixes of the sets a family's policy owns: (selector/net sets, named-port sets, temporaries). All
+/// are six characters, so a set's temporary twin swaps the prefix.
+pub fn set_prefixes(family: Family) -> [&'static str; 3] {
+    match family {
+        Family::V4 => ["crc-s-", "crc-p-", "crc-t-"],
+        Family::V6 => ["crc6s-", "crc6p-", "crc6t-"],
+    }
+}
+
+/// The name of the set for `key` in `family`.
+pub fn set_name_in(key: &SetKey, family: Family) -> String {
+    let [nets, ports, _] = set_prefixes(family);
     let prefix = if matches!(key, SetKey::NamedPort { .. }) {
-        "crc-p-"
+        ports
     } else {
-        "crc-s-"
+        nets
     };
     format!("{prefix}{}", hash(&format!("{key:?}"), 16))
 }
@@ -84,6 +104,7 @@ pub fn set_name(key: &SetKey) -> String {
 fn protocol_name(p: u8) -> String {
     match p {
         1 => "icmp".into(),
+        58 => "ipv6-icmp".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
         132 => "sctp".into(),
@@ -91,14 +112,14 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
-fn set_members(key: &SetKey, members: &SetMembers) -> IpSet {
+fn set_members(key: &SetKey, members: &SetMembers, family: Family) -> IpSet {
     if !matches!(key, SetKey::NamedPort { .. }) {
         let m = members
             .nets
             .iter()
-            .filter(|n| n.addr().is_ipv4())
+            .filter(|n| Family::of(&n.addr()) == family)
             .map(|n| {
-                if n.prefix_len() == 32 {
+                if n.prefix_len() == family.host_prefix() {
                     n.addr().to_string()
                 } else {
                     n.to_string()
@@ -113,7 +134,7 @@ fn set_members(key: &SetKey, members: &SetMembers) -> IpSet {
         let m = members
             .ip_ports
             .iter()
-            .filter(|(ip, _, _)| ip.is_ipv4())
+            .filter(|(ip, _, _)| Family::of(ip) == family)
             .map(|(ip, proto, port)| format!("{ip},{}:{port}", protocol_name(*proto)))
             .collect();
         IpSet {
@@ -156,14 +177,14 @@ fn port_chunks(ports: &[PortMatch]) -> Vec<String> {
 
 /// The matches of one side that do not branch (everything but the positive port list), and the port
 /// alternatives (each one OR'd: a multiport chunk or a named-port set).
-fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str) -> (Vec<String>, Vec<String>) {
+fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str, family: Family) -> (Vec<String>, Vec<String>) {
     let mut fixed = Vec::new();
     let set = |k: &Option<SetKey>, neg: bool| {
         k.as_ref().map(|k| {
             format!(
                 "-m set {}--match-set {} {dir}",
                 if neg { "! " } else { "" },
-                set_name(k)
+                set_name_in(k, family)
             )
         })
     };
@@ -177,7 +198,10 @@ fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str) -> (Vec<String>, 
         fixed.push(format!("-m multiport ! {ports_flag} {chunk}"));
     }
     for k in &sets.not_named_ports {
-        fixed.push(format!("-m set ! --match-set {} {dir},{dir}", set_name(k)));
+        fixed.push(format!(
+            "-m set ! --match-set {} {dir},{dir}",
+            set_name_in(k, family)
+        ));
     }
     let mut alternatives: Vec<String> = port_chunks(&m.ports)
         .into_iter()
@@ -186,16 +210,30 @@ fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str) -> (Vec<String>, 
     alternatives.extend(
         sets.named_ports
             .iter()
-            .map(|k| format!("-m set --match-set {} {dir},{dir}", set_name(k))),
+            .map(|k| format!("-m set --match-set {} {dir},{dir}", set_name_in(k, family))),
     );
     (fixed, alternatives)
 }
 
-/// The iptables rules of one IR rule (several when ports are alternatives), followed by the return rule.
+/// The IPv4 rules of one IR rule.
 pub fn rule_lines(rule: &Rule) -> Vec<String> {
-    if rule.ip_version == Some(6) {
-        return Vec::new(); // This backend programs IPv4; an IPv6-only rule has nothing to match here.
+    rule_lines_in(rule, Family::V4)
+}
+
+/// The rules of one IR rule in `family` (several when ports are alternatives), followed by the return
+/// rule; nothing when the rule is limited to the other family.
+pub fn rule_lines_in(rule: &Rule, family: Family) -> Vec<String> {
+    let other_icmp = match family {
+        Family::V4 => 58,
+        Family::V6 => 1,
+    };
+    if rule.ip_version.is_some_and(|v| v != family.version()) || rule.protocol == Some(other_icmp) {
+        return Vec::new();
     }
+    let icmp_match = match family {
+        Family::V4 => "-m icmp --icmp-type",
+        Family::V6 => "-m icmp6 --icmpv6-type",
+    };
     let mut base = Vec::new();
     if let Some(p) = rule.protocol {
         base.push(format!("-p {}", protocol_name(p)));
@@ -204,16 +242,23 @@ pub fn rule_lines(rule: &Rule) -> Vec<String> {
         base.push(format!("! -p {}", protocol_name(p)));
     }
     if let Some(i) = &rule.icmp {
-        base.push(format!("-m icmp --icmp-type {}", icmp_text(i)));
+        base.push(format!("{icmp_match} {}", icmp_text(i)));
     }
     if let Some(i) = &rule.not_icmp {
-        base.push(format!("-m icmp ! --icmp-type {}", icmp_text(i)));
+        let (m, t) = icmp_match.split_once(" --").unwrap_or_default();
+        base.push(format!("{m} ! --{t} {}", icmp_text(i)));
     }
-    let (src_fixed, src_alts) = side_matches(&rule.source, &entity_sets(&rule.source, rule.protocol), "src");
+    let (src_fixed, src_alts) = side_matches(
+        &rule.source,
+        &entity_sets(&rule.source, rule.protocol),
+        "src",
+        family,
+    );
     let (dst_fixed, dst_alts) = side_matches(
         &rule.destination,
         &entity_sets(&rule.destination, rule.protocol),
         "dst",
+        family,
     );
     base.extend(src_fixed);
     base.extend(dst_fixed);
@@ -293,8 +338,13 @@ fn endpoint_chain(tiers: &[crate::dataplane::TierRef], dir: Direction) -> Vec<St
     rules
 }
 
-/// Renders the model.
+/// Renders the model for IPv4.
 pub fn render(model: &DataplaneModel) -> Desired {
+    render_family(model, Family::V4)
+}
+
+/// Renders the model for `family`.
+pub fn render_family(model: &DataplaneModel, family: Family) -> Desired {
     let mut d = Desired::default();
     d.chains.insert(
         FORWARD_CHAIN.into(),
@@ -325,13 +375,14 @@ pub fn render(model: &DataplaneModel) -> Desired {
     for (name, p) in &model.policies {
         for dir in [Direction::Ingress, Direction::Egress] {
             if let Some(rules) = p.rules(dir) {
-                let lines = rules.iter().flat_map(rule_lines).collect();
+                let lines = rules.iter().flat_map(|r| rule_lines_in(r, family)).collect();
                 d.chains.insert(policy_chain(name, dir), with_hash(lines));
             }
         }
     }
     for (key, members) in &model.sets {
-        d.sets.insert(set_name(key), set_members(key, members));
+        d.sets
+            .insert(set_name_in(key, family), set_members(key, members, family));
     }
     d
 }
