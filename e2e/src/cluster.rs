@@ -3,7 +3,7 @@
 //! `caracal-node` binary, and pods created through the real `caracal-cni` plugin with the runtime's
 //! protocol. Every packet stays inside the namespaces it creates.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,8 @@ pub struct TestNode {
     pub ns: NetNs,
     /// Its underlay address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 underlay address ([`TestCluster::enable_ipv6`]).
+    pub ip6: Option<Ipv6Addr>,
     /// Its agent's CNI socket.
     pub socket: PathBuf,
     /// Its agent's state directory (IPAM journal).
@@ -78,6 +80,8 @@ pub struct TestPod {
     pub ns: NetNs,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, when the node hands out IPv6 too.
+    pub ip6: Option<Ipv6Addr>,
     /// The container id used with the plugin.
     pub container_id: String,
     /// Kubernetes namespace and name.
@@ -137,6 +141,7 @@ impl TestCluster {
                 name,
                 ns,
                 ip,
+                ip6: None,
                 socket: dir.join("cni.sock"),
                 state: dir.join("state"),
                 health: crate::controlplane::free_port()?,
@@ -154,6 +159,30 @@ impl TestCluster {
             agent_env: Vec::new(),
             next_container: 0,
         })
+    }
+
+    /// Makes the underlay dual-stack: node i gets address .(i+2) of the IPv6 `net` (a /64) on its underlay
+    /// link, and every agent is started with IPv6 on (`CARACAL_IPV6_AUTODETECTION=interface=eth0`).
+    pub fn enable_ipv6(&mut self, net: &str) -> Result<(), ClusterError> {
+        let net: ipnet::Ipv6Net = net
+            .parse()
+            .map_err(|_| ClusterError::Timeout(format!("bad IPv6 underlay {net}")))?;
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            let ip = Ipv6Addr::from(u128::from(net.network()) + 2 + i as u128);
+            n.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/{}", net.prefix_len()),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            n.ip6 = Some(ip);
+        }
+        self.agent_env
+            .push(("CARACAL_IPV6_AUTODETECTION".into(), "interface=eth0".into()));
+        Ok(())
     }
 
     /// Starts (or restarts) node `i`'s agent.
@@ -270,22 +299,51 @@ impl TestCluster {
                 output: out,
             });
         }
-        let ip: Ipv4Addr = out["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
+        let ips: Vec<IpAddr> = out["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        let ip = ips
+            .iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
             .ok_or_else(|| ClusterError::Cni {
                 command: "ADD (no IPv4 address in the result)".into(),
                 code,
                 output: out.clone(),
             })?;
+        let ip6 = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
         Ok(TestPod {
             ns: pod_ns,
             ip,
+            ip6,
             container_id,
             pod: (ns.to_owned(), name.to_owned()),
             node: i,
         })
+    }
+
+    /// Writes the pod's addresses to `status.podIP(s)`, as the kubelet does after ADD: other nodes' agents
+    /// learn a remote pod's addresses from there (policy selecting it by label).
+    pub async fn report_pod_ips(&self, pod: &TestPod) -> Result<(), ClusterError> {
+        let mut ips = vec![serde_json::json!({"ip": pod.ip.to_string()})];
+        ips.extend(pod.ip6.map(|ip| serde_json::json!({"ip": ip.to_string()})));
+        let status = serde_json::json!({"status": {"podIP": pod.ip.to_string(), "podIPs": ips}});
+        kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), &pod.pod.0)
+            .patch_status(
+                &pod.pod.1,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&status),
+            )
+            .await?;
+        Ok(())
     }
 
     /// DEL of a pod through the plugin.
@@ -318,6 +376,29 @@ pub async fn eventually(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// Probes every ordered pair of pods over IPv6 (TCP and UDP); returns the pairs that failed (a pod without
+/// an IPv6 address fails).
+pub fn unreachable_pairs_v6(pods: &[TestPod], timeout: Duration) -> Vec<String> {
+    let mut failed = Vec::new();
+    for a in pods {
+        for b in pods {
+            if a.ip == b.ip {
+                continue;
+            }
+            let Some(dst) = b.ip6 else {
+                failed.push(format!("{}: no IPv6 address", b.ip));
+                continue;
+            };
+            let tcp = crate::probe::tcp(&a.ns, &b.ns, dst, 8080, timeout).is_ok_and(|o| o.connected());
+            let udp = crate::probe::udp(&a.ns, &b.ns, dst, 5353, timeout).is_ok_and(|o| o.connected());
+            if !(tcp && udp) {
+                failed.push(format!("{:?} -> {dst}: tcp {tcp} udp {udp}", a.ip6));
+            }
+        }
+    }
+    failed
 }
 
 /// Probes every ordered pair of pods over TCP, UDP and ICMP; returns the pairs that failed.

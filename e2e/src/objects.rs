@@ -77,7 +77,8 @@ pub async fn node(client: &Client, name: &str, internal_ip: &str) -> Result<(), 
     Ok(())
 }
 
-/// Creates IPPool `name` on `cidr` with /26 blocks and the given encapsulation and natOutgoing.
+/// Creates IPPool `name` on `cidr` with /26 blocks (/122 for IPv6) and the given encapsulation and
+/// natOutgoing.
 pub async fn ippool(
     client: &Client,
     name: &str,
@@ -87,11 +88,12 @@ pub async fn ippool(
     nat_outgoing: bool,
 ) -> Result<(), kube::Error> {
     use caracal_crds::ippool::{IPPool, IPPoolSpec};
+    let cidr: caracal_crds::schema::Cidr = cidr
+        .parse()
+        .map_err(|e| kube::Error::Service(format!("{cidr}: {e}").into()))?;
     let spec = IPPoolSpec {
-        cidr: cidr
-            .parse()
-            .map_err(|e| kube::Error::Service(format!("{cidr}: {e}").into()))?,
-        block_size: Some(26),
+        block_size: Some(if cidr.is_ipv4() { 26 } else { 122 }),
+        cidr,
         vxlan_mode: Some(vxlan),
         ipip_mode: Some(ipip),
         nat_outgoing: Some(nat_outgoing),

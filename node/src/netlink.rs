@@ -99,11 +99,19 @@ pub async fn in_netns<T: Send + 'static>(
     })
 }
 
-/// Writes sysctls (`key` with dots, value) inside the namespace at `netns`, all from one thread.
+/// Writes sysctls (`key` with dots, value) inside the namespace at `netns`, all from one thread. A key
+/// written with slashes (`net/ipv6/conf/vxlan6.caracal/accept_dad`) is taken as a path, for interface names
+/// that contain dots. A failure names the key.
 pub async fn sysctls(netns: Option<&Path>, settings: Vec<(String, String)>) -> Result<(), NetlinkError> {
     in_netns(netns, move || {
         for (key, value) in settings {
-            std::fs::write(format!("/proc/sys/{}", key.replace('.', "/")), value)?;
+            let path = if key.contains('/') {
+                key.clone()
+            } else {
+                key.replace('.', "/")
+            };
+            std::fs::write(format!("/proc/sys/{path}"), value)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
         }
         Ok(())
     })

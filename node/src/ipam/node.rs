@@ -113,6 +113,8 @@ struct State {
     /// The families this node serves (an enabled pool of that family selects it): IPv4, IPv6. Learned by
     /// each refill.
     families: [bool; 2],
+    /// A refill has looked at the pools (until then, which families to hand out is unknown).
+    families_known: bool,
     held: BTreeMap<String, Held>,
     /// Released but not yet freed in the API: address -> the handle that held it.
     releasing: BTreeMap<IpAddr, String>,
@@ -316,6 +318,13 @@ impl NodeIpam {
                 let mut st = self.inner.state.lock().await;
                 if let Some(h) = st.held.get(handle) {
                     return Ok(h.ips.clone());
+                }
+                if !st.families_known && !refilled {
+                    // Right after start: learn the families before the first pod gets its addresses.
+                    drop(st);
+                    self.refill().await?;
+                    refilled = true;
+                    continue;
                 }
                 let wanted = family.map_or_else(|| st.wanted(), |f| vec![f]);
                 let missing: Vec<usize> = wanted
@@ -584,6 +593,7 @@ impl NodeIpam {
         }
         let mut st = self.inner.state.lock().await;
         st.families = served;
+        st.families_known = true;
         st.exhausted = exhausted;
         tracing::debug!(
             got = got_total,

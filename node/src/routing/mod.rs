@@ -335,7 +335,7 @@ impl Routing {
                 let index = self.nl.ensure_vxlan(&dev).await?;
                 crate::netlink::sysctl(
                     self.nl.netns(),
-                    &format!("net.ipv6.conf.{VXLAN_V6_DEVICE}.accept_dad"),
+                    &format!("net/ipv6/conf/{VXLAN_V6_DEVICE}/accept_dad"),
                     "0",
                 )
                 .await?;

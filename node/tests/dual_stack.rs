@@ -1,0 +1,200 @@
+//! Kernel + cluster tier, IPv6: three nodes as namespaces on a dual-stack underlay, each running the real
+//! `caracal-node` with IPv6 on, pods created through the real `caracal-cni` plugin. Every pod gets an IPv4
+//! and an IPv6 address; pods on all nodes reach each other over IPv6 (TCP and UDP) through
+//! `vxlan6.caracal`, and again when the IPv6 pool stops encapsulating (routes straight to the nodes' IPv6
+//! addresses); a NetworkPolicy is enforced on IPv6 exactly as on IPv4 (ip6tables), so an IPv6 address never
+//! fails open; DEL releases both addresses. Needs root.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use caracal_crds::ippool::{EncapMode, IPPool};
+use caracal_e2e::cluster::{TestCluster, TestPod, unreachable_pairs, unreachable_pairs_v6};
+use caracal_e2e::probe::{self, Outcome};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const PROBE: Duration = Duration::from_millis(700);
+
+/// Waits until `f` holds (routes and policy program asynchronously).
+async fn eventually(what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(e) if start.elapsed() > Duration::from_secs(40) => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+fn all_reachable(pods: &[TestPod]) -> Result<(), String> {
+    let mut failed = unreachable_pairs_v6(pods, PROBE);
+    failed.extend(unreachable_pairs(pods, PROBE));
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{failed:?}"))
+    }
+}
+
+/// (TCP 8080 over IPv6, TCP 8080 over IPv4, UDP 5353 over IPv6) from `a` to `b`.
+fn flows(a: &TestPod, b: &TestPod) -> (bool, bool, bool) {
+    let v6 = b.ip6.expect("IPv6 address");
+    let ok = |o: Result<Outcome, _>| o.is_ok_and(|o: Outcome| o.connected());
+    (
+        ok(probe::tcp(&a.ns, &b.ns, v6, 8080, PROBE)),
+        ok(probe::tcp(&a.ns, &b.ns, b.ip, 8080, PROBE)),
+        ok(probe::udp(&a.ns, &b.ns, v6, 5353, PROBE)),
+    )
+}
+
+#[tokio::test]
+async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_both_families() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let mut c = TestCluster::with_underlay(
+        3,
+        Path::new(env!("CARGO_BIN_EXE_caracal-node")),
+        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        "10.95.40.0/24",
+    )
+    .await
+    .expect("cluster");
+    c.enable_ipv6("fd00:95:40::/64").expect("IPv6 underlay");
+    c.agent_env.push(("CARACAL_REFRESH_SECONDS".into(), "2".into()));
+    for (name, cidr) in [("v4", "10.246.0.0/16"), ("v6", "fd10:246::/48")] {
+        caracal_e2e::objects::ippool(&c.client, name, cidr, EncapMode::Always, EncapMode::Never, false)
+            .await
+            .expect("pool");
+    }
+    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
+        .await
+        .expect("namespace");
+    c.start_agents().await.expect("agents");
+
+    let mut pods = Vec::new();
+    for (i, app) in ["web", "db", "other"].into_iter().enumerate() {
+        pods.push(c.add_pod(i, "demo", app, json!({"app": app})).await.expect("ADD"));
+    }
+    for p in &pods {
+        c.report_pod_ips(p).await.expect("pod status");
+    }
+    let pool6: ipnet::Ipv6Net = "fd10:246::/48".parse().expect("net");
+    for p in &pods {
+        let v6 = p.ip6.expect("every pod gets an IPv6 address");
+        assert!(pool6.contains(&v6), "{v6}");
+        let addr = p.ns.ip(&["-6", "-o", "addr", "show", "eth0"]).expect("addr");
+        assert!(addr.contains(&format!("{v6}/128")), "{addr}");
+    }
+    // The IPv6 VXLAN device costs 70 bytes: the pods' MTU is the underlay's 1500 minus 70.
+    let link = pods[0].ns.ip(&["-o", "link", "show", "eth0"]).expect("link");
+    assert!(link.contains("mtu 1430"), "{link}");
+
+    // Nodes publish their IPv6 address and IPv6 VTEP.
+    let nodes = Api::<Node>::all(c.client.clone());
+    let start = Instant::now();
+    loop {
+        let n1 = nodes.get("node-1").await.expect("node");
+        let ann = n1.metadata.annotations.clone().unwrap_or_default();
+        let published = ann.get("caracal.dev/IPv6Address").map(String::as_str) == Some("fd00:95:40::3/64")
+            && ann.contains_key("caracal.dev/IPv6VXLANTunnelAddr")
+            && ann.contains_key("caracal.dev/VXLANTunnelMACAddrV6");
+        if published {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node-1 never published its IPv6 addresses: {ann:?}\n{}",
+            c.agent_log(1, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dev = c.nodes[0]
+        .ns
+        .ip(&["-d", "link", "show", "vxlan6.caracal"])
+        .expect("IPv6 VXLAN device");
+    assert!(dev.contains("local fd00:95:40::2"), "{dev}");
+
+    eventually("every pair over IPv6 and IPv4 through VXLAN", || {
+        all_reachable(&pods)
+    })
+    .await;
+
+    // Policy: db accepts TCP 8080 from web only. Enforced on both families.
+    let policy: NetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "db", "namespace": "demo"},
+        "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                              "ports": [{"protocol": "TCP", "port": 8080}]}]}
+    }))
+    .expect("policy");
+    Api::<NetworkPolicy>::namespaced(c.client.clone(), "demo")
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+    let (web, db, other) = (&pods[0], &pods[1], &pods[2]);
+    eventually("the policy enforced on both families", || {
+        let from_other = flows(other, db);
+        let from_web = flows(web, db);
+        if from_other == (false, false, false) && from_web == (true, true, false) {
+            Ok(())
+        } else {
+            Err(format!(
+                "other->db {from_other:?}, web->db {from_web:?} (tcp6, tcp4, udp6)"
+            ))
+        }
+    })
+    .await;
+    let rules = c.nodes[1]
+        .ns
+        .exec(&["ip6tables", "-S", "crc-to-wl-dispatch"])
+        .expect("ip6tables");
+    assert!(rules.contains("-j DROP"), "{rules}");
+
+    // The IPv6 pool stops encapsulating: routes go straight to the nodes' IPv6 addresses.
+    Api::<IPPool>::all(c.client.clone())
+        .patch(
+            "v6",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"vxlanMode": "Never"}})),
+        )
+        .await
+        .expect("patch pool");
+    eventually("IPv6 routes straight to the node", || {
+        let routes = c.nodes[0]
+            .ns
+            .ip(&["-6", "route", "show", "proto", "80"])
+            .map_err(|e| e.to_string())?;
+        let gone = c.nodes[0].ns.ip(&["link", "show", "vxlan6.caracal"]).is_err();
+        if routes.contains("via fd00:95:40::3 dev eth0") && gone {
+            Ok(())
+        } else {
+            Err(routes)
+        }
+    })
+    .await;
+    eventually("web -> db over IPv6 without encapsulation", || {
+        match flows(web, db) {
+            (true, true, false) => Ok(()),
+            f => Err(format!("{f:?}")),
+        }
+    })
+    .await;
+
+    // DEL releases both addresses.
+    let (code, out) = c.del_pod(other).expect("DEL");
+    assert_eq!(code, 0, "{out}");
+    for ip in [std::net::IpAddr::V4(other.ip), other.ip6.expect("v6").into()] {
+        common::wait_released(&c.client, ip, Duration::from_secs(30)).await;
+    }
+}
