@@ -14,9 +14,9 @@ use std::time::Duration;
 use caracal_e2e::netns::{self, NetNs, Pod};
 use caracal_e2e::probe::{self, Outcome};
 use caracal_node::calc;
-use caracal_node::dataplane::LocalEndpoint;
 use caracal_node::dataplane::iptables::apply::{ApplyStats, Iptables};
 use caracal_node::dataplane::iptables::render;
+use caracal_node::dataplane::{Family, LocalEndpoint};
 use caracal_node::policy::contract::{Check, WORLD, scenarios};
 use caracal_node::policy::load::load_documents;
 use serde_json::Value;
@@ -306,4 +306,80 @@ fn removal_leaves_no_chain_set_or_hook_behind() {
         Outcome::Connected,
         "traffic flows without Caracal"
     );
+}
+
+/// IPv6 rules beyond the contract table: ICMPv6 with a type, an IPv4-only ICMP rule, IPv6 networks, and
+/// `ipVersion`.
+const IPV6_RULES: &str = "apiVersion: caracal.dev/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: six}\nspec:\n  selector: all()\n  ingress:\n  - {action: Allow, protocol: ICMPv6, icmp: {type: 128}}\n  - {action: Allow, protocol: ICMP, icmp: {type: 8}}\n  - {action: Deny, ipVersion: 4, protocol: UDP}\n  - {action: Allow, protocol: TCP, source: {nets: ['fd00:1::/64', 10.0.0.0/8]}, destination: {ports: [80, http]}}\n";
+
+#[test]
+fn ip6tables_accepts_every_contract_rendering_and_renders_ipv6_only_what_matches_ipv6() {
+    require_root();
+    let ns = netns::node("ip6t").expect("node namespace");
+    let world = load_documents(docs("")).expect("world").world;
+    // The contract's endpoints, each with an IPv6 address beside its IPv4 one.
+    let local: Vec<LocalEndpoint> = world
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| LocalEndpoint {
+            key: ep.key(),
+            iface: format!("crc{}{}", ep.namespace, ep.name),
+            ips: vec![ep.ips[0], format!("fd00:1::{}", i + 1).parse().expect("ip")],
+        })
+        .collect();
+    let mut backend = Iptables::for_family(ns.exec_prefix(), Family::V6);
+    let render6 = |manifests: &str| {
+        let world = load_documents(docs(manifests)).expect("load").world;
+        let model = calc::compute(&world, &local);
+        (
+            render::render_family(&model, Family::V6),
+            render::render_family(&model, Family::V4),
+        )
+    };
+    for s in scenarios() {
+        let (six, _) = render6(s.manifests);
+        backend
+            .apply_update(&six)
+            .unwrap_or_else(|e| panic!("{}: {e}", s.name));
+    }
+    let (six, four) = render6(IPV6_RULES);
+    backend.apply_update(&six).expect("IPv6 rules");
+    assert!(
+        backend.apply(&six).expect("read back").is_noop(),
+        "adopted as written"
+    );
+    let text = render::to_text(&six);
+    assert!(text.contains("-p ipv6-icmp -m icmp6 --icmpv6-type 128"), "{text}");
+    assert!(
+        !text.contains("--icmp-type 8"),
+        "an ICMP (IPv4) rule matches no IPv6 packet: {text}"
+    );
+    assert!(
+        !text.contains("-p udp -j DROP"),
+        "an ipVersion 4 rule is IPv4's: {text}"
+    );
+    let four = render::to_text(&four);
+    assert!(
+        four.contains("-p udp -j DROP") && four.contains("--icmp-type 8"),
+        "{four}"
+    );
+    assert!(!four.contains("icmpv6"), "{four}");
+    // Sets hold only their family's members, and IPv6 sets are their own (crc6s-).
+    let sets = ns.exec(&["ipset", "list", "-t"]).expect("ipset");
+    assert!(
+        sets.contains("family inet6") && !sets.contains("Name: crc-s-"),
+        "{sets}"
+    );
+    let members = ns.exec(&["ipset", "save"]).expect("ipset save");
+    assert!(
+        members.contains("fd00:1::/64") && !members.contains("10.0.0.0/8"),
+        "{members}"
+    );
+    let rules = ns.exec(&["ip6tables", "-S", "FORWARD"]).expect("ip6tables");
+    assert!(rules.contains("-j crc-FORWARD"), "{rules}");
+    backend.remove_all().expect("clean up");
+    let after = ns.exec(&["ip6tables-save", "-t", "filter"]).expect("save");
+    assert!(!after.contains("crc-"), "{after}");
+    assert!(!ns.exec(&["ipset", "save"]).expect("ipset").contains("crc6"));
 }

@@ -567,10 +567,10 @@ impl NodeIpam {
         }
         let mut exhausted = false;
         let mut got_total = 0;
-        for f in 0..2 {
+        for (f, serves) in served.into_iter().enumerate() {
             // A family with no pool for this node is not served; IPv4 is still tried, so a node whose
             // pools are all gone reports itself exhausted.
-            if !served[f] && f == 1 {
+            if !serves && f == 1 {
                 continue;
             }
             if only.as_ref().is_some_and(|o| !o.contains(&f)) {
@@ -586,7 +586,7 @@ impl NodeIpam {
             };
             got_total += got.len();
             let mut st = self.inner.state.lock().await;
-            if got.is_empty() && st.reserved_in(f) == 0 && (served[f] || f == 0) {
+            if got.is_empty() && st.reserved_in(f) == 0 && (serves || f == 0) {
                 exhausted = true;
             }
             st.reserve.extend(got);
