@@ -6,6 +6,8 @@
 //! - ADD -> the pod's policy chains programmed (fail-closed until then), p50 / p99.
 //!
 //! Pod namespaces and Pod objects are created beforehand (a runtime has the sandbox before it calls CNI).
+//! With `CARACAL_BENCH_DUAL_STACK=1` the node is dual-stack (an IPv6 pool too, IPv6 on: every pod gets two
+//! addresses and ip6tables is programmed beside iptables) and the figures go to `cni-dual-stack.json`.
 //! Timings are reported, never asserted.
 
 #![expect(
@@ -130,6 +132,20 @@ async fn main() {
     )
     .await
     .expect("pool");
+    let dual = std::env::var("CARACAL_BENCH_DUAL_STACK").is_ok_and(|v| v == "1");
+    if dual {
+        c.enable_ipv6("fd00:80::/64").expect("IPv6 underlay");
+        caracal_e2e::objects::ippool(
+            &c.client,
+            "bench6",
+            "fd10:80::/48",
+            EncapMode::Never,
+            EncapMode::Never,
+            false,
+        )
+        .await
+        .expect("IPv6 pool");
+    }
     caracal_e2e::objects::namespace(&c.client, "bench", json!({}))
         .await
         .expect("namespace");
@@ -218,6 +234,7 @@ async fn main() {
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         },
         "add_to_policy_programmed": summary(programmed),
+        "dual_stack": dual,
         "goal": "ADD p50 <= 10 ms and p99 <= 50 ms at 20 concurrent",
         "note": "each call is a caracal-cni process, as a runtime runs it; pods' namespaces exist beforehand",
     });
@@ -229,7 +246,7 @@ async fn main() {
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out).expect("target/bench");
     std::fs::write(
-        out.join("cni.json"),
+        out.join(if dual { "cni-dual-stack.json" } else { "cni.json" }),
         serde_json::to_string_pretty(&figures).expect("json"),
     )
     .expect("write");

@@ -2,7 +2,7 @@
 //! `caracal-node` with IPv6 on, pods created through the real `caracal-cni` plugin. Every pod gets an IPv4
 //! and an IPv6 address; pods on all nodes reach each other over IPv6 (TCP and UDP) through
 //! `vxlan6.caracal`, and again when the IPv6 pool stops encapsulating (routes straight to the nodes' IPv6
-//! addresses); a NetworkPolicy is enforced on IPv6 exactly as on IPv4 (ip6tables), so an IPv6 address never
+//! addresses); natOutgoing masquerades IPv6 to the node's IPv6 address; a NetworkPolicy is enforced on IPv6 exactly as on IPv4 (ip6tables), so an IPv6 address never
 //! fails open; DEL releases both addresses. Needs root.
 
 #![expect(
@@ -71,8 +71,8 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
     .expect("cluster");
     c.enable_ipv6("fd00:95:40::/64").expect("IPv6 underlay");
     c.agent_env.push(("CARACAL_REFRESH_SECONDS".into(), "2".into()));
-    for (name, cidr) in [("v4", "10.246.0.0/16"), ("v6", "fd10:246::/48")] {
-        caracal_e2e::objects::ippool(&c.client, name, cidr, EncapMode::Always, EncapMode::Never, false)
+    for (name, cidr, nat) in [("v4", "10.246.0.0/16", false), ("v6", "fd10:246::/48", true)] {
+        caracal_e2e::objects::ippool(&c.client, name, cidr, EncapMode::Always, EncapMode::Never, nat)
             .await
             .expect("pool");
     }
@@ -128,6 +128,46 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
         all_reachable(&pods)
     })
     .await;
+
+    // natOutgoing for IPv6: a namespace on the underlay outside every pool sees the node's IPv6 address.
+    let outside = caracal_e2e::netns::NetNs::new("out6").expect("outside");
+    c.underlay
+        .attach(&outside, "eth0", std::net::Ipv4Addr::new(10, 95, 40, 200))
+        .expect("attach");
+    outside
+        .ip(&["-6", "addr", "add", "fd00:95:40::c8/64", "dev", "eth0", "nodad"])
+        .expect("outside IPv6");
+    let listener = outside
+        .enter(|| std::net::TcpListener::bind("[fd00:95:40::c8]:9000"))
+        .expect("enter")
+        .expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let connected = pods[2].ns.enter(|| {
+        std::net::TcpStream::connect_timeout(
+            &"[fd00:95:40::c8]:9000".parse().expect("addr"),
+            Duration::from_secs(3),
+        )
+        .map(|_| ())
+    });
+    assert!(
+        matches!(connected, Ok(Ok(()))),
+        "pod -> outside over IPv6: {connected:?}"
+    );
+    let start = Instant::now();
+    let peer = loop {
+        match listener.accept() {
+            Ok((_, peer)) => break peer,
+            Err(_) if start.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("outside never saw the connection: {e}"),
+        }
+    };
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V6(c.nodes[2].ip6.expect("node IPv6")),
+        "masqueraded to node-2's IPv6 address"
+    );
 
     // Policy: db accepts TCP 8080 from web only. Enforced on both families.
     let policy: NetworkPolicy = serde_json::from_value(json!({

@@ -374,9 +374,9 @@ pub fn result_json(a: &Attachment, version: &str) -> Value {
         .iter()
         .map(|ip| {
             let gateway = if ip.addr().is_ipv4() {
-                "169.254.1.1"
+                crate::cni::wire::GATEWAY.to_string()
             } else {
-                "fe80::1"
+                crate::cni::wire::GATEWAY_V6.to_string()
             };
             let mut v = serde_json::json!({"address": ip.to_string(), "gateway": gateway, "interface": 1});
             if legacy {
@@ -390,7 +390,7 @@ pub fn result_json(a: &Attachment, version: &str) -> Value {
         routes.push(serde_json::json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"}));
     }
     if a.ips.iter().any(|i| i.addr().is_ipv6()) {
-        routes.push(serde_json::json!({"dst": "::/0", "gw": "fe80::1"}));
+        routes.push(serde_json::json!({"dst": "::/0", "gw": crate::cni::wire::GATEWAY_V6.to_string()}));
     }
     serde_json::json!({
         "cniVersion": version,
@@ -516,6 +516,14 @@ mod tests {
         assert_eq!(
             v1["ips"][0],
             serde_json::json!({"address": "10.0.0.5/32", "gateway": "169.254.1.1", "interface": 1})
+        );
+        assert_eq!(
+            v1["ips"][1]["gateway"], "fe80::ecee:eeff:feee:eeee",
+            "the IPv6 gateway is the host side's link-local address"
+        );
+        assert_eq!(
+            v1["routes"][1],
+            serde_json::json!({"dst": "::/0", "gw": "fe80::ecee:eeff:feee:eeee"})
         );
         assert_eq!(v1["routes"].as_array().unwrap().len(), 2);
         let v03 = result_json(&a, "0.3.1");
