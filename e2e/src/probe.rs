@@ -175,6 +175,32 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     ))
 }
 
+/// The source address a server at `addr` in `outside` sees when `src` connects to it over TCP: how a test
+/// shows natOutgoing (the outside sees the node's address, never the pod's).
+pub fn source_seen_by(
+    src: &NetNs,
+    outside: &NetNs,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<IpAddr, String> {
+    let listener = outside
+        .enter(move || TcpListener::bind(addr))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    src.enter(move || TcpStream::connect_timeout(&addr, timeout).map(|_| ()))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((_, peer)) => return Ok(peer.ip()),
+            Err(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("{addr} never saw the connection: {e}")),
+        }
+    }
+}
+
 /// TCP from `src` to a server that already listens at `dst_ip:port` and echoes (a lab pod's server):
 /// connect, send, read the echo.
 pub fn tcp_echo(

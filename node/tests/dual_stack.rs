@@ -137,34 +137,15 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
     outside
         .ip(&["-6", "addr", "add", "fd00:95:40::c8/64", "dev", "eth0", "nodad"])
         .expect("outside IPv6");
-    let listener = outside
-        .enter(|| std::net::TcpListener::bind("[fd00:95:40::c8]:9000"))
-        .expect("enter")
-        .expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let connected = pods[2].ns.enter(|| {
-        std::net::TcpStream::connect_timeout(
-            &"[fd00:95:40::c8]:9000".parse().expect("addr"),
-            Duration::from_secs(3),
-        )
-        .map(|_| ())
-    });
-    assert!(
-        matches!(connected, Ok(Ok(()))),
-        "pod -> outside over IPv6: {connected:?}"
-    );
-    let start = Instant::now();
-    let peer = loop {
-        match listener.accept() {
-            Ok((_, peer)) => break peer,
-            Err(_) if start.elapsed() < Duration::from_secs(3) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("outside never saw the connection: {e}"),
-        }
-    };
+    let peer = probe::source_seen_by(
+        &pods[2].ns,
+        &outside,
+        "[fd00:95:40::c8]:9000".parse().expect("addr"),
+        Duration::from_secs(3),
+    )
+    .expect("pod -> outside over IPv6");
     assert_eq!(
-        peer.ip(),
+        peer,
         std::net::IpAddr::V6(c.nodes[2].ip6.expect("node IPv6")),
         "masqueraded to node-2's IPv6 address"
     );

@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -115,31 +115,15 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
     c.underlay
         .attach(&outside, "eth0", Ipv4Addr::new(10, 97, 0, 200))
         .expect("attach");
-    let listener = outside
-        .enter(|| TcpListener::bind("10.97.0.200:9000"))
-        .expect("enter")
-        .expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let src = pods[1].ns.enter(|| {
-        std::net::TcpStream::connect_timeout(
-            &"10.97.0.200:9000".parse().expect("addr"),
-            Duration::from_secs(3),
-        )
-        .map(|s| s.local_addr().map(|a| a.ip()))
-    });
-    assert!(matches!(src, Ok(Ok(Ok(_)))), "pod -> outside: {src:?}");
-    let start = Instant::now();
-    let peer = loop {
-        match listener.accept() {
-            Ok((_, peer)) => break peer,
-            Err(_) if start.elapsed() < Duration::from_secs(3) => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("outside never saw the connection: {e}"),
-        }
-    };
+    let peer = caracal_e2e::probe::source_seen_by(
+        &pods[1].ns,
+        &outside,
+        "10.97.0.200:9000".parse().expect("addr"),
+        Duration::from_secs(3),
+    )
+    .expect("pod -> outside");
     assert_eq!(
-        peer.ip(),
+        peer,
         std::net::IpAddr::V4(c.nodes[1].ip),
         "masqueraded to node-1's address"
     );

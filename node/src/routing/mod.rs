@@ -111,6 +111,13 @@ impl SyncStats {
     }
 }
 
+/// What both VXLAN devices share (FelixConfiguration's VNI and port, the pod MTU).
+struct VxlanParams {
+    vni: u32,
+    port: u16,
+    mtu: u32,
+}
+
 /// The routing side of one node.
 pub struct Routing {
     cfg: Config,
@@ -290,67 +297,36 @@ impl Routing {
             .as_u64()
             .and_then(|v| u16::try_from(v).ok())
             .unwrap_or(DEFAULT_PORT);
-        let mut vxlan_index = None;
-        if desired.vxlan {
-            let vtep = self
-                .tunnel_address(&vtep_handle(&me), "vxlanTunnelAddress", false)
-                .await?;
-            let mac = address::vtep_mac(&me);
-            let dev = VxlanDevice {
-                name: VXLAN_DEVICE.into(),
-                vni,
-                port,
-                local: IpAddr::V4(chosen.ip.addr()),
-                parent: chosen.index,
-                mac,
-                mtu: pod_mtu,
-            };
-            let index = self.nl.ensure_vxlan(&dev).await?;
-            self.nl.add_addr(index, IpNet::from(vtep)).await?;
-            stats.neighbours_written += self.sync_peers(index, &desired, false).await?;
-            vxlan_index = Some(index);
-            annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), Some(vtep.to_string()));
-            annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), Some(model::mac_text(mac)));
-        } else {
-            self.nl.del_link(VXLAN_DEVICE).await?;
-            annotations.insert(annotation::IPV4_VXLAN_TUNNEL_ADDR.into(), None);
-            annotations.insert(annotation::VXLAN_TUNNEL_MAC.into(), None);
-        }
-        let mut vxlan6_index = None;
-        match (&chosen6, desired.vxlan6) {
-            (Some(c6), true) => {
-                let vtep = self
-                    .tunnel_address(&vtep6_handle(&me), "vxlanV6TunnelAddress", true)
-                    .await?;
-                let mac = address::vtep_mac_v6(&me);
-                let dev = VxlanDevice {
-                    name: VXLAN_V6_DEVICE.into(),
-                    vni,
-                    port,
-                    local: IpAddr::V6(c6.ip.addr()),
-                    parent: c6.index,
-                    mac,
-                    mtu: pod_mtu,
-                };
-                let index = self.nl.ensure_vxlan(&dev).await?;
-                crate::netlink::sysctl(
-                    self.nl.netns(),
-                    &format!("net/ipv6/conf/{VXLAN_V6_DEVICE}/accept_dad"),
-                    "0",
-                )
-                .await?;
-                self.nl.add_addr(index, IpNet::from(vtep)).await?;
-                stats.neighbours_written += self.sync_peers(index, &desired, true).await?;
-                vxlan6_index = Some(index);
-                annotations.insert(annotation::IPV6_VXLAN_TUNNEL_ADDR.into(), Some(vtep.to_string()));
-                annotations.insert(annotation::VXLAN_TUNNEL_MAC_V6.into(), Some(model::mac_text(mac)));
-            }
-            _ => {
-                self.nl.del_link(VXLAN_V6_DEVICE).await?;
-                annotations.insert(annotation::IPV6_VXLAN_TUNNEL_ADDR.into(), None);
-                annotations.insert(annotation::VXLAN_TUNNEL_MAC_V6.into(), None);
-            }
-        }
+        let vx = VxlanParams {
+            vni,
+            port,
+            mtu: pod_mtu,
+        };
+        let vxlan_index = self
+            .vxlan_device(
+                false,
+                desired
+                    .vxlan
+                    .then_some((IpAddr::V4(chosen.ip.addr()), chosen.index)),
+                &vx,
+                &desired,
+                &mut annotations,
+                &mut stats,
+            )
+            .await?;
+        let vxlan6_index = self
+            .vxlan_device(
+                true,
+                chosen6
+                    .as_ref()
+                    .filter(|_| desired.vxlan6)
+                    .map(|c6| (IpAddr::V6(c6.ip.addr()), c6.index)),
+                &vx,
+                &desired,
+                &mut annotations,
+                &mut stats,
+            )
+            .await?;
         let mut ipip_index = None;
         if desired.ipip {
             match self
@@ -427,6 +403,66 @@ impl Routing {
         .map_err(|e| RoutingError::Task(e.to_string()))??;
         self.last = Some(key);
         Ok(stats)
+    }
+
+    /// Converges the VXLAN device of one family (`v6`: `vxlan6.caracal`): with `underlay` (the node's
+    /// address and link of that family) the device, its VTEP address from IPAM, its peers' entries and its
+    /// annotations; without, no device and no annotations. Returns the device's index.
+    async fn vxlan_device(
+        &self,
+        v6: bool,
+        underlay: Option<(IpAddr, u32)>,
+        vx: &VxlanParams,
+        desired: &Desired,
+        annotations: &mut BTreeMap<String, Option<String>>,
+        stats: &mut SyncStats,
+    ) -> Result<Option<u32>, RoutingError> {
+        let me = &self.cfg.node;
+        let (name, handle, kind, mac, addr_key, mac_key) = if v6 {
+            (
+                VXLAN_V6_DEVICE,
+                vtep6_handle(me),
+                "vxlanV6TunnelAddress",
+                address::vtep_mac_v6(me),
+                annotation::IPV6_VXLAN_TUNNEL_ADDR,
+                annotation::VXLAN_TUNNEL_MAC_V6,
+            )
+        } else {
+            (
+                VXLAN_DEVICE,
+                vtep_handle(me),
+                "vxlanTunnelAddress",
+                address::vtep_mac(me),
+                annotation::IPV4_VXLAN_TUNNEL_ADDR,
+                annotation::VXLAN_TUNNEL_MAC,
+            )
+        };
+        let Some((local, parent)) = underlay else {
+            self.nl.del_link(name).await?;
+            annotations.insert(addr_key.into(), None);
+            annotations.insert(mac_key.into(), None);
+            return Ok(None);
+        };
+        let vtep = self.tunnel_address(&handle, kind, v6).await?;
+        let dev = VxlanDevice {
+            name: name.into(),
+            vni: vx.vni,
+            port: vx.port,
+            local,
+            parent,
+            mac,
+            mtu: vx.mtu,
+        };
+        let index = self.nl.ensure_vxlan(&dev).await?;
+        if v6 {
+            // The VTEP address is usable at once (no DAD); the device name has a dot, so the key is a path.
+            crate::netlink::sysctl(self.nl.netns(), &format!("net/ipv6/conf/{name}/accept_dad"), "0").await?;
+        }
+        self.nl.add_addr(index, IpNet::from(vtep)).await?;
+        stats.neighbours_written += self.sync_peers(index, desired, v6).await?;
+        annotations.insert(addr_key.into(), Some(vtep.to_string()));
+        annotations.insert(mac_key.into(), Some(model::mac_text(mac)));
+        Ok(Some(index))
     }
 
     /// A tunnel device's address of one family, allocated once from IPAM under `handle`.
