@@ -48,6 +48,34 @@ fn machine_busy_seconds() -> f64 {
     busy / 100.0
 }
 
+/// CPU seconds used so far by processes whose command name starts with one of `names`: (own, reaped
+/// children's), from /proc/PID/stat.
+fn process_cpu_seconds(names: &[&str]) -> (f64, f64) {
+    let (mut own, mut children) = (0.0, 0.0);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        if !names.iter().any(|n| comm.starts_with(n)) {
+            continue;
+        }
+        let fields: Vec<f64> = stat[close + 2..]
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // After the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14), in clock ticks.
+        if fields.len() > 14 {
+            own += (fields[11] + fields[12]) / 100.0;
+            children += (fields[13] + fields[14]) / 100.0;
+        }
+    }
+    (own, children)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -194,9 +222,23 @@ async fn main() {
     eprintln!("sustained: {PODS} pods, 20 concurrent");
     let start = Instant::now();
     let busy = machine_busy_seconds();
+    let agent_before = process_cpu_seconds(&["caracal-node"]);
+    let api_before = process_cpu_seconds(&["kube-apiserver", "etcd"]);
     let sustained = phase(&ctx, &paths, "ADD", 400..400 + PODS, 20).await;
     let secs = start.elapsed().as_secs_f64();
-    let cpu_per_add_ms = (machine_busy_seconds() - busy) / PODS as f64 * 1e3;
+    // The agent keeps programming what the burst left behind: let it finish before reading its CPU.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let per_add = |x: f64| x / PODS as f64 * 1e3;
+    let cpu_per_add_ms = per_add(machine_busy_seconds() - busy);
+    let agent_after = process_cpu_seconds(&["caracal-node"]);
+    let api_after = process_cpu_seconds(&["kube-apiserver", "etcd"]);
+    let breakdown = json!({
+        "agent_ms": per_add(agent_after.0 - agent_before.0),
+        "agent_tools_ms (iptables, ipset: the agent's children)": per_add(agent_after.1 - agent_before.1),
+        "api_server_and_etcd_ms": per_add(api_after.0 - api_before.0),
+        "rest_ms (plugin processes, kernel, this benchmark)": cpu_per_add_ms
+            - per_add(agent_after.0 - agent_before.0 + agent_after.1 - agent_before.1 + api_after.0 - api_before.0),
+    });
 
     // ADD -> policy programmed: the pod's interface appears in the dispatch chain.
     eprintln!("ADD -> policy programmed");
@@ -231,6 +273,7 @@ async fn main() {
             "pods_per_second": PODS as f64 / secs,
             "add": summary(sustained),
             "machine_cpu_ms_per_add": cpu_per_add_ms,
+            "machine_cpu_per_add_breakdown": breakdown,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         },
         "add_to_policy_programmed": summary(programmed),

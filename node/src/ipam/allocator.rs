@@ -77,13 +77,26 @@ impl Allocator {
         v4: bool,
         node_labels: &BTreeMap<String, String>,
     ) -> Result<Vec<(IpNet, u8)>, AllocError> {
+        Ok(self
+            .usable_pools(node_labels)
+            .await?
+            .into_iter()
+            .filter(|(net, _)| net.addr().is_ipv4() == v4)
+            .collect())
+    }
+
+    /// The pools of both families this node may allocate from, with their block sizes.
+    async fn usable_pools(
+        &self,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<(IpNet, u8)>, AllocError> {
         let pools = Api::<IPPool>::all(self.client.clone())
             .list(&ListParams::default())
             .await
             .map_err(|e| AllocError::Api("listing IPPools", e))?;
         Ok(pools
             .into_iter()
-            .filter(|p| p.spec.disabled != Some(true) && p.spec.cidr.is_ipv4() == v4)
+            .filter(|p| p.spec.disabled != Some(true))
             .filter(|p| {
                 p.spec
                     .node_selector
@@ -91,7 +104,7 @@ impl Allocator {
                     .is_none_or(|s| s.parse().is_ok_and(|e| e.matches(node_labels)))
             })
             .map(|p| {
-                let default = if v4 { 26 } else { 122 };
+                let default = if p.spec.cidr.is_ipv4() { 26 } else { 122 };
                 (
                     p.spec.cidr.0,
                     u8::try_from(p.spec.block_size.unwrap_or(default)).unwrap_or(default as u8),
@@ -100,13 +113,16 @@ impl Allocator {
             .collect())
     }
 
-    /// Whether an enabled pool of the family selects this node.
-    pub(crate) async fn serves(
+    /// Whether an enabled pool of each family (IPv4, IPv6) selects this node; one read.
+    pub(crate) async fn served_families(
         &self,
-        v4: bool,
         node_labels: &BTreeMap<String, String>,
-    ) -> Result<bool, AllocError> {
-        Ok(!self.pools(v4, node_labels).await?.is_empty())
+    ) -> Result<[bool; 2], AllocError> {
+        let pools = self.usable_pools(node_labels).await?;
+        Ok([
+            pools.iter().any(|(net, _)| net.addr().is_ipv4()),
+            pools.iter().any(|(net, _)| net.addr().is_ipv6()),
+        ])
     }
 
     /// One address for `handle`, from this node's blocks, claiming a new block when they are full.

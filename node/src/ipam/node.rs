@@ -16,6 +16,9 @@
 //!   addresses, batched per block with compare-and-swap.
 //! - **Both families.** A pod gets one address of each family that has an enabled pool selecting its node
 //!   (IPv4, IPv6, or both); the reserve holds addresses of each family, refilled per family.
+//! - **Few reads.** The last version of each block this node read or wrote is kept: the committer and the
+//!   refiller write on it directly (compare-and-swap still guards every write; a conflict re-reads), so a
+//!   steady stream of pods costs one block write per batch plus one IPAMHandle per pod, and no list.
 //! - **Garbage collection.** An address whose pod has been gone for longer than a grace period is released,
 //!   as is anything CNI GC says is no longer attached.
 
@@ -122,6 +125,8 @@ struct State {
     missing_since: BTreeMap<String, Instant>,
     /// The last refill found nothing anywhere for a family the node serves.
     exhausted: bool,
+    /// When the assignments of the last second were made (the reserve's target follows the rate).
+    recent: VecDeque<Instant>,
 }
 
 fn family_index(ip: &IpAddr) -> usize {
@@ -151,6 +156,26 @@ impl State {
         self.wanted()
             .into_iter()
             .any(|f| self.reserved_in(f) * 4 < target * 3)
+    }
+
+    /// Records an assignment now, forgetting those older than a second.
+    fn note_assignment(&mut self, now: Instant) {
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1))
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The reserve's target per family: the configured size, or twice the assignments of the last second
+    /// when pods arrive faster (a burst is served from memory while the reserve refills), at most four times
+    /// the configured size.
+    fn target(&self, configured: usize) -> usize {
+        let configured = configured.max(1);
+        configured.max(2 * self.recent.len()).min(4 * configured)
     }
 }
 
@@ -192,6 +217,9 @@ struct Inner {
     block_writes: Mutex<()>,
     commit_kick: Notify,
     refill_kick: Notify,
+    /// The last version seen of the blocks this node works with (own, borrowed from, holding its
+    /// addresses), by name: the first attempt of a write starts from it instead of a list.
+    blocks: std::sync::Mutex<BTreeMap<String, IPAMBlock>>,
     /// Bumped whenever a handle is assigned or released (the agent reprograms on it).
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -248,6 +276,7 @@ impl NodeIpam {
             block_writes: Mutex::new(()),
             commit_kick: Notify::new(),
             refill_kick: Notify::new(),
+            blocks: std::sync::Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
         });
         let me = NodeIpam { inner };
@@ -265,6 +294,55 @@ impl NodeIpam {
 
     fn changed(&self) {
         self.inner.changes.send_modify(|n| *n += 1);
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, IPAMBlock>> {
+        self.inner
+            .blocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `obj` as the last version seen of its block.
+    fn remember(&self, obj: &IPAMBlock) {
+        self.cache().insert(obj.name_any(), obj.clone());
+    }
+
+    /// Forgets a block (deleted, or its cached version conflicted).
+    fn forget(&self, name: &str) {
+        self.cache().remove(name);
+    }
+
+    /// The cached blocks.
+    fn cached_blocks(&self) -> Vec<IPAMBlock> {
+        self.cache().values().cloned().collect()
+    }
+
+    /// Every block, read from the API; the ones this node works with are remembered.
+    async fn list_blocks(&self) -> Result<Vec<IPAMBlock>, IpamError> {
+        let all = Api::<IPAMBlock>::all(self.inner.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?
+            .items;
+        let mine = format!("host:{}", self.inner.cfg.node);
+        let held: BTreeSet<IpAddr> = {
+            let st = self.inner.state.lock().await;
+            st.held
+                .values()
+                .flat_map(|h| h.ips.iter().copied())
+                .chain(st.reserve.iter().copied())
+                .chain(st.releasing.keys().copied())
+                .collect()
+        };
+        for b in &all {
+            if b.spec.affinity.as_deref() == Some(mine.as_str())
+                || held.iter().any(|ip| b.spec.cidr.0.contains(ip))
+            {
+                self.remember(b);
+            }
+        }
+        Ok(all)
     }
 
     /// This node's name.
@@ -312,19 +390,13 @@ impl NodeIpam {
         attrs: BTreeMap<String, String>,
         family: Option<usize>,
     ) -> Result<Vec<IpAddr>, IpamError> {
-        let mut refilled = false;
+        // Refills in the request's path (the reserve ran dry); other requests may take what one brought.
+        let mut refills = 0;
         loop {
             {
                 let mut st = self.inner.state.lock().await;
                 if let Some(h) = st.held.get(handle) {
                     return Ok(h.ips.clone());
-                }
-                if !st.families_known && !refilled {
-                    // Right after start: learn the families before the first pod gets its addresses.
-                    drop(st);
-                    self.refill().await?;
-                    refilled = true;
-                    continue;
                 }
                 let wanted = family.map_or_else(|| st.wanted(), |f| vec![f]);
                 let missing: Vec<usize> = wanted
@@ -332,7 +404,8 @@ impl NodeIpam {
                     .copied()
                     .filter(|f| st.reserved_in(*f) == 0)
                     .collect();
-                if missing.is_empty() {
+                // Right after start the families are unknown: learn them before the first pod is served.
+                if missing.is_empty() && (st.families_known || family.is_some()) {
                     let ips: Vec<IpAddr> = wanted.iter().filter_map(|f| st.take(*f)).collect();
                     let mut attrs = attrs;
                     attrs.insert(attr::NODE.into(), self.inner.cfg.node.clone());
@@ -355,15 +428,16 @@ impl NodeIpam {
                             committed: false,
                         },
                     );
-                    if st.low(self.inner.cfg.reserve) {
+                    st.note_assignment(Instant::now());
+                    if st.low(st.target(self.inner.cfg.reserve)) {
                         self.inner.refill_kick.notify_one();
                     }
                     self.inner.commit_kick.notify_one();
                     self.changed();
                     return Ok(ips);
                 }
-                if refilled {
-                    let family = if missing.contains(&0) { "IPv4" } else { "IPv6" };
+                if (refills > 0 && st.exhausted) || refills >= 20 {
+                    let family = if missing.contains(&1) { "IPv6" } else { "IPv4" };
                     warn!(node = %self.inner.cfg.node, family, "no address left in any IPPool this node may use");
                     return Err(AllocError::Exhausted {
                         node: self.inner.cfg.node.clone(),
@@ -371,9 +445,8 @@ impl NodeIpam {
                     .into());
                 }
             }
-            // A reserve is empty: refill now, in the request's path.
             self.refill_families(family.map(|f| vec![f])).await?;
-            refilled = true;
+            refills += 1;
         }
     }
 
@@ -530,6 +603,7 @@ impl NodeIpam {
             }
             st.reserve.retain(|ip| !ours.contains(ip));
             drop(st);
+            self.forget(&obj.name_any());
             let aff = format!("{node}-{}", obj.name_any());
             match Api::<caracal_crds::ipam::BlockAffinity>::all(self.inner.client.clone())
                 .delete(&aff, &DeleteParams::default())
@@ -555,25 +629,34 @@ impl NodeIpam {
         self.refill_families(None).await
     }
 
-    /// Refills `only` these families (0 IPv4, 1 IPv6), or every served one.
+    /// Refills `only` these families (0 IPv4, 1 IPv6), or every served one. Costs no API call when every
+    /// reserve is still above three quarters of its target (a request that waited for another refill finds
+    /// it done).
     async fn refill_families(&self, only: Option<Vec<usize>>) -> Result<(), IpamError> {
         let _one = self.inner.refill_lock.lock().await;
-        let target = self.inner.cfg.reserve.max(1);
+        let allowed = |f: usize| only.as_ref().is_none_or(|o| o.contains(&f));
+        let (target, needs) = {
+            let st = self.inner.state.lock().await;
+            let target = st.target(self.inner.cfg.reserve);
+            let low = |f: usize| {
+                let have = st.reserved_in(f);
+                have == 0 || have * 4 < target * 3
+            };
+            let needs = !st.families_known || st.wanted().into_iter().any(|f| allowed(f) && low(f));
+            (target, needs)
+        };
+        if !needs {
+            return Ok(());
+        }
         let started = Instant::now();
         let labels = self.node_labels().await;
-        let mut served = [false; 2];
-        for (f, slot) in served.iter_mut().enumerate() {
-            *slot = self.inner.alloc.serves(f == 0, &labels).await?;
-        }
+        let served = self.inner.alloc.served_families(&labels).await?;
         let mut exhausted = false;
         let mut got_total = 0;
         for (f, serves) in served.into_iter().enumerate() {
             // A family with no pool for this node is not served; IPv4 is still tried, so a node whose
             // pools are all gone reports itself exhausted.
-            if !serves && f == 1 {
-                continue;
-            }
-            if only.as_ref().is_some_and(|o| !o.contains(&f)) {
+            if (!serves && f == 1) || !allowed(f) {
                 continue;
             }
             let have = self.inner.state.lock().await.reserved_in(f);
@@ -597,6 +680,7 @@ impl NodeIpam {
         st.exhausted = exhausted;
         tracing::debug!(
             got = got_total,
+            target,
             ms = started.elapsed().as_millis() as u64,
             "IPAM reserve refilled"
         );
@@ -641,14 +725,17 @@ impl NodeIpam {
         let mut borrow = false;
         let mut got = Vec::new();
         let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
+        // Own blocks are tried from the cache first; a miss or a conflict lists.
+        let mut cached = true;
         for _ in 0..50 {
             if got.len() >= n {
                 return Ok(got);
             }
-            let all = blocks
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
+            let all = if cached && !borrow {
+                self.cached_blocks()
+            } else {
+                self.list_blocks().await?
+            };
             let candidate = all
                 .into_iter()
                 .filter(|b| b.spec.cidr.is_ipv4() == v4 && !b.spec.deleted && !b.spec.unallocated.is_empty())
@@ -677,7 +764,8 @@ impl NodeIpam {
                     .replace(&obj.name_any(), &PostParams::default(), &updated)
                     .await
                 {
-                    Ok(_) => {
+                    Ok(written) => {
+                        self.remember(&written);
                         if borrow {
                             info!(block = %obj.spec.cidr, count = ips.len(), "borrowed addresses from another node's block: the pools are exhausted");
                             // One borrow per refill: the next refill looks again (the owner may free some).
@@ -687,9 +775,18 @@ impl NodeIpam {
                         got.extend(ips);
                         continue;
                     }
-                    Err(e) if conflict(&e) => continue,
+                    Err(e) if conflict(&e) || not_found(&e) => {
+                        self.forget(&obj.name_any());
+                        cached = false;
+                        continue;
+                    }
                     Err(e) => return Err(IpamError::Api("reserving addresses in an IPAMBlock", e)),
                 }
+            }
+            if cached && !borrow {
+                // Nothing free in the cached blocks: look at the API's before claiming another.
+                cached = false;
+                continue;
             }
             // Own blocks are full: claim another (within one refill, as many as the reserve needs).
             if !borrow && claims < 4 {
@@ -728,7 +825,7 @@ impl NodeIpam {
         loop {
             self.inner.commit_kick.notified().await;
             // Let concurrent requests gather into one write per block.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             if let Err(e) = self.commit().await {
                 warn!(error = %e, "writing IPAM changes to the API failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -755,10 +852,17 @@ impl NodeIpam {
         let reserve = Self::reserve_handle(&self.inner.cfg.node);
         let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
         let writes = self.inner.block_writes.lock().await;
-        let all = blocks
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?;
+        // The cached blocks, unless one of the addresses is in a block not cached: then a list.
+        let mut all = self.cached_blocks();
+        let covered = |all: &[IPAMBlock], ip: &IpAddr| all.iter().any(|b| b.spec.cidr.0.contains(ip));
+        if assigns
+            .iter()
+            .flat_map(|(_, h)| h.ips.iter())
+            .chain(releases.keys())
+            .any(|ip| !covered(&all, ip))
+        {
+            all = self.list_blocks().await?;
+        }
         let mut by_block: BTreeMap<String, BlockWork> = BTreeMap::new();
         let block_of = |ip: &IpAddr| {
             all.iter()
@@ -794,8 +898,14 @@ impl NodeIpam {
                         .await
                         .map_err(|e| IpamError::Api("reading an IPAMBlock", e))?
                     {
-                        Some(o) => o,
-                        None => break,
+                        Some(o) => {
+                            self.remember(&o);
+                            o
+                        }
+                        None => {
+                            self.forget(&name);
+                            break;
+                        }
                     },
                 };
                 let mut block = Block::from_spec(&obj.spec).map_err(AllocError::from)?;
@@ -823,8 +933,16 @@ impl NodeIpam {
                     break;
                 }
                 match blocks.replace(&name, &PostParams::default(), &updated).await {
-                    Ok(_) => break,
+                    Ok(written) => {
+                        self.remember(&written);
+                        break;
+                    }
+                    // A stale cached version: read the block again.
                     Err(e) if conflict(&e) => continue,
+                    Err(e) if not_found(&e) => {
+                        self.forget(&name);
+                        continue;
+                    }
                     Err(e) => return Err(IpamError::Api("writing an IPAMBlock", e)),
                 }
             }
