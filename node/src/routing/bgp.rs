@@ -7,14 +7,17 @@
 //! and with the peers `BGPPeer`s give it (explicit `peerIP`s, or the nodes a `peerSelector` picks, with
 //! route-reflector clusters), and write only what it learns over BGP into the kernel. The static routes
 //! never reach the kernel: the agent programs its own blackholes.
+//!
+//! IPv6, when the node has an IPv6 address: the same again over IPv6 sessions between the nodes' IPv6
+//! addresses (as Calico's bird6 does), announcing the node's IPv6 blocks; one BIRD carries both.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use caracal_crds::selector;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use tracing::{info, warn};
 
@@ -31,8 +34,8 @@ pub const DEFAULT_PORT: u16 = 179;
 pub struct Peer {
     /// Protocol name in BIRD (unique, derived from the address).
     pub name: String,
-    /// The peer's address.
-    pub ip: Ipv4Addr,
+    /// The peer's address (IPv6 for an IPv6 session).
+    pub ip: IpAddr,
     /// The peer's port.
     pub port: u16,
     /// The peer's AS.
@@ -60,6 +63,19 @@ pub struct BgpInput {
     pub peers: Vec<Peer>,
     /// This node's route-reflector cluster id, when it is a reflector.
     pub rr_cluster: Option<Ipv4Addr>,
+    /// IPv6, when the node has an IPv6 address.
+    pub v6: Option<BgpV6>,
+}
+
+/// The IPv6 side of a node's BGP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpV6 {
+    /// The session source.
+    pub local: Ipv6Addr,
+    /// IPv6 blocks this node announces.
+    pub blocks: BTreeSet<Ipv6Net>,
+    /// The IPv6 sessions.
+    pub peers: Vec<Peer>,
 }
 
 fn labels(node: &Value) -> BTreeMap<String, String> {
@@ -71,9 +87,32 @@ fn labels(node: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn node_ip(node: &Value) -> Option<Ipv4Addr> {
-    let a = node["metadata"]["annotations"][super::model::annotation::IPV4_ADDRESS].as_str()?;
-    a.parse::<Ipv4Net>().ok().map(|n| n.addr())
+fn node_ip(node: &Value, v6: bool) -> Option<IpAddr> {
+    let key = if v6 {
+        super::model::annotation::IPV6_ADDRESS
+    } else {
+        super::model::annotation::IPV4_ADDRESS
+    };
+    let a = node["metadata"]["annotations"][key].as_str()?;
+    a.parse::<IpNet>().ok().map(|n| n.addr())
+}
+
+/// A `BGPPeer.peerIP`: `10.0.0.1`, `10.0.0.1:179`, `fd00::1` or `[fd00::1]:179`.
+fn peer_address(text: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let (ip, port) = rest.split_once("]:")?;
+        return Some((ip.parse().ok()?, port.parse().ok()));
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some((ip, None));
+    }
+    let (ip, port) = text.rsplit_once(':')?;
+    Some((IpAddr::V4(ip.parse().ok()?), port.parse().ok()))
+}
+
+/// The BIRD protocol name of a session (`node_10_0_0_3`, `peer_fd00__1`).
+fn protocol_name(prefix: &str, ip: IpAddr) -> String {
+    format!("{prefix}_{}", ip.to_string().replace(['.', ':'], "_"))
 }
 
 fn rr_cluster(node: &Value) -> Option<Ipv4Addr> {
@@ -90,18 +129,56 @@ fn selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
     }
 }
 
-/// The BGP input for node `me` from the datastore: its address, the Nodes (with their published
-/// addresses), `BGPConfiguration "default"`, every `BGPPeer`, and the blocks it announces.
+/// The BGP input for node `me` from the datastore: its addresses (IPv6 when it has one), the Nodes (with
+/// their published addresses), `BGPConfiguration "default"`, every `BGPPeer`, and the blocks it announces
+/// (both families).
 pub fn input(
     me: &str,
     my_ip: Ipv4Net,
+    my_ip6: Option<Ipv6Net>,
     nodes: &BTreeMap<String, Value>,
     bgp_config: &Value,
     peers: &[Value],
-    blocks: BTreeSet<Ipv4Net>,
+    blocks: BTreeSet<IpNet>,
 ) -> BgpInput {
     let router_id = my_ip.addr();
     let subnet = my_ip.trunc();
+    let v4_sessions = sessions(me, IpNet::V4(subnet), nodes, bgp_config, peers);
+    let v6 = my_ip6.map(|ip6| BgpV6 {
+        local: ip6.addr(),
+        blocks: blocks
+            .iter()
+            .filter_map(|b| match b {
+                IpNet::V6(b) => Some(*b),
+                IpNet::V4(_) => None,
+            })
+            .collect(),
+        peers: sessions(me, IpNet::V6(ip6.trunc()), nodes, bgp_config, peers).peers,
+    });
+    BgpInput {
+        router_id,
+        subnet,
+        blocks: blocks
+            .iter()
+            .filter_map(|b| match b {
+                IpNet::V4(b) => Some(*b),
+                IpNet::V6(_) => None,
+            })
+            .collect(),
+        v6,
+        ..v4_sessions
+    }
+}
+
+/// The sessions of node `me` in the family of `subnet` (its own subnet: peers in it are direct).
+fn sessions(
+    me: &str,
+    subnet: IpNet,
+    nodes: &BTreeMap<String, Value>,
+    bgp_config: &Value,
+    peers: &[Value],
+) -> BgpInput {
+    let v6 = subnet.addr().is_ipv6();
     let spec = &bgp_config["spec"];
     let asn = spec["asNumber"]
         .as_u64()
@@ -115,19 +192,19 @@ pub fn input(
     let my = nodes.get(me).cloned().unwrap_or(Value::Null);
     let my_labels = labels(&my);
     let my_rr = rr_cluster(&my);
-    let mut out: BTreeMap<Ipv4Addr, Peer> = BTreeMap::new();
-    let add_node = |name: &str, node: &Value, out: &mut BTreeMap<Ipv4Addr, Peer>| {
+    let mut out: BTreeMap<IpAddr, Peer> = BTreeMap::new();
+    let add_node = |name: &str, node: &Value, out: &mut BTreeMap<IpAddr, Peer>| {
         if name == me {
             return;
         }
-        let Some(ip) = node_ip(node) else { return };
+        let Some(ip) = node_ip(node, v6) else { return };
         let theirs = rr_cluster(node);
         // A reflector treats a peer outside its cluster as its client.
         let rr_client = my_rr.is_some() && theirs != my_rr;
         out.insert(
             ip,
             Peer {
-                name: format!("node_{}", ip.to_string().replace('.', "_")),
+                name: protocol_name("node", ip),
                 ip,
                 port,
                 asn,
@@ -154,17 +231,18 @@ pub fn input(
             if !applies_to(me, &my_labels) {
                 continue;
             }
-            let (ip, port_text) = match addr.rsplit_once(':') {
-                Some((ip, port)) if ip.parse::<Ipv4Addr>().is_ok() => (ip, Some(port)),
-                _ => (addr, None),
+            let Some((ip, peer_port)) = peer_address(addr) else {
+                continue;
             };
-            let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+            if ip.is_ipv6() != v6 {
+                continue;
+            }
             out.insert(
                 ip,
                 Peer {
-                    name: format!("peer_{}", ip.to_string().replace('.', "_")),
+                    name: protocol_name("peer", ip),
                     ip,
-                    port: port_text.and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_PORT),
+                    port: peer_port.unwrap_or(DEFAULT_PORT),
                     asn: s["asNumber"]
                         .as_u64()
                         .and_then(|a| u32::try_from(a).ok())
@@ -187,13 +265,14 @@ pub fn input(
         }
     }
     BgpInput {
-        router_id,
-        subnet,
+        router_id: Ipv4Addr::UNSPECIFIED,
+        subnet: Ipv4Net::default(),
         asn,
         port,
-        blocks,
+        blocks: BTreeSet::new(),
         peers: out.into_values().collect(),
         rr_cluster: my_rr,
+        v6: None,
     }
 }
 
@@ -214,7 +293,21 @@ pub fn render(input: &BgpInput) -> String {
         c.push_str(&format!("  route {b} blackhole;\n"));
     }
     c.push_str("}\n\n");
+    if let Some(v6) = &input.v6 {
+        c.push_str(
+            "protocol kernel caracal_kernel6 {\n  learn off;\n  persist;\n  scan time 10;\n  merge paths on;\n",
+        );
+        c.push_str("  ipv6 {\n    import none;\n    export filter {\n      if source = RTS_BGP then accept;\n      reject;\n    };\n  };\n}\n\n");
+        c.push_str("protocol static caracal_blocks6 {\n  ipv6;\n");
+        for b in &v6.blocks {
+            c.push_str(&format!("  route {b} blackhole;\n"));
+        }
+        c.push_str("}\n\n");
+    }
     c.push_str("filter caracal_export {\n  if proto = \"caracal_blocks\" then accept;\n");
+    if input.v6.is_some() {
+        c.push_str("  if proto = \"caracal_blocks6\" then accept;\n");
+    }
     if input.rr_cluster.is_some() {
         // A reflector passes on what it learned.
         c.push_str("  if source = RTS_BGP then accept;\n");
@@ -231,9 +324,29 @@ pub fn render(input: &BgpInput) -> String {
         c.push_str(&format!("  rr cluster id {id};\n"));
     }
     c.push_str("  ipv4 {\n    import all;\n    export filter caracal_export;\n    next hop self;\n  };\n}\n");
-    for p in &input.peers {
+    if let Some(v6) = &input.v6 {
+        c.push_str("\ntemplate bgp caracal_peer6 {\n");
         c.push_str(&format!(
-            "\nprotocol bgp {} from caracal_peer {{\n  neighbor {} port {} as {};\n",
+            "  local {} port {} as {};\n",
+            v6.local, input.port, input.asn
+        ));
+        c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n  graceful restart on;\n");
+        if let Some(id) = input.rr_cluster {
+            c.push_str(&format!("  rr cluster id {id};\n"));
+        }
+        c.push_str(
+            "  ipv6 {\n    import all;\n    export filter caracal_export;\n    next hop self;\n  };\n}\n",
+        );
+    }
+    let v6_peers = input.v6.iter().flat_map(|v6| v6.peers.iter());
+    for p in input.peers.iter().chain(v6_peers) {
+        let template = if p.ip.is_ipv6() {
+            "caracal_peer6"
+        } else {
+            "caracal_peer"
+        };
+        c.push_str(&format!(
+            "\nprotocol bgp {} from {template} {{\n  neighbor {} port {} as {};\n",
             p.name, p.ip, p.port, p.asn
         ));
         // On the node's subnet the peer is the next hop itself; beyond it, BGP needs multihop (and a route).
@@ -406,7 +519,11 @@ mod tests {
     use serde_json::json;
 
     fn node(name: &str, ip: &str, labels: Value, rr: Option<&str>) -> (String, Value) {
-        let mut ann = json!({"caracal.dev/IPv4Address": format!("{ip}/24")});
+        let last = ip.rsplit('.').next().unwrap_or("1");
+        let mut ann = json!({
+            "caracal.dev/IPv4Address": format!("{ip}/24"),
+            "caracal.dev/IPv6Address": format!("fd00::{last}/64"),
+        });
         if let Some(id) = rr {
             ann[RR_CLUSTER_ANNOTATION] = id.into();
         }
@@ -429,7 +546,7 @@ mod tests {
         ])
     }
 
-    fn blocks() -> BTreeSet<Ipv4Net> {
+    fn blocks() -> BTreeSet<IpNet> {
         BTreeSet::from(["10.244.0.0/26".parse().unwrap()])
     }
 
@@ -438,6 +555,7 @@ mod tests {
         let i = input(
             "a",
             "10.0.0.2/24".parse().unwrap(),
+            None,
             &nodes(),
             &Value::Null,
             &[],
@@ -460,6 +578,7 @@ mod tests {
         let client = input(
             "a",
             "10.0.0.2/24".parse().unwrap(),
+            None,
             &nodes(),
             &cfg,
             std::slice::from_ref(&peer),
@@ -479,6 +598,7 @@ mod tests {
         let rr = input(
             "rr",
             "10.0.0.9/24".parse().unwrap(),
+            None,
             &nodes(),
             &cfg,
             &[peer],
@@ -504,6 +624,7 @@ mod tests {
         let a = input(
             "a",
             "10.0.0.2/24".parse().unwrap(),
+            None,
             &nodes(),
             &Value::Null,
             std::slice::from_ref(&peer),
@@ -513,6 +634,7 @@ mod tests {
         let b = input(
             "b",
             "10.0.0.3/24".parse().unwrap(),
+            None,
             &nodes(),
             &Value::Null,
             &[peer],
@@ -526,6 +648,40 @@ mod tests {
         assert_eq!((ext.port, ext.asn), (1179, 65100));
     }
 
+    #[test]
+    fn ipv6_sessions_run_between_the_nodes_ipv6_addresses_and_announce_ipv6_blocks() {
+        let mut blocks = blocks();
+        blocks.insert("fd10::/122".parse().unwrap());
+        let peer = json!({"spec": {"node": "a", "peerIP": "[fd00:1::100]:1179", "asNumber": 65100}});
+        let i = input(
+            "a",
+            "10.0.0.2/24".parse().unwrap(),
+            Some("fd00::2/64".parse().unwrap()),
+            &nodes(),
+            &Value::Null,
+            &[peer],
+            blocks,
+        );
+        assert_eq!(i.blocks.len(), 1, "IPv4 blocks only on the IPv4 side");
+        let v6 = i.v6.as_ref().expect("IPv6 side");
+        let ips: Vec<String> = v6.peers.iter().map(|p| p.ip.to_string()).collect();
+        assert_eq!(ips, ["fd00::3", "fd00::9", "fd00:1::100"]);
+        assert!(v6.peers.iter().take(2).all(|p| p.direct && p.port == 179));
+        assert!(!v6.peers[2].direct && v6.peers[2].port == 1179 && v6.peers[2].asn == 65100);
+        assert!(i.peers.iter().all(|p| p.ip.is_ipv4()));
+        let text = render(&i);
+        for want in [
+            "protocol static caracal_blocks6 {\n  ipv6;\n  route fd10::/122 blackhole;",
+            "if proto = \"caracal_blocks6\" then accept;",
+            "template bgp caracal_peer6 {\n  local fd00::2 port 179 as 64512;",
+            "protocol bgp node_fd00__3 from caracal_peer6 {\n  neighbor fd00::3 port 179 as 64512;\n  direct;",
+            "protocol bgp peer_fd00_1__100 from caracal_peer6 {\n  neighbor fd00:1::100 port 1179 as 65100;\n  multihop;",
+            "protocol kernel caracal_kernel6",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
     /// The rendered configuration, pinned by a golden file (regenerate with CARACAL_UPDATE_GOLDEN=1 and
     /// review the diff).
     #[test]
@@ -533,6 +689,7 @@ mod tests {
         let i = input(
             "a",
             "10.0.0.2/24".parse().unwrap(),
+            None,
             &nodes(),
             &Value::Null,
             &[],

@@ -6,8 +6,8 @@
 //!
 //! IPv6, when on (`Config::method6`): the node's IPv6 address is found and published, IPv6 forwarding is
 //! on, IPv6 blocks are routed through `vxlan6.caracal` (tunnelled between the nodes' IPv6 addresses) or
-//! straight to the node's IPv6 address in the same subnet, and natOutgoing has its `ip6tables` twin. BIRD
-//! carries IPv4 only: an IPv6 pool without encapsulation is routed directly in the subnet.
+//! straight to the node's IPv6 address in the same subnet (or by BIRD, with BGP), and natOutgoing has its
+//! `ip6tables` twin.
 
 pub mod address;
 pub mod bgp;
@@ -252,15 +252,20 @@ impl Routing {
                 .of_kind("caracal.dev/v1/BGPPeer")
                 .map(|(_, v)| v.clone())
                 .collect();
-            let mine: BTreeSet<ipnet::Ipv4Net> = blocks
+            let mine: BTreeSet<IpNet> = blocks
                 .iter()
                 .filter(|b| b.node.as_deref() == Some(me.as_str()))
-                .filter_map(|b| match b.cidr {
-                    IpNet::V4(c) => Some(c),
-                    IpNet::V6(_) => None,
-                })
+                .map(|b| b.cidr)
                 .collect();
-            let input = bgp::input(&me, chosen.ip, &nodes, &config, &peers, mine);
+            let input = bgp::input(
+                &me,
+                chosen.ip,
+                chosen6.as_ref().map(|c| c.ip),
+                &nodes,
+                &config,
+                &peers,
+                mine,
+            );
             bird.ensure(&bgp::render(&input)).await?;
         }
         let f = felix(cache);

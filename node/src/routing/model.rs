@@ -299,8 +299,8 @@ pub fn compute(
         if ipip {
             return n.ip.map(|i| Hop::Ipip(i.addr()));
         }
-        if bgp && v4 {
-            // BIRD announces the route (a static one would fight it).
+        if bgp {
+            // BIRD announces the route (a static one would fight it), over IPv6 sessions for IPv6 blocks.
             return None;
         }
         if same_subnet {
@@ -599,10 +599,12 @@ mod tests {
             d.peers[&"fd10::40".parse::<IpAddr>().unwrap()],
             ([0x66, 6, 0, 0, 0, 2], "fd00:99::3".parse().unwrap())
         );
-        // Without encapsulation: straight to the node's IPv6 address in the subnet, even with BGP (BIRD
-        // carries IPv4 only); across subnets, nothing and a warning.
+        // Without encapsulation: straight to the node's IPv6 address in the subnet; across subnets, nothing
+        // and a warning; with BGP, BIRD's.
         p.vxlan = EncapMode::Never;
-        let d = compute("a", mine, &nodes, &[p], &blocks, true);
+        let bgp = compute("a", mine, &nodes, std::slice::from_ref(&p), &blocks, true);
+        assert_eq!(bgp.routes.len(), 1, "only the own blackhole: {:?}", bgp.routes);
+        let d = compute("a", mine, &nodes, &[p], &blocks, false);
         assert!(!d.vxlan6);
         assert_eq!(
             d.routes[&"fd10::40/122".parse().unwrap()],
