@@ -276,6 +276,38 @@ fn sessions(
     }
 }
 
+/// One family's kernel protocol (exports only BGP-learned routes) and static blocks (`suffix` "" or "6").
+fn kernel_and_blocks(c: &mut String, suffix: &str, channel: &str, blocks: impl Iterator<Item = String>) {
+    c.push_str(&format!(
+        "protocol kernel caracal_kernel{suffix} {{\n  learn off;\n  persist;\n  scan time 10;\n  merge paths on;\n"
+    ));
+    c.push_str(&format!("  {channel} {{\n    import none;\n    export filter {{\n      if source = RTS_BGP then accept;\n      reject;\n    }};\n  }};\n}}\n\n"));
+    c.push_str(&format!(
+        "protocol static caracal_blocks{suffix} {{\n  {channel};\n"
+    ));
+    for b in blocks {
+        c.push_str(&format!("  route {b} blackhole;\n"));
+    }
+    c.push_str("}\n\n");
+}
+
+/// One family's session template (`suffix` "" or "6"), sourced from `local`.
+fn template(c: &mut String, suffix: &str, channel: &str, local: &str, input: &BgpInput) {
+    c.push_str(&format!("template bgp caracal_peer{suffix} {{\n"));
+    c.push_str(&format!(
+        "  local {local} port {} as {};\n",
+        input.port, input.asn
+    ));
+    // Graceful restart: when an agent restarts (and its BIRD with it), peers keep its routes until it is back.
+    c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n  graceful restart on;\n");
+    if let Some(id) = input.rr_cluster {
+        c.push_str(&format!("  rr cluster id {id};\n"));
+    }
+    c.push_str(&format!(
+        "  {channel} {{\n    import all;\n    export filter caracal_export;\n    next hop self;\n  }};\n}}\n"
+    ));
+}
+
 /// BIRD 2's configuration for `input`.
 pub fn render(input: &BgpInput) -> String {
     let mut c = String::new();
@@ -284,25 +316,9 @@ pub fn render(input: &BgpInput) -> String {
     c.push_str("log stderr all;\n\n");
     c.push_str("protocol device {\n  scan time 10;\n}\n\n");
     // Only what BGP learned goes to the kernel; the static blocks stay in BIRD.
-    c.push_str(
-        "protocol kernel caracal_kernel {\n  learn off;\n  persist;\n  scan time 10;\n  merge paths on;\n",
-    );
-    c.push_str("  ipv4 {\n    import none;\n    export filter {\n      if source = RTS_BGP then accept;\n      reject;\n    };\n  };\n}\n\n");
-    c.push_str("protocol static caracal_blocks {\n  ipv4;\n");
-    for b in &input.blocks {
-        c.push_str(&format!("  route {b} blackhole;\n"));
-    }
-    c.push_str("}\n\n");
+    kernel_and_blocks(&mut c, "", "ipv4", input.blocks.iter().map(ToString::to_string));
     if let Some(v6) = &input.v6 {
-        c.push_str(
-            "protocol kernel caracal_kernel6 {\n  learn off;\n  persist;\n  scan time 10;\n  merge paths on;\n",
-        );
-        c.push_str("  ipv6 {\n    import none;\n    export filter {\n      if source = RTS_BGP then accept;\n      reject;\n    };\n  };\n}\n\n");
-        c.push_str("protocol static caracal_blocks6 {\n  ipv6;\n");
-        for b in &v6.blocks {
-            c.push_str(&format!("  route {b} blackhole;\n"));
-        }
-        c.push_str("}\n\n");
+        kernel_and_blocks(&mut c, "6", "ipv6", v6.blocks.iter().map(ToString::to_string));
     }
     c.push_str("filter caracal_export {\n  if proto = \"caracal_blocks\" then accept;\n");
     if input.v6.is_some() {
@@ -313,30 +329,10 @@ pub fn render(input: &BgpInput) -> String {
         c.push_str("  if source = RTS_BGP then accept;\n");
     }
     c.push_str("  reject;\n}\n\n");
-    c.push_str("template bgp caracal_peer {\n");
-    c.push_str(&format!(
-        "  local {} port {} as {};\n",
-        input.router_id, input.port, input.asn
-    ));
-    // Graceful restart: when an agent restarts (and its BIRD with it), peers keep its routes until it is back.
-    c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n  graceful restart on;\n");
-    if let Some(id) = input.rr_cluster {
-        c.push_str(&format!("  rr cluster id {id};\n"));
-    }
-    c.push_str("  ipv4 {\n    import all;\n    export filter caracal_export;\n    next hop self;\n  };\n}\n");
+    template(&mut c, "", "ipv4", &input.router_id.to_string(), input);
     if let Some(v6) = &input.v6 {
-        c.push_str("\ntemplate bgp caracal_peer6 {\n");
-        c.push_str(&format!(
-            "  local {} port {} as {};\n",
-            v6.local, input.port, input.asn
-        ));
-        c.push_str("  connect retry time 5;\n  error wait time 5, 30;\n  graceful restart on;\n");
-        if let Some(id) = input.rr_cluster {
-            c.push_str(&format!("  rr cluster id {id};\n"));
-        }
-        c.push_str(
-            "  ipv6 {\n    import all;\n    export filter caracal_export;\n    next hop self;\n  };\n}\n",
-        );
+        c.push('\n');
+        template(&mut c, "6", "ipv6", &v6.local.to_string(), input);
     }
     let v6_peers = input.v6.iter().flat_map(|v6| v6.peers.iter());
     for p in input.peers.iter().chain(v6_peers) {
