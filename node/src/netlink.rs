@@ -99,7 +99,8 @@ pub async fn in_netns<T: Send + 'static>(
     })
 }
 
-/// Writes sysctls (`key` with dots, value) inside the namespace at `netns`, all from one thread. A key
+/// Writes sysctls (`key` with dots, value) inside the namespace at `netns`, all from one thread, skipping
+/// those that already have the value. A key
 /// written with slashes (`net/ipv6/conf/vxlan6.caracal/accept_dad`) is taken as a path, for interface names
 /// that contain dots. A failure names the key.
 pub async fn sysctls(netns: Option<&Path>, settings: Vec<(String, String)>) -> Result<(), NetlinkError> {
@@ -110,7 +111,13 @@ pub async fn sysctls(netns: Option<&Path>, settings: Vec<(String, String)>) -> R
             } else {
                 key.replace('.', "/")
             };
-            std::fs::write(format!("/proc/sys/{path}"), value)
+            let file = format!("/proc/sys/{path}");
+            // Read first: writing some keys is expensive even when nothing changes (setting
+            // `net.ipv6.conf.all.forwarding` walks every interface), and these are written on every sync.
+            if std::fs::read_to_string(&file).is_ok_and(|have| have.trim() == value.trim()) {
+                continue;
+            }
+            std::fs::write(&file, &value)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
         }
         Ok(())

@@ -137,6 +137,16 @@ pub struct Routing {
     )>,
     /// BIRD, when BGP is enabled.
     bird: Option<bgp::Bird>,
+    /// The node's addresses as last found (again on every forced sync).
+    detected: Option<Detected>,
+}
+
+/// The node's underlay addresses as found, and why IPv6 has none.
+#[derive(Clone, Debug)]
+struct Detected {
+    chosen: address::Chosen,
+    chosen6: Option<address::Chosen<ipnet::Ipv6Net>>,
+    warning: Option<String>,
 }
 
 fn felix(cache: &Cache) -> Value {
@@ -171,6 +181,7 @@ impl Routing {
             mtu,
             warned: BTreeSet::new(),
             last: None,
+            detected: None,
             bird: cfg
                 .bgp
                 .then(|| bgp::Bird::new(&cfg.state_dir.join("bird"), cfg.exec_prefix.clone())),
@@ -206,18 +217,37 @@ impl Routing {
                 .filter_map(|a| a["address"].as_str()?.parse::<IpAddr>().ok())
                 .find(|ip| ip.is_ipv6() == v6)
         };
-        let chosen = address::detect(&self.nl, &self.cfg.method, internal(false)).await?;
-        let mut warnings = Vec::new();
-        let chosen6 = match &self.cfg.method6 {
-            Some(m) => match address::detect_v6(&self.nl, m, internal(true)).await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    warnings.push(format!("IPv6 is on but the node has no IPv6 address: {e}"));
-                    None
-                }
-            },
-            None => None,
+        // The node's addresses are found again on every forced (periodic) sync only: finding them dumps every
+        // link and address, and with hundreds of pods that is most of a sync's cost.
+        let detected = match (&self.detected, force) {
+            (Some(d), false) => d.clone(),
+            _ => {
+                let chosen = address::detect(&self.nl, &self.cfg.method, internal(false)).await?;
+                let (chosen6, warning) = match &self.cfg.method6 {
+                    Some(m) => match address::detect_v6(&self.nl, m, internal(true)).await {
+                        Ok(c) => (Some(c), None),
+                        Err(e) => (
+                            None,
+                            Some(format!("IPv6 is on but the node has no IPv6 address: {e}")),
+                        ),
+                    },
+                    None => (None, None),
+                };
+                let d = Detected {
+                    chosen,
+                    chosen6,
+                    warning,
+                };
+                self.detected = Some(d.clone());
+                d
+            }
         };
+        let Detected {
+            chosen,
+            chosen6,
+            warning,
+        } = detected;
+        let mut warnings: Vec<String> = warning.into_iter().collect();
         let nodes = model::nodes(cache.of_kind("v1/Node").map(|(_, v)| v));
         let pools = model::pools(cache.of_kind("caracal.dev/v1/IPPool").map(|(_, v)| v));
         let blocks = model::blocks(cache.of_kind("caracal.dev/v1/IPAMBlock").map(|(_, v)| v));
