@@ -330,6 +330,25 @@ impl TestCluster {
         })
     }
 
+    /// Creates Kubernetes namespace `ns` and one pod `PREFIX<i>` with `labels` on every node i, through the
+    /// plugin (the agents must be running).
+    pub async fn pod_on_each_node(
+        &mut self,
+        ns: &str,
+        prefix: &str,
+        labels: Value,
+    ) -> Result<Vec<TestPod>, ClusterError> {
+        crate::objects::namespace(&self.client, ns, serde_json::json!({})).await?;
+        let mut pods = Vec::new();
+        for i in 0..self.nodes.len() {
+            pods.push(
+                self.add_pod(i, ns, &format!("{prefix}{i}"), labels.clone())
+                    .await?,
+            );
+        }
+        Ok(pods)
+    }
+
     /// Writes the pod's addresses to `status.podIP(s)`, as the kubelet does after ADD: other nodes' agents
     /// learn a remote pod's addresses from there (policy selecting it by label).
     pub async fn report_pod_ips(&self, pod: &TestPod) -> Result<(), ClusterError> {

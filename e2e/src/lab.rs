@@ -394,7 +394,14 @@ pub fn probe(pods: &Value, timeout: Duration) -> Vec<Value> {
             }
         }
     }
-    out.sort_by_key(|c| {
+    sort_cells(&mut out);
+    out
+}
+
+/// Orders connectivity cells (port, protocol, from, to), as [`probe`] returns them: a measured table and one
+/// computed elsewhere compare equal cell by cell.
+pub fn sort_cells(cells: &mut [Value]) {
+    cells.sort_by_key(|c| {
         (
             c["port"].as_u64(),
             c["protocol"].to_string(),
@@ -402,5 +409,4 @@ pub fn probe(pods: &Value, timeout: Duration) -> Vec<Value> {
             c["to"].to_string(),
         )
     });
-    out
 }

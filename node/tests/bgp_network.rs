@@ -75,18 +75,8 @@ async fn mesh(underlay: &str, ipv6: Option<&str>) {
     )
     .await
     .expect("pool");
-    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
-        .await
-        .expect("namespace");
     c.start_agents().await.expect("agents");
-    let mut pods = Vec::new();
-    for i in 0..3 {
-        pods.push(
-            c.add_pod(i, "demo", &format!("b{i}"), json!({}))
-                .await
-                .expect("ADD"),
-        );
-    }
+    let pods = c.pod_on_each_node("demo", "b", json!({})).await.expect("ADD");
 
     // Every node's BIRD has two Established sessions, and its kernel has the other nodes' blocks.
     let start = Instant::now();

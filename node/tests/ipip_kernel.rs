@@ -63,18 +63,8 @@ async fn ipip_routes_carry_pod_traffic_between_nodes() {
     )
     .await
     .expect("pool");
-    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
-        .await
-        .expect("namespace");
     c.start_agents().await.expect("agents");
-    let mut pods = Vec::new();
-    for i in 0..2 {
-        pods.push(
-            c.add_pod(i, "demo", &format!("t{i}"), json!({}))
-                .await
-                .expect("ADD"),
-        );
-    }
+    let pods = c.pod_on_each_node("demo", "t", json!({})).await.expect("ADD");
     let routes = c.nodes[0]
         .ns
         .ip(&["route", "show", "proto", "80"])

@@ -81,15 +81,21 @@ async fn expected(client: &kube::Client, pods: &Value) -> Vec<Value> {
         .filter(|c| declared.contains(&(c.to.clone(), u64::from(c.port), c.protocol.to_owned())))
         .map(|c| json!({"from": c.from, "to": c.to, "port": c.port, "protocol": c.protocol, "allowed": c.allowed}))
         .collect();
-    out.sort_by_key(|c| {
-        (
-            c["port"].as_u64(),
-            c["protocol"].to_string(),
-            c["from"].to_string(),
-            c["to"].to_string(),
-        )
-    });
+    lab::sort_cells(&mut out);
     out
+}
+
+/// `field` of the pod `pod` (`namespace/name`) as the lab recorded it.
+async fn recorded(lab: &Lab, pod: &str, field: &str) -> String {
+    lab.record_pods()
+        .await
+        .expect("record")
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pod"] == pod)
+        .and_then(|p| p[field].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("{pod} has no recorded {field}"))
 }
 
 async fn agrees(lab: &Lab, what: &str) -> Vec<Value> {
@@ -288,16 +294,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     .expect("write");
     lab.apply(&pinned).expect("p3");
     lab.wait_pods(&["e2e"]).await.expect("p3 running");
-    let p3_ns = lab
-        .record_pods()
-        .await
-        .expect("record")
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["pod"] == "e2e/p3")
-        .and_then(|p| p["netns"].as_str().map(str::to_owned))
-        .expect("p3");
+    let p3_ns = recorded(&lab, "e2e/p3", "netns").await;
     let link = caracal_e2e::netns::NetNs::existing(&p3_ns)
         .ip(&["-o", "link", "show", "eth0"])
         .expect("link");
@@ -309,26 +306,8 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
 
     // Restarting a node agent (its pod deleted; the DaemonSet brings a new one) keeps an established TCP
     // connection between pods on two nodes working: the rules stay in the kernel and the new agent adopts them.
-    let (p0_ns, p1_ip) = {
-        let pods = lab.record_pods().await.expect("record");
-        let find = |name: &str| {
-            pods.as_array()
-                .into_iter()
-                .flatten()
-                .find(|p| p["pod"] == name)
-                .cloned()
-                .expect("recorded pod")
-        };
-        let (p0, p1) = (find("e2e/p0"), find("e2e/p1"));
-        (
-            p0["netns"].as_str().expect("netns").to_owned(),
-            p1["ip"]
-                .as_str()
-                .expect("ip")
-                .parse::<std::net::Ipv4Addr>()
-                .expect("ip"),
-        )
-    };
+    let p0_ns = recorded(&lab, "e2e/p0", "netns").await;
+    let p1_ip: std::net::Ipv4Addr = recorded(&lab, "e2e/p1", "ip").await.parse().expect("ip");
     let ns = caracal_e2e::netns::NetNs::existing(&p0_ns);
     let mut stream = ns
         .enter(move || std::net::TcpStream::connect_timeout(&(p1_ip, 9000).into(), Duration::from_secs(3)))
@@ -396,16 +375,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     drop(stream);
 
     // Deleting a pod releases its address.
-    let p2_ip = lab
-        .record_pods()
-        .await
-        .expect("record")
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["pod"] == "e2e/p2")
-        .and_then(|p| p["ip"].as_str().map(str::to_owned))
-        .expect("p2");
+    let p2_ip = recorded(&lab, "e2e/p2", "ip").await;
     Api::<Pod>::namespaced(lab.client.clone(), "e2e")
         .delete("p2", &Default::default())
         .await

@@ -56,19 +56,12 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
     .expect("cluster");
     c.agent_env.push(("CARACAL_REFRESH_SECONDS".into(), "2".into()));
     pool(&c.client, "10.244.0.0/16", EncapMode::Always).await;
-    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
-        .await
-        .expect("namespace");
     c.start_agents().await.expect("agents");
 
-    let mut pods = Vec::new();
-    for i in 0..3 {
-        pods.push(
-            c.add_pod(i, "demo", &format!("p{i}"), json!({"app": "x"}))
-                .await
-                .expect("ADD"),
-        );
-    }
+    let mut pods = c
+        .pod_on_each_node("demo", "p", json!({"app": "x"}))
+        .await
+        .expect("ADD");
     // Every pod has its own address from the pool, and an MTU of the underlay's 1500 minus VXLAN's 50.
     let mut ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     ips.sort();

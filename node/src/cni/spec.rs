@@ -373,11 +373,7 @@ pub fn result_json(a: &Attachment, version: &str) -> Value {
         .ips
         .iter()
         .map(|ip| {
-            let gateway = if ip.addr().is_ipv4() {
-                crate::cni::wire::GATEWAY.to_string()
-            } else {
-                crate::cni::wire::GATEWAY_V6.to_string()
-            };
+            let gateway = crate::cni::wire::gateway(ip).to_string();
             let mut v = serde_json::json!({"address": ip.to_string(), "gateway": gateway, "interface": 1});
             if legacy {
                 v["version"] = if ip.addr().is_ipv4() { "4" } else { "6" }.into();
@@ -385,12 +381,12 @@ pub fn result_json(a: &Attachment, version: &str) -> Value {
             v
         })
         .collect();
+    // One default route per family, via that family's gateway.
     let mut routes = Vec::new();
-    if a.ips.iter().any(|i| i.addr().is_ipv4()) {
-        routes.push(serde_json::json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"}));
-    }
-    if a.ips.iter().any(|i| i.addr().is_ipv6()) {
-        routes.push(serde_json::json!({"dst": "::/0", "gw": crate::cni::wire::GATEWAY_V6.to_string()}));
+    for (dst, v6) in [("0.0.0.0/0", false), ("::/0", true)] {
+        if let Some(ip) = a.ips.iter().find(|i| i.addr().is_ipv6() == v6) {
+            routes.push(serde_json::json!({"dst": dst, "gw": crate::cni::wire::gateway(ip).to_string()}));
+        }
     }
     serde_json::json!({
         "cniVersion": version,

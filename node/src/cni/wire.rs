@@ -71,8 +71,8 @@ fn hosts(ips: &[IpNet]) -> Vec<IpNet> {
     ips.iter().map(|ip| IpNet::from(ip.addr())).collect()
 }
 
-/// The gateway of `ip`'s family.
-fn gateway(ip: &IpNet) -> IpAddr {
+/// The gateway a pod address of `ip`'s family routes through.
+pub fn gateway(ip: &IpNet) -> IpAddr {
     match ip {
         IpNet::V4(_) => IpAddr::V4(GATEWAY),
         IpNet::V6(_) => IpAddr::V6(GATEWAY_V6),

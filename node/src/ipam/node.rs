@@ -114,10 +114,8 @@ struct State {
     /// Reserved addresses of both families, in the order they were reserved.
     reserve: VecDeque<IpAddr>,
     /// The families this node serves (an enabled pool of that family selects it): IPv4, IPv6. Learned by
-    /// each refill.
-    families: [bool; 2],
-    /// A refill has looked at the pools (until then, which families to hand out is unknown).
-    families_known: bool,
+    /// each refill; None until the first has looked at the pools.
+    families: Option<[bool; 2]>,
     held: BTreeMap<String, Held>,
     /// Released but not yet freed in the API: address -> the handle that held it.
     releasing: BTreeMap<IpAddr, String>,
@@ -147,7 +145,8 @@ impl State {
 
     /// The families to hand out: those served (IPv4 alone until the first refill has looked at the pools).
     fn wanted(&self) -> Vec<usize> {
-        let served: Vec<usize> = (0..2).filter(|f| self.families[*f]).collect();
+        let families = self.families.unwrap_or_default();
+        let served: Vec<usize> = (0..2).filter(|f| families[*f]).collect();
         if served.is_empty() { vec![0] } else { served }
     }
 
@@ -405,7 +404,7 @@ impl NodeIpam {
                     .filter(|f| st.reserved_in(*f) == 0)
                     .collect();
                 // Right after start the families are unknown: learn them before the first pod is served.
-                if missing.is_empty() && (st.families_known || family.is_some()) {
+                if missing.is_empty() && (st.families.is_some() || family.is_some()) {
                     let ips: Vec<IpAddr> = wanted.iter().filter_map(|f| st.take(*f)).collect();
                     let mut attrs = attrs;
                     attrs.insert(attr::NODE.into(), self.inner.cfg.node.clone());
@@ -490,13 +489,6 @@ impl NodeIpam {
         st.wanted().iter().all(|f| st.reserved_in(*f) > 0) || !st.exhausted
     }
 
-    /// The families this node hands out: (IPv4, IPv6).
-    pub async fn families(&self) -> (bool, bool) {
-        let st = self.inner.state.lock().await;
-        let w = st.wanted();
-        (w.contains(&0), w.contains(&1))
-    }
-
     /// Nothing waits to be written to the API.
     pub async fn settled(&self) -> bool {
         let st = self.inner.state.lock().await;
@@ -549,10 +541,9 @@ impl NodeIpam {
         let reserve = Self::reserve_handle(node);
         let blocks: Api<IPAMBlock> = Api::all(self.inner.client.clone());
         let _writes = self.inner.block_writes.lock().await;
-        let own: Vec<IPAMBlock> = blocks
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| IpamError::Api("listing IPAMBlocks", e))?
+        let own: Vec<IPAMBlock> = self
+            .list_blocks()
+            .await?
             .into_iter()
             .filter(|b| b.spec.affinity.as_deref() == Some(mine.as_str()))
             .collect();
@@ -642,7 +633,7 @@ impl NodeIpam {
                 let have = st.reserved_in(f);
                 have == 0 || have * 4 < target * 3
             };
-            let needs = !st.families_known || st.wanted().into_iter().any(|f| allowed(f) && low(f));
+            let needs = st.families.is_none() || st.wanted().into_iter().any(|f| allowed(f) && low(f));
             (target, needs)
         };
         if !needs {
@@ -675,8 +666,7 @@ impl NodeIpam {
             st.reserve.extend(got);
         }
         let mut st = self.inner.state.lock().await;
-        st.families = served;
-        st.families_known = true;
+        st.families = Some(served);
         st.exhausted = exhausted;
         tracing::debug!(
             got = got_total,

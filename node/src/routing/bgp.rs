@@ -546,17 +546,14 @@ mod tests {
         BTreeSet::from(["10.244.0.0/26".parse().unwrap()])
     }
 
+    /// The IPv4-only input of node `me` at `ip` among [`nodes`], announcing [`blocks`].
+    fn ipv4_input(me: &str, ip: &str, cfg: &Value, peers: &[Value]) -> BgpInput {
+        input(me, ip.parse().unwrap(), None, &nodes(), cfg, peers, blocks())
+    }
+
     #[test]
     fn the_mesh_peers_every_other_node_with_the_default_as_and_port() {
-        let i = input(
-            "a",
-            "10.0.0.2/24".parse().unwrap(),
-            None,
-            &nodes(),
-            &Value::Null,
-            &[],
-            blocks(),
-        );
+        let i = ipv4_input("a", "10.0.0.2/24", &Value::Null, &[]);
         assert_eq!(i.asn, 64512);
         let ips: Vec<String> = i.peers.iter().map(|p| p.ip.to_string()).collect();
         assert_eq!(ips, ["10.0.0.3", "10.0.0.9"]);
@@ -571,15 +568,7 @@ mod tests {
     fn route_reflectors_replace_the_mesh_symmetrically() {
         let cfg = json!({"spec": {"nodeToNodeMeshEnabled": false, "asNumber": 65001, "listenPort": 1790}});
         let peer = json!({"spec": {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}});
-        let client = input(
-            "a",
-            "10.0.0.2/24".parse().unwrap(),
-            None,
-            &nodes(),
-            &cfg,
-            std::slice::from_ref(&peer),
-            blocks(),
-        );
+        let client = ipv4_input("a", "10.0.0.2/24", &cfg, std::slice::from_ref(&peer));
         assert_eq!(
             client.peers.len(),
             1,
@@ -591,15 +580,7 @@ mod tests {
             ("10.0.0.9".into(), false)
         );
         assert_eq!((client.asn, client.port), (65001, 1790));
-        let rr = input(
-            "rr",
-            "10.0.0.9/24".parse().unwrap(),
-            None,
-            &nodes(),
-            &cfg,
-            &[peer],
-            BTreeSet::new(),
-        );
+        let rr = ipv4_input("rr", "10.0.0.9/24", &cfg, &[peer]);
         assert_eq!(
             rr.peers.len(),
             2,
@@ -617,25 +598,9 @@ mod tests {
     #[test]
     fn explicit_peers_apply_to_their_nodes_with_their_as_and_port() {
         let peer = json!({"spec": {"node": "b", "peerIP": "10.0.0.100:1179", "asNumber": 65100}});
-        let a = input(
-            "a",
-            "10.0.0.2/24".parse().unwrap(),
-            None,
-            &nodes(),
-            &Value::Null,
-            std::slice::from_ref(&peer),
-            blocks(),
-        );
+        let a = ipv4_input("a", "10.0.0.2/24", &Value::Null, std::slice::from_ref(&peer));
         assert!(a.peers.iter().all(|p| p.ip.to_string() != "10.0.0.100"));
-        let b = input(
-            "b",
-            "10.0.0.3/24".parse().unwrap(),
-            None,
-            &nodes(),
-            &Value::Null,
-            &[peer],
-            blocks(),
-        );
+        let b = ipv4_input("b", "10.0.0.3/24", &Value::Null, &[peer]);
         let ext = b
             .peers
             .iter()
@@ -682,15 +647,7 @@ mod tests {
     /// review the diff).
     #[test]
     fn the_rendered_configuration_matches_its_golden_file() {
-        let i = input(
-            "a",
-            "10.0.0.2/24".parse().unwrap(),
-            None,
-            &nodes(),
-            &Value::Null,
-            &[],
-            blocks(),
-        );
+        let i = ipv4_input("a", "10.0.0.2/24", &Value::Null, &[]);
         let text = render(&i);
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/routing/testdata/bird-mesh.conf");
         if std::env::var("CARACAL_UPDATE_GOLDEN").is_ok() {

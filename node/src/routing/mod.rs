@@ -201,11 +201,6 @@ impl Routing {
     /// routing equals what the last sync converged to (the periodic sync forces, and repairs drift).
     pub async fn sync(&mut self, cache: &Cache, force: bool) -> Result<SyncStats, RoutingError> {
         let mut stats = SyncStats::default();
-        let mut forwarding = vec![("net.ipv4.ip_forward".to_owned(), "1".to_owned())];
-        if self.cfg.method6.is_some() {
-            forwarding.push(("net.ipv6.conf.all.forwarding".to_owned(), "1".to_owned()));
-        }
-        crate::netlink::sysctls(self.nl.netns(), forwarding).await?;
         let me = self.cfg.node.clone();
         let my_node = cache.get("v1/Node", &me).cloned().unwrap_or(Value::Null);
         let internal = |v6: bool| -> Option<IpAddr> {
@@ -217,11 +212,16 @@ impl Routing {
                 .filter_map(|a| a["address"].as_str()?.parse::<IpAddr>().ok())
                 .find(|ip| ip.is_ipv6() == v6)
         };
-        // The node's addresses are found again on every forced (periodic) sync only: finding them dumps every
-        // link and address, and with hundreds of pods that is most of a sync's cost.
+        // The node's addresses are found again (and forwarding set) on every forced (periodic) sync only:
+        // finding them dumps every link and address, and with hundreds of pods that is most of a sync's cost.
         let detected = match (&self.detected, force) {
             (Some(d), false) => d.clone(),
             _ => {
+                let mut forwarding = vec![("net.ipv4.ip_forward".to_owned(), "1".to_owned())];
+                if self.cfg.method6.is_some() {
+                    forwarding.push(("net.ipv6.conf.all.forwarding".to_owned(), "1".to_owned()));
+                }
+                crate::netlink::sysctls(self.nl.netns(), forwarding).await?;
                 let chosen = address::detect(&self.nl, &self.cfg.method, internal(false)).await?;
                 let (chosen6, warning) = match &self.cfg.method6 {
                     Some(m) => match address::detect_v6(&self.nl, m, internal(true)).await {
