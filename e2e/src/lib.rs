@@ -14,6 +14,7 @@ pub mod controlplane;
 pub mod crds;
 pub mod kubelet;
 pub mod lab;
+pub mod measure;
 pub mod netns;
 pub mod objects;
 pub mod pki;

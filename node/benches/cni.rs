@@ -22,72 +22,11 @@ use caracal_crds::ippool::EncapMode;
 use caracal_e2e::cluster::TestCluster;
 use caracal_e2e::cni::{self, Invocation};
 use caracal_e2e::controlplane::workspace_root;
+use caracal_e2e::measure::{machine_busy_seconds, process_cpu_seconds, summary_ms as summary};
 use caracal_e2e::netns::NetNs;
 use serde_json::json;
 
 const PODS: usize = 500;
-
-/// Busy CPU seconds of the whole machine so far (all cores; user, system, irq, softirq), from /proc/stat.
-fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: f64 = cpu
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
-    busy / 100.0
-}
-
-/// CPU seconds used so far by processes whose command name starts with one of `names`: (own, reaped
-/// children's), from /proc/PID/stat.
-fn process_cpu_seconds(names: &[&str]) -> (f64, f64) {
-    let (mut own, mut children) = (0.0, 0.0);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        if !names.iter().any(|n| comm.starts_with(n)) {
-            continue;
-        }
-        let fields: Vec<f64> = stat[close + 2..]
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0.0))
-            .collect();
-        // After the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14), in clock ticks.
-        if fields.len() > 14 {
-            own += (fields[11] + fields[12]) / 100.0;
-            children += (fields[13] + fields[14]) / 100.0;
-        }
-    }
-    (own, children)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn summary(mut ms: Vec<f64>) -> serde_json::Value {
-    ms.sort_by(f64::total_cmp);
-    json!({"n": ms.len(), "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "max_ms": ms.last().copied().unwrap_or(0.0)})
-}
 
 struct Ctx {
     plugin: PathBuf,

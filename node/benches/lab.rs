@@ -16,26 +16,12 @@ use std::time::{Duration, Instant};
 
 use caracal_e2e::controlplane::workspace_root;
 use caracal_e2e::lab::{self, Lab, LabOptions};
+use caracal_e2e::measure::percentile;
 use caracal_e2e::netns::NetNs;
 use caracal_e2e::probe;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
@@ -142,13 +128,19 @@ async fn main() {
         for pod in m.values() {
             for p in &pod.processes {
                 if let Some(pid) = p.pid() {
-                    memory.insert(format!("{} on lab-node-{i}", p.name()), json!(rss_kib(pid)));
+                    memory.insert(
+                        format!("{} on lab-node-{i}", p.name()),
+                        json!(caracal_e2e::measure::rss_kib(&pid.to_string())),
+                    );
                 }
             }
         }
     }
     if let Some(pid) = lab.operator_pid() {
-        memory.insert("caracal-operator".into(), json!(rss_kib(pid)));
+        memory.insert(
+            "caracal-operator".into(),
+            json!(caracal_e2e::measure::rss_kib(&pid.to_string())),
+        );
     }
     let figures = json!({
         "nodes": 3,

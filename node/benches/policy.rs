@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use caracal_e2e::measure::summary_ms as summary;
 use caracal_e2e::netns;
 use caracal_node::calc::{compute, graph::CalcGraph};
 use caracal_node::dataplane::LocalEndpoint;
@@ -22,29 +23,12 @@ use caracal_node::policy::ir::{Action, EntityMatch, Policy, Rule, Scope};
 use caracal_node::policy::synth::{self, Rng, app_policy, pod};
 use serde_json::json;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn summary(mut xs: Vec<f64>) -> serde_json::Value {
-    xs.sort_by(f64::total_cmp);
-    let p = |q: f64| xs[((xs.len() as f64 - 1.0) * q).round() as usize];
-    json!({"n": xs.len(), "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": xs[xs.len() - 1]})
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 fn engine() -> serde_json::Value {
-    let before = rss_kib();
+    let before = caracal_e2e::measure::rss_kib("self");
     let t = Instant::now();
     let world = synth::world(42, 500, 20, 4);
     let build_world_ms = ms(t.elapsed());
@@ -66,7 +50,7 @@ fn engine() -> serde_json::Value {
     let t = Instant::now();
     let mut g = CalcGraph::full(world, &local);
     let graph_ms = ms(t.elapsed());
-    let after = rss_kib();
+    let after = caracal_e2e::measure::rss_kib("self");
     assert_eq!(g.model(), &full);
     let mut rng = Rng(99);
     let mut label = Vec::new();

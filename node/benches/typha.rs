@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caracal_e2e::controlplane::workspace_root;
+use caracal_e2e::measure::summary_ms as summary;
 use caracal_node::datastore::Update;
 use caracal_node::typha::{client, tls};
 use serde_json::json;
@@ -66,12 +67,6 @@ async fn watches(kc: &kube::Client) -> std::collections::BTreeMap<String, f64> {
         *out.entry(resource).or_insert(0.0) += n;
     }
     out
-}
-
-fn summary(mut xs: Vec<f64>) -> serde_json::Value {
-    xs.sort_by(f64::total_cmp);
-    let p = |q: f64| xs[((xs.len() as f64 - 1.0) * q).round() as usize];
-    json!({"n": xs.len(), "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": xs[xs.len() - 1]})
 }
 
 #[tokio::main]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use caracal_crds::installation::Installation;
 use caracal_e2e::controlplane::workspace_root;
+use caracal_e2e::measure::summary_ms as summary;
 use caracal_operator::controller::{self, Context};
 use caracal_operator::metrics::Metrics;
 use caracal_operator::render::{ClusterFacts, compute, render};
@@ -24,19 +25,6 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
-
-fn summary(mut xs: Vec<f64>) -> serde_json::Value {
-    xs.sort_by(f64::total_cmp);
-    json!({"n": xs.len(), "p50_ms": percentile(&xs, 0.5), "p99_ms": percentile(&xs, 0.99), "max_ms": xs.last().copied().unwrap_or(f64::NAN)})
-}
 
 fn render_times() -> serde_json::Value {
     let mut out = serde_json::Map::new();

@@ -1,0 +1,109 @@
+//! Figures for `make bench`: percentiles and latency summaries, and the CPU and memory of processes, read
+//! from /proc. Shared by every benchmark so their JSON files mean the same thing.
+
+use serde_json::{Value, json};
+
+/// The `p` quantile (0..=1) of `sorted` by nearest rank; NaN (null in JSON) when there is no sample.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `{"n", "p50_ms", "p99_ms", "max_ms"}` of latencies in milliseconds.
+pub fn summary_ms(mut ms: Vec<f64>) -> Value {
+    ms.sort_by(f64::total_cmp);
+    json!({
+        "n": ms.len(),
+        "p50_ms": percentile(&ms, 0.5),
+        "p99_ms": percentile(&ms, 0.99),
+        "max_ms": ms.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// Resident memory of process `pid` (`"self"` for this one) in KiB; 0 when it cannot be read.
+pub fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Busy CPU seconds of the whole machine so far (all cores; user, system, irq, softirq), from /proc/stat.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = cpu
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy / 100.0
+}
+
+/// CPU seconds used so far by processes whose command name starts with one of `names`: (own, reaped
+/// children's), from /proc/PID/stat.
+pub fn process_cpu_seconds(names: &[&str]) -> (f64, f64) {
+    let (mut own, mut children) = (0.0, 0.0);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        if !names.iter().any(|n| comm.starts_with(n)) {
+            continue;
+        }
+        let fields: Vec<f64> = stat[close + 2..]
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // After the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14), in clock ticks.
+        if fields.len() > 14 {
+            own += (fields[11] + fields[12]) / 100.0;
+            children += (fields[13] + fields[14]) / 100.0;
+        }
+    }
+    (own, children)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_summaries_use_nearest_rank_and_say_when_there_is_no_sample() {
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 0.5), 51.0);
+        assert_eq!(percentile(&xs, 0.99), 99.0);
+        assert!(percentile(&[], 0.5).is_nan());
+        let s = summary_ms(vec![3.0, 1.0, 2.0]);
+        assert_eq!(s["n"], 3);
+        assert_eq!(s["p50_ms"], 2.0);
+        assert_eq!(s["max_ms"], 3.0);
+        assert!(summary_ms(vec![])["p50_ms"].is_null());
+    }
+
+    #[test]
+    fn this_process_has_memory_and_the_machine_has_used_cpu() {
+        assert!(rss_kib("self") > 0);
+        assert!(machine_busy_seconds() > 0.0);
+    }
+}
