@@ -2,14 +2,22 @@
 //! language they share. Field names are Calico's (projectcalico.org/v3).
 //!
 //! What the API server can check alone is checked by the schema: rule actions, protocol and port syntax,
-//! ICMP fields, rule counts, selector lengths, `global()` placement and the GlobalNetworkPolicy flag
-//! combinations Calico forbids. Selector syntax and tier existence need the parser and the cluster, so the
-//! operator's admission webhook checks them.
+//! ICMP fields, rule counts, selector lengths, `global()` placement, and where `services` may appear and
+//! with what. Selector syntax and tier existence need the parser and the cluster, so the operator's admission
+//! webhook checks them.
+//!
+//! Nothing is accepted that Caracal does not enforce. Calico fields Caracal has no enforcement for (L7 `http`
+//! matches, the host-endpoint flags `doNotTrack`, `preDNAT` and `applyOnForward`, Calico Enterprise's DNS
+//! `domains`) are in the types so the schema knows them, and a CEL rule refuses each one by name. Were they
+//! left out, the API server would prune them from any client that does not ask for strict field validation,
+//! and an HTTP- or domain-restricted Allow would become a plain Allow.
 
 use std::collections::BTreeMap;
 
 use kube::{CustomResource, KubeSchema};
+use schemars::{Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use serde_with::skip_serializing_none;
 
 use crate::schema::{NamespaceSelector, Net, Port, Protocol, Selector};
@@ -73,13 +81,20 @@ pub struct ServiceAccountMatch {
     pub selector: Option<Selector>,
 }
 
-/// A Kubernetes Service a rule matches by name.
+/// A Kubernetes Service a rule matches by name: its endpoints' addresses and, as a destination, their ports.
+///
+/// As Calico has it: allowed as the destination of egress rules and the source of ingress rules; not combined
+/// with selectors, nets or service accounts on the same side; a destination Service brings its own ports, so
+/// the destination may not list ports. A GlobalNetworkPolicy must name the namespace.
 #[skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
 pub struct ServiceMatch {
     /// Service name.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// Service namespace; defaults to the policy's.
+    /// Service namespace; in a NetworkPolicy it defaults to the policy's, in a GlobalNetworkPolicy it is
+    /// required.
+    #[schemars(length(min = 1, max = 253))]
     pub namespace: Option<String>,
 }
 
@@ -87,6 +102,14 @@ pub struct ServiceMatch {
 #[skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.services) || !(has(self.selector) || has(self.notSelector) || has(self.namespaceSelector) || has(self.serviceAccounts) || has(self.nets) || has(self.notNets))")
+        .message("services cannot be combined with selector, notSelector, namespaceSelector, serviceAccounts, nets or notNets on the same side of a rule: the Service's endpoints are the match; use services alone, or the other fields without services")
+        .field_path(".services"),
+    validation = Rule::new("!has(self.domains)")
+        .message("domains (Calico Enterprise DNS policy) are not enforced by Caracal: remove domains and match the destination by nets, or by a selector over a (Global)NetworkSet (an Allow would otherwise allow every destination)")
+        .field_path(".domains"),
+)]
 pub struct EntityRule {
     /// Match addresses in any of these networks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -112,8 +135,37 @@ pub struct EntityRule {
     pub not_ports: Vec<Port>,
     /// Match endpoints running as these service accounts.
     pub service_accounts: Option<ServiceAccountMatch>,
-    /// Match the endpoints of this Kubernetes Service.
+    /// Match the endpoints of this Kubernetes Service: only as an ingress rule's source or an egress rule's
+    /// destination, and with no selector, nets or serviceAccounts on the same side (see [`ServiceMatch`]).
     pub services: Option<ServiceMatch>,
+    /// Calico Enterprise's DNS match. Not enforced by Caracal, so it is refused: it is in the schema only so
+    /// that it is refused by name rather than pruned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+}
+
+/// One HTTP path to match: exactly one of `exact` or `prefix` (Calico's HTTPPath).
+#[skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
+pub struct HttpPath {
+    /// The path, exactly, without query string or fragment.
+    pub exact: Option<String>,
+    /// Any path beginning with this.
+    pub prefix: Option<String>,
+}
+
+/// Calico's L7 HTTP request match (HTTPMatch). Caracal enforces no L7 policy, so a rule carrying one is
+/// refused by the API server (a CEL rule on [`PolicyRule`]); the type is here so the schema knows the field
+/// and refuses it by name instead of pruning it.
+#[skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
+pub struct HttpMatch {
+    /// HTTP methods (`GET`, `PUT`, ...), any of which matches; case sensitive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// HTTP paths, any of which matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<HttpPath>,
 }
 
 /// Free-form metadata carried with a rule.
@@ -139,6 +191,15 @@ const RULE_HAS_PORTS: &str = "(has(self.source) && (has(self.source.ports) || ha
     validation = Rule::new("!(has(self.icmp) || has(self.notICMP)) || (has(self.protocol) && (type(self.protocol) == string ? self.protocol in ['ICMP', 'ICMPv6'] : self.protocol in [1, 58]))")
         .message("icmp and notICMP need protocol ICMP or ICMPv6: set protocol, or remove the ICMP match")
         .field_path(".protocol"),
+    validation = Rule::new("!has(self.http)")
+        .message("http (L7) matches are not enforced by Caracal: remove http from the rule (an Allow would otherwise allow every HTTP request, not only the matching ones)")
+        .field_path(".http"),
+    validation = Rule::new("!has(self.destination) || !has(self.destination.services) || !has(self.destination.ports)")
+        .message("destination ports cannot be combined with destination services: the Service's own ports are matched; remove the ports, or match the pods by selector instead")
+        .field_path(".destination.ports"),
+    validation = Rule::new("!has(self.destination) || !has(self.destination.services) || !has(self.destination.notPorts)")
+        .message("destination notPorts cannot be combined with destination services: the Service's own ports are matched; remove notPorts, or match the pods by selector instead")
+        .field_path(".destination.notPorts"),
 )]
 pub struct PolicyRule {
     /// What to do with a matching packet.
@@ -159,8 +220,68 @@ pub struct PolicyRule {
     pub source: Option<EntityRule>,
     /// Conditions on the packet's destination.
     pub destination: Option<EntityRule>,
+    /// Calico's L7 HTTP match. Not enforced by Caracal, so it is refused: it is in the schema only so that it
+    /// is refused by name rather than pruned.
+    pub http: Option<HttpMatch>,
     /// Metadata kept with the rule.
     pub metadata: Option<RuleMetadata>,
+}
+
+/// Rule on an ingress rule: `services` only as the source.
+const INGRESS_SERVICES: (&str, &str, &str) = (
+    "!has(self.destination) || !has(self.destination.services)",
+    "services is not allowed in an ingress rule's destination (the destination is the selected endpoint itself): match the Service's pods as source.services, or remove destination.services",
+    ".destination.services",
+);
+/// Rule on an egress rule: `services` only as the destination.
+const EGRESS_SERVICES: (&str, &str, &str) = (
+    "!has(self.source) || !has(self.source.services)",
+    "services is not allowed in an egress rule's source (the source is the selected endpoint itself): match the Service as destination.services, or remove source.services",
+    ".source.services",
+);
+/// Rule on a GlobalNetworkPolicy ingress rule: a source Service names its namespace.
+const GLOBAL_INGRESS_NAMESPACE: (&str, &str, &str) = (
+    "!has(self.source) || !has(self.source.services) || has(self.source.services.namespace)",
+    "a GlobalNetworkPolicy has no namespace to default to: set source.services.namespace to the Service's namespace",
+    ".source.services.namespace",
+);
+/// Rule on a GlobalNetworkPolicy egress rule: a destination Service names its namespace.
+const GLOBAL_EGRESS_NAMESPACE: (&str, &str, &str) = (
+    "!has(self.destination) || !has(self.destination.services) || has(self.destination.services.namespace)",
+    "a GlobalNetworkPolicy has no namespace to default to: set destination.services.namespace to the Service's namespace",
+    ".destination.services.namespace",
+);
+
+/// The schema of a rule list (at most [`MAX_RULES`]) whose items also carry `rules` (rule, message,
+/// fieldPath): rules that depend on the direction, so they sit on the list's items and the error names the
+/// rule's index (`spec.egress[3].source.services`).
+fn rule_list(generator: &mut SchemaGenerator, rules: &[(&str, &str, &str)]) -> Schema {
+    let mut schema = generator.subschema_for::<Vec<PolicyRule>>();
+    schema.insert("maxItems".into(), json!(MAX_RULES));
+    let added = rules
+        .iter()
+        .map(|(rule, message, path)| json!({ "rule": rule, "message": message, "fieldPath": path }));
+    if let Some(Value::Object(items)) = schema.get_mut("items")
+        && let Value::Array(list) = items
+            .entry("x-kubernetes-validations")
+            .or_insert_with(|| json!([]))
+    {
+        list.extend(added);
+    }
+    schema
+}
+
+fn ingress_rules(generator: &mut SchemaGenerator) -> Schema {
+    rule_list(generator, &[INGRESS_SERVICES])
+}
+fn egress_rules(generator: &mut SchemaGenerator) -> Schema {
+    rule_list(generator, &[EGRESS_SERVICES])
+}
+fn global_ingress_rules(generator: &mut SchemaGenerator) -> Schema {
+    rule_list(generator, &[INGRESS_SERVICES, GLOBAL_INGRESS_NAMESPACE])
+}
+fn global_egress_rules(generator: &mut SchemaGenerator) -> Schema {
+    rule_list(generator, &[EGRESS_SERVICES, GLOBAL_EGRESS_NAMESPACE])
 }
 
 /// Hints that change how a policy is rendered, not what it means.
@@ -204,11 +325,11 @@ pub struct NetworkPolicySpec {
     pub types: Vec<PolicyType>,
     /// Rules for traffic into the selected endpoints, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_RULES))]
+    #[schemars(schema_with = "ingress_rules")]
     pub ingress: Vec<PolicyRule>,
     /// Rules for traffic out of the selected endpoints, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_RULES))]
+    #[schemars(schema_with = "egress_rules")]
     pub egress: Vec<PolicyRule>,
     /// Rendering hints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -216,7 +337,7 @@ pub struct NetworkPolicySpec {
     pub performance_hints: Vec<PerformanceHint>,
 }
 
-/// A cluster-wide policy: applies to workloads in any namespace and to hosts.
+/// A cluster-wide policy: applies to workloads in any namespace.
 #[skip_serializing_none]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
@@ -233,15 +354,15 @@ pub struct NetworkPolicySpec {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!(has(self.doNotTrack) && self.doNotTrack && has(self.preDNAT) && self.preDNAT)")
-        .message("doNotTrack and preDNAT cannot both be true: choose one")
+    validation = Rule::new("!has(self.doNotTrack) || !self.doNotTrack")
+        .message("doNotTrack is not enforced: Caracal has no host endpoints and always tracks connections; remove doNotTrack (or set it to false)")
+        .field_path(".doNotTrack"),
+    validation = Rule::new("!has(self.preDNAT) || !self.preDNAT")
+        .message("preDNAT is not enforced: Caracal has no host endpoints, and its policy always sees the destination after DNAT (the pod); remove preDNAT (or set it to false) and match the pods' own addresses and ports")
         .field_path(".preDNAT"),
-    validation = Rule::new("!((has(self.doNotTrack) && self.doNotTrack) || (has(self.preDNAT) && self.preDNAT)) || (has(self.applyOnForward) && self.applyOnForward)")
-        .message("doNotTrack and preDNAT policies must also set applyOnForward: true")
+    validation = Rule::new("!has(self.applyOnForward) || !self.applyOnForward")
+        .message("applyOnForward is not enforced: Caracal has no host endpoints, and workload policy already applies to traffic forwarded to and from pods; remove applyOnForward (or set it to false)")
         .field_path(".applyOnForward"),
-    validation = Rule::new("!(has(self.preDNAT) && self.preDNAT) || !has(self.egress)")
-        .message("preDNAT policies apply to ingress only: remove the egress rules")
-        .field_path(".egress"),
 )]
 pub struct GlobalNetworkPolicySpec {
     /// Tier this policy belongs to; `default` when unset.
@@ -261,18 +382,21 @@ pub struct GlobalNetworkPolicySpec {
     pub types: Vec<PolicyType>,
     /// Rules for traffic into the selected endpoints, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_RULES))]
+    #[schemars(schema_with = "global_ingress_rules")]
     pub ingress: Vec<PolicyRule>,
     /// Rules for traffic out of the selected endpoints, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_RULES))]
+    #[schemars(schema_with = "global_egress_rules")]
     pub egress: Vec<PolicyRule>,
-    /// Apply before connection tracking (host endpoints only); return traffic must be allowed explicitly.
+    /// Calico: apply before connection tracking (host endpoints). Caracal has no host endpoints: only unset
+    /// or `false` is accepted.
     pub do_not_track: Option<bool>,
-    /// Apply before DNAT (host endpoints, ingress only).
+    /// Calico: apply before DNAT (host endpoints). Caracal has no host endpoints: only unset or `false` is
+    /// accepted.
     #[serde(rename = "preDNAT")]
     pub pre_dnat: Option<bool>,
-    /// Also apply to traffic forwarded through a host endpoint.
+    /// Calico: also apply to traffic forwarded through a host endpoint. Caracal has no host endpoints: only
+    /// unset or `false` is accepted.
     pub apply_on_forward: Option<bool>,
     /// Rendering hints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -308,4 +432,65 @@ pub struct TierSpec {
     pub order: Option<f64>,
     /// What happens to traffic the tier's policies select but do not decide; Deny when unset.
     pub default_action: Option<TierDefaultAction>,
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    /// The CEL rules on the items of `spec.<dir>` in a CRD's schema.
+    fn item_rules(crd: &serde_json::Value, dir: &str) -> Vec<String> {
+        let path = format!("/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/{dir}");
+        let list = crd.pointer(&path).unwrap_or_else(|| panic!("{path}"));
+        assert_eq!(list["maxItems"], json!(MAX_RULES), "{dir}");
+        list["items"]["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["rule"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn direction_rules_sit_on_the_rule_items_of_each_list() {
+        let np = serde_json::to_value(NetworkPolicy::crd()).unwrap();
+        let gnp = serde_json::to_value(GlobalNetworkPolicy::crd()).unwrap();
+        for (crd, dir, want) in [
+            (&np, "ingress", vec![INGRESS_SERVICES]),
+            (&np, "egress", vec![EGRESS_SERVICES]),
+            (&gnp, "ingress", vec![INGRESS_SERVICES, GLOBAL_INGRESS_NAMESPACE]),
+            (&gnp, "egress", vec![EGRESS_SERVICES, GLOBAL_EGRESS_NAMESPACE]),
+        ] {
+            let rules = item_rules(crd, dir);
+            assert!(rules.iter().any(|r| r == "!has(self.http)"), "{dir}: {rules:?}");
+            for (rule, _, _) in want {
+                assert!(
+                    rules.iter().any(|r| r == rule),
+                    "{dir}: {rule} missing from {rules:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unenforced_fields_survive_the_rust_types_so_the_schema_can_refuse_them() {
+        let rule: PolicyRule = serde_json::from_value(json!({
+            "action": "Allow",
+            "http": {"methods": ["GET"], "paths": [{"exact": "/a"}, {"prefix": "/b"}]},
+            "destination": {"domains": ["example.com"]},
+        }))
+        .unwrap();
+        let back = serde_json::to_value(&rule).unwrap();
+        assert_eq!(back["http"]["paths"][1]["prefix"], "/b");
+        assert_eq!(back["destination"]["domains"], json!(["example.com"]));
+        let spec: GlobalNetworkPolicySpec =
+            serde_json::from_value(json!({"doNotTrack": false, "preDNAT": false, "applyOnForward": false}))
+                .unwrap();
+        assert_eq!(
+            (spec.do_not_track, spec.pre_dnat, spec.apply_on_forward),
+            (Some(false), Some(false), Some(false))
+        );
+    }
 }
