@@ -3,7 +3,9 @@
 //! - every CRD is accepted and becomes Established, and every file in examples/ applies with kubectl;
 //! - every example object reads back exactly as written (the schema prunes nothing);
 //! - a table of invalid objects is rejected, each with a message naming the offending field, and a table of
-//!   edge-of-range valid objects is accepted (so the rules are neither too loose nor too strict).
+//!   edge-of-range valid objects is accepted (so the rules are neither too loose nor too strict);
+//! - a Calico field Caracal does not enforce (`http`, `preDNAT`, ...) is refused even when the client does not
+//!   ask for strict field validation, where an unknown field would be pruned.
 
 #![expect(
     clippy::expect_used,
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use caracal_e2e::controlplane::{ControlPlane, Options, workspace_root};
 use caracal_e2e::crds;
-use kube::api::{DynamicObject, PostParams};
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -197,6 +199,11 @@ fn gnp_rule(rule: Value) -> Value {
 }
 fn np(spec: Value) -> Value {
     let mut o = object("caracal.dev/v1", "NetworkPolicy", "case", spec);
+    o["metadata"]["namespace"] = json!("default");
+    o
+}
+fn netset(spec: Value) -> Value {
+    let mut o = object("caracal.dev/v1", "NetworkSet", "case", spec);
     o["metadata"]["namespace"] = json!("default");
     o
 }
@@ -457,22 +464,155 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "not a CIDR or an IP",
         ),
         (
-            "doNotTrack and preDNAT together",
-            gnp(json!({"doNotTrack": true, "preDNAT": true, "applyOnForward": true})),
+            "http on a NetworkPolicy ingress rule",
+            np(json!({"ingress": [{"action": "Allow", "protocol": "TCP", "http": {"methods": ["GET"]}}]})),
+            "spec.ingress[0].http",
+            "not enforced by Caracal",
+        ),
+        (
+            "http on a NetworkPolicy egress rule",
+            np(json!({"egress": [{"action": "Allow", "http": {"paths": [{"exact": "/healthz"}]}}]})),
+            "spec.egress[0].http",
+            "not enforced by Caracal",
+        ),
+        (
+            "http on a GlobalNetworkPolicy ingress rule",
+            gnp_rule(
+                json!({"action": "Allow", "http": {"methods": ["GET", "PUT"], "paths": [{"prefix": "/api"}]}}),
+            ),
+            "spec.ingress[0].http",
+            "not enforced by Caracal",
+        ),
+        (
+            "http on a GlobalNetworkPolicy egress rule",
+            gnp(json!({"egress": [{"action": "Deny"}, {"action": "Allow", "http": {}}]})),
+            "spec.egress[1].http",
+            "not enforced by Caracal",
+        ),
+        (
+            "doNotTrack true",
+            gnp(json!({"selector": "all()", "doNotTrack": true, "applyOnForward": false})),
+            "spec.doNotTrack",
+            "no host endpoints",
+        ),
+        (
+            "preDNAT true",
+            gnp(json!({"selector": "all()", "preDNAT": true})),
             "spec.preDNAT",
-            "choose one",
+            "no host endpoints",
         ),
         (
-            "preDNAT without applyOnForward",
-            gnp(json!({"preDNAT": true})),
+            "applyOnForward true",
+            gnp(json!({"selector": "all()", "applyOnForward": true})),
             "spec.applyOnForward",
-            "applyOnForward",
+            "no host endpoints",
         ),
         (
-            "preDNAT with egress rules",
-            gnp(json!({"preDNAT": true, "applyOnForward": true, "egress": [{"action": "Allow"}]})),
-            "spec.egress",
-            "ingress only",
+            "domains in a NetworkPolicy egress destination",
+            np(json!({"egress": [{"action": "Allow", "destination": {"domains": ["example.com"]}}]})),
+            "spec.egress[0].destination.domains",
+            "not enforced by Caracal",
+        ),
+        (
+            "domains in a GlobalNetworkPolicy ingress source",
+            gnp_rule(json!({"action": "Deny", "source": {"domains": ["*.example.com"]}})),
+            "spec.ingress[0].source.domains",
+            "not enforced by Caracal",
+        ),
+        (
+            "allowedEgressDomains in a GlobalNetworkSet",
+            object(
+                "caracal.dev/v1",
+                "GlobalNetworkSet",
+                "case",
+                json!({"nets": ["192.0.2.0/24"], "allowedEgressDomains": ["example.com"]}),
+            ),
+            "spec.allowedEgressDomains",
+            "not enforced by Caracal",
+        ),
+        (
+            "allowedEgressDomains in a NetworkSet",
+            netset(json!({"allowedEgressDomains": ["example.com"]})),
+            "spec.allowedEgressDomains",
+            "not enforced by Caracal",
+        ),
+        (
+            "services in an ingress rule's destination",
+            np(json!({"ingress": [{"action": "Allow", "destination": {"services": {"name": "web"}}}]})),
+            "spec.ingress[0].destination.services",
+            "not allowed in an ingress rule's destination",
+        ),
+        (
+            "services in an egress rule's source",
+            gnp(
+                json!({"egress": [{"action": "Allow", "source": {"services": {"name": "web", "namespace": "shop"}}}]}),
+            ),
+            "spec.egress[0].source.services",
+            "not allowed in an egress rule's source",
+        ),
+        (
+            "destination services with ports",
+            np(
+                json!({"egress": [{"action": "Allow", "protocol": "TCP", "destination": {"services": {"name": "db"}, "ports": [5432]}}]}),
+            ),
+            "spec.egress[0].destination.ports",
+            "cannot be combined with destination services",
+        ),
+        (
+            "destination services with notPorts",
+            np(
+                json!({"egress": [{"action": "Allow", "protocol": "TCP", "destination": {"services": {"name": "db"}, "notPorts": [22]}}]}),
+            ),
+            "spec.egress[0].destination.notPorts",
+            "cannot be combined with destination services",
+        ),
+        (
+            "services with a selector",
+            np(
+                json!({"egress": [{"action": "Allow", "destination": {"services": {"name": "db"}, "selector": "app == 'db'"}}]}),
+            ),
+            "spec.egress[0].destination.services",
+            "cannot be combined with selector",
+        ),
+        (
+            "services with nets",
+            np(
+                json!({"ingress": [{"action": "Allow", "source": {"services": {"name": "web"}, "nets": ["10.0.0.0/8"]}}]}),
+            ),
+            "spec.ingress[0].source.services",
+            "cannot be combined with selector",
+        ),
+        (
+            "services with a namespaceSelector",
+            np(
+                json!({"ingress": [{"action": "Allow", "source": {"services": {"name": "web"}, "namespaceSelector": "all()"}}]}),
+            ),
+            "spec.ingress[0].source.services",
+            "cannot be combined with selector",
+        ),
+        (
+            "GlobalNetworkPolicy egress service without a namespace",
+            gnp(json!({"egress": [{"action": "Allow", "destination": {"services": {"name": "kube-dns"}}}]})),
+            "spec.egress[0].destination.services.namespace",
+            "no namespace to default to",
+        ),
+        (
+            "GlobalNetworkPolicy ingress service without a namespace",
+            gnp_rule(json!({"action": "Allow", "source": {"services": {"name": "web"}}})),
+            "spec.ingress[0].source.services.namespace",
+            "no namespace to default to",
+        ),
+        (
+            "service with an empty name",
+            np(json!({"egress": [{"action": "Allow", "destination": {"services": {"name": ""}}}]})),
+            "spec.egress[0].destination.services.name",
+            "at least 1",
+        ),
+        (
+            "service without a name",
+            np(json!({"egress": [{"action": "Allow", "destination": {"services": {"namespace": "shop"}}}]})),
+            "spec.egress[0].destination.services.name",
+            "Required value",
         ),
         (
             "policy type Both",
@@ -620,6 +760,31 @@ fn valid_cases() -> Vec<(&'static str, Value)> {
             gnp_rule(json!({"action": "Allow", "source": {"nets": ["10.1.2.3", "fd00::1", "0.0.0.0/0"]}})),
         ),
         (
+            "doNotTrack, preDNAT and applyOnForward false",
+            gnp(json!({"selector": "all()", "doNotTrack": false, "preDNAT": false, "applyOnForward": false})),
+        ),
+        (
+            "services where Calico allows them, with source ports",
+            np(json!({
+                "ingress": [{"action": "Allow", "protocol": "TCP", "source": {"services": {"name": "web"}, "ports": [8080], "notPorts": [22]}}],
+                "egress": [{"action": "Allow", "destination": {"services": {"name": "db", "namespace": "data"}}}],
+            })),
+        ),
+        (
+            "GlobalNetworkPolicy services with namespaces",
+            gnp(json!({
+                "ingress": [{"action": "Allow", "source": {"services": {"name": "web", "namespace": "shop"}}}],
+                "egress": [{"action": "Allow", "protocol": "UDP", "destination": {"services": {"name": "kube-dns", "namespace": "kube-system"}}}],
+            })),
+        ),
+        (
+            "rule metadata, serviceAccounts and performanceHints",
+            gnp(json!({
+                "performanceHints": ["AssumeNeededOnEveryNode"],
+                "ingress": [{"action": "Allow", "metadata": {"annotations": {"owner": "devops"}}, "source": {"serviceAccounts": {"names": ["prometheus"]}}}],
+            })),
+        ),
+        (
             "BGP peer with port",
             bgppeer(json!({"peerIP": "[fd00::1]:1179", "asNumber": 65000})),
         ),
@@ -677,5 +842,78 @@ async fn invalid_objects_are_rejected_naming_the_field_and_edge_values_are_accep
         "{} problems:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// kubectl asks for strict field validation; GitOps tools and plain API clients often do not. A field Caracal
+/// knows but does not enforce must be refused for them too (by CEL), not pruned, while an unknown field (a
+/// typo) is pruned for them and refused only under strict validation.
+#[tokio::test]
+async fn unenforced_fields_are_refused_whatever_field_validation_the_client_asks_for() {
+    let (_cp, client) = control_plane_with_crds().await;
+    let api_of = |doc: &Value| {
+        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("object");
+        (crds::api_for(&client, &obj).expect("Caracal kind"), obj)
+    };
+    let http_rule = np(json!({
+        "selector": "app == 'web'",
+        "ingress": [{"action": "Allow", "protocol": "TCP", "http": {"methods": ["GET"], "paths": [{"prefix": "/public"}]}}],
+    }));
+    let pre_dnat = gnp(json!({"selector": "all()", "preDNAT": true, "ingress": [{"action": "Allow"}]}));
+    let ignore = PatchParams::apply("caracal-api-test").validation_ignore();
+    for (what, doc, field) in [
+        ("http", &http_rule, "spec.ingress[0].http"),
+        ("preDNAT", &pre_dnat, "spec.preDNAT"),
+    ] {
+        let (api, obj) = api_of(doc);
+        // Server-side apply with fieldValidation=Ignore, as GitOps tools send it.
+        match api.patch(&obj.name_any(), &ignore, &Patch::Apply(&obj)).await {
+            Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains(field) => {}
+            other => {
+                panic!("{what} with fieldValidation=Ignore: expected a 422 naming {field}, got {other:?}")
+            }
+        }
+        // A create without fieldValidation (the API server's default, Warn).
+        match api.create(&PostParams::default(), &obj).await {
+            Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains(field) => {}
+            other => {
+                panic!("{what} with default field validation: expected a 422 naming {field}, got {other:?}")
+            }
+        }
+        assert!(
+            api.get_opt(&obj.name_any()).await.expect("get").is_none(),
+            "{what}: nothing was stored"
+        );
+    }
+
+    // The contrast that makes the CEL rules necessary: an unknown field (a typo) is refused under strict field
+    // validation (kubectl's default) and by server-side apply whatever it asks for, but a create that does
+    // not ask for strict validation has it pruned, with only a warning.
+    let typo = np(
+        json!({"selector": "app == 'web'", "ingress": [{"action": "Allow", "htttp": {"methods": ["GET"]}}]}),
+    );
+    let (api, obj) = api_of(&typo);
+    let strict =
+        http::Request::post("/apis/caracal.dev/v1/namespaces/default/networkpolicies?fieldValidation=Strict")
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&typo).expect("json"))
+            .expect("request");
+    match client.request::<DynamicObject>(strict).await {
+        Err(kube::Error::Api(s)) if s.message.contains("htttp") => {}
+        other => panic!("typo with fieldValidation=Strict: expected an error naming it, got {other:?}"),
+    }
+    match api.patch(&obj.name_any(), &ignore, &Patch::Apply(&obj)).await {
+        Err(kube::Error::Api(s)) if s.message.contains("htttp") => {}
+        other => panic!("typo by server-side apply: expected an error naming it, got {other:?}"),
+    }
+    let stored = api
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("a create without strict validation prunes the unknown field");
+    let stored = serde_json::to_value(&stored).expect("json");
+    assert_eq!(
+        stored["spec"]["ingress"],
+        json!([{"action": "Allow"}]),
+        "pruned: {stored}"
     );
 }
