@@ -109,6 +109,22 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
+/// A binary of another workspace package (`caracal-cni`, `caracal-typha`, `caracalctl`), as `cargo build
+/// --workspace --bins` leaves it in `target/debug` (`make test` builds them before the tests run; a test's
+/// own package's binaries come from `CARGO_BIN_EXE_*` instead).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+        .join("debug")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
 /// Where `make controlplane` puts the upstream binaries: `CARACAL_CONTROLPLANE_BIN`, or
 /// `target/controlplane/bin` under the workspace root.
 pub fn bin_dir() -> PathBuf {

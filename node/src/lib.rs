@@ -1,17 +1,15 @@
-//! caracal-node: the per-node agent and the tools that run beside it.
+//! caracal-node: the per-node agent.
 //!
-//! Today: [`policy`], the rule IR, its conversions from Kubernetes and Caracal policies, and the offline
-//! contract evaluator behind `caracalctl policy matrix` / `explain`. The agent's datastore, calculation graph,
-//! data plane backends, routing, IPAM, CNI plugin and Typha arrive with their issues.
+//! [`agent`] is the loop: datastore updates (from the API server or Typha, `caracal_datastore`) are decoded
+//! once on arrival and fed to the incremental calculation graph (`caracal_policy::calc::graph`); what
+//! changed in the model goes to the policy data plane ([`dataplane`]), the only part with side effects on
+//! policy. Beside it run the node's IPAM server ([`ipam`]), the agent side of CNI ([`cni`]), routing
+//! ([`routing`]) and the typed netlink access they share ([`netlink`]).
 
 pub mod agent;
-pub mod calc;
 pub mod cni;
 pub mod dataplane;
-pub mod datastore;
-pub mod http;
 pub mod ipam;
+pub mod metrics;
 pub mod netlink;
-pub mod policy;
 pub mod routing;
-pub mod typha;

@@ -45,7 +45,7 @@ async fn mesh(underlay: &str, ipv6: Option<&str>) {
     let mut c = TestCluster::with_underlay(
         3,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
-        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        &caracal_e2e::controlplane::workspace_bin("caracal-cni"),
         underlay,
     )
     .await

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use caracal_node::datastore::{Cache, api};
+use caracal_datastore::{Cache, api};
 use caracal_node::policy::contract::{WORLD, scenarios};
 use caracal_node::policy::load::load_documents;
 use caracal_node::policy::matrix::{self, Cell, ProbePort};
@@ -47,7 +47,7 @@ async fn create(client: &kube::Client, mut doc: Value) {
     let kind = doc["kind"].as_str().expect("kind").to_owned();
     let api_version = doc["apiVersion"].as_str().expect("apiVersion").to_owned();
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
-    let plural = caracal_node::datastore::KINDS
+    let plural = caracal_datastore::KINDS
         .iter()
         .find(|(v, k, _, _)| *v == api_version && *k == kind)
         .map(|k| k.2)
@@ -89,7 +89,7 @@ async fn create(client: &kube::Client, mut doc: Value) {
 
 async fn wait_for(
     cache: &mut Cache,
-    rx: &mut mpsc::Receiver<caracal_node::datastore::Update>,
+    rx: &mut mpsc::Receiver<caracal_datastore::Update>,
     want: &[Cell],
 ) {
     let deadline = Instant::now() + Duration::from_secs(30);

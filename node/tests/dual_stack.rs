@@ -64,7 +64,7 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
     let mut c = TestCluster::with_underlay(
         3,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
-        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        &caracal_e2e::controlplane::workspace_bin("caracal-cni"),
         "10.95.40.0/24",
     )
     .await

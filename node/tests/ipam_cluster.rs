@@ -64,7 +64,7 @@ async fn concurrent_allocations_and_racing_nodes_never_share_an_address_or_a_blo
     assert_eq!(stored, 100, "the stored blocks hold exactly what was handed out");
 
     // `caracalctl ipam show` reports the pool and its two blocks, as a person would see them.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caracalctl"))
+    let out = std::process::Command::new(caracal_e2e::controlplane::workspace_bin("caracalctl"))
         .env("KUBECONFIG", cp.kubeconfig())
         .args(["ipam", "show"])
         .output()

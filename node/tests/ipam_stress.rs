@@ -117,7 +117,7 @@ async fn concurrent_add_del_with_an_agent_sigkill_leaves_no_duplicate_and_after_
     let mut c = TestCluster::new(
         1,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
-        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        &caracal_e2e::controlplane::workspace_bin("caracal-cni"),
     )
     .await
     .expect("cluster");

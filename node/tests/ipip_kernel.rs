@@ -48,7 +48,7 @@ async fn ipip_routes_carry_pod_traffic_between_nodes() {
     let mut c = TestCluster::with_underlay(
         2,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
-        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        &caracal_e2e::controlplane::workspace_bin("caracal-cni"),
         "10.95.20.0/24",
     )
     .await

@@ -1,7 +1,7 @@
-//! Kernel tier: the iptables backend enforces the policy contract on real packets between network
-//! namespaces (TCP, UDP, ICMP; established replies pass; a denied SYN gets no answer), repairs drift, adopts
-//! its state on restart without breaking an established connection, and removes everything it created.
-//! Needs root (CI runs as root).
+//! Kernel tier: the agent's policy engine (its production update path and the iptables backend) enforces
+//! the policy contract on real packets between network namespaces (TCP, UDP, ICMP; established replies pass;
+//! a denied SYN gets no answer), repairs drift, adopts its state on restart without breaking an established
+//! connection, and removes everything it created. Needs root (CI runs as root).
 
 #![expect(
     clippy::expect_used,
@@ -9,19 +9,25 @@
 )]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use caracal_datastore::Update;
 use caracal_e2e::netns::{self, NetNs, Pod};
 use caracal_e2e::probe::{self, Outcome};
-use caracal_node::calc;
+use caracal_node::agent::engine::{Engine, Msg};
+use caracal_node::agent::{Config, Status};
+use caracal_node::cni::host_iface;
+use caracal_node::dataplane::Family;
 use caracal_node::dataplane::iptables::apply::{ApplyStats, Iptables};
 use caracal_node::dataplane::iptables::render;
-use caracal_node::dataplane::{Family, LocalEndpoint};
-use caracal_node::policy::contract::{Check, WORLD, scenarios};
-use caracal_node::policy::load::load_documents;
+use caracal_policy::contract::{Check, WORLD, scenarios};
+use caracal_policy::decode::POLICY_KINDS;
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
+/// The node the contract's pods run on.
+const NODE: &str = "node-1";
 
 struct Node {
     ns: NetNs,
@@ -35,52 +41,102 @@ fn require_root() {
     );
 }
 
-/// A node namespace with the contract world's pods wired to it.
+/// YAML documents as (kind, key, object), pods placed on [`NODE`] as the scheduler would.
+fn objects(manifests: &str) -> Vec<(String, String, Value)> {
+    serde_yaml::Deserializer::from_str(manifests)
+        .filter_map(|de| {
+            let mut v: Value = serde::Deserialize::deserialize(de).expect("YAML");
+            if v.is_null() {
+                return None;
+            }
+            if v["kind"] == "Pod" {
+                v["spec"]["nodeName"] = NODE.into();
+            }
+            let kind = format!("{}/{}", v["apiVersion"].as_str().expect("apiVersion"), v["kind"].as_str().expect("kind"));
+            let name = v["metadata"]["name"].as_str().expect("name").to_owned();
+            let key = match v["metadata"]["namespace"].as_str() {
+                Some(ns) => format!("{ns}/{name}"),
+                None => name,
+            };
+            Some((kind, key, v))
+        })
+        .collect()
+}
+
+/// A node namespace with the contract world's pods wired to it, their host sides named as the CNI plugin
+/// names them.
 fn node() -> Node {
     require_root();
     let ns = netns::node("ipt").expect("node namespace");
-    let world = load_documents(docs("")).expect("world").world;
     let mut pods = BTreeMap::new();
-    for ep in &world.endpoints {
-        let iface = format!("crc{}{}", ep.namespace, ep.name);
-        let ip = match ep.ips[0] {
-            std::net::IpAddr::V4(v4) => v4,
-            std::net::IpAddr::V6(_) => panic!("IPv4 world"),
-        };
-        pods.insert(ep.key(), netns::wire_pod(&ns, "pod", &iface, ip).expect("pod"));
+    for (kind, key, v) in objects(WORLD) {
+        if kind != "v1/Pod" {
+            continue;
+        }
+        let (pod_ns, name) = key.split_once('/').expect("namespaced");
+        let ip: std::net::Ipv4Addr = v["status"]["podIP"].as_str().expect("podIP").parse().expect("IPv4 world");
+        pods.insert(key.clone(), netns::wire_pod(&ns, "pod", &host_iface(pod_ns, name), ip).expect("pod"));
     }
     Node { ns, pods }
 }
 
-fn docs(manifests: &str) -> Vec<(String, Value)> {
-    serde_yaml::Deserializer::from_str(WORLD)
-        .chain(serde_yaml::Deserializer::from_str(manifests))
-        .filter_map(|de| {
-            let v: Value = serde::Deserialize::deserialize(de).expect("YAML");
-            (!v.is_null()).then(|| ("scenario".to_owned(), v))
-        })
-        .collect()
+/// The agent's policy engine for `node`, fed the contract world, with the manifests of one scenario at a
+/// time on top.
+struct Agent {
+    engine: Engine,
+    scenario: Vec<(String, String)>,
 }
 
-fn local(node: &Node) -> Vec<LocalEndpoint> {
-    node.pods
-        .iter()
-        .map(|(k, p)| LocalEndpoint {
-            key: k.clone(),
-            iface: p.iface.clone(),
-            ips: vec![p.ip.into()],
-        })
-        .collect()
-}
+impl Agent {
+    fn new(node: &Node, ipv6: bool) -> Self {
+        let cfg = Config {
+            node_name: NODE.into(),
+            dataplane: "Iptables".into(),
+            exec_prefix: node.ns.exec_prefix(),
+            debounce: Duration::ZERO,
+            refresh: Duration::from_secs(90),
+            ipv6,
+        };
+        let backend = caracal_node::dataplane::backend("Iptables", cfg.exec_prefix.clone(), ipv6).expect("backend");
+        let mut engine = Engine::new(cfg, backend, Arc::new(Status::default()), None);
+        for (kind, key, object) in objects(WORLD) {
+            engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
+        }
+        for kind in POLICY_KINDS {
+            engine.handle(Msg::Update(Update::InSync { kind: (*kind).into() }));
+        }
+        Agent {
+            engine,
+            scenario: Vec::new(),
+        }
+    }
 
-fn rendering(node: &Node, manifests: &str) -> render::Desired {
-    let world = load_documents(docs(manifests)).expect("load").world;
-    render::render(&calc::compute(&world, &local(node)))
-}
+    /// Replaces the scenario's objects with `manifests`' (deletions and upserts, as watches deliver them).
+    fn set(&mut self, manifests: &str) {
+        for (kind, key) in std::mem::take(&mut self.scenario) {
+            self.engine.handle(Msg::Update(Update::Delete { kind, key }));
+        }
+        for (kind, key, object) in objects(manifests) {
+            self.scenario.push((kind.clone(), key.clone()));
+            self.engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
+        }
+    }
 
-/// A full apply: reads everything back, adopts, repairs.
-fn program(node: &Node, backend: &mut Iptables, manifests: &str) -> ApplyStats {
-    backend.apply(&rendering(node, manifests)).expect("apply")
+    /// The fast path: what changed.
+    fn program(&mut self, manifests: &str) -> ApplyStats {
+        self.set(manifests);
+        self.engine.flush().expect("program")
+    }
+
+    /// A full converge: reads everything back, adopts, repairs.
+    fn converge(&mut self, manifests: &str) -> ApplyStats {
+        self.set(manifests);
+        self.engine.converge().expect("converge")
+    }
+
+    fn model(&self) -> caracal_node::dataplane::DataplaneModel {
+        self.engine.pipeline().model().clone()
+    }
 }
 
 fn probe_with(node: &Node, check: &Check, timeout: Duration) -> Outcome {
@@ -120,15 +176,13 @@ fn probe(node: &Node, check: &Check) -> Outcome {
 #[test]
 fn the_iptables_backend_enforces_the_contract_table_on_real_packets() {
     let node = node();
-    let mut backend = Iptables::new(node.ns.exec_prefix());
+    let mut agent = Agent::new(&node, false);
+    agent.engine.flush().expect("first program");
     let mut failures = Vec::new();
     let mut checks = 0;
-    let mut last = None;
     for s in scenarios() {
-        // The fast path between scenarios: no full read-back.
-        let desired = rendering(&node, s.manifests);
-        backend.apply_update(&desired).expect("apply_update");
-        last = Some(desired);
+        // The agent's fast path between scenarios: only what changed is written, no read-back.
+        agent.program(s.manifests);
         for check in &s.checks {
             checks += 1;
             let outcome = probe(&node, check);
@@ -151,12 +205,12 @@ fn the_iptables_backend_enforces_the_contract_table_on_real_packets() {
         }
     }
     // The fast path left exactly what a full read-back expects.
-    let stats = backend.apply(&last.expect("scenarios")).expect("apply");
+    let stats = agent.engine.converge().expect("converge");
     assert!(
         stats.is_noop(),
-        "after apply_update, a full apply found drift: {stats:?}"
+        "after the incremental programs, a full converge found drift: {stats:?}"
     );
-    backend.remove_all().expect("clean up");
+    agent.engine.remove_all().expect("clean up");
     assert!(
         failures.is_empty(),
         "{} of {checks} real-packet checks disagree with the contract:\n{}",
@@ -170,8 +224,8 @@ const DENY_X_INGRESS_FROM_Y: &str = "apiVersion: caracal.dev/v1\nkind: NetworkPo
 #[test]
 fn drift_is_repaired_by_the_next_apply() {
     let node = node();
-    let mut backend = Iptables::new(node.ns.exec_prefix());
-    program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    let mut agent = Agent::new(&node, false);
+    agent.converge(DENY_X_INGRESS_FROM_Y);
     let check: Check = ("y/a", "x/a", "80/TCP", false);
     assert_eq!(probe(&node, &check), Outcome::NoAnswer);
     // Someone deletes the Deny rule of the policy chain and the FORWARD hook is removed.
@@ -190,7 +244,7 @@ fn drift_is_repaired_by_the_next_apply() {
         Outcome::Connected,
         "the deletion took effect"
     );
-    let stats = program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    let stats = agent.converge(DENY_X_INGRESS_FROM_Y);
     assert_eq!(
         stats.chains_written, 1,
         "only the damaged chain is rewritten: {stats:?}"
@@ -199,21 +253,21 @@ fn drift_is_repaired_by_the_next_apply() {
     node.ns
         .exec(&["iptables", "-D", "FORWARD", "-j", "crc-FORWARD"])
         .expect("unhook");
-    let stats = program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    let stats = agent.converge(DENY_X_INGRESS_FROM_Y);
     assert!(stats.hooked && stats.chains_written == 0, "{stats:?}");
     assert_eq!(probe(&node, &check), Outcome::NoAnswer);
     // A changed set is swapped in; unchanged chains stay untouched.
-    let stats = program(&node, &mut backend, DENY_X_INGRESS_FROM_Y);
+    let stats = agent.converge(DENY_X_INGRESS_FROM_Y);
     assert!(stats.is_noop(), "a steady state rewrites nothing: {stats:?}");
-    backend.remove_all().expect("clean up");
+    agent.engine.remove_all().expect("clean up");
 }
 
 #[test]
 fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
     let node = node();
-    let mut backend = Iptables::new(node.ns.exec_prefix());
+    let mut agent = Agent::new(&node, false);
     let allow_web = "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: pod == 'a'\n  ingress: [{action: Allow, protocol: TCP, source: {selector: pod == 'b'}, destination: {ports: [80]}}]\n";
-    program(&node, &mut backend, allow_web);
+    agent.converge(allow_web);
     let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
     let ip = server.ip;
     let listener = server
@@ -240,17 +294,17 @@ fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
     };
     roundtrip(&mut conn, &mut accepted);
 
-    // The agent restarts: a new backend with no memory adopts what is there and rewrites nothing.
-    drop(backend);
-    let mut restarted = Iptables::new(node.ns.exec_prefix());
-    let stats = program(&node, &mut restarted, allow_web);
+    // The agent restarts: a new engine with no memory adopts what is there on its first program and
+    // rewrites nothing.
+    drop(agent);
+    let mut restarted = Agent::new(&node, false);
+    restarted.set(allow_web);
+    let stats = restarted.engine.flush().expect("first program");
     assert!(stats.is_noop(), "a restart must adopt, not rebuild: {stats:?}");
     roundtrip(&mut conn, &mut accepted);
 
     // A policy change that no longer allows new connections leaves the established one working.
-    let stats = program(
-        &node,
-        &mut restarted,
+    let stats = restarted.program(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
     );
     assert!(stats.chains_written > 0);
@@ -261,23 +315,19 @@ fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
         Outcome::NoAnswer,
         "new connections are denied"
     );
-    restarted.remove_all().expect("clean up");
+    restarted.engine.remove_all().expect("clean up");
 }
 
 #[test]
 fn removal_leaves_no_chain_set_or_hook_behind() {
     let node = node();
-    // Through the trait object the agent uses, chosen from configuration.
-    let mut backend =
-        caracal_node::dataplane::backend("Iptables", node.ns.exec_prefix(), true).expect("backend");
+    // Both families, as the agent runs them with IPv6 on.
+    let mut agent = Agent::new(&node, true);
     let s = scenarios()
         .into_iter()
         .find(|s| s.name.contains("network set by label"))
         .expect("scenario");
-    let world = load_documents(docs(s.manifests)).expect("load").world;
-    backend
-        .converge(&calc::compute(&world, &local(&node)))
-        .expect("converge");
+    agent.converge(s.manifests);
     let save = node.ns.exec(&["iptables-save", "-t", "filter"]).expect("save");
     assert!(
         save.contains(":crc-FORWARD") && save.contains("-A FORWARD -j crc-FORWARD"),
@@ -290,7 +340,7 @@ fn removal_leaves_no_chain_set_or_hook_behind() {
             .lines()
             .any(|l| l.starts_with("crc-"))
     );
-    backend.remove_all().expect("remove");
+    agent.engine.remove_all().expect("remove");
     let save = node.ns.exec(&["iptables-save", "-t", "filter"]).expect("save");
     assert!(!save.contains("crc-"), "left behind:\n{save}");
     assert!(
@@ -316,22 +366,25 @@ const IPV6_RULES: &str = "apiVersion: caracal.dev/v1\nkind: GlobalNetworkPolicy\
 fn ip6tables_accepts_every_contract_rendering_and_renders_ipv6_only_what_matches_ipv6() {
     require_root();
     let ns = netns::node("ip6t").expect("node namespace");
-    let world = load_documents(docs("")).expect("world").world;
-    // The contract's endpoints, each with an IPv6 address beside its IPv4 one.
-    let local: Vec<LocalEndpoint> = world
-        .endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, ep)| LocalEndpoint {
-            key: ep.key(),
-            iface: format!("crc{}{}", ep.namespace, ep.name),
-            ips: vec![ep.ips[0], format!("fd00:1::{}", i + 1).parse().expect("ip")],
-        })
-        .collect();
+    // The contract's pods, each with an IPv6 address beside its IPv4 one (the model comes from the agent's
+    // update path; no interfaces are needed to check what ip6tables accepts).
+    let node = Node {
+        ns,
+        pods: BTreeMap::new(),
+    };
+    let mut agent = Agent::new(&node, true);
+    let mut i = 0;
+    for (kind, key, mut object) in objects(WORLD).into_iter().filter(|(k, _, _)| k == "v1/Pod") {
+        i += 1;
+        let v4 = object["status"]["podIP"].clone();
+        object["status"]["podIPs"] = serde_json::json!([{"ip": v4}, {"ip": format!("fd00:1::{i}")}]);
+        agent.engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
+    }
+    let ns = &node.ns;
     let mut backend = Iptables::for_family(ns.exec_prefix(), Family::V6);
-    let render6 = |manifests: &str| {
-        let world = load_documents(docs(manifests)).expect("load").world;
-        let model = calc::compute(&world, &local);
+    let mut render6 = |manifests: &str| {
+        agent.set(manifests);
+        let model = agent.model();
         (
             render::render_family(&model, Family::V6),
             render::render_family(&model, Family::V4),
@@ -339,12 +392,10 @@ fn ip6tables_accepts_every_contract_rendering_and_renders_ipv6_only_what_matches
     };
     for s in scenarios() {
         let (six, _) = render6(s.manifests);
-        backend
-            .apply_update(&six)
-            .unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        backend.apply(&six).unwrap_or_else(|e| panic!("{}: {e}", s.name));
     }
     let (six, four) = render6(IPV6_RULES);
-    backend.apply_update(&six).expect("IPv6 rules");
+    backend.apply(&six).expect("IPv6 rules");
     assert!(
         backend.apply(&six).expect("read back").is_noop(),
         "adopted as written"

@@ -97,7 +97,7 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
         conf: json!({}),
         host: Some(HostConfig {
             lab_dir: lab_dir.clone(),
-            bin_dir: PathBuf::from(env!("CARGO_BIN_EXE_caracal-typha"))
+            bin_dir: caracal_e2e::controlplane::workspace_bin("caracal-typha")
                 .parent()
                 .expect("bin dir")
                 .to_path_buf(),

@@ -34,7 +34,7 @@ async fn the_lab_kubelet_runs_workload_pods_through_the_plugin_and_tears_them_do
     let mut c = TestCluster::with_underlay(
         2,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
-        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        &caracal_e2e::controlplane::workspace_bin("caracal-cni"),
         "10.95.30.0/24",
     )
     .await

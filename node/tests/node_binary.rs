@@ -166,7 +166,7 @@ async fn the_node_binary_through_the_typha_binary_programs_its_node() {
     let (typha_port, typha_health, typha_metrics, health, metrics) =
         (free_port(), free_port(), free_port(), free_port(), free_port());
     let tlog = cp.dir().join("typha.log");
-    let typha = Command::new(env!("CARGO_BIN_EXE_caracal-typha"))
+    let typha = Command::new(caracal_e2e::controlplane::workspace_bin("caracal-typha"))
         .env("KUBECONFIG", cp.kubeconfig())
         .env("CARACAL_TYPHA_LISTEN_HOST", "127.0.0.1")
         .env("CARACAL_TYPHA_PORT", typha_port.to_string())

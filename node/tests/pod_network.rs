@@ -50,7 +50,7 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
     let mut c = TestCluster::new(
         3,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
-        Path::new(env!("CARGO_BIN_EXE_caracal-cni")),
+        &caracal_e2e::controlplane::workspace_bin("caracal-cni"),
     )
     .await
     .expect("cluster");

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use caracal_node::agent::{self, Config, Status};
-use caracal_node::datastore::api;
+use caracal_datastore::api;
 use tokio::sync::mpsc;
 
 /// Typha replicas: `CARACAL_TYPHA_ADDRS` (`host:port,...`), or the Service `CARACAL_TYPHA_SERVICE` on port 5473.
@@ -73,8 +73,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let status = Arc::new(Status::default());
     let servers = [
-        tokio::spawn(caracal_node::http::serve(health, status.clone())),
-        tokio::spawn(caracal_node::http::serve(metrics, status.clone())),
+        tokio::spawn(caracal_datastore::http::serve(health, status.clone())),
+        tokio::spawn(caracal_datastore::http::serve(metrics, status.clone())),
     ];
     let (tx, rx) = mpsc::channel(4096);
     // IPAM writes to the API server whether the datastore comes from it or from Typha.
@@ -89,14 +89,14 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("{var} must name a PEM file to talk to Typha"))?;
                 std::fs::read_to_string(&path).with_context(|| format!("{var}: reading {path}"))
             };
-            let tls = caracal_node::typha::tls::client_config(
+            let tls = caracal_datastore::typha::tls::client_config(
                 &read("CARACAL_TYPHA_CA_FILE")?,
                 &read("CARACAL_TYPHA_CERT_FILE")?,
                 &read("CARACAL_TYPHA_KEY_FILE")?,
             )?;
-            let mut cfg = caracal_node::typha::client::Config::new(addrs, &node_name);
+            let mut cfg = caracal_datastore::typha::client::Config::new(addrs, &node_name);
             cfg.server_identity = env("CARACAL_TYPHA_SERVER_NAME", "caracal-typha");
-            vec![tokio::spawn(caracal_node::typha::client::run(cfg, tls, tx))]
+            vec![tokio::spawn(caracal_datastore::typha::client::run(cfg, tls, tx))]
         }
         None => api::watch(client.clone(), tx),
     };
@@ -182,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
         node_name,
         dataplane: env("CARACAL_DATAPLANE", "Iptables"),
         exec_prefix,
-        debounce: Duration::from_millis(50),
+        debounce: Duration::from_millis(20),
         refresh,
         ipv6,
     };
@@ -190,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         ipam: Some(ipam),
         routing: Some(routing),
         gc_every: Some(Duration::from_secs(30).min(refresh)),
+        events: Some(client.clone()),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("SIGTERM handler")?;

@@ -3,7 +3,7 @@
 //! is named ([`host_iface`]), which the policy loop uses to find each local pod's interface.
 
 pub mod server;
-pub mod spec;
+pub use caracal_cni as spec;
 pub mod wire;
 
 use sha2::{Digest, Sha256};

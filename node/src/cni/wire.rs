@@ -7,20 +7,16 @@
 //! address the kernel gives the host side from its MAC `ee:ee:ee:ee:ee:ee`. Duplicate address detection is
 //! off on both ends (`accept_dad=0`), so both addresses work at once rather than after a second of DAD.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use netlink_packet_route::link::LinkMessage;
 
+pub use caracal_cni::{GATEWAY, GATEWAY_V6, HOST_MAC, gateway};
+
 use crate::netlink::{self, Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget};
 
-/// The gateway every pod routes through (answered by proxy ARP on the host side).
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// The IPv6 gateway: the host side's EUI-64 link-local address (from [`HOST_MAC`]).
-pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
-/// The host side's MAC, as Calico uses: every pod sees the same gateway MAC.
-pub const HOST_MAC: [u8; 6] = [0xee; 6];
 
 /// One pod interface to wire.
 #[derive(Clone, Debug)]
@@ -71,13 +67,6 @@ fn hosts(ips: &[IpNet]) -> Vec<IpNet> {
     ips.iter().map(|ip| IpNet::from(ip.addr())).collect()
 }
 
-/// The gateway a pod address of `ip`'s family routes through.
-pub fn gateway(ip: &IpNet) -> IpAddr {
-    match ip {
-        IpNet::V4(_) => IpAddr::V4(GATEWAY),
-        IpNet::V6(_) => IpAddr::V6(GATEWAY_V6),
-    }
-}
 
 /// The host route to a pod address through its veth.
 pub fn pod_route(ip: IpAddr, index: u32) -> OwnedRoute {

@@ -1,142 +1,17 @@
-//! The data plane: the desired state for one node ([`DataplaneModel`]) and the backends that converge the
-//! kernel to it. A backend takes the whole model each time, is idempotent and diff-based, and touches only
-//! kernel objects that carry Caracal's prefix.
+//! The policy data plane: backends that converge the kernel to one node's [`DataplaneModel`] (computed by
+//! `caracal_policy`, which knows no backend). A backend is told what changed ([`Changes`]) and rewrites only
+//! that, is idempotent and diff-based, repairs drift on a full converge, and touches only kernel objects that
+//! carry Caracal's prefix.
 
 pub mod iptables;
-
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
-
-use ipnet::IpNet;
-
-use crate::policy::ir::Tier;
 
 /// The prefix of every kernel object Caracal owns (chains, ipsets, interfaces).
 pub const PREFIX: &str = "crc";
 
-/// A workload endpoint on this node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalEndpoint {
-    /// `namespace/pod`.
-    pub key: String,
-    /// The host side of its veth (`crc...`).
-    pub iface: String,
-    /// Its addresses.
-    pub ips: Vec<IpAddr>,
-}
-
-/// What an IP set is keyed by: the thing it stands for, so equal keys share one set.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SetKey {
-    /// Addresses of endpoints and network sets a selector picks in a scope (canonical texts).
-    Selected {
-        /// Canonical selector text.
-        selector: String,
-        /// The scope, as text (`ns:x`, `any`, `nsel:<selector>`).
-        scope: String,
-    },
-    /// A list of networks.
-    Nets(Vec<IpNet>),
-    /// Endpoints running as matching service accounts.
-    ServiceAccounts {
-        /// Names (any when empty).
-        names: Vec<String>,
-        /// Canonical selector text, or empty.
-        selector: String,
-    },
-    /// (address, protocol, port) of every endpoint's container port with this name.
-    NamedPort {
-        /// Port name.
-        name: String,
-        /// IP protocol number.
-        protocol: u8,
-    },
-}
-
-/// The members of a set.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct SetMembers {
-    /// Networks (hash:net sets).
-    pub nets: BTreeSet<IpNet>,
-    /// (address, protocol, port) (hash:ip,port sets).
-    pub ip_ports: BTreeSet<(IpAddr, u8, u16)>,
-}
-
-/// Everything the policy data plane of one node must enforce.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub struct DataplaneModel {
-    /// Endpoints on this node, sorted by key.
-    pub endpoints: Vec<LocalEndpoint>,
-    /// Per interface: for each direction, the tiers (with only the policies selecting that endpoint).
-    pub endpoint_tiers: BTreeMap<String, EndpointTiers>,
-    /// The policies referenced by any endpoint, by name (each rendered once, shared).
-    pub policies: BTreeMap<String, crate::policy::ir::Policy>,
-    /// Every set the rules reference, with its members.
-    pub sets: BTreeMap<SetKey, SetMembers>,
-}
-
-/// The tiers that apply to one endpoint, per direction, each listing the names of the selecting policies.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub struct EndpointTiers {
-    /// Ingress.
-    pub ingress: Vec<TierRef>,
-    /// Egress.
-    pub egress: Vec<TierRef>,
-}
-
-/// A tier as one endpoint sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TierRef {
-    /// Tier name.
-    pub name: String,
-    /// What undecided traffic does.
-    pub default_action: crate::policy::ir::TierDefault,
-    /// Selecting policies, in order.
-    pub policies: Vec<String>,
-}
-
-/// Builds tier references from full tiers (helper for calc).
-pub fn tier_ref(t: &Tier, policies: Vec<String>) -> TierRef {
-    TierRef {
-        name: t.name.clone(),
-        default_action: t.default_action,
-        policies,
-    }
-}
-
-/// An IP family: the iptables backend runs once per family (`iptables` and `ip6tables`), each with its own
-/// tables and sets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    /// IPv4 (`iptables`, ipsets `family inet`).
-    #[default]
-    V4,
-    /// IPv6 (`ip6tables`, ipsets `family inet6`).
-    V6,
-}
-
-impl Family {
-    /// The family of `ip`.
-    pub fn of(ip: &IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    /// 4 or 6 (a rule's `ipVersion`).
-    pub fn version(self) -> u8 {
-        match self {
-            Family::V4 => 4,
-            Family::V6 => 6,
-        }
-    }
-
-    /// The longest prefix (a single address).
-    pub fn host_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
+pub use caracal_policy::model::{
+    DataplaneModel, EndpointTiers, Family, LocalEndpoint, SetKey, SetMembers, TierRef,
+};
+pub use caracal_policy::calc::graph::Changes;
 
 /// What a backend reports about one convergence.
 pub use iptables::apply::ApplyStats;
@@ -155,63 +30,58 @@ pub enum DataplaneError {
     Internal(String),
 }
 
-/// A policy data plane: takes the whole desired model and converges the kernel to it. Implementations are
-/// idempotent, diff-based, and touch only objects with Caracal's prefix.
+/// A policy data plane: converges the kernel to the desired model. Implementations are idempotent,
+/// diff-based, and touch only objects with Caracal's prefix.
 pub trait PolicyDataplane: Send {
-    /// Converges after reading the kernel's state back: adopts what matches, repairs drift. At start and
-    /// periodically.
+    /// Converges to the whole `model` after reading the kernel's state back: adopts what matches, repairs
+    /// drift. At start and periodically.
     fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError>;
-    /// Converges from what was last applied, without a full read-back: for changes.
-    fn update(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError>;
+    /// Applies what `changes` says changed in `model` since the last converge or update, without a
+    /// read-back: the fast path. After a failed call the next one converges in full.
+    fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError>;
     /// Removes everything the backend created, reporting every error.
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>>;
 }
 
 /// The iptables backend of both families: `iptables` always, `ip6tables` when IPv6 is on (Felix's
-/// `ipv6Support`). Each family converges on its own; the stats add up.
+/// `ipv6Support`). Each family keeps its rendering and converges on its own; the stats add up.
 pub struct DualStack {
-    v4: iptables::apply::Iptables,
-    v6: Option<iptables::apply::Iptables>,
+    families: Vec<iptables::apply::Iptables>,
 }
 
 impl DualStack {
     /// Both families behind `exec_prefix` (IPv6 only when `ipv6`).
     pub fn new(exec_prefix: Vec<String>, ipv6: bool) -> Self {
-        Self {
-            v6: ipv6.then(|| iptables::apply::Iptables::for_family(exec_prefix.clone(), Family::V6)),
-            v4: iptables::apply::Iptables::new(exec_prefix),
+        let mut families = vec![iptables::apply::Iptables::for_family(exec_prefix.clone(), Family::V4)];
+        if ipv6 {
+            families.push(iptables::apply::Iptables::for_family(exec_prefix, Family::V6));
         }
-    }
-
-    fn each(
-        &mut self,
-        model: &DataplaneModel,
-        f: impl Fn(
-            &mut iptables::apply::Iptables,
-            &iptables::render::Desired,
-        ) -> Result<ApplyStats, iptables::apply::IptablesError>,
-    ) -> Result<ApplyStats, DataplaneError> {
-        let mut stats = f(&mut self.v4, &iptables::render::render_family(model, Family::V4))?;
-        if let Some(v6) = self.v6.as_mut() {
-            stats.add(&f(v6, &iptables::render::render_family(model, Family::V6))?);
-        }
-        Ok(stats)
+        Self { families }
     }
 }
 
 impl PolicyDataplane for DualStack {
     fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
-        self.each(model, iptables::apply::Iptables::apply)
+        let mut stats = ApplyStats::default();
+        for f in &mut self.families {
+            let desired = iptables::render::render_family(model, f.family());
+            stats.add(&f.apply(&desired)?);
+        }
+        Ok(stats)
     }
 
-    fn update(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
-        self.each(model, iptables::apply::Iptables::apply_update)
+    fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError> {
+        let mut stats = ApplyStats::default();
+        for f in &mut self.families {
+            stats.add(&f.apply_changes(model, changes)?);
+        }
+        Ok(stats)
     }
 
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
         let mut errors: Vec<DataplaneError> = Vec::new();
-        for b in std::iter::once(&mut self.v4).chain(self.v6.as_mut()) {
-            if let Err(es) = b.remove_all() {
+        for f in &mut self.families {
+            if let Err(es) = f.remove_all() {
                 errors.extend(es.into_iter().map(DataplaneError::from));
             }
         }

@@ -330,7 +330,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::policy::synth::Rng;
+    use caracal_policy::synth::Rng;
 
     fn attrs(pod: &str) -> BTreeMap<String, String> {
         BTreeMap::from([("pod".to_owned(), pod.to_owned())])

@@ -27,7 +27,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::cni::host_iface;
-use crate::datastore::Cache;
+use caracal_datastore::Cache;
 use crate::ipam::node::{NodeIpam, attr};
 use crate::netlink::{Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget, VxlanDevice};
 use model::{Desired, Hop, annotation};

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use super::render::{Desired, FORWARD_CHAIN, set_prefixes};
-use crate::dataplane::Family;
+use super::render::{Desired, FORWARD_CHAIN, IpSet, render_changes, render_family, set_prefixes};
+use crate::dataplane::{Changes, DataplaneModel, Family};
 
 /// Errors running the iptables and ipset tools.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,11 @@ impl Iptables {
         }
     }
 
+    /// The family this backend programs.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
     fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
         run_tool(&self.exec_prefix, tool, args, stdin)
     }
@@ -252,45 +257,97 @@ impl Iptables {
             .filter(|n| !desired.sets.contains_key(*n))
             .cloned()
             .collect();
-        let existing: BTreeSet<String> = current_sets.keys().cloned().collect();
-        self.write(desired, &sets, &existing, &written, &stale, hooks, &stale_sets)
-    }
-
-    /// Converges to `desired` from what this backend last applied, without reading the whole state back:
-    /// the fast path for changes (a pod, a policy). Falls back to [`Iptables::apply`] the first time.
-    pub fn apply_update(&mut self, desired: &Desired) -> Result<ApplyStats, IptablesError> {
-        let Some(last) = self.last.take() else {
-            return self.apply(desired);
+        let mut script = String::new();
+        for name in &sets {
+            self.set_script(&mut script, name, &desired.sets[name], current_sets.contains_key(name));
+        }
+        let stats = ApplyStats {
+            sets_written: sets.len(),
+            ..ApplyStats::default()
         };
-        let sets: Vec<String> = desired
-            .sets
-            .iter()
-            .filter(|(n, s)| last.sets.get(*n) != Some(*s))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let written: Vec<String> = desired
-            .chains
-            .iter()
-            .filter(|(n, r)| last.chains.get(*n) != Some(*r))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let stale: Vec<String> = last
-            .chains
-            .keys()
-            .filter(|c| !desired.chains.contains_key(*c))
-            .cloned()
-            .collect();
-        let stale_sets: Vec<String> = last
-            .sets
-            .keys()
-            .filter(|n| !desired.sets.contains_key(*n))
-            .cloned()
-            .collect();
-        let existing: BTreeSet<String> = last.sets.keys().cloned().collect();
-        self.write(desired, &sets, &existing, &written, &stale, 1, &stale_sets)
+        self.last = None;
+        let stats = self.write(desired, script, &written, &stale, hooks, &stale_sets, stats)?;
+        self.remembered.retain(|k, _| desired.chains.contains_key(k));
+        self.last = Some(desired.clone());
+        Ok(stats)
     }
 
-    /// Writes the sets and chains named, removes the stale ones, fixes the hook when `hooks != 1`.
+    /// The fast path for changes: brings the rendering last applied up to date with `model` through
+    /// [`render_changes`] and writes only what that touched (set members as additions and deletions, chains
+    /// whose rules changed), without reading the kernel's state back. Converges in full
+    /// ([`Iptables::apply`] of the whole rendering) when nothing was applied yet or the last write failed.
+    pub fn apply_changes(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, IptablesError> {
+        let Some(mut desired) = self.last.take() else {
+            return self.apply(&render_family(model, self.family));
+        };
+        let touched = render_changes(&mut desired, model, changes, self.family);
+        let mut stats = ApplyStats::default();
+        let mut script = String::new();
+        let mut stale_sets = Vec::new();
+        for (name, old) in &touched.sets {
+            match (old, desired.sets.get(name)) {
+                (Some(_), None) => stale_sets.push(name.clone()),
+                (None, None) => {}
+                (Some(o), Some(n)) if o == n => {}
+                (Some(o), Some(n)) if o.kind == n.kind => {
+                    let (was, is): (BTreeSet<&String>, BTreeSet<&String>) =
+                        (o.members.iter().collect(), n.members.iter().collect());
+                    for m in is.difference(&was) {
+                        script.push_str(&format!("add {name} {m} -exist\n"));
+                    }
+                    for m in was.difference(&is) {
+                        script.push_str(&format!("del {name} {m} -exist\n"));
+                    }
+                    stats.sets_written += 1;
+                }
+                (o, Some(n)) => {
+                    self.set_script(&mut script, name, n, o.is_some());
+                    stats.sets_written += 1;
+                }
+            }
+        }
+        let written: Vec<String> = touched
+            .chains
+            .iter()
+            .filter(|(name, old)| desired.chains.get(*name).is_some_and(|n| old.as_ref() != Some(n)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let stale: Vec<String> = touched
+            .chains
+            .iter()
+            .filter(|(name, old)| old.is_some() && !desired.chains.contains_key(*name))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let result = self.write(&desired, script, &written, &stale, 1, &stale_sets, stats);
+        if result.is_ok() {
+            self.last = Some(desired);
+        }
+        result
+    }
+
+    /// Appends to `script` the lines that make set `name` hold exactly `set`: filled in place when it is new,
+    /// or as a temporary set swapped in (atomically) when it exists.
+    fn set_script(&self, script: &mut String, name: &str, set: &IpSet, exists: bool) {
+        let family = self.ipset_family();
+        let target = if exists {
+            format!("{}{}", set_prefixes(self.family)[2], &name[6..])
+        } else {
+            name.to_owned()
+        };
+        script.push_str(&format!(
+            "create {target} {} family {family} -exist\nflush {target}\n",
+            set.kind
+        ));
+        for m in &set.members {
+            script.push_str(&format!("add {target} {m}\n"));
+        }
+        if exists {
+            script.push_str(&format!("swap {target} {name}\ndestroy {target}\n"));
+        }
+    }
+
+    /// Runs the set script, writes the chains named, removes the stale ones, fixes the hook when
+    /// `hooks != 1`, then destroys the stale sets.
     #[expect(
         clippy::too_many_arguments,
         reason = "one plan, spelled out; both apply paths build it"
@@ -298,45 +355,16 @@ impl Iptables {
     fn write(
         &mut self,
         desired: &Desired,
-        sets: &[String],
-        existing_sets: &BTreeSet<String>,
+        set_script: String,
         written: &[String],
         stale: &[String],
         hooks: usize,
         stale_sets: &[String],
+        mut stats: ApplyStats,
     ) -> Result<ApplyStats, IptablesError> {
-        let mut stats = ApplyStats::default();
         // Sets first: rules may reference new ones.
-        let mut script = String::new();
-        for name in sets {
-            let Some(set) = desired.sets.get(name) else {
-                continue;
-            };
-            if existing_sets.contains(name) {
-                let tmp = format!("{}{}", set_prefixes(self.family)[2], &name[6..]);
-                script.push_str(&format!(
-                    "create {tmp} {} family {} -exist\nflush {tmp}\n",
-                    set.kind,
-                    self.ipset_family()
-                ));
-                for m in &set.members {
-                    script.push_str(&format!("add {tmp} {m}\n"));
-                }
-                script.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
-            } else {
-                script.push_str(&format!(
-                    "create {name} {} family {} -exist\nflush {name}\n",
-                    set.kind,
-                    self.ipset_family()
-                ));
-                for m in &set.members {
-                    script.push_str(&format!("add {name} {m}\n"));
-                }
-            }
-        }
-        stats.sets_written = sets.len();
-        if !script.is_empty() {
-            self.run("ipset", &["restore"], Some(&script))?;
+        if !set_script.is_empty() {
+            self.run("ipset", &["restore"], Some(&set_script))?;
         }
         let mut restore = String::from("*filter\n");
         // Declare (and so flush) every chain to write before any rule refers to one of them.
@@ -387,14 +415,15 @@ impl Iptables {
                 self.remembered.insert(name.clone(), rules);
             }
         }
-        self.remembered.retain(|k, _| desired.chains.contains_key(k));
+        for c in stale {
+            self.remembered.remove(c);
+        }
         // Sets no rule references any more.
         for name in stale_sets {
             if self.run("ipset", &["destroy", name], None).is_ok() {
                 stats.sets_deleted += 1;
             }
         }
-        self.last = Some(desired.clone());
         Ok(stats)
     }
 

@@ -27,9 +27,10 @@ use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
 
-use crate::calc::{EntitySets, entity_sets};
-use crate::dataplane::{DataplaneModel, Family, SetKey, SetMembers};
-use crate::policy::ir::{Action, Direction, EntityMatch, Icmp, PortMatch, Rule, TierDefault};
+use caracal_policy::ir::{Action, Direction, EntityMatch, Icmp, PortMatch, Rule, TierDefault};
+use caracal_policy::model::{EntitySets, TierRef, entity_sets};
+
+use crate::dataplane::{Changes, DataplaneModel, Family, SetKey, SetMembers};
 
 /// The mark bit set when a policy accepts.
 pub const MARK_ACCEPT: u32 = 0x10000;
@@ -93,12 +94,8 @@ pub fn set_prefixes(family: Family) -> [&'static str; 3] {
 /// The name of the set for `key` in `family`.
 pub fn set_name_in(key: &SetKey, family: Family) -> String {
     let [nets, ports, _] = set_prefixes(family);
-    let prefix = if matches!(key, SetKey::NamedPort { .. }) {
-        ports
-    } else {
-        nets
-    };
-    format!("{prefix}{}", hash(&format!("{key:?}"), 16))
+    let prefix = if key.holds_ports() { ports } else { nets };
+    format!("{prefix}{}", key.id())
 }
 
 fn protocol_name(p: u8) -> String {
@@ -113,7 +110,7 @@ fn protocol_name(p: u8) -> String {
 }
 
 fn set_members(key: &SetKey, members: &SetMembers, family: Family) -> IpSet {
-    if !matches!(key, SetKey::NamedPort { .. }) {
+    if !key.holds_ports() {
         let m = members
             .nets
             .iter()
@@ -193,6 +190,10 @@ fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str, family: Family) -
     fixed.extend(set(&sets.selector, false));
     fixed.extend(set(&sets.not_selector, true));
     fixed.extend(set(&sets.service_accounts, false));
+    fixed.extend(set(&sets.service, false));
+    if let Some(k) = &sets.service_ports {
+        fixed.push(format!("-m set --match-set {} {dir},{dir}", set_name_in(k, family)));
+    }
     let ports_flag = if dir == "src" { "--sports" } else { "--dports" };
     for chunk in port_chunks(&m.not_ports) {
         fixed.push(format!("-m multiport ! {ports_flag} {chunk}"));
@@ -250,13 +251,13 @@ pub fn rule_lines_in(rule: &Rule, family: Family) -> Vec<String> {
     }
     let (src_fixed, src_alts) = side_matches(
         &rule.source,
-        &entity_sets(&rule.source, rule.protocol),
+        &entity_sets(&rule.source, rule.protocol, true),
         "src",
         family,
     );
     let (dst_fixed, dst_alts) = side_matches(
         &rule.destination,
-        &entity_sets(&rule.destination, rule.protocol),
+        &entity_sets(&rule.destination, rule.protocol, false),
         "dst",
         family,
     );
@@ -309,7 +310,7 @@ fn with_hash(rules: Vec<String>) -> Vec<String> {
     out
 }
 
-fn endpoint_chain(tiers: &[crate::dataplane::TierRef], dir: Direction) -> Vec<String> {
+fn endpoint_chain(tiers: &[TierRef], dir: Direction) -> Vec<String> {
     let both = MARK_ACCEPT | MARK_PASS;
     let mut rules = Vec::new();
     for t in tiers {
@@ -343,41 +344,77 @@ pub fn render(model: &DataplaneModel) -> Desired {
     render_family(model, Family::V4)
 }
 
-/// Renders the model for `family`.
-pub fn render_family(model: &DataplaneModel, family: Family) -> Desired {
-    let mut d = Desired::default();
-    d.chains.insert(
-        FORWARD_CHAIN.into(),
-        with_hash(vec![
-            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
-            "-m conntrack --ctstate INVALID -j DROP".into(),
-            format!("-i {IFACE_GLOB} -j {FROM_WL}"),
-            format!("-o {IFACE_GLOB} -j {TO_WL}"),
-            format!("-i {IFACE_GLOB} -j ACCEPT"),
-            format!("-o {IFACE_GLOB} -j ACCEPT"),
-        ]),
-    );
+fn forward_chain() -> Vec<String> {
+    with_hash(vec![
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+        "-m conntrack --ctstate INVALID -j DROP".into(),
+        format!("-i {IFACE_GLOB} -j {FROM_WL}"),
+        format!("-o {IFACE_GLOB} -j {TO_WL}"),
+        format!("-i {IFACE_GLOB} -j ACCEPT"),
+        format!("-o {IFACE_GLOB} -j ACCEPT"),
+    ])
+}
+
+/// The two dispatch chains: every local endpoint's interface to its chain, anything else dropped.
+fn dispatch_chains(model: &DataplaneModel) -> [(String, Vec<String>); 2] {
     let (mut to, mut from) = (Vec::new(), Vec::new());
     for ep in &model.endpoints {
-        let tiers = model.endpoint_tiers.get(&ep.iface).cloned().unwrap_or_default();
-        let (tw, fw) = (format!("crc-tw-{}", ep.iface), format!("crc-fw-{}", ep.iface));
-        to.push(format!("-o {} -g {tw}", ep.iface));
-        from.push(format!("-i {} -g {fw}", ep.iface));
-        d.chains
-            .insert(tw, with_hash(endpoint_chain(&tiers.ingress, Direction::Ingress)));
-        d.chains
-            .insert(fw, with_hash(endpoint_chain(&tiers.egress, Direction::Egress)));
+        to.push(format!("-o {} -g {}", ep.iface, endpoint_chain_name(&ep.iface, Direction::Ingress)));
+        from.push(format!("-i {} -g {}", ep.iface, endpoint_chain_name(&ep.iface, Direction::Egress)));
     }
     to.push("-m comment --comment \"unknown endpoint\" -j DROP".into());
     from.push("-m comment --comment \"unknown endpoint\" -j DROP".into());
-    d.chains.insert(TO_WL.into(), with_hash(to));
-    d.chains.insert(FROM_WL.into(), with_hash(from));
-    for (name, p) in &model.policies {
-        for dir in [Direction::Ingress, Direction::Egress] {
-            if let Some(rules) = p.rules(dir) {
-                let lines = rules.iter().flat_map(|r| rule_lines_in(r, family)).collect();
-                d.chains.insert(policy_chain(name, dir), with_hash(lines));
-            }
+    [(TO_WL.into(), with_hash(to)), (FROM_WL.into(), with_hash(from))]
+}
+
+/// The chain of endpoint interface `iface` in `dir` (`crc-tw-IFACE` into it, `crc-fw-IFACE` out of it).
+pub fn endpoint_chain_name(iface: &str, dir: Direction) -> String {
+    match dir {
+        Direction::Ingress => format!("crc-tw-{iface}"),
+        Direction::Egress => format!("crc-fw-{iface}"),
+    }
+}
+
+/// The chains of endpoint `iface` in both directions; None when it is not a local endpoint.
+fn endpoint_chains(model: &DataplaneModel, iface: &str) -> [(String, Option<Vec<String>>); 2] {
+    let known = model.endpoints.iter().any(|e| e.iface == iface);
+    let tiers = model.endpoint_tiers.get(iface).cloned().unwrap_or_default();
+    [
+        (Direction::Ingress, &tiers.ingress),
+        (Direction::Egress, &tiers.egress),
+    ]
+    .map(|(dir, t)| {
+        (
+            endpoint_chain_name(iface, dir),
+            known.then(|| with_hash(endpoint_chain(t, dir))),
+        )
+    })
+}
+
+/// The chains of policy `name` in both directions; None where it does not apply (or is gone).
+fn policy_chains(model: &DataplaneModel, name: &str, family: Family) -> [(String, Option<Vec<String>>); 2] {
+    let p = model.policies.get(name);
+    [Direction::Ingress, Direction::Egress].map(|dir| {
+        let lines = p.and_then(|p| p.rules(dir)).map(|rules| {
+            with_hash(rules.iter().flat_map(|r| rule_lines_in(r, family)).collect())
+        });
+        (policy_chain(name, dir), lines)
+    })
+}
+
+/// Renders the model for `family`.
+pub fn render_family(model: &DataplaneModel, family: Family) -> Desired {
+    let mut d = Desired::default();
+    d.chains.insert(FORWARD_CHAIN.into(), forward_chain());
+    d.chains.extend(dispatch_chains(model));
+    for ep in &model.endpoints {
+        for (name, rules) in endpoint_chains(model, &ep.iface) {
+            d.chains.extend(rules.map(|r| (name, r)));
+        }
+    }
+    for name in model.policies.keys() {
+        for (chain, rules) in policy_chains(model, name, family) {
+            d.chains.extend(rules.map(|r| (chain, r)));
         }
     }
     for (key, members) in &model.sets {
@@ -385,6 +422,55 @@ pub fn render_family(model: &DataplaneModel, family: Family) -> Desired {
             .insert(set_name_in(key, family), set_members(key, members, family));
     }
     d
+}
+
+/// What [`render_changes`] replaced: each touched chain and set with its previous content (None where it
+/// did not exist). The applier diffs these against the new rendering.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Touched {
+    /// Chains, with their previous rules.
+    pub chains: BTreeMap<String, Option<Vec<String>>>,
+    /// Sets, with their previous members.
+    pub sets: BTreeMap<String, Option<IpSet>>,
+}
+
+fn replace<T>(map: &mut BTreeMap<String, T>, name: String, new: Option<T>) -> Option<T> {
+    match new {
+        Some(v) => map.insert(name, v),
+        None => map.remove(&name),
+    }
+}
+
+/// Brings `d`, the rendering of the model before `changes`, up to date with `model`, re-rendering only what
+/// changed. Equal to [`render_family`] of `model` afterwards.
+pub fn render_changes(d: &mut Desired, model: &DataplaneModel, changes: &Changes, family: Family) -> Touched {
+    let mut touched = Touched::default();
+    let mut chain = |d: &mut Desired, name: String, rules: Option<Vec<String>>| {
+        let old = replace(&mut d.chains, name.clone(), rules);
+        touched.chains.entry(name).or_insert(old);
+    };
+    for name in &changes.policies {
+        for (c, rules) in policy_chains(model, name, family) {
+            chain(d, c, rules);
+        }
+    }
+    if !changes.endpoints.is_empty() {
+        for iface in &changes.endpoints {
+            for (c, rules) in endpoint_chains(model, iface) {
+                chain(d, c, rules);
+            }
+        }
+        for (c, rules) in dispatch_chains(model) {
+            chain(d, c, Some(rules));
+        }
+    }
+    for key in &changes.sets {
+        let name = set_name_in(key, family);
+        let new = model.sets.get(key).map(|m| set_members(key, m, family));
+        let old = replace(&mut d.sets, name.clone(), new);
+        touched.sets.entry(name).or_insert(old);
+    }
+    touched
 }
 
 /// The `iptables-save` style text of the whole rendering, for golden files and people.

@@ -1,0 +1,197 @@
+//! The policy engine: one thread that owns the calculation graph and the policy data plane.
+//!
+//! Datastore updates of the kinds policy reads arrive here raw; each object is decoded and converted once
+//! (`caracal_policy::decode`) and fed to the graph, which records what changed in the model. Changes are
+//! gathered for at most `debounce` after the first, then the backend applies exactly those; every
+//! `refresh` (and at the first program, to adopt what a previous agent left) it converges in full with a
+//! read-back, which repairs drift.
+//!
+//! An object that fails to decode or convert never stops the others: it keeps its last good version in the
+//! graph; one that never had a good version is enforced as its fail-closed form when it is a policy
+//! (`caracal_policy::decode::fail_closed_input`) and contributes nothing otherwise. Each failure is counted by
+//! kind, logged, and reported to the caller (which records a Warning Event on the object).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use caracal_datastore::Update;
+use caracal_policy::calc::graph::Changes;
+use tracing::{info, warn};
+
+pub use super::pipeline::{Failure, Pipeline};
+use super::{Config, Status};
+use crate::dataplane::{self, DataplaneError, PolicyDataplane};
+
+/// What the engine is sent.
+#[derive(Debug)]
+pub enum Msg {
+    /// A datastore update of a policy kind.
+    Update(Update),
+    /// The addresses IPAM holds for local pods (`namespace/pod` -> addresses): a pod's addresses before the
+    /// kubelet reports them in its status, so policy is in place from its first packet.
+    Held(BTreeMap<String, Vec<IpAddr>>),
+    /// Converge in full now (the periodic refresh).
+    Refresh,
+}
+
+/// The engine's state: the update path and the backend. [`run`] drives it from a channel on a thread of
+/// its own; tests drive it directly, so they exercise exactly what the agent runs.
+pub struct Engine {
+    cfg: Config,
+    pipeline: Pipeline,
+    backend: Box<dyn PolicyDataplane>,
+    status: Arc<Status>,
+    failures: Option<tokio::sync::mpsc::UnboundedSender<Failure>>,
+    /// Changes taken from the graph and not yet applied.
+    pending: Changes,
+    /// The first change not yet programmed arrived then.
+    dirty_since: Option<Instant>,
+    programmed_once: bool,
+    /// After a failed program: try again no sooner than this.
+    retry_at: Option<Instant>,
+}
+
+/// Runs the engine until `rx` closes. `failures` receives every object that failed to convert.
+pub fn run(
+    cfg: Config,
+    backend: Box<dyn PolicyDataplane>,
+    status: Arc<Status>,
+    rx: Receiver<Msg>,
+    failures: Option<tokio::sync::mpsc::UnboundedSender<Failure>>,
+) {
+    let mut e = Engine::new(cfg, backend, status, failures);
+    loop {
+        let msg = match e.deadline() {
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match msg {
+            Ok(m) => e.handle(m),
+            Err(RecvTimeoutError::Timeout) => {
+                // Take what queued up meanwhile, then program once.
+                while let Ok(m) = rx.try_recv() {
+                    e.handle(m);
+                }
+                let _ = e.program(false);
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+impl Engine {
+    /// An engine for `cfg` programming `backend`.
+    pub fn new(
+        cfg: Config,
+        backend: Box<dyn PolicyDataplane>,
+        status: Arc<Status>,
+        failures: Option<tokio::sync::mpsc::UnboundedSender<Failure>>,
+    ) -> Self {
+        Engine {
+            pipeline: Pipeline::new(&cfg.node_name),
+            cfg,
+            backend,
+            status,
+            failures,
+            pending: Changes::default(),
+            dirty_since: None,
+            programmed_once: false,
+            retry_at: None,
+        }
+    }
+
+    /// The update path (its model, for tests and debugging).
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Programs what is pending now, as the debounce would: in full the first time, else the changes.
+    pub fn flush(&mut self) -> Result<dataplane::ApplyStats, DataplaneError> {
+        self.program(false)
+    }
+
+    /// Converges in full with a read-back now, as the periodic refresh does.
+    pub fn converge(&mut self) -> Result<dataplane::ApplyStats, DataplaneError> {
+        self.program(true)
+    }
+
+    /// Removes everything the backend created.
+    pub fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
+        self.backend.remove_all()
+    }
+
+    /// When to program next: `debounce` after the first unprogrammed change, once every kind is listed.
+    fn deadline(&self) -> Option<Instant> {
+        let at = self.dirty_since? + self.cfg.debounce;
+        self.pipeline
+            .in_sync()
+            .then(|| self.retry_at.map_or(at, |r| r.max(at)))
+    }
+
+    /// Handles one message (a full converge, for [`Msg::Refresh`], happens at once).
+    pub fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Update(u) => {
+                if let Some(f) = self.pipeline.update(u) {
+                    self.status.conversion_failed(&f.kind);
+                    if let Some(tx) = &self.failures {
+                        let _ = tx.send(f);
+                    }
+                }
+            }
+            Msg::Held(h) => self.pipeline.set_held(h),
+            Msg::Refresh => {
+                if self.programmed_once {
+                    let _ = self.program(true);
+                }
+            }
+        }
+        self.pending.merge(self.pipeline.take_changes());
+        if !self.pending.is_empty() || !self.programmed_once {
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Programs the data plane: in full (with a read-back) the first time and when `full`, else what
+    /// changed.
+    fn program(&mut self, full: bool) -> Result<dataplane::ApplyStats, DataplaneError> {
+        let full = full || !self.programmed_once;
+        let started = Instant::now();
+        let result: Result<dataplane::ApplyStats, DataplaneError> = if full {
+            self.backend.converge(self.pipeline.model())
+        } else {
+            self.backend.update(self.pipeline.model(), &self.pending)
+        };
+        match result {
+            Ok(stats) => {
+                if full && self.programmed_once && !stats.is_noop() {
+                    self.status.repairs.fetch_add(1, Ordering::Relaxed);
+                    info!(?stats, "converged with a full read-back and repaired drift");
+                }
+                self.pending = Changes::default();
+                self.dirty_since = None;
+                self.retry_at = None;
+                self.programmed_once = true;
+                self.status.programs.fetch_add(1, Ordering::Relaxed);
+                self.status.record_program(started.elapsed());
+                // Ready once the first program from a complete view applied every valid object.
+                if self.pipeline.in_sync() {
+                    self.status.ready.store(true, Ordering::Relaxed);
+                }
+                Ok(stats)
+            }
+            Err(err) => {
+                self.status.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %err, full, "programming the data plane failed; retrying in full");
+                // The backend converges in full on its next call; keep the changes for the count only.
+                self.dirty_since.get_or_insert_with(Instant::now);
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                Err(err)
+            }
+        }
+    }
+}

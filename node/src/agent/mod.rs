@@ -1,0 +1,329 @@
+//! The node agent's loop: datastore updates in, the kernel converged out.
+//!
+//! Updates of the kinds policy reads go to the policy [`engine`], a thread of its own that decodes each
+//! object once, keeps the calculation graph and programs the policy data plane with what changed. Every
+//! update (policy kinds as bare keys) also goes to a [`Cache`] that routing reads and IPAM's garbage
+//! collector consults. IPAM's assignments are sent to the engine as they change, so a new pod's policy is
+//! programmed from the addresses IPAM gave it, before the kubelet reports them.
+//!
+//! Stopping the agent leaves the rules in place: traffic keeps flowing and policy keeps being enforced while
+//! it restarts; the next agent adopts them on its first, full, program.
+
+pub mod engine;
+pub mod pipeline;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use caracal_datastore::{Cache, Update};
+use caracal_policy::decode::POLICY_KINDS;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::dataplane::{self, DataplaneError};
+use crate::ipam::node::{Held, NodeIpam, attr};
+use crate::routing::Routing;
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's name (pods with this `spec.nodeName` are local).
+    pub node_name: String,
+    /// The data plane (`Iptables`).
+    pub dataplane: String,
+    /// Prefix for the kernel tools (a namespace in tests; empty on a node).
+    pub exec_prefix: Vec<String>,
+    /// How long to gather changes after the first before programming them.
+    pub debounce: Duration,
+    /// How often to converge with a full read-back (Felix's `iptablesRefreshInterval`, 90 s by default).
+    pub refresh: Duration,
+    /// Enforce policy on IPv6 too (`ip6tables`; Felix's `ipv6Support`).
+    pub ipv6: bool,
+}
+
+/// The agent's optional parts beyond policy: IPAM (whose assignments are the local pods' addresses),
+/// routing, and where to report objects that fail to convert.
+#[derive(Default)]
+pub struct Parts {
+    /// The node's IPAM server.
+    pub ipam: Option<NodeIpam>,
+    /// Routing.
+    pub routing: Option<Routing>,
+    /// How often IPAM garbage collection runs.
+    pub gc_every: Option<Duration>,
+    /// Records a Warning Event on each object that fails to convert.
+    pub events: Option<kube::Client>,
+}
+
+/// What the agent exposes to health checks and metrics.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// The first program from a complete datastore view succeeded: every valid object is enforced.
+    pub ready: AtomicBool,
+    /// Data plane programs (changes and full converges).
+    pub programs: AtomicU64,
+    /// Full read-backs that found something to repair.
+    pub repairs: AtomicU64,
+    /// Programs that failed.
+    pub failures: AtomicU64,
+    /// Routing syncs that changed something after the first (drift or datastore changes).
+    pub routing_changes: AtomicU64,
+    /// Routing syncs that failed.
+    pub routing_failures: AtomicU64,
+    /// Objects that failed to decode or convert, by kind (the kinds are a fixed list).
+    pub conversion_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// The last program's duration, in microseconds.
+    pub last_program_us: AtomicU64,
+}
+
+impl Status {
+    /// Counts a failed conversion of an object of `kind`.
+    pub fn conversion_failed(&self, kind: &str) {
+        let Some(k) = POLICY_KINDS.iter().find(|k| **k == kind) else {
+            return;
+        };
+        let mut m = self
+            .conversion_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *m.entry(k).or_default() += 1;
+    }
+
+    /// Conversion failures by kind, every policy kind listed.
+    pub fn conversion_failures(&self) -> Vec<(&'static str, u64)> {
+        let m = self
+            .conversion_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        POLICY_KINDS
+            .iter()
+            .map(|k| (*k, m.get(k).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    fn record_program(&self, took: Duration) {
+        self.last_program_us.store(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// The addresses IPAM gave each local pod (`namespace/name` -> addresses).
+fn ipam_addresses(held: &BTreeMap<String, Held>) -> BTreeMap<String, Vec<std::net::IpAddr>> {
+    held.values()
+        .filter_map(|h| {
+            let key = format!("{}/{}", h.attrs.get(attr::NAMESPACE)?, h.attrs.get(attr::POD)?);
+            Some((key, h.ips.clone()))
+        })
+        .collect()
+}
+
+fn kind_of(u: &Update) -> &str {
+    match u {
+        Update::Resync { kind }
+        | Update::Upsert { kind, .. }
+        | Update::Delete { kind, .. }
+        | Update::InSync { kind } => kind,
+    }
+}
+
+/// Kinds whose changes routing depends on (pod changes do not: the CNI wiring owns pod routes).
+fn routing_input(u: &Update) -> bool {
+    [
+        "v1/Node",
+        "caracal.dev/v1/IPPool",
+        "caracal.dev/v1/IPAMBlock",
+        "caracal.dev/v1/FelixConfiguration",
+        "caracal.dev/v1/BGPConfiguration",
+        "caracal.dev/v1/BGPPeer",
+    ]
+    .contains(&kind_of(u))
+}
+
+/// The cache's copy of an update: policy kinds keep only their keys (the engine holds what they mean).
+fn for_cache(u: &Update) -> Update {
+    match u {
+        Update::Upsert { kind, key, .. } if POLICY_KINDS.contains(&kind.as_str()) => Update::Upsert {
+            kind: kind.clone(),
+            key: key.clone(),
+            object: serde_json::Value::Null,
+        },
+        other => other.clone(),
+    }
+}
+
+/// Converges routing; false when it failed (the next change or refresh retries).
+async fn sync_routing(
+    routing: &mut Option<Routing>,
+    cache: &Cache,
+    status: &Status,
+    first: &mut bool,
+    force: bool,
+) -> bool {
+    let Some(r) = routing.as_mut() else { return true };
+    match r.sync(cache, force).await {
+        Ok(stats) => {
+            if !stats.is_noop() {
+                if !*first {
+                    status.routing_changes.fetch_add(1, Ordering::Relaxed);
+                }
+                info!(?stats, "routing converged");
+            }
+            *first = false;
+            true
+        }
+        Err(e) => {
+            status.routing_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "routing sync failed; retrying on the next change or refresh");
+            false
+        }
+    }
+}
+
+/// Records a Warning Event on an object that failed to convert.
+async fn record_event(client: &kube::Client, node: &str, f: &engine::Failure) {
+    use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+    let (api_version, kind) = f.kind.rsplit_once('/').unwrap_or(("", f.kind.as_str()));
+    let (namespace, name) = match f.key.split_once('/') {
+        Some((ns, n)) => (Some(ns.to_owned()), n.to_owned()),
+        None => (None, f.key.clone()),
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let what = if f.kept_last_good {
+        "its last good version stays enforced"
+    } else if caracal_policy::decode::POLICY_OBJECT_KINDS.contains(&f.kind.as_str()) {
+        "it is enforced fail-closed (its rules deny) until it is fixed"
+    } else {
+        "it is left out until it is fixed"
+    };
+    let ev = Event {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{name}.caracal-")),
+            namespace: Some(namespace.clone().unwrap_or_else(|| "default".into())),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(api_version.to_owned()),
+            kind: Some(kind.to_owned()),
+            name: Some(name.clone()),
+            namespace,
+            ..Default::default()
+        },
+        reason: Some("ConversionFailed".into()),
+        message: Some(format!("caracal-node on {node} cannot convert this object: {}; {what}", f.message)),
+        type_: Some("Warning".into()),
+        source: Some(EventSource {
+            component: Some("caracal-node".into()),
+            host: Some(node.to_owned()),
+        }),
+        first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+        last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+        count: Some(1),
+        ..Default::default()
+    };
+    let ns = ev.metadata.namespace.clone().unwrap_or_default();
+    let api: kube::Api<Event> = kube::Api::namespaced(client.clone(), &ns);
+    if let Err(e) = api.create(&kube::api::PostParams::default(), &ev).await {
+        warn!(error = %e, kind = %f.kind, key = %f.key, "recording the conversion failure as an Event");
+    }
+}
+
+/// Runs until `updates` closes or `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    mut updates: mpsc::Receiver<Update>,
+    status: Arc<Status>,
+    parts: Parts,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DataplaneError> {
+    let backend = dataplane::backend(&cfg.dataplane, cfg.exec_prefix.clone(), cfg.ipv6)?;
+    let Parts {
+        ipam,
+        mut routing,
+        gc_every,
+        events,
+    } = parts;
+    let (to_engine, engine_rx) = std::sync::mpsc::channel();
+    let (failures_tx, mut failures) = mpsc::unbounded_channel();
+    let engine = {
+        let (cfg, status) = (cfg.clone(), status.clone());
+        std::thread::Builder::new()
+            .name("policy-engine".into())
+            .spawn(move || engine::run(cfg, backend, status, engine_rx, Some(failures_tx)))
+            .map_err(|e| DataplaneError::Internal(format!("starting the policy engine: {e}")))?
+    };
+    let send = |m: engine::Msg| {
+        // The engine only stops when this loop drops its sender.
+        let _ = to_engine.send(m);
+    };
+    let mut ipam_changes = ipam.as_ref().map(NodeIpam::subscribe);
+    if let Some(i) = &ipam {
+        send(engine::Msg::Held(ipam_addresses(&i.held().await)));
+    }
+    // The last message reported per object, so an unchanged failure is recorded once.
+    let mut reported: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut cache = Cache::default();
+    let mut routing_dirty = true;
+    let mut routing_first = true;
+    let mut refresh = tokio::time::interval(cfg.refresh);
+    refresh.tick().await;
+    let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(60)));
+    gc.tick().await;
+    let mut routing_tick = tokio::time::interval(cfg.debounce.max(Duration::from_millis(10)));
+    tokio::pin!(shutdown);
+    let result = loop {
+        let ipam_changed = async {
+            match ipam_changes.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            u = updates.recv() => match u {
+                Some(u) => {
+                    routing_dirty |= routing_input(&u);
+                    cache.apply(for_cache(&u));
+                    if POLICY_KINDS.contains(&kind_of(&u)) {
+                        send(engine::Msg::Update(u));
+                    }
+                }
+                None => break Ok(()),
+            },
+            true = ipam_changed => {
+                if let Some(i) = &ipam {
+                    send(engine::Msg::Held(ipam_addresses(&i.held().await)));
+                }
+            },
+            Some(f) = failures.recv() => {
+                let id = (f.kind.clone(), f.key.clone());
+                if reported.get(&id) != Some(&f.message) {
+                    if let Some(client) = &events {
+                        record_event(client, &cfg.node_name, &f).await;
+                    }
+                    reported.insert(id, f.message.clone());
+                }
+            },
+            _ = gc.tick(), if ipam.is_some() && cache.kind_in_sync("v1/Pod") => {
+                if let Some(i) = &ipam
+                    && let Err(e) = i.gc(|ns, pod| cache.get("v1/Pod", &format!("{ns}/{pod}")).is_some()).await
+                {
+                    warn!(error = %e, "IPAM garbage collection failed");
+                }
+            },
+            _ = routing_tick.tick(), if routing_dirty && cache.in_sync() => {
+                routing_dirty = !sync_routing(&mut routing, &cache, &status, &mut routing_first, false).await;
+            },
+            _ = refresh.tick() => {
+                routing_dirty = !sync_routing(&mut routing, &cache, &status, &mut routing_first, true).await;
+                send(engine::Msg::Refresh);
+            },
+        }
+    };
+    drop(to_engine);
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    result
+}

@@ -1,0 +1,48 @@
+//! The agent's `/readyz` and `/metrics` (served by `caracal_datastore::http`): readiness is
+//! [`Status::ready`]; every metric has a bounded label set (`kind` is one of the policy kinds).
+
+use std::sync::atomic::Ordering;
+
+use caracal_datastore::http::Health;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::agent::Status;
+
+impl Health for Status {
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("caracal_node");
+        r.register(
+            "ready",
+            "1 once the first program from a complete datastore view applied every valid object",
+            ConstGauge::new(i64::from(self.ready())),
+        );
+        let counters = [
+            ("dataplane_programs", "Data plane programs", &self.programs),
+            ("dataplane_repairs", "Full read-backs that repaired drift", &self.repairs),
+            ("dataplane_failures", "Data plane programs that failed", &self.failures),
+            ("routing_changes", "Routing syncs that changed the kernel after the first", &self.routing_changes),
+            ("routing_failures", "Routing syncs that failed", &self.routing_failures),
+        ];
+        for (name, help, value) in counters {
+            r.register(name, help, ConstCounter::new(value.load(Ordering::Relaxed)));
+        }
+        r.register(
+            "dataplane_last_program_seconds",
+            "How long the last data plane program took",
+            ConstGauge::new(self.last_program_us.load(Ordering::Relaxed) as f64 / 1e6),
+        );
+        for (kind, n) in self.conversion_failures() {
+            r.sub_registry_with_label(("kind".into(), kind.into())).register(
+                "conversion_failures",
+                "Objects that failed to decode or convert (their last good version, or a fail-closed form, stays enforced)",
+                ConstCounter::new(n),
+            );
+        }
+    }
+}

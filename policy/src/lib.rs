@@ -1,0 +1,21 @@
+//! caracal-policy: what Caracal's policy means, with no runtime, Kubernetes client or kernel dependency.
+//!
+//! - [`ir`]: the rule IR every backend consumes; [`convert`] turns Kubernetes NetworkPolicy and Caracal
+//!   (Global)NetworkPolicy into it; [`load`] reads manifests (the same decoding the agent uses).
+//! - [`world`]: what policy is evaluated over (namespaces, endpoints, service accounts, network sets, tiers).
+//! - [`eval`]: the contract evaluator behind `caracalctl policy matrix / explain`, with its scenario table
+//!   ([`contract`]) that every data plane backend is tested against; [`matrix`] and [`synth`] build on it.
+//! - [`calc`]: the calculation graph, from the world and one node's endpoints to the [`model`] the node's
+//!   data plane backends converge the kernel to. Backends depend on [`model`]; nothing here knows a backend.
+
+pub mod calc;
+pub mod contract;
+pub mod convert;
+pub mod decode;
+pub mod eval;
+pub mod ir;
+pub mod load;
+pub mod matrix;
+pub mod model;
+pub mod synth;
+pub mod world;
