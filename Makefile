@@ -76,17 +76,19 @@ build: deps
 unit: deps
 	$(CARGO) test --workspace --lib --bins --locked
 
-# Every tier: unit, then the cluster tier against the real API server (e2e/tests).
+# Every tier: unit, kernel, cluster and lab. Tests start other packages' binaries (caracal-cni, caracal-typha,
+# caracalctl) from target/debug, so every binary is built first.
 test: deps controlplane lint
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
 bench: deps controlplane
 	$(CARGO) bench --locked -p caracal-operator --bench operator
 	$(CARGO) bench --locked -p caracal-node --bench policy
-	$(CARGO) build --locked --release -p caracal-node --bin caracal-typha
-	$(CARGO) bench --locked -p caracal-node --bench typha
-	$(CARGO) build --locked --release -p caracal-node --bin caracal-node --bin caracal-cni
+	$(CARGO) build --locked --release -p caracal-typha --bin caracal-typha
+	$(CARGO) bench --locked -p caracal-typha --bench typha
+	$(CARGO) build --locked --release -p caracal-node --bin caracal-node -p caracal-cni --bin caracal-cni
 	$(CARGO) bench --locked -p caracal-node --bench cni
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) bench --locked -p caracal-node --bench lab

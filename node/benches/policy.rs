@@ -14,79 +14,20 @@
 
 use std::time::{Duration, Instant};
 
-use caracal_e2e::measure::summary_ms as summary;
 use caracal_e2e::netns;
-use caracal_node::calc::{compute, graph::CalcGraph};
-use caracal_node::dataplane::LocalEndpoint;
 use caracal_node::dataplane::iptables::{apply::Iptables, render};
-use caracal_node::policy::ir::{Action, EntityMatch, Policy, Rule, Scope};
-use caracal_node::policy::synth::{self, Rng, app_policy, pod};
+use caracal_node::dataplane::{Changes, LocalEndpoint};
+use caracal_policy::calc::compute;
+use caracal_policy::ir::{Action, EntityMatch, Policy, Rule, Scope};
+use caracal_policy::synth::{self, app_policy};
 use serde_json::json;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn engine() -> serde_json::Value {
-    let before = caracal_e2e::measure::rss_kib("self");
-    let t = Instant::now();
-    let world = synth::world(42, 500, 20, 4);
-    let build_world_ms = ms(t.elapsed());
-    // A node hosting 100 of the 10,000 pods, spread across namespaces.
-    let local: Vec<LocalEndpoint> = world
-        .endpoints
-        .iter()
-        .step_by(100)
-        .enumerate()
-        .map(|(i, e)| LocalEndpoint {
-            key: e.key(),
-            iface: format!("crc{i:06}"),
-            ips: e.ips.clone(),
-        })
-        .collect();
-    let t = Instant::now();
-    let full = compute(&world, &local);
-    let compute_ms = ms(t.elapsed());
-    let t = Instant::now();
-    let mut g = CalcGraph::full(world, &local);
-    let graph_ms = ms(t.elapsed());
-    let after = caracal_e2e::measure::rss_kib("self");
-    assert_eq!(g.model(), &full);
-    let mut rng = Rng(99);
-    let mut label = Vec::new();
-    for _ in 0..200 {
-        let l = &local[rng.below(local.len() as u64) as usize];
-        let (ns, i) = l.key.split_once('/').expect("key");
-        let ns: usize = ns.trim_start_matches("ns-").parse().expect("ns");
-        let i: usize = i.trim_start_matches("pod-").parse().expect("pod");
-        let ep = pod(ns, i, rng.below(8), rng.below(3));
-        let t = Instant::now();
-        g.upsert_endpoint(ep);
-        label.push(ms(t.elapsed()));
-    }
-    let mut edit = Vec::new();
-    for _ in 0..200 {
-        let ns = (rng.below(500)) as usize;
-        let p = app_policy(ns, rng.below(4) as usize, rng.below(8), rng.below(8));
-        let t = Instant::now();
-        g.upsert_policy("default", p);
-        edit.push(ms(t.elapsed()));
-    }
-    let m = g.model();
-    json!({
-        "pods": 10_000, "policies": 2_000, "namespaces": 500, "local_endpoints": local.len(),
-        "generate_world_ms": build_world_ms,
-        "full_compute_ms": compute_ms,
-        "full_graph_build_ms": graph_ms,
-        "rss_growth_mib": (after.saturating_sub(before)) as f64 / 1024.0,
-        "model": {"policies": m.policies.len(), "sets": m.sets.len()},
-        "incremental_pod_label_change": summary(label),
-        "incremental_policy_edit": summary(edit),
-    })
-}
-
 /// 100 namespaces x 10 local pods; 10 policies per namespace, each selecting every pod of its namespace.
-fn thousand_endpoints(edit: u64) -> (caracal_node::policy::model::World, Vec<LocalEndpoint>) {
+fn thousand_endpoints(edit: u64) -> (caracal_policy::world::World, Vec<LocalEndpoint>) {
     let mut w = synth::world(7, 100, 10, 0);
     let mut policies = Vec::new();
     for ns in 0..100 {
@@ -135,7 +76,13 @@ fn iptables() -> serde_json::Value {
     let d2 = render::render(&compute(&w2, &local));
     let edit_render_ms = ms(t.elapsed());
     let t = Instant::now();
-    let edit_stats = backend.apply_update(&d2).expect("apply edit");
+    let changes = Changes {
+        policies: [changed.name.clone()].into(),
+        ..Changes::default()
+    };
+    let edit_stats = backend
+        .apply_changes(&compute(&w2, &local), &changes)
+        .expect("apply edit");
     let t2 = Instant::now();
     let full_stats = backend.apply(&d2).expect("full read-back");
     let full_readback_ms = ms(t2.elapsed());
@@ -177,9 +124,9 @@ fn throughput() -> serde_json::Value {
         iface: p.iface.clone(),
         ips: vec![p.ip.into()],
     };
-    let mut w = caracal_node::policy::model::World::default();
+    let mut w = caracal_policy::world::World::default();
     for (name, ip) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
-        w.endpoints.push(caracal_node::policy::model::Endpoint {
+        w.endpoints.push(caracal_policy::world::Endpoint {
             namespace: "t".into(),
             name: name.into(),
             ips: vec![ip.parse().expect("ip")],
@@ -228,19 +175,19 @@ fn throughput() -> serde_json::Value {
         service_account_selector: None,
         ingress: Some(rules),
         egress: None,
+        everywhere: false,
     };
     let mut samples_none = Vec::new();
     let mut samples_many = Vec::new();
     for _ in 0..3 {
         let mut w0 = w.clone();
-        w0.tiers = caracal_node::policy::convert::build_tiers(&[], vec![]).expect("tiers");
+        w0.tiers = caracal_policy::convert::build_tiers(&[], vec![]);
         backend
             .apply(&render::render(&compute(&w0, &local)))
             .expect("apply");
         samples_none.push(iperf(&a.ns, b.ip));
         let mut w1 = w.clone();
-        w1.tiers = caracal_node::policy::convert::build_tiers(&[], vec![("default".into(), policy.clone())])
-            .expect("tiers");
+        w1.tiers = caracal_policy::convert::build_tiers(&[], vec![("default".into(), policy.clone())]);
         backend
             .apply(&render::render(&compute(&w1, &local)))
             .expect("apply");
@@ -266,7 +213,6 @@ fn main() {
     let report = json!({
         "benchmark": "policy",
         "machine": "2 cores, 24 GiB; iptables 1.8.9 (nf_tables), ipset 7.17",
-        "engine": engine(),
         "iptables": iptables(),
         "throughput": throughput(),
     });

@@ -24,10 +24,26 @@ impl Health for Status {
         );
         let counters = [
             ("dataplane_programs", "Data plane programs", &self.programs),
-            ("dataplane_repairs", "Full read-backs that repaired drift", &self.repairs),
-            ("dataplane_failures", "Data plane programs that failed", &self.failures),
-            ("routing_changes", "Routing syncs that changed the kernel after the first", &self.routing_changes),
-            ("routing_failures", "Routing syncs that failed", &self.routing_failures),
+            (
+                "dataplane_repairs",
+                "Full read-backs that repaired drift",
+                &self.repairs,
+            ),
+            (
+                "dataplane_failures",
+                "Data plane programs that failed",
+                &self.failures,
+            ),
+            (
+                "routing_changes",
+                "Routing syncs that changed the kernel after the first",
+                &self.routing_changes,
+            ),
+            (
+                "routing_failures",
+                "Routing syncs that failed",
+                &self.routing_failures,
+            ),
         ];
         for (name, help, value) in counters {
             r.register(name, help, ConstCounter::new(value.load(Ordering::Relaxed)));

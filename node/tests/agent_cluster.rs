@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use caracal_datastore::api;
 use caracal_e2e::netns;
 use caracal_e2e::probe::{self, Outcome};
 use caracal_node::agent::{self, Config, Status};
 use caracal_node::cni::host_iface;
-use caracal_datastore::api;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};

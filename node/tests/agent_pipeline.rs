@@ -256,7 +256,11 @@ fn slice(rng: &mut Rng, ns: &str, idx: u64) -> Value {
 }
 
 fn kind_and_key(v: &Value) -> (String, String) {
-    let kind = format!("{}/{}", v["apiVersion"].as_str().unwrap_or(""), v["kind"].as_str().unwrap_or(""));
+    let kind = format!(
+        "{}/{}",
+        v["apiVersion"].as_str().unwrap_or(""),
+        v["kind"].as_str().unwrap_or("")
+    );
     let name = v["metadata"]["name"].as_str().unwrap_or("");
     let key = match v["metadata"]["namespace"].as_str() {
         Some(ns) => format!("{ns}/{name}"),
@@ -318,12 +322,8 @@ fn apply(p: &mut Pipeline, store: &mut Store, rng: &mut Rng) -> &'static str {
             // A relist after a lost watch: some objects vanished meanwhile, some changed.
             let kind = POLICY_KINDS[rng.below(POLICY_KINDS.len() as u64) as usize];
             p.update(Update::Resync { kind: kind.into() });
-            let keys: Vec<(String, String)> = store
-                .objects
-                .keys()
-                .filter(|(k, _)| k == kind)
-                .cloned()
-                .collect();
+            let keys: Vec<(String, String)> =
+                store.objects.keys().filter(|(k, _)| k == kind).cloned().collect();
             for id in keys {
                 if rng.below(4) == 0 {
                     store.objects.remove(&id);
@@ -397,7 +397,10 @@ fn changes_name_exactly_what_a_rendering_must_rewrite() {
             );
         }
         for k in before.sets.keys().filter(|k| !after.sets.contains_key(*k)) {
-            assert!(changes.sets.contains(k), "step {step}: set {k:?} removed without being reported");
+            assert!(
+                changes.sets.contains(k),
+                "step {step}: set {k:?} removed without being reported"
+            );
         }
         for (k, v) in &after.policies {
             assert!(
@@ -405,13 +408,25 @@ fn changes_name_exactly_what_a_rendering_must_rewrite() {
                 "step {step}: policy {k} changed without being reported"
             );
         }
-        for k in before.policies.keys().filter(|k| !after.policies.contains_key(*k)) {
-            assert!(changes.policies.contains(k), "step {step}: policy {k} removed without being reported");
+        for k in before
+            .policies
+            .keys()
+            .filter(|k| !after.policies.contains_key(*k))
+        {
+            assert!(
+                changes.policies.contains(k),
+                "step {step}: policy {k} removed without being reported"
+            );
         }
         let ifaces = |m: &caracal_policy::model::DataplaneModel| {
             m.endpoints
                 .iter()
-                .map(|e| (e.iface.clone(), (e.clone(), m.endpoint_tiers.get(&e.iface).cloned())))
+                .map(|e| {
+                    (
+                        e.iface.clone(),
+                        (e.clone(), m.endpoint_tiers.get(&e.iface).cloned()),
+                    )
+                })
                 .collect::<BTreeMap<_, _>>()
         };
         let (was, is) = (ifaces(&before), ifaces(after));

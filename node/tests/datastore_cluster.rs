@@ -9,9 +9,9 @@
 use std::time::{Duration, Instant};
 
 use caracal_datastore::{Cache, api};
-use caracal_node::policy::contract::{WORLD, scenarios};
-use caracal_node::policy::load::load_documents;
-use caracal_node::policy::matrix::{self, Cell, ProbePort};
+use caracal_policy::contract::{WORLD, scenarios};
+use caracal_policy::load::load_documents;
+use caracal_policy::matrix::{self, Cell, ProbePort};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -87,18 +87,14 @@ async fn create(client: &kube::Client, mut doc: Value) {
     }
 }
 
-async fn wait_for(
-    cache: &mut Cache,
-    rx: &mut mpsc::Receiver<caracal_datastore::Update>,
-    want: &[Cell],
-) {
+async fn wait_for(cache: &mut Cache, rx: &mut mpsc::Receiver<caracal_datastore::Update>, want: &[Cell]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         while let Ok(u) = rx.try_recv() {
             cache.apply(u);
         }
         if cache.in_sync() {
-            let loaded = cache.world().expect("world");
+            let loaded = load_documents(cache.documents()).expect("world");
             if matrix::matrix(&loaded.world, &ports()) == want {
                 return;
             }

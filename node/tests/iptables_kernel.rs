@@ -52,7 +52,11 @@ fn objects(manifests: &str) -> Vec<(String, String, Value)> {
             if v["kind"] == "Pod" {
                 v["spec"]["nodeName"] = NODE.into();
             }
-            let kind = format!("{}/{}", v["apiVersion"].as_str().expect("apiVersion"), v["kind"].as_str().expect("kind"));
+            let kind = format!(
+                "{}/{}",
+                v["apiVersion"].as_str().expect("apiVersion"),
+                v["kind"].as_str().expect("kind")
+            );
             let name = v["metadata"]["name"].as_str().expect("name").to_owned();
             let key = match v["metadata"]["namespace"].as_str() {
                 Some(ns) => format!("{ns}/{name}"),
@@ -74,8 +78,15 @@ fn node() -> Node {
             continue;
         }
         let (pod_ns, name) = key.split_once('/').expect("namespaced");
-        let ip: std::net::Ipv4Addr = v["status"]["podIP"].as_str().expect("podIP").parse().expect("IPv4 world");
-        pods.insert(key.clone(), netns::wire_pod(&ns, "pod", &host_iface(pod_ns, name), ip).expect("pod"));
+        let ip: std::net::Ipv4Addr = v["status"]["podIP"]
+            .as_str()
+            .expect("podIP")
+            .parse()
+            .expect("IPv4 world");
+        pods.insert(
+            key.clone(),
+            netns::wire_pod(&ns, "pod", &host_iface(pod_ns, name), ip).expect("pod"),
+        );
     }
     Node { ns, pods }
 }
@@ -97,7 +108,8 @@ impl Agent {
             refresh: Duration::from_secs(90),
             ipv6,
         };
-        let backend = caracal_node::dataplane::backend("Iptables", cfg.exec_prefix.clone(), ipv6).expect("backend");
+        let backend =
+            caracal_node::dataplane::backend("Iptables", cfg.exec_prefix.clone(), ipv6).expect("backend");
         let mut engine = Engine::new(cfg, backend, Arc::new(Status::default()), None);
         for (kind, key, object) in objects(WORLD) {
             engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
@@ -118,7 +130,8 @@ impl Agent {
         }
         for (kind, key, object) in objects(manifests) {
             self.scenario.push((kind.clone(), key.clone()));
-            self.engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
+            self.engine
+                .handle(Msg::Update(Update::Upsert { kind, key, object }));
         }
     }
 
@@ -378,7 +391,9 @@ fn ip6tables_accepts_every_contract_rendering_and_renders_ipv6_only_what_matches
         i += 1;
         let v4 = object["status"]["podIP"].clone();
         object["status"]["podIPs"] = serde_json::json!([{"ip": v4}, {"ip": format!("fd00:1::{i}")}]);
-        agent.engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
+        agent
+            .engine
+            .handle(Msg::Update(Update::Upsert { kind, key, object }));
     }
     let ns = &node.ns;
     let mut backend = Iptables::for_family(ns.exec_prefix(), Family::V6);

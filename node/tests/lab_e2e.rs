@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use caracal_e2e::controlplane::workspace_root;
 use caracal_e2e::lab::{self, Lab, LabOptions};
-use caracal_node::policy::load::load_documents;
-use caracal_node::policy::matrix::{self, ProbePort};
+use caracal_policy::load::load_documents;
+use caracal_policy::matrix::{self, ProbePort};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};

@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::ir::{
-    Action, Direction, EntityMatch, Icmp, Policy, PortMatch, Rule, Scope, ServiceAccountMatch, ServiceRef, Tier,
-    TierDefault, order_key,
+    Action, Direction, EntityMatch, Icmp, Policy, PortMatch, Rule, Scope, ServiceAccountMatch, ServiceRef,
+    Tier, TierDefault, order_key,
 };
 
 /// The tier policies without `spec.tier` (and every Kubernetes NetworkPolicy) belong to.
@@ -41,7 +41,9 @@ fn unenforced(policy: &str, field: &str, what: &str) -> ConvertError {
     ConvertError {
         policy: policy.into(),
         field: field.into(),
-        message: format!("{what} are not enforced by Caracal: remove the field (docs/api.md lists what is refused)"),
+        message: format!(
+            "{what} are not enforced by Caracal: remove the field (docs/api.md lists what is refused)"
+        ),
     }
 }
 

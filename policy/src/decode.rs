@@ -145,7 +145,8 @@ fn no_domains(kind: &str, key: &str, domains: &[String]) -> Result<(), DecodeErr
     Err(DecodeError::Shape {
         kind: kind.into(),
         key: key.into(),
-        message: "spec.allowedEgressDomains is not enforced by Caracal: list the addresses in nets instead".into(),
+        message: "spec.allowedEgressDomains is not enforced by Caracal: list the addresses in nets instead"
+            .into(),
     })
 }
 
@@ -211,20 +212,34 @@ fn protocol_number(p: Option<&str>) -> u8 {
 
 /// An EndpointSlice's serving endpoints; None when it belongs to no Service.
 pub fn slice(s: &EndpointSlice) -> Option<Slice> {
-    let service = s.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?.clone();
+    let service = s
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")?
+        .clone();
     let mut backends = ServiceBackends::default();
     let ports: Vec<(u8, u16)> = s
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| Some((protocol_number(p.protocol.as_deref()), u16::try_from(p.port?).ok()?)))
+        .filter_map(|p| {
+            Some((
+                protocol_number(p.protocol.as_deref()),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
         .collect();
     for ep in &s.endpoints {
         // Kubernetes: a nil `serving` means true.
         if ep.conditions.as_ref().and_then(|c| c.serving) == Some(false) {
             continue;
         }
-        for addr in ep.addresses.iter().filter_map(|a| a.parse::<std::net::IpAddr>().ok()) {
+        for addr in ep
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        {
             backends.addrs.insert(addr);
             backends
                 .ports
@@ -409,7 +424,8 @@ mod tests {
                      "ingress": [{"action": "Allow", "source": {"selector": "app == "}}]}
         });
         assert!(decode("caracal.dev/v1/NetworkPolicy", "shop/p", &bad).is_err());
-        let Some(Input::Policy { tier, policy }) = fail_closed_input("caracal.dev/v1/NetworkPolicy", &bad) else {
+        let Some(Input::Policy { tier, policy }) = fail_closed_input("caracal.dev/v1/NetworkPolicy", &bad)
+        else {
             panic!("a policy kind fails closed");
         };
         assert_eq!(tier, "default");
@@ -425,13 +441,15 @@ mod tests {
     #[test]
     fn an_unreadable_selector_covers_the_namespace_or_for_a_global_policy_nothing() {
         let ns = json!({"metadata": {"name": "p", "namespace": "shop"}, "spec": {"selector": "(("}});
-        let Some(Input::Policy { policy, .. }) = fail_closed_input("caracal.dev/v1/NetworkPolicy", &ns) else {
+        let Some(Input::Policy { policy, .. }) = fail_closed_input("caracal.dev/v1/NetworkPolicy", &ns)
+        else {
             panic!("fails closed");
         };
         assert_eq!(policy.selector, Expr::All);
         assert_eq!(policy.namespace.as_deref(), Some("shop"));
         let global = json!({"metadata": {"name": "g"}, "spec": {"selector": "(("}});
-        let Some(Input::Policy { policy, .. }) = fail_closed_input("caracal.dev/v1/GlobalNetworkPolicy", &global)
+        let Some(Input::Policy { policy, .. }) =
+            fail_closed_input("caracal.dev/v1/GlobalNetworkPolicy", &global)
         else {
             panic!("fails closed");
         };
@@ -451,12 +469,20 @@ mod tests {
                 {"addresses": ["10.0.0.3"], "conditions": {"serving": false}}
             ]
         });
-        let Ok(Some(Input::Slice(slice))) = decode("discovery.k8s.io/v1/EndpointSlice", "shop/web-x", &s) else {
+        let Ok(Some(Input::Slice(slice))) = decode("discovery.k8s.io/v1/EndpointSlice", "shop/web-x", &s)
+        else {
             panic!("decodes");
         };
-        assert_eq!((slice.namespace.as_str(), slice.service.as_str()), ("shop", "web"));
+        assert_eq!(
+            (slice.namespace.as_str(), slice.service.as_str()),
+            ("shop", "web")
+        );
         let addrs: Vec<String> = slice.backends.addrs.iter().map(ToString::to_string).collect();
-        assert_eq!(addrs, ["10.0.0.1", "10.0.0.2"], "not serving is left out; no condition means serving");
+        assert_eq!(
+            addrs,
+            ["10.0.0.1", "10.0.0.2"],
+            "not serving is left out; no condition means serving"
+        );
         assert_eq!(slice.backends.ports.len(), 4);
     }
 
@@ -464,6 +490,9 @@ mod tests {
     fn host_network_pods_are_not_endpoints() {
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "n", "namespace": "kube-system"},
                          "spec": {"hostNetwork": true, "containers": []}, "status": {"podIP": "10.95.0.2"}});
-        assert!(matches!(decode("v1/Pod", "kube-system/n", &pod), Ok(Some(Input::NotAnEndpoint))));
+        assert!(matches!(
+            decode("v1/Pod", "kube-system/n", &pod),
+            Ok(Some(Input::NotAnEndpoint))
+        ));
     }
 }

@@ -227,7 +227,14 @@ pub fn rule_matches(world: &World, rule: &Rule, pkt: &Packet) -> bool {
         return false;
     }
     entity_matches(world, &rule.source, pkt.src, pkt.src_port, pkt.protocol, true)
-        && entity_matches(world, &rule.destination, pkt.dst, pkt.dst_port, pkt.protocol, false)
+        && entity_matches(
+            world,
+            &rule.destination,
+            pkt.dst,
+            pkt.dst_port,
+            pkt.protocol,
+            false,
+        )
 }
 
 /// Whether `policy` applies to `ep`.

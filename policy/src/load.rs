@@ -171,10 +171,9 @@ pub fn load_documents(docs: Vec<(String, Value)>) -> Result<Loaded, LoadError> {
             None => name.to_owned(),
         };
         match decode(&format!("{api}/{kind}"), &key, &v) {
-            Ok(Some(Input::Pod(ep))) if ep.ips.is_empty() => out.warnings.push(format!(
-                "{source}: pod {} has no status.podIP; skipped",
-                ep.key()
-            )),
+            Ok(Some(Input::Pod(ep))) if ep.ips.is_empty() => out
+                .warnings
+                .push(format!("{source}: pod {} has no status.podIP; skipped", ep.key())),
             Ok(Some(input)) => builder.add(input),
             Ok(None) => out
                 .warnings

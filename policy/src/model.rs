@@ -384,7 +384,11 @@ mod tests {
     fn equal_meanings_share_a_set_and_different_ones_do_not() {
         let a: IpNet = "10.0.0.0/8".parse().unwrap_or_else(|_| IpNet::default());
         let b: IpNet = "192.168.1.7/24".parse().unwrap_or_else(|_| IpNet::default());
-        assert_eq!(nets_key(&[a, b]), nets_key(&[b, a, b]), "order and duplicates do not matter");
+        assert_eq!(
+            nets_key(&[a, b]),
+            nets_key(&[b, a, b]),
+            "order and duplicates do not matter"
+        );
         assert_eq!(
             nets_key(&[b]).encoding(),
             "nets14:192.168.1.0/24",
@@ -405,6 +409,10 @@ mod tests {
             },
         ];
         let ids: BTreeSet<SetId> = keys.iter().map(SetKey::id).collect();
-        assert_eq!(ids.len(), keys.len(), "length prefixes keep the encoding injective");
+        assert_eq!(
+            ids.len(),
+            keys.len(),
+            "length prefixes keep the encoding injective"
+        );
     }
 }

@@ -16,10 +16,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::workspace_root;
-use caracal_e2e::measure::summary_ms as summary;
 use caracal_datastore::Update;
 use caracal_datastore::typha::{client, tls};
+use caracal_e2e::controlplane::workspace_root;
+use caracal_e2e::measure::summary_ms as summary;
 use serde_json::json;
 use tokio::sync::mpsc;
 

@@ -46,4 +46,3 @@ impl Health for server::Server {
         );
     }
 }
-

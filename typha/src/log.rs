@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use caracal_datastore::typha::protocol::{Frame, ServerMsg};
 use caracal_datastore::Update;
+use caracal_datastore::typha::protocol::{Frame, ServerMsg};
 
 /// Where a client must restart from.
 #[derive(Debug, PartialEq, Eq)]

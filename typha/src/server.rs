@@ -14,9 +14,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::log::UpdateLog;
+use caracal_datastore::Update;
 use caracal_datastore::typha::protocol::{self, ClientMsg, Frame, ServerMsg};
 use caracal_datastore::typha::tls;
-use caracal_datastore::Update;
 
 /// How the server runs.
 #[derive(Clone, Debug)]

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caracal_datastore::{Cache, Update, api};
 use caracal_datastore::typha::{client, tls};
+use caracal_datastore::{Cache, Update, api};
 use caracal_typha::server;
 use serde_json::json;
 use tokio::sync::mpsc;

@@ -213,7 +213,10 @@ async fn record_event(client: &kube::Client, node: &str, f: &engine::Failure) {
             ..Default::default()
         },
         reason: Some("ConversionFailed".into()),
-        message: Some(format!("caracal-node on {node} cannot convert this object: {}; {what}", f.message)),
+        message: Some(format!(
+            "caracal-node on {node} cannot convert this object: {}; {what}",
+            f.message
+        )),
         type_: Some("Warning".into()),
         source: Some(EventSource {
             component: Some("caracal-node".into()),

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use caracal_node::agent::{self, Config, Status};
 use caracal_datastore::api;
+use caracal_node::agent::{self, Config, Status};
 use tokio::sync::mpsc;
 
 /// Typha replicas: `CARACAL_TYPHA_ADDRS` (`host:port,...`), or the Service `CARACAL_TYPHA_SERVICE` on port 5473.

@@ -17,7 +17,6 @@ pub use caracal_cni::{GATEWAY, GATEWAY_V6, HOST_MAC, gateway};
 
 use crate::netlink::{self, Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget};
 
-
 /// One pod interface to wire.
 #[derive(Clone, Debug)]
 pub struct PodWiring {
@@ -66,7 +65,6 @@ fn mac_text(m: [u8; 6]) -> String {
 fn hosts(ips: &[IpNet]) -> Vec<IpNet> {
     ips.iter().map(|ip| IpNet::from(ip.addr())).collect()
 }
-
 
 /// The host route to a pod address through its veth.
 pub fn pod_route(ip: IpAddr, index: u32) -> OwnedRoute {

@@ -8,10 +8,10 @@ pub mod iptables;
 /// The prefix of every kernel object Caracal owns (chains, ipsets, interfaces).
 pub const PREFIX: &str = "crc";
 
+pub use caracal_policy::calc::graph::Changes;
 pub use caracal_policy::model::{
     DataplaneModel, EndpointTiers, Family, LocalEndpoint, SetKey, SetMembers, TierRef,
 };
-pub use caracal_policy::calc::graph::Changes;
 
 /// What a backend reports about one convergence.
 pub use iptables::apply::ApplyStats;
@@ -52,7 +52,10 @@ pub struct DualStack {
 impl DualStack {
     /// Both families behind `exec_prefix` (IPv6 only when `ipv6`).
     pub fn new(exec_prefix: Vec<String>, ipv6: bool) -> Self {
-        let mut families = vec![iptables::apply::Iptables::for_family(exec_prefix.clone(), Family::V4)];
+        let mut families = vec![iptables::apply::Iptables::for_family(
+            exec_prefix.clone(),
+            Family::V4,
+        )];
         if ipv6 {
             families.push(iptables::apply::Iptables::for_family(exec_prefix, Family::V6));
         }

@@ -27,9 +27,9 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::cni::host_iface;
-use caracal_datastore::Cache;
 use crate::ipam::node::{NodeIpam, attr};
 use crate::netlink::{Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget, VxlanDevice};
+use caracal_datastore::Cache;
 use model::{Desired, Hop, annotation};
 
 /// The IPIP device's name (the ipip module's fallback device, as Calico uses it).

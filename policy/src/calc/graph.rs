@@ -165,8 +165,10 @@ impl std::fmt::Debug for CalcGraph {
 impl CalcGraph {
     /// An empty graph for `node`, naming local interfaces with `iface`.
     pub fn new(node: &str, iface: IfaceName) -> Self {
-        let mut world = World::default();
-        world.tiers = convert::build_tiers(&[], Vec::new());
+        let world = World {
+            tiers: convert::build_tiers(&[], Vec::new()),
+            ..World::default()
+        };
         CalcGraph {
             node: node.to_owned(),
             iface,
@@ -210,7 +212,9 @@ impl CalcGraph {
                 name,
                 labels,
             } => self.set_service_account(&namespace, &name, Some(labels)),
-            Input::NetworkSet(set) => self.set_network_set(set.namespace.clone(), &set.name.clone(), Some(set)),
+            Input::NetworkSet(set) => {
+                self.set_network_set(set.namespace.clone(), &set.name.clone(), Some(set))
+            }
             Input::Tier(t) => self.set_tier(&t.name.clone(), Some(t)),
             Input::Policy { tier, policy } => self.upsert_policy(&tier, policy),
             Input::Slice(s) => {
@@ -646,7 +650,15 @@ impl CalcGraph {
             .model
             .sets
             .keys()
-            .filter(|k| matches!(k, SetKey::ServiceAccounts { selector: Some(_), .. }))
+            .filter(|k| {
+                matches!(
+                    k,
+                    SetKey::ServiceAccounts {
+                        selector: Some(_),
+                        ..
+                    }
+                )
+            })
             .cloned()
             .collect();
         for k in keys {
@@ -664,8 +676,19 @@ impl CalcGraph {
             return;
         }
         let old = match set {
-            Some(s) => self.world.network_sets.insert(id, s.clone()).into_iter().chain([s]).collect(),
-            None => self.world.network_sets.remove(&id).into_iter().collect::<Vec<_>>(),
+            Some(s) => self
+                .world
+                .network_sets
+                .insert(id, s.clone())
+                .into_iter()
+                .chain([s])
+                .collect(),
+            None => self
+                .world
+                .network_sets
+                .remove(&id)
+                .into_iter()
+                .collect::<Vec<_>>(),
         };
         let keys: Vec<SetKey> = self
             .model

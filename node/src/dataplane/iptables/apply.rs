@@ -259,7 +259,12 @@ impl Iptables {
             .collect();
         let mut script = String::new();
         for name in &sets {
-            self.set_script(&mut script, name, &desired.sets[name], current_sets.contains_key(name));
+            self.set_script(
+                &mut script,
+                name,
+                &desired.sets[name],
+                current_sets.contains_key(name),
+            );
         }
         let stats = ApplyStats {
             sets_written: sets.len(),
@@ -276,7 +281,11 @@ impl Iptables {
     /// [`render_changes`] and writes only what that touched (set members as additions and deletions, chains
     /// whose rules changed), without reading the kernel's state back. Converges in full
     /// ([`Iptables::apply`] of the whole rendering) when nothing was applied yet or the last write failed.
-    pub fn apply_changes(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, IptablesError> {
+    pub fn apply_changes(
+        &mut self,
+        model: &DataplaneModel,
+        changes: &Changes,
+    ) -> Result<ApplyStats, IptablesError> {
         let Some(mut desired) = self.last.take() else {
             return self.apply(&render_family(model, self.family));
         };

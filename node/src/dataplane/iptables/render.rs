@@ -192,7 +192,10 @@ fn side_matches(m: &EntityMatch, sets: &EntitySets, dir: &str, family: Family) -
     fixed.extend(set(&sets.service_accounts, false));
     fixed.extend(set(&sets.service, false));
     if let Some(k) = &sets.service_ports {
-        fixed.push(format!("-m set --match-set {} {dir},{dir}", set_name_in(k, family)));
+        fixed.push(format!(
+            "-m set --match-set {} {dir},{dir}",
+            set_name_in(k, family)
+        ));
     }
     let ports_flag = if dir == "src" { "--sports" } else { "--dports" };
     for chunk in port_chunks(&m.not_ports) {
@@ -359,8 +362,16 @@ fn forward_chain() -> Vec<String> {
 fn dispatch_chains(model: &DataplaneModel) -> [(String, Vec<String>); 2] {
     let (mut to, mut from) = (Vec::new(), Vec::new());
     for ep in &model.endpoints {
-        to.push(format!("-o {} -g {}", ep.iface, endpoint_chain_name(&ep.iface, Direction::Ingress)));
-        from.push(format!("-i {} -g {}", ep.iface, endpoint_chain_name(&ep.iface, Direction::Egress)));
+        to.push(format!(
+            "-o {} -g {}",
+            ep.iface,
+            endpoint_chain_name(&ep.iface, Direction::Ingress)
+        ));
+        from.push(format!(
+            "-i {} -g {}",
+            ep.iface,
+            endpoint_chain_name(&ep.iface, Direction::Egress)
+        ));
     }
     to.push("-m comment --comment \"unknown endpoint\" -j DROP".into());
     from.push("-m comment --comment \"unknown endpoint\" -j DROP".into());
@@ -395,9 +406,9 @@ fn endpoint_chains(model: &DataplaneModel, iface: &str) -> [(String, Option<Vec<
 fn policy_chains(model: &DataplaneModel, name: &str, family: Family) -> [(String, Option<Vec<String>>); 2] {
     let p = model.policies.get(name);
     [Direction::Ingress, Direction::Egress].map(|dir| {
-        let lines = p.and_then(|p| p.rules(dir)).map(|rules| {
-            with_hash(rules.iter().flat_map(|r| rule_lines_in(r, family)).collect())
-        });
+        let lines = p
+            .and_then(|p| p.rules(dir))
+            .map(|rules| with_hash(rules.iter().flat_map(|r| rule_lines_in(r, family)).collect()));
         (policy_chain(name, dir), lines)
     })
 }
