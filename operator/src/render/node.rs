@@ -38,6 +38,8 @@ fn node_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
         rule(&[""], &["nodes/status"], &["patch", "update"]),
         rule(&["networking.k8s.io"], &["networkpolicies"], &read),
         rule(&["discovery.k8s.io"], &["endpointslices"], &read),
+        // Warning Events on objects the agent cannot convert.
+        rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
         rule(
             &["caracal.dev"],
             &[
