@@ -3,6 +3,7 @@
 #   make test          set up what is missing, then lint and run every test tier
 #   make lab           run Caracal on this machine (today: the control plane; see README)
 #   make controlplane  build the pinned upstream Kubernetes control plane into target/controlplane/bin
+#   make cni-plugins   build the pinned reference CNI plugins (bridge, host-local, loopback) into target/cni-plugins/bin
 #   make bench         performance figures into target/bench/*.json
 #   make manifests     regenerate manifests/crds from the Rust types
 #   make lint          cargo fmt --check and clippy -D warnings
@@ -18,6 +19,11 @@ K8S_VERSION := $(shell awk '$$1 == "require" && $$2 == "k8s.io/kubernetes" {prin
 K8S_MINOR   := $(word 2,$(subst ., ,$(K8S_VERSION)))
 CP_PROGRAMS := etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
 CP_TARGETS  := $(addprefix $(CP_BIN)/,$(CP_PROGRAMS))
+# The reference plugins the CNI bench runs beside Caracal's (containernetworking/plugins, from source).
+CNIP_DIR     := $(ROOT)/e2e/cniplugins
+CNIP_BIN     := $(ROOT)/target/cni-plugins/bin
+CNIP_MODULE  := github.com/containernetworking/plugins
+CNIP_TARGETS := $(CNIP_BIN)/bridge $(CNIP_BIN)/host-local $(CNIP_BIN)/loopback
 
 # Debian packages the kernel tier needs (iptables and ipset for the policy data plane, ping and iperf3 to
 # probe it, conntrack to inspect flows).
@@ -37,7 +43,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab bench deps controlplane manifests lint unit cluster build clean-controlplane
+.PHONY: test lab bench deps controlplane cni-plugins manifests lint unit cluster build clean-controlplane
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -58,6 +64,15 @@ $(CP_TARGETS) &: $(CP_DIR)/go.mod $(CP_DIR)/go.sum | deps
 	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
 	  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
 	@touch $(CP_TARGETS)
+
+cni-plugins: $(CNIP_TARGETS)
+
+$(CNIP_TARGETS) &: $(CNIP_DIR)/go.mod $(CNIP_DIR)/go.sum | deps
+	@mkdir -p $(CNIP_BIN)
+	@echo "building the reference CNI plugins ($$(awk '$$1 == "require" && $$2 == "$(CNIP_MODULE)" {print $$3}' $(CNIP_DIR)/go.mod)): bridge, host-local, loopback"
+	cd $(CNIP_DIR) && go build -ldflags '-s -w' -o $(CNIP_BIN)/ \
+	  $(CNIP_MODULE)/plugins/main/bridge $(CNIP_MODULE)/plugins/ipam/host-local $(CNIP_MODULE)/plugins/main/loopback
+	@touch $(CNIP_TARGETS)
 
 clean-controlplane:
 	rm -rf $(CP_BIN)
@@ -83,7 +98,7 @@ test: deps controlplane lint
 	$(CARGO) test --workspace --locked
 
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
-bench: deps controlplane
+bench: deps controlplane cni-plugins
 	$(CARGO) bench --locked -p caracal-operator --bench operator
 	$(CARGO) bench --locked -p caracal-node --bench policy
 	$(CARGO) build --locked --release -p caracal-typha --bin caracal-typha
