@@ -184,7 +184,7 @@ async fn sync_routing(
 }
 
 /// Records a Warning Event on an object that failed to convert.
-async fn record_event(client: &kube::Client, node: &str, f: &engine::Failure) {
+async fn record_event(client: kube::Client, node: String, f: engine::Failure) {
     use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
     let (api_version, kind) = f.kind.rsplit_once('/').unwrap_or(("", f.kind.as_str()));
     let (namespace, name) = match f.key.split_once('/') {
@@ -220,7 +220,7 @@ async fn record_event(client: &kube::Client, node: &str, f: &engine::Failure) {
         type_: Some("Warning".into()),
         source: Some(EventSource {
             component: Some("caracal-node".into()),
-            host: Some(node.to_owned()),
+            host: Some(node.clone()),
         }),
         first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
         last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
@@ -228,7 +228,7 @@ async fn record_event(client: &kube::Client, node: &str, f: &engine::Failure) {
         ..Default::default()
     };
     let ns = ev.metadata.namespace.clone().unwrap_or_default();
-    let api: kube::Api<Event> = kube::Api::namespaced(client.clone(), &ns);
+    let api: kube::Api<Event> = kube::Api::namespaced(client, &ns);
     if let Err(e) = api.create(&kube::api::PostParams::default(), &ev).await {
         warn!(error = %e, kind = %f.kind, key = %f.key, "recording the conversion failure as an Event");
     }
@@ -269,13 +269,13 @@ pub async fn run(
     // The last message reported per object, so an unchanged failure is recorded once.
     let mut reported: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut cache = Cache::default();
-    let mut routing_dirty = true;
     let mut routing_first = true;
     let mut refresh = tokio::time::interval(cfg.refresh);
     refresh.tick().await;
     let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(60)));
     gc.tick().await;
-    let mut routing_tick = tokio::time::interval(cfg.debounce.max(Duration::from_millis(10)));
+    // When routing must sync next: `debounce` after the first routing change (and at once at start).
+    let mut routing_due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     tokio::pin!(shutdown);
     let result = loop {
         let ipam_changed = async {
@@ -288,7 +288,9 @@ pub async fn run(
             () = &mut shutdown => break Ok(()),
             u = updates.recv() => match u {
                 Some(u) => {
-                    routing_dirty |= routing_input(&u);
+                    if routing_input(&u) {
+                        routing_due.get_or_insert_with(|| tokio::time::Instant::now() + cfg.debounce);
+                    }
                     cache.apply(for_cache(&u));
                     if POLICY_KINDS.contains(&kind_of(&u)) {
                         send(engine::Msg::Update(u));
@@ -305,7 +307,7 @@ pub async fn run(
                 let id = (f.kind.clone(), f.key.clone());
                 if reported.get(&id) != Some(&f.message) {
                     if let Some(client) = &events {
-                        record_event(client, &cfg.node_name, &f).await;
+                        tokio::spawn(record_event(client.clone(), cfg.node_name.clone(), f.clone()));
                     }
                     reported.insert(id, f.message.clone());
                 }
@@ -317,11 +319,15 @@ pub async fn run(
                     warn!(error = %e, "IPAM garbage collection failed");
                 }
             },
-            _ = routing_tick.tick(), if routing_dirty && cache.in_sync() => {
-                routing_dirty = !sync_routing(&mut routing, &cache, &status, &mut routing_first, false).await;
+            () = tokio::time::sleep_until(routing_due.unwrap_or_else(tokio::time::Instant::now)),
+                if routing_due.is_some() && cache.in_sync() => {
+                let ok = sync_routing(&mut routing, &cache, &status, &mut routing_first, false).await;
+                // A failed sync is retried after a second (or sooner, at the next routing change).
+                routing_due = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
             },
             _ = refresh.tick() => {
-                routing_dirty = !sync_routing(&mut routing, &cache, &status, &mut routing_first, true).await;
+                let ok = sync_routing(&mut routing, &cache, &status, &mut routing_first, true).await;
+                routing_due = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
                 send(engine::Msg::Refresh);
             },
         }
