@@ -197,15 +197,10 @@ fn entity_matches(
         if !sa.names.is_empty() && !sa.names.contains(&ep.service_account) {
             return false;
         }
-        if let Some(sel) = &sa.selector {
-            let labels = world
-                .service_accounts
-                .get(&(ep.namespace.clone(), ep.service_account.clone()))
-                .cloned()
-                .unwrap_or_default();
-            if !sel.matches(&labels) {
-                return false;
-            }
+        if let Some(sel) = &sa.selector
+            && !sel.matches(world.service_account_labels(&ep.namespace, &ep.service_account))
+        {
+            return false;
         }
     }
     true
@@ -250,17 +245,10 @@ pub fn selects(world: &World, policy: &Policy, ep: &Endpoint) -> bool {
     if !policy.selector.matches(&ep.labels) {
         return false;
     }
-    if let Some(sas) = &policy.service_account_selector {
-        let labels = world
-            .service_accounts
-            .get(&(ep.namespace.clone(), ep.service_account.clone()))
-            .cloned()
-            .unwrap_or_default();
-        if !sas.matches(&labels) {
-            return false;
-        }
-    }
-    true
+    policy
+        .service_account_selector
+        .as_ref()
+        .is_none_or(|sas| sas.matches(world.service_account_labels(&ep.namespace, &ep.service_account)))
 }
 
 /// One side: `ep`'s policies in direction `dir` for `pkt`.

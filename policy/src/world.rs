@@ -96,6 +96,14 @@ impl World {
         labels
     }
 
+    /// Labels of service account `namespace/name` (none when it is not known).
+    pub fn service_account_labels(&self, namespace: &str, name: &str) -> &Labels {
+        static EMPTY: Labels = Labels::new();
+        self.service_accounts
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .unwrap_or(&EMPTY)
+    }
+
     /// The endpoint with address `ip`.
     pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.ips.contains(&ip))

@@ -275,6 +275,14 @@ impl CalcGraph {
         }
     }
 
+    /// Recomputes every kept set `f` picks.
+    fn recompute_sets_where(&mut self, f: impl Fn(&SetKey) -> bool) {
+        let keys: Vec<SetKey> = self.model.sets.keys().filter(|k| f(k)).cloned().collect();
+        for k in keys {
+            self.recompute_set(&k);
+        }
+    }
+
     fn reference(&mut self, p: &Policy) {
         for key in policy_sets(p) {
             let n = self.set_refs.entry(key.clone()).or_insert(0);
@@ -614,24 +622,15 @@ impl CalcGraph {
         } else {
             self.world.namespaces.insert(ns.to_owned(), labels);
         }
-        let keys: Vec<SetKey> = self
-            .model
-            .sets
-            .keys()
-            .filter(|k| {
-                matches!(
-                    k,
-                    SetKey::Selected {
-                        scope: Scope::Selector(_),
-                        ..
-                    }
-                )
-            })
-            .cloned()
-            .collect();
-        for k in keys {
-            self.recompute_set(&k);
-        }
+        self.recompute_sets_where(|k| {
+            matches!(
+                k,
+                SetKey::Selected {
+                    scope: Scope::Selector(_),
+                    ..
+                }
+            )
+        });
         let locals = self.locals_where(|e| e.namespace == ns);
         self.refresh_locals(locals, Changed::None);
     }
@@ -646,24 +645,15 @@ impl CalcGraph {
             Some(l) => self.world.service_accounts.insert(id, l),
             None => self.world.service_accounts.remove(&id),
         };
-        let keys: Vec<SetKey> = self
-            .model
-            .sets
-            .keys()
-            .filter(|k| {
-                matches!(
-                    k,
-                    SetKey::ServiceAccounts {
-                        selector: Some(_),
-                        ..
-                    }
-                )
-            })
-            .cloned()
-            .collect();
-        for k in keys {
-            self.recompute_set(&k);
-        }
+        self.recompute_sets_where(|k| {
+            matches!(
+                k,
+                SetKey::ServiceAccounts {
+                    selector: Some(_),
+                    ..
+                }
+            )
+        });
         let locals = self.locals_where(|e| e.namespace == ns && e.service_account == name);
         self.refresh_locals(locals, Changed::None);
     }

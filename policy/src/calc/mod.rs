@@ -13,7 +13,7 @@ use caracal_crds::selector::NamespaceTarget;
 use crate::eval::selects;
 use crate::ir::{Direction, Scope};
 use crate::model::{DataplaneModel, EndpointTiers, LocalEndpoint, SetKey, SetMembers, policy_sets, tier_ref};
-use crate::world::{Endpoint, Labels, World};
+use crate::world::{Endpoint, World};
 
 /// A scope ready to evaluate, with the namespace verdicts cached.
 pub(crate) struct ScopeEval<'w> {
@@ -92,10 +92,7 @@ pub fn members_among<'a>(
             for ep in endpoints {
                 let name_ok = names.is_empty() || names.contains(&ep.service_account);
                 let sel_ok = selector.as_ref().is_none_or(|s| {
-                    world
-                        .service_accounts
-                        .get(&(ep.namespace.clone(), ep.service_account.clone()))
-                        .map_or_else(|| s.matches(&Labels::new()), |labels| s.matches(labels))
+                    s.matches(world.service_account_labels(&ep.namespace, &ep.service_account))
                 });
                 if name_ok && sel_ok {
                     out.nets.extend(ep.ips.iter().map(|ip| ipnet::IpNet::from(*ip)));
