@@ -49,7 +49,8 @@ enum Output {
 enum PolicyCmd {
     /// Allowed / denied for every ordered pair of pods and every port.
     Matrix {
-        /// YAML files or directories (Namespaces, Pods, ServiceAccounts, policies, tiers, network sets).
+        /// YAML files or directories (Namespaces, Pods, ServiceAccounts, policies, tiers, network sets,
+        /// EndpointSlices).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         /// Ports to probe, as PORT/PROTOCOL.

@@ -4,7 +4,8 @@
 //!
 //! The world: namespaces x, y, z (z labelled `team: ops`), pods a, b, c in x, pods a, b in y, pods a, c in z.
 //! x/a serves a container port named `http` (80/TCP), x/b one named `dns` (53/UDP); z/a runs as service
-//! account `monitor`.
+//! account `monitor`. Scenarios with `services` rules bring their own EndpointSlices (Services are not
+//! objects policy reads: a Service is its slices).
 
 /// One check: (from, to, "PORT/PROTO", allowed).
 pub type Check = (&'static str, &'static str, &'static str, bool);
@@ -13,7 +14,7 @@ pub type Check = (&'static str, &'static str, &'static str, bool);
 pub struct Scenario {
     /// What it shows.
     pub name: &'static str,
-    /// Policies, tiers and network sets (added to the world below).
+    /// Policies, tiers, network sets and EndpointSlices (added to the world below).
     pub manifests: &'static str,
     /// Expected verdicts.
     pub checks: Vec<Check>,
@@ -386,6 +387,56 @@ pub fn scenarios() -> Vec<Scenario> {
             name: "caracal ipVersion 6 does not match IPv4",
             manifests: "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {selector: pod == 'a', ingress: [{action: Allow, ipVersion: 6}]}\n",
             checks: vec![("y/a", "x/a", "80/TCP", false)],
+        },
+        // `services` (Calico's ServiceMatch): the Service's EndpointSlices, labelled
+        // `kubernetes.io/service-name`, name its endpoints; a slice's ports are the Service's target ports.
+        Scenario {
+            name: "caracal services as an egress destination: serving endpoints on the slice's ports only",
+            manifests: "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: [10.0.1.1], conditions: {ready: true, serving: true}}\n- {addresses: [10.0.1.2], conditions: {ready: false, serving: false}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-2, namespace: x, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.0.2.2]}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-1, namespace: x, labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nports: [{port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.0.2.1], conditions: {serving: true}}]\n---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: to-web, namespace: x}\nspec:\n  selector: pod == 'c'\n  types: [Egress]\n  egress: [{action: Allow, destination: {services: {name: web}}}]\n",
+            checks: vec![
+                ("x/c", "x/a", "8080/TCP", true),
+                ("x/c", "x/a", "80/TCP", false),
+                ("x/c", "x/a", "8080/UDP", false),
+                ("x/c", "x/a", "8.0/ICMP", false),
+                ("x/c", "x/b", "8080/TCP", false),
+                ("x/c", "y/b", "8080/TCP", true),
+                ("x/c", "y/a", "8080/TCP", false),
+                ("x/c", "z/c", "8080/TCP", false),
+                ("x/a", "y/a", "8080/TCP", true),
+            ],
+        },
+        Scenario {
+            name: "caracal services as an ingress source: serving endpoints' addresses, any port",
+            manifests: "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: clients-1, namespace: y, labels: {kubernetes.io/service-name: clients}}\naddressType: IPv4\nports: [{port: 9000, protocol: TCP}]\nendpoints:\n- {addresses: [10.0.2.1], conditions: {serving: true}}\n- {addresses: [10.0.2.2], conditions: {serving: false}}\n---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: from-clients, namespace: x}\nspec:\n  selector: pod == 'a'\n  types: [Ingress]\n  ingress: [{action: Allow, source: {services: {name: clients, namespace: y}}}]\n",
+            checks: vec![
+                ("y/a", "x/a", "80/TCP", true),
+                ("y/a", "x/a", "53/UDP", true),
+                ("y/b", "x/a", "80/TCP", false),
+                ("z/a", "x/a", "80/TCP", false),
+                ("x/b", "x/a", "80/TCP", false),
+                ("y/b", "x/b", "80/TCP", true),
+            ],
+        },
+        Scenario {
+            name: "caracal services naming a Service with no slices matches nothing",
+            manifests: "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: y, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80, protocol: TCP}]\nendpoints: [{addresses: [10.0.1.1, 10.0.2.1]}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: other-1, namespace: x, labels: {kubernetes.io/service-name: other}}\naddressType: IPv4\nports: [{port: 80, protocol: TCP}]\nendpoints: [{addresses: [10.0.1.1, 10.0.2.1]}]\n---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: to-web, namespace: x}\nspec:\n  selector: pod == 'c'\n  types: [Egress]\n  egress: [{action: Allow, destination: {services: {name: web}}}]\n---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: from-web, namespace: x}\nspec:\n  selector: pod == 'b'\n  types: [Ingress]\n  ingress: [{action: Allow, source: {services: {name: web}}}]\n",
+            checks: vec![
+                ("x/c", "x/a", "80/TCP", false),
+                ("x/c", "y/a", "80/TCP", false),
+                ("x/a", "x/b", "53/UDP", false),
+                ("y/a", "x/b", "53/UDP", false),
+                ("x/a", "y/a", "80/TCP", true),
+            ],
+        },
+        Scenario {
+            name: "caracal GlobalNetworkPolicy denies egress to a Service in the namespace it names",
+            manifests: "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-1, namespace: x, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{name: dns, port: 53, protocol: UDP}]\nendpoints: [{addresses: [10.0.1.2], conditions: {serving: true}}]\n---\napiVersion: caracal.dev/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: no-dns}\nspec:\n  namespaceSelector: ns == 'y'\n  selector: all()\n  types: [Egress]\n  egress: [{action: Deny, destination: {services: {name: dns, namespace: x}}}, {action: Allow}]\n",
+            checks: vec![
+                ("y/a", "x/b", "53/UDP", false),
+                ("y/a", "x/b", "53/TCP", true),
+                ("y/a", "x/a", "53/UDP", true),
+                ("z/a", "x/b", "53/UDP", true),
+            ],
         },
     ]
 }

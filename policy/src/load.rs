@@ -1,6 +1,7 @@
 //! Reading YAML manifests (files or directories, multi-document, `List`s) into a [`World`]: Namespaces,
 //! Pods (labels, service account, container ports, `status.podIP`), ServiceAccounts, Kubernetes
-//! NetworkPolicies and every caracal.dev policy kind. Other kinds are ignored with a warning.
+//! NetworkPolicies, every caracal.dev policy kind and EndpointSlices (for `services` rules). Other kinds are
+//! ignored with a warning.
 
 use std::path::{Path, PathBuf};
 
