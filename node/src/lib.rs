@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cni;
 pub mod dataplane;
 pub mod ipam;
+pub mod memory;
 pub mod metrics;
 pub mod netlink;
 pub mod routing;

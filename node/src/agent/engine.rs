@@ -168,6 +168,11 @@ impl Engine {
         };
         match result {
             Ok(stats) => {
+                if full {
+                    // A full converge follows the initial list, a relist or a refresh: the JSON they
+                    // decoded is garbage now.
+                    crate::memory::release_free_memory();
+                }
                 if full && self.programmed_once && !stats.is_noop() {
                     self.status.repairs.fetch_add(1, Ordering::Relaxed);
                     info!(?stats, "converged with a full read-back and repaired drift");

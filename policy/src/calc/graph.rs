@@ -26,35 +26,33 @@ use crate::ir::{Policy, Scope};
 use crate::model::{DataplaneModel, LocalEndpoint, SetKey, SetMembers, policy_sets};
 use crate::world::{Endpoint, Labels, NetworkSet, ServiceBackends, World};
 
-/// Endpoint keys by label, for narrowing selector evaluation.
+/// Endpoints by label, for narrowing selector evaluation: `key=value` and `key` -> positions in
+/// `world.endpoints` (small integers, not keys: the index costs a few bytes per label of each endpoint).
 #[derive(Debug, Default)]
 struct LabelIndex {
-    by_pair: HashMap<(String, String), BTreeSet<String>>,
-    by_key: HashMap<String, BTreeSet<String>>,
+    by_pair: HashMap<(String, String), BTreeSet<u32>>,
+    by_key: HashMap<String, BTreeSet<u32>>,
 }
 
 impl LabelIndex {
-    fn add(&mut self, ep: &str, labels: &Labels) {
+    fn add(&mut self, ep: u32, labels: &Labels) {
         for (k, v) in labels {
-            self.by_pair
-                .entry((k.clone(), v.clone()))
-                .or_default()
-                .insert(ep.to_owned());
-            self.by_key.entry(k.clone()).or_default().insert(ep.to_owned());
+            self.by_pair.entry((k.clone(), v.clone())).or_default().insert(ep);
+            self.by_key.entry(k.clone()).or_default().insert(ep);
         }
     }
 
-    fn remove(&mut self, ep: &str, labels: &Labels) {
+    fn remove(&mut self, ep: u32, labels: &Labels) {
         for (k, v) in labels {
             let pair = (k.clone(), v.clone());
             if let Some(s) = self.by_pair.get_mut(&pair) {
-                s.remove(ep);
+                s.remove(&ep);
                 if s.is_empty() {
                     self.by_pair.remove(&pair);
                 }
             }
             if let Some(s) = self.by_key.get_mut(k) {
-                s.remove(ep);
+                s.remove(&ep);
                 if s.is_empty() {
                     self.by_key.remove(k);
                 }
@@ -64,7 +62,7 @@ impl LabelIndex {
 
     /// Endpoints that can match `e`, or None when the selector cannot be narrowed (it may match endpoints
     /// lacking every label it names, as `!=`, `not in`, `!` and `all()` do).
-    fn candidates(&self, e: &Expr) -> Option<BTreeSet<String>> {
+    fn candidates(&self, e: &Expr) -> Option<BTreeSet<u32>> {
         let pair = |k: &String, v: &String| {
             self.by_pair
                 .get(&(k.clone(), v.clone()))
@@ -89,6 +87,10 @@ impl LabelIndex {
             _ => None,
         }
     }
+}
+
+fn slot(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
 }
 
 /// What changes did to the model since the last [`CalcGraph::take_changes`]: a backend rewrites exactly
@@ -255,9 +257,7 @@ impl CalcGraph {
         if let SetKey::Selected { selector, .. } = key
             && let Some(cands) = self.index.candidates(selector)
         {
-            let eps = cands
-                .iter()
-                .filter_map(|k| self.by_key.get(k).map(|i| &self.world.endpoints[*i]));
+            let eps = cands.iter().filter_map(|i| self.world.endpoints.get(*i as usize));
             return members_among(&self.world, key, eps, true);
         }
         members(&self.world, key)
@@ -493,7 +493,7 @@ impl CalcGraph {
                     return;
                 }
                 let old = std::mem::replace(&mut self.world.endpoints[*i], ep.clone());
-                self.index.remove(&key, &old.labels);
+                self.index.remove(slot(*i), &old.labels);
                 Some(old)
             }
             None => {
@@ -502,7 +502,8 @@ impl CalcGraph {
                 None
             }
         };
-        self.index.add(&key, &ep.labels);
+        let at = self.by_key.get(&key).copied().unwrap_or_default();
+        self.index.add(slot(at), &ep.labels);
         self.refresh_membership(old.as_ref(), Some(&ep));
         let was_local = self.local.contains_key(&key);
         self.set_local(Some(&ep), &key);
@@ -517,11 +518,15 @@ impl CalcGraph {
     /// Removes an endpoint.
     pub fn remove_endpoint(&mut self, key: &str) {
         let Some(i) = self.by_key.remove(key) else { return };
+        let last = self.world.endpoints.len() - 1;
         let old = self.world.endpoints.swap_remove(i);
+        self.index.remove(slot(i), &old.labels);
         if let Some(moved) = self.world.endpoints.get(i) {
+            // The last endpoint took the removed one's position.
             self.by_key.insert(moved.key(), i);
+            self.index.remove(slot(last), &moved.labels);
+            self.index.add(slot(i), &moved.labels);
         }
-        self.index.remove(key, &old.labels);
         self.refresh_membership(Some(&old), None);
         if self.local.contains_key(key) {
             self.set_local(None, key);
