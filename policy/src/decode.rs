@@ -111,11 +111,7 @@ pub enum DecodeError {
 fn labels(v: &Value) -> Labels {
     v["metadata"]["labels"]
         .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k, v.as_str()?))).collect())
         .unwrap_or_default()
 }
 
@@ -175,10 +171,18 @@ pub fn endpoint(pod: &Pod) -> Option<Endpoint> {
     let sa = spec
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_else(|| "default".into());
-    let mut l: Labels = pod.metadata.labels.clone().unwrap_or_default();
-    l.insert("projectcalico.org/namespace".into(), ns.clone());
-    l.insert("projectcalico.org/orchestrator".into(), "k8s".into());
-    l.insert("projectcalico.org/serviceaccount".into(), sa.clone());
+    let l: Labels = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([
+            ("projectcalico.org/namespace", ns.as_str()),
+            ("projectcalico.org/orchestrator", "k8s"),
+            ("projectcalico.org/serviceaccount", sa.as_str()),
+        ])
+        .collect();
     let ports = spec
         .into_iter()
         .flat_map(|s| s.containers.iter())

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod decode;
 pub mod eval;
 pub mod ir;
+pub mod labels;
 pub mod load;
 pub mod matrix;
 pub mod model;

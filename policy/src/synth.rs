@@ -1,13 +1,11 @@
 //! Synthetic clusters for tests and benchmarks: namespaces, pods and policies in the shapes real clusters
 //! have (per-namespace default deny, app-to-app allows, a few global policies), from a seed.
 
-use std::collections::BTreeMap;
-
 use caracal_crds::selector::Expr;
 
 use super::convert::{DEFAULT_TIER, DEFAULT_TIER_ORDER};
 use super::ir::{Action, EntityMatch, Policy, PortMatch, Rule, Scope, Tier, TierDefault};
-use super::world::{Endpoint, NamedPort, World};
+use super::world::{Endpoint, Labels, NamedPort, World};
 
 /// A small deterministic generator (xorshift), so a failing sequence can be replayed from its seed.
 #[derive(Clone, Debug)]
@@ -30,14 +28,16 @@ impl Rng {
 /// A pod `ns/pod-i` with app/tier labels and a named port.
 pub fn pod(ns: usize, i: usize, app: u64, tier: u64) -> Endpoint {
     let namespace = format!("ns-{ns}");
-    let mut labels = BTreeMap::from([
+    let mut labels: Labels = [
         ("app".to_owned(), format!("app-{app}")),
         ("tier".to_owned(), format!("t{tier}")),
         ("projectcalico.org/namespace".to_owned(), namespace.clone()),
         ("projectcalico.org/orchestrator".to_owned(), "k8s".to_owned()),
-    ]);
+    ]
+    .into_iter()
+    .collect();
     if i.is_multiple_of(7) {
-        labels.insert("monitored".into(), "true".into());
+        labels.insert("monitored", "true");
     }
     let n = u32::try_from(ns * 100_000 + i).unwrap_or(0);
     Endpoint {
@@ -96,9 +96,9 @@ pub fn world(seed: u64, namespaces: usize, pods_per_ns: usize, policies_per_ns: 
     let mut w = World::default();
     let mut policies = Vec::new();
     for ns in 0..namespaces {
-        let mut labels = BTreeMap::from([("name".to_owned(), format!("ns-{ns}"))]);
+        let mut labels: Labels = [("name", format!("ns-{ns}"))].into_iter().collect();
         if ns.is_multiple_of(10) {
-            labels.insert("team".into(), "ops".into());
+            labels.insert("team", "ops");
         }
         w.namespaces.insert(format!("ns-{ns}"), labels);
         for i in 0..pods_per_ns {

@@ -8,8 +8,7 @@ use ipnet::IpNet;
 
 use super::ir::Tier;
 
-/// Labels.
-pub type Labels = BTreeMap<String, String>;
+pub use crate::labels::Labels;
 
 /// A container port an endpoint declares, for named ports in rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,17 +90,17 @@ impl World {
     /// Labels of namespace `ns` (its name labels even when no Namespace object was given).
     pub fn namespace_labels(&self, ns: &str) -> Labels {
         let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
-        labels.insert("kubernetes.io/metadata.name".into(), ns.into());
-        labels.insert("projectcalico.org/name".into(), ns.into());
+        labels.insert("kubernetes.io/metadata.name", ns);
+        labels.insert("projectcalico.org/name", ns);
         labels
     }
 
     /// Labels of service account `namespace/name` (none when it is not known).
     pub fn service_account_labels(&self, namespace: &str, name: &str) -> &Labels {
-        static EMPTY: Labels = Labels::new();
+        static EMPTY: std::sync::OnceLock<Labels> = std::sync::OnceLock::new();
         self.service_accounts
             .get(&(namespace.to_owned(), name.to_owned()))
-            .unwrap_or(&EMPTY)
+            .unwrap_or_else(|| EMPTY.get_or_init(Labels::new))
     }
 
     /// The endpoint with address `ip`.

@@ -23,6 +23,7 @@ use crate::convert::{self, DEFAULT_TIER, TierInfo};
 use crate::decode::{Input, Slice};
 use crate::eval::selects;
 use crate::ir::{Policy, Scope};
+use crate::labels::Name;
 use crate::model::{DataplaneModel, LocalEndpoint, SetKey, SetMembers, policy_sets};
 use crate::world::{Endpoint, Labels, NetworkSet, ServiceBackends, World};
 
@@ -30,32 +31,33 @@ use crate::world::{Endpoint, Labels, NetworkSet, ServiceBackends, World};
 /// `world.endpoints` (small integers, not keys: the index costs a few bytes per label of each endpoint).
 #[derive(Debug, Default)]
 struct LabelIndex {
-    by_pair: HashMap<(String, String), BTreeSet<u32>>,
-    by_key: HashMap<String, BTreeSet<u32>>,
+    /// Key -> (endpoints with the key, value -> endpoints with that value).
+    keys: HashMap<Name, (BTreeSet<u32>, HashMap<Name, BTreeSet<u32>>)>,
 }
 
 impl LabelIndex {
     fn add(&mut self, ep: u32, labels: &Labels) {
-        for (k, v) in labels {
-            self.by_pair.entry((k.clone(), v.clone())).or_default().insert(ep);
-            self.by_key.entry(k.clone()).or_default().insert(ep);
+        for (k, v) in labels.iter() {
+            let (all, by_value) = self.keys.entry(k.clone()).or_default();
+            all.insert(ep);
+            by_value.entry(v.clone()).or_default().insert(ep);
         }
     }
 
     fn remove(&mut self, ep: u32, labels: &Labels) {
-        for (k, v) in labels {
-            let pair = (k.clone(), v.clone());
-            if let Some(s) = self.by_pair.get_mut(&pair) {
+        for (k, v) in labels.iter() {
+            let Some((all, by_value)) = self.keys.get_mut(k) else {
+                continue;
+            };
+            all.remove(&ep);
+            if let Some(s) = by_value.get_mut(v) {
                 s.remove(&ep);
                 if s.is_empty() {
-                    self.by_pair.remove(&pair);
+                    by_value.remove(v);
                 }
             }
-            if let Some(s) = self.by_key.get_mut(k) {
-                s.remove(&ep);
-                if s.is_empty() {
-                    self.by_key.remove(k);
-                }
+            if all.is_empty() {
+                self.keys.remove(k);
             }
         }
     }
@@ -63,18 +65,22 @@ impl LabelIndex {
     /// Endpoints that can match `e`, or None when the selector cannot be narrowed (it may match endpoints
     /// lacking every label it names, as `!=`, `not in`, `!` and `all()` do).
     fn candidates(&self, e: &Expr) -> Option<BTreeSet<u32>> {
-        let pair = |k: &String, v: &String| {
-            self.by_pair
-                .get(&(k.clone(), v.clone()))
+        let pair = |k: &str, v: &str| {
+            self.keys
+                .get(k)
+                .and_then(|(_, by_value)| by_value.get(v))
                 .cloned()
                 .unwrap_or_default()
         };
         match e {
             Expr::Eq(k, v) => Some(pair(k, v)),
             Expr::In(k, vs) => Some(vs.iter().flat_map(|v| pair(k, v)).collect()),
-            Expr::Has(k) | Expr::Contains(k, _) | Expr::StartsWith(k, _) | Expr::EndsWith(k, _) => {
-                Some(self.by_key.get(k).cloned().unwrap_or_default())
-            }
+            Expr::Has(k) | Expr::Contains(k, _) | Expr::StartsWith(k, _) | Expr::EndsWith(k, _) => Some(
+                self.keys
+                    .get(k.as_str())
+                    .map(|(all, _)| all.clone())
+                    .unwrap_or_default(),
+            ),
             Expr::And(es) => es
                 .iter()
                 .filter_map(|x| self.candidates(x))
