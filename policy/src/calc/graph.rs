@@ -31,9 +31,11 @@ use crate::world::{Endpoint, Labels, NetworkSet, ServiceBackends, World};
 /// `world.endpoints` (small integers, not keys: the index costs a few bytes per label of each endpoint).
 #[derive(Debug, Default)]
 struct LabelIndex {
-    /// Key -> (endpoints with the key, value -> endpoints with that value).
-    keys: HashMap<Name, (BTreeSet<u32>, HashMap<Name, BTreeSet<u32>>)>,
+    keys: HashMap<Name, KeyIndex>,
 }
+
+/// One label key: the endpoints that have it, and those with each of its values.
+type KeyIndex = (BTreeSet<u32>, HashMap<Name, BTreeSet<u32>>);
 
 impl LabelIndex {
     fn add(&mut self, ep: u32, labels: &Labels) {
