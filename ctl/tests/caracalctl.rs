@@ -110,12 +110,7 @@ fn matrix_of_services_scenarios_meets_the_contract_table() {
             let p: u16 = p.parse().expect("port");
             let cell = results
                 .iter()
-                .find(|c| {
-                    c["from"] == *from
-                        && c["to"] == *to
-                        && c["port"] == p
-                        && c["protocol"] == proto
-                })
+                .find(|c| c["from"] == *from && c["to"] == *to && c["port"] == p && c["protocol"] == proto)
                 .unwrap_or_else(|| panic!("{}: no cell {from} -> {to} {port}", s.name));
             assert_eq!(cell["allowed"], *allowed, "{}: {from} -> {to} {port}", s.name);
         }
