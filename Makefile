@@ -100,6 +100,7 @@ test: deps controlplane lint
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
 bench: deps controlplane cni-plugins
 	$(CARGO) bench --locked -p caracal-operator --bench operator
+	$(CARGO) build --locked --release -p caracal-node --bin caracal-node
 	$(CARGO) bench --locked -p caracal-node --bench policy
 	$(CARGO) build --locked --release -p caracal-typha --bin caracal-typha
 	$(CARGO) bench --locked -p caracal-typha --bench typha

@@ -23,6 +23,9 @@ use super::wire::{self, PodWiring};
 use crate::ipam::node::{NodeIpam, attr};
 use crate::netlink::Netlink;
 
+/// How many netlink connections the server uses for the host side of its pods.
+const CONNECTIONS: usize = 4;
+
 /// The handle of a container's allocation (Calico's `k8s-pod-network.<id>` form).
 pub fn handle_of(container_id: &str) -> String {
     format!("caracal.{container_id}")
@@ -53,9 +56,24 @@ impl CniServer {
         }
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)?;
+        // Netlink connections of the server's own, taken in turn: a pod's host-side requests queue neither
+        // behind routing's dumps on the agent's connection nor behind every other pod's.
+        let mut pool = Vec::new();
+        for _ in 0..CONNECTIONS {
+            match Netlink::open(self.node.netns()).await {
+                Ok(nl) => pool.push(nl),
+                Err(e) => warn!(error = %e, "opening a netlink connection for the CNI server"),
+            }
+        }
+        if pool.is_empty() {
+            pool.push(self.node.clone());
+        }
+        let mut turn = 0usize;
         loop {
             let (stream, _) = listener.accept().await?;
-            let me = self.clone();
+            let mut me = self.clone();
+            me.node = pool[turn % pool.len()].clone();
+            turn = turn.wrapping_add(1);
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();

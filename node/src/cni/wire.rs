@@ -74,28 +74,44 @@ pub fn pod_route(ip: IpAddr, index: u32) -> OwnedRoute {
     }
 }
 
+/// The loopback device's index: the same in every network namespace.
+const LOOPBACK_INDEX: u32 = 1;
+
 /// Creates the pair and configures both ends. An existing host side of the same name is replaced unless
 /// it already is exactly this wiring (a repeated ADD), in which case nothing changes.
+///
+/// Every link, address and route change takes the kernel's RTNL lock, which concurrent ADDs (and DELs)
+/// take turns for, so the wiring asks for as few of them as it can: an IPv4 pair's host side is created
+/// up, and the pod side's one link lookup gives its index, its MAC and the host side's index.
 pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
+    let t0 = std::time::Instant::now();
     let ips = hosts(&w.ips);
-    if let Some((host, eth)) = existing(node, w, &ips).await? {
-        // A repeated ADD (perhaps after an agent killed mid-ADD): finish the host side, answer the same.
-        host_side(node, w, &ips).await?;
-        return Ok(Wired {
-            host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
-            pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
-        });
+    let host = node.link(&w.host_iface).await?;
+    let t_lookup = t0.elapsed();
+    if let Some(host) = host {
+        if let Some(eth) = pod_side(w, &ips).await? {
+            // A repeated ADD (perhaps after an agent killed mid-ADD): finish the host side, answer the same.
+            host_side(node, w, &ips, Some(host.header.index), false).await?;
+            return Ok(Wired {
+                host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
+                pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
+            });
+        }
+        // A stale or half-made pair: replaced.
+        netlink::del_link_alone(node.netns(), &w.host_iface).await?;
     }
-    node.del_link(&w.host_iface).await?;
     let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
         path: w.netns.clone(),
         source,
     })?;
-    node.add_veth_into(&w.host_iface, &w.ifname, &pod_ns, w.mtu, HOST_MAC)
+    // With IPv6, the host side comes up only once duplicate address detection is off on it (below).
+    let v6 = ips.iter().any(|ip| ip.addr().is_ipv6());
+    node.add_veth_into(&w.host_iface, &w.ifname, &pod_ns, w.mtu, HOST_MAC, !v6)
         .await?;
+    let t_veth = t0.elapsed();
     // Pod side.
     let pod = Netlink::open(Some(&w.netns)).await?;
-    let v6 = ips.iter().any(|ip| ip.addr().is_ipv6());
+    let t_open = t0.elapsed();
     if v6 {
         // Before the address exists: no duplicate address detection, so it is usable at once.
         netlink::sysctls(
@@ -107,9 +123,12 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         )
         .await?;
     }
-    let lo = pod.index("lo").await?;
-    pod.set_up(lo, None).await?;
-    let eth = pod.index(&w.ifname).await?;
+    pod.set_up(LOOPBACK_INDEX, None).await?;
+    let eth_link = pod
+        .link(&w.ifname)
+        .await?
+        .ok_or_else(|| NetlinkError::NoLink(w.ifname.clone()))?;
+    let eth = eth_link.header.index;
     for ip in &ips {
         pod.add_addr(eth, *ip).await?;
     }
@@ -124,7 +143,7 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         )
         .await?;
     }
-    // The IPv6 default route last: `existing` takes the default routes as the sign of a complete pod side.
+    // The IPv6 default route last: `pod_side` takes the default routes as the sign of a complete pod side.
     for ip in ips
         .iter()
         .filter(|ip| ip.addr().is_ipv4())
@@ -132,22 +151,34 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
     {
         pod.add_default_via(gateway(ip), eth).await?;
     }
-    let pod_mac = pod
-        .link(&w.ifname)
-        .await?
-        .as_ref()
-        .and_then(netlink::link_mac)
-        .unwrap_or_default();
-    host_side(node, w, &ips).await?;
+    let t_pod = t0.elapsed();
+    // A veth end's link is its peer's index (in the peer's namespace: here, the node's).
+    host_side(node, w, &ips, netlink::link_peer(&eth_link), !v6).await?;
+    tracing::debug!(
+        iface = %w.host_iface,
+        lookup_us = t_lookup.as_micros() as u64,
+        veth_us = (t_veth - t_lookup).as_micros() as u64,
+        open_us = (t_open - t_veth).as_micros() as u64,
+        pod_us = (t_pod - t_open).as_micros() as u64,
+        host_us = (t0.elapsed() - t_pod).as_micros() as u64,
+        "wired"
+    );
     Ok(Wired {
         host_mac: mac_text(HOST_MAC),
-        pod_mac: mac_text(pod_mac),
+        pod_mac: mac_text(netlink::link_mac(&eth_link).unwrap_or_default()),
     })
 }
 
 /// The host side: answer ARP for the gateway (proxy ARP, no delay), up, the pod's addresses routed to it.
 /// Idempotent, and without dumps (one write each), so concurrent ADDs do not queue behind each other.
-async fn host_side(node: &Netlink, w: &PodWiring, ips: &[IpNet]) -> Result<(), WireError> {
+/// `index` is the host side's when known (looked up otherwise); `up` says it already is.
+async fn host_side(
+    node: &Netlink,
+    w: &PodWiring,
+    ips: &[IpNet],
+    index: Option<u32>,
+    up: bool,
+) -> Result<(), WireError> {
     let mut settings = vec![
         (
             format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
@@ -166,8 +197,13 @@ async fn host_side(node: &Netlink, w: &PodWiring, ips: &[IpNet]) -> Result<(), W
         ));
     }
     netlink::sysctls(node.netns(), settings).await?;
-    let host = node.index(&w.host_iface).await?;
-    node.set_up(host, None).await?;
+    let host = match index {
+        Some(i) => i,
+        None => node.index(&w.host_iface).await?,
+    };
+    if !up {
+        node.set_up(host, None).await?;
+    }
     for ip in ips {
         node.replace_route(&pod_route(ip.addr(), host), PROTO_CARACAL)
             .await?;
@@ -184,6 +220,11 @@ async fn existing(
     let Some(host) = node.link(&w.host_iface).await? else {
         return Ok(None);
     };
+    Ok(pod_side(w, ips).await?.map(|eth| (host, eth)))
+}
+
+/// The pod side when it is complete: it exists and holds every address and default route.
+async fn pod_side(w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, WireError> {
     if !Path::new(&w.netns).exists() {
         return Ok(None);
     }
@@ -207,7 +248,7 @@ async fn existing(
     if !defaults {
         return Ok(None);
     }
-    Ok(Some((host, eth)))
+    Ok(Some(eth))
 }
 
 /// The existing wiring when it is complete and matches `w` (host side with the pod routes, the pod side
@@ -231,7 +272,8 @@ pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireE
 }
 
 /// Removes the pod's veth (both ends go with the host side); absent is fine, so DEL is idempotent and
-/// works after the pod's namespace is gone.
+/// works after the pod's namespace is gone. On a socket of its own ([`netlink::del_link_alone`]): the
+/// kernel's teardown waits of concurrent DELs overlap instead of queueing on the agent's connection.
 pub async fn del(node: &Netlink, host_iface: &str) -> Result<bool, WireError> {
-    Ok(node.del_link(host_iface).await?)
+    Ok(netlink::del_link_alone(node.netns(), host_iface).await?)
 }
