@@ -168,7 +168,7 @@ impl Allocator {
                 continue;
             }
             // 2. Claim a new block: whoever creates its IPAMBlock first owns it.
-            if !self.claim(v4, node_labels).await? {
+            if self.claim(v4, node_labels).await?.is_none() {
                 return Err(AllocError::Exhausted {
                     node: self.node.clone(),
                 });
@@ -177,12 +177,13 @@ impl Allocator {
         Err(AllocError::Contended(MAX_CONFLICTS))
     }
 
-    /// Claims the first unclaimed block of a usable pool; false when there is none.
+    /// Claims the first unclaimed block of a usable pool: the block as created (or as read, when another
+    /// task of this node created it first); None when there is none.
     pub(crate) async fn claim(
         &self,
         v4: bool,
         node_labels: &BTreeMap<String, String>,
-    ) -> Result<bool, AllocError> {
+    ) -> Result<Option<IPAMBlock>, AllocError> {
         let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
         let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
         let existing: std::collections::BTreeSet<String> = blocks
@@ -223,7 +224,7 @@ impl Allocator {
                 };
                 let block = IPAMBlock::new(&name, Block::new(cidr, Some(self.affinity())).to_spec());
                 match blocks.create(&PostParams::default(), &block).await {
-                    Ok(_) => {
+                    Ok(created) => {
                         if let Some(mut confirmed) = aff {
                             confirmed.spec.state = AffinityState::Confirmed;
                             match affinities
@@ -236,17 +237,18 @@ impl Allocator {
                                 Err(e) => return Err(AllocError::Api("confirming a BlockAffinity", e)),
                             }
                         }
-                        return Ok(true);
+                        return Ok(Some(created));
                     }
                     Err(e) if conflict(&e) => {
                         // Someone created the block first. If it was this node (another task), it is ours.
-                        let owner = blocks
+                        let current = blocks
                             .get_opt(&name)
                             .await
-                            .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?
-                            .and_then(|b| b.spec.affinity);
-                        if owner.as_deref() == Some(&self.affinity()) {
-                            return Ok(true);
+                            .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?;
+                        if let Some(b) = current
+                            && b.spec.affinity.as_deref() == Some(&self.affinity())
+                        {
+                            return Ok(Some(b));
                         }
                         // Another node won: drop our pending claim and try the next block.
                         let _ = affinities.delete(&aff_name, &Default::default()).await;
@@ -255,7 +257,7 @@ impl Allocator {
                 }
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Releases `ip` wherever it is held (idempotent).

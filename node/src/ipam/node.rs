@@ -13,7 +13,8 @@
 //!   what the API holds. (A node that loses power loses its pods too, so the journal is not fsynced.)
 //! - **A committer.** In the background, assignments become real holders in the `IPAMBlock` (the reserve
 //!   record is handed to the pod's handle) with an `IPAMHandle` per pod, and releases free their
-//!   addresses, batched per block with compare-and-swap.
+//!   addresses, batched per block with compare-and-swap. It writes once changes have paused for 50 ms (at
+//!   most 2 s after the first), so a burst of pods is not slowed by its own API writes.
 //! - **Both families.** A pod gets one address of each family that has an enabled pool selecting its node
 //!   (IPv4, IPv6, or both); the reserve holds addresses of each family, refilled per family.
 //! - **Few reads.** The last version of each block this node read or wrote is kept: the committer and the
@@ -125,7 +126,20 @@ struct State {
     exhausted: bool,
     /// When the assignments of the last second were made (the reserve's target follows the rate).
     recent: VecDeque<Instant>,
+    /// The highest target a refill aimed for within [`PEAK_MEMORY`], and when: empty blocks are released
+    /// only down to what it needs, so the next burst like it finds its blocks instead of claiming them.
+    peak: Option<(Instant, usize)>,
+    /// When a handle was last assigned or released (the committer waits for a quiet moment).
+    last_change: Option<Instant>,
 }
+
+/// How long the reserve's peak target is remembered after a burst.
+const PEAK_MEMORY: Duration = Duration::from_secs(600);
+
+/// The committer writes once no assignment or release has come for this long...
+const COMMIT_QUIET: Duration = Duration::from_millis(50);
+/// ...or this long after the first change it waits for, whichever is first.
+const COMMIT_GATHER_MAX: Duration = Duration::from_secs(2);
 
 fn family_index(ip: &IpAddr) -> usize {
     usize::from(ip.is_ipv6())
@@ -169,12 +183,34 @@ impl State {
         }
     }
 
-    /// The reserve's target per family: the configured size, or twice the assignments of the last second
-    /// when pods arrive faster (a burst is served from memory while the reserve refills), at most four times
-    /// the configured size.
-    fn target(&self, configured: usize) -> usize {
+    /// Remembers `target` as the peak when it is the highest within [`PEAK_MEMORY`].
+    fn note_target(&mut self, target: usize, now: Instant) {
+        if self.peak_target(now) <= target {
+            self.peak = Some((now, target));
+        }
+    }
+
+    /// The peak target remembered at `now` (0 when none, or older than [`PEAK_MEMORY`]).
+    fn peak_target(&self, now: Instant) -> usize {
+        self.peak
+            .filter(|(at, _)| now.duration_since(*at) <= PEAK_MEMORY)
+            .map_or(0, |(_, t)| t)
+    }
+
+    /// The reserve's target per family at `now`: the configured size, or twice the current rate of
+    /// assignments per second when pods arrive faster (a burst is served from memory while the reserve
+    /// refills), at most four times the configured size. The rate is the last second's assignments over the
+    /// time since the oldest of them, at least a quarter second, so the target rises within the first few
+    /// dozen pods of a burst instead of a second later.
+    fn target(&self, configured: usize, now: Instant) -> usize {
         let configured = configured.max(1);
-        configured.max(2 * self.recent.len()).min(4 * configured)
+        let span = self
+            .recent
+            .front()
+            .map_or(Duration::ZERO, |t| now.duration_since(*t))
+            .max(Duration::from_millis(250));
+        let rate = self.recent.len() as f64 / span.as_secs_f64();
+        configured.max((2.0 * rate).ceil() as usize).min(4 * configured)
     }
 }
 
@@ -216,6 +252,8 @@ struct Inner {
     block_writes: Mutex<()>,
     commit_kick: Notify,
     refill_kick: Notify,
+    /// Woken (all waiters) when a refill adds addresses to the reserve, and when a refill ends.
+    published: Notify,
     /// The last version seen of the blocks this node works with (own, borrowed from, holding its
     /// addresses), by name: the first attempt of a write starts from it instead of a list.
     blocks: std::sync::Mutex<BTreeMap<String, IPAMBlock>>,
@@ -275,6 +313,7 @@ impl NodeIpam {
             block_writes: Mutex::new(()),
             commit_kick: Notify::new(),
             refill_kick: Notify::new(),
+            published: Notify::new(),
             blocks: std::sync::Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
         });
@@ -392,6 +431,10 @@ impl NodeIpam {
         // Refills in the request's path (the reserve ran dry); other requests may take what one brought.
         let mut refills = 0;
         loop {
+            // Registered before looking, so addresses published meanwhile are not missed.
+            let published = self.inner.published.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
             {
                 let mut st = self.inner.state.lock().await;
                 if let Some(h) = st.held.get(handle) {
@@ -427,8 +470,10 @@ impl NodeIpam {
                             committed: false,
                         },
                     );
-                    st.note_assignment(Instant::now());
-                    if st.low(st.target(self.inner.cfg.reserve)) {
+                    let now = Instant::now();
+                    st.note_assignment(now);
+                    st.last_change = Some(now);
+                    if st.low(st.target(self.inner.cfg.reserve, now)) {
                         self.inner.refill_kick.notify_one();
                     }
                     self.inner.commit_kick.notify_one();
@@ -444,9 +489,28 @@ impl NodeIpam {
                     .into());
                 }
             }
+            // A refill under way publishes each block write's addresses as it lands: wait for those rather
+            // than for the whole refill (which may claim several blocks). With none under way, refill.
+            let refilling = self.inner.refill_lock.try_lock().is_err();
+            if refilling {
+                let _ = tokio::time::timeout(Duration::from_secs(1), published).await;
+                continue;
+            }
             self.refill_families(family.map(|f| vec![f])).await?;
             refills += 1;
         }
+    }
+
+    /// Adds freshly reserved addresses to the reserve and wakes the requests waiting for some.
+    async fn publish(&self, ips: &[IpAddr]) {
+        if ips.is_empty() {
+            return;
+        }
+        let mut st = self.inner.state.lock().await;
+        st.reserve.extend(ips.iter().copied());
+        st.exhausted = false;
+        drop(st);
+        self.inner.published.notify_waiters();
     }
 
     /// Releases what `handle` holds (nothing held is fine: DEL is idempotent). Returns the addresses.
@@ -463,6 +527,7 @@ impl NodeIpam {
             st.releasing.insert(*ip, handle.to_owned());
         }
         st.missing_since.remove(handle);
+        st.last_change = Some(Instant::now());
         self.inner.commit_kick.notify_one();
         self.changed();
         Ok(h.ips)
@@ -532,8 +597,8 @@ impl NodeIpam {
     }
 
     /// Releases this node's blocks that hold nothing but its reserve, as long as the reserve left in its
-    /// other blocks plus their free addresses still cover the reserve target (so releasing never forces a new
-    /// claim: no churn). Deletes each with a resourceVersion precondition, then its BlockAffinity. Returns the
+    /// other blocks plus their free addresses still cover the reserve target, or the highest target of the
+    /// last ten minutes after a burst (so releasing never forces a new claim: no churn). Deletes each with a resourceVersion precondition, then its BlockAffinity. Returns the
     /// released blocks.
     pub async fn release_empty_blocks(&self) -> Result<Vec<String>, IpamError> {
         let node = &self.inner.cfg.node;
@@ -576,7 +641,8 @@ impl NodeIpam {
                 .filter(|b| b.spec.cidr.is_ipv4() == v4)
                 .map(|b| b.spec.unallocated.len())
                 .sum();
-            if st.reserved_in(usize::from(!v4)) - ours.len() + free_elsewhere < self.inner.cfg.reserve {
+            let keep = self.inner.cfg.reserve.max(st.peak_target(Instant::now()));
+            if st.reserved_in(usize::from(!v4)) - ours.len() + free_elsewhere < keep {
                 continue;
             }
             let precondition = kube::api::Preconditions {
@@ -627,8 +693,10 @@ impl NodeIpam {
         let _one = self.inner.refill_lock.lock().await;
         let allowed = |f: usize| only.as_ref().is_none_or(|o| o.contains(&f));
         let (target, needs) = {
-            let st = self.inner.state.lock().await;
-            let target = st.target(self.inner.cfg.reserve);
+            let mut st = self.inner.state.lock().await;
+            let now = Instant::now();
+            let target = st.target(self.inner.cfg.reserve, now);
+            st.note_target(target, now);
             let low = |f: usize| {
                 let have = st.reserved_in(f);
                 have == 0 || have * 4 < target * 3
@@ -659,15 +727,17 @@ impl NodeIpam {
                 self.reserve_more(target - have, f == 0, &labels).await?
             };
             got_total += got.len();
-            let mut st = self.inner.state.lock().await;
+            let st = self.inner.state.lock().await;
             if got.is_empty() && st.reserved_in(f) == 0 && (serves || f == 0) {
                 exhausted = true;
             }
-            st.reserve.extend(got);
         }
         let mut st = self.inner.state.lock().await;
         st.families = Some(served);
         st.exhausted = exhausted;
+        drop(st);
+        // Requests waiting on this refill look again: the families are known now, or nothing was found.
+        self.inner.published.notify_waiters();
         tracing::debug!(
             got = got_total,
             target,
@@ -756,6 +826,8 @@ impl NodeIpam {
                 {
                     Ok(written) => {
                         self.remember(&written);
+                        // Usable at once: requests waiting on this refill need not wait for the rest of it.
+                        self.publish(&ips).await;
                         if borrow {
                             info!(block = %obj.spec.cidr, count = ips.len(), "borrowed addresses from another node's block: the pools are exhausted");
                             // One borrow per refill: the next refill looks again (the owner may free some).
@@ -781,7 +853,10 @@ impl NodeIpam {
             // Own blocks are full: claim another (within one refill, as many as the reserve needs).
             if !borrow && claims < 4 {
                 claims += 1;
-                if self.inner.alloc.claim(v4, node_labels).await? {
+                if let Some(claimed) = self.inner.alloc.claim(v4, node_labels).await? {
+                    // The new block is known as created: reserve in it without listing again.
+                    self.remember(&claimed);
+                    cached = true;
                     continue;
                 }
             }
@@ -814,8 +889,17 @@ impl NodeIpam {
     async fn commit_loop(self) {
         loop {
             self.inner.commit_kick.notified().await;
-            // Let concurrent requests gather into one write per block.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Concurrent requests gather into one write per block, and a burst of pods passes before its API
+            // writes (an IPAMHandle per pod costs the API server more CPU than the rest of an ADD): the
+            // journal holds them meanwhile, and the addresses are this node's reserve's in the API already.
+            let first = Instant::now();
+            loop {
+                tokio::time::sleep(COMMIT_QUIET).await;
+                let last = self.inner.state.lock().await.last_change;
+                if last.is_none_or(|t| t.elapsed() >= COMMIT_QUIET) || first.elapsed() >= COMMIT_GATHER_MAX {
+                    break;
+                }
+            }
             if let Err(e) = self.commit().await {
                 warn!(error = %e, "writing IPAM changes to the API failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1150,4 +1234,42 @@ async fn load(client: &Client, node: &str, records: Vec<Record>) -> Result<State
         "IPAM state loaded"
     );
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_target_follows_the_rate_of_a_burst_within_its_first_pods() {
+        let mut st = State::default();
+        let t0 = Instant::now();
+        assert_eq!(st.target(32, t0), 32, "idle: the configured size");
+        // A slow trickle (one pod a second) keeps the configured size.
+        st.note_assignment(t0);
+        assert_eq!(st.target(32, t0 + Duration::from_millis(10)), 32);
+        // 20 pods within 80 ms (a burst at 250 per second): the cap, at once.
+        let mut st = State::default();
+        for i in 0..20 {
+            st.note_assignment(t0 + Duration::from_millis(4 * i));
+        }
+        assert_eq!(st.target(32, t0 + Duration::from_millis(80)), 128);
+        // 24 pods spread over a second: twice 24 per second.
+        let mut st = State::default();
+        for i in 0..24 {
+            st.note_assignment(t0 + Duration::from_millis(40 * i));
+        }
+        assert_eq!(st.target(32, t0 + Duration::from_millis(960)), 50);
+    }
+
+    #[test]
+    fn the_peak_target_is_remembered_for_ten_minutes() {
+        let mut st = State::default();
+        let t0 = Instant::now();
+        assert_eq!(st.peak_target(t0), 0);
+        st.note_target(128, t0);
+        st.note_target(40, t0 + Duration::from_secs(1));
+        assert_eq!(st.peak_target(t0 + Duration::from_secs(60)), 128);
+        assert_eq!(st.peak_target(t0 + PEAK_MEMORY + Duration::from_secs(1)), 0);
+    }
 }
