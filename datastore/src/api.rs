@@ -18,8 +18,11 @@ fn key(o: &DynamicObject) -> String {
     }
 }
 
-fn document(o: &DynamicObject, api_version: &str, kind: &str) -> serde_json::Value {
-    let mut v = serde_json::to_value(o).unwrap_or_default();
+/// The object as a document. `managedFields` (server-side apply's bookkeeping, often half a pod's JSON) is
+/// dropped first: nothing on a node reads it, and every node would otherwise decode and queue it.
+fn document(mut o: DynamicObject, api_version: &str, kind: &str) -> serde_json::Value {
+    o.metadata.managed_fields = None;
+    let mut v = serde_json::to_value(&o).unwrap_or_default();
     v["apiVersion"] = api_version.into();
     v["kind"] = kind.into();
     v
@@ -46,7 +49,7 @@ pub fn watch(client: Client, tx: mpsc::Sender<Update>) -> Vec<tokio::task::JoinH
                         Ok(Event::InitApply(o) | Event::Apply(o)) => Update::Upsert {
                             kind: id.clone(),
                             key: key(&o),
-                            object: document(&o, api_version, kind),
+                            object: document(o, api_version, kind),
                         },
                         Ok(Event::Delete(o)) => Update::Delete {
                             kind: id.clone(),

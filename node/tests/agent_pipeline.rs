@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use caracal_datastore::Update;
 use caracal_node::agent::pipeline::Pipeline;
 use caracal_node::cni::host_iface;
+use caracal_node::dataplane::Family;
+use caracal_node::dataplane::iptables::render;
 use caracal_policy::calc::{compute, local_endpoints};
 use caracal_policy::decode::{Input, POLICY_KINDS, decode, fail_closed_input};
 use caracal_policy::load::WorldBuilder;
@@ -386,14 +388,39 @@ fn changes_name_exactly_what_a_rendering_must_rewrite() {
     }
     let mut before = p.model().clone();
     let _ = p.take_changes();
+    let families = [Family::V4, Family::V6];
+    let mut renderings = families.map(|f| render::render_family(&before, f));
     for step in 0..1500 {
         apply(&mut p, &mut store, &mut rng);
         let changes = p.take_changes();
         let after = p.model();
         for (k, v) in &after.sets {
+            let old = before.sets.get(k);
+            match (changes.sets.contains(k), changes.members.get(k), old) {
+                (true, _, _) => {}
+                (false, None, Some(o)) => {
+                    assert!(o == v, "step {step}: set {k:?} changed without being reported")
+                }
+                (false, Some(d), Some(o)) => {
+                    let mut patched = o.clone();
+                    patched.nets.retain(|n| !d.removed.nets.contains(n));
+                    patched.ip_ports.retain(|x| !d.removed.ip_ports.contains(x));
+                    patched.nets.extend(d.added.nets.iter().copied());
+                    patched.ip_ports.extend(d.added.ip_ports.iter().copied());
+                    assert!(
+                        &patched == v,
+                        "step {step}: set {k:?}: the reported members are not the change"
+                    );
+                }
+                (false, _, None) => panic!("step {step}: set {k:?} added without being reported"),
+            }
+        }
+        // What a backend does with the changes gives what a full rendering gives.
+        for (f, d) in families.iter().zip(renderings.iter_mut()) {
+            render::render_changes(d, after, &changes, *f);
             assert!(
-                before.sets.get(k) == Some(v) || changes.sets.contains(k),
-                "step {step}: set {k:?} changed without being reported"
+                *d == render::render_family(after, *f),
+                "step {step}: {f:?}: patching the rendering with the changes differs from rendering anew"
             );
         }
         for k in before.sets.keys().filter(|k| !after.sets.contains_key(*k)) {

@@ -76,7 +76,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(caracal_datastore::http::serve(health, status.clone())),
         tokio::spawn(caracal_datastore::http::serve(metrics, status.clone())),
     ];
-    let (tx, rx) = mpsc::channel(4096);
+    // A short queue: during the initial list of a large cluster the watches wait for the agent rather than
+    // pile up thousands of documents (each a few KiB of JSON) that the allocator then keeps.
+    let (tx, rx) = mpsc::channel(256);
     // IPAM writes to the API server whether the datastore comes from it or from Typha.
     let client = kube::Client::try_default()
         .await

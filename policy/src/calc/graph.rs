@@ -105,8 +105,11 @@ fn slot(i: usize) -> u32 {
 /// these and keeps the rest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Sets added, removed, or whose members changed.
+    /// Sets added or removed (rendered whole).
     pub sets: BTreeSet<SetKey>,
+    /// Members added to and removed from sets that existed before and still exist (not in `sets`): a
+    /// backend writes only these, so a pod joining a set of 10,000 costs one member, not 10,000.
+    pub members: BTreeMap<SetKey, MemberDelta>,
     /// Policies added, removed, or whose rules changed.
     pub policies: BTreeSet<String>,
     /// Local endpoint interfaces added, removed, or whose tiers changed.
@@ -116,14 +119,70 @@ pub struct Changes {
 impl Changes {
     /// Nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.sets.is_empty() && self.policies.is_empty() && self.endpoints.is_empty()
+        self.sets.is_empty()
+            && self.members.is_empty()
+            && self.policies.is_empty()
+            && self.endpoints.is_empty()
     }
 
-    /// Adds `other`'s changes to these.
+    /// Adds `other`'s changes (which came after these) to these.
     pub fn merge(&mut self, other: Changes) {
-        self.sets.extend(other.sets);
+        for key in other.sets {
+            self.members.remove(&key);
+            self.sets.insert(key);
+        }
+        for (key, delta) in other.members {
+            self.add_delta(key, delta.added, delta.removed);
+        }
         self.policies.extend(other.policies);
         self.endpoints.extend(other.endpoints);
+    }
+
+    /// Records members added to and removed from `key`, after what is recorded already.
+    fn add_delta(&mut self, key: SetKey, added: SetMembers, removed: SetMembers) {
+        if self.sets.contains(&key) {
+            return;
+        }
+        let d = self.members.entry(key.clone()).or_default();
+        for n in added.nets {
+            if !d.removed.nets.remove(&n) {
+                d.added.nets.insert(n);
+            }
+        }
+        for p in added.ip_ports {
+            if !d.removed.ip_ports.remove(&p) {
+                d.added.ip_ports.insert(p);
+            }
+        }
+        for n in removed.nets {
+            if !d.added.nets.remove(&n) {
+                d.removed.nets.insert(n);
+            }
+        }
+        for p in removed.ip_ports {
+            if !d.added.ip_ports.remove(&p) {
+                d.removed.ip_ports.insert(p);
+            }
+        }
+        if d.added == SetMembers::default() && d.removed == SetMembers::default() {
+            self.members.remove(&key);
+        }
+    }
+}
+
+/// What changed in one set's members.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberDelta {
+    /// Members that joined.
+    pub added: SetMembers,
+    /// Members that left.
+    pub removed: SetMembers,
+}
+
+fn difference(a: &SetMembers, b: &SetMembers) -> SetMembers {
+    SetMembers {
+        nets: a.nets.difference(&b.nets).copied().collect(),
+        ip_ports: a.ip_ports.difference(&b.ip_ports).copied().collect(),
     }
 }
 
@@ -277,9 +336,12 @@ impl CalcGraph {
             return;
         }
         let m = self.compute_set(key);
-        if self.model.sets.get(key) != Some(&m) {
+        if let Some(old) = self.model.sets.get(key)
+            && *old != m
+        {
+            let (added, removed) = (difference(&m, old), difference(old, &m));
             self.model.sets.insert(key.clone(), m);
-            self.changes.sets.insert(key.clone());
+            self.changes.add_delta(key.clone(), added, removed);
         }
     }
 
@@ -298,6 +360,7 @@ impl CalcGraph {
             if *n == 1 {
                 let m = self.compute_set(&key);
                 self.model.sets.insert(key.clone(), m);
+                self.changes.members.remove(&key);
                 self.changes.sets.insert(key);
             }
         }
@@ -310,6 +373,7 @@ impl CalcGraph {
                 if *n == 0 {
                     self.set_refs.remove(&key);
                     self.model.sets.remove(&key);
+                    self.changes.members.remove(&key);
                     self.changes.sets.insert(key);
                 }
             }
@@ -330,11 +394,11 @@ impl CalcGraph {
             let only_additions = was.nets.is_subset(&is.nets) && was.ip_ports.is_subset(&is.ip_ports);
             if only_additions {
                 if let Some(set) = self.model.sets.get_mut(&key) {
-                    let before = (set.nets.len(), set.ip_ports.len());
-                    set.nets.extend(is.nets);
-                    set.ip_ports.extend(is.ip_ports);
-                    if (set.nets.len(), set.ip_ports.len()) != before {
-                        self.changes.sets.insert(key);
+                    let added = difference(&is, set);
+                    set.nets.extend(added.nets.iter().copied());
+                    set.ip_ports.extend(added.ip_ports.iter().copied());
+                    if added != SetMembers::default() {
+                        self.changes.add_delta(key, added, SetMembers::default());
                     }
                 }
             } else {

@@ -219,8 +219,7 @@ impl Iptables {
             .sets
             .iter()
             .filter(|(name, set)| {
-                let want: BTreeSet<String> = set.members.iter().cloned().collect();
-                !matches!(current_sets.get(*name), Some((kind, have)) if kind == set.kind && *have == want)
+                !matches!(current_sets.get(*name), Some((kind, have)) if kind == set.kind && *have == set.members)
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -299,12 +298,10 @@ impl Iptables {
                 (None, None) => {}
                 (Some(o), Some(n)) if o == n => {}
                 (Some(o), Some(n)) if o.kind == n.kind => {
-                    let (was, is): (BTreeSet<&String>, BTreeSet<&String>) =
-                        (o.members.iter().collect(), n.members.iter().collect());
-                    for m in is.difference(&was) {
+                    for m in n.members.difference(&o.members) {
                         script.push_str(&format!("add {name} {m} -exist\n"));
                     }
-                    for m in was.difference(&is) {
+                    for m in o.members.difference(&n.members) {
                         script.push_str(&format!("del {name} {m} -exist\n"));
                     }
                     stats.sets_written += 1;
@@ -314,6 +311,16 @@ impl Iptables {
                     stats.sets_written += 1;
                 }
             }
+        }
+        // Sets patched in place: exactly the members that joined or left.
+        for (name, (added, removed)) in &touched.set_deltas {
+            for m in added {
+                script.push_str(&format!("add {name} {m} -exist\n"));
+            }
+            for m in removed {
+                script.push_str(&format!("del {name} {m} -exist\n"));
+            }
+            stats.sets_written += 1;
         }
         let written: Vec<String> = touched
             .chains

@@ -22,7 +22,7 @@
 //! The first rule of every chain is a comment `crc:HASH` of the chain's content, so the applier can tell an
 //! unchanged chain from one it must rewrite, also across an agent restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
@@ -51,7 +51,7 @@ pub struct IpSet {
     /// `hash:net` or `hash:ip,port`.
     pub kind: &'static str,
     /// Members as `ipset save` prints them.
-    pub members: Vec<String>,
+    pub members: BTreeSet<String>,
 }
 
 /// The whole rendering.
@@ -109,35 +109,35 @@ fn protocol_name(p: u8) -> String {
     }
 }
 
+/// The members of `members` in `family`, as `ipset save` prints them.
+fn member_texts(members: &SetMembers, family: Family) -> impl Iterator<Item = String> + '_ {
+    let nets = members
+        .nets
+        .iter()
+        .filter(move |n| Family::of(&n.addr()) == family)
+        .map(move |n| {
+            if n.prefix_len() == family.host_prefix() {
+                n.addr().to_string()
+            } else {
+                n.to_string()
+            }
+        });
+    let ports = members
+        .ip_ports
+        .iter()
+        .filter(move |(ip, _, _)| Family::of(ip) == family)
+        .map(|(ip, proto, port)| format!("{ip},{}:{port}", protocol_name(*proto)));
+    nets.chain(ports)
+}
+
 fn set_members(key: &SetKey, members: &SetMembers, family: Family) -> IpSet {
-    if !key.holds_ports() {
-        let m = members
-            .nets
-            .iter()
-            .filter(|n| Family::of(&n.addr()) == family)
-            .map(|n| {
-                if n.prefix_len() == family.host_prefix() {
-                    n.addr().to_string()
-                } else {
-                    n.to_string()
-                }
-            })
-            .collect();
-        IpSet {
-            kind: "hash:net",
-            members: m,
-        }
-    } else {
-        let m = members
-            .ip_ports
-            .iter()
-            .filter(|(ip, _, _)| Family::of(ip) == family)
-            .map(|(ip, proto, port)| format!("{ip},{}:{port}", protocol_name(*proto)))
-            .collect();
-        IpSet {
-            kind: "hash:ip,port",
-            members: m,
-        }
+    IpSet {
+        kind: if key.holds_ports() {
+            "hash:ip,port"
+        } else {
+            "hash:net"
+        },
+        members: member_texts(members, family).collect(),
     }
 }
 
@@ -441,8 +441,10 @@ pub fn render_family(model: &DataplaneModel, family: Family) -> Desired {
 pub struct Touched {
     /// Chains, with their previous rules.
     pub chains: BTreeMap<String, Option<Vec<String>>>,
-    /// Sets, with their previous members.
+    /// Sets rendered whole, with their previous members.
     pub sets: BTreeMap<String, Option<IpSet>>,
+    /// Sets patched in place: (members added, members removed).
+    pub set_deltas: BTreeMap<String, (Vec<String>, Vec<String>)>,
 }
 
 fn replace<T>(map: &mut BTreeMap<String, T>, name: String, new: Option<T>) -> Option<T> {
@@ -475,12 +477,33 @@ pub fn render_changes(d: &mut Desired, model: &DataplaneModel, changes: &Changes
             chain(d, c, Some(rules));
         }
     }
-    for key in &changes.sets {
+    let mut whole = |d: &mut Desired, key: &SetKey| {
         let name = set_name_in(key, family);
         let new = model.sets.get(key).map(|m| set_members(key, m, family));
         let old = replace(&mut d.sets, name.clone(), new);
         touched.sets.entry(name).or_insert(old);
+    };
+    for key in &changes.sets {
+        whole(d, key);
     }
+    let mut deltas = BTreeMap::new();
+    for (key, delta) in changes.members.iter().filter(|(k, _)| !changes.sets.contains(*k)) {
+        let name = set_name_in(key, family);
+        let Some(set) = d.sets.get_mut(&name) else {
+            whole(d, key);
+            continue;
+        };
+        let added: Vec<String> = member_texts(&delta.added, family)
+            .filter(|m| set.members.insert(m.clone()))
+            .collect();
+        let removed: Vec<String> = member_texts(&delta.removed, family)
+            .filter(|m| set.members.remove(m))
+            .collect();
+        if !added.is_empty() || !removed.is_empty() {
+            deltas.insert(name, (added, removed));
+        }
+    }
+    touched.set_deltas = deltas;
     touched
 }
 
@@ -488,7 +511,16 @@ pub fn render_changes(d: &mut Desired, model: &DataplaneModel, changes: &Changes
 pub fn to_text(d: &Desired) -> String {
     let mut out = String::new();
     for (name, set) in &d.sets {
-        let _ = writeln!(out, "# ipset {name} {}: {}", set.kind, set.members.join(" "));
+        let _ = writeln!(
+            out,
+            "# ipset {name} {}: {}",
+            set.kind,
+            set.members
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     for (chain, rules) in &d.chains {
         let _ = writeln!(out, ":{chain} - [0:0]");
