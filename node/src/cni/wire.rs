@@ -123,7 +123,14 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         )
         .await?;
     }
-    pod.set_up(LOOPBACK_INDEX, None).await?;
+    // The runtime usually has the sandbox's loopback up already: a lookup costs no RTNL turn, a change does.
+    let lo_up = pod
+        .link("lo")
+        .await?
+        .is_some_and(|l| l.header.flags.contains(netlink_packet_route::link::LinkFlags::Up));
+    if !lo_up {
+        pod.set_up(LOOPBACK_INDEX, None).await?;
+    }
     let eth_link = pod
         .link(&w.ifname)
         .await?
@@ -133,16 +140,7 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         pod.add_addr(eth, *ip).await?;
     }
     pod.set_up(eth, None).await?;
-    if ips.iter().any(|ip| ip.addr().is_ipv4()) {
-        pod.replace_route(
-            &OwnedRoute {
-                dst: IpNet::from(IpAddr::V4(GATEWAY)),
-                target: RouteTarget::Dev(eth),
-            },
-            PROTO_CARACAL,
-        )
-        .await?;
-    }
+    // The IPv4 default route is onlink: the gateway needs no route of its own to be resolved on eth0.
     // The IPv6 default route last: `pod_side` takes the default routes as the sign of a complete pod side.
     for ip in ips
         .iter()
