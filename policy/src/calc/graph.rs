@@ -144,28 +144,21 @@ impl Changes {
             return;
         }
         let d = self.members.entry(key.clone()).or_default();
-        for n in added.nets {
-            if !d.removed.nets.remove(&n) {
-                d.added.nets.insert(n);
-            }
-        }
-        for p in added.ip_ports {
-            if !d.removed.ip_ports.remove(&p) {
-                d.added.ip_ports.insert(p);
-            }
-        }
-        for n in removed.nets {
-            if !d.added.nets.remove(&n) {
-                d.removed.nets.insert(n);
-            }
-        }
-        for p in removed.ip_ports {
-            if !d.added.ip_ports.remove(&p) {
-                d.removed.ip_ports.insert(p);
-            }
-        }
+        cancel_or_add(added.nets, &mut d.removed.nets, &mut d.added.nets);
+        cancel_or_add(added.ip_ports, &mut d.removed.ip_ports, &mut d.added.ip_ports);
+        cancel_or_add(removed.nets, &mut d.added.nets, &mut d.removed.nets);
+        cancel_or_add(removed.ip_ports, &mut d.added.ip_ports, &mut d.removed.ip_ports);
         if d.added == SetMembers::default() && d.removed == SetMembers::default() {
             self.members.remove(&key);
+        }
+    }
+}
+
+/// Each item cancels its opposite in `undo` (a member added, then removed) or joins `into`.
+fn cancel_or_add<T: Ord>(items: BTreeSet<T>, undo: &mut BTreeSet<T>, into: &mut BTreeSet<T>) {
+    for x in items {
+        if !undo.remove(&x) {
+            into.insert(x);
         }
     }
 }
