@@ -275,6 +275,107 @@ fn drift_is_repaired_by_the_next_apply() {
     agent.engine.remove_all().expect("clean up");
 }
 
+/// The dispatch rules of `chain` in the kernel, without the hash comment (whose text changes with them).
+fn dispatch_rules(node: &Node, chain: &str) -> std::collections::BTreeSet<String> {
+    node.ns
+        .exec(&["iptables", "-S", chain])
+        .expect("iptables -S")
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("-A {chain} ")))
+        .filter(|r| !r.contains("crc:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The kernel's handles of the rules of `chain` that name an interface other than `iface`: a chain patched
+/// in place keeps them, a rewritten one gets new ones.
+fn other_handles(node: &Node, chain: &str, iface: &str) -> Vec<String> {
+    node.ns
+        .exec(&["nft", "-a", "list", "chain", "ip", "filter", chain])
+        .expect("nft list chain")
+        .lines()
+        .filter(|l| l.contains("iifname") || l.contains("oifname"))
+        .filter(|l| !l.contains(iface))
+        .filter_map(|l| l.rsplit_once("# handle ").map(|(_, h)| h.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn pods_leaving_and_joining_patch_the_dispatch_chains_in_place() {
+    let node = node();
+    let mut agent = Agent::new(&node, false);
+    agent.converge(DENY_X_INGRESS_FROM_Y);
+    let iface = host_iface("x", "b");
+    let pod = objects(WORLD)
+        .into_iter()
+        .find(|(kind, key, _)| kind == "v1/Pod" && key == "x/b")
+        .expect("pod x/b in the world");
+    let before = dispatch_rules(&node, render::TO_WL);
+    assert!(before.iter().any(|r| r.contains(&iface)), "{before:?}");
+    let to_b: Check = ("x/a", "x/b", "80/TCP", true);
+    assert_eq!(probe(&node, &to_b), Outcome::Connected);
+    let handles = other_handles(&node, render::TO_WL, &iface);
+    assert!(
+        handles.len() >= 2,
+        "the other endpoints' dispatch rules: {handles:?}"
+    );
+
+    // The pod leaves: its dispatch rules go, the other endpoints' stay, and its packets are dropped as
+    // an unknown endpoint's.
+    agent.engine.handle(Msg::Update(Update::Delete {
+        kind: pod.0.clone(),
+        key: pod.1.clone(),
+    }));
+    let stats = agent.engine.flush().expect("program");
+    assert!(
+        stats.chains_deleted >= 2,
+        "its endpoint chains are deleted: {stats:?}"
+    );
+    let gone = dispatch_rules(&node, render::TO_WL);
+    let expected: std::collections::BTreeSet<String> =
+        before.iter().filter(|r| !r.contains(&iface)).cloned().collect();
+    assert_eq!(gone, expected);
+    assert!(
+        !dispatch_rules(&node, render::FROM_WL)
+            .iter()
+            .any(|r| r.contains(&iface)),
+        "its egress dispatch rule is gone too"
+    );
+    assert_eq!(
+        probe(&node, &to_b),
+        Outcome::NoAnswer,
+        "an unknown endpoint's traffic is dropped"
+    );
+    // The final rule is still the drop of unknown endpoints.
+    let listed = node
+        .ns
+        .exec(&["iptables", "-S", render::TO_WL])
+        .expect("iptables -S");
+    assert!(listed.trim_end().ends_with("-j DROP"), "{listed}");
+
+    // It comes back: the same dispatch rules as before, traffic allowed again, and a full read-back finds
+    // nothing to repair (the patched chain's hash comment matches the rendering).
+    agent.engine.handle(Msg::Update(Update::Upsert {
+        kind: pod.0,
+        key: pod.1,
+        object: pod.2,
+    }));
+    agent.engine.flush().expect("program");
+    assert_eq!(dispatch_rules(&node, render::TO_WL), before);
+    assert_eq!(
+        other_handles(&node, render::TO_WL, &iface),
+        handles,
+        "the other endpoints' rules were left in place, not rewritten"
+    );
+    assert_eq!(probe(&node, &to_b), Outcome::Connected);
+    let stats = agent.engine.converge().expect("converge");
+    assert!(
+        stats.is_noop(),
+        "the patched chains are what a full render expects: {stats:?}"
+    );
+    agent.engine.remove_all().expect("clean up");
+}
+
 #[test]
 fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
     let node = node();

@@ -1,8 +1,11 @@
 //! The policy engine: one thread that owns the calculation graph and the policy data plane.
 //!
 //! Datastore updates of the kinds policy reads arrive here raw; each object is decoded and converted once
-//! (`caracal_policy::decode`) and fed to the graph, which records what changed in the model. Changes are
-//! gathered for at most `debounce` after the first, then the backend applies exactly those; every
+//! (`caracal_policy::decode`) and fed to the graph, which records what changed in the model. A change that
+//! finds the engine idle is programmed at once (with whatever else is already queued); changes arriving
+//! within `debounce` of the last program are gathered until `debounce` after it, so a burst costs one program
+//! per `debounce` and not one per change. The backend applies exactly what changed; work that can wait (the
+//! iptables backend's read-back of what it wrote) runs once nothing is pending for [`IDLE`]. Every
 //! `refresh` (and at the first program, to adopt what a previous agent left) it converges in full with a
 //! read-back, which repairs drift.
 //!
@@ -23,6 +26,9 @@ use caracal_policy::calc::graph::Changes;
 use tracing::{info, warn};
 
 pub use super::pipeline::{Failure, Pipeline};
+
+/// How long the engine waits, with nothing pending, after a program before the backend's deferred work.
+pub const IDLE: Duration = Duration::from_millis(200);
 use super::{Config, Status};
 use crate::dataplane::{self, DataplaneError, PolicyDataplane};
 
@@ -53,6 +59,10 @@ pub struct Engine {
     programmed_once: bool,
     /// After a failed program: try again no sooner than this.
     retry_at: Option<Instant>,
+    /// When the last program ended.
+    last_program: Option<Instant>,
+    /// The backend has deferred work (see [`PolicyDataplane::idle`]).
+    idle_work: bool,
 }
 
 /// Runs the engine until `rx` closes. `failures` receives every object that failed to convert.
@@ -72,11 +82,12 @@ pub fn run(
         match msg {
             Ok(m) => e.handle(m),
             Err(RecvTimeoutError::Timeout) => {
-                // Take what queued up meanwhile, then program once.
+                // Take what queued up meanwhile, then program once (or, with nothing pending, do the
+                // backend's deferred work).
                 while let Ok(m) = rx.try_recv() {
                     e.handle(m);
                 }
-                let _ = e.program(false);
+                e.tick(Instant::now());
             }
             Err(RecvTimeoutError::Disconnected) => return,
         }
@@ -101,6 +112,8 @@ impl Engine {
             dirty_since: None,
             programmed_once: false,
             retry_at: None,
+            last_program: None,
+            idle_work: false,
         }
     }
 
@@ -109,14 +122,19 @@ impl Engine {
         &self.pipeline
     }
 
-    /// Programs what is pending now, as the debounce would: in full the first time, else the changes.
+    /// Programs what is pending now: in full the first time, else the changes; then does the backend's
+    /// deferred work, as the engine does once idle.
     pub fn flush(&mut self) -> Result<dataplane::ApplyStats, DataplaneError> {
-        self.program(false)
+        let stats = self.program(false)?;
+        self.idle();
+        Ok(stats)
     }
 
-    /// Converges in full with a read-back now, as the periodic refresh does.
+    /// Converges in full with a read-back now, as the periodic refresh does, then does the deferred work.
     pub fn converge(&mut self) -> Result<dataplane::ApplyStats, DataplaneError> {
-        self.program(true)
+        let stats = self.program(true)?;
+        self.idle();
+        Ok(stats)
     }
 
     /// Removes everything the backend created.
@@ -124,12 +142,47 @@ impl Engine {
         self.backend.remove_all()
     }
 
-    /// When to program next: `debounce` after the first unprogrammed change, once every kind is listed.
-    fn deadline(&self) -> Option<Instant> {
-        let at = self.dirty_since? + self.cfg.debounce;
+    /// When to program next, once every kind is listed: at once when the last program is `debounce` past,
+    /// else `debounce` after it; after a failure, no sooner than the retry.
+    fn program_due(&self) -> Option<Instant> {
+        let dirty = self.dirty_since?;
+        let at = self
+            .last_program
+            .map_or(dirty, |last| dirty.max(last + self.cfg.debounce));
         self.pipeline
             .in_sync()
             .then(|| self.retry_at.map_or(at, |r| r.max(at)))
+    }
+
+    /// When the engine must wake next: to program, or for the backend's deferred work.
+    fn deadline(&self) -> Option<Instant> {
+        self.program_due().or_else(|| {
+            (self.idle_work && self.dirty_since.is_none())
+                .then(|| self.last_program.map_or_else(Instant::now, |l| l + IDLE))
+        })
+    }
+
+    /// Does what is due at `now`: a program, or else the backend's deferred work.
+    fn tick(&mut self, now: Instant) {
+        match self.program_due() {
+            Some(at) if at <= now => {
+                let _ = self.program(false);
+            }
+            Some(_) => {}
+            None => {
+                if self.deadline().is_some_and(|at| at <= now) {
+                    self.idle();
+                }
+            }
+        }
+    }
+
+    /// The backend's deferred work; a failure is logged and retried after the next program.
+    fn idle(&mut self) {
+        self.idle_work = false;
+        if let Err(err) = self.backend.idle() {
+            warn!(error = %err, "the data plane's deferred work failed; retrying after the next program");
+        }
     }
 
     /// Handles one message (a full converge, for [`Msg::Refresh`], happens at once).
@@ -180,6 +233,8 @@ impl Engine {
                 self.pending = Changes::default();
                 self.dirty_since = None;
                 self.retry_at = None;
+                self.last_program = Some(Instant::now());
+                self.idle_work = true;
                 self.programmed_once = true;
                 self.status.programs.fetch_add(1, Ordering::Relaxed);
                 self.status.record_program(started.elapsed());
@@ -194,6 +249,7 @@ impl Engine {
                 warn!(error = %err, full, "programming the data plane failed; retrying in full");
                 // The backend converges in full on its next call; keep the changes for the count only.
                 self.dirty_since.get_or_insert_with(Instant::now);
+                self.last_program = Some(Instant::now());
                 self.retry_at = Some(Instant::now() + Duration::from_secs(1));
                 Err(err)
             }

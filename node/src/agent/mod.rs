@@ -35,7 +35,8 @@ pub struct Config {
     pub dataplane: String,
     /// Prefix for the kernel tools (a namespace in tests; empty on a node).
     pub exec_prefix: Vec<String>,
-    /// How long to gather changes after the first before programming them.
+    /// The least time between two programs: a change that finds the engine idle is programmed at once,
+    /// later ones within `debounce` of that program are gathered until then.
     pub debounce: Duration,
     /// How often to converge with a full read-back (Felix's `iptablesRefreshInterval`, 90 s by default).
     pub refresh: Duration,

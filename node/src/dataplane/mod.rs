@@ -41,6 +41,11 @@ pub trait PolicyDataplane: Send {
     fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError>;
     /// Removes everything the backend created, reporting every error.
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>>;
+    /// Work that can wait until no change is pending (the iptables backend reads back what it wrote, for
+    /// drift detection). The engine calls it once it has been idle a moment after a program.
+    fn idle(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 /// The iptables backend of both families: `iptables` always, `ip6tables` when IPv6 is on (Felix's
@@ -79,6 +84,13 @@ impl PolicyDataplane for DualStack {
             stats.add(&f.apply_changes(model, changes)?);
         }
         Ok(stats)
+    }
+
+    fn idle(&mut self) -> Result<(), DataplaneError> {
+        for f in &mut self.families {
+            f.remember()?;
+        }
+        Ok(())
     }
 
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {

@@ -3,7 +3,9 @@
 //! only chains whose content changed, deletes chains no longer wanted and hooks `FORWARD` exactly once.
 //!
 //! Read-back is `iptables-save` / `ipset save`: calling [`Iptables::apply`] again repairs drift (a deleted or
-//! edited rule, a removed hook, a changed set). On start nothing is remembered, and a chain whose hash comment
+//! edited rule, a removed hook, a changed set). What the kernel shows for a chain just written is read back
+//! when the agent is idle ([`Iptables::remember`]), not between a change and the next; until then the chain
+//! is checked as at start. On start nothing is remembered, and a chain whose hash comment
 //! and rule count match is adopted as it is, so a restarted agent rewrites nothing and established flows never
 //! see a gap.
 
@@ -11,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use super::render::{Desired, FORWARD_CHAIN, IpSet, render_changes, render_family, set_prefixes};
+use super::render::{Desired, FORWARD_CHAIN, IpSet, order_free, render_changes, render_family, set_prefixes};
 use crate::dataplane::{Changes, DataplaneModel, Family};
 
 /// Errors running the iptables and ipset tools.
@@ -112,6 +114,9 @@ pub struct Iptables {
     family: Family,
     /// What each chain looked like right after this backend last wrote it (as `iptables-save` prints it).
     remembered: Chains,
+    /// Chains written whose listing is not read back yet ([`Iptables::remember`] does it when the engine is
+    /// idle, so the kernel is not listed between a change and the next one).
+    unremembered: BTreeSet<String>,
     /// The rendering last converged to.
     last: Option<Desired>,
 }
@@ -163,6 +168,26 @@ fn parse_ipset_save(text: &str, family: Family) -> BTreeMap<String, (String, BTr
     sets
 }
 
+/// The `iptables-restore` lines that turn order-free chain `name` (see [`order_free`]) from `old` into `new`
+/// in place: the hash comment replaced, rules that left deleted by their text, rules that joined inserted
+/// after the hash comment. None when the chain is not order-free or its first or last rule is not a hash
+/// comment and a common final rule (then the chain is rewritten).
+fn patch_lines(name: &str, old: &[String], new: &[String]) -> Option<String> {
+    if !order_free(name) || old.len() < 2 || new.len() < 2 || old.last() != new.last() {
+        return None;
+    }
+    let body = |c: &[String]| -> BTreeSet<String> { c[1..c.len() - 1].iter().cloned().collect() };
+    let (was, now) = (body(old), body(new));
+    let mut out = format!("-R {name} 1 {}\n", new[0]);
+    for r in was.difference(&now) {
+        out.push_str(&format!("-D {name} {r}\n"));
+    }
+    for r in now.difference(&was) {
+        out.push_str(&format!("-I {name} 2 {r}\n"));
+    }
+    Some(out)
+}
+
 impl Iptables {
     /// An IPv4 backend that runs the tools with `exec_prefix` in front (empty: directly).
     pub fn new(exec_prefix: Vec<String>) -> Self {
@@ -175,6 +200,7 @@ impl Iptables {
             exec_prefix,
             family,
             remembered: BTreeMap::new(),
+            unremembered: BTreeSet::new(),
             last: None,
         }
     }
@@ -269,8 +295,15 @@ impl Iptables {
             sets_written: sets.len(),
             ..ApplyStats::default()
         };
+        // Chains written since the agent was last idle were checked as at start (hash and rule count); those
+        // kept are remembered as they are now.
+        for name in std::mem::take(&mut self.unremembered) {
+            if let Some(rules) = chains.get(&name).filter(|_| !written.contains(&name)) {
+                self.remembered.insert(name, rules.clone());
+            }
+        }
         self.last = None;
-        let stats = self.write(desired, script, &written, &stale, hooks, &stale_sets, stats)?;
+        let stats = self.write(desired, script, &written, "", &stale, hooks, &stale_sets, stats)?;
         self.remembered.retain(|k, _| desired.chains.contains_key(k));
         self.last = Some(desired.clone());
         Ok(stats)
@@ -322,19 +355,25 @@ impl Iptables {
             }
             stats.sets_written += 1;
         }
-        let written: Vec<String> = touched
-            .chains
-            .iter()
-            .filter(|(name, old)| desired.chains.get(*name).is_some_and(|n| old.as_ref() != Some(n)))
-            .map(|(n, _)| n.clone())
-            .collect();
+        let mut written: Vec<String> = Vec::new();
+        let mut patch = String::new();
+        for (name, old) in &touched.chains {
+            let Some(new) = desired.chains.get(name).filter(|n| old.as_ref() != Some(*n)) else {
+                continue;
+            };
+            match old.as_ref().and_then(|o| patch_lines(name, o, new)) {
+                Some(lines) => patch.push_str(&lines),
+                None => written.push(name.clone()),
+            }
+            stats.chains_written += 1;
+        }
         let stale: Vec<String> = touched
             .chains
             .iter()
             .filter(|(name, old)| old.is_some() && !desired.chains.contains_key(*name))
             .map(|(n, _)| n.clone())
             .collect();
-        let result = self.write(&desired, script, &written, &stale, 1, &stale_sets, stats);
+        let result = self.write(&desired, script, &written, &patch, &stale, 1, &stale_sets, stats);
         if result.is_ok() {
             self.last = Some(desired);
         }
@@ -362,8 +401,8 @@ impl Iptables {
         }
     }
 
-    /// Runs the set script, writes the chains named, removes the stale ones, fixes the hook when
-    /// `hooks != 1`, then destroys the stale sets.
+    /// Runs the set script, writes the chains named, applies `patch` (rule edits of order-free chains),
+    /// removes the stale chains, fixes the hook when `hooks != 1`, then destroys the stale sets.
     #[expect(
         clippy::too_many_arguments,
         reason = "one plan, spelled out; both apply paths build it"
@@ -373,6 +412,7 @@ impl Iptables {
         desired: &Desired,
         set_script: String,
         written: &[String],
+        patch: &str,
         stale: &[String],
         hooks: usize,
         stale_sets: &[String],
@@ -392,6 +432,7 @@ impl Iptables {
                 restore.push_str(&format!("-A {name} {r}\n"));
             }
         }
+        restore.push_str(patch);
         if hooks == 0 {
             restore.push_str(&format!("-I FORWARD 1 -j {FORWARD_CHAIN}\n"));
             stats.hooked = true;
@@ -407,32 +448,20 @@ impl Iptables {
             restore.push_str(&format!("-X {c}\n"));
         }
         restore.push_str("COMMIT\n");
-        stats.chains_written = written.len();
+        stats.chains_written = stats.chains_written.max(written.len());
         stats.chains_deleted = stale.len();
-        if !written.is_empty() || !stale.is_empty() || stats.hooked {
+        if !written.is_empty() || !patch.is_empty() || !stale.is_empty() || stats.hooked {
             self.run(&self.tool("-restore"), &["--noflush"], Some(&restore))?;
         }
-        // Remember what the kernel shows for what we wrote, so a later edit of a rule is noticed as drift:
-        // a few chains are listed one by one, many through one full save.
-        if written.len() > 20 {
-            let (after, _) = self.current()?;
-            for name in written {
-                if let Some(rules) = after.get(name) {
-                    self.remembered.insert(name.clone(), rules.clone());
-                }
-            }
-        } else {
-            for name in written {
-                let listed = self.run(&self.tool(""), &["-S", name], None)?;
-                let rules = listed
-                    .lines()
-                    .filter_map(|l| l.strip_prefix(&format!("-A {name} ")).map(str::to_owned))
-                    .collect();
-                self.remembered.insert(name.clone(), rules);
-            }
+        // What the kernel shows for what we wrote is read back later (`remember`), off the path of changes.
+        let patched = patch.lines().filter_map(|l| l.split_whitespace().nth(1));
+        for name in written.iter().map(String::as_str).chain(patched) {
+            self.remembered.remove(name);
+            self.unremembered.insert(name.to_owned());
         }
         for c in stale {
             self.remembered.remove(c);
+            self.unremembered.remove(c);
         }
         // Sets no rule references any more.
         for name in stale_sets {
@@ -441,6 +470,47 @@ impl Iptables {
             }
         }
         Ok(stats)
+    }
+
+    /// Reads back what the kernel shows for the chains written since the last call, so a later edit of one
+    /// of their rules is noticed as drift by the next full converge. The engine calls it when no change is
+    /// waiting: a few chains are listed one by one, many through one full save.
+    pub fn remember(&mut self) -> Result<(), IptablesError> {
+        if self.unremembered.is_empty() {
+            return Ok(());
+        }
+        let names = std::mem::take(&mut self.unremembered);
+        let listed: Result<Vec<(String, Vec<String>)>, IptablesError> = if names.len() > 20 {
+            self.current().map(|(after, _)| {
+                names
+                    .iter()
+                    .filter_map(|n| after.get(n).map(|r| (n.clone(), r.clone())))
+                    .collect()
+            })
+        } else {
+            names
+                .iter()
+                .map(|name| {
+                    let listed = self.run(&self.tool(""), &["-S", name], None)?;
+                    let rules = listed
+                        .lines()
+                        .filter_map(|l| l.strip_prefix(&format!("-A {name} ")).map(str::to_owned))
+                        .collect();
+                    Ok((name.clone(), rules))
+                })
+                .collect()
+        };
+        match listed {
+            Ok(l) => {
+                self.remembered.extend(l);
+                Ok(())
+            }
+            Err(e) => {
+                // Try again next time.
+                self.unremembered.extend(names);
+                Err(e)
+            }
+        }
     }
 
     /// Removes everything this backend created: the hook, every `crc-` chain and every `crc-` set.
@@ -480,6 +550,7 @@ impl Iptables {
             Err(e) => errors.push(e),
         }
         self.remembered.clear();
+        self.unremembered.clear();
         self.last = None;
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }

@@ -358,6 +358,13 @@ fn forward_chain() -> Vec<String> {
     ])
 }
 
+/// Whether the order of chain `name`'s rules between its hash comment and its last rule is free: the
+/// dispatch chains, whose rules each match one distinct interface ahead of the final `DROP`. The fast path
+/// patches such a chain (inserts and deletes single rules) instead of rewriting it.
+pub fn order_free(name: &str) -> bool {
+    name == TO_WL || name == FROM_WL
+}
+
 /// The two dispatch chains: every local endpoint's interface to its chain, anything else dropped.
 fn dispatch_chains(model: &DataplaneModel) -> [(String, Vec<String>); 2] {
     let (mut to, mut from) = (Vec::new(), Vec::new());
