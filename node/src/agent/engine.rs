@@ -63,6 +63,8 @@ pub struct Engine {
     last_program: Option<Instant>,
     /// The backend has deferred work (see [`PolicyDataplane::idle`]).
     idle_work: bool,
+    /// A full converge ran since the deferred work last did: give the memory both freed back after it.
+    trim_after_idle: bool,
 }
 
 /// Runs the engine until `rx` closes. `failures` receives every object that failed to convert.
@@ -114,6 +116,7 @@ impl Engine {
             retry_at: None,
             last_program: None,
             idle_work: false,
+            trim_after_idle: false,
         }
     }
 
@@ -183,6 +186,10 @@ impl Engine {
         if let Err(err) = self.backend.idle() {
             warn!(error = %err, "the data plane's deferred work failed; retrying after the next program");
         }
+        if std::mem::take(&mut self.trim_after_idle) {
+            // The read-back after a full converge parses a whole table listing.
+            crate::memory::release_free_memory();
+        }
     }
 
     /// Handles one message (a full converge, for [`Msg::Refresh`], happens at once).
@@ -225,6 +232,7 @@ impl Engine {
                     // A full converge follows the initial list, a relist or a refresh: the JSON they
                     // decoded is garbage now.
                     crate::memory::release_free_memory();
+                    self.trim_after_idle = true;
                 }
                 if full && self.programmed_once && !stats.is_noop() {
                     self.status.repairs.fetch_add(1, Ordering::Relaxed);
