@@ -26,11 +26,11 @@ use caracal_policy::calc::graph::Changes;
 use tracing::{info, warn};
 
 pub use super::pipeline::{Failure, Pipeline};
+use super::{Config, Status};
+use crate::dataplane::{self, DataplaneError, PolicyDataplane};
 
 /// How long the engine waits, with nothing pending, after a program before the backend's deferred work.
 pub const IDLE: Duration = Duration::from_millis(200);
-use super::{Config, Status};
-use crate::dataplane::{self, DataplaneError, PolicyDataplane};
 
 /// What the engine is sent.
 #[derive(Debug)]
