@@ -303,7 +303,7 @@ impl Iptables {
             }
         }
         self.last = None;
-        let stats = self.write(desired, script, &written, "", &stale, hooks, &stale_sets, stats)?;
+        let stats = self.write(desired, script, &written, &[], &stale, hooks, &stale_sets, stats)?;
         self.remembered.retain(|k, _| desired.chains.contains_key(k));
         self.last = Some(desired.clone());
         Ok(stats)
@@ -356,16 +356,15 @@ impl Iptables {
             stats.sets_written += 1;
         }
         let mut written: Vec<String> = Vec::new();
-        let mut patch = String::new();
+        let mut patched: Vec<(String, String)> = Vec::new();
         for (name, old) in &touched.chains {
             let Some(new) = desired.chains.get(name).filter(|n| old.as_ref() != Some(*n)) else {
                 continue;
             };
             match old.as_ref().and_then(|o| patch_lines(name, o, new)) {
-                Some(lines) => patch.push_str(&lines),
+                Some(lines) => patched.push((name.clone(), lines)),
                 None => written.push(name.clone()),
             }
-            stats.chains_written += 1;
         }
         let stale: Vec<String> = touched
             .chains
@@ -373,7 +372,16 @@ impl Iptables {
             .filter(|(name, old)| old.is_some() && !desired.chains.contains_key(*name))
             .map(|(n, _)| n.clone())
             .collect();
-        let result = self.write(&desired, script, &written, &patch, &stale, 1, &stale_sets, stats);
+        let result = self.write(
+            &desired,
+            script,
+            &written,
+            &patched,
+            &stale,
+            1,
+            &stale_sets,
+            stats,
+        );
         if result.is_ok() {
             self.last = Some(desired);
         }
@@ -401,8 +409,9 @@ impl Iptables {
         }
     }
 
-    /// Runs the set script, writes the chains named, applies `patch` (rule edits of order-free chains),
-    /// removes the stale chains, fixes the hook when `hooks != 1`, then destroys the stale sets.
+    /// Runs the set script, writes the chains named, applies `patched` (order-free chains with the rule edits
+    /// that bring each up to date), removes the stale chains, fixes the hook when `hooks != 1`, then destroys
+    /// the stale sets.
     #[expect(
         clippy::too_many_arguments,
         reason = "one plan, spelled out; both apply paths build it"
@@ -412,7 +421,7 @@ impl Iptables {
         desired: &Desired,
         set_script: String,
         written: &[String],
-        patch: &str,
+        patched: &[(String, String)],
         stale: &[String],
         hooks: usize,
         stale_sets: &[String],
@@ -432,7 +441,9 @@ impl Iptables {
                 restore.push_str(&format!("-A {name} {r}\n"));
             }
         }
-        restore.push_str(patch);
+        for (_, lines) in patched {
+            restore.push_str(lines);
+        }
         if hooks == 0 {
             restore.push_str(&format!("-I FORWARD 1 -j {FORWARD_CHAIN}\n"));
             stats.hooked = true;
@@ -448,16 +459,15 @@ impl Iptables {
             restore.push_str(&format!("-X {c}\n"));
         }
         restore.push_str("COMMIT\n");
-        stats.chains_written = stats.chains_written.max(written.len());
+        stats.chains_written = written.len() + patched.len();
         stats.chains_deleted = stale.len();
-        if !written.is_empty() || !patch.is_empty() || !stale.is_empty() || stats.hooked {
+        if stats.chains_written > 0 || !stale.is_empty() || stats.hooked {
             self.run(&self.tool("-restore"), &["--noflush"], Some(&restore))?;
         }
         // What the kernel shows for what we wrote is read back later (`remember`), off the path of changes.
-        let patched = patch.lines().filter_map(|l| l.split_whitespace().nth(1));
-        for name in written.iter().map(String::as_str).chain(patched) {
+        for name in written.iter().chain(patched.iter().map(|(n, _)| n)) {
             self.remembered.remove(name);
-            self.unremembered.insert(name.to_owned());
+            self.unremembered.insert(name.clone());
         }
         for c in stale {
             self.remembered.remove(c);
