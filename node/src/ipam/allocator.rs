@@ -57,6 +57,28 @@ pub struct Allocator {
     serial: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
+/// A block claimed for this node.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    /// The block as created (or as read, when another task of this node created it first).
+    pub block: IPAMBlock,
+    /// Whether the node's pools of the family still had an unclaimed block beside this one.
+    pub room_left: bool,
+}
+
+/// Whether `pools` hold a block that is neither in `existing` nor `except`.
+fn unclaimed(
+    pools: &[(IpNet, u8)],
+    existing: &std::collections::BTreeSet<String>,
+    except: Option<&str>,
+) -> bool {
+    pools.iter().any(|&(pool, prefix)| {
+        blocks_of(pool, prefix)
+            .map(block_name)
+            .any(|n| !existing.contains(&n) && except != Some(n.as_str()))
+    })
+}
+
 impl Allocator {
     /// An allocator for `node`.
     pub fn new(client: Client, node: &str) -> Self {
@@ -177,23 +199,41 @@ impl Allocator {
         Err(AllocError::Contended(MAX_CONFLICTS))
     }
 
-    /// Claims the first unclaimed block of a usable pool: the block as created (or as read, when another
-    /// task of this node created it first); None when there is none.
-    pub(crate) async fn claim(
+    /// Whether a usable pool of the family still has a block nobody has claimed (one list of blocks, one
+    /// of pools).
+    pub(crate) async fn has_room(
         &self,
         v4: bool,
         node_labels: &BTreeMap<String, String>,
-    ) -> Result<Option<IPAMBlock>, AllocError> {
-        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
-        let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
-        let existing: std::collections::BTreeSet<String> = blocks
+    ) -> Result<bool, AllocError> {
+        let existing = self.block_names().await?;
+        let pools = self.pools(v4, node_labels).await?;
+        Ok(unclaimed(&pools, &existing, None))
+    }
+
+    async fn block_names(&self) -> Result<std::collections::BTreeSet<String>, AllocError> {
+        Ok(Api::<IPAMBlock>::all(self.client.clone())
             .list(&ListParams::default())
             .await
             .map_err(|e| AllocError::Api("listing IPAMBlocks", e))?
             .iter()
             .map(ResourceExt::name_any)
-            .collect();
-        for (pool, prefix) in self.pools(v4, node_labels).await? {
+            .collect())
+    }
+
+    /// Claims the first unclaimed block of a usable pool: the block as created (or as read, when another
+    /// task of this node created it first), and whether another unclaimed block is left after it; None
+    /// when there is none.
+    pub(crate) async fn claim(
+        &self,
+        v4: bool,
+        node_labels: &BTreeMap<String, String>,
+    ) -> Result<Option<Claim>, AllocError> {
+        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
+        let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
+        let existing = self.block_names().await?;
+        let pools = self.pools(v4, node_labels).await?;
+        for &(pool, prefix) in &pools {
             for cidr in blocks_of(pool, prefix) {
                 let name = block_name(cidr);
                 if existing.contains(&name) {
@@ -237,7 +277,11 @@ impl Allocator {
                                 Err(e) => return Err(AllocError::Api("confirming a BlockAffinity", e)),
                             }
                         }
-                        return Ok(Some(created));
+                        let room_left = unclaimed(&pools, &existing, Some(&name));
+                        return Ok(Some(Claim {
+                            block: created,
+                            room_left,
+                        }));
                     }
                     Err(e) if conflict(&e) => {
                         // Someone created the block first. If it was this node (another task), it is ours.
@@ -248,7 +292,8 @@ impl Allocator {
                         if let Some(b) = current
                             && b.spec.affinity.as_deref() == Some(&self.affinity())
                         {
-                            return Ok(Some(b));
+                            let room_left = unclaimed(&pools, &existing, Some(&name));
+                            return Ok(Some(Claim { block: b, room_left }));
                         }
                         // Another node won: drop our pending claim and try the next block.
                         let _ = affinities.delete(&aff_name, &Default::default()).await;

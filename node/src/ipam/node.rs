@@ -131,6 +131,10 @@ struct State {
     peak: Option<(Instant, usize)>,
     /// When a handle was last assigned or released (the committer waits for a quiet moment).
     last_change: Option<Instant>,
+    /// Per family: whether the node's pools still had a block nobody had claimed at the last look (None:
+    /// not looked yet). The reserve grows beyond its configured size only while they do: in a full pool
+    /// the free addresses of this node's blocks are what other nodes borrow, and a reserve never lends.
+    room: [Option<bool>; 2],
 }
 
 /// How long the reserve's peak target is remembered after a burst.
@@ -164,11 +168,11 @@ impl State {
         if served.is_empty() { vec![0] } else { served }
     }
 
-    /// True when some served family's reserve is below three quarters of `target`.
-    fn low(&self, target: usize) -> bool {
+    /// True when some served family's reserve is below three quarters of its target.
+    fn low(&self, configured: usize, now: Instant) -> bool {
         self.wanted()
             .into_iter()
-            .any(|f| self.reserved_in(f) * 4 < target * 3)
+            .any(|f| self.reserved_in(f) * 4 < self.target_for(f, configured, now) * 3)
     }
 
     /// Records an assignment now, forgetting those older than a second.
@@ -197,12 +201,22 @@ impl State {
             .map_or(0, |(_, t)| t)
     }
 
-    /// The reserve's target per family at `now`: the configured size, or twice the current rate of
-    /// assignments per second when pods arrive faster (a burst is served from memory while the reserve
-    /// refills), at most four times the configured size. The rate is the last second's assignments over the
-    /// time since the oldest of them, at least a quarter second, so the target rises within the first few
-    /// dozen pods of a burst instead of a second later.
-    fn target(&self, configured: usize, now: Instant) -> usize {
+    /// The reserve's target for family `f` at `now`: [`State::burst_target`] while the family's pools have
+    /// room for another block, the configured size otherwise (or when that is not known yet).
+    fn target_for(&self, f: usize, configured: usize, now: Instant) -> usize {
+        if self.room[f] == Some(true) {
+            self.burst_target(configured, now)
+        } else {
+            configured.max(1)
+        }
+    }
+
+    /// The reserve's target at `now` when the pools have room: the configured size, or twice the current
+    /// rate of assignments per second when pods arrive faster (a burst is served from memory while the
+    /// reserve refills), at most four times the configured size. The rate is the last second's assignments
+    /// over the time since the oldest of them, at least a quarter second, so the target rises within the
+    /// first few dozen pods of a burst instead of a second later.
+    fn burst_target(&self, configured: usize, now: Instant) -> usize {
         let configured = configured.max(1);
         let span = self
             .recent
@@ -473,7 +487,7 @@ impl NodeIpam {
                     let now = Instant::now();
                     st.note_assignment(now);
                     st.last_change = Some(now);
-                    if st.low(st.target(self.inner.cfg.reserve, now)) {
+                    if st.low(self.inner.cfg.reserve, now) {
                         self.inner.refill_kick.notify_one();
                     }
                     self.inner.commit_kick.notify_one();
@@ -578,6 +592,8 @@ impl NodeIpam {
                 }
             }
             st.missing_since.retain(|h, _| gone.contains(h));
+            // Other nodes claim and release blocks too: whether the pools have room is looked at again.
+            st.room = [None, None];
             for h in gone {
                 let since = *st.missing_since.entry(h.clone()).or_insert(now);
                 if now.duration_since(since) >= grace {
@@ -659,6 +675,8 @@ impl NodeIpam {
                 Err(e) => return Err(IpamError::Api("deleting an empty IPAMBlock", e)),
             }
             st.reserve.retain(|ip| !ours.contains(ip));
+            // The pool has room again (for this node and the others).
+            st.room[usize::from(!v4)] = Some(true);
             drop(st);
             self.forget(&obj.name_any());
             let aff = format!("{node}-{}", obj.name_any());
@@ -692,17 +710,15 @@ impl NodeIpam {
     async fn refill_families(&self, only: Option<Vec<usize>>) -> Result<(), IpamError> {
         let _one = self.inner.refill_lock.lock().await;
         let allowed = |f: usize| only.as_ref().is_none_or(|o| o.contains(&f));
-        let (target, needs) = {
-            let mut st = self.inner.state.lock().await;
+        let configured = self.inner.cfg.reserve;
+        let low = |st: &State, f: usize, now: Instant| {
+            let have = st.reserved_in(f);
+            have == 0 || have * 4 < st.target_for(f, configured, now) * 3
+        };
+        let needs = {
+            let st = self.inner.state.lock().await;
             let now = Instant::now();
-            let target = st.target(self.inner.cfg.reserve, now);
-            st.note_target(target, now);
-            let low = |f: usize| {
-                let have = st.reserved_in(f);
-                have == 0 || have * 4 < target * 3
-            };
-            let needs = st.families.is_none() || st.wanted().into_iter().any(|f| allowed(f) && low(f));
-            (target, needs)
+            st.families.is_none() || st.wanted().into_iter().any(|f| allowed(f) && low(&st, f, now))
         };
         if !needs {
             return Ok(());
@@ -712,19 +728,34 @@ impl NodeIpam {
         let served = self.inner.alloc.served_families(&labels).await?;
         let mut exhausted = false;
         let mut got_total = 0;
+        let mut max_target = 0;
         for (f, serves) in served.into_iter().enumerate() {
             // A family with no pool for this node is not served; IPv4 is still tried, so a node whose
             // pools are all gone reports itself exhausted.
             if (!serves && f == 1) || !allowed(f) {
                 continue;
             }
-            let have = self.inner.state.lock().await.reserved_in(f);
-            if have * 4 >= target * 3 && have > 0 {
+            // Whether the pools have room for another block decides whether a burst may grow the reserve:
+            // learned once (claims and releases keep it current; GC forgets it).
+            if self.inner.state.lock().await.room[f].is_none() {
+                let room = self.inner.alloc.has_room(f == 0, &labels).await?;
+                self.inner.state.lock().await.room[f] = Some(room);
+            }
+            let (have, target) = {
+                let mut st = self.inner.state.lock().await;
+                let now = Instant::now();
+                let target = st.target_for(f, configured, now);
+                st.note_target(target, now);
+                (st.reserved_in(f), target)
+            };
+            if !low(&*self.inner.state.lock().await, f, Instant::now()) {
                 continue;
             }
+            max_target = max_target.max(target);
             let got = {
                 let _writes = self.inner.block_writes.lock().await;
-                self.reserve_more(target - have, f == 0, &labels).await?
+                self.reserve_more(target.saturating_sub(have).max(1), f == 0, &labels)
+                    .await?
             };
             got_total += got.len();
             let st = self.inner.state.lock().await;
@@ -740,7 +771,7 @@ impl NodeIpam {
         self.inner.published.notify_waiters();
         tracing::debug!(
             got = got_total,
-            target,
+            target = max_target,
             ms = started.elapsed().as_millis() as u64,
             "IPAM reserve refilled"
         );
@@ -853,9 +884,12 @@ impl NodeIpam {
             // Own blocks are full: claim another (within one refill, as many as the reserve needs).
             if !borrow && claims < 4 {
                 claims += 1;
-                if let Some(claimed) = self.inner.alloc.claim(v4, node_labels).await? {
+                let claimed = self.inner.alloc.claim(v4, node_labels).await?;
+                self.inner.state.lock().await.room[usize::from(!v4)] =
+                    Some(claimed.as_ref().is_some_and(|c| c.room_left));
+                if let Some(claimed) = claimed {
                     // The new block is known as created: reserve in it without listing again.
-                    self.remember(&claimed);
+                    self.remember(&claimed.block);
                     cached = true;
                     continue;
                 }
@@ -1244,22 +1278,39 @@ mod tests {
     fn the_reserve_target_follows_the_rate_of_a_burst_within_its_first_pods() {
         let mut st = State::default();
         let t0 = Instant::now();
-        assert_eq!(st.target(32, t0), 32, "idle: the configured size");
+        assert_eq!(st.burst_target(32, t0), 32, "idle: the configured size");
         // A slow trickle (one pod a second) keeps the configured size.
         st.note_assignment(t0);
-        assert_eq!(st.target(32, t0 + Duration::from_millis(10)), 32);
+        assert_eq!(st.burst_target(32, t0 + Duration::from_millis(10)), 32);
         // 20 pods within 80 ms (a burst at 250 per second): the cap, at once.
         let mut st = State::default();
         for i in 0..20 {
             st.note_assignment(t0 + Duration::from_millis(4 * i));
         }
-        assert_eq!(st.target(32, t0 + Duration::from_millis(80)), 128);
+        assert_eq!(st.burst_target(32, t0 + Duration::from_millis(80)), 128);
         // 24 pods spread over a second: twice 24 per second.
         let mut st = State::default();
         for i in 0..24 {
             st.note_assignment(t0 + Duration::from_millis(40 * i));
         }
-        assert_eq!(st.target(32, t0 + Duration::from_millis(960)), 50);
+        assert_eq!(st.burst_target(32, t0 + Duration::from_millis(960)), 50);
+    }
+
+    #[test]
+    fn a_burst_grows_the_reserve_only_while_the_pools_have_room_for_another_block() {
+        let mut st = State::default();
+        let t0 = Instant::now();
+        for i in 0..20 {
+            st.note_assignment(t0 + Duration::from_millis(4 * i));
+        }
+        let now = t0 + Duration::from_millis(80);
+        // Not known yet, or a full pool (other nodes borrow this node's free addresses): the configured size.
+        assert_eq!(st.target_for(0, 32, now), 32);
+        st.room = [Some(false), Some(true)];
+        assert_eq!(st.target_for(0, 32, now), 32);
+        assert_eq!(st.target_for(1, 32, now), 128, "IPv6 has room");
+        st.room[0] = Some(true);
+        assert_eq!(st.target_for(0, 32, now), 128);
     }
 
     #[test]
