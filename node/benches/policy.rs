@@ -16,7 +16,9 @@
 //! - `throughput`: iperf3 between two pods wired to a node namespace, with no policy vs a policy of 1,000
 //!   rules that do not match the flow, switched through the API.
 //!
-//! Timings are reported, never asserted. Needs root and the release binary (`make bench` builds it first).
+//! `CARACAL_BENCH_AGENT_BIN` measures another agent binary in the scaling part (a worktree's build, or a
+//! script that runs the release agent under a heap profiler); `CARACAL_BENCH_PARTS=scaling` runs only that
+//! part. Timings are reported, never asserted. Needs root and the release binary (`make bench` builds it first).
 
 #![expect(
     clippy::expect_used,
@@ -507,9 +509,21 @@ fn per_op(run: &Value, op: &str, part: &str) -> f64 {
     run[op]["cpu_per_op"][part].as_f64().unwrap_or(f64::NAN)
 }
 
+/// The agent binary measured: `CARACAL_BENCH_AGENT_BIN` when set (another build, or a wrapper that runs it
+/// under a heap profiler), the release build otherwise.
+fn agent_bin() -> std::path::PathBuf {
+    std::env::var("CARACAL_BENCH_AGENT_BIN")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || workspace_root().join("target/release/caracal-node"),
+            std::path::PathBuf::from,
+        )
+}
+
 async fn agent_scaling() -> Value {
     let release = workspace_root().join("target/release");
-    let mut c = TestCluster::new(1, &release.join("caracal-node"), &release.join("caracal-cni"))
+    let mut c = TestCluster::new(1, &agent_bin(), &release.join("caracal-cni"))
         .await
         .expect("cluster (make bench builds the release binary first)");
     let local: Vec<(usize, usize)> = (0..LOCAL_NS)
@@ -816,7 +830,11 @@ async fn main() {
     let start = Instant::now();
     let load_before = load_average();
     let scaling = agent_scaling().await;
-    let (ipt, tput) = {
+    // `CARACAL_BENCH_PARTS=scaling` stops after the scaling part (memory and CPU per operation).
+    let only_scaling = std::env::var("CARACAL_BENCH_PARTS").is_ok_and(|v| v == "scaling");
+    let (ipt, tput) = if only_scaling {
+        (Value::Null, Value::Null)
+    } else {
         let release = workspace_root().join("target/release");
         let mut c = TestCluster::new(2, &release.join("caracal-node"), &release.join("caracal-cni"))
             .await

@@ -15,6 +15,7 @@ use netlink_packet_route::link::LinkMessage;
 
 pub use caracal_cni::{GATEWAY, GATEWAY_V6, HOST_MAC, gateway};
 
+use crate::netlink::blocking::{self, Rtnl};
 use crate::netlink::{self, Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, RouteTarget};
 
 /// One pod interface to wire.
@@ -77,28 +78,106 @@ pub fn pod_route(ip: IpAddr, index: u32) -> OwnedRoute {
 /// The loopback device's index: the same in every network namespace.
 const LOOPBACK_INDEX: u32 = 1;
 
+/// Runs `f` on a new thread that starts in the node's namespace (`node_ns`, None: the agent's own) and may
+/// enter the pod's: a thread of its own, because a namespace switch is per thread and this one is never
+/// reused. The runtime waits for it without blocking a worker.
+async fn on_wiring_thread<T: Send + 'static>(
+    node_ns: Option<&Path>,
+    f: impl FnOnce(&mut Here) -> Result<T, WireError> + Send + 'static,
+) -> Result<T, WireError> {
+    let node_ns = node_ns.map(Path::to_path_buf);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("wire".into())
+        .spawn(move || {
+            let _ = tx.send(Here::start(node_ns.as_deref()).and_then(|mut here| f(&mut here)));
+        })
+        .map_err(|source| WireError::Netns {
+            path: PathBuf::from("(thread)"),
+            source,
+        })?;
+    rx.await.unwrap_or_else(|_| {
+        Err(WireError::Netns {
+            path: PathBuf::from("(thread)"),
+            source: std::io::Error::other("wiring thread panicked"),
+        })
+    })
+}
+
+/// A wiring thread's place: a blocking socket in the node's namespace, and the way back to it.
+struct Here {
+    node: Rtnl,
+    /// The node's namespace, to return to after opening a socket in a pod's.
+    home: std::fs::File,
+}
+
+impl Here {
+    fn start(node_ns: Option<&Path>) -> Result<Self, WireError> {
+        let ns_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| WireError::Netns { path, source }
+        };
+        let home_path = node_ns.map_or_else(|| PathBuf::from("/proc/thread-self/ns/net"), Path::to_path_buf);
+        let home = std::fs::File::open(&home_path).map_err(ns_error(&home_path))?;
+        if node_ns.is_some() {
+            blocking::enter(&home).map_err(ns_error(&home_path))?;
+        }
+        let node = Rtnl::open().map_err(ns_error(&home_path))?;
+        Ok(Self { node, home })
+    }
+
+    /// A socket in the pod's namespace (and, with `sysctls`, those written there first); the thread is back
+    /// in the node's namespace when this returns.
+    fn in_pod(&self, w: &PodWiring, sysctls: &[(String, String)]) -> Result<Rtnl, WireError> {
+        let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
+            path: w.netns.clone(),
+            source,
+        })?;
+        let ns_error = |source| WireError::Netns {
+            path: w.netns.clone(),
+            source,
+        };
+        blocking::enter(&pod_ns).map_err(ns_error)?;
+        let opened = Rtnl::open().and_then(|pod| netlink::write_sysctls(sysctls).map(|()| pod));
+        let back = blocking::enter(&self.home);
+        let pod = opened.map_err(ns_error)?;
+        back.map_err(|source| WireError::Netns {
+            path: PathBuf::from("(node namespace)"),
+            source,
+        })?;
+        Ok(pod)
+    }
+}
+
 /// Creates the pair and configures both ends. An existing host side of the same name is replaced unless
 /// it already is exactly this wiring (a repeated ADD), in which case nothing changes.
 ///
-/// Every link, address and route change takes the kernel's RTNL lock, which concurrent ADDs (and DELs)
-/// take turns for, so the wiring asks for as few of them as it can: an IPv4 pair's host side is created
-/// up, and the pod side's one link lookup gives its index, its MAC and the host side's index.
+/// Every request of the pod comes from one thread with blocking sockets ([`blocking`]): under a burst of
+/// concurrent ADDs each hand-off between threads waits for a CPU, so there are none. Every link, address
+/// and route change takes the kernel's RTNL lock, which concurrent ADDs (and DELs) take turns for, so the
+/// wiring asks for as few of them as it can: an IPv4 pair's host side is created up, and the pod side's
+/// one link lookup gives its index, its MAC and the host side's index.
 pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
+    let w = w.clone();
+    on_wiring_thread(node.netns(), move |here| add_here(here, &w)).await
+}
+
+fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
     let t0 = std::time::Instant::now();
     let ips = hosts(&w.ips);
-    let host = node.link(&w.host_iface).await?;
+    let host = here.node.link(&w.host_iface)?;
     let t_lookup = t0.elapsed();
     if let Some(host) = host {
-        if let Some(eth) = pod_side(w, &ips).await? {
+        if let Some(eth) = pod_side(here, w, &ips)? {
             // A repeated ADD (perhaps after an agent killed mid-ADD): finish the host side, answer the same.
-            host_side(node, w, &ips, Some(host.header.index), false).await?;
+            host_side(here, w, &ips, host.header.index, false)?;
             return Ok(Wired {
                 host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
                 pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
             });
         }
         // A stale or half-made pair: replaced.
-        netlink::del_link_alone(node.netns(), &w.host_iface).await?;
+        here.node.del_link(&w.host_iface)?;
     }
     let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
         path: w.netns.clone(),
@@ -106,40 +185,37 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
     })?;
     // With IPv6, the host side comes up only once duplicate address detection is off on it (below).
     let v6 = ips.iter().any(|ip| ip.addr().is_ipv6());
-    node.add_veth_into(&w.host_iface, &w.ifname, &pod_ns, w.mtu, HOST_MAC, !v6)
-        .await?;
+    here.node.add_link(
+        &format!("creating veth {}", w.host_iface),
+        netlink::veth_message(&w.host_iface, &w.ifname, &pod_ns, w.mtu, HOST_MAC, !v6),
+    )?;
     let t_veth = t0.elapsed();
-    // Pod side.
-    let pod = Netlink::open(Some(&w.netns)).await?;
+    // Pod side. With IPv6, before the address exists: no duplicate address detection, so it is usable at once.
+    let pod_sysctls = if v6 {
+        vec![
+            (format!("net.ipv6.conf.{}.disable_ipv6", w.ifname), "0".to_owned()),
+            (format!("net.ipv6.conf.{}.accept_dad", w.ifname), "0".to_owned()),
+        ]
+    } else {
+        Vec::new()
+    };
+    let mut pod = here.in_pod(w, &pod_sysctls)?;
     let t_open = t0.elapsed();
-    if v6 {
-        // Before the address exists: no duplicate address detection, so it is usable at once.
-        netlink::sysctls(
-            Some(&w.netns),
-            vec![
-                (format!("net.ipv6.conf.{}.disable_ipv6", w.ifname), "0".to_owned()),
-                (format!("net.ipv6.conf.{}.accept_dad", w.ifname), "0".to_owned()),
-            ],
-        )
-        .await?;
-    }
     // The runtime usually has the sandbox's loopback up already: a lookup costs no RTNL turn, a change does.
     let lo_up = pod
-        .link("lo")
-        .await?
+        .link("lo")?
         .is_some_and(|l| l.header.flags.contains(netlink_packet_route::link::LinkFlags::Up));
     if !lo_up {
-        pod.set_up(LOOPBACK_INDEX, None).await?;
+        pod.set_up(LOOPBACK_INDEX)?;
     }
     let eth_link = pod
-        .link(&w.ifname)
-        .await?
+        .link(&w.ifname)?
         .ok_or_else(|| NetlinkError::NoLink(w.ifname.clone()))?;
     let eth = eth_link.header.index;
     for ip in &ips {
-        pod.add_addr(eth, *ip).await?;
+        pod.add_addr(eth, *ip)?;
     }
-    pod.set_up(eth, None).await?;
+    pod.set_up(eth)?;
     // The IPv4 default route is onlink: the gateway needs no route of its own to be resolved on eth0.
     // The IPv6 default route last: `pod_side` takes the default routes as the sign of a complete pod side.
     for ip in ips
@@ -147,11 +223,19 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
         .filter(|ip| ip.addr().is_ipv4())
         .chain(ips.iter().filter(|ip| ip.addr().is_ipv6()))
     {
-        pod.add_default_via(gateway(ip), eth).await?;
+        pod.add_default_via(gateway(ip), eth)?;
     }
     let t_pod = t0.elapsed();
     // A veth end's link is its peer's index (in the peer's namespace: here, the node's).
-    host_side(node, w, &ips, netlink::link_peer(&eth_link), !v6).await?;
+    let host_index = match netlink::link_peer(&eth_link) {
+        Some(i) => i,
+        None => here
+            .node
+            .link(&w.host_iface)?
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetlinkError::NoLink(w.host_iface.clone()))?,
+    };
+    host_side(here, w, &ips, host_index, !v6)?;
     tracing::debug!(
         iface = %w.host_iface,
         lookup_us = t_lookup.as_micros() as u64,
@@ -168,15 +252,8 @@ pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
 }
 
 /// The host side: answer ARP for the gateway (proxy ARP, no delay), up, the pod's addresses routed to it.
-/// Idempotent, and without dumps (one write each), so concurrent ADDs do not queue behind each other.
-/// `index` is the host side's when known (looked up otherwise); `up` says it already is.
-async fn host_side(
-    node: &Netlink,
-    w: &PodWiring,
-    ips: &[IpNet],
-    index: Option<u32>,
-    up: bool,
-) -> Result<(), WireError> {
+/// Idempotent, and without dumps (one write each). `up` says it already is.
+fn host_side(here: &mut Here, w: &PodWiring, ips: &[IpNet], index: u32, up: bool) -> Result<(), WireError> {
     let mut settings = vec![
         (
             format!("net.ipv4.conf.{}.proxy_arp", w.host_iface),
@@ -194,48 +271,36 @@ async fn host_side(
             "0".to_owned(),
         ));
     }
-    netlink::sysctls(node.netns(), settings).await?;
-    let host = match index {
-        Some(i) => i,
-        None => node.index(&w.host_iface).await?,
-    };
+    // The thread is in the node's namespace: its /proc/sys/net is the node's.
+    netlink::write_sysctls(&settings).map_err(|source| WireError::Netns {
+        path: PathBuf::from("(node namespace)"),
+        source,
+    })?;
     if !up {
-        node.set_up(host, None).await?;
+        here.node.set_up(index)?;
     }
     for ip in ips {
-        node.replace_route(&pod_route(ip.addr(), host), PROTO_CARACAL)
-            .await?;
+        here.node
+            .replace_route(&pod_route(ip.addr(), index), PROTO_CARACAL)?;
     }
     Ok(())
 }
 
-/// Both ends when they exist and the pod side holds every address.
-async fn existing(
-    node: &Netlink,
-    w: &PodWiring,
-    ips: &[IpNet],
-) -> Result<Option<(LinkMessage, LinkMessage)>, WireError> {
-    let Some(host) = node.link(&w.host_iface).await? else {
-        return Ok(None);
-    };
-    Ok(pod_side(w, ips).await?.map(|eth| (host, eth)))
-}
-
 /// The pod side when it is complete: it exists and holds every address and default route.
-async fn pod_side(w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, WireError> {
+fn pod_side(here: &Here, w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, WireError> {
     if !Path::new(&w.netns).exists() {
         return Ok(None);
     }
-    let pod = Netlink::open(Some(&w.netns)).await?;
-    let Some(eth) = pod.link(&w.ifname).await? else {
+    let mut pod = here.in_pod(w, &[])?;
+    let Some(eth) = pod.link(&w.ifname)? else {
         return Ok(None);
     };
-    let have = pod.addrs(eth.header.index).await?;
+    let have = pod.addrs(eth.header.index)?;
     if !ips.iter().all(|ip| have.contains(ip)) {
         return Ok(None);
     }
     // The default routes are the pod side's last step: with them, the pod side is complete.
-    let routes = pod.routes(PROTO_CARACAL).await?;
+    let routes = pod.routes(PROTO_CARACAL)?;
     let defaults = ips.iter().all(|ip| {
         routes.iter().any(|r| {
             r.dst.prefix_len() == 0
@@ -252,21 +317,28 @@ async fn pod_side(w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, W
 /// The existing wiring when it is complete and matches `w` (host side with the pod routes, the pod side
 /// holding every address); None otherwise.
 pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireError> {
-    let ips = hosts(&w.ips);
-    let Some((host, eth)) = existing(node, w, &ips).await? else {
-        return Ok(None);
-    };
-    let routes = node.routes(PROTO_CARACAL).await?;
-    if !ips
-        .iter()
-        .all(|ip| routes.contains(&pod_route(ip.addr(), host.header.index)))
-    {
-        return Ok(None);
-    }
-    Ok(Some(Wired {
-        host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
-        pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
-    }))
+    let w = w.clone();
+    on_wiring_thread(node.netns(), move |here| {
+        let ips = hosts(&w.ips);
+        let Some(host) = here.node.link(&w.host_iface)? else {
+            return Ok(None);
+        };
+        let Some(eth) = pod_side(here, &w, &ips)? else {
+            return Ok(None);
+        };
+        let routes = here.node.routes(PROTO_CARACAL)?;
+        if !ips
+            .iter()
+            .all(|ip| routes.contains(&pod_route(ip.addr(), host.header.index)))
+        {
+            return Ok(None);
+        }
+        Ok(Some(Wired {
+            host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
+            pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
+        }))
+    })
+    .await
 }
 
 /// Removes the pod's veth (both ends go with the host side); absent is fine, so DEL is idempotent and

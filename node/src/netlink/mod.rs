@@ -6,6 +6,8 @@
 //!
 //! Routes the agent owns carry [`PROTO_CARACAL`], so listing, diffing and cleanup find exactly its own.
 
+pub mod blocking;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,14 @@ pub enum NetlinkError {
     /// A link that must exist does not.
     #[error("no link named {0}")]
     NoLink(String),
+    /// The netlink socket failed (sending, receiving or decoding), not the kernel's answer.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 fn req(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
@@ -164,25 +174,27 @@ fn del_link_by_name(name: &str) -> std::io::Result<Result<(), rtnetlink::packet_
 /// written with slashes (`net/ipv6/conf/vxlan6.caracal/accept_dad`) is taken as a path, for interface names
 /// that contain dots. A failure names the key.
 pub async fn sysctls(netns: Option<&Path>, settings: Vec<(String, String)>) -> Result<(), NetlinkError> {
-    in_netns(netns, move || {
-        for (key, value) in settings {
-            let path = if key.contains('/') {
-                key.clone()
-            } else {
-                key.replace('.', "/")
-            };
-            let file = format!("/proc/sys/{path}");
-            // Read first: writing some keys is expensive even when nothing changes (setting
-            // `net.ipv6.conf.all.forwarding` walks every interface), and these are written on every sync.
-            if std::fs::read_to_string(&file).is_ok_and(|have| have.trim() == value.trim()) {
-                continue;
-            }
-            std::fs::write(&file, &value)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
+    in_netns(netns, move || write_sysctls(&settings)).await
+}
+
+/// Writes sysctls in the calling thread's network namespace, as [`sysctls`] does.
+pub fn write_sysctls(settings: &[(String, String)]) -> std::io::Result<()> {
+    for (key, value) in settings {
+        let path = if key.contains('/') {
+            key.clone()
+        } else {
+            key.replace('.', "/")
+        };
+        let file = format!("/proc/sys/{path}");
+        // Read first: writing some keys is expensive even when nothing changes (setting
+        // `net.ipv6.conf.all.forwarding` walks every interface), and these are written on every sync.
+        if std::fs::read_to_string(&file).is_ok_and(|have| have.trim() == value.trim()) {
+            continue;
         }
-        Ok(())
-    })
-    .await
+        std::fs::write(&file, value)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Writes one sysctl inside the namespace at `netns`.
@@ -338,49 +350,6 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates veth `host` here with its peer `peer` directly inside the namespace `peer_netns`, the host
-    /// end up when `up` (the peer cannot be: the kernel opens it before it is paired, and refuses).
-    ///
-    /// One transmit and one receive queue each, asked for explicitly: otherwise the kernel allocates one
-    /// per CPU and then cuts the device down to one, which waits out an RCU grace period while holding the
-    /// RTNL lock (0.4 to 0.5 ms per pair on this 2-core machine under load, during which no other link,
-    /// address or route change on the node proceeds).
-    pub async fn add_veth_into(
-        &self,
-        host: &str,
-        peer: &str,
-        peer_netns: &std::fs::File,
-        mtu: u32,
-        host_mac: [u8; 6],
-        up: bool,
-    ) -> Result<(), NetlinkError> {
-        use std::os::fd::AsRawFd as _;
-        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
-            .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-            .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-            .name(peer.to_owned())
-            .mtu(mtu)
-            .setns_by_fd(peer_netns.as_raw_fd())
-            .build();
-        let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-            .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-            .name(host.to_owned())
-            .mtu(mtu)
-            .address(host_mac.to_vec())
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)));
-        if up {
-            b = b.up();
-        }
-        let msg = b.build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(req(format!("creating veth {host}")))
-    }
-
     /// Sets a link up, with `mtu` when given.
     pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<(), NetlinkError> {
         let mut b = LinkUnspec::new_with_index(index).up();
@@ -463,20 +432,7 @@ impl Netlink {
 
     /// Adds the default route via `gw` on `index` (`ip route add default via GW dev IF onlink proto 80`).
     pub async fn add_default_via(&self, gw: IpAddr, index: u32) -> Result<(), NetlinkError> {
-        let msg = match gw {
-            IpAddr::V4(gw) => RouteMessageBuilder::<Ipv4Addr>::new()
-                .gateway(gw)
-                .output_interface(index)
-                .onlink()
-                .protocol(RouteProtocol::from(PROTO_CARACAL))
-                .build(),
-            // An IPv6 link-local gateway needs no onlink: it is on the link by definition.
-            IpAddr::V6(gw) => RouteMessageBuilder::<Ipv6Addr>::new()
-                .gateway(gw)
-                .output_interface(index)
-                .protocol(RouteProtocol::from(PROTO_CARACAL))
-                .build(),
-        };
+        let msg = default_route_message(gw, index);
         self.handle
             .route()
             .add(msg)
@@ -749,6 +705,60 @@ fn vxlan_matches(l: &LinkMessage, vni: u32, port: u16, local: IpAddr) -> bool {
         IpAddr::V6(ip) => InfoVxlan::Local6(ip),
     };
     has(&InfoVxlan::Id(vni)) && has(&InfoVxlan::Port(port)) && has(&local)
+}
+
+/// The message creating veth `host` with its peer `peer` directly inside the namespace `peer_netns`, the
+/// host end up when `up` (the peer cannot be: the kernel opens it before it is paired, and refuses).
+///
+/// One transmit and one receive queue each, asked for explicitly: otherwise the kernel allocates one per
+/// CPU and then cuts the device down to one, which waits out an RCU grace period while holding the RTNL
+/// lock (0.4 to 0.5 ms per pair on this 2-core machine under load, during which no other link, address or
+/// route change on the node proceeds).
+pub fn veth_message(
+    host: &str,
+    peer: &str,
+    peer_netns: &std::fs::File,
+    mtu: u32,
+    host_mac: [u8; 6],
+    up: bool,
+) -> LinkMessage {
+    use std::os::fd::AsRawFd as _;
+    let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+        .name(peer.to_owned())
+        .mtu(mtu)
+        .setns_by_fd(peer_netns.as_raw_fd())
+        .build();
+    let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+        .name(host.to_owned())
+        .mtu(mtu)
+        .address(host_mac.to_vec())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)));
+    if up {
+        b = b.up();
+    }
+    b.build()
+}
+
+/// The default route via `gw` on `index`, tagged as Caracal's (IPv4 onlink).
+fn default_route_message(gw: IpAddr, index: u32) -> RouteMessage {
+    match gw {
+        IpAddr::V4(gw) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .onlink()
+            .protocol(RouteProtocol::from(PROTO_CARACAL))
+            .build(),
+        // An IPv6 link-local gateway needs no onlink: it is on the link by definition.
+        IpAddr::V6(gw) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .protocol(RouteProtocol::from(PROTO_CARACAL))
+            .build(),
+    }
 }
 
 fn route_message(route: &OwnedRoute, proto: u8) -> RouteMessage {
