@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use caracal_e2e::netns::{self, NetNs, Underlay};
 use caracal_e2e::probe;
-use caracal_node::cni::wire::{self, PodWiring};
+use caracal_node::cni::wire::{self, PodWiring, Wirer};
 use caracal_node::netlink::{Netlink, PROTO_CARACAL, named_netns};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,12 +44,15 @@ async fn wired_pods_reach_each_other_through_proxy_arp_and_del_is_idempotent() {
     let nl = Netlink::open(Some(&named_netns(node.name())))
         .await
         .expect("netlink");
+    // The agent's wiring threads; two, so that the two pods are wired side by side.
+    let wirer = Wirer::start(Some(&named_netns(node.name())), 2);
     let a = NetNs::new("pa").expect("pod a");
     let b = NetNs::new("pb").expect("pod b");
     let wa = wiring(&node, &a, "crcwiretesta", "10.200.0.5/32");
     let wb = wiring(&node, &b, "crcwiretestb", "10.200.0.6/32");
-    let first = wire::add(&nl, &wa).await.expect("wire a");
-    wire::add(&nl, &wb).await.expect("wire b");
+    let (first, second) = tokio::join!(wirer.add(&wa), wirer.add(&wb));
+    let first = first.expect("wire a");
+    second.expect("wire b");
 
     // The pod sees its /32, the gateway route and the MTU.
     let addr = a.ip(&["-o", "addr", "show", "eth0"]).expect("addr");
@@ -79,14 +82,14 @@ async fn wired_pods_reach_each_other_through_proxy_arp_and_del_is_idempotent() {
 
     // A repeated ADD returns the same wiring and leaves the interface alone.
     let index_before = nl.index("crcwiretesta").await.expect("index");
-    assert_eq!(wire::add(&nl, &wa).await.expect("again"), first);
+    assert_eq!(wirer.add(&wa).await.expect("again"), first);
     assert_eq!(nl.index("crcwiretesta").await.expect("index"), index_before);
-    assert!(wire::check(&nl, &wa).await.expect("check").is_some());
+    assert!(wirer.check(&wa).await.expect("check").is_some());
 
     // DEL removes both ends and the route; again is fine; after the pod namespace is gone too.
     assert!(wire::del(&nl, "crcwiretesta").await.expect("del"));
     assert!(!wire::del(&nl, "crcwiretesta").await.expect("del again"));
-    assert!(wire::check(&nl, &wa).await.expect("check").is_none());
+    assert!(wirer.check(&wa).await.expect("check").is_none());
     let host_routes = node
         .ip(&["route", "show", "proto", &PROTO_CARACAL.to_string()])
         .expect("routes");
@@ -185,6 +188,8 @@ async fn dual_stack_pods_get_a_128_and_reach_each_other_over_ipv6_through_the_li
     let nl = Netlink::open(Some(&named_netns(node.name())))
         .await
         .expect("netlink");
+    // The agent's wiring threads; two, so that the two pods are wired side by side.
+    let wirer = Wirer::start(Some(&named_netns(node.name())), 2);
     let a = NetNs::new("pa").expect("pod a");
     let b = NetNs::new("pb").expect("pod b");
     let dual = |pod: &NetNs, iface: &str, v4: &str, v6: &str| {
@@ -194,8 +199,9 @@ async fn dual_stack_pods_get_a_128_and_reach_each_other_over_ipv6_through_the_li
     };
     let wa = dual(&a, "crcwire6a", "10.200.0.5/32", "fd20::5/128");
     let wb = dual(&b, "crcwire6b", "10.200.0.6/32", "fd20::6/128");
-    let first = wire::add(&nl, &wa).await.expect("wire a");
-    wire::add(&nl, &wb).await.expect("wire b");
+    let (first, second) = tokio::join!(wirer.add(&wa), wirer.add(&wb));
+    let first = first.expect("wire a");
+    second.expect("wire b");
 
     // The pod holds its /128 at once (no duplicate address detection), with a default route via the host
     // side's link-local address.
@@ -226,8 +232,8 @@ async fn dual_stack_pods_get_a_128_and_reach_each_other_over_ipv6_through_the_li
             .connected()
     );
     // A repeated ADD is the same wiring, CHECK sees both families, DEL removes both routes.
-    assert_eq!(wire::add(&nl, &wa).await.expect("again"), first);
-    assert!(wire::check(&nl, &wa).await.expect("check").is_some());
+    assert_eq!(wirer.add(&wa).await.expect("again"), first);
+    assert!(wirer.check(&wa).await.expect("check").is_some());
     assert!(wire::del(&nl, "crcwire6a").await.expect("del"));
     let host_routes = node
         .ip(&["-6", "route", "show", "proto", &PROTO_CARACAL.to_string()])

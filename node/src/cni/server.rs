@@ -19,12 +19,13 @@ use tracing::{debug, warn};
 
 use super::host_iface;
 use super::spec::{self, AgentRequest, AgentResponse, Attachment, CniError, Code};
-use super::wire::{self, PodWiring};
+use super::wire::{self, PodWiring, Wirer};
 use crate::ipam::node::{NodeIpam, attr};
 use crate::netlink::Netlink;
 
-/// How many netlink connections the server uses for the host side of its pods.
-const CONNECTIONS: usize = 4;
+/// How many threads wire pods ([`wire::Wirer`]): the kernel serializes most of a pod's wiring under its
+/// RTNL lock, so a few threads keep it busy and the rest of the pods wait in order.
+const WIRING_THREADS: usize = 4;
 
 /// The handle of a container's allocation (Calico's `k8s-pod-network.<id>` form).
 pub fn handle_of(container_id: &str) -> String {
@@ -56,24 +57,11 @@ impl CniServer {
         }
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)?;
-        // Netlink connections of the server's own, taken in turn: a pod's host-side requests queue neither
-        // behind routing's dumps on the agent's connection nor behind every other pod's.
-        let mut pool = Vec::new();
-        for _ in 0..CONNECTIONS {
-            match Netlink::open(self.node.netns()).await {
-                Ok(nl) => pool.push(nl),
-                Err(e) => warn!(error = %e, "opening a netlink connection for the CNI server"),
-            }
-        }
-        if pool.is_empty() {
-            pool.push(self.node.clone());
-        }
-        let mut turn = 0usize;
+        let wirer = Wirer::start(self.node.netns(), WIRING_THREADS);
         loop {
             let (stream, _) = listener.accept().await?;
-            let mut me = self.clone();
-            me.node = pool[turn % pool.len()].clone();
-            turn = turn.wrapping_add(1);
+            let me = self.clone();
+            let wirer = wirer.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -81,7 +69,7 @@ impl CniServer {
                     return;
                 }
                 let response = match serde_json::from_str::<AgentRequest>(&line) {
-                    Ok(req) => me.handle(req).await,
+                    Ok(req) => me.handle(&wirer, req).await,
                     Err(e) => CniError::new(
                         Code::DecodeFailure,
                         "invalid request from the plugin",
@@ -99,11 +87,11 @@ impl CniServer {
     }
 
     /// Answers one request.
-    pub async fn handle(&self, req: AgentRequest) -> AgentResponse {
+    pub async fn handle(&self, wirer: &Wirer, req: AgentRequest) -> AgentResponse {
         let result = match req.command.as_str() {
-            "ADD" => self.add(&req).await,
+            "ADD" => self.add(wirer, &req).await,
             "DEL" => self.del(&req).await.map(|()| Value::Null),
-            "CHECK" => self.check(&req).await.map(|()| Value::Null),
+            "CHECK" => self.check(wirer, &req).await.map(|()| Value::Null),
             "STATUS" => self.status().await.map(|()| Value::Null),
             "GC" => self.gc(&req).await.map(|()| Value::Null),
             other => Err(CniError::new(
@@ -152,7 +140,7 @@ impl CniServer {
         }
     }
 
-    async fn add(&self, req: &AgentRequest) -> Result<Value, CniError> {
+    async fn add(&self, wirer: &Wirer, req: &AgentRequest) -> Result<Value, CniError> {
         let conf = spec::net_conf(req.conf.to_string().as_bytes())?;
         let (ns, pod) = Self::pod_of(req)?;
         if !Path::new(&req.netns).exists() {
@@ -180,7 +168,7 @@ impl CniServer {
         };
         let w = self.wiring(req, &ns, &pod, &ips, mtu);
         let t1 = std::time::Instant::now();
-        let wired = match wire::add(&self.node, &w).await {
+        let wired = match wirer.add(&w).await {
             Ok(x) => x,
             Err(e) => {
                 // Nothing half-done stays behind: the interface goes, the address is given back.
@@ -237,7 +225,7 @@ impl CniServer {
         Ok(())
     }
 
-    async fn check(&self, req: &AgentRequest) -> Result<(), CniError> {
+    async fn check(&self, wirer: &Wirer, req: &AgentRequest) -> Result<(), CniError> {
         let (ns, pod) = Self::pod_of(req)?;
         let handle = handle_of(&req.container_id);
         let Some(held) = self.ipam.get(&handle).await else {
@@ -247,7 +235,7 @@ impl CniServer {
             ));
         };
         let w = self.wiring(req, &ns, &pod, &held.ips, 0);
-        match wire::check(&self.node, &w).await {
+        match wirer.check(&w).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(refused(
                 "CHECK failed",

@@ -78,30 +78,104 @@ pub fn pod_route(ip: IpAddr, index: u32) -> OwnedRoute {
 /// The loopback device's index: the same in every network namespace.
 const LOOPBACK_INDEX: u32 = 1;
 
-/// Runs `f` on a new thread that starts in the node's namespace (`node_ns`, None: the agent's own) and may
-/// enter the pod's: a thread of its own, because a namespace switch is per thread and this one is never
-/// reused. The runtime waits for it without blocking a worker.
-async fn on_wiring_thread<T: Send + 'static>(
-    node_ns: Option<&Path>,
-    f: impl FnOnce(&mut Here) -> Result<T, WireError> + Send + 'static,
-) -> Result<T, WireError> {
-    let node_ns = node_ns.map(Path::to_path_buf);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("wire".into())
-        .spawn(move || {
-            let _ = tx.send(Here::start(node_ns.as_deref()).and_then(|mut here| f(&mut here)));
-        })
-        .map_err(|source| WireError::Netns {
-            path: PathBuf::from("(thread)"),
-            source,
-        })?;
-    rx.await.unwrap_or_else(|_| {
-        Err(WireError::Netns {
-            path: PathBuf::from("(thread)"),
-            source: std::io::Error::other("wiring thread panicked"),
-        })
-    })
+/// A job for a wiring thread: it gets the thread's place in the node's namespace (opened on first use).
+type Job = Box<dyn FnOnce(&mut Option<Here>) + Send>;
+
+/// The threads that wire pods, fed first come first served: a fixed few, each with a blocking socket in
+/// the node's namespace, entering a pod's namespace only to open a socket there.
+///
+/// Why a queue and not a thread per pod: a pod's wiring is a few milliseconds of kernel work, most of it
+/// under the RTNL lock that every pod takes in turn. Twenty pods wired at once by twenty threads are served
+/// in whatever order the scheduler and the lock pick, so some wait for most of the others several times
+/// over; a queue served by a few threads serves them in the order they came, and none waits for more than
+/// the queue ahead of it.
+#[derive(Clone)]
+pub struct Wirer {
+    jobs: std::sync::mpsc::Sender<Job>,
+    node_ns: Option<PathBuf>,
+}
+
+impl Wirer {
+    /// Starts `workers` wiring threads for the node whose namespace is `node_ns` (None: the agent's own).
+    pub fn start(node_ns: Option<&Path>, workers: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..workers.max(1) {
+            let rx = rx.clone();
+            let node_ns = node_ns.map(Path::to_path_buf);
+            let spawned = std::thread::Builder::new()
+                .name(format!("wire-{i}"))
+                .spawn(move || {
+                    let mut here: Option<Here> = None;
+                    loop {
+                        let job = match rx.lock().map(|r| r.recv()) {
+                            Ok(Ok(job)) => job,
+                            // The server is gone (or a sibling panicked holding the queue).
+                            _ => return,
+                        };
+                        if here.is_none() {
+                            here = Here::start(node_ns.as_deref()).ok();
+                        }
+                        job(&mut here);
+                        if here.as_ref().is_some_and(|h| h.lost) {
+                            // Stranded in a pod's namespace: this thread wires nothing more.
+                            tracing::error!(
+                                "a wiring thread could not return to the node's namespace and stops"
+                            );
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "starting a wiring thread");
+            }
+        }
+        Wirer {
+            jobs: tx,
+            node_ns: node_ns.map(Path::to_path_buf),
+        }
+    }
+
+    /// Runs `f` on a wiring thread, waiting for it without blocking the runtime.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Here) -> Result<T, WireError> + Send + 'static,
+    ) -> Result<T, WireError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let node_ns = self.node_ns.clone();
+        let job: Job = Box::new(move |here: &mut Option<Here>| {
+            let result = match here {
+                Some(h) => f(h),
+                // Opening the node's namespace or a socket there failed: say so for this pod, retry next time.
+                None => Here::start(node_ns.as_deref()).and_then(|mut h| {
+                    let r = f(&mut h);
+                    *here = Some(h);
+                    r
+                }),
+            };
+            let _ = tx.send(result);
+        });
+        let gone = || WireError::Netns {
+            path: PathBuf::from("(wiring threads)"),
+            source: std::io::Error::other("no wiring thread is running"),
+        };
+        self.jobs.send(job).map_err(|_| gone())?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Creates the pair and configures both ends. An existing host side of the same name is replaced unless
+    /// it already is exactly this wiring (a repeated ADD), in which case nothing changes.
+    pub async fn add(&self, w: &PodWiring) -> Result<Wired, WireError> {
+        let w = w.clone();
+        self.run(move |here| add_here(here, &w)).await
+    }
+
+    /// The existing wiring when it is complete and matches `w` (host side with the pod routes, the pod side
+    /// holding every address); None otherwise.
+    pub async fn check(&self, w: &PodWiring) -> Result<Option<Wired>, WireError> {
+        let w = w.clone();
+        self.run(move |here| check_here(here, &w)).await
+    }
 }
 
 /// A wiring thread's place: a blocking socket in the node's namespace, and the way back to it.
@@ -109,6 +183,8 @@ struct Here {
     node: Rtnl,
     /// The node's namespace, to return to after opening a socket in a pod's.
     home: std::fs::File,
+    /// Returning to the node's namespace failed: the thread is somewhere else.
+    lost: bool,
 }
 
 impl Here {
@@ -123,12 +199,16 @@ impl Here {
             blocking::enter(&home).map_err(ns_error(&home_path))?;
         }
         let node = Rtnl::open().map_err(ns_error(&home_path))?;
-        Ok(Self { node, home })
+        Ok(Self {
+            node,
+            home,
+            lost: false,
+        })
     }
 
     /// A socket in the pod's namespace (and, with `sysctls`, those written there first); the thread is back
     /// in the node's namespace when this returns.
-    fn in_pod(&self, w: &PodWiring, sysctls: &[(String, String)]) -> Result<Rtnl, WireError> {
+    fn in_pod(&mut self, w: &PodWiring, sysctls: &[(String, String)]) -> Result<Rtnl, WireError> {
         let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
             path: w.netns.clone(),
             source,
@@ -140,6 +220,7 @@ impl Here {
         blocking::enter(&pod_ns).map_err(ns_error)?;
         let opened = Rtnl::open().and_then(|pod| netlink::write_sysctls(sysctls).map(|()| pod));
         let back = blocking::enter(&self.home);
+        self.lost = back.is_err();
         let pod = opened.map_err(ns_error)?;
         back.map_err(|source| WireError::Netns {
             path: PathBuf::from("(node namespace)"),
@@ -157,11 +238,6 @@ impl Here {
 /// and route change takes the kernel's RTNL lock, which concurrent ADDs (and DELs) take turns for, so the
 /// wiring asks for as few of them as it can: an IPv4 pair's host side is created up, and the pod side's
 /// one link lookup gives its index, its MAC and the host side's index.
-pub async fn add(node: &Netlink, w: &PodWiring) -> Result<Wired, WireError> {
-    let w = w.clone();
-    on_wiring_thread(node.netns(), move |here| add_here(here, &w)).await
-}
-
 fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
     let t0 = std::time::Instant::now();
     let ips = hosts(&w.ips);
@@ -287,7 +363,7 @@ fn host_side(here: &mut Here, w: &PodWiring, ips: &[IpNet], index: u32, up: bool
 }
 
 /// The pod side when it is complete: it exists and holds every address and default route.
-fn pod_side(here: &Here, w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, WireError> {
+fn pod_side(here: &mut Here, w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, WireError> {
     if !Path::new(&w.netns).exists() {
         return Ok(None);
     }
@@ -314,31 +390,25 @@ fn pod_side(here: &Here, w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMess
     Ok(Some(eth))
 }
 
-/// The existing wiring when it is complete and matches `w` (host side with the pod routes, the pod side
-/// holding every address); None otherwise.
-pub async fn check(node: &Netlink, w: &PodWiring) -> Result<Option<Wired>, WireError> {
-    let w = w.clone();
-    on_wiring_thread(node.netns(), move |here| {
-        let ips = hosts(&w.ips);
-        let Some(host) = here.node.link(&w.host_iface)? else {
-            return Ok(None);
-        };
-        let Some(eth) = pod_side(here, &w, &ips)? else {
-            return Ok(None);
-        };
-        let routes = here.node.routes(PROTO_CARACAL)?;
-        if !ips
-            .iter()
-            .all(|ip| routes.contains(&pod_route(ip.addr(), host.header.index)))
-        {
-            return Ok(None);
-        }
-        Ok(Some(Wired {
-            host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
-            pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
-        }))
-    })
-    .await
+fn check_here(here: &mut Here, w: &PodWiring) -> Result<Option<Wired>, WireError> {
+    let ips = hosts(&w.ips);
+    let Some(host) = here.node.link(&w.host_iface)? else {
+        return Ok(None);
+    };
+    let Some(eth) = pod_side(here, w, &ips)? else {
+        return Ok(None);
+    };
+    let routes = here.node.routes(PROTO_CARACAL)?;
+    if !ips
+        .iter()
+        .all(|ip| routes.contains(&pod_route(ip.addr(), host.header.index)))
+    {
+        return Ok(None);
+    }
+    Ok(Some(Wired {
+        host_mac: mac_text(netlink::link_mac(&host).unwrap_or_default()),
+        pod_mac: mac_text(netlink::link_mac(&eth).unwrap_or_default()),
+    }))
 }
 
 /// Removes the pod's veth (both ends go with the host side); absent is fine, so DEL is idempotent and
