@@ -230,7 +230,6 @@ impl Allocator {
         node_labels: &BTreeMap<String, String>,
     ) -> Result<Option<Claim>, AllocError> {
         let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
-        let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
         let existing = self.block_names().await?;
         let pools = self.pools(v4, node_labels).await?;
         for &(pool, prefix) in &pools {
@@ -239,70 +238,81 @@ impl Allocator {
                 if existing.contains(&name) {
                     continue;
                 }
-                let aff_name = format!("{}-{name}", self.node);
-                let mut aff = BlockAffinity::new(
-                    &aff_name,
-                    BlockAffinitySpec {
-                        state: AffinityState::Pending,
-                        node: self.node.clone(),
-                        cidr: caracal_crds::schema::Cidr(cidr),
-                        deleted: false,
-                    },
-                );
-                aff.metadata.labels = Some(BTreeMap::from([(
-                    "caracal.dev/node".to_owned(),
-                    self.node.clone(),
-                )]));
-                let aff = match affinities.create(&PostParams::default(), &aff).await {
-                    Ok(a) => Some(a),
-                    // Another task of this node is claiming the same block: let the allocation loop re-read.
-                    Err(e) if conflict(&e) => affinities
-                        .get_opt(&aff_name)
-                        .await
-                        .map_err(|e| AllocError::Api("reading a BlockAffinity", e))?,
-                    Err(e) => return Err(AllocError::Api("creating a BlockAffinity", e)),
-                };
+                // The block's creation decides who owns it (the API server lets one create win); the
+                // BlockAffinity, Calico's record of the claim, follows it already confirmed. Two writes,
+                // where a pending affinity first would take three while pods may be waiting.
                 let block = IPAMBlock::new(&name, Block::new(cidr, Some(self.affinity())).to_spec());
-                match blocks.create(&PostParams::default(), &block).await {
-                    Ok(created) => {
-                        if let Some(mut confirmed) = aff {
-                            confirmed.spec.state = AffinityState::Confirmed;
-                            match affinities
-                                .replace(&aff_name, &PostParams::default(), &confirmed)
-                                .await
-                            {
-                                // A sibling task confirmed it first, or it is being recreated: either way the block is ours.
-                                Ok(_) => {}
-                                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
-                                Err(e) => return Err(AllocError::Api("confirming a BlockAffinity", e)),
-                            }
-                        }
-                        let room_left = unclaimed(&pools, &existing, Some(&name));
-                        return Ok(Some(Claim {
-                            block: created,
-                            room_left,
-                        }));
-                    }
+                let owned = match blocks.create(&PostParams::default(), &block).await {
+                    Ok(created) => created,
                     Err(e) if conflict(&e) => {
                         // Someone created the block first. If it was this node (another task), it is ours.
                         let current = blocks
                             .get_opt(&name)
                             .await
                             .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?;
-                        if let Some(b) = current
-                            && b.spec.affinity.as_deref() == Some(&self.affinity())
-                        {
-                            let room_left = unclaimed(&pools, &existing, Some(&name));
-                            return Ok(Some(Claim { block: b, room_left }));
+                        match current {
+                            Some(b) if b.spec.affinity.as_deref() == Some(&self.affinity()) => b,
+                            // Another node won: try the next block.
+                            _ => continue,
                         }
-                        // Another node won: drop our pending claim and try the next block.
-                        let _ = affinities.delete(&aff_name, &Default::default()).await;
                     }
                     Err(e) => return Err(AllocError::Api("creating an IPAMBlock", e)),
-                }
+                };
+                self.confirm_affinity(cidr, &name).await?;
+                let room_left = unclaimed(&pools, &existing, Some(&name));
+                return Ok(Some(Claim {
+                    block: owned,
+                    room_left,
+                }));
             }
         }
         Ok(None)
+    }
+
+    /// Records this node's claim of block `name` as a confirmed BlockAffinity (one left pending or absent
+    /// by an earlier attempt is confirmed now).
+    async fn confirm_affinity(&self, cidr: IpNet, name: &str) -> Result<(), AllocError> {
+        let affinities: Api<BlockAffinity> = Api::all(self.client.clone());
+        let aff_name = format!("{}-{name}", self.node);
+        let mut aff = BlockAffinity::new(
+            &aff_name,
+            BlockAffinitySpec {
+                state: AffinityState::Confirmed,
+                node: self.node.clone(),
+                cidr: caracal_crds::schema::Cidr(cidr),
+                deleted: false,
+            },
+        );
+        aff.metadata.labels = Some(BTreeMap::from([(
+            "caracal.dev/node".to_owned(),
+            self.node.clone(),
+        )]));
+        match affinities.create(&PostParams::default(), &aff).await {
+            Ok(_) => Ok(()),
+            Err(e) if conflict(&e) => {
+                let Some(mut current) = affinities
+                    .get_opt(&aff_name)
+                    .await
+                    .map_err(|e| AllocError::Api("reading a BlockAffinity", e))?
+                else {
+                    return Ok(());
+                };
+                if current.spec.state == AffinityState::Confirmed {
+                    return Ok(());
+                }
+                current.spec.state = AffinityState::Confirmed;
+                match affinities
+                    .replace(&aff_name, &PostParams::default(), &current)
+                    .await
+                {
+                    // A sibling task confirmed it first, or it is being recreated: either way the block is ours.
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
+                    Err(e) => Err(AllocError::Api("confirming a BlockAffinity", e)),
+                }
+            }
+            Err(e) => Err(AllocError::Api("creating a BlockAffinity", e)),
+        }
     }
 
     /// Releases `ip` wherever it is held (idempotent).

@@ -137,6 +137,10 @@ struct State {
     room: [Option<bool>; 2],
 }
 
+/// The least time the assignment rate is measured over: short enough that the reserve's target rises within
+/// the first few pods of a burst, long enough that two pods started together are not a burst.
+const RATE_SPAN_MIN: Duration = Duration::from_millis(100);
+
 /// How long the reserve's peak target is remembered after a burst.
 const PEAK_MEMORY: Duration = Duration::from_secs(600);
 
@@ -214,7 +218,7 @@ impl State {
     /// The reserve's target at `now` when the pools have room: the configured size, or twice the current
     /// rate of assignments per second when pods arrive faster (a burst is served from memory while the
     /// reserve refills), at most four times the configured size. The rate is the last second's assignments
-    /// over the time since the oldest of them, at least a quarter second, so the target rises within the
+    /// over the time since the oldest of them, at least [`RATE_SPAN_MIN`], so the target rises within the
     /// first few dozen pods of a burst instead of a second later.
     fn burst_target(&self, configured: usize, now: Instant) -> usize {
         let configured = configured.max(1);
@@ -222,7 +226,7 @@ impl State {
             .recent
             .front()
             .map_or(Duration::ZERO, |t| now.duration_since(*t))
-            .max(Duration::from_millis(250));
+            .max(RATE_SPAN_MIN);
         let rate = self.recent.len() as f64 / span.as_secs_f64();
         configured.max((2.0 * rate).ceil() as usize).min(4 * configured)
     }
@@ -268,6 +272,8 @@ struct Inner {
     refill_kick: Notify,
     /// Woken (all waiters) when a refill adds addresses to the reserve, and when a refill ends.
     published: Notify,
+    /// A block is being claimed ahead of a burst.
+    claiming: std::sync::atomic::AtomicBool,
     /// The last version seen of the blocks this node works with (own, borrowed from, holding its
     /// addresses), by name: the first attempt of a write starts from it instead of a list.
     blocks: std::sync::Mutex<BTreeMap<String, IPAMBlock>>,
@@ -328,6 +334,7 @@ impl NodeIpam {
             commit_kick: Notify::new(),
             refill_kick: Notify::new(),
             published: Notify::new(),
+            claiming: std::sync::atomic::AtomicBool::new(false),
             blocks: std::sync::Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
         });
@@ -724,11 +731,29 @@ impl NodeIpam {
             return Ok(());
         }
         let started = Instant::now();
+        let mut got_total = 0;
+        let mut max_target = 0;
+        // With the families known, the reserve is first topped up from this node's cached blocks: one write
+        // per block and no lookup before it, so pods waiting on this refill get addresses after one API call.
+        let known = self.inner.state.lock().await.families;
+        for f in (0..2).filter(|f| known.is_some_and(|k| k[*f]) && allowed(*f)) {
+            let (have, target) = {
+                let st = self.inner.state.lock().await;
+                (st.reserved_in(f), st.target_for(f, configured, Instant::now()))
+            };
+            if !low(&*self.inner.state.lock().await, f, Instant::now()) {
+                continue;
+            }
+            max_target = max_target.max(target);
+            let _writes = self.inner.block_writes.lock().await;
+            got_total += self
+                .reserve_more(target.saturating_sub(have).max(1), f == 0, None)
+                .await?
+                .len();
+        }
         let labels = self.node_labels().await;
         let served = self.inner.alloc.served_families(&labels).await?;
         let mut exhausted = false;
-        let mut got_total = 0;
-        let mut max_target = 0;
         for (f, serves) in served.into_iter().enumerate() {
             // A family with no pool for this node is not served; IPv4 is still tried, so a node whose
             // pools are all gone reports itself exhausted.
@@ -754,7 +779,7 @@ impl NodeIpam {
             max_target = max_target.max(target);
             let got = {
                 let _writes = self.inner.block_writes.lock().await;
-                self.reserve_more(target.saturating_sub(have).max(1), f == 0, &labels)
+                self.reserve_more(target.saturating_sub(have).max(1), f == 0, Some(&labels))
                     .await?
             };
             got_total += got.len();
@@ -769,12 +794,68 @@ impl NodeIpam {
         drop(st);
         // Requests waiting on this refill look again: the families are known now, or nothing was found.
         self.inner.published.notify_waiters();
+        if max_target > configured
+            && !self
+                .inner
+                .claiming
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let me = self.clone();
+            tokio::spawn(async move {
+                for f in 0..2 {
+                    if let Err(e) = me.claim_ahead(f, max_target, &labels).await {
+                        warn!(error = %e, "claiming a block ahead of a burst failed");
+                    }
+                }
+                me.inner
+                    .claiming
+                    .store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
         tracing::debug!(
             got = got_total,
             target = max_target,
             ms = started.elapsed().as_millis() as u64,
             "IPAM reserve refilled"
         );
+        Ok(())
+    }
+
+    /// During a burst (the target above its configured size, which needs room in the pools), claims the
+    /// next block before it is needed when this node's blocks have fewer free addresses than the target:
+    /// the next refill then writes one block instead of claiming one first (several API writes), while the
+    /// pods of the burst wait. It runs beside the refills, not inside one. A block claimed ahead and never
+    /// used is empty, and released like any other.
+    async fn claim_ahead(
+        &self,
+        f: usize,
+        target: usize,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), IpamError> {
+        let served = self.inner.state.lock().await.families.is_some_and(|k| k[f]);
+        if !served || self.inner.state.lock().await.room[f] != Some(true) {
+            return Ok(());
+        }
+        let mine = format!("host:{}", self.inner.cfg.node);
+        let free: usize = self
+            .cached_blocks()
+            .iter()
+            .filter(|b| {
+                b.spec.affinity.as_deref() == Some(mine.as_str())
+                    && b.spec.cidr.is_ipv4() == (f == 0)
+                    && !b.spec.deleted
+            })
+            .map(|b| b.spec.unallocated.len())
+            .sum();
+        if free >= target {
+            return Ok(());
+        }
+        let claimed = self.inner.alloc.claim(f == 0, labels).await?;
+        self.inner.state.lock().await.room[f] = Some(claimed.as_ref().is_some_and(|c| c.room_left));
+        if let Some(c) = claimed {
+            tracing::debug!(block = %c.block.spec.cidr, free, target, "claimed a block ahead of a burst");
+            self.remember(&c.block);
+        }
         Ok(())
     }
 
@@ -798,12 +879,13 @@ impl NodeIpam {
     }
 
     /// Reserves up to `n` addresses of one family in the API: own blocks first, then a newly claimed block,
-    /// then (unless strict affinity) other nodes' blocks.
+    /// then (unless strict affinity) other nodes' blocks. Without `node_labels`, only the cached own blocks
+    /// are tried (no list, no claim, no borrowing).
     async fn reserve_more(
         &self,
         n: usize,
         v4: bool,
-        node_labels: &BTreeMap<String, String>,
+        node_labels: Option<&BTreeMap<String, String>>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let node = &self.inner.cfg.node;
         let mine = format!("host:{node}");
@@ -824,6 +906,9 @@ impl NodeIpam {
             }
             let all = if cached && !borrow {
                 self.cached_blocks()
+            } else if node_labels.is_none() {
+                // Cached blocks only: what they had is what this pass gets.
+                return Ok(got);
             } else {
                 self.list_blocks().await?
             };
@@ -882,7 +967,10 @@ impl NodeIpam {
                 continue;
             }
             // Own blocks are full: claim another (within one refill, as many as the reserve needs).
-            if !borrow && claims < 4 {
+            if let Some(node_labels) = node_labels
+                && !borrow
+                && claims < 4
+            {
                 claims += 1;
                 let claimed = self.inner.alloc.claim(v4, node_labels).await?;
                 self.inner.state.lock().await.room[usize::from(!v4)] =
