@@ -2,6 +2,7 @@
 //! semantics in ARCHITECTURE.md: Kubernetes policies live in the `default` tier at order 1000.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use caracal_crds::policy::{self as crd, PolicyType};
 use caracal_crds::schema::{Port, PortSpec, Protocol};
@@ -154,7 +155,7 @@ fn entity(
         scope: ns_sel.map_or_else(|| default_scope.clone(), Scope::Selector),
         ports: ports(&e.ports),
         not_ports: ports(&e.not_ports),
-        service_accounts: sa,
+        service_accounts: sa.map(Box::new),
         services: e
             .services
             .as_ref()
@@ -173,7 +174,8 @@ fn entity(
                     name: s.name.clone(),
                 })
             })
-            .transpose()?,
+            .transpose()?
+            .map(Box::new),
     })
 }
 
@@ -527,7 +529,7 @@ pub fn sort_tiers(tiers: &mut [Tier]) {
 }
 
 /// Orders one tier's policies.
-pub fn sort_policies(policies: &mut [Policy]) {
+pub fn sort_policies(policies: &mut [Arc<Policy>]) {
     policies.sort_by(|a, b| {
         order_key(a.order, &a.name)
             .partial_cmp(&order_key(b.order, &b.name))
@@ -542,7 +544,10 @@ pub fn sort_policies(policies: &mut [Policy]) {
 /// replaced by one Deny ([`fail_closed`]), into a tier of that name evaluated before every other tier
 /// ([`MISSING_TIER_ORDER`]). The endpoints it selects lose their traffic (except established flows and the
 /// failsafe ports) until the tier exists; nothing is ever allowed because of it.
-pub fn build_tiers(tiers: &[TierInfo], policies: impl IntoIterator<Item = (String, Policy)>) -> Vec<Tier> {
+pub fn build_tiers(
+    tiers: &[TierInfo],
+    policies: impl IntoIterator<Item = (String, Arc<Policy>)>,
+) -> Vec<Tier> {
     let mut out: Vec<Tier> = tiers
         .iter()
         .map(|t| Tier {
@@ -565,12 +570,12 @@ pub fn build_tiers(tiers: &[TierInfo], policies: impl IntoIterator<Item = (Strin
     for (tier, policy) in policies {
         match out.iter().position(|t| t.name == tier) {
             Some(i) if i < declared => out[i].policies.push(policy),
-            Some(i) => out[i].policies.push(fail_closed(policy)),
+            Some(i) => out[i].policies.push(Arc::new(fail_closed((*policy).clone()))),
             None => out.push(Tier {
                 name: tier,
                 order: Some(MISSING_TIER_ORDER),
                 default_action: TierDefault::Deny,
-                policies: vec![fail_closed(policy)],
+                policies: vec![Arc::new(fail_closed((*policy).clone()))],
             }),
         }
     }

@@ -105,9 +105,9 @@ pub struct EntityMatch {
     /// Port is none of these.
     pub not_ports: Vec<PortMatch>,
     /// The entity is an endpoint running as one of these service accounts.
-    pub service_accounts: Option<ServiceAccountMatch>,
+    pub service_accounts: Option<Box<ServiceAccountMatch>>,
     /// The entity is a serving endpoint of this Service (as a destination: on one of its ports).
-    pub services: Option<ServiceRef>,
+    pub services: Option<Box<ServiceRef>>,
 }
 
 impl EntityMatch {
@@ -193,7 +193,7 @@ pub struct Tier {
     /// What undecided traffic does.
     pub default_action: TierDefault,
     /// Policies by order, then name.
-    pub policies: Vec<Policy>,
+    pub policies: Vec<std::sync::Arc<Policy>>,
 }
 
 /// Sort key: set orders first, ascending; unset last; then by name.

@@ -141,7 +141,12 @@ impl WorldBuilder {
     /// The world.
     pub fn finish(mut self) -> World {
         self.world.endpoints.sort_by_key(Endpoint::key);
-        self.world.tiers = convert::build_tiers(&self.tiers, self.policies);
+        self.world.tiers = convert::build_tiers(
+            &self.tiers,
+            self.policies
+                .into_iter()
+                .map(|(t, p)| (t, std::sync::Arc::new(p))),
+        );
         self.world
     }
 }

@@ -105,7 +105,7 @@ pub fn world(seed: u64, namespaces: usize, pods_per_ns: usize, policies_per_ns: 
             w.endpoints.push(pod(ns, i, rng.below(8), rng.below(3)));
         }
         for p in 0..policies_per_ns {
-            policies.push(app_policy(ns, p, rng.below(8), rng.below(8)));
+            policies.push(std::sync::Arc::new(app_policy(ns, p, rng.below(8), rng.below(8))));
         }
     }
     w.tiers = vec![Tier {

@@ -15,6 +15,7 @@
 //! thousands of random changes and compares after each.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use caracal_crds::selector::Expr;
 
@@ -200,7 +201,7 @@ pub struct CalcGraph {
     tiers: BTreeMap<String, TierInfo>,
     /// Every policy as converted, by name, with the tier it declares (`world.tiers` holds what is
     /// enforced: the same, or its fail-closed form while its tier is missing).
-    policies: BTreeMap<String, (String, Policy)>,
+    policies: BTreeMap<String, (String, Arc<Policy>)>,
     /// Policies programmed whether or not a local endpoint uses them.
     everywhere: BTreeSet<String>,
     /// EndpointSlices by (namespace, slice name).
@@ -485,6 +486,7 @@ impl CalcGraph {
             .iter()
             .flat_map(|t| t.policies.iter())
             .find(|p| p.name == name)
+            .map(|p| &**p)
     }
 
     /// Local endpoint keys `policy` selects.
@@ -630,17 +632,18 @@ impl CalcGraph {
     /// re-checked.
     pub fn upsert_policy(&mut self, tier: &str, policy: Policy) {
         let name = policy.name.clone();
-        let entry = (tier.to_owned(), policy.clone());
+        // One copy, shared by this index and the tier that holds it.
+        let entry = (tier.to_owned(), Arc::new(policy));
         let Some(old) = self.policies.insert(name.clone(), entry.clone()) else {
-            return self.place_policy(&name, tier, policy, None);
+            return self.place_policy(&name, tier, entry.1, None);
         };
         if old == entry {
             return;
         }
-        self.place_policy(&name, tier, policy, Some(&old.0));
+        self.place_policy(&name, tier, entry.1, Some(&old.0));
     }
 
-    fn place_policy(&mut self, name: &str, tier: &str, policy: Policy, old_tier: Option<&str>) {
+    fn place_policy(&mut self, name: &str, tier: &str, policy: Arc<Policy>, old_tier: Option<&str>) {
         if policy.everywhere {
             self.everywhere.insert(name.to_owned());
         } else {

@@ -177,7 +177,7 @@ pub fn compute(world: &World, local: &[LocalEndpoint]) -> DataplaneModel {
         .tiers
         .iter()
         .flat_map(|t| t.policies.iter())
-        .map(|p| (p.name.as_str(), p))
+        .map(|p| (p.name.as_str(), &**p))
         .collect();
     for le in local {
         let Some(ep) = world.endpoints.iter().find(|e| e.key() == le.key) else {
