@@ -133,8 +133,29 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/controlplane/bin"))
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the program that gets it binds it moments later).
+/// Where [`free_port`] looks: below the kernel's ephemeral range (32768-60999 by default), so neither an
+/// outgoing connection nor another `bind(0)` is given the port between our check and the program's bind.
+const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A free TCP port on 127.0.0.1 (free when asked; the program that gets it binds it moments later), picked
+/// at random from [`TEST_PORTS`] so concurrent tests rarely try the same one.
 pub fn free_port() -> Result<u16, ControlPlaneError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    for _ in 0..200 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()));
+        let mix = nanos
+            ^ u64::from(std::process::id()).rotate_left(17)
+            ^ NEXT.fetch_add(0x9E37_79B9, Ordering::Relaxed);
+        let spread = mix.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
+        let port = TEST_PORTS.start + u16::try_from(spread % span).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free loopback port"))?;
     Ok(l.local_addr().map_err(io("finding a free loopback port"))?.port())
 }
@@ -154,8 +175,24 @@ fn kubeconfig_yaml(server: &str, pki: &Pki) -> Result<String, ControlPlaneError>
 }
 
 impl ControlPlane {
-    /// Starts a control plane and waits until the API server answers `/readyz`.
+    /// Starts a control plane and waits until the API server answers `/readyz`. A program that lost its
+    /// port to another process between [`free_port`] and its bind is started again on new ports (twice).
     pub async fn start(opts: Options) -> Result<Self, ControlPlaneError> {
+        let mut tries = 0;
+        loop {
+            match Self::start_once(opts.clone()).await {
+                Err(ControlPlaneError::NotReady(why))
+                    if why.contains("address already in use") && tries < 2 =>
+                {
+                    tries += 1;
+                    tracing::warn!(%why, "a control plane port was taken meanwhile; starting again on new ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(opts: Options) -> Result<Self, ControlPlaneError> {
         let (dir, tmp) = match &opts.state_dir {
             Some(d) => {
                 if d.exists() {
