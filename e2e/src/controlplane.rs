@@ -133,25 +133,30 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/controlplane/bin"))
 }
 
+/// The program named by the environment variable `var` when it is set and not empty, `default` otherwise
+/// (benchmarks measure another build, or a wrapper, this way).
+pub fn binary_from_env(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map_or(default, PathBuf::from)
+}
+
 /// Where [`free_port`] looks: below the kernel's ephemeral range (32768-60999 by default), so neither an
 /// outgoing connection nor another `bind(0)` is given the port between our check and the program's bind.
 const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
 
-/// A free TCP port on 127.0.0.1 (free when asked; the program that gets it binds it moments later), picked
-/// at random from [`TEST_PORTS`] so concurrent tests rarely try the same one.
+/// A free TCP port on 127.0.0.1 (free when asked; the program that gets it binds it moments later), from
+/// [`TEST_PORTS`]: each process walks the range from its own offset (its pid), so concurrent tests and lab
+/// processes rarely try the same port, and one process never hands out a port twice in a row.
 pub fn free_port() -> Result<u16, ControlPlaneError> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
-    for _ in 0..200 {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::from(d.subsec_nanos()));
-        let mix = nanos
-            ^ u64::from(std::process::id()).rotate_left(17)
-            ^ NEXT.fetch_add(0x9E37_79B9, Ordering::Relaxed);
-        let spread = mix.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
-        let port = TEST_PORTS.start + u16::try_from(spread % span).unwrap_or(0);
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let offset = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = TEST_PORTS.start + u16::try_from(offset.wrapping_add(step) % span).unwrap_or(0);
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }

@@ -327,12 +327,7 @@ async fn main() {
     }
     // Before anything else runs: this process reaps no other child while it counts.
     // Other builds of the agent and the plugin can be measured the same way (A/B against a worktree's).
-    let bin = |var: &str, name: &str| {
-        std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map_or_else(|| release.join(name), PathBuf::from)
-    };
+    let bin = |var: &str, name: &str| caracal_e2e::controlplane::binary_from_env(var, release.join(name));
     let (agent_bin, plugin_bin) = (
         bin("CARACAL_BENCH_AGENT_BIN", "caracal-node"),
         bin("CARACAL_BENCH_PLUGIN_BIN", "caracal-cni"),

@@ -512,13 +512,10 @@ fn per_op(run: &Value, op: &str, part: &str) -> f64 {
 /// The agent binary measured: `CARACAL_BENCH_AGENT_BIN` when set (another build, or a wrapper that runs it
 /// under a heap profiler), the release build otherwise.
 fn agent_bin() -> std::path::PathBuf {
-    std::env::var("CARACAL_BENCH_AGENT_BIN")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .map_or_else(
-            || workspace_root().join("target/release/caracal-node"),
-            std::path::PathBuf::from,
-        )
+    caracal_e2e::controlplane::binary_from_env(
+        "CARACAL_BENCH_AGENT_BIN",
+        workspace_root().join("target/release/caracal-node"),
+    )
 }
 
 async fn agent_scaling() -> Value {

@@ -102,7 +102,6 @@ impl Wirer {
         let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
         for i in 0..workers.max(1) {
             let rx = rx.clone();
-            let node_ns = node_ns.map(Path::to_path_buf);
             let spawned = std::thread::Builder::new()
                 .name(format!("wire-{i}"))
                 .spawn(move || {
@@ -113,9 +112,6 @@ impl Wirer {
                             // The server is gone (or a sibling panicked holding the queue).
                             _ => return,
                         };
-                        if here.is_none() {
-                            here = Here::start(node_ns.as_deref()).ok();
-                        }
                         job(&mut here);
                         if here.as_ref().is_some_and(|h| h.lost) {
                             // Stranded in a pod's namespace: this thread wires nothing more.
@@ -144,14 +140,11 @@ impl Wirer {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let node_ns = self.node_ns.clone();
         let job: Job = Box::new(move |here: &mut Option<Here>| {
+            // The thread's place is made on its first job; when that fails, this pod says so and the
+            // next job tries again.
             let result = match here {
                 Some(h) => f(h),
-                // Opening the node's namespace or a socket there failed: say so for this pod, retry next time.
-                None => Here::start(node_ns.as_deref()).and_then(|mut h| {
-                    let r = f(&mut h);
-                    *here = Some(h);
-                    r
-                }),
+                None => Here::start(node_ns.as_deref()).and_then(|h| f(here.insert(h))),
             };
             let _ = tx.send(result);
         });

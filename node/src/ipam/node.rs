@@ -174,9 +174,23 @@ impl State {
 
     /// True when some served family's reserve is below three quarters of its target.
     fn low(&self, configured: usize, now: Instant) -> bool {
-        self.wanted()
-            .into_iter()
-            .any(|f| self.reserved_in(f) * 4 < self.target_for(f, configured, now) * 3)
+        self.wanted().into_iter().any(|f| self.low_in(f, configured, now))
+    }
+
+    /// True when family `f`'s reserve is below three quarters of its target (or empty).
+    fn low_in(&self, f: usize, configured: usize, now: Instant) -> bool {
+        self.reserved_in(f) * 4 < self.target_for(f, configured, now) * 3
+    }
+
+    /// How many addresses family `f` should get now, and the target they make up, when its reserve is low;
+    /// the target is remembered as the peak when it is one.
+    fn shortfall(&mut self, f: usize, configured: usize, now: Instant) -> Option<(usize, usize)> {
+        if !self.low_in(f, configured, now) {
+            return None;
+        }
+        let target = self.target_for(f, configured, now);
+        self.note_target(target, now);
+        Some((target.saturating_sub(self.reserved_in(f)).max(1), target))
     }
 
     /// Records an assignment now, forgetting those older than a second.
@@ -718,14 +732,14 @@ impl NodeIpam {
         let _one = self.inner.refill_lock.lock().await;
         let allowed = |f: usize| only.as_ref().is_none_or(|o| o.contains(&f));
         let configured = self.inner.cfg.reserve;
-        let low = |st: &State, f: usize, now: Instant| {
-            let have = st.reserved_in(f);
-            have == 0 || have * 4 < st.target_for(f, configured, now) * 3
-        };
         let needs = {
             let st = self.inner.state.lock().await;
             let now = Instant::now();
-            st.families.is_none() || st.wanted().into_iter().any(|f| allowed(f) && low(&st, f, now))
+            st.families.is_none()
+                || st
+                    .wanted()
+                    .into_iter()
+                    .any(|f| allowed(f) && st.low_in(f, configured, now))
         };
         if !needs {
             return Ok(());
@@ -737,19 +751,18 @@ impl NodeIpam {
         // per block and no lookup before it, so pods waiting on this refill get addresses after one API call.
         let known = self.inner.state.lock().await.families;
         for f in (0..2).filter(|f| known.is_some_and(|k| k[*f]) && allowed(*f)) {
-            let (have, target) = {
-                let st = self.inner.state.lock().await;
-                (st.reserved_in(f), st.target_for(f, configured, Instant::now()))
-            };
-            if !low(&*self.inner.state.lock().await, f, Instant::now()) {
+            let shortfall = self
+                .inner
+                .state
+                .lock()
+                .await
+                .shortfall(f, configured, Instant::now());
+            let Some((n, target)) = shortfall else {
                 continue;
-            }
+            };
             max_target = max_target.max(target);
             let _writes = self.inner.block_writes.lock().await;
-            got_total += self
-                .reserve_more(target.saturating_sub(have).max(1), f == 0, None)
-                .await?
-                .len();
+            got_total += self.reserve_more(n, f == 0, None).await?.len();
         }
         let labels = self.node_labels().await;
         let served = self.inner.alloc.served_families(&labels).await?;
@@ -766,21 +779,19 @@ impl NodeIpam {
                 let room = self.inner.alloc.has_room(f == 0, &labels).await?;
                 self.inner.state.lock().await.room[f] = Some(room);
             }
-            let (have, target) = {
-                let mut st = self.inner.state.lock().await;
-                let now = Instant::now();
-                let target = st.target_for(f, configured, now);
-                st.note_target(target, now);
-                (st.reserved_in(f), target)
-            };
-            if !low(&*self.inner.state.lock().await, f, Instant::now()) {
+            let shortfall = self
+                .inner
+                .state
+                .lock()
+                .await
+                .shortfall(f, configured, Instant::now());
+            let Some((n, target)) = shortfall else {
                 continue;
-            }
+            };
             max_target = max_target.max(target);
             let got = {
                 let _writes = self.inner.block_writes.lock().await;
-                self.reserve_more(target.saturating_sub(have).max(1), f == 0, Some(&labels))
-                    .await?
+                self.reserve_more(n, f == 0, Some(&labels)).await?
             };
             got_total += got.len();
             let st = self.inner.state.lock().await;
@@ -850,13 +861,26 @@ impl NodeIpam {
         if free >= target {
             return Ok(());
         }
-        let claimed = self.inner.alloc.claim(f == 0, labels).await?;
-        self.inner.state.lock().await.room[f] = Some(claimed.as_ref().is_some_and(|c| c.room_left));
-        if let Some(c) = claimed {
-            tracing::debug!(block = %c.block.spec.cidr, free, target, "claimed a block ahead of a burst");
-            self.remember(&c.block);
+        if let Some(block) = self.claim(f == 0, labels).await? {
+            tracing::debug!(block = %block.spec.cidr, free, target, "claimed a block ahead of a burst");
         }
         Ok(())
+    }
+
+    /// Claims a block for this node (see [`Allocator::claim`]): what it says about room in the pools is
+    /// kept, and the block is remembered as created, so reserving in it needs no list.
+    async fn claim(
+        &self,
+        v4: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<IPAMBlock>, IpamError> {
+        let claimed = self.inner.alloc.claim(v4, labels).await?;
+        self.inner.state.lock().await.room[usize::from(!v4)] =
+            Some(claimed.as_ref().is_some_and(|c| c.room_left));
+        Ok(claimed.map(|c| {
+            self.remember(&c.block);
+            c.block
+        }))
     }
 
     async fn node_labels(&self) -> BTreeMap<String, String> {
@@ -972,12 +996,8 @@ impl NodeIpam {
                 && claims < 4
             {
                 claims += 1;
-                let claimed = self.inner.alloc.claim(v4, node_labels).await?;
-                self.inner.state.lock().await.room[usize::from(!v4)] =
-                    Some(claimed.as_ref().is_some_and(|c| c.room_left));
-                if let Some(claimed) = claimed {
+                if self.claim(v4, node_labels).await?.is_some() {
                     // The new block is known as created: reserve in it without listing again.
-                    self.remember(&claimed.block);
                     cached = true;
                     continue;
                 }

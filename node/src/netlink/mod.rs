@@ -120,53 +120,7 @@ pub async fn in_netns<T: Send + 'static>(
 /// kernel finds the link by name.
 pub async fn del_link_alone(netns: Option<&Path>, name: &str) -> Result<bool, NetlinkError> {
     let owned = name.to_owned();
-    match in_netns(netns, move || del_link_by_name(&owned)).await? {
-        Ok(()) => Ok(true),
-        Err(message) => {
-            let e = NetlinkError::Request {
-                what: format!("deleting link {name}"),
-                source: rtnetlink::Error::NetlinkError(message),
-            };
-            if is_not_found(&e) { Ok(false) } else { Err(e) }
-        }
-    }
-}
-
-/// `RTM_DELLINK` by name on a new blocking socket of this thread's namespace: Ok(Err) is the kernel's
-/// refusal (ENODEV when there is no such link).
-fn del_link_by_name(name: &str) -> std::io::Result<Result<(), rtnetlink::packet_core::ErrorMessage>> {
-    use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
-    use rtnetlink::packet_route::RouteNetlinkMessage;
-    use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-    let mut link = LinkMessage::default();
-    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
-    let mut msg = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)),
-    );
-    msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    msg.header.sequence_number = 1;
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    let socket = Socket::new(NETLINK_ROUTE)?;
-    socket.send_to(&buf, &SocketAddr::new(0, 0), 0)?;
-    loop {
-        let (reply, _) = socket.recv_from_full()?;
-        let mut at = 0;
-        while at < reply.len() {
-            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[at..])
-                .map_err(|e| std::io::Error::other(format!("netlink answer to deleting {name}: {e}")))?;
-            if let NetlinkPayload::Error(e) = m.payload {
-                return Ok(if e.code.is_none() { Ok(()) } else { Err(e) });
-            }
-            let len = m.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            at += len;
-        }
-    }
+    in_netns(netns, move || Ok(blocking::Rtnl::open()?.del_link(&owned))).await?
 }
 
 /// Writes sysctls (`key` with dots, value) inside the namespace at `netns`, all from one thread, skipping
