@@ -95,6 +95,22 @@ pub struct Wirer {
     node_ns: Option<PathBuf>,
 }
 
+/// The nice value of the wiring threads.
+const WIRING_NICE: libc::c_int = -10;
+
+/// Gives the calling thread a higher CPU priority ([`WIRING_NICE`]): a wiring thread holds the kernel's
+/// RTNL lock for most of its work, and when it loses its CPU to a plugin process or an `iptables-restore`
+/// while holding it, every other pod's wiring (and every other link change on the node) waits too. Without
+/// the privilege to raise it (not root, no CAP_SYS_NICE) the thread keeps its priority.
+#[expect(unsafe_code, reason = "setpriority has no safe wrapper in nix or std")]
+fn raise_priority() {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers and changes nothing but the calling thread's nice value.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WIRING_NICE) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "raising a wiring thread's priority");
+    }
+}
+
 impl Wirer {
     /// Starts `workers` wiring threads for the node whose namespace is `node_ns` (None: the agent's own).
     pub fn start(node_ns: Option<&Path>, workers: usize) -> Self {
@@ -105,6 +121,7 @@ impl Wirer {
             let spawned = std::thread::Builder::new()
                 .name(format!("wire-{i}"))
                 .spawn(move || {
+                    raise_priority();
                     let mut here: Option<Here> = None;
                     loop {
                         let job = match rx.lock().map(|r| r.recv()) {
@@ -285,6 +302,7 @@ fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
         pod.add_addr(eth, *ip)?;
     }
     pod.set_up(eth)?;
+
     // The IPv4 default route is onlink: the gateway needs no route of its own to be resolved on eth0.
     // The IPv6 default route last: `pod_side` takes the default routes as the sign of a complete pod side.
     for ip in ips

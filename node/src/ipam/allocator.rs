@@ -57,25 +57,24 @@ pub struct Allocator {
     serial: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A block claimed for this node.
+/// The most blocks one claim takes at once.
+pub(crate) const MAX_BLOCKS_PER_CLAIM: usize = 4;
+
+/// Blocks claimed for this node.
 #[derive(Debug)]
 pub(crate) struct Claim {
-    /// The block as created (or as read, when another task of this node created it first).
-    pub block: IPAMBlock,
-    /// Whether the node's pools of the family still had an unclaimed block beside this one.
+    /// The blocks as created (or as read, when another task of this node created one first), at least one.
+    pub blocks: Vec<IPAMBlock>,
+    /// Whether the node's pools of the family still had an unclaimed block beside these.
     pub room_left: bool,
 }
 
-/// Whether `pools` hold a block that is neither in `existing` nor `except`.
-fn unclaimed(
-    pools: &[(IpNet, u8)],
-    existing: &std::collections::BTreeSet<String>,
-    except: Option<&str>,
-) -> bool {
+/// Whether `pools` hold a block that is not in `existing`.
+fn unclaimed(pools: &[(IpNet, u8)], existing: &std::collections::BTreeSet<String>) -> bool {
     pools.iter().any(|&(pool, prefix)| {
         blocks_of(pool, prefix)
             .map(block_name)
-            .any(|n| !existing.contains(&n) && except != Some(n.as_str()))
+            .any(|n| !existing.contains(&n))
     })
 }
 
@@ -190,7 +189,7 @@ impl Allocator {
                 continue;
             }
             // 2. Claim a new block: whoever creates its IPAMBlock first owns it.
-            if self.claim(v4, node_labels).await?.is_none() {
+            if self.claim(v4, node_labels, 1).await?.is_none() {
                 return Err(AllocError::Exhausted {
                     node: self.node.clone(),
                 });
@@ -208,7 +207,7 @@ impl Allocator {
     ) -> Result<bool, AllocError> {
         let existing = self.block_names().await?;
         let pools = self.pools(v4, node_labels).await?;
-        Ok(unclaimed(&pools, &existing, None))
+        Ok(unclaimed(&pools, &existing))
     }
 
     async fn block_names(&self) -> Result<std::collections::BTreeSet<String>, AllocError> {
@@ -221,52 +220,92 @@ impl Allocator {
             .collect())
     }
 
-    /// Claims the first unclaimed block of a usable pool: the block as created (or as read, when another
-    /// task of this node created it first), and whether another unclaimed block is left after it; None
-    /// when there is none.
+    /// Claims the first unclaimed blocks of the usable pools, as many as hold `addresses` (at least one,
+    /// at most [`MAX_BLOCKS_PER_CLAIM`]), all at once: one list of blocks and one of pools, then each
+    /// block's creation and affinity side by side, so claiming three blocks during a burst costs the pods
+    /// about what one costs. Returns the blocks as created (or as read, when another task of this node
+    /// created one first) and whether another unclaimed block is left after them; None when no block
+    /// could be claimed.
     pub(crate) async fn claim(
         &self,
         v4: bool,
         node_labels: &BTreeMap<String, String>,
+        addresses: usize,
     ) -> Result<Option<Claim>, AllocError> {
-        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
-        let existing = self.block_names().await?;
+        let mut taken = self.block_names().await?;
         let pools = self.pools(v4, node_labels).await?;
-        for &(pool, prefix) in &pools {
-            for cidr in blocks_of(pool, prefix) {
-                let name = block_name(cidr);
-                if existing.contains(&name) {
-                    continue;
-                }
-                // The block's creation decides who owns it (the API server lets one create win); the
-                // BlockAffinity, Calico's record of the claim, follows it already confirmed. Two writes,
-                // where a pending affinity first would take three while pods may be waiting.
-                let block = IPAMBlock::new(&name, Block::new(cidr, Some(self.affinity())).to_spec());
-                let owned = match blocks.create(&PostParams::default(), &block).await {
-                    Ok(created) => created,
-                    Err(e) if conflict(&e) => {
-                        // Someone created the block first. If it was this node (another task), it is ours.
-                        let current = blocks
-                            .get_opt(&name)
-                            .await
-                            .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?;
-                        match current {
-                            Some(b) if b.spec.affinity.as_deref() == Some(&self.affinity()) => b,
-                            // Another node won: try the next block.
-                            _ => continue,
-                        }
+        let mut won = Vec::new();
+        loop {
+            // The next unclaimed blocks, in pool order, until they hold enough addresses.
+            let mut picked = Vec::new();
+            let mut holds = 0usize;
+            'pools: for &(pool, prefix) in &pools {
+                for cidr in blocks_of(pool, prefix) {
+                    if picked.len() + won.len() >= MAX_BLOCKS_PER_CLAIM
+                        || (holds >= addresses && !picked.is_empty())
+                    {
+                        break 'pools;
                     }
-                    Err(e) => return Err(AllocError::Api("creating an IPAMBlock", e)),
-                };
-                self.confirm_affinity(cidr, &name).await?;
-                let room_left = unclaimed(&pools, &existing, Some(&name));
-                return Ok(Some(Claim {
-                    block: owned,
-                    room_left,
-                }));
+                    let name = block_name(cidr);
+                    if taken.contains(&name) {
+                        continue;
+                    }
+                    holds += 1usize
+                        .checked_shl(u32::from(cidr.max_prefix_len() - cidr.prefix_len()))
+                        .unwrap_or(usize::MAX);
+                    taken.insert(name.clone());
+                    picked.push((cidr, name));
+                }
+            }
+            if picked.is_empty() {
+                break;
+            }
+            let results =
+                futures::future::join_all(picked.iter().map(|(cidr, name)| self.claim_one(*cidr, name)))
+                    .await;
+            for r in results {
+                if let Some(block) = r? {
+                    won.push(block);
+                }
+            }
+            // Blocks lost to other nodes are passed over; try further ones only when every one was lost.
+            if !won.is_empty() {
+                break;
             }
         }
-        Ok(None)
+        if won.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Claim {
+            blocks: won,
+            room_left: unclaimed(&pools, &taken),
+        }))
+    }
+
+    /// Claims block `cidr` (named `name`) for this node. The block's creation decides who owns it (the
+    /// API server lets one create win); the BlockAffinity, Calico's record of the claim, follows it
+    /// already confirmed: two writes, where a pending affinity first would take three while pods may be
+    /// waiting. None when another node owns it.
+    async fn claim_one(&self, cidr: IpNet, name: &str) -> Result<Option<IPAMBlock>, AllocError> {
+        let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
+        let block = IPAMBlock::new(name, Block::new(cidr, Some(self.affinity())).to_spec());
+        let owned = match blocks.create(&PostParams::default(), &block).await {
+            Ok(created) => created,
+            Err(e) if conflict(&e) => {
+                // Someone created the block first. If it was this node (another task), it is ours.
+                let current = blocks
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?;
+                match current {
+                    Some(b) if b.spec.affinity.as_deref() == Some(&self.affinity()) => b,
+                    _ => return Ok(None),
+                }
+            }
+            Err(e) => return Err(AllocError::Api("creating an IPAMBlock", e)),
+        };
+        self.confirm_affinity(cidr, name).await?;
+        Ok(Some(owned))
     }
 
     /// Records this node's claim of block `name` as a confirmed BlockAffinity (one left pending or absent

@@ -288,11 +288,24 @@ struct Inner {
     published: Notify,
     /// A block is being claimed ahead of a burst.
     claiming: std::sync::atomic::AtomicBool,
+    /// Held while claiming a block: a refill that runs out of free addresses while a claim ahead is under
+    /// way waits for that block instead of claiming another beside it.
+    claim_lock: Mutex<()>,
     /// The last version seen of the blocks this node works with (own, borrowed from, holding its
     /// addresses), by name: the first attempt of a write starts from it instead of a list.
     blocks: std::sync::Mutex<BTreeMap<String, IPAMBlock>>,
     /// Bumped whenever a handle is assigned or released (the agent reprograms on it).
     changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// What [`NodeIpam::claim`] did.
+enum Claimed {
+    /// Claimed these blocks (at least one).
+    Blocks(Vec<IPAMBlock>),
+    /// Claimed nothing: the node's blocks had enough free addresses.
+    Enough,
+    /// Claimed nothing: the pools have no block left for this node.
+    Nothing,
 }
 
 fn conflict(e: &kube::Error) -> bool {
@@ -349,6 +362,7 @@ impl NodeIpam {
             refill_kick: Notify::new(),
             published: Notify::new(),
             claiming: std::sync::atomic::AtomicBool::new(false),
+            claim_lock: Mutex::new(()),
             blocks: std::sync::Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
         });
@@ -732,18 +746,24 @@ impl NodeIpam {
         let _one = self.inner.refill_lock.lock().await;
         let allowed = |f: usize| only.as_ref().is_none_or(|o| o.contains(&f));
         let configured = self.inner.cfg.reserve;
-        let needs = {
+        let (needs, target) = {
             let st = self.inner.state.lock().await;
             let now = Instant::now();
-            st.families.is_none()
-                || st
-                    .wanted()
-                    .into_iter()
-                    .any(|f| allowed(f) && st.low_in(f, configured, now))
+            let wanted = st.wanted().into_iter().filter(|f| allowed(*f));
+            (
+                st.families.is_none() || wanted.clone().any(|f| st.low_in(f, configured, now)),
+                wanted
+                    .map(|f| st.target_for(f, configured, now))
+                    .max()
+                    .unwrap_or(0),
+            )
         };
         if !needs {
             return Ok(());
         }
+        // During a burst, the blocks it will need are claimed beside this refill from its start, so its own
+        // reservations (and the next refills) find them instead of claiming on their path.
+        self.start_claiming_ahead(target);
         let started = Instant::now();
         let mut got_total = 0;
         let mut max_target = 0;
@@ -805,24 +825,8 @@ impl NodeIpam {
         drop(st);
         // Requests waiting on this refill look again: the families are known now, or nothing was found.
         self.inner.published.notify_waiters();
-        if max_target > configured
-            && !self
-                .inner
-                .claiming
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            let me = self.clone();
-            tokio::spawn(async move {
-                for f in 0..2 {
-                    if let Err(e) = me.claim_ahead(f, max_target, &labels).await {
-                        warn!(error = %e, "claiming a block ahead of a burst failed");
-                    }
-                }
-                me.inner
-                    .claiming
-                    .store(false, std::sync::atomic::Ordering::Release);
-            });
-        }
+        // A first refill learns the families and whether the pools have room only now.
+        self.start_claiming_ahead(max_target);
         tracing::debug!(
             got = got_total,
             target = max_target,
@@ -832,55 +836,103 @@ impl NodeIpam {
         Ok(())
     }
 
+    /// Starts claiming blocks ahead of a burst (see [`NodeIpam::claim_ahead`]) when `target` is above the
+    /// configured reserve and no claim ahead is under way.
+    fn start_claiming_ahead(&self, target: usize) {
+        if target <= self.inner.cfg.reserve
+            || self
+                .inner
+                .claiming
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let labels = me.node_labels().await;
+            for f in 0..2 {
+                if let Err(e) = me.claim_ahead(f, target, &labels).await {
+                    warn!(error = %e, "claiming a block ahead of a burst failed");
+                }
+            }
+            me.inner
+                .claiming
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
     /// During a burst (the target above its configured size, which needs room in the pools), claims the
-    /// next block before it is needed when this node's blocks have fewer free addresses than the target:
-    /// the next refill then writes one block instead of claiming one first (several API writes), while the
-    /// pods of the burst wait. It runs beside the refills, not inside one. A block claimed ahead and never
-    /// used is empty, and released like any other.
+    /// next blocks before they are needed, until this node's blocks have as many free addresses as the
+    /// target (the higher of `target` and the current one): the refills then write a block each instead of
+    /// claiming one first (several API writes) while the pods of the burst wait. The blocks are claimed
+    /// together (see [`Allocator::claim`]), beside the refills, not inside one. A block claimed ahead and
+    /// never used is empty, and released like any other once the burst's peak is ten minutes old.
     async fn claim_ahead(
         &self,
         f: usize,
         target: usize,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), IpamError> {
-        let served = self.inner.state.lock().await.families.is_some_and(|k| k[f]);
-        if !served || self.inner.state.lock().await.room[f] != Some(true) {
-            return Ok(());
-        }
-        let mine = format!("host:{}", self.inner.cfg.node);
-        let free: usize = self
-            .cached_blocks()
-            .iter()
-            .filter(|b| {
-                b.spec.affinity.as_deref() == Some(mine.as_str())
-                    && b.spec.cidr.is_ipv4() == (f == 0)
-                    && !b.spec.deleted
-            })
-            .map(|b| b.spec.unallocated.len())
-            .sum();
-        if free >= target {
-            return Ok(());
-        }
-        if let Some(block) = self.claim(f == 0, labels).await? {
-            tracing::debug!(block = %block.spec.cidr, free, target, "claimed a block ahead of a burst");
+        for _ in 0..2 {
+            let target = {
+                let st = self.inner.state.lock().await;
+                if !st.families.is_some_and(|k| k[f]) || st.room[f] != Some(true) {
+                    return Ok(());
+                }
+                target.max(st.target_for(f, self.inner.cfg.reserve, Instant::now()))
+            };
+            match self.claim(f == 0, labels, target).await? {
+                Claimed::Blocks(blocks) => {
+                    let cidrs: Vec<String> = blocks.iter().map(|b| b.spec.cidr.to_string()).collect();
+                    tracing::debug!(blocks = ?cidrs, target, "claimed blocks ahead of a burst");
+                }
+                Claimed::Enough | Claimed::Nothing => return Ok(()),
+            }
         }
         Ok(())
     }
 
-    /// Claims a block for this node (see [`Allocator::claim`]): what it says about room in the pools is
-    /// kept, and the block is remembered as created, so reserving in it needs no list.
+    /// Free addresses in this node's cached blocks of one family.
+    fn own_free(&self, v4: bool) -> usize {
+        let mine = format!("host:{}", self.inner.cfg.node);
+        self.cached_blocks()
+            .iter()
+            .filter(|b| {
+                b.spec.affinity.as_deref() == Some(mine.as_str())
+                    && b.spec.cidr.is_ipv4() == v4
+                    && !b.spec.deleted
+            })
+            .map(|b| b.spec.unallocated.len())
+            .sum()
+    }
+
+    /// Claims blocks for this node (see [`Allocator::claim`]) until its cached blocks of the family have
+    /// `enough` free addresses, unless they already have (looked at once no other claim is under way: one
+    /// that was may have just made them enough). What the claim says about room in the pools is kept,
+    /// and the blocks are remembered as created, so reserving in them needs no list.
     async fn claim(
         &self,
         v4: bool,
         labels: &BTreeMap<String, String>,
-    ) -> Result<Option<IPAMBlock>, IpamError> {
-        let claimed = self.inner.alloc.claim(v4, labels).await?;
+        enough: usize,
+    ) -> Result<Claimed, IpamError> {
+        let _one = self.inner.claim_lock.lock().await;
+        let free = self.own_free(v4);
+        if free >= enough {
+            return Ok(Claimed::Enough);
+        }
+        let claimed = self.inner.alloc.claim(v4, labels, enough - free).await?;
         self.inner.state.lock().await.room[usize::from(!v4)] =
             Some(claimed.as_ref().is_some_and(|c| c.room_left));
-        Ok(claimed.map(|c| {
-            self.remember(&c.block);
-            c.block
-        }))
+        Ok(match claimed {
+            Some(c) => {
+                for block in &c.blocks {
+                    self.remember(block);
+                }
+                Claimed::Blocks(c.blocks)
+            }
+            None => Claimed::Nothing,
+        })
     }
 
     async fn node_labels(&self) -> BTreeMap<String, String> {
@@ -996,8 +1048,9 @@ impl NodeIpam {
                 && claims < 4
             {
                 claims += 1;
-                if self.claim(v4, node_labels).await?.is_some() {
-                    // The new block is known as created: reserve in it without listing again.
+                // A claim ahead may have just made the cached blocks enough; otherwise the new block is
+                // known as created. Either way: reserve from the cache without listing again.
+                if !matches!(self.claim(v4, node_labels, 1).await?, Claimed::Nothing) {
                     cached = true;
                     continue;
                 }
