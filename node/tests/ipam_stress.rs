@@ -4,6 +4,8 @@
 //!   under its own handle, and after pods vanish without a DEL, GC leaves zero leaked addresses.
 //! - Two nodes' IPAM servers racing for the only block of a pool never share an address; the loser borrows
 //!   from the winner's block, and with strict affinity it gets nothing instead.
+//! - A burst claims blocks ahead with the reserve written into them as they are created: memory and the
+//!   API's blocks agree on every address, and a restarted server finds the same reserve.
 //!
 //! Needs root.
 
@@ -387,6 +389,72 @@ async fn blocks_left_with_only_the_reserve_are_released_and_addresses_stay_uniqu
     for i in 200..220 {
         for ip in ipam.assign(&format!("r-{i}"), attrs(i)).await.expect("assign") {
             assert!(kept.insert(ip), "{ip} handed out twice");
+        }
+    }
+    drop(cp);
+}
+
+/// A burst claims its blocks ahead, several at once, with the reserve's addresses written into the blocks as
+/// they are created: every address the IPAM server hands out or keeps in reserve is recorded in the API
+/// under the right handle, and a restarted server finds the same reserve.
+#[tokio::test]
+async fn a_burst_claims_blocks_ahead_and_every_reserved_address_is_recorded_in_the_blocks() {
+    let (cp, client) = caracal_e2e::crds::control_plane().await.expect("control plane");
+    pool(&client, "burst", "10.73.0.0/23").await;
+    let state = cp.dir().join("burst");
+    let cfg = node::Config::new("burst", &state);
+    let ipam = NodeIpam::start(client.clone(), cfg.clone()).await.expect("ipam");
+    let attrs = |i: usize| BTreeMap::from([("pod".to_owned(), format!("b{i}"))]);
+    let tasks: Vec<_> = (0..160)
+        .map(|i| {
+            let ipam = ipam.clone();
+            tokio::spawn(async move { ipam.assign(&format!("b-{i}"), attrs(i)).await })
+        })
+        .collect();
+    let mut handed = BTreeSet::new();
+    for t in tasks {
+        for ip in t.await.expect("task").expect("assign") {
+            assert!(handed.insert(ip), "{ip} handed out twice");
+        }
+    }
+    let start = Instant::now();
+    while !ipam.settled().await {
+        assert!(start.elapsed() < Duration::from_secs(30), "never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let blocks = Api::<IPAMBlock>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("blocks");
+    assert!(blocks.items.len() >= 3, "160 pods need three /26 blocks");
+    let api = held_in_api(&client).await;
+    let reserve = NodeIpam::reserve_handle("burst");
+    for (handle, held) in ipam.held().await {
+        for ip in &held.ips {
+            assert_eq!(
+                api.get(ip).map(|(h, _)| h.as_str()),
+                Some(handle.as_str()),
+                "{ip} of {handle} is not recorded under it"
+            );
+        }
+    }
+    let reserved_in_api = api.values().filter(|(h, _)| *h == reserve).count();
+    assert_eq!(
+        reserved_in_api,
+        ipam.reserved().await,
+        "the reserve in memory and in the blocks differ"
+    );
+    assert!(
+        api.keys().all(|ip| handed.contains(ip) || api[ip].0 == reserve),
+        "an address is recorded under neither a pod nor the reserve"
+    );
+    // A restarted server (same journal and blocks) has the same reserve and hands out none of the held.
+    drop(ipam);
+    let again = NodeIpam::start(client.clone(), cfg).await.expect("restart");
+    assert_eq!(again.reserved().await, reserved_in_api);
+    for i in 200..210 {
+        for ip in again.assign(&format!("b-{i}"), attrs(i)).await.expect("assign") {
+            assert!(handed.insert(ip), "{ip} handed out twice after the restart");
         }
     }
     drop(cp);

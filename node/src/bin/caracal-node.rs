@@ -170,11 +170,8 @@ async fn main() -> anyhow::Result<()> {
         status: status.clone(),
     };
     let socket = std::path::PathBuf::from(env("CARACAL_CNI_SOCKET", "/var/run/caracal/cni.sock"));
-    let cni_task = tokio::spawn(async move {
-        if let Err(e) = cni.serve(socket.clone()).await {
-            tracing::error!(error = %e, socket = %socket.display(), "the CNI server stopped");
-        }
-    });
+    // On a thread of its own (it stops with the process).
+    cni.spawn(socket).context("starting the CNI server's thread")?;
     let refresh = Duration::from_secs(
         env("CARACAL_REFRESH_SECONDS", "90")
             .parse()
@@ -203,7 +200,6 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let result = agent::run(cfg, rx, status, parts, shutdown).await;
-    cni_task.abort();
     watches.iter().for_each(tokio::task::JoinHandle::abort);
     servers.iter().for_each(tokio::task::JoinHandle::abort);
     result.context("the policy data plane")

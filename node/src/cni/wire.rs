@@ -95,18 +95,19 @@ pub struct Wirer {
     node_ns: Option<PathBuf>,
 }
 
-/// The nice value of the wiring threads.
-const WIRING_NICE: libc::c_int = -10;
+/// The nice value of the threads that serve the CNI plugin (the wiring threads and the server's own).
+const CNI_NICE: libc::c_int = -10;
 
-/// Gives the calling thread a higher CPU priority ([`WIRING_NICE`]): a wiring thread holds the kernel's
-/// RTNL lock for most of its work, and when it loses its CPU to a plugin process or an `iptables-restore`
-/// while holding it, every other pod's wiring (and every other link change on the node) waits too. Without
-/// the privilege to raise it (not root, no CAP_SYS_NICE) the thread keeps its priority.
+/// Gives the calling thread a higher CPU priority ([`CNI_NICE`]). A wiring thread holds the kernel's RTNL
+/// lock for most of its work, and when it loses its CPU to a plugin process or an `iptables-restore` while
+/// holding it, every other pod's wiring (and every other link change on the node) waits too; the server's
+/// thread reads each request and writes each answer, which a kubelet waits for. Without the privilege to
+/// raise it (not root, no CAP_SYS_NICE) the thread keeps its priority.
 #[expect(unsafe_code, reason = "setpriority has no safe wrapper in nix or std")]
-fn raise_priority() {
+pub(crate) fn raise_priority() {
     let tid = nix::unistd::gettid().as_raw();
     // SAFETY: setpriority takes plain integers and changes nothing but the calling thread's nice value.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WIRING_NICE) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, CNI_NICE) } != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "raising a wiring thread's priority");
     }
 }

@@ -57,6 +57,17 @@ pub struct Allocator {
     serial: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Addresses a claim assigns in the new blocks as it creates them.
+#[derive(Debug)]
+pub(crate) struct Prefill {
+    /// How many.
+    pub count: usize,
+    /// To this handle.
+    pub handle: String,
+    /// With these attributes.
+    pub attrs: BTreeMap<String, String>,
+}
+
 /// The most blocks one claim takes at once.
 pub(crate) const MAX_BLOCKS_PER_CLAIM: usize = 4;
 
@@ -65,6 +76,8 @@ pub(crate) const MAX_BLOCKS_PER_CLAIM: usize = 4;
 pub(crate) struct Claim {
     /// The blocks as created (or as read, when another task of this node created one first), at least one.
     pub blocks: Vec<IPAMBlock>,
+    /// The addresses assigned to the prefill's handle in the blocks' creation.
+    pub prefilled: Vec<IpAddr>,
     /// Whether the node's pools of the family still had an unclaimed block beside these.
     pub room_left: bool,
 }
@@ -189,7 +202,7 @@ impl Allocator {
                 continue;
             }
             // 2. Claim a new block: whoever creates its IPAMBlock first owns it.
-            if self.claim(v4, node_labels, 1).await?.is_none() {
+            if self.claim(v4, node_labels, 1, None).await?.is_none() {
                 return Err(AllocError::Exhausted {
                     node: self.node.clone(),
                 });
@@ -221,20 +234,24 @@ impl Allocator {
     }
 
     /// Claims the first unclaimed blocks of the usable pools, as many as hold `addresses` (at least one,
-    /// at most [`MAX_BLOCKS_PER_CLAIM`]), all at once: one list of blocks and one of pools, then each
+    /// at most [`MAX_BLOCKS_PER_CLAIM`]), all at once: one list of blocks and one of pools together, then each
     /// block's creation and affinity side by side, so claiming three blocks during a burst costs the pods
     /// about what one costs. Returns the blocks as created (or as read, when another task of this node
     /// created one first) and whether another unclaimed block is left after them; None when no block
-    /// could be claimed.
+    /// could be claimed. With `prefill`, up to its count of the new blocks' addresses are assigned to its
+    /// handle in the blocks' creation itself (no write after it), in block order.
     pub(crate) async fn claim(
         &self,
         v4: bool,
         node_labels: &BTreeMap<String, String>,
         addresses: usize,
+        prefill: Option<&Prefill>,
     ) -> Result<Option<Claim>, AllocError> {
-        let mut taken = self.block_names().await?;
-        let pools = self.pools(v4, node_labels).await?;
+        // The two reads side by side: a claim is on the path of waiting pods.
+        let (mut taken, pools) =
+            futures::future::try_join(self.block_names(), self.pools(v4, node_labels)).await?;
         let mut won = Vec::new();
+        let mut reserved = Vec::new();
         loop {
             // The next unclaimed blocks, in pool order, until they hold enough addresses.
             let mut picked = Vec::new();
@@ -260,12 +277,30 @@ impl Allocator {
             if picked.is_empty() {
                 break;
             }
-            let results =
-                futures::future::join_all(picked.iter().map(|(cidr, name)| self.claim_one(*cidr, name)))
-                    .await;
+            // What each new block is created holding.
+            let mut left = prefill.map_or(0, |p| p.count);
+            let mut filled = Vec::new();
+            for (cidr, _) in &picked {
+                let mut block = Block::new(*cidr, Some(self.affinity()));
+                let mut ips = Vec::new();
+                if let Some(p) = prefill.filter(|_| left > 0) {
+                    let n = left.min(block.free());
+                    ips = block.assign(n, &p.handle, p.attrs.clone())?;
+                    left -= ips.len();
+                }
+                filled.push((block, ips));
+            }
+            let results = futures::future::join_all(
+                picked
+                    .iter()
+                    .zip(filled)
+                    .map(|((cidr, name), (block, ips))| self.claim_one(*cidr, name, block, ips)),
+            )
+            .await;
             for r in results {
-                if let Some(block) = r? {
+                if let Some((block, ips)) = r? {
                     won.push(block);
+                    reserved.extend(ips);
                 }
             }
             // Blocks lost to other nodes are passed over; try further ones only when every one was lost.
@@ -278,19 +313,30 @@ impl Allocator {
         }
         Ok(Some(Claim {
             blocks: won,
+            prefilled: reserved,
             room_left: unclaimed(&pools, &taken),
         }))
     }
 
-    /// Claims block `cidr` (named `name`) for this node. The block's creation decides who owns it (the
-    /// API server lets one create win); the BlockAffinity, Calico's record of the claim, follows it
-    /// already confirmed: two writes, where a pending affinity first would take three while pods may be
-    /// waiting. None when another node owns it.
-    async fn claim_one(&self, cidr: IpNet, name: &str) -> Result<Option<IPAMBlock>, AllocError> {
+    /// Claims block `cidr` (named `name`) for this node by creating it as `block` (which may already hold
+    /// `ips`). The block's creation decides who owns it (the API server lets one create win); the
+    /// BlockAffinity, Calico's record of the claim, follows it already confirmed: two writes, where a
+    /// pending affinity first would take three while pods may be waiting. Returns the block and the
+    /// addresses it was created holding (none when another task of this node created it first); None when
+    /// another node owns it.
+    async fn claim_one(
+        &self,
+        cidr: IpNet,
+        name: &str,
+        block: Block,
+        ips: Vec<IpAddr>,
+    ) -> Result<Option<(IPAMBlock, Vec<IpAddr>)>, AllocError> {
         let blocks: Api<IPAMBlock> = Api::all(self.client.clone());
-        let block = IPAMBlock::new(name, Block::new(cidr, Some(self.affinity())).to_spec());
-        let owned = match blocks.create(&PostParams::default(), &block).await {
-            Ok(created) => created,
+        let owned = match blocks
+            .create(&PostParams::default(), &IPAMBlock::new(name, block.to_spec()))
+            .await
+        {
+            Ok(created) => (created, ips),
             Err(e) if conflict(&e) => {
                 // Someone created the block first. If it was this node (another task), it is ours.
                 let current = blocks
@@ -298,7 +344,7 @@ impl Allocator {
                     .await
                     .map_err(|e| AllocError::Api("reading an IPAMBlock", e))?;
                 match current {
-                    Some(b) if b.spec.affinity.as_deref() == Some(&self.affinity()) => b,
+                    Some(b) if b.spec.affinity.as_deref() == Some(&self.affinity()) => (b, Vec::new()),
                     _ => return Ok(None),
                 }
             }

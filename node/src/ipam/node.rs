@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
-use super::allocator::{AllocError, Allocator};
+use super::allocator::{AllocError, Allocator, Prefill};
 use super::block::Block;
 
 /// Attribute keys recorded with each allocation.
@@ -291,6 +291,8 @@ struct Inner {
     /// Held while claiming a block: a refill that runs out of free addresses while a claim ahead is under
     /// way waits for that block instead of claiming another beside it.
     claim_lock: Mutex<()>,
+    /// The node's labels as the last refill read them.
+    labels: std::sync::Mutex<Option<BTreeMap<String, String>>>,
     /// The last version seen of the blocks this node works with (own, borrowed from, holding its
     /// addresses), by name: the first attempt of a write starts from it instead of a list.
     blocks: std::sync::Mutex<BTreeMap<String, IPAMBlock>>,
@@ -363,6 +365,7 @@ impl NodeIpam {
             published: Notify::new(),
             claiming: std::sync::atomic::AtomicBool::new(false),
             claim_lock: Mutex::new(()),
+            labels: std::sync::Mutex::new(None),
             blocks: std::sync::Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
         });
@@ -849,7 +852,13 @@ impl NodeIpam {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let labels = me.node_labels().await;
+            // The labels the last refill read (pools select nodes by label): a claim ahead must not wait
+            // for a read of its own. The first one reads them.
+            let cached = me.inner.labels.lock().ok().and_then(|l| l.clone());
+            let labels = match cached {
+                Some(l) => l,
+                None => me.node_labels().await,
+            };
             for f in 0..2 {
                 if let Err(e) = me.claim_ahead(f, target, &labels).await {
                     warn!(error = %e, "claiming a block ahead of a burst failed");
@@ -881,7 +890,7 @@ impl NodeIpam {
                 }
                 target.max(st.target_for(f, self.inner.cfg.reserve, Instant::now()))
             };
-            match self.claim(f == 0, labels, target).await? {
+            match self.claim(f == 0, labels, target, true).await? {
                 Claimed::Blocks(blocks) => {
                     let cidrs: Vec<String> = blocks.iter().map(|b| b.spec.cidr.to_string()).collect();
                     tracing::debug!(blocks = ?cidrs, target, "claimed blocks ahead of a burst");
@@ -910,39 +919,75 @@ impl NodeIpam {
     /// `enough` free addresses, unless they already have (looked at once no other claim is under way: one
     /// that was may have just made them enough). What the claim says about room in the pools is kept,
     /// and the blocks are remembered as created, so reserving in them needs no list.
+    ///
+    /// With `prefill`, the reserve's shortfall is assigned in the new blocks as they are created and
+    /// published at once: pods waiting for addresses get them one write sooner.
     async fn claim(
         &self,
         v4: bool,
         labels: &BTreeMap<String, String>,
         enough: usize,
+        prefill: bool,
     ) -> Result<Claimed, IpamError> {
         let _one = self.inner.claim_lock.lock().await;
         let free = self.own_free(v4);
         if free >= enough {
             return Ok(Claimed::Enough);
         }
-        let claimed = self.inner.alloc.claim(v4, labels, enough - free).await?;
-        self.inner.state.lock().await.room[usize::from(!v4)] =
-            Some(claimed.as_ref().is_some_and(|c| c.room_left));
+        let f = usize::from(!v4);
+        let prefill = if prefill {
+            let st = self.inner.state.lock().await;
+            let target = st.target_for(f, self.inner.cfg.reserve, Instant::now());
+            Some(Prefill {
+                count: target.saturating_sub(st.reserved_in(f)),
+                handle: Self::reserve_handle(&self.inner.cfg.node),
+                attrs: self.reserve_attrs(),
+            })
+        } else {
+            None
+        };
+        // Blocks for what is missing, or for the prefill when that is more; a claim ahead that finds the
+        // blocks still short after a prefill claims again, off the pods' path.
+        let addresses = (enough - free).max(prefill.as_ref().map_or(0, |p| p.count));
+        let claimed = self
+            .inner
+            .alloc
+            .claim(v4, labels, addresses, prefill.as_ref())
+            .await?;
+        self.inner.state.lock().await.room[f] = Some(claimed.as_ref().is_some_and(|c| c.room_left));
         Ok(match claimed {
             Some(c) => {
                 for block in &c.blocks {
                     self.remember(block);
                 }
+                self.publish(&c.prefilled).await;
                 Claimed::Blocks(c.blocks)
             }
             None => Claimed::Nothing,
         })
     }
 
+    /// The attributes of the reserve's addresses in the blocks.
+    fn reserve_attrs(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (attr::NODE.to_owned(), self.inner.cfg.node.clone()),
+            (attr::TYPE.to_owned(), "reserve".to_owned()),
+        ])
+    }
+
+    /// The node's labels, read from the API (and kept for the next claim ahead).
     async fn node_labels(&self) -> BTreeMap<String, String> {
-        Api::<Node>::all(self.inner.client.clone())
+        let labels = Api::<Node>::all(self.inner.client.clone())
             .get_opt(&self.inner.cfg.node)
             .await
             .ok()
             .flatten()
             .map(|n| n.labels().clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Ok(mut kept) = self.inner.labels.lock() {
+            *kept = Some(labels.clone());
+        }
+        labels
     }
 
     async fn strict_affinity(&self) -> bool {
@@ -966,10 +1011,7 @@ impl NodeIpam {
         let node = &self.inner.cfg.node;
         let mine = format!("host:{node}");
         let reserve = Self::reserve_handle(node);
-        let attrs = BTreeMap::from([
-            (attr::NODE.to_owned(), node.clone()),
-            (attr::TYPE.to_owned(), "reserve".to_owned()),
-        ]);
+        let attrs = self.reserve_attrs();
         let mut claims = 0;
         let mut borrow = false;
         let mut got = Vec::new();
@@ -1050,7 +1092,7 @@ impl NodeIpam {
                 claims += 1;
                 // A claim ahead may have just made the cached blocks enough; otherwise the new block is
                 // known as created. Either way: reserve from the cache without listing again.
-                if !matches!(self.claim(v4, node_labels, 1).await?, Claimed::Nothing) {
+                if !matches!(self.claim(v4, node_labels, 1, false).await?, Claimed::Nothing) {
                     cached = true;
                     continue;
                 }
