@@ -427,6 +427,19 @@ async fn a_burst_claims_blocks_ahead_and_every_reserved_address_is_recorded_in_t
         .await
         .expect("blocks");
     assert!(blocks.items.len() >= 3, "160 pods need three /26 blocks");
+    let affinities = Api::<caracal_crds::ipam::BlockAffinity>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("affinities");
+    for b in &blocks {
+        assert!(
+            affinities.iter().any(|a| a.spec.cidr.0 == b.spec.cidr.0
+                && a.spec.node == "burst"
+                && a.spec.state == caracal_crds::ipam::AffinityState::Confirmed),
+            "block {} has no confirmed BlockAffinity",
+            b.spec.cidr.0
+        );
+    }
     let api = held_in_api(&client).await;
     let reserve = NodeIpam::reserve_handle("burst");
     for (handle, held) in ipam.held().await {

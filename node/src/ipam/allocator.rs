@@ -202,10 +202,13 @@ impl Allocator {
                 continue;
             }
             // 2. Claim a new block: whoever creates its IPAMBlock first owns it.
-            if self.claim(v4, node_labels, 1, None).await?.is_none() {
-                return Err(AllocError::Exhausted {
-                    node: self.node.clone(),
-                });
+            match self.claim(v4, node_labels, 1, None).await? {
+                Some(c) => self.confirm_affinities(&c.blocks).await?,
+                None => {
+                    return Err(AllocError::Exhausted {
+                        node: self.node.clone(),
+                    });
+                }
             }
         }
         Err(AllocError::Contended(MAX_CONFLICTS))
@@ -240,6 +243,10 @@ impl Allocator {
     /// created one first) and whether another unclaimed block is left after them; None when no block
     /// could be claimed. With `prefill`, up to its count of the new blocks' addresses are assigned to its
     /// handle in the blocks' creation itself (no write after it), in block order.
+    ///
+    /// The creation decides the owner; the caller then records the claims with
+    /// [`Allocator::confirm_affinities`], and may use the blocks before that: a crash between the two leaves
+    /// blocks whose affinity field names this node, which it finds and uses as its own.
     pub(crate) async fn claim(
         &self,
         v4: bool,
@@ -294,7 +301,7 @@ impl Allocator {
                 picked
                     .iter()
                     .zip(filled)
-                    .map(|((cidr, name), (block, ips))| self.claim_one(*cidr, name, block, ips)),
+                    .map(|((_, name), (block, ips))| self.claim_one(name, block, ips)),
             )
             .await;
             for r in results {
@@ -318,15 +325,15 @@ impl Allocator {
         }))
     }
 
-    /// Claims block `cidr` (named `name`) for this node by creating it as `block` (which may already hold
+    /// Claims the block named `name` for this node by creating it as `block` (which may already hold
     /// `ips`). The block's creation decides who owns it (the API server lets one create win); the
-    /// BlockAffinity, Calico's record of the claim, follows it already confirmed: two writes, where a
-    /// pending affinity first would take three while pods may be waiting. Returns the block and the
+    /// BlockAffinity, Calico's record of the claim, follows it already confirmed
+    /// ([`Allocator::confirm_affinities`]): two writes, where a pending affinity first would take three while
+    /// pods may be waiting. Returns the block and the
     /// addresses it was created holding (none when another task of this node created it first); None when
     /// another node owns it.
     async fn claim_one(
         &self,
-        cidr: IpNet,
         name: &str,
         block: Block,
         ips: Vec<IpAddr>,
@@ -350,8 +357,18 @@ impl Allocator {
             }
             Err(e) => return Err(AllocError::Api("creating an IPAMBlock", e)),
         };
-        self.confirm_affinity(cidr, name).await?;
         Ok(Some(owned))
+    }
+
+    /// Records the claims of `blocks` as confirmed BlockAffinities, side by side (see [`Allocator::claim`]).
+    pub(crate) async fn confirm_affinities(&self, blocks: &[IPAMBlock]) -> Result<(), AllocError> {
+        futures::future::try_join_all(
+            blocks.iter().map(|b| {
+                self.confirm_affinity(b.spec.cidr.0, b.metadata.name.as_deref().unwrap_or_default())
+            }),
+        )
+        .await
+        .map(drop)
     }
 
     /// Records this node's claim of block `name` as a confirmed BlockAffinity (one left pending or absent

@@ -960,7 +960,9 @@ impl NodeIpam {
                 for block in &c.blocks {
                     self.remember(block);
                 }
+                // Owned once created: the waiting pods need not wait for the affinities too.
                 self.publish(&c.prefilled).await;
+                self.inner.alloc.confirm_affinities(&c.blocks).await?;
                 Claimed::Blocks(c.blocks)
             }
             None => Claimed::Nothing,
