@@ -3,6 +3,7 @@
 //! that, is idempotent and diff-based, repairs drift on a full converge, and touches only kernel objects that
 //! carry Caracal's prefix.
 
+pub mod bpf;
 pub mod iptables;
 
 /// The prefix of every kernel object Caracal owns (chains, ipsets, interfaces).

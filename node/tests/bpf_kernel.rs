@@ -1,0 +1,156 @@
+//! Kernel tier: the BPF policy programs on real packets. The verifier accepts them on this kernel; an
+//! interface they are attached to drops everything until its endpoint entry exists (fail closed); a
+//! direction whose new flows are denied gets no answer while the other passes with replies; each endpoint's
+//! counters see it; a reloaded agent (programs loaded again, maps and links found pinned) keeps the entries
+//! and the flows working; removing everything detaches the programs. Needs root.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use caracal_e2e::netns::{self, NetNs, Pod};
+use caracal_e2e::probe;
+use caracal_node::dataplane::bpf::{self, EP_ALLOW_FROM, EP_ALLOW_TO, Endpoint, Loaded};
+
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+fn ifindex(node: &NetNs, iface: &str) -> u32 {
+    let out = node.ip(&["-o", "link", "show", iface]).expect("link");
+    out.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("ifindex")
+}
+
+/// Runs `f` with the programs loaded in `node`'s namespace (a fresh load each time: maps and links are
+/// found through their pins, as a restarted agent finds them).
+fn with_loaded<T: Send + 'static>(
+    node: &NetNs,
+    dir: &Path,
+    f: impl FnOnce(&mut Loaded) -> T + Send + 'static,
+) -> T {
+    let dir = dir.to_path_buf();
+    node.enter(move || {
+        let mut loaded = Loaded::load(&dir).expect("the verifier accepts the programs");
+        f(&mut loaded)
+    })
+    .expect("enter the node")
+}
+
+fn tcp(a: &Pod, b: &Pod, port: u16) -> probe::Outcome {
+    probe::tcp(&a.ns, &b.ns, b.ip, port, TIMEOUT).expect("probe")
+}
+
+#[test]
+fn fail_closed_until_programmed_per_direction_verdicts_and_a_reload_keeps_everything() {
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node("bpf").expect("node");
+    let a = netns::wire_pod(&node, "bpfa", "crcbpfa", "10.201.0.5".parse().expect("ip")).expect("pod a");
+    let b = netns::wire_pod(&node, "bpfb", "crcbpfb", "10.201.0.6".parse().expect("ip")).expect("pod b");
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-test-{}", std::process::id()));
+    assert!(tcp(&a, &b, 7001).connected(), "no program yet: the pods talk");
+
+    // Attached, no entries: nothing passes either way.
+    with_loaded(&node, &dir, |l| {
+        l.attach("crcbpfa").expect("attach a");
+        l.attach("crcbpfb").expect("attach b");
+    });
+    assert_eq!(tcp(&a, &b, 7002), probe::Outcome::NoAnswer, "fail closed");
+    assert!(!probe::icmp(&a.ns, b.ip, 8, 0, TIMEOUT).expect("icmp").connected());
+    let (ia, ib) = (ifindex(&node, "crcbpfa"), ifindex(&node, "crcbpfb"));
+
+    // a may start flows and receive them; b may start flows but not receive new ones.
+    with_loaded(&node, &dir, move |l| {
+        l.set_endpoint(
+            ia,
+            Endpoint {
+                flags: EP_ALLOW_FROM | EP_ALLOW_TO,
+                generation: 1,
+            },
+        )
+        .expect("a");
+        l.set_endpoint(
+            ib,
+            Endpoint {
+                flags: EP_ALLOW_FROM,
+                generation: 1,
+            },
+        )
+        .expect("b");
+    });
+    assert_eq!(
+        tcp(&a, &b, 7003),
+        probe::Outcome::NoAnswer,
+        "b's ingress denies new flows"
+    );
+    assert!(
+        tcp(&b, &a, 7004).connected(),
+        "b -> a passes both egress and ingress, replies too"
+    );
+    let (b_from, b_to) = with_loaded(&node, &dir, move |l| l.counters(ib).expect("counters"));
+    assert!(b_to.dropped > 0, "b's ingress counted its drops: {b_to:?}");
+    assert!(
+        b_from.allowed > 0 && b_to.allowed > 0,
+        "b's flow to a and its replies: {b_from:?} {b_to:?}"
+    );
+
+    // b opens up; a reload (programs loaded again, maps and links adopted from their pins) keeps it.
+    with_loaded(&node, &dir, move |l| {
+        l.set_endpoint(
+            ib,
+            Endpoint {
+                flags: EP_ALLOW_FROM | EP_ALLOW_TO,
+                generation: 2,
+            },
+        )
+        .expect("b");
+    });
+    assert!(tcp(&a, &b, 7005).connected());
+    let entries = with_loaded(&node, &dir, |l| {
+        l.attach("crcbpfa").expect("re-attach a");
+        l.attach("crcbpfb").expect("re-attach b");
+        (
+            l.endpoint_entries().expect("entries"),
+            l.attached().expect("attached"),
+        )
+    });
+    assert_eq!(entries.0.len(), 2, "{:?}", entries.0);
+    assert_eq!(entries.1, vec!["crcbpfa".to_owned(), "crcbpfb".to_owned()]);
+    assert!(tcp(&a, &b, 7006).connected(), "still allowed after the reload");
+
+    // An entry removed: b is closed again.
+    with_loaded(&node, &dir, move |l| l.remove_endpoint(ib).expect("remove"));
+    assert_eq!(tcp(&a, &b, 7007), probe::Outcome::NoAnswer);
+    let on_b = node
+        .enter(|| Loaded::tcx_programs("crcbpfb").expect("query"))
+        .expect("enter");
+    assert_eq!(
+        on_b,
+        (1, 1),
+        "one program each way on b, after two loads and re-attachments"
+    );
+
+    // b detached: its programs are gone at once, a's stay.
+    with_loaded(&node, &dir, |l| l.detach("crcbpfb").expect("detach b"));
+    let counts = node
+        .enter(|| (Loaded::tcx_programs("crcbpfa"), Loaded::tcx_programs("crcbpfb")))
+        .expect("enter");
+    assert_eq!(counts.0.expect("a"), (1, 1));
+    assert_eq!(counts.1.expect("b"), (0, 0), "b's programs are detached");
+
+    // Everything removed: the programs are detached at once (b has no entry, yet passes) and no pin is left.
+    bpf::remove_all(&dir).expect("remove all");
+    assert!(!dir.exists());
+    let on_a = node
+        .enter(|| Loaded::tcx_programs("crcbpfa").expect("query"))
+        .expect("enter");
+    assert_eq!(on_a, (0, 0), "a's programs are detached");
+    assert!(
+        tcp(&a, &b, 7008).connected(),
+        "no program is left on the interfaces"
+    );
+}
