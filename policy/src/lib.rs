@@ -7,8 +7,11 @@
 //!   ([`contract`]) that every data plane backend is tested against; [`matrix`] and [`synth`] build on it.
 //! - [`calc`]: the calculation graph, from the world and one node's endpoints to the [`model`] the node's
 //!   data plane backends converge the kernel to. Backends depend on [`model`]; nothing here knows a backend.
+//! - [`classify`]: one endpoint's tiers as a first-match list and the pieces of its lookup tables (the BPF
+//!   data plane's policy as data).
 
 pub mod calc;
+pub mod classify;
 pub mod contract;
 pub mod convert;
 pub mod decode;
