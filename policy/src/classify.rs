@@ -369,3 +369,404 @@ mod tests {
         assert_eq!(f, b);
     }
 }
+
+/// Per-field lookup tables of one flattened list: each lookup returns the bitmap of the entries that accept
+/// the packet's value of that field, and an entry matches a packet when every field accepts it
+/// ([`Tables::matching`]). Built by [`compile`] from the node's model (its resolved sets).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tables {
+    /// How many entries (bits).
+    pub entries: usize,
+    /// (IP version, protocol) -> entries whose `ipVersion`, `protocol` and `notProtocol` accept it.
+    pub protocol: BTreeMap<(u8, u8), Bitmap>,
+    /// (ICMP type, code) -> entries whose `icmp` and `notICMP` accept it; a type without its code listed
+    /// uses (type, [`ANY_CODE`]), a type not listed [`Tables::icmp_other`].
+    pub icmp: BTreeMap<(u8, u16), Bitmap>,
+    /// ICMP of a type no entry names.
+    pub icmp_other: Bitmap,
+    /// Packets that are not ICMP.
+    pub not_icmp: Bitmap,
+    /// Source and destination address tables: region prefix -> entries whose address conditions accept it.
+    pub addr: [Vec<(IpNet, Bitmap)>; 2],
+    /// Source and destination port tables.
+    pub ports: [PortTable; 2],
+    /// (destination address, protocol, port) of a destination `services` match -> the entries it
+    /// satisfies; a miss gives [`Tables::service_other`].
+    pub service: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap>,
+    /// Entries without a destination `services` condition.
+    pub service_other: Bitmap,
+}
+
+/// The code key of a type-only ICMP entry.
+pub const ANY_CODE: u16 = 256;
+
+/// One side's port conditions: `ports` accept a packet when a range or a named port matches, `notPorts`
+/// reject it when one does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortTable {
+    /// Elementary intervals: (first port, entries whose `ports` ranges accept it, or that have no `ports`).
+    pub ranges: Vec<(u16, Bitmap)>,
+    /// (address, protocol, port) -> entries with a named port in `ports` that it is.
+    pub named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap>,
+    /// Elementary intervals: entries whose `notPorts` ranges contain the port.
+    pub not_ranges: Vec<(u16, Bitmap)>,
+    /// (address, protocol, port) -> entries with a named port in `notPorts` that it is.
+    pub not_named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap>,
+    /// Packets without ports: entries without a `ports` condition.
+    pub portless: Bitmap,
+}
+
+fn interval_of(table: &[(u16, Bitmap)], port: u16) -> Option<&Bitmap> {
+    let i = table.partition_point(|(start, _)| *start <= port);
+    table.get(i.checked_sub(1)?).map(|(_, b)| b)
+}
+
+impl Tables {
+    /// The entries matching `pkt`.
+    pub fn matching(&self, pkt: &crate::eval::Packet) -> Bitmap {
+        let version = if pkt.src.is_ipv4() { 4 } else { 6 };
+        let mut out = self
+            .protocol
+            .get(&(version, pkt.protocol))
+            .cloned()
+            .unwrap_or_else(|| Bitmap::new(self.entries));
+        let icmp = match pkt.icmp {
+            Some((t, c)) => self
+                .icmp
+                .get(&(t, u16::from(c)))
+                .or_else(|| self.icmp.get(&(t, ANY_CODE)))
+                .unwrap_or(&self.icmp_other),
+            None => &self.not_icmp,
+        };
+        out.and_assign(icmp);
+        for (side, (ip, port)) in [(pkt.src, pkt.src_port), (pkt.dst, pkt.dst_port)]
+            .into_iter()
+            .enumerate()
+        {
+            let regions = &self.addr[side];
+            let region = regions
+                .iter()
+                .filter(|(p, _)| p.contains(&ip))
+                .max_by_key(|(p, _)| p.prefix_len());
+            match region {
+                Some((_, b)) => out.and_assign(b),
+                None => return Bitmap::new(self.entries),
+            }
+            let t = &self.ports[side];
+            match port {
+                None => out.and_assign(&t.portless),
+                Some(p) => {
+                    let key = (ip, pkt.protocol, p);
+                    let mut ok = interval_of(&t.ranges, p)
+                        .cloned()
+                        .unwrap_or_else(|| Bitmap::new(self.entries));
+                    if let Some(n) = t.named.get(&key) {
+                        ok.or_assign(n);
+                    }
+                    let mut not = interval_of(&t.not_ranges, p)
+                        .cloned()
+                        .unwrap_or_else(|| Bitmap::new(self.entries));
+                    if let Some(n) = t.not_named.get(&key) {
+                        not.or_assign(n);
+                    }
+                    ok.and_not_assign(&not);
+                    out.and_assign(&ok);
+                }
+            }
+        }
+        let service = pkt
+            .dst_port
+            .and_then(|p| self.service.get(&(pkt.dst, pkt.protocol, p)))
+            .unwrap_or(&self.service_other);
+        out.and_assign(service);
+        out
+    }
+}
+
+impl Bitmap {
+    /// Adds the bits set in `other` (of the same length).
+    pub fn or_assign(&mut self, other: &Bitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
+    /// Clears the bits set in `other` (of the same length).
+    pub fn and_not_assign(&mut self, other: &Bitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !b;
+        }
+    }
+}
+
+/// Elementary intervals of the port space for `ranges` (each entry's list of inclusive ranges): within an
+/// interval, every entry's answer is the same. `accept(i, in_range)` says whether entry `i` accepts a port
+/// given whether one of its ranges holds it.
+fn port_intervals(
+    n: usize,
+    ranges: &[Vec<(u16, u16)>],
+    accept: impl Fn(usize, bool) -> bool,
+) -> Vec<(u16, Bitmap)> {
+    let mut starts: Vec<u16> = vec![0];
+    for (lo, hi) in ranges.iter().flatten() {
+        starts.push(*lo);
+        if let Some(next) = hi.checked_add(1) {
+            starts.push(next);
+        }
+    }
+    starts.sort_unstable();
+    starts.dedup();
+    starts
+        .into_iter()
+        .map(|start| {
+            let mut b = Bitmap::new(n);
+            for (i, list) in ranges.iter().enumerate().take(n) {
+                let in_range = list.iter().any(|(lo, hi)| (*lo..=*hi).contains(&start));
+                if accept(i, in_range) {
+                    b.set(i);
+                }
+            }
+            (start, b)
+        })
+        .collect()
+}
+
+/// Compiles `entries` (from [`flatten`]) into per-field tables over the resolved sets of `model`.
+pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> Tables {
+    use crate::ir::PortMatch;
+    use crate::model::{SetKey, entity_sets};
+    let n = entries.len();
+    let members = |key: &Option<SetKey>| -> Option<Vec<IpNet>> {
+        key.as_ref().map(|k| {
+            model
+                .sets
+                .get(k)
+                .map(|m| m.nets.iter().copied().collect())
+                .unwrap_or_default()
+        })
+    };
+    let ip_ports = |key: &SetKey| -> Vec<(std::net::IpAddr, u8, u16)> {
+        model
+            .sets
+            .get(key)
+            .map(|m| m.ip_ports.iter().copied().collect())
+            .unwrap_or_default()
+    };
+    let bit_if = |pred: &dyn Fn(&Rule) -> bool| {
+        let mut b = Bitmap::new(n);
+        for (i, e) in entries.iter().enumerate() {
+            if e.rule.is_none_or(pred) {
+                b.set(i);
+            }
+        }
+        b
+    };
+
+    // Protocol: every (version, protocol) pair.
+    let mut protocol = BTreeMap::new();
+    for version in [4u8, 6] {
+        for proto in 0..=255u8 {
+            protocol.insert(
+                (version, proto),
+                bit_if(&|r: &Rule| {
+                    r.ip_version.is_none_or(|v| v == version)
+                        && r.protocol.is_none_or(|p| p == proto)
+                        && r.not_protocol != Some(proto)
+                }),
+            );
+        }
+    }
+
+    // ICMP: every (type, code) and (type, any) an entry names, then the rest.
+    let icmp_ok = |r: &Rule, got: Option<(u8, u8)>| {
+        let hit =
+            |w: &crate::ir::Icmp| got.is_some_and(|(t, c)| t == w.type_ && w.code.is_none_or(|x| x == c));
+        r.icmp.as_ref().is_none_or(hit) && !r.not_icmp.as_ref().is_some_and(hit)
+    };
+    let mut icmp = BTreeMap::new();
+    let named_types: Vec<crate::ir::Icmp> = entries
+        .iter()
+        .filter_map(|e| e.rule)
+        .flat_map(|r| [r.icmp, r.not_icmp])
+        .flatten()
+        .collect();
+    // A type no entry names stands for all of them (their code is irrelevant then).
+    let other_type = (0..=255u8)
+        .rev()
+        .find(|t| !named_types.iter().any(|i| i.type_ == *t));
+    for w in &named_types {
+        // Codes not listed for the type: one that no entry names stands for them.
+        let other_code = (0..=255u8).rev().find(|c| {
+            !named_types
+                .iter()
+                .any(|i| i.type_ == w.type_ && i.code == Some(*c))
+        });
+        if let Some(c) = other_code {
+            icmp.insert(
+                (w.type_, ANY_CODE),
+                bit_if(&|r: &Rule| icmp_ok(r, Some((w.type_, c)))),
+            );
+        }
+        if let Some(c) = w.code {
+            icmp.insert(
+                (w.type_, u16::from(c)),
+                bit_if(&|r: &Rule| icmp_ok(r, Some((w.type_, c)))),
+            );
+        }
+    }
+    let icmp_other = match other_type {
+        Some(t) => bit_if(&|r: &Rule| icmp_ok(r, Some((t, 0)))),
+        None => Bitmap::new(n),
+    };
+    let not_icmp = bit_if(&|r: &Rule| icmp_ok(r, None));
+
+    // Addresses and ports, per side.
+    let mut addr: [Vec<(IpNet, Bitmap)>; 2] = [Vec::new(), Vec::new()];
+    let mut ports: Vec<PortTable> = Vec::new();
+    for (side, source) in [(0usize, true), (1usize, false)] {
+        let sets: Vec<Option<crate::model::EntitySets>> = entries
+            .iter()
+            .map(|e| {
+                e.rule.map(|r| {
+                    entity_sets(
+                        if source { &r.source } else { &r.destination },
+                        r.protocol,
+                        source,
+                    )
+                })
+            })
+            .collect();
+        // Each entry's address conditions: (sets it must be in, sets it must not be in).
+        let conds: Vec<Option<(Vec<Vec<IpNet>>, Vec<Vec<IpNet>>)>> = sets
+            .iter()
+            .map(|s| {
+                s.as_ref().map(|s| {
+                    let within: Vec<Vec<IpNet>> = [&s.service, &s.nets, &s.selector, &s.service_accounts]
+                        .into_iter()
+                        .filter_map(|k| members(k))
+                        .collect();
+                    let outside: Vec<Vec<IpNet>> = [&s.not_nets, &s.not_selector]
+                        .into_iter()
+                        .filter_map(|k| members(k))
+                        .collect();
+                    (within, outside)
+                })
+            })
+            .collect();
+        let regions = Regions::new(
+            conds
+                .iter()
+                .flatten()
+                .flat_map(|(a, b)| a.iter().chain(b.iter()))
+                .flatten(),
+        );
+        addr[side] = regions
+            .prefixes()
+            .iter()
+            .map(|region| {
+                let mut b = Bitmap::new(n);
+                for (i, c) in conds.iter().enumerate() {
+                    let ok = c.as_ref().is_none_or(|(within, outside)| {
+                        within.iter().all(|s| Regions::in_set(region, s))
+                            && !outside.iter().any(|s| Regions::in_set(region, s))
+                    });
+                    if ok {
+                        b.set(i);
+                    }
+                }
+                (*region, b)
+            })
+            .collect();
+
+        let entity = |i: usize| {
+            entries[i]
+                .rule
+                .map(|r| if source { &r.source } else { &r.destination })
+        };
+        let range_list = |list: &[PortMatch]| -> Vec<(u16, u16)> {
+            list.iter()
+                .filter_map(|p| match p {
+                    PortMatch::Range(lo, hi) => Some((*lo, *hi)),
+                    PortMatch::Named(_) => None,
+                })
+                .collect()
+        };
+        let ranges: Vec<Vec<(u16, u16)>> = (0..n)
+            .map(|i| entity(i).map(|m| range_list(&m.ports)).unwrap_or_default())
+            .collect();
+        let not_ranges: Vec<Vec<(u16, u16)>> = (0..n)
+            .map(|i| entity(i).map(|m| range_list(&m.not_ports)).unwrap_or_default())
+            .collect();
+        let no_ports = |i: usize| entity(i).is_none_or(|m| m.ports.is_empty());
+        let table_ranges = port_intervals(n, &ranges, |i, hit| no_ports(i) || hit);
+        let table_not = port_intervals(n, &not_ranges, |_, hit| hit);
+        let mut named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
+        let mut not_named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
+        for (i, s) in sets.iter().enumerate() {
+            let Some(s) = s else { continue };
+            for key in &s.named_ports {
+                for m in ip_ports(key) {
+                    named.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
+                }
+            }
+            for key in &s.not_named_ports {
+                for m in ip_ports(key) {
+                    not_named.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
+                }
+            }
+        }
+        let mut portless = Bitmap::new(n);
+        for i in (0..n).filter(|i| no_ports(*i)) {
+            portless.set(i);
+        }
+        ports.push(PortTable {
+            ranges: table_ranges,
+            named,
+            not_ranges: table_not,
+            not_named,
+            portless,
+        });
+    }
+
+    // Destination `services`: a hit keeps the entries without the condition too.
+    let mut service: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
+    let mut with_condition = Bitmap::new(n);
+    for (i, e) in entries.iter().enumerate() {
+        let Some(r) = e.rule else { continue };
+        if let Some(key) = entity_sets(&r.destination, r.protocol, false).service_ports {
+            with_condition.set(i);
+            for m in ip_ports(&key) {
+                service.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
+            }
+        }
+    }
+    let mut service_other = Bitmap::full(n);
+    service_other.and_not_assign(&with_condition);
+    for b in service.values_mut() {
+        b.or_assign(&service_other);
+    }
+    let dst_ports = ports.pop().unwrap_or_else(|| empty_ports(n));
+    let src_ports = ports.pop().unwrap_or_else(|| empty_ports(n));
+    Tables {
+        entries: n,
+        protocol,
+        icmp,
+        icmp_other,
+        not_icmp,
+        addr,
+        ports: [src_ports, dst_ports],
+        service,
+        service_other,
+    }
+}
+
+/// A port table that accepts nothing (never used: both sides always get one).
+fn empty_ports(n: usize) -> PortTable {
+    PortTable {
+        ranges: Vec::new(),
+        named: BTreeMap::new(),
+        not_ranges: Vec::new(),
+        not_named: BTreeMap::new(),
+        portless: Bitmap::new(n),
+    }
+}

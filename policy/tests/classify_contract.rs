@@ -1,7 +1,8 @@
 //! The contract table through the flattened first-match lists the BPF data plane's tables are compiled from:
 //! for every check, the source endpoint's egress list and the destination endpoint's ingress list, built from
 //! the node's model (the calculation graph's output, as a backend receives it), decide as the contract says,
-//! both walked entry by entry and through a bitmap of the matching entries.
+//! both walked entry by entry and through a bitmap of the matching entries; and the per-field tables compiled
+//! from the model's sets find exactly the entries whose rules match.
 
 #![expect(
     clippy::expect_used,
@@ -9,7 +10,7 @@
 )]
 
 use caracal_policy::calc::compute;
-use caracal_policy::classify::{Bitmap, decide, decide_bitmap, flatten};
+use caracal_policy::classify::{Bitmap, compile, decide, decide_bitmap, flatten};
 use caracal_policy::contract::{Check, WORLD, scenarios};
 use caracal_policy::eval::{Packet, rule_matches};
 use caracal_policy::ir::Direction;
@@ -60,6 +61,18 @@ fn side(loaded: &Loaded, model: &DataplaneModel, key: &str, dir: Direction, pkt:
         decide_bitmap(&entries, &bits),
         "{key} {dir:?}: the walks disagree"
     );
+    // The per-field tables find the same matching entries.
+    let tables = compile(&entries, model);
+    let looked_up = tables.matching(pkt);
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(
+            looked_up.get(i),
+            bits.get(i),
+            "{key} {dir:?} {pkt:?}: entry {i} ({:?} of {:?}) matches by rule but not by table, or the reverse",
+            e.policy,
+            e.tier
+        );
+    }
     walked
 }
 
