@@ -531,6 +531,10 @@ fn port_intervals(
         .collect()
 }
 
+/// One entry's address conditions on one side: the sets the address must be in, and those it must not be in
+/// (each as its prefixes).
+type AddrConditions = (Vec<Vec<IpNet>>, Vec<Vec<IpNet>>);
+
 /// Compiles `entries` (from [`flatten`]) into per-field tables over the resolved sets of `model`.
 pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> Tables {
     use crate::ir::PortMatch;
@@ -637,17 +641,17 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
             })
             .collect();
         // Each entry's address conditions: (sets it must be in, sets it must not be in).
-        let conds: Vec<Option<(Vec<Vec<IpNet>>, Vec<Vec<IpNet>>)>> = sets
+        let conds: Vec<Option<AddrConditions>> = sets
             .iter()
             .map(|s| {
                 s.as_ref().map(|s| {
                     let within: Vec<Vec<IpNet>> = [&s.service, &s.nets, &s.selector, &s.service_accounts]
                         .into_iter()
-                        .filter_map(|k| members(k))
+                        .filter_map(&members)
                         .collect();
                     let outside: Vec<Vec<IpNet>> = [&s.not_nets, &s.not_selector]
                         .into_iter()
-                        .filter_map(|k| members(k))
+                        .filter_map(&members)
                         .collect();
                     (within, outside)
                 })
