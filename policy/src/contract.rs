@@ -7,6 +7,58 @@
 //! account `monitor`. Scenarios with `services` rules bring their own EndpointSlices (Services are not
 //! objects policy reads: a Service is its slices).
 
+use crate::eval::Packet;
+use crate::load::{Loaded, load_documents};
+use crate::matrix::{self, ProbePort};
+
+/// A scenario's world: [`WORLD`] with `manifests` added, decoded as the agent decodes objects.
+pub fn load_world(manifests: &str) -> Result<Loaded, String> {
+    let mut docs = Vec::new();
+    for de in serde_yaml::Deserializer::from_str(WORLD).chain(serde_yaml::Deserializer::from_str(manifests)) {
+        let v: serde_json::Value =
+            serde::Deserialize::deserialize(de).map_err(|e| format!("scenario YAML: {e}"))?;
+        if !v.is_null() {
+            docs.push(("scenario".to_owned(), v));
+        }
+    }
+    load_documents(docs).map_err(|e| e.to_string())
+}
+
+/// The packet `check` sends: from the first address of its source pod to the first of its destination pod;
+/// the port is `PORT/PROTO`, or `TYPE.CODE/ICMP` for ICMP.
+pub fn check_packet(loaded: &Loaded, check: &Check) -> Result<Packet, String> {
+    let (from, to, port, _) = *check;
+    let find = |k: &str| {
+        loaded
+            .world
+            .endpoints
+            .iter()
+            .find(|e| e.key() == k)
+            .ok_or_else(|| format!("no pod {k}"))
+    };
+    let (a, b) = (find(from)?, find(to)?);
+    if let Some(icmp) = port.strip_suffix("/ICMP") {
+        let parsed = icmp
+            .split_once('.')
+            .and_then(|(t, c)| Some((t.parse().ok()?, c.parse().ok()?)));
+        let icmp = parsed.ok_or_else(|| format!("{port}: expected TYPE.CODE/ICMP"))?;
+        let (src, dst) = (
+            *a.ips.first().ok_or("a pod without an address")?,
+            *b.ips.first().ok_or("a pod without an address")?,
+        );
+        return Ok(Packet {
+            src,
+            dst,
+            protocol: 1,
+            src_port: None,
+            dst_port: None,
+            icmp: Some(icmp),
+        });
+    }
+    let port: ProbePort = port.parse().map_err(|e| format!("{port}: {e}"))?;
+    matrix::packet(a, b, port).ok_or_else(|| format!("{from} -> {to}: no address of one family"))
+}
+
 /// One check: (from, to, "PORT/PROTO", allowed).
 pub type Check = (&'static str, &'static str, &'static str, bool);
 

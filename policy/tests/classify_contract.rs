@@ -11,23 +11,29 @@
 
 use caracal_policy::calc::compute;
 use caracal_policy::classify::{Bitmap, compile, decide, decide_bitmap, flatten};
-use caracal_policy::contract::{Check, WORLD, scenarios};
+use caracal_policy::contract::{Check, check_packet, load_world, scenarios};
 use caracal_policy::eval::{Packet, rule_matches};
 use caracal_policy::ir::Direction;
-use caracal_policy::load::{Loaded, load_documents};
-use caracal_policy::matrix::{self, ProbePort};
+use caracal_policy::load::Loaded;
 use caracal_policy::model::{DataplaneModel, LocalEndpoint};
-use serde_json::Value;
 
 fn world(manifests: &str) -> Loaded {
-    let docs = serde_yaml::Deserializer::from_str(WORLD)
-        .chain(serde_yaml::Deserializer::from_str(manifests))
-        .filter_map(|de| {
-            let v: Value = serde::Deserialize::deserialize(de).expect("YAML");
-            (!v.is_null()).then(|| ("scenario".to_owned(), v))
+    load_world(manifests).expect("the scenario loads")
+}
+
+/// The model of one node that holds every endpoint of the world (so it lists every endpoint's tiers).
+fn model_of(loaded: &Loaded) -> DataplaneModel {
+    let local: Vec<LocalEndpoint> = loaded
+        .world
+        .endpoints
+        .iter()
+        .map(|e| LocalEndpoint {
+            key: e.key(),
+            iface: iface(&e.key()),
+            ips: e.ips.clone(),
         })
         .collect();
-    load_documents(docs).expect("load")
+    compute(&loaded.world, &local)
 }
 
 fn iface(key: &str) -> String {
@@ -77,31 +83,9 @@ fn side(loaded: &Loaded, model: &DataplaneModel, key: &str, dir: Direction, pkt:
 }
 
 fn verdict(loaded: &Loaded, model: &DataplaneModel, check: &Check) -> bool {
-    let (from, to, port, _) = *check;
-    let find = |k: &str| {
-        loaded
-            .world
-            .endpoints
-            .iter()
-            .find(|e| e.key() == k)
-            .unwrap_or_else(|| panic!("no pod {k}"))
-    };
-    let (a, b) = (find(from), find(to));
-    let pkt = if let Some(icmp) = port.strip_suffix("/ICMP") {
-        let (t, c) = icmp.split_once('.').expect("TYPE.CODE/ICMP");
-        Packet {
-            src: a.ips[0],
-            dst: b.ips[0],
-            protocol: 1,
-            src_port: None,
-            dst_port: None,
-            icmp: Some((t.parse().expect("type"), c.parse().expect("code"))),
-        }
-    } else {
-        let port: ProbePort = port.parse().expect("port");
-        matrix::packet(a, b, port).expect("packet")
-    };
-    side(loaded, model, from, Direction::Egress, &pkt) && side(loaded, model, to, Direction::Ingress, &pkt)
+    let pkt = check_packet(loaded, check).expect("packet");
+    side(loaded, model, check.0, Direction::Egress, &pkt)
+        && side(loaded, model, check.1, Direction::Ingress, &pkt)
 }
 
 #[test]
@@ -110,18 +94,7 @@ fn the_flattened_lists_meet_the_contract_table() {
     let mut checks = 0;
     for s in &scenarios() {
         let loaded = world(s.manifests);
-        // Every endpoint local to one node: the model then lists every endpoint's tiers.
-        let local: Vec<LocalEndpoint> = loaded
-            .world
-            .endpoints
-            .iter()
-            .map(|e| LocalEndpoint {
-                key: e.key(),
-                iface: iface(&e.key()),
-                ips: e.ips.clone(),
-            })
-            .collect();
-        let model = compute(&loaded.world, &local);
+        let model = model_of(&loaded);
         for check in &s.checks {
             checks += 1;
             if verdict(&loaded, &model, check) != check.3 {
@@ -159,17 +132,7 @@ fn the_compiled_tables_match_the_rules_on_random_packets() {
     let mut compared = 0usize;
     for s in &scenarios() {
         let loaded = world(s.manifests);
-        let local: Vec<LocalEndpoint> = loaded
-            .world
-            .endpoints
-            .iter()
-            .map(|e| LocalEndpoint {
-                key: e.key(),
-                iface: iface(&e.key()),
-                ips: e.ips.clone(),
-            })
-            .collect();
-        let model = compute(&loaded.world, &local);
+        let model = model_of(&loaded);
         let mut addrs: Vec<std::net::IpAddr> = loaded
             .world
             .endpoints

@@ -6,48 +6,17 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
-use caracal_policy::contract::{Check, WORLD, scenarios};
-use caracal_policy::eval::{Packet, evaluate};
-use caracal_policy::load::{Loaded, load_documents};
+use caracal_policy::contract::{Check, check_packet, load_world, scenarios};
+use caracal_policy::eval::evaluate;
+use caracal_policy::load::Loaded;
 use caracal_policy::matrix::{self, ProbePort};
-use serde_json::Value;
 
 fn world(manifests: &str) -> Loaded {
-    let docs = serde_yaml::Deserializer::from_str(WORLD)
-        .chain(serde_yaml::Deserializer::from_str(manifests))
-        .filter_map(|de| {
-            let v: Value = serde::Deserialize::deserialize(de).expect("YAML");
-            (!v.is_null()).then(|| ("scenario".to_owned(), v))
-        })
-        .collect();
-    load_documents(docs).expect("load")
+    load_world(manifests).expect("the scenario loads")
 }
 
 fn verdict(loaded: &Loaded, check: &Check) -> bool {
-    let (from, to, port, _) = *check;
-    let find = |k: &str| {
-        loaded
-            .world
-            .endpoints
-            .iter()
-            .find(|e| e.key() == k)
-            .unwrap_or_else(|| panic!("no pod {k}"))
-    };
-    let (a, b) = (find(from), find(to));
-    if let Some(icmp) = port.strip_suffix("/ICMP") {
-        let (t, c) = icmp.split_once('.').expect("TYPE.CODE/ICMP");
-        let pkt = Packet {
-            src: a.ips[0],
-            dst: b.ips[0],
-            protocol: 1,
-            src_port: None,
-            dst_port: None,
-            icmp: Some((t.parse().expect("type"), c.parse().expect("code"))),
-        };
-        return evaluate(&loaded.world, &pkt).allowed();
-    }
-    let port: ProbePort = port.parse().expect("port");
-    evaluate(&loaded.world, &matrix::packet(a, b, port).expect("packet")).allowed()
+    evaluate(&loaded.world, &check_packet(loaded, check).expect("packet")).allowed()
 }
 
 #[test]
