@@ -352,6 +352,37 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// An interval's prefixes are disjoint and cover exactly the interval.
+        #[test]
+        fn port_prefixes_cover_exactly_the_interval(a in any::<u16>(), b in any::<u16>()) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let prefixes = port_prefixes(lo, hi);
+            prop_assert!(prefixes.len() <= 30, "{} prefixes", prefixes.len());
+            let mut covered = 0u32;
+            for w in prefixes.windows(2) {
+                let size = 1u32 << (16 - w[0].1);
+                prop_assert_eq!(u32::from(w[0].0) + size, u32::from(w[1].0), "disjoint and contiguous");
+            }
+            for (start, len) in &prefixes {
+                let size = 1u32 << (16 - len);
+                prop_assert_eq!(u32::from(*start) % size, 0, "aligned");
+                covered += size;
+            }
+            prop_assert_eq!(prefixes.first().map(|p| p.0), Some(lo));
+            prop_assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1);
+        }
+    }
+
+    #[test]
+    fn port_prefixes_of_known_intervals() {
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_prefixes(1024, 2047), vec![(1024, 6)]);
+        assert_eq!(port_prefixes(79, 81), vec![(79, 16), (80, 15)]);
+        assert_eq!(port_prefixes(65535, 65535), vec![(65535, 16)]);
+    }
+
     #[test]
     fn first_set_from_crosses_words_and_stops_at_the_length() {
         let mut b = Bitmap::new(130);
@@ -529,6 +560,29 @@ fn port_intervals(
             (start, b)
         })
         .collect()
+}
+
+/// The prefixes of the 16-bit port space that make up `lo..=hi` exactly, as (first port, prefix length),
+/// largest first where they fit: how a port interval of [`PortTable`] becomes LPM trie entries (disjoint
+/// prefixes, so a port finds its interval's entry by longest match). At most 30 for any interval.
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut at, end) = (u32::from(lo), u32::from(hi));
+    while at <= end {
+        // The largest aligned block starting at `at` that stays within the interval.
+        let mut size = if at == 0 {
+            1u32 << 16
+        } else {
+            1u32 << at.trailing_zeros().min(16)
+        };
+        while at + size - 1 > end {
+            size >>= 1;
+        }
+        let len = 16 - size.trailing_zeros() as u8;
+        out.push((at as u16, len));
+        at += size;
+    }
+    out
 }
 
 /// One entry's address conditions on one side: the sets the address must be in, and those it must not be in
