@@ -679,9 +679,7 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
     let not_icmp = bit_if(&|r: &Rule| icmp_ok(r, None));
 
     // Addresses and ports, per side.
-    let mut addr: [Vec<(IpNet, Bitmap)>; 2] = [Vec::new(), Vec::new()];
-    let mut ports: Vec<PortTable> = Vec::new();
-    for (side, source) in [(0usize, true), (1usize, false)] {
+    let side = |source: bool| -> (Vec<(IpNet, Bitmap)>, PortTable) {
         let sets: Vec<Option<crate::model::EntitySets>> = entries
             .iter()
             .map(|e| {
@@ -718,7 +716,7 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
                 .flat_map(|(a, b)| a.iter().chain(b.iter()))
                 .flatten(),
         );
-        addr[side] = regions
+        let addr = regions
             .prefixes()
             .iter()
             .map(|region| {
@@ -777,14 +775,17 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
         for i in (0..n).filter(|i| no_ports(*i)) {
             portless.set(i);
         }
-        ports.push(PortTable {
+        let ports = PortTable {
             ranges: table_ranges,
             named,
             not_ranges: table_not,
             not_named,
             portless,
-        });
-    }
+        };
+        (addr, ports)
+    };
+    let (src_addr, src_ports) = side(true);
+    let (dst_addr, dst_ports) = side(false);
 
     // Destination `services`: a hit keeps the entries without the condition too.
     let mut service: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
@@ -803,28 +804,15 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
     for b in service.values_mut() {
         b.or_assign(&service_other);
     }
-    let dst_ports = ports.pop().unwrap_or_else(|| empty_ports(n));
-    let src_ports = ports.pop().unwrap_or_else(|| empty_ports(n));
     Tables {
         entries: n,
         protocol,
         icmp,
         icmp_other,
         not_icmp,
-        addr,
+        addr: [src_addr, dst_addr],
         ports: [src_ports, dst_ports],
         service,
         service_other,
-    }
-}
-
-/// A port table that accepts nothing (never used: both sides always get one).
-fn empty_ports(n: usize) -> PortTable {
-    PortTable {
-        ranges: Vec::new(),
-        named: BTreeMap::new(),
-        not_ranges: Vec::new(),
-        not_named: BTreeMap::new(),
-        portless: Bitmap::new(n),
     }
 }

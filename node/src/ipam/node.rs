@@ -774,18 +774,10 @@ impl NodeIpam {
         // per block and no lookup before it, so pods waiting on this refill get addresses after one API call.
         let known = self.inner.state.lock().await.families;
         for f in (0..2).filter(|f| known.is_some_and(|k| k[*f]) && allowed(*f)) {
-            let shortfall = self
-                .inner
-                .state
-                .lock()
-                .await
-                .shortfall(f, configured, Instant::now());
-            let Some((n, target)) = shortfall else {
-                continue;
-            };
-            max_target = max_target.max(target);
-            let _writes = self.inner.block_writes.lock().await;
-            got_total += self.reserve_more(n, f == 0, None).await?.len();
+            if let Some((got, target)) = self.top_up(f, None).await? {
+                max_target = max_target.max(target);
+                got_total += got.len();
+            }
         }
         let labels = self.node_labels().await;
         let served = self.inner.alloc.served_families(&labels).await?;
@@ -802,20 +794,10 @@ impl NodeIpam {
                 let room = self.inner.alloc.has_room(f == 0, &labels).await?;
                 self.inner.state.lock().await.room[f] = Some(room);
             }
-            let shortfall = self
-                .inner
-                .state
-                .lock()
-                .await
-                .shortfall(f, configured, Instant::now());
-            let Some((n, target)) = shortfall else {
+            let Some((got, target)) = self.top_up(f, Some(&labels)).await? else {
                 continue;
             };
             max_target = max_target.max(target);
-            let got = {
-                let _writes = self.inner.block_writes.lock().await;
-                self.reserve_more(n, f == 0, Some(&labels)).await?
-            };
             got_total += got.len();
             let st = self.inner.state.lock().await;
             if got.is_empty() && st.reserved_in(f) == 0 && (serves || f == 0) {
@@ -837,6 +819,26 @@ impl NodeIpam {
             "IPAM reserve refilled"
         );
         Ok(())
+    }
+
+    /// Tops family `f`'s reserve up to its target when it is low, through [`NodeIpam::reserve_more`] (which
+    /// `labels` decide how far it may go): the addresses it got and the target, None when it was not low.
+    async fn top_up(
+        &self,
+        f: usize,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Result<Option<(Vec<IpAddr>, usize)>, IpamError> {
+        let shortfall = self
+            .inner
+            .state
+            .lock()
+            .await
+            .shortfall(f, self.inner.cfg.reserve, Instant::now());
+        let Some((n, target)) = shortfall else {
+            return Ok(None);
+        };
+        let _writes = self.inner.block_writes.lock().await;
+        Ok(Some((self.reserve_more(n, f == 0, labels).await?, target)))
     }
 
     /// Starts claiming blocks ahead of a burst (see [`NodeIpam::claim_ahead`]) when `target` is above the

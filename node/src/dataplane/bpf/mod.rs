@@ -120,8 +120,8 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
             })?
             .lines()
             .any(|l| {
-                l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-                    && l.split_whitespace().nth(2) == Some("bpf")
+                let mut fields = l.split_whitespace().skip(1);
+                fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
             });
         if !mounted {
             nix::mount::mount(
