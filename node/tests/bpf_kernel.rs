@@ -1,8 +1,8 @@
-//! Kernel tier: the BPF policy programs on real packets. The verifier accepts them on this kernel; an
-//! interface they are attached to drops everything until its endpoint entry exists (fail closed); a
-//! direction whose new flows are denied gets no answer while the other passes with replies; each endpoint's
-//! counters see it; a reloaded agent (programs loaded again, maps and links found pinned) keeps the entries
-//! and the flows working; removing everything detaches the programs. Needs root.
+//! Kernel tier: the BPF policy programs on real packets, driven through their maps directly. The verifier
+//! accepts them on this kernel; an interface they are attached to drops everything until its endpoint entry
+//! exists (fail closed); a direction whose table denies gets no answer while the other passes with replies;
+//! each endpoint's counters see it; a reloaded agent (programs loaded again, maps and links found pinned)
+//! keeps the entries and the flows working; removing everything detaches the programs. Needs root.
 
 #![expect(
     clippy::expect_used,
@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use caracal_e2e::netns::{self, NetNs, Pod};
 use caracal_e2e::probe;
-use caracal_node::dataplane::bpf::{self, EP_ALLOW_FROM, EP_ALLOW_TO, Endpoint, Loaded};
+use caracal_node::dataplane::bpf::tables::{Image, image};
+use caracal_node::dataplane::bpf::{self, Endpoint, Loaded};
+use caracal_policy::classify::{Entry, EntryAction, compile};
+use caracal_policy::model::DataplaneModel;
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -41,6 +44,44 @@ fn with_loaded<T: Send + 'static>(
     .expect("enter the node")
 }
 
+/// A table that allows everything (no policy: the final Allow alone) or denies everything (a tier whose
+/// default is Deny ahead of it).
+fn table(allow: bool) -> Image {
+    let mut entries = vec![Entry {
+        rule: None,
+        action: EntryAction::Allow,
+        policy: None,
+        tier: None,
+    }];
+    if !allow {
+        entries.insert(
+            0,
+            Entry {
+                rule: None,
+                action: EntryAction::Deny,
+                policy: None,
+                tier: Some("default"),
+            },
+        );
+    }
+    image(&entries, &compile(&entries, &DataplaneModel::default())).expect("lays out")
+}
+
+/// Writes the allow-all table as 1 and the deny-all table as 2.
+fn write_tables(l: &mut Loaded) {
+    l.write_table(1, &table(true)).expect("allow table");
+    l.write_table(2, &table(false)).expect("deny table");
+}
+
+/// An endpoint entry: egress and ingress tables (1 allows, 2 denies).
+fn entry(egress: u32, ingress: u32) -> Endpoint {
+    Endpoint {
+        flags: 0,
+        table: [egress, ingress],
+        pad: 0,
+    }
+}
+
 fn tcp(a: &Pod, b: &Pod, port: u16) -> probe::Outcome {
     probe::tcp(&a.ns, &b.ns, b.ip, port, TIMEOUT).expect("probe")
 }
@@ -65,22 +106,9 @@ fn fail_closed_until_programmed_per_direction_verdicts_and_a_reload_keeps_everyt
 
     // a may start flows and receive them; b may start flows but not receive new ones.
     with_loaded(&node, &dir, move |l| {
-        l.set_endpoint(
-            ia,
-            Endpoint {
-                flags: EP_ALLOW_FROM | EP_ALLOW_TO,
-                generation: 1,
-            },
-        )
-        .expect("a");
-        l.set_endpoint(
-            ib,
-            Endpoint {
-                flags: EP_ALLOW_FROM,
-                generation: 1,
-            },
-        )
-        .expect("b");
+        write_tables(l);
+        l.set_endpoint(ia, entry(1, 1)).expect("a");
+        l.set_endpoint(ib, entry(1, 2)).expect("b");
     });
     assert_eq!(
         tcp(&a, &b, 7003),
@@ -100,14 +128,7 @@ fn fail_closed_until_programmed_per_direction_verdicts_and_a_reload_keeps_everyt
 
     // b opens up; a reload (programs loaded again, maps and links adopted from their pins) keeps it.
     with_loaded(&node, &dir, move |l| {
-        l.set_endpoint(
-            ib,
-            Endpoint {
-                flags: EP_ALLOW_FROM | EP_ALLOW_TO,
-                generation: 2,
-            },
-        )
-        .expect("b");
+        l.set_endpoint(ib, entry(1, 1)).expect("b");
     });
     assert!(tcp(&a, &b, 7005).connected());
     let entries = with_loaded(&node, &dir, |l| {

@@ -408,8 +408,9 @@ mod tests {
 pub struct Tables {
     /// How many entries (bits).
     pub entries: usize,
-    /// (IP version, protocol) -> entries whose `ipVersion`, `protocol` and `notProtocol` accept it.
-    pub protocol: BTreeMap<(u8, u8), Bitmap>,
+    /// (IP version, protocol) -> entries whose `ipVersion`, `protocol` and `notProtocol` accept it, for
+    /// every protocol an entry names; (version, [`OTHER_PROTOCOL`]) stands for the protocols none names.
+    pub protocol: BTreeMap<(u8, u16), Bitmap>,
     /// (ICMP type, code) -> entries whose `icmp` and `notICMP` accept it; a type without its code listed
     /// uses (type, [`ANY_CODE`]), a type not listed [`Tables::icmp_other`].
     pub icmp: BTreeMap<(u8, u16), Bitmap>,
@@ -430,6 +431,9 @@ pub struct Tables {
 
 /// The code key of a type-only ICMP entry.
 pub const ANY_CODE: u16 = 256;
+
+/// The protocol key of [`Tables::protocol`] for a protocol no entry names.
+pub const OTHER_PROTOCOL: u16 = 256;
 
 /// One side's port conditions: `ports` accept a packet when a range or a named port matches, `notPorts`
 /// reject it when one does.
@@ -458,7 +462,8 @@ impl Tables {
         let version = if pkt.src.is_ipv4() { 4 } else { 6 };
         let mut out = self
             .protocol
-            .get(&(version, pkt.protocol))
+            .get(&(version, u16::from(pkt.protocol)))
+            .or_else(|| self.protocol.get(&(version, OTHER_PROTOCOL)))
             .cloned()
             .unwrap_or_else(|| Bitmap::new(self.entries));
         let icmp = match pkt.icmp {
@@ -620,12 +625,23 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
         b
     };
 
-    // Protocol: every (version, protocol) pair.
+    // Protocol: every protocol an entry names, and one no entry names standing for the rest.
+    let named_protocols: std::collections::BTreeSet<u8> = entries
+        .iter()
+        .filter_map(|e| e.rule)
+        .flat_map(|r| [r.protocol, r.not_protocol])
+        .flatten()
+        .collect();
+    let other_protocol = (0..=255u8).rev().find(|p| !named_protocols.contains(p));
     let mut protocol = BTreeMap::new();
     for version in [4u8, 6] {
-        for proto in 0..=255u8 {
+        let keys = named_protocols
+            .iter()
+            .map(|p| (u16::from(*p), *p))
+            .chain(other_protocol.map(|p| (OTHER_PROTOCOL, p)));
+        for (key, proto) in keys {
             protocol.insert(
-                (version, proto),
+                (version, key),
                 bit_if(&|r: &Rule| {
                     r.ip_version.is_none_or(|v| v == version)
                         && r.protocol.is_none_or(|p| p == proto)

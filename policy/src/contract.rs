@@ -492,3 +492,104 @@ pub fn scenarios() -> Vec<Scenario> {
         },
     ]
 }
+
+/// Packets drawn at random for one endpoint of a contract world (a fixed-seed generator: the same packets
+/// every run): from or to its first address (by `ingress`), the other side any of the world's addresses or
+/// one outside it; TCP/UDP/SCTP on ports around the ones the scenarios name, ICMP of several types and codes,
+/// other protocols.
+pub struct RandomPackets {
+    state: u64,
+    addrs: Vec<std::net::IpAddr>,
+}
+
+impl RandomPackets {
+    /// A generator over `loaded`'s addresses and a few outside it.
+    pub fn new(loaded: &Loaded) -> Self {
+        let mut addrs: Vec<std::net::IpAddr> = loaded
+            .world
+            .endpoints
+            .iter()
+            .flat_map(|e| e.ips.clone())
+            .collect();
+        for a in [
+            "10.0.1.200",
+            "10.0.9.9",
+            "192.168.7.1",
+            "172.16.0.1",
+            "8.8.8.8",
+            "10.0.3.254",
+        ] {
+            if let Ok(ip) = a.parse() {
+                addrs.push(ip);
+            }
+        }
+        Self {
+            state: 0x9e37_79b9_7f4a_7c15,
+            addrs,
+        }
+    }
+
+    fn next(&mut self, n: usize) -> usize {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        (self.state % n.max(1) as u64) as usize
+    }
+
+    /// A packet to `ip` (`ingress`) or from it.
+    pub fn packet(&mut self, ip: std::net::IpAddr, ingress: bool) -> Packet {
+        const PORTS: [u16; 15] = [
+            0, 1, 52, 53, 54, 79, 80, 81, 443, 5000, 8080, 8443, 9000, 40000, 65535,
+        ];
+        let i = self.next(self.addrs.len());
+        let other = self.addrs[i];
+        let (src, dst) = if ingress { (other, ip) } else { (ip, other) };
+        match self.next(5) {
+            0..=2 => Packet {
+                src,
+                dst,
+                protocol: [6u8, 17, 132][self.next(3)],
+                src_port: Some(PORTS[self.next(PORTS.len())]),
+                dst_port: Some(PORTS[self.next(PORTS.len())]),
+                icmp: None,
+            },
+            3 => Packet {
+                src,
+                dst,
+                protocol: 1,
+                src_port: None,
+                dst_port: None,
+                icmp: Some(([0u8, 3, 8, 11][self.next(4)], self.next(5) as u8)),
+            },
+            _ => Packet {
+                src,
+                dst,
+                protocol: [47u8, 50, 4][self.next(3)],
+                src_port: None,
+                dst_port: None,
+                icmp: None,
+            },
+        }
+    }
+}
+
+/// The interface name the model of [`model_all_local`] gives the endpoint `namespace/pod`.
+pub fn local_iface(key: &str) -> String {
+    format!("crc{}", key.replace('/', "-"))
+}
+
+/// The model of one node that holds every endpoint of the world (so it lists every endpoint's tiers), each
+/// on the interface [`local_iface`] names.
+pub fn model_all_local(loaded: &Loaded) -> crate::model::DataplaneModel {
+    let local: Vec<crate::model::LocalEndpoint> = loaded
+        .world
+        .endpoints
+        .iter()
+        .map(|e| crate::model::LocalEndpoint {
+            key: e.key(),
+            iface: local_iface(&e.key()),
+            ips: e.ips.clone(),
+        })
+        .collect();
+    crate::calc::compute(&loaded.world, &local)
+}

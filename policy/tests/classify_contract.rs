@@ -9,40 +9,22 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
-use caracal_policy::calc::compute;
 use caracal_policy::classify::{Bitmap, compile, decide, decide_bitmap, flatten};
-use caracal_policy::contract::{Check, check_packet, load_world, scenarios};
+use caracal_policy::contract::{
+    Check, RandomPackets, check_packet, load_world, local_iface, model_all_local, scenarios,
+};
 use caracal_policy::eval::{Packet, rule_matches};
 use caracal_policy::ir::Direction;
 use caracal_policy::load::Loaded;
-use caracal_policy::model::{DataplaneModel, LocalEndpoint};
+use caracal_policy::model::DataplaneModel;
 
 fn world(manifests: &str) -> Loaded {
     load_world(manifests).expect("the scenario loads")
 }
 
-/// The model of one node that holds every endpoint of the world (so it lists every endpoint's tiers).
-fn model_of(loaded: &Loaded) -> DataplaneModel {
-    let local: Vec<LocalEndpoint> = loaded
-        .world
-        .endpoints
-        .iter()
-        .map(|e| LocalEndpoint {
-            key: e.key(),
-            iface: iface(&e.key()),
-            ips: e.ips.clone(),
-        })
-        .collect();
-    compute(&loaded.world, &local)
-}
-
-fn iface(key: &str) -> String {
-    format!("crc{}", key.replace('/', "-"))
-}
-
 /// One side's verdict through the flattened list, both ways; they must agree.
 fn side(loaded: &Loaded, model: &DataplaneModel, key: &str, dir: Direction, pkt: &Packet) -> bool {
-    let Some(tiers) = model.endpoint_tiers.get(&iface(key)) else {
+    let Some(tiers) = model.endpoint_tiers.get(&local_iface(key)) else {
         return true;
     };
     let tiers = match dir {
@@ -94,7 +76,7 @@ fn the_flattened_lists_meet_the_contract_table() {
     let mut checks = 0;
     for s in &scenarios() {
         let loaded = world(s.manifests);
-        let model = model_of(&loaded);
+        let model = model_all_local(&loaded);
         for check in &s.checks {
             checks += 1;
             if verdict(&loaded, &model, check) != check.3 {
@@ -121,41 +103,13 @@ fn the_flattened_lists_meet_the_contract_table() {
 /// directions: the compiled tables find exactly the entries whose rules match.
 #[test]
 fn the_compiled_tables_match_the_rules_on_random_packets() {
-    // A fixed-seed generator: the same packets every run.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move |n: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % n
-    };
     let mut compared = 0usize;
     for s in &scenarios() {
         let loaded = world(s.manifests);
-        let model = model_of(&loaded);
-        let mut addrs: Vec<std::net::IpAddr> = loaded
-            .world
-            .endpoints
-            .iter()
-            .flat_map(|e| e.ips.clone())
-            .collect();
-        addrs.extend(
-            [
-                "10.0.1.200",
-                "10.0.9.9",
-                "192.168.7.1",
-                "172.16.0.1",
-                "8.8.8.8",
-                "10.0.3.254",
-            ]
-            .iter()
-            .map(|a| a.parse::<std::net::IpAddr>().expect("addr")),
-        );
-        let ports = [
-            0u16, 1, 52, 53, 54, 79, 80, 81, 443, 5000, 8080, 8443, 9000, 40000, 65535,
-        ];
+        let model = model_all_local(&loaded);
+        let mut packets = RandomPackets::new(&loaded);
         for e in &loaded.world.endpoints {
-            let Some(tiers) = model.endpoint_tiers.get(&iface(&e.key())) else {
+            let Some(tiers) = model.endpoint_tiers.get(&local_iface(&e.key())) else {
                 continue;
             };
             for (dir, list) in [
@@ -165,37 +119,7 @@ fn the_compiled_tables_match_the_rules_on_random_packets() {
                 let entries = flatten(list, &model.policies, dir);
                 let tables = compile(&entries, &model);
                 for _ in 0..200 {
-                    let other = addrs[next(addrs.len() as u64) as usize];
-                    let (src, dst) = match dir {
-                        Direction::Ingress => (other, e.ips[0]),
-                        Direction::Egress => (e.ips[0], other),
-                    };
-                    let pkt = match next(5) {
-                        0..=2 => Packet {
-                            src,
-                            dst,
-                            protocol: [6u8, 17, 132][next(3) as usize],
-                            src_port: Some(ports[next(ports.len() as u64) as usize]),
-                            dst_port: Some(ports[next(ports.len() as u64) as usize]),
-                            icmp: None,
-                        },
-                        3 => Packet {
-                            src,
-                            dst,
-                            protocol: 1,
-                            src_port: None,
-                            dst_port: None,
-                            icmp: Some(([0u8, 3, 8, 11][next(4) as usize], next(5) as u8)),
-                        },
-                        _ => Packet {
-                            src,
-                            dst,
-                            protocol: [47u8, 50, 4][next(3) as usize],
-                            src_port: None,
-                            dst_port: None,
-                            icmp: None,
-                        },
-                    };
+                    let pkt = packets.packet(e.ips[0], dir == Direction::Ingress);
                     let found = tables.matching(&pkt);
                     for (i, entry) in entries.iter().enumerate() {
                         let by_rule = entry.rule.is_none_or(|r| rule_matches(&loaded.world, r, &pkt));

@@ -23,6 +23,9 @@ pub enum DataplaneError {
     /// The iptables backend failed.
     #[error(transparent)]
     Iptables(#[from] iptables::apply::IptablesError),
+    /// The BPF backend failed.
+    #[error(transparent)]
+    Bpf(#[from] bpf::BpfError),
     /// The configured data plane is not one this build provides.
     #[error("data plane {0:?} is not available in this Caracal release: use Iptables")]
     Unsupported(String),
@@ -115,6 +118,7 @@ pub fn backend(
 ) -> Result<Box<dyn PolicyDataplane>, DataplaneError> {
     match dataplane {
         "Iptables" | "" => Ok(Box::new(DualStack::new(exec_prefix, ipv6))),
+        "BPF" => Ok(Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix))),
         other => Err(DataplaneError::Unsupported(other.to_owned())),
     }
 }
@@ -126,12 +130,13 @@ mod tests {
     #[test]
     fn the_backend_is_chosen_from_configuration() {
         assert!(backend("Iptables", vec![], true).is_ok());
-        let err = backend("BPF", vec![], true)
+        assert!(backend("BPF", vec![], true).is_ok());
+        let err = backend("VPP", vec![], true)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            err.contains("\"BPF\" is not available") && err.contains("use Iptables"),
+            err.contains("\"VPP\" is not available") && err.contains("use Iptables"),
             "{err}"
         );
     }

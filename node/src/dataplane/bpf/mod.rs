@@ -4,13 +4,17 @@
 //!
 //! What is here: loading (maps reused from their pins), attaching and detaching per interface (an attached
 //! link whose program is replaced atomically on restart), the endpoint map (an interface without an entry
-//! drops everything: fail closed), the connection tracker and per-endpoint counters. The policy tables that
-//! turn the model's tiers into per-field lookups are the next step; until then an endpoint entry carries one
-//! verdict per direction for new flows.
+//! drops everything: fail closed), the policy tables ([`tables`]: an endpoint's tiers as per-field lookups),
+//! the connection tracker and per-endpoint counters. [`backend`] is the data plane that converges all of it
+//! to the node's model.
+
+pub mod backend;
+pub mod tables;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
@@ -23,19 +27,141 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/caracal";
 /// The compiled programs (`node/bpf/policy.c`).
 static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy.bpf.o"));
 
-/// New flows the pod starts are allowed.
-pub const EP_ALLOW_FROM: u32 = 1;
-/// New flows toward the pod are allowed.
-pub const EP_ALLOW_TO: u32 = 2;
+use tables::{Bits, Image, MatchPart};
 
 /// An endpoint entry (`struct endpoint` in policy.c).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
-    /// `EP_*` flags.
+    /// Flags (none defined yet).
     pub flags: u32,
-    /// The policy generation new flows are evaluated against.
-    pub generation: u32,
+    /// The policy tables new flows are evaluated against: `[0]` what the pod sends (its egress policy),
+    /// `[1]` what it receives (its ingress policy).
+    pub table: [u32; 2],
+    /// Layout padding.
+    pub pad: u32,
+}
+
+/// A table's entry in `caracal_table_v2` (`struct table`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableMeta {
+    /// Entries of the list.
+    pub entries: u32,
+    /// Chunks.
+    pub chunks: u32,
+    /// The image's content hash.
+    pub hash: u64,
+}
+
+/// `struct chunk_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkKey {
+    /// Table id.
+    pub table: u32,
+    /// Chunk.
+    pub chunk: u32,
+}
+
+/// `struct actions`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Actions {
+    /// `F_*` of the fields the chunk's entries constrain.
+    pub fields: u32,
+    /// Layout padding.
+    pub pad: u32,
+    /// Entries that allow.
+    pub allow: Bits,
+    /// Entries that pass.
+    pub pass: Bits,
+}
+
+/// `struct pass_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassKey {
+    /// Table id.
+    pub table: u32,
+    /// The Pass entry.
+    pub entry: u32,
+}
+
+/// `struct match_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatchKey {
+    /// Table id.
+    pub table: u32,
+    /// Chunk.
+    pub chunk: u8,
+    /// `K_*`.
+    pub kind: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// Side (and not).
+    pub side: u8,
+    /// Version, type or port.
+    pub a: u16,
+    /// Protocol or code.
+    pub b: u16,
+    /// Address.
+    pub addr: [u8; 16],
+}
+
+/// The data of `struct addr_key` (after the prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrData {
+    /// table << 8 | chunk << 1 | side.
+    pub tcs: u32,
+    /// Address (IPv4 mapped).
+    pub addr: [u8; 16],
+}
+
+/// The data of `struct port_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortData {
+    /// table << 8 | chunk << 2 | side << 1 | not.
+    pub tcs: u32,
+    /// Port, network order.
+    pub port: [u8; 2],
+    /// Layout padding.
+    pub pad: [u8; 2],
+}
+
+/// `struct ct_key`: a flow as first seen, by the endpoint interface that allowed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtKey {
+    /// The endpoint's interface.
+    pub ifindex: u32,
+    /// Source address (IPv4 mapped).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port, host order (ICMP echo: its identifier).
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Layout padding.
+    pub pad: [u8; 3],
+}
+
+/// `struct ct_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// Last packet, CLOCK_MONOTONIC nanoseconds.
+    pub last_seen_ns: u64,
+    /// The table that allowed it (0: the host's own traffic).
+    pub table: u32,
+    /// Layout padding.
+    pub pad: u32,
 }
 
 /// Per endpoint and direction (`struct counters` in policy.c).
@@ -53,10 +179,31 @@ pub struct Counters {
     reason = "aya reads map values as plain bytes: the types must be plain old data"
 )]
 mod pod {
-    // SAFETY: both are repr(C) structs of integers without padding, valid for every bit pattern.
+    // SAFETY: each is a repr(C) struct of integers and integer arrays, laid out without implicit padding
+    // (explicit `pad` fields fill the gaps), valid for every bit pattern.
     unsafe impl aya::Pod for super::Endpoint {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TableMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ChunkKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Actions {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PassKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddrData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: an array of integers.
+    unsafe impl aya::Pod for super::tables::Bits {}
 }
 
 /// Errors of the BPF data plane.
@@ -253,58 +400,275 @@ impl Loaded {
         Ok(out)
     }
 
-    fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>, BpfError> {
-        let map = self.ebpf.map_mut("caracal_ep_v1").ok_or_else(|| BpfError::Map {
-            map: "caracal_ep_v1",
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, BpfError> {
+        let map = self.ebpf.map_mut(name).ok_or_else(|| BpfError::Map {
+            map: name,
             reason: "not in the object".into(),
         })?;
-        HashMap::try_from(map).map_err(|e| BpfError::Map {
-            map: "caracal_ep_v1",
-            reason: e.to_string(),
-        })
+        HashMap::try_from(map).map_err(|e| map_error(name, e))
+    }
+
+    fn lpm<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, K, V>, BpfError> {
+        let map = self.ebpf.map_mut(name).ok_or_else(|| BpfError::Map {
+            map: name,
+            reason: "not in the object".into(),
+        })?;
+        LpmTrie::try_from(map).map_err(|e| map_error(name, e))
     }
 
     /// Writes the entry of the interface with index `ifindex`: from here on its packets are no longer
     /// dropped for want of one.
     pub fn set_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<(), BpfError> {
-        self.endpoints()?
+        self.hash::<u32, Endpoint>(MAP_EP)?
             .insert(ifindex, ep, 0)
-            .map_err(|e| BpfError::Map {
-                map: "caracal_ep_v1",
-                reason: e.to_string(),
-            })
+            .map_err(|e| map_error(MAP_EP, e))
     }
 
-    /// Removes the entry of `ifindex` (its packets are dropped again). Absent is fine.
+    /// Removes the entry of `ifindex` (its packets are dropped again), its counters and its flows. Absent
+    /// is fine.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), BpfError> {
-        match self.endpoints()?.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(BpfError::Map {
-                map: "caracal_ep_v1",
-                reason: e.to_string(),
-            }),
+        absent_ok(MAP_EP, self.hash::<u32, Endpoint>(MAP_EP)?.remove(&ifindex))?;
+        let mut counters: PerCpuHashMap<&mut MapData, u32, Counters> = {
+            let map = self.ebpf.map_mut(MAP_COUNTERS).ok_or_else(|| BpfError::Map {
+                map: MAP_COUNTERS,
+                reason: "not in the object".into(),
+            })?;
+            PerCpuHashMap::try_from(map).map_err(|e| map_error(MAP_COUNTERS, e))?
+        };
+        for key in [ifindex << 1, (ifindex << 1) | 1] {
+            absent_ok(MAP_COUNTERS, counters.remove(&key))?;
         }
+        let mut ct = self.hash::<CtKey, CtValue>(MAP_CT)?;
+        let keys: Vec<CtKey> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in keys {
+            absent_ok(MAP_CT, ct.remove(&k))?;
+        }
+        Ok(())
     }
 
     /// Every endpoint entry, by ifindex.
     pub fn endpoint_entries(&mut self) -> Result<BTreeMap<u32, Endpoint>, BpfError> {
-        Ok(self.endpoints()?.iter().filter_map(Result::ok).collect())
+        Ok(self
+            .hash::<u32, Endpoint>(MAP_EP)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect())
+    }
+
+    /// The flows the connection tracker holds for `ifindex` (every interface's when None).
+    pub fn flows(&mut self, ifindex: Option<u32>) -> Result<Vec<(CtKey, CtValue)>, BpfError> {
+        Ok(self
+            .hash::<CtKey, CtValue>(MAP_CT)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| ifindex.is_none_or(|i| k.ifindex == i))
+            .collect())
+    }
+
+    /// Writes `image` as table `id`: its lookups first, its entry in the table map last, so a program never
+    /// finds the table before its lookups.
+    pub fn write_table(&mut self, id: u32, image: &Image) -> Result<(), BpfError> {
+        let mut pass = self.hash::<PassKey, u32>(MAP_PASS)?;
+        for (entry, to) in &image.passes {
+            pass.insert(
+                PassKey {
+                    table: id,
+                    entry: *entry,
+                },
+                to,
+                0,
+            )
+            .map_err(|e| map_error(MAP_PASS, e))?;
+        }
+        let mut matches = self.hash::<MatchKey, Bits>(MAP_MATCH)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            for (part, bits) in &ch.matches {
+                matches
+                    .insert(match_key(id, c, part), bits, 0)
+                    .map_err(|e| map_error(MAP_MATCH, e))?;
+            }
+        }
+        let mut addrs = self.lpm::<AddrData, Bits>(MAP_ADDRS)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            for (side, len, addr, bits) in &ch.addrs {
+                addrs
+                    .insert(&addr_key(id, c, *side, *len, *addr), bits, 0)
+                    .map_err(|e| map_error(MAP_ADDRS, e))?;
+            }
+        }
+        let mut ports = self.lpm::<PortData, Bits>(MAP_PORTS)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            for (side, not, len, first, bits) in &ch.ports {
+                ports
+                    .insert(&port_key(id, c, *side, *not, *len, *first), bits, 0)
+                    .map_err(|e| map_error(MAP_PORTS, e))?;
+            }
+        }
+        let mut actions = self.hash::<ChunkKey, Actions>(MAP_ACTIONS)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            let value = Actions {
+                fields: ch.fields,
+                pad: 0,
+                allow: ch.allow,
+                pass: ch.pass,
+            };
+            actions
+                .insert(
+                    ChunkKey {
+                        table: id,
+                        chunk: c as u32,
+                    },
+                    value,
+                    0,
+                )
+                .map_err(|e| map_error(MAP_ACTIONS, e))?;
+        }
+        let meta = TableMeta {
+            entries: image.entries,
+            chunks: image.chunks.len() as u32,
+            hash: image.hash,
+        };
+        self.hash::<u32, TableMeta>(MAP_TABLE)?
+            .insert(id, meta, 0)
+            .map_err(|e| map_error(MAP_TABLE, e))
+    }
+
+    /// The tables in the kernel, by id.
+    pub fn table_metas(&mut self) -> Result<BTreeMap<u32, TableMeta>, BpfError> {
+        Ok(self
+            .hash::<u32, TableMeta>(MAP_TABLE)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect())
+    }
+
+    /// Removes every table whose id is not in `keep`, with all its lookups (found by scanning the maps, so
+    /// tables an earlier run wrote go too). The table entry goes first, so a program never walks half a
+    /// table. Returns how many tables went.
+    pub fn sweep_tables(&mut self, keep: &std::collections::BTreeSet<u32>) -> Result<usize, BpfError> {
+        let gone = |t: u32| !keep.contains(&t);
+        let mut tables = self.hash::<u32, TableMeta>(MAP_TABLE)?;
+        let ids: Vec<u32> = tables
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|t| gone(*t))
+            .collect();
+        for id in &ids {
+            absent_ok(MAP_TABLE, tables.remove(id))?;
+        }
+        let mut actions = self.hash::<ChunkKey, Actions>(MAP_ACTIONS)?;
+        let keys: Vec<ChunkKey> = actions
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone(k.table))
+            .collect();
+        for k in keys {
+            absent_ok(MAP_ACTIONS, actions.remove(&k))?;
+        }
+        let mut pass = self.hash::<PassKey, u32>(MAP_PASS)?;
+        let keys: Vec<PassKey> = pass
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone(k.table))
+            .collect();
+        for k in keys {
+            absent_ok(MAP_PASS, pass.remove(&k))?;
+        }
+        let mut matches = self.hash::<MatchKey, Bits>(MAP_MATCH)?;
+        let keys: Vec<MatchKey> = matches
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone(k.table))
+            .collect();
+        for k in keys {
+            absent_ok(MAP_MATCH, matches.remove(&k))?;
+        }
+        let mut addrs = self.lpm::<AddrData, Bits>(MAP_ADDRS)?;
+        let keys: Vec<Key<AddrData>> = addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone(k.data().tcs >> 8))
+            .collect();
+        for k in keys {
+            absent_ok(MAP_ADDRS, addrs.remove(&k))?;
+        }
+        let mut ports = self.lpm::<PortData, Bits>(MAP_PORTS)?;
+        let keys: Vec<Key<PortData>> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone(k.data().tcs >> 8))
+            .collect();
+        for k in keys {
+            absent_ok(MAP_PORTS, ports.remove(&k))?;
+        }
+        Ok(ids.len())
+    }
+
+    /// Removes table `id` as `image` wrote it (the fast path of [`Loaded::sweep_tables`]).
+    pub fn delete_table(&mut self, id: u32, image: &Image) -> Result<(), BpfError> {
+        absent_ok(MAP_TABLE, self.hash::<u32, TableMeta>(MAP_TABLE)?.remove(&id))?;
+        let mut actions = self.hash::<ChunkKey, Actions>(MAP_ACTIONS)?;
+        for c in 0..image.chunks.len() {
+            absent_ok(
+                MAP_ACTIONS,
+                actions.remove(&ChunkKey {
+                    table: id,
+                    chunk: c as u32,
+                }),
+            )?;
+        }
+        let mut pass = self.hash::<PassKey, u32>(MAP_PASS)?;
+        for (entry, _) in &image.passes {
+            absent_ok(
+                MAP_PASS,
+                pass.remove(&PassKey {
+                    table: id,
+                    entry: *entry,
+                }),
+            )?;
+        }
+        let mut matches = self.hash::<MatchKey, Bits>(MAP_MATCH)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            for (part, _) in &ch.matches {
+                absent_ok(MAP_MATCH, matches.remove(&match_key(id, c, part)))?;
+            }
+        }
+        let mut addrs = self.lpm::<AddrData, Bits>(MAP_ADDRS)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            for (side, len, addr, _) in &ch.addrs {
+                absent_ok(MAP_ADDRS, addrs.remove(&addr_key(id, c, *side, *len, *addr)))?;
+            }
+        }
+        let mut ports = self.lpm::<PortData, Bits>(MAP_PORTS)?;
+        for (c, ch) in image.chunks.iter().enumerate() {
+            for (side, not, len, first, _) in &ch.ports {
+                absent_ok(
+                    MAP_PORTS,
+                    ports.remove(&port_key(id, c, *side, *not, *len, *first)),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// The counters of `ifindex`: (from the pod, to the pod), summed over CPUs.
     pub fn counters(&mut self, ifindex: u32) -> Result<(Counters, Counters), BpfError> {
-        let map = self
-            .ebpf
-            .map_mut("caracal_counters_v1")
-            .ok_or_else(|| BpfError::Map {
-                map: "caracal_counters_v1",
-                reason: "not in the object".into(),
-            })?;
+        let map = self.ebpf.map_mut(MAP_COUNTERS).ok_or_else(|| BpfError::Map {
+            map: MAP_COUNTERS,
+            reason: "not in the object".into(),
+        })?;
         let counters: PerCpuHashMap<&mut MapData, u32, Counters> =
-            PerCpuHashMap::try_from(map).map_err(|e| BpfError::Map {
-                map: "caracal_counters_v1",
-                reason: e.to_string(),
-            })?;
+            PerCpuHashMap::try_from(map).map_err(|e| map_error(MAP_COUNTERS, e))?;
         let sum = |key: u32| {
             counters
                 .get(&key, 0)
@@ -318,6 +682,65 @@ impl Loaded {
         };
         Ok((sum(ifindex << 1), sum((ifindex << 1) | 1)))
     }
+}
+
+/// The maps (policy.c).
+const MAP_EP: &str = "caracal_ep_v2";
+const MAP_TABLE: &str = "caracal_table_v2";
+const MAP_ACTIONS: &str = "caracal_actions_v2";
+const MAP_PASS: &str = "caracal_pass_v2";
+const MAP_MATCH: &str = "caracal_match_v2";
+const MAP_ADDRS: &str = "caracal_addrs_v2";
+const MAP_PORTS: &str = "caracal_ports_v2";
+const MAP_CT: &str = "caracal_ct_v2";
+const MAP_COUNTERS: &str = "caracal_counters_v2";
+
+fn map_error(map: &'static str, e: impl std::fmt::Display) -> BpfError {
+    BpfError::Map {
+        map,
+        reason: e.to_string(),
+    }
+}
+
+fn absent_ok(map: &'static str, r: Result<(), aya::maps::MapError>) -> Result<(), BpfError> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_error(map, e)),
+    }
+}
+
+fn match_key(table: u32, chunk: usize, p: &MatchPart) -> MatchKey {
+    MatchKey {
+        table,
+        chunk: chunk as u8,
+        kind: p.kind,
+        proto: p.proto,
+        side: p.side,
+        a: p.a,
+        b: p.b,
+        addr: p.addr,
+    }
+}
+
+fn addr_key(table: u32, chunk: usize, side: u8, len: u8, addr: [u8; 16]) -> Key<AddrData> {
+    Key::new(
+        32 + u32::from(len),
+        AddrData {
+            tcs: table << 8 | (chunk as u32) << 1 | u32::from(side),
+            addr,
+        },
+    )
+}
+
+fn port_key(table: u32, chunk: usize, side: u8, not: u8, len: u8, first: u16) -> Key<PortData> {
+    Key::new(
+        32 + u32::from(len),
+        PortData {
+            tcs: table << 8 | (chunk as u32) << 2 | u32::from(side) << 1 | u32::from(not),
+            port: first.to_be_bytes(),
+            pad: [0; 2],
+        },
+    )
 }
 
 /// The bpf syscall's commands used here.

@@ -50,6 +50,14 @@ pub struct ApplyStats {
     pub sets_deleted: usize,
     /// Whether the FORWARD hook had to be (re)installed.
     pub hooked: bool,
+    /// BPF policy tables written.
+    pub tables_written: usize,
+    /// BPF policy tables deleted.
+    pub tables_deleted: usize,
+    /// BPF endpoint entries written.
+    pub endpoints_written: usize,
+    /// BPF endpoint entries removed.
+    pub endpoints_removed: usize,
 }
 
 impl ApplyStats {
@@ -60,6 +68,10 @@ impl ApplyStats {
         self.sets_written += other.sets_written;
         self.sets_deleted += other.sets_deleted;
         self.hooked |= other.hooked;
+        self.tables_written += other.tables_written;
+        self.tables_deleted += other.tables_deleted;
+        self.endpoints_written += other.endpoints_written;
+        self.endpoints_removed += other.endpoints_removed;
     }
 
     /// True when nothing had to change.

@@ -1,0 +1,427 @@
+//! The BPF policy data plane: converges the programs, endpoint entries and policy tables to the node's
+//! [`DataplaneModel`] (docs/bpf.md).
+//!
+//! - Every local endpoint's host-side interface gets both programs (attached once per run; a pinned link of
+//!   an earlier run gets this run's program in place).
+//! - Per endpoint and direction, the tiers are flattened, compiled ([`caracal_policy::classify`]) and laid
+//!   out ([`tables::image`]); equal images are one table, shared. A changed policy writes a new table and
+//!   then flips the endpoint entry to it; the old table goes when no endpoint refers to it.
+//! - An endpoint whose list cannot be laid out (too long) keeps what it had: an entry it never had leaves
+//!   it dropping everything, and the error is reported; nothing is widened.
+//! - A full converge adopts what an earlier run left: tables found by content hash, entries that already
+//!   say the right thing are not written, links are re-pointed, tables nobody refers to are swept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use caracal_policy::classify::{compile, flatten};
+use caracal_policy::ir::Direction;
+use caracal_policy::model::policy_sets;
+
+use super::tables::{self, Image};
+use super::{BpfError, Endpoint, Loaded, PIN_DIR};
+use crate::dataplane::iptables::apply::ApplyStats;
+use crate::dataplane::{Changes, DataplaneError, DataplaneModel, PolicyDataplane};
+
+/// A table in the kernel.
+struct Written {
+    id: u32,
+    image: Image,
+    /// Endpoint directions referring to it.
+    refs: usize,
+}
+
+/// An endpoint as programmed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Programmed {
+    ifindex: u32,
+    /// Table hashes: [egress (from the pod), ingress (to the pod)].
+    hashes: [u64; 2],
+}
+
+/// The BPF data plane.
+pub struct BpfDataplane {
+    dir: PathBuf,
+    netns: Option<PathBuf>,
+    loaded: Option<Loaded>,
+    tables: BTreeMap<u64, Written>,
+    endpoints: BTreeMap<String, Programmed>,
+    /// Interfaces this run attached (or re-pointed) its programs to.
+    attached: BTreeSet<String>,
+    next_id: u32,
+    /// After a failed update the next one converges in full.
+    dirty: bool,
+}
+
+impl BpfDataplane {
+    /// The data plane with its pins under `dir`, programming interfaces in the network namespace at
+    /// `netns` (the caller's when None).
+    pub fn new(dir: &Path, netns: Option<PathBuf>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            netns,
+            loaded: None,
+            tables: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            attached: BTreeSet::new(),
+            next_id: 1,
+            dirty: true,
+        }
+    }
+
+    /// The node's data plane: pins under [`PIN_DIR`]; `exec_prefix` `ip netns exec NAME` (how tests run the
+    /// kernel tools in a namespace) names the namespace to program.
+    pub fn for_node(exec_prefix: &[String]) -> Self {
+        let netns = match exec_prefix {
+            [ip, netns, exec, name] if ip == "ip" && netns == "netns" && exec == "exec" => {
+                Some(PathBuf::from("/run/netns").join(name))
+            }
+            _ => None,
+        };
+        Self::new(Path::new(PIN_DIR), netns)
+    }
+
+    /// The loaded programs (loading them on first use).
+    pub fn loaded(&mut self) -> Result<&mut Loaded, BpfError> {
+        if self.loaded.is_none() {
+            self.loaded = Some(Loaded::load(&self.dir)?);
+        }
+        self.loaded
+            .as_mut()
+            .ok_or_else(|| BpfError::Load("not loaded".into()))
+    }
+
+    /// The table id an endpoint direction refers to, for the debug dump.
+    pub fn table_of(&self, iface: &str) -> Option<[u32; 2]> {
+        let p = self.endpoints.get(iface)?;
+        Some(p.hashes.map(|h| self.tables.get(&h).map_or(0, |w| w.id)))
+    }
+
+    /// Runs `f` inside the configured network namespace (on a thread of its own that entered it).
+    fn in_netns<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, BpfError> + Send,
+    ) -> Result<T, BpfError> {
+        let Some(path) = self.netns.clone() else {
+            return f(self);
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).map_err(|source| BpfError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| BpfError::Io {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+                f(self)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(BpfError::Load("the BPF data plane's thread panicked".into())))
+        })
+    }
+
+    /// The images of `iface`'s two directions: [egress, ingress].
+    fn images(model: &DataplaneModel, iface: &str) -> Result<[Image; 2], tables::ImageError> {
+        let tiers = model.endpoint_tiers.get(iface).cloned().unwrap_or_default();
+        let one = |dir: Direction, list: &[caracal_policy::model::TierRef]| {
+            let entries = flatten(list, &model.policies, dir);
+            let compiled = compile(&entries, model);
+            tables::image(&entries, &compiled)
+        };
+        Ok([
+            one(Direction::Egress, &tiers.egress)?,
+            one(Direction::Ingress, &tiers.ingress)?,
+        ])
+    }
+
+    /// The id of a table holding `image`, writing it when no table does.
+    fn table_for(&mut self, image: Image, stats: &mut ApplyStats) -> Result<u32, BpfError> {
+        if let Some(w) = self.tables.get_mut(&image.hash) {
+            w.refs += 1;
+            return Ok(w.id);
+        }
+        let id = self.allocate_id();
+        self.loaded()?.write_table(id, &image)?;
+        stats.tables_written += 1;
+        self.tables.insert(image.hash, Written { id, image, refs: 1 });
+        Ok(id)
+    }
+
+    fn allocate_id(&mut self) -> u32 {
+        let used: BTreeSet<u32> = self.tables.values().map(|w| w.id).collect();
+        // Ids fit in 24 bits (the lookup keys hold them shifted by 8); 0 is no table.
+        loop {
+            let id = self.next_id;
+            self.next_id = if self.next_id >= (1 << 24) - 1 {
+                1
+            } else {
+                self.next_id + 1
+            };
+            if !used.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Drops one reference to the table of `hash`, deleting it when it was the last.
+    fn release(&mut self, hash: u64, stats: &mut ApplyStats) -> Result<(), BpfError> {
+        let Some(w) = self.tables.get_mut(&hash) else {
+            return Ok(());
+        };
+        w.refs = w.refs.saturating_sub(1);
+        if w.refs == 0
+            && let Some(w) = self.tables.remove(&hash)
+        {
+            self.loaded()?.delete_table(w.id, &w.image)?;
+            stats.tables_deleted += 1;
+        }
+        Ok(())
+    }
+
+    /// Programs one endpoint: attaches the programs, writes its tables, flips its entry (unless it is known
+    /// to be right already and not `force`d). An interface that does not exist (yet) is left for the next
+    /// change that names it.
+    fn program(
+        &mut self,
+        model: &DataplaneModel,
+        iface: &str,
+        force: bool,
+        stats: &mut ApplyStats,
+        errors: &mut Vec<String>,
+    ) -> Result<(), BpfError> {
+        let Ok(ifindex) = nix::net::if_::if_nametoindex(iface) else {
+            // Gone or not there yet: nothing to hold it.
+            return self.unprogram(iface, stats);
+        };
+        if !self.attached.contains(iface) {
+            self.loaded()?.attach(iface)?;
+            self.attached.insert(iface.to_owned());
+        }
+        let images = match Self::images(model, iface) {
+            Ok(i) => i,
+            Err(e) => {
+                errors.push(format!("{iface}: {e}; it keeps the policy it had"));
+                return Ok(());
+            }
+        };
+        let hashes = [images[0].hash, images[1].hash];
+        let before = self.endpoints.get(iface).copied();
+        if !force && before == Some(Programmed { ifindex, hashes }) {
+            return Ok(());
+        }
+        let [egress, ingress] = images;
+        let table = [self.table_for(egress, stats)?, self.table_for(ingress, stats)?];
+        let entry = Endpoint {
+            flags: 0,
+            table,
+            pad: 0,
+        };
+        self.loaded()?.set_endpoint(ifindex, entry)?;
+        stats.endpoints_written += 1;
+        self.endpoints
+            .insert(iface.to_owned(), Programmed { ifindex, hashes });
+        if let Some(old) = before {
+            if old.ifindex != ifindex {
+                self.loaded()?.remove_endpoint(old.ifindex)?;
+            }
+            for h in old.hashes {
+                self.release(h, stats)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets an endpoint that left: its entry, flows and counters, its links, its tables' references.
+    fn unprogram(&mut self, iface: &str, stats: &mut ApplyStats) -> Result<(), BpfError> {
+        let was_attached = self.attached.remove(iface);
+        let old = self.endpoints.remove(iface);
+        if let Some(old) = old {
+            self.loaded()?.remove_endpoint(old.ifindex)?;
+            stats.endpoints_removed += 1;
+            for h in old.hashes {
+                self.release(h, stats)?;
+            }
+        }
+        if was_attached || old.is_some() {
+            self.loaded()?.detach(iface)?;
+        }
+        Ok(())
+    }
+
+    fn converge_here(&mut self, model: &DataplaneModel) -> Result<ApplyStats, BpfError> {
+        let mut stats = ApplyStats::default();
+        let mut errors = Vec::new();
+        // Adopt what the kernel holds: tables by content hash, entries by interface.
+        let metas = self.loaded()?.table_metas()?;
+        let kernel_entries = self.loaded()?.endpoint_entries()?;
+        if self.tables.is_empty() {
+            self.endpoints.clear();
+        }
+        let mut adopted: BTreeMap<u64, u32> = BTreeMap::new();
+        for (id, meta) in &metas {
+            adopted.entry(meta.hash).or_insert(*id);
+        }
+        let wanted: BTreeSet<&str> = model.endpoints.iter().map(|e| e.iface.as_str()).collect();
+        for ep in &model.endpoints {
+            let iface = ep.iface.as_str();
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(iface) else {
+                self.unprogram(iface, &mut stats)?;
+                continue;
+            };
+            if !self.attached.contains(iface) {
+                self.loaded()?.attach(iface)?;
+                self.attached.insert(iface.to_owned());
+            }
+            let images = match Self::images(model, iface) {
+                Ok(i) => i,
+                Err(e) => {
+                    errors.push(format!("{iface}: {e}; it keeps the policy it had"));
+                    continue;
+                }
+            };
+            // An earlier run's tables with the same content are adopted, not written again.
+            for image in &images {
+                if !self.tables.contains_key(&image.hash)
+                    && let Some(id) = adopted.get(&image.hash)
+                {
+                    self.tables.insert(
+                        image.hash,
+                        Written {
+                            id: *id,
+                            image: image.clone(),
+                            refs: 0,
+                        },
+                    );
+                }
+            }
+            let hashes = [images[0].hash, images[1].hash];
+            let ids = hashes.map(|h| self.tables.get(&h).map(|w| w.id));
+            let in_kernel = kernel_entries.get(&ifindex);
+            let known = self.endpoints.get(iface).copied();
+            if let (Some(k), [Some(e), Some(i)]) = (in_kernel, ids)
+                && k.table == [e, i]
+            {
+                // Right already: take the references, write nothing.
+                if known != Some(Programmed { ifindex, hashes }) {
+                    for h in hashes {
+                        if let Some(w) = self.tables.get_mut(&h) {
+                            w.refs += 1;
+                        }
+                    }
+                    if let Some(old) = known {
+                        for h in old.hashes {
+                            self.release(h, &mut stats)?;
+                        }
+                    }
+                    self.endpoints
+                        .insert(iface.to_owned(), Programmed { ifindex, hashes });
+                }
+                continue;
+            }
+            self.program(model, iface, true, &mut stats, &mut errors)?;
+        }
+        // Endpoints that left, by name and by kernel entry.
+        let gone: Vec<String> = self
+            .endpoints
+            .keys()
+            .filter(|i| !wanted.contains(i.as_str()))
+            .cloned()
+            .collect();
+        for iface in gone {
+            self.unprogram(&iface, &mut stats)?;
+        }
+        let live: BTreeSet<u32> = self.endpoints.values().map(|p| p.ifindex).collect();
+        for ifindex in self.loaded()?.endpoint_entries()?.keys() {
+            if !live.contains(ifindex) {
+                self.loaded()?.remove_endpoint(*ifindex)?;
+                stats.endpoints_removed += 1;
+            }
+        }
+        let links = self.loaded()?.attached()?;
+        for iface in links {
+            if !wanted.contains(iface.as_str()) {
+                self.loaded()?.detach(&iface)?;
+            }
+        }
+        // Tables nobody refers to, this run's or an earlier one's.
+        self.tables.retain(|_, w| w.refs > 0);
+        let keep: BTreeSet<u32> = self.tables.values().map(|w| w.id).collect();
+        stats.tables_deleted += self.loaded()?.sweep_tables(&keep)?;
+        self.next_id = keep.iter().max().map_or(1, |m| m + 1);
+        if errors.is_empty() {
+            Ok(stats)
+        } else {
+            Err(BpfError::Load(errors.join("; ")))
+        }
+    }
+
+    fn update_here(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, BpfError> {
+        let mut stats = ApplyStats::default();
+        let mut errors = Vec::new();
+        let changed_sets: BTreeSet<_> = changes.sets.iter().chain(changes.members.keys()).collect();
+        // Policies whose rules changed or whose sets' members did.
+        let touched: BTreeSet<&str> = model
+            .policies
+            .iter()
+            .filter(|(name, p)| {
+                changes.policies.contains(*name)
+                    || (!changed_sets.is_empty() && policy_sets(p).iter().any(|k| changed_sets.contains(k)))
+            })
+            .map(|(n, _)| n.as_str())
+            .chain(changes.policies.iter().map(String::as_str))
+            .collect();
+        let mut affected: BTreeSet<String> = changes.endpoints.clone();
+        for (iface, tiers) in &model.endpoint_tiers {
+            let uses = tiers
+                .ingress
+                .iter()
+                .chain(&tiers.egress)
+                .flat_map(|t| &t.policies)
+                .any(|p| touched.contains(p.as_str()));
+            if uses {
+                affected.insert(iface.clone());
+            }
+        }
+        let wanted: BTreeSet<&str> = model.endpoints.iter().map(|e| e.iface.as_str()).collect();
+        for iface in &affected {
+            if wanted.contains(iface.as_str()) {
+                self.program(model, iface, false, &mut stats, &mut errors)?;
+            } else {
+                self.unprogram(iface, &mut stats)?;
+            }
+        }
+        if errors.is_empty() {
+            Ok(stats)
+        } else {
+            Err(BpfError::Load(errors.join("; ")))
+        }
+    }
+}
+
+impl PolicyDataplane for BpfDataplane {
+    fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        let r = self.in_netns(|me| me.converge_here(model));
+        self.dirty = r.is_err();
+        Ok(r?)
+    }
+
+    fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError> {
+        if self.dirty {
+            return self.converge(model);
+        }
+        let r = self.in_netns(|me| me.update_here(model, changes));
+        self.dirty = r.is_err();
+        Ok(r?)
+    }
+
+    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
+        self.loaded = None;
+        self.tables.clear();
+        self.endpoints.clear();
+        self.attached.clear();
+        self.dirty = true;
+        super::remove_all(&self.dir).map_err(|e| vec![e.into()])
+    }
+}

@@ -1,0 +1,170 @@
+//! The BPF policy tables as the program reads them (pure, no kernel): the program's walk over the laid-out
+//! map entries ([`Image::decide`]) gives the contract's verdict for every check of the contract table, and
+//! the same verdict as the compiled tables' bitmap walk for thousands of random packets; lists longer than
+//! one chunk, with tiers passing across chunk boundaries, decide as the list walk does.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use caracal_node::dataplane::bpf::tables::{CHUNK_BITS, Image, image};
+use caracal_policy::classify::{compile, decide_bitmap, flatten};
+use caracal_policy::contract::{
+    RandomPackets, check_packet, load_world, local_iface, model_all_local, scenarios,
+};
+use caracal_policy::eval::Packet;
+use caracal_policy::ir::Direction;
+use caracal_policy::model::DataplaneModel;
+
+fn side_image(model: &DataplaneModel, key: &str, dir: Direction) -> Option<Image> {
+    let tiers = model.endpoint_tiers.get(&local_iface(key))?;
+    let list = match dir {
+        Direction::Ingress => &tiers.ingress,
+        Direction::Egress => &tiers.egress,
+    };
+    let entries = flatten(list, &model.policies, dir);
+    Some(image(&entries, &compile(&entries, model)).expect("lays out"))
+}
+
+#[test]
+fn the_laid_out_tables_meet_the_contract_table() {
+    let mut failures = Vec::new();
+    let mut checks = 0;
+    for s in &scenarios() {
+        let loaded = load_world(s.manifests).expect("loads");
+        let model = model_all_local(&loaded);
+        for check in &s.checks {
+            checks += 1;
+            let pkt = check_packet(&loaded, check).expect("packet");
+            let egress = side_image(&model, check.0, Direction::Egress).is_none_or(|i| i.decide(&pkt));
+            let ingress = side_image(&model, check.1, Direction::Ingress).is_none_or(|i| i.decide(&pkt));
+            if (egress && ingress) != check.3 {
+                failures.push(format!(
+                    "{}: {} -> {} {}: expected {}",
+                    s.name,
+                    check.0,
+                    check.1,
+                    check.2,
+                    if check.3 { "allowed" } else { "denied" }
+                ));
+            }
+        }
+    }
+    assert!(checks >= 100, "only {checks} checks");
+    assert!(
+        failures.is_empty(),
+        "{} of {checks} checks failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn the_laid_out_tables_decide_as_the_compiled_tables_on_random_packets() {
+    let mut compared = 0usize;
+    let mut denied = 0usize;
+    for s in &scenarios() {
+        let loaded = load_world(s.manifests).expect("loads");
+        let model = model_all_local(&loaded);
+        let mut packets = RandomPackets::new(&loaded);
+        for e in &loaded.world.endpoints {
+            let Some(tiers) = model.endpoint_tiers.get(&local_iface(&e.key())) else {
+                continue;
+            };
+            for (dir, list) in [
+                (Direction::Ingress, &tiers.ingress),
+                (Direction::Egress, &tiers.egress),
+            ] {
+                let entries = flatten(list, &model.policies, dir);
+                let tables = compile(&entries, &model);
+                let laid_out = image(&entries, &tables).expect("lays out");
+                for _ in 0..200 {
+                    let pkt = packets.packet(e.ips[0], dir == Direction::Ingress);
+                    let want = decide_bitmap(&entries, &tables.matching(&pkt));
+                    assert_eq!(
+                        laid_out.decide(&pkt),
+                        want,
+                        "{}: {} {dir:?} {pkt:?}",
+                        s.name,
+                        e.key()
+                    );
+                    compared += 1;
+                    denied += usize::from(!want);
+                }
+            }
+        }
+    }
+    assert!(compared > 10_000, "only {compared} packets");
+    assert!(
+        denied > compared / 20,
+        "only {denied} of {compared} denied: the packets test little"
+    );
+}
+
+/// A policy of `n` ingress rules: Deny from 10.99.x.y/32 for the first `n - 1`, then `last`.
+fn long_policy(name: &str, order: u32, tier: &str, n: usize, last: &str) -> String {
+    let mut rules = String::new();
+    for i in 0..n - 1 {
+        rules.push_str(&format!(
+            "  - {{action: Deny, source: {{nets: [10.99.{}.{}/32]}}}}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    rules.push_str(&format!("  - {last}\n"));
+    format!(
+        "apiVersion: caracal.dev/v1\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: {tier}\n  order: {order}\n  selector: all()\n  ingress:\n{rules}"
+    )
+}
+
+#[test]
+fn lists_longer_than_a_chunk_pass_and_decide_across_chunks() {
+    // Tier one: 5,000 rules ending in a Pass (so its Pass sits in the second chunk and jumps to tier two's
+    // first entry); tier two: 3,000 rules ending in an Allow for 10.0.0.0/8 on TCP 80 only.
+    let manifests = format!(
+        "apiVersion: caracal.dev/v1\nkind: Tier\nmetadata: {{name: one}}\nspec: {{order: 10}}\n---\napiVersion: caracal.dev/v1\nkind: Tier\nmetadata: {{name: two}}\nspec: {{order: 20}}\n---\n{}---\n{}",
+        long_policy("first", 1, "one", 5000, "{action: Pass}"),
+        long_policy(
+            "second",
+            1,
+            "two",
+            3000,
+            "{action: Allow, protocol: TCP, source: {nets: [10.0.0.0/8]}, destination: {ports: [80]}}"
+        ),
+    );
+    let loaded = load_world(&manifests).expect("loads");
+    let model = model_all_local(&loaded);
+    let e = &loaded.world.endpoints[0];
+    let tiers = model.endpoint_tiers.get(&local_iface(&e.key())).expect("tiers");
+    let entries = flatten(&tiers.ingress, &model.policies, Direction::Ingress);
+    assert!(entries.len() > CHUNK_BITS, "{} entries", entries.len());
+    let tables = compile(&entries, &model);
+    let laid_out = image(&entries, &tables).expect("lays out");
+    assert_eq!(laid_out.chunks.len(), entries.len().div_ceil(CHUNK_BITS));
+    let tcp = |src: &str, port: u16| Packet {
+        src: src.parse().expect("ip"),
+        dst: e.ips[0],
+        protocol: 6,
+        src_port: Some(40000),
+        dst_port: Some(port),
+        icmp: None,
+    };
+    let cases = [
+        (tcp("10.0.0.9", 80), true),
+        (tcp("10.0.0.9", 81), false),
+        (tcp("10.99.3.7", 80), false),    // denied in tier one, first chunk
+        (tcp("10.99.17.50", 80), false),  // denied in tier one, second chunk
+        (tcp("10.99.19.100", 80), false), // 10.99.19.100 is rule 4964 of tier one; of tier two too
+        (tcp("10.99.12.0", 80), false),   // tier two's rules are tier one's first 3,000
+        (tcp("192.168.0.1", 80), false),  // tier two's default
+    ];
+    for (pkt, want) in cases {
+        assert_eq!(
+            decide_bitmap(&entries, &tables.matching(&pkt)),
+            want,
+            "the list walk on {pkt:?}"
+        );
+        assert_eq!(laid_out.decide(&pkt), want, "the laid-out walk on {pkt:?}");
+    }
+}
