@@ -1,7 +1,8 @@
-//! Kernel tier: the agent's policy engine (its production update path and the iptables backend) enforces
-//! the policy contract on real packets between network namespaces (TCP, UDP, ICMP; established replies pass;
-//! a denied SYN gets no answer), repairs drift, adopts its state on restart without breaking an established
-//! connection, and removes everything it created. Needs root (CI runs as root).
+//! Kernel tier: the agent's policy engine (its production update path, with the iptables backend and with
+//! the BPF backend) enforces the policy contract on real packets between network namespaces (TCP, UDP,
+//! ICMP; established replies pass; a denied SYN gets no answer); the iptables backend repairs drift, adopts
+//! its state on restart without breaking an established connection, and removes everything it created.
+//! Needs root (CI runs as root).
 
 #![expect(
     clippy::expect_used,
@@ -19,6 +20,7 @@ use caracal_node::agent::engine::{Engine, Msg};
 use caracal_node::agent::{Config, Status};
 use caracal_node::cni::host_iface;
 use caracal_node::dataplane::Family;
+use caracal_node::dataplane::bpf::backend::BpfDataplane;
 use caracal_node::dataplane::iptables::apply::{ApplyStats, Iptables};
 use caracal_node::dataplane::iptables::render;
 use caracal_policy::contract::{Check, WORLD, scenarios};
@@ -100,16 +102,31 @@ struct Agent {
 
 impl Agent {
     fn new(node: &Node, ipv6: bool) -> Self {
+        let backend =
+            caracal_node::dataplane::backend("Iptables", node.ns.exec_prefix(), ipv6).expect("backend");
+        Self::with_backend(node, ipv6, "Iptables", backend)
+    }
+
+    /// The BPF backend, its pins under a directory of the test's own.
+    fn bpf(node: &Node, pins: &std::path::Path) -> Self {
+        let backend = Box::new(BpfDataplane::with_pins(pins, &node.ns.exec_prefix()));
+        Self::with_backend(node, false, "BPF", backend)
+    }
+
+    fn with_backend(
+        node: &Node,
+        ipv6: bool,
+        dataplane: &str,
+        backend: Box<dyn caracal_node::dataplane::PolicyDataplane>,
+    ) -> Self {
         let cfg = Config {
             node_name: NODE.into(),
-            dataplane: "Iptables".into(),
+            dataplane: dataplane.into(),
             exec_prefix: node.ns.exec_prefix(),
             debounce: Duration::ZERO,
             refresh: Duration::from_secs(90),
             ipv6,
         };
-        let backend =
-            caracal_node::dataplane::backend("Iptables", cfg.exec_prefix.clone(), ipv6).expect("backend");
         let mut engine = Engine::new(cfg, backend, Arc::new(Status::default()), None);
         for (kind, key, object) in objects(WORLD) {
             engine.handle(Msg::Update(Update::Upsert { kind, key, object }));
@@ -189,7 +206,20 @@ fn probe(node: &Node, check: &Check) -> Outcome {
 #[test]
 fn the_iptables_backend_enforces_the_contract_table_on_real_packets() {
     let node = node();
-    let mut agent = Agent::new(&node, false);
+    contract_on_real_packets(&node, Agent::new(&node, false));
+}
+
+#[test]
+fn the_bpf_backend_enforces_the_contract_table_on_real_packets() {
+    let node = node();
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-contract-{}", std::process::id()));
+    contract_on_real_packets(&node, Agent::bpf(&node, &pins));
+    assert!(!pins.exists(), "remove_all left {}", pins.display());
+}
+
+/// Every scenario of the contract through `agent`'s fast path, each check probed with real packets; then a
+/// full converge finds nothing to do and everything is removed.
+fn contract_on_real_packets(node: &Node, mut agent: Agent) {
     agent.engine.flush().expect("first program");
     let mut failures = Vec::new();
     let mut checks = 0;
@@ -198,7 +228,7 @@ fn the_iptables_backend_enforces_the_contract_table_on_real_packets() {
         agent.program(s.manifests);
         for check in &s.checks {
             checks += 1;
-            let outcome = probe(&node, check);
+            let outcome = probe(node, check);
             let ok = match (check.3, &outcome) {
                 (true, Outcome::Connected) => true,
                 // Denied means dropped: no answer at all, not a reset or an unreachable.

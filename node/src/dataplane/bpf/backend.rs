@@ -72,13 +72,18 @@ impl BpfDataplane {
     /// The node's data plane: pins under [`PIN_DIR`]; `exec_prefix` `ip netns exec NAME` (how tests run the
     /// kernel tools in a namespace) names the namespace to program.
     pub fn for_node(exec_prefix: &[String]) -> Self {
+        Self::with_pins(Path::new(PIN_DIR), exec_prefix)
+    }
+
+    /// As [`BpfDataplane::for_node`], with the pins under `dir`.
+    pub fn with_pins(dir: &Path, exec_prefix: &[String]) -> Self {
         let netns = match exec_prefix {
             [ip, netns, exec, name] if ip == "ip" && netns == "netns" && exec == "exec" => {
                 Some(PathBuf::from("/run/netns").join(name))
             }
             _ => None,
         };
-        Self::new(Path::new(PIN_DIR), netns)
+        Self::new(dir, netns)
     }
 
     /// The loaded programs (loading them on first use).
