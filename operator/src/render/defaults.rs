@@ -152,12 +152,7 @@ pub fn compute(spec: &InstallationSpec, facts: &ClusterFacts) -> Result<Installa
 
     // What the node side cannot do yet is an error, never silently ignored.
     match dataplane {
-        LinuxDataplane::Iptables => {}
-        LinuxDataplane::BPF => errors.push(err(
-            "spec.calicoNetwork.linuxDataplane",
-            "DataplaneUnavailable",
-            "the BPF data plane is not available in this Caracal release yet: set linuxDataplane to Iptables",
-        )),
+        LinuxDataplane::Iptables | LinuxDataplane::BPF => {}
         LinuxDataplane::Nftables => errors.push(err(
             "spec.calicoNetwork.linuxDataplane",
             "DataplaneUnavailable",
@@ -343,7 +338,7 @@ mod tests {
     #[test]
     fn features_the_node_cannot_provide_yet_are_errors_not_silence() {
         let spec = net(CalicoNetworkSpec {
-            linux_dataplane: Some(LinuxDataplane::BPF),
+            linux_dataplane: Some(LinuxDataplane::Nftables),
             wireguard: Some(Toggle::Enabled),
             ..Default::default()
         });
@@ -351,6 +346,16 @@ mod tests {
         let reasons: Vec<_> = errs.iter().map(|e| e.reason).collect();
         assert_eq!(reasons, vec!["DataplaneUnavailable", "EncryptionUnavailable"]);
         assert!(errs[1].message.contains("unencrypted"));
+        // The BPF data plane is one the node provides.
+        let bpf = net(CalicoNetworkSpec {
+            linux_dataplane: Some(LinuxDataplane::BPF),
+            ..Default::default()
+        });
+        let done = compute(&bpf, &ClusterFacts::default()).expect("BPF is accepted");
+        assert_eq!(
+            done.calico_network.and_then(|n| n.linux_dataplane),
+            Some(LinuxDataplane::BPF)
+        );
     }
 
     #[test]
