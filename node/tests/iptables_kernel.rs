@@ -406,60 +406,160 @@ fn pods_leaving_and_joining_patch_the_dispatch_chains_in_place() {
     agent.engine.remove_all().expect("clean up");
 }
 
-#[test]
-fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
-    let node = node();
-    let mut agent = Agent::new(&node, false);
-    let allow_web = "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: pod == 'a'\n  ingress: [{action: Allow, protocol: TCP, source: {selector: pod == 'b'}, destination: {ports: [80]}}]\n";
-    agent.converge(allow_web);
-    let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
-    let ip = server.ip;
-    let listener = server
-        .ns
-        .enter(move || std::net::TcpListener::bind((ip, 80)))
-        .expect("enter")
-        .expect("bind");
-    let mut conn = client
-        .ns
-        .enter(move || std::net::TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(2)))
-        .expect("enter")
-        .expect("connect");
-    let (mut accepted, _) = listener.accept().expect("accept");
-    let roundtrip = |c: &mut std::net::TcpStream, s: &mut std::net::TcpStream| {
+/// x/a admits TCP 80 from x/b and may start nothing itself: its replies pass only as an established flow.
+const ALLOW_WEB: &str = "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: pod == 'a'\n  types: [Ingress, Egress]\n  ingress: [{action: Allow, protocol: TCP, source: {selector: pod == 'b'}, destination: {ports: [80]}}]\n";
+
+/// An established connection x/b -> x/a:80 (client side, server side).
+struct Established {
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+}
+
+impl Established {
+    fn open(node: &Node) -> Self {
+        let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
+        let ip = server.ip;
+        let listener = server
+            .ns
+            .enter(move || std::net::TcpListener::bind((ip, 80)))
+            .expect("enter")
+            .expect("bind");
+        let conn = client
+            .ns
+            .enter(move || std::net::TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(2)))
+            .expect("enter")
+            .expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        // The listener goes; the accepted connection stays (a probe opens its own listener later).
+        Established {
+            client: conn,
+            server: accepted,
+        }
+    }
+
+    /// The server speaks first, then the client answers: after a change, the first packet of the flow is
+    /// the one x/a's policy would not allow as new (x/a may start nothing), so only a flow the data plane
+    /// knows as established passes.
+    fn roundtrip(&mut self, when: &str) {
         use std::io::{Read, Write};
+        let (c, s) = (&mut self.client, &mut self.server);
         c.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
         s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        c.write_all(b"ping").expect("write");
+        s.write_all(b"helo").expect("write");
         let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).expect("server reads");
-        s.write_all(b"pong").expect("reply");
-        c.read_exact(&mut buf).expect("client reads");
-        assert_eq!(&buf, b"pong");
-    };
-    roundtrip(&mut conn, &mut accepted);
+        c.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{when}: the client reads nothing: {e}"));
+        c.write_all(b"ping").expect("answer");
+        s.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{when}: the server gets no answer: {e}"));
+        assert_eq!(&buf, b"ping");
+    }
+}
 
-    // The agent restarts: a new engine with no memory adopts what is there on its first program and
-    // rewrites nothing.
+/// A new agent (no memory) of `restart`'s making adopts what `first` left without rewriting anything, the
+/// established connection surviving; a policy edit then denies new connections and keeps it.
+fn restart_keeps_an_established_connection(node: &Node, first: Agent, restart: impl Fn() -> Agent) {
+    let mut agent = first;
+    agent.converge(ALLOW_WEB);
+    let mut conn = Established::open(node);
+    conn.roundtrip("before the restart");
     drop(agent);
-    let mut restarted = Agent::new(&node, false);
-    restarted.set(allow_web);
+    let mut restarted = restart();
+    restarted.set(ALLOW_WEB);
     let stats = restarted.engine.flush().expect("first program");
     assert!(stats.is_noop(), "a restart must adopt, not rebuild: {stats:?}");
-    roundtrip(&mut conn, &mut accepted);
-
-    // A policy change that no longer allows new connections leaves the established one working.
+    conn.roundtrip("after the restart");
     let stats = restarted.program(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
     );
-    assert!(stats.chains_written > 0);
-    roundtrip(&mut conn, &mut accepted);
-    drop(listener); // the accepted connection stays; the probe below opens its own listener
+    assert!(!stats.is_noop());
+    conn.roundtrip("after a deny");
     assert_eq!(
-        probe(&node, &("x/b", "x/a", "80/TCP", false)),
+        probe(node, &("x/b", "x/a", "80/TCP", false)),
         Outcome::NoAnswer,
         "new connections are denied"
     );
     restarted.engine.remove_all().expect("clean up");
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_rules_and_an_established_connection_survives() {
+    let node = node();
+    restart_keeps_an_established_connection(&node, Agent::new(&node, false), || Agent::new(&node, false));
+}
+
+fn bpf_pins(what: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-{what}-{}", std::process::id()))
+}
+
+#[test]
+fn a_restarted_bpf_agent_adopts_its_tables_and_links_and_an_established_connection_survives() {
+    let node = node();
+    let pins = bpf_pins("restart");
+    restart_keeps_an_established_connection(&node, Agent::bpf(&node, &pins), || Agent::bpf(&node, &pins));
+    assert!(!pins.exists());
+}
+
+fn crc_rules(node: &Node) -> usize {
+    let save = node.ns.exec(&["iptables-save"]).expect("save");
+    save.lines().filter(|l| l.contains("crc-")).count()
+}
+
+fn tcx_programs(node: &Node, iface: &'static str) -> (usize, usize) {
+    node.ns
+        .enter(move || caracal_node::dataplane::bpf::Loaded::tcx_programs(iface).expect("query"))
+        .expect("enter")
+}
+
+#[test]
+fn a_live_switch_between_iptables_and_bpf_keeps_an_established_connection_and_leaves_nothing_behind() {
+    use caracal_node::dataplane::{DualStack, TakeOver};
+    let node = node();
+    let pins = bpf_pins("switch");
+    let a_iface: &'static str = Box::leak(host_iface("x", "a").into_boxed_str());
+    let iptables = || Box::new(DualStack::new(node.ns.exec_prefix(), false));
+    let bpf = || Box::new(BpfDataplane::with_pins(&pins, &node.ns.exec_prefix()));
+
+    let mut agent = Agent::new(&node, false);
+    agent.converge(ALLOW_WEB);
+    let mut conn = Established::open(&node);
+    conn.roundtrip("under iptables");
+    assert!(crc_rules(&node) > 0);
+    drop(agent);
+
+    // Iptables -> BPF: the BPF agent converges, then the iptables backend's rules go.
+    let mut agent = Agent::with_backend(&node, false, "BPF", Box::new(TakeOver::new(bpf(), iptables())));
+    agent.set(ALLOW_WEB);
+    agent.engine.flush().expect("BPF takes over");
+    conn.roundtrip("after the switch to BPF");
+    assert_eq!(crc_rules(&node), 0, "the iptables backend left rules behind");
+    assert_eq!(tcx_programs(&node, a_iface), (1, 1));
+    assert_eq!(
+        probe(&node, &("x/a", "x/b", "80/TCP", false)),
+        Outcome::NoAnswer,
+        "BPF enforces: x/a may start nothing"
+    );
+    drop(agent);
+
+    // BPF -> Iptables: the iptables agent converges, then the BPF programs and pins go.
+    let mut agent = Agent::with_backend(
+        &node,
+        false,
+        "Iptables",
+        Box::new(TakeOver::new(iptables(), bpf())),
+    );
+    agent.set(ALLOW_WEB);
+    agent.engine.flush().expect("iptables takes over");
+    conn.roundtrip("after the switch back to iptables");
+    assert_eq!(tcx_programs(&node, a_iface), (0, 0), "BPF programs left behind");
+    assert!(!pins.exists(), "BPF pins left behind");
+    assert!(crc_rules(&node) > 0);
+    assert_eq!(
+        probe(&node, &("x/a", "x/b", "80/TCP", false)),
+        Outcome::NoAnswer,
+        "iptables enforces: x/a may start nothing"
+    );
+    agent.engine.remove_all().expect("clean up");
 }
 
 #[test]

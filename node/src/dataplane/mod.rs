@@ -110,16 +110,69 @@ impl PolicyDataplane for DualStack {
 
 /// The backend for the configured data plane (`CARACAL_DATAPLANE`, as the operator renders it), enforcing
 /// IPv6 too when `ipv6`. `exec_prefix` runs the kernel tools elsewhere (a namespace, in tests); empty on a
-/// node.
+/// node. The other backend's objects, left by an agent that ran the other data plane on this node (a live
+/// switch), are removed once the chosen one has converged ([`TakeOver`]).
 pub fn backend(
     dataplane: &str,
     exec_prefix: Vec<String>,
     ipv6: bool,
 ) -> Result<Box<dyn PolicyDataplane>, DataplaneError> {
+    let iptables = || Box::new(DualStack::new(exec_prefix.clone(), ipv6));
+    let bpf = || Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix));
     match dataplane {
-        "Iptables" | "" => Ok(Box::new(DualStack::new(exec_prefix, ipv6))),
-        "BPF" => Ok(Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix))),
+        "Iptables" | "" => Ok(Box::new(TakeOver::new(iptables(), bpf()))),
+        "BPF" => Ok(Box::new(TakeOver::new(bpf(), iptables()))),
         other => Err(DataplaneError::Unsupported(other.to_owned())),
+    }
+}
+
+/// One backend taking over from the other: the new one converges first (both enforce for that moment, so no
+/// packet meets a node without policy), then everything the old one left is removed, once. Until the removal
+/// succeeds it is tried again after every converge.
+pub struct TakeOver {
+    new: Box<dyn PolicyDataplane>,
+    old: Option<Box<dyn PolicyDataplane>>,
+}
+
+impl TakeOver {
+    /// `new` replacing whatever `old` left.
+    pub fn new(new: Box<dyn PolicyDataplane>, old: Box<dyn PolicyDataplane>) -> Self {
+        Self { new, old: Some(old) }
+    }
+
+    fn retire_old(&mut self) {
+        if let Some(mut old) = self.old.take()
+            && let Err(errors) = old.remove_all()
+        {
+            for e in &errors {
+                tracing::warn!(error = %e, "removing the other data plane's objects; trying again after the next converge");
+            }
+            self.old = Some(old);
+        }
+    }
+}
+
+impl PolicyDataplane for TakeOver {
+    fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        let stats = self.new.converge(model)?;
+        self.retire_old();
+        Ok(stats)
+    }
+
+    fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError> {
+        if self.old.is_some() {
+            return self.converge(model);
+        }
+        self.new.update(model, changes)
+    }
+
+    fn idle(&mut self) -> Result<(), DataplaneError> {
+        self.new.idle()
+    }
+
+    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
+        self.retire_old();
+        self.new.remove_all()
     }
 }
 

@@ -70,9 +70,13 @@ impl BpfDataplane {
     }
 
     /// The node's data plane: pins under [`PIN_DIR`]; `exec_prefix` `ip netns exec NAME` (how tests run the
-    /// kernel tools in a namespace) names the namespace to program.
+    /// kernel tools in a namespace) names the namespace to program, and its pins go under `PIN_DIR-NAME`
+    /// (several test nodes share one host's bpffs, and interface indexes repeat across namespaces).
     pub fn for_node(exec_prefix: &[String]) -> Self {
-        Self::with_pins(Path::new(PIN_DIR), exec_prefix)
+        match exec_prefix {
+            [_, _, _, name] => Self::with_pins(Path::new(&format!("{PIN_DIR}-{name}")), exec_prefix),
+            _ => Self::with_pins(Path::new(PIN_DIR), exec_prefix),
+        }
     }
 
     /// As [`BpfDataplane::for_node`], with the pins under `dir`.
@@ -258,6 +262,15 @@ impl BpfDataplane {
     fn converge_here(&mut self, model: &DataplaneModel) -> Result<ApplyStats, BpfError> {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
+        if self.loaded.is_none() {
+            // First converge of this run: flows the kernel saw answered (established under whatever enforced
+            // policy before, the iptables backend when switching) keep going; see `seed_flows`.
+            let flows = seed_flows(model);
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+                .unwrap_or(0);
+            self.loaded()?.add_flows(&flows, now)?;
+        }
         // Adopt what the kernel holds: tables by content hash, entries by interface.
         let metas = self.loaded()?.table_metas()?;
         let kernel_entries = self.loaded()?.endpoint_entries()?;
@@ -428,5 +441,147 @@ impl PolicyDataplane for BpfDataplane {
         self.attached.clear();
         self.dirty = true;
         super::remove_all(&self.dir).map_err(|e| vec![e.into()])
+    }
+}
+
+/// The connection tracker entries for the kernel's answered flows (`/proc/thread-self/net/nf_conntrack`,
+/// this thread's namespace) that touch a local endpoint: one per endpoint interface and direction the flow
+/// crosses, keyed as the programs key a flow (its original tuple, and the reply tuple reversed when the
+/// kernel translated it). Only flows with replies are taken: a flow some policy denied never got one, so
+/// taking over adds no flow that was not allowed. Missing conntrack (no module) yields nothing.
+fn seed_flows(model: &DataplaneModel) -> Vec<super::CtKey> {
+    let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack") else {
+        return Vec::new();
+    };
+    let mut by_ip: BTreeMap<std::net::IpAddr, u32> = BTreeMap::new();
+    for ep in &model.endpoints {
+        if let Ok(ifindex) = nix::net::if_::if_nametoindex(ep.iface.as_str()) {
+            for ip in &ep.ips {
+                by_ip.insert(*ip, ifindex);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some((orig, reply)) = conntrack_tuples(line) {
+            for t in [orig, reply.reversed()] {
+                for ip in [t.src, t.dst] {
+                    if let Some(ifindex) = by_ip.get(&ip) {
+                        let key = t.key(*ifindex);
+                        if !out.contains(&key) {
+                            out.push(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One direction of a conntrack entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tuple {
+    proto: u8,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+}
+
+impl Tuple {
+    fn reversed(self) -> Self {
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            ..self
+        }
+    }
+
+    fn key(&self, ifindex: u32) -> super::CtKey {
+        super::CtKey {
+            ifindex,
+            src: tables::addr16(self.src),
+            dst: tables::addr16(self.dst),
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// The original and reply tuples of an answered TCP (established), UDP, SCTP or ICMP echo entry of
+/// `nf_conntrack`: `ipv4 2 tcp 6 431999 ESTABLISHED src=.. dst=.. sport=.. dport=.. src=.. dst=.. sport=..
+/// dport=.. [ASSURED] ...`. ICMP echo keeps its identifier in both ports, as the programs do.
+fn conntrack_tuples(line: &str) -> Option<(Tuple, Tuple)> {
+    if line.contains("[UNREPLIED]") {
+        return None;
+    }
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let proto: u8 = fields.get(3)?.parse().ok()?;
+    if proto == 6 && !fields.contains(&"ESTABLISHED") {
+        return None;
+    }
+    let mut tuples: Vec<Tuple> = Vec::new();
+    let mut cur: Option<Tuple> = None;
+    let unspecified = std::net::IpAddr::from([0u8, 0, 0, 0]);
+    for f in &fields {
+        let Some((k, v)) = f.split_once('=') else { continue };
+        match k {
+            "src" => {
+                if let Some(t) = cur.take() {
+                    tuples.push(t);
+                }
+                cur = Some(Tuple {
+                    proto,
+                    src: v.parse().ok()?,
+                    dst: unspecified,
+                    sport: 0,
+                    dport: 0,
+                });
+            }
+            "dst" => cur.as_mut()?.dst = v.parse().ok()?,
+            "sport" => cur.as_mut()?.sport = v.parse().ok()?,
+            "dport" => cur.as_mut()?.dport = v.parse().ok()?,
+            "id" => {
+                let id: u16 = v.parse().ok()?;
+                let t = cur.as_mut()?;
+                t.sport = id.to_be();
+                t.dport = id.to_be();
+            }
+            _ => {}
+        }
+    }
+    tuples.extend(cur);
+    match tuples.as_slice() {
+        [orig, reply] => Some((*orig, *reply)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conntrack_lines_give_answered_flows_only() {
+        let tcp = "ipv4     2 tcp      6 431999 ESTABLISHED src=10.0.1.2 dst=10.0.1.3 sport=40000 dport=80 src=10.0.1.3 dst=10.0.1.2 sport=80 dport=40000 [ASSURED] mark=0 zone=0 use=2";
+        let (orig, reply) = conntrack_tuples(tcp).expect("parsed");
+        assert_eq!(orig.dport, 80);
+        assert_eq!(reply.reversed(), orig);
+        let unanswered = "ipv4     2 tcp      6 119 SYN_SENT src=10.0.1.2 dst=10.0.1.3 sport=40001 dport=81 [UNREPLIED] src=10.0.1.3 dst=10.0.1.2 sport=81 dport=40001 mark=0 zone=0 use=2";
+        assert_eq!(conntrack_tuples(unanswered), None);
+        let closing = "ipv4     2 tcp      6 100 TIME_WAIT src=10.0.1.2 dst=10.0.1.3 sport=40002 dport=80 src=10.0.1.3 dst=10.0.1.2 sport=80 dport=40002 [ASSURED] mark=0 zone=0 use=2";
+        assert_eq!(conntrack_tuples(closing), None);
+        let echo = "ipv4     2 icmp     1 29 src=10.0.1.2 dst=10.0.1.3 type=8 code=0 id=4660 src=10.0.1.3 dst=10.0.1.2 type=0 code=0 id=4660 mark=0 zone=0 use=2";
+        let (orig, _) = conntrack_tuples(echo).expect("echo");
+        assert_eq!(orig.sport, 4660u16.to_be());
+        let dnat = "ipv4     2 udp      17 110 src=10.0.1.2 dst=10.96.0.10 sport=5000 dport=53 src=10.0.1.9 dst=10.0.1.2 sport=53 dport=5000 [ASSURED] mark=0 zone=0 use=2";
+        let (orig, reply) = conntrack_tuples(dnat).expect("dnat");
+        assert_eq!(orig.dst.to_string(), "10.96.0.10");
+        assert_eq!(reply.reversed().dst.to_string(), "10.0.1.9");
     }
 }

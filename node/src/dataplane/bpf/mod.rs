@@ -318,8 +318,9 @@ impl Loaded {
     }
 
     /// Attaches both programs to `iface` (TCX, first in order) and pins the links. A link already pinned for
-    /// it (an earlier run's) gets this run's program in place, atomically: no packet meets an interface
-    /// without a program, and nothing is detached.
+    /// it (an earlier run's) is kept as it is when it runs the same program (same tag), and otherwise gets
+    /// this run's program in place, atomically: no packet meets an interface without a program, and nothing
+    /// is detached.
     pub fn attach(&mut self, iface: &str) -> Result<(), BpfError> {
         for (name, dir, suffix) in HOOKS {
             let path = self.link_path(iface, suffix);
@@ -335,6 +336,14 @@ impl Loaded {
                 .try_into()
                 .map_err(load_error)?;
             if path.exists() {
+                // Already running this very program (same tag): nothing to re-attach.
+                let ours = prog.info().map(|i| i.tag()).ok();
+                let current = SchedClassifier::query_tcx(iface, dir)
+                    .map(|(_, progs)| progs.iter().map(|p| p.tag()).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                if ours.is_some_and(|t| current.contains(&t)) {
+                    continue;
+                }
                 let pinned =
                     PinnedLink::from_pin(&path).map_err(|e| attach_error("reading a pinned link", &e))?;
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))
@@ -463,6 +472,25 @@ impl Loaded {
             .iter()
             .filter_map(Result::ok)
             .collect())
+    }
+
+    /// Adds flows to the connection tracker (the kernel's established flows, when taking over from the
+    /// iptables backend); an entry already there is kept.
+    pub fn add_flows(&mut self, flows: &[CtKey], now_ns: u64) -> Result<usize, BpfError> {
+        let mut ct = self.hash::<CtKey, CtValue>(MAP_CT)?;
+        let value = CtValue {
+            last_seen_ns: now_ns,
+            table: 0,
+            pad: 0,
+        };
+        let mut added = 0;
+        for k in flows {
+            // BPF_NOEXIST: an entry the programs made is theirs.
+            if ct.insert(k, value, 1).is_ok() {
+                added += 1;
+            }
+        }
+        Ok(added)
     }
 
     /// The flows the connection tracker holds for `ifindex` (every interface's when None).
