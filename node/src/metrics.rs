@@ -53,6 +53,34 @@ impl Health for Status {
             "How long the last data plane program took",
             ConstGauge::new(self.last_program_us.load(Ordering::Relaxed) as f64 / 1e6),
         );
+        if let Some(dir) = self.bpf_pins.get() {
+            match crate::dataplane::bpf::pinned_counters(dir) {
+                Ok(all) => {
+                    for (ifindex, from, to) in all {
+                        let iface = nix::net::if_::if_indextoname(ifindex)
+                            .ok()
+                            .and_then(|n| n.into_string().ok())
+                            .unwrap_or_else(|| ifindex.to_string());
+                        for (direction, c) in [("from_pod", from), ("to_pod", to)] {
+                            let r = r
+                                .sub_registry_with_label(("interface".into(), iface.clone().into()))
+                                .sub_registry_with_label(("direction".into(), direction.into()));
+                            r.register(
+                                "bpf_packets_allowed",
+                                "Packets the BPF programs passed, per endpoint interface and direction",
+                                ConstCounter::new(c.allowed),
+                            );
+                            r.register(
+                                "bpf_packets_dropped",
+                                "Packets the BPF programs dropped, per endpoint interface and direction",
+                                ConstCounter::new(c.dropped),
+                            );
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the BPF counters for /metrics"),
+            }
+        }
         for (kind, n) in self.conversion_failures() {
             r.sub_registry_with_label(("kind".into(), kind.into())).register(
                 "conversion_failures",

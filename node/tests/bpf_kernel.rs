@@ -125,6 +125,43 @@ fn fail_closed_until_programmed_per_direction_verdicts_and_a_reload_keeps_everyt
         b_from.allowed > 0 && b_to.allowed > 0,
         "b's flow to a and its replies: {b_from:?} {b_to:?}"
     );
+    // What /metrics reads (the pinned counters map, without loading the programs) says the same.
+    let pinned = bpf::pinned_counters(&dir).expect("pinned counters");
+    assert!(
+        pinned
+            .iter()
+            .any(|(i, _, to)| *i == ib && to.dropped == b_to.dropped),
+        "{pinned:?}"
+    );
+    // The tables read back from the maps decide as written, and the dump shows why b's ingress drops.
+    let (deny, allow) = with_loaded(&node, &dir, |l| {
+        (
+            l.read_table(2).expect("read").expect("table 2"),
+            l.read_table(1).expect("read").expect("table 1"),
+        )
+    });
+    assert_eq!(deny.actions(), table(false).actions());
+    assert_eq!(deny.hash, table(false).hash);
+    assert_eq!(allow.actions(), vec!["Allow".to_owned()]);
+    let to_b = caracal_policy::eval::Packet {
+        src: a.ip.into(),
+        dst: b.ip.into(),
+        protocol: 6,
+        src_port: Some(40000),
+        dst_port: Some(7003),
+        icmp: None,
+    };
+    assert_eq!(deny.explain(&to_b), (false, Some(0), vec![]));
+    let dir2 = dir.clone();
+    let text = node
+        .enter(move || bpf::dump::dump(&dir2, "crcbpfb", Some(&to_b)).expect("dump"))
+        .expect("enter");
+    assert!(
+        text.contains("ingress (what the pod receives): table 2")
+            && text.contains("packet: dropped by entry 0")
+            && text.contains("flows ("),
+        "{text}"
+    );
 
     // b opens up; a reload (programs loaded again, maps and links adopted from their pins) keeps it.
     with_loaded(&node, &dir, move |l| {

@@ -77,6 +77,9 @@ pub struct Status {
     pub conversion_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// The last program's duration, in microseconds.
     pub last_program_us: AtomicU64,
+    /// Where the BPF data plane's maps are pinned, when it is the one running: `/metrics` reads the
+    /// per-endpoint counters there.
+    pub bpf_pins: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Status {
@@ -244,6 +247,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DataplaneError> {
     let backend = dataplane::backend(&cfg.dataplane, cfg.exec_prefix.clone(), cfg.ipv6)?;
+    if cfg.dataplane == "BPF" {
+        let _ = status
+            .bpf_pins
+            .set(dataplane::bpf::backend::pin_dir(&cfg.exec_prefix));
+    }
     let Parts {
         ipam,
         mut routing,

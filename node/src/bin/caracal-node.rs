@@ -4,7 +4,11 @@
 //!
 //! Configuration (environment, as the operator renders the DaemonSet):
 //! - `CARACAL_NODE_NAME` (required): this node's name.
-//! - `CARACAL_DATAPLANE`: `Iptables` (default).
+//! - `CARACAL_DATAPLANE`: `Iptables` (default) or `BPF`.
+//!
+//! `caracal-node bpf dump IFACE [PROTO SRC DST [SPORT DPORT | TYPE CODE]]` prints what the BPF data plane
+//! holds for a pod's interface (its tables, counters and flows) and, given a packet, each table's verdict
+//! with the entry that decided (in the namespace `CARACAL_NETNS` names, when set).
 //! - `CARACAL_HEALTH_PORT` (9099) and `CARACAL_METRICS_PORT` (9091): `/healthz` `/readyz` and `/metrics`.
 //! - `CARACAL_HEALTH_HOST` (127.0.0.1): the address both listen on.
 //! - `CARACAL_NETNS`: program the data plane of this named network namespace instead of the agent's own
@@ -47,8 +51,43 @@ fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
+/// `caracal-node bpf dump IFACE [PACKET...]`.
+fn bpf_command(args: &[String]) -> anyhow::Result<()> {
+    use caracal_node::dataplane::bpf::{backend, dump};
+    let [cmd, iface, packet @ ..] = args else {
+        anyhow::bail!("usage: caracal-node bpf dump IFACE [PROTO SRC DST [SPORT DPORT | TYPE CODE]]");
+    };
+    anyhow::ensure!(cmd == "dump", "unknown bpf command {cmd:?}: use dump");
+    let packet = if packet.is_empty() {
+        None
+    } else {
+        Some(dump::parse_packet(packet).map_err(anyhow::Error::msg)?)
+    };
+    let mut prefix = Vec::new();
+    if let Ok(ns) = std::env::var("CARACAL_NETNS")
+        && !ns.is_empty()
+    {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).context("opening CARACAL_NETNS")?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("entering CARACAL_NETNS")?;
+        prefix = vec!["ip".into(), "netns".into(), "exec".into(), ns];
+    }
+    print!(
+        "{}",
+        dump::dump(&backend::pin_dir(&prefix), iface, packet.as_ref())?
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("bpf") {
+        return bpf_command(&args[1..]);
+    }
+    agent_main()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn agent_main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

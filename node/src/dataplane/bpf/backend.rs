@@ -23,6 +23,16 @@ use super::{BpfError, Endpoint, Loaded, PIN_DIR};
 use crate::dataplane::iptables::apply::ApplyStats;
 use crate::dataplane::{Changes, DataplaneError, DataplaneModel, PolicyDataplane};
 
+/// Where a node's pins go: [`PIN_DIR`]; when `exec_prefix` is `ip netns exec NAME` (how tests and the lab
+/// run the kernel tools in a namespace: the namespace to program), `PIN_DIR-NAME`, since several such nodes
+/// share one host's bpffs and interface indexes repeat across namespaces.
+pub fn pin_dir(exec_prefix: &[String]) -> PathBuf {
+    match exec_prefix {
+        [_, _, _, name] => PathBuf::from(format!("{PIN_DIR}-{name}")),
+        _ => PathBuf::from(PIN_DIR),
+    }
+}
+
 /// A table in the kernel.
 struct Written {
     id: u32,
@@ -69,14 +79,9 @@ impl BpfDataplane {
         }
     }
 
-    /// The node's data plane: pins under [`PIN_DIR`]; `exec_prefix` `ip netns exec NAME` (how tests run the
-    /// kernel tools in a namespace) names the namespace to program, and its pins go under `PIN_DIR-NAME`
-    /// (several test nodes share one host's bpffs, and interface indexes repeat across namespaces).
+    /// The node's data plane, its pins under [`pin_dir`]`(exec_prefix)`.
     pub fn for_node(exec_prefix: &[String]) -> Self {
-        match exec_prefix {
-            [_, _, _, name] => Self::with_pins(Path::new(&format!("{PIN_DIR}-{name}")), exec_prefix),
-            _ => Self::with_pins(Path::new(PIN_DIR), exec_prefix),
-        }
+        Self::with_pins(&pin_dir(exec_prefix), exec_prefix)
     }
 
     /// As [`BpfDataplane::for_node`], with the pins under `dir`.

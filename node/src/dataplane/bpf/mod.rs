@@ -9,6 +9,7 @@
 //! to the node's model.
 
 pub mod backend;
+pub mod dump;
 pub mod tables;
 
 use std::collections::BTreeMap;
@@ -689,6 +690,84 @@ impl Loaded {
         Ok(())
     }
 
+    /// Table `id` as the maps hold it, read back into an image (its parts in map order; `hash` is the one
+    /// its table entry records). None when there is no such table.
+    pub fn read_table(&mut self, id: u32) -> Result<Option<Image>, BpfError> {
+        let Some(meta) = self.table_metas()?.get(&id).copied() else {
+            return Ok(None);
+        };
+        let mut chunks: Vec<tables::ChunkImage> = Vec::new();
+        let actions = self.hash::<ChunkKey, Actions>(MAP_ACTIONS)?;
+        for c in 0..meta.chunks {
+            let a = actions
+                .get(&ChunkKey { table: id, chunk: c }, 0)
+                .map_err(|e| map_error(MAP_ACTIONS, e))?;
+            chunks.push(tables::ChunkImage {
+                fields: a.fields,
+                allow: a.allow,
+                pass: a.pass,
+                ..Default::default()
+            });
+        }
+        let mut passes: Vec<(u32, u32)> = self
+            .hash::<PassKey, u32>(MAP_PASS)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.table == id)
+            .map(|(k, to)| (k.entry, to))
+            .collect();
+        passes.sort_unstable();
+        for (k, bits) in self
+            .hash::<MatchKey, Bits>(MAP_MATCH)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.table == id)
+        {
+            if let Some(ch) = chunks.get_mut(usize::from(k.chunk)) {
+                let part = MatchPart {
+                    kind: k.kind,
+                    proto: k.proto,
+                    side: k.side,
+                    a: k.a,
+                    b: k.b,
+                    addr: k.addr,
+                };
+                ch.matches.push((part, bits));
+            }
+        }
+        for (k, bits) in self
+            .lpm::<AddrData, Bits>(MAP_ADDRS)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.data().tcs >> 8 == id)
+        {
+            let d = k.data();
+            if let Some(ch) = chunks.get_mut(((d.tcs >> 1) & 0x7f) as usize) {
+                let len = (k.prefix_len() - 32) as u8;
+                ch.addrs.push(((d.tcs & 1) as u8, len, d.addr, bits));
+            }
+        }
+        for (k, bits) in self
+            .lpm::<PortData, Bits>(MAP_PORTS)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.data().tcs >> 8 == id)
+        {
+            let d = k.data();
+            if let Some(ch) = chunks.get_mut(((d.tcs >> 2) & 0x3f) as usize) {
+                let len = (k.prefix_len() - 32) as u8;
+                let (side, not) = (((d.tcs >> 1) & 1) as u8, (d.tcs & 1) as u8);
+                ch.ports.push((side, not, len, u16::from_be_bytes(d.port), bits));
+            }
+        }
+        Ok(Some(Image {
+            entries: meta.entries,
+            chunks,
+            passes,
+            hash: meta.hash,
+        }))
+    }
+
     /// The counters of `ifindex`: (from the pod, to the pod), summed over CPUs.
     pub fn counters(&mut self, ifindex: u32) -> Result<(Counters, Counters), BpfError> {
         let map = self.ebpf.map_mut(MAP_COUNTERS).ok_or_else(|| BpfError::Map {
@@ -769,6 +848,33 @@ fn port_key(table: u32, chunk: usize, side: u8, not: u8, len: u8, first: u16) ->
             pad: [0; 2],
         },
     )
+}
+
+/// Every endpoint's counters as pinned under `dir` (without loading the programs: what `/metrics` reads):
+/// (ifindex, from the pod, to the pod). Nothing pinned yet gives nothing.
+pub fn pinned_counters(dir: &Path) -> Result<Vec<(u32, Counters, Counters)>, BpfError> {
+    let path = dir.join(MAP_COUNTERS);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let data = MapData::from_pin(&path).map_err(|e| map_error(MAP_COUNTERS, e))?;
+    let map: PerCpuHashMap<MapData, u32, Counters> =
+        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
+            .map_err(|e| map_error(MAP_COUNTERS, e))?;
+    let mut sums: BTreeMap<u32, (Counters, Counters)> = BTreeMap::new();
+    for (key, per_cpu) in map.iter().filter_map(Result::ok) {
+        let total = per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+            allowed: a.allowed + c.allowed,
+            dropped: a.dropped + c.dropped,
+        });
+        let e = sums.entry(key >> 1).or_default();
+        if key & 1 == 1 {
+            e.1 = total;
+        } else {
+            e.0 = total;
+        }
+    }
+    Ok(sums.into_iter().map(|(i, (f, t))| (i, f, t)).collect())
 }
 
 /// The bpf syscall's commands used here.

@@ -455,20 +455,29 @@ impl Image {
     /// The program's walk (policy.c's `decide`) over this image's entries, as the maps answer lookups:
     /// exact keys, longest prefix for addresses and ports. A missing entry the program needs denies.
     pub fn decide(&self, pkt: &Packet) -> bool {
+        self.explain(pkt).0
+    }
+
+    /// [`Image::decide`], with the entry that decided (None when the walk found the table broken) and the
+    /// entries that passed on the way.
+    pub fn explain(&self, pkt: &Packet) -> (bool, Option<u32>, Vec<u32>) {
         let mut start = 0usize;
+        let mut passed = Vec::new();
         let mut acc: Option<(usize, Bits)> = None;
         for _ in 0..MAX_STEPS {
             let c = start / CHUNK_BITS;
             let Some(ch) = self.chunks.get(c) else {
-                return false;
+                return (false, None, passed);
             };
             if acc.as_ref().is_none_or(|(at, _)| *at != c) {
                 match ch.matching(pkt) {
                     Some(b) => acc = Some((c, b)),
-                    None => return false,
+                    None => return (false, None, passed),
                 }
             }
-            let Some((_, bits)) = &acc else { return false };
+            let Some((_, bits)) = &acc else {
+                return (false, None, passed);
+            };
             let from = start % CHUNK_BITS;
             let found = (from..CHUNK_BITS).find(|i| bits.0[i / 64] >> (i % 64) & 1 == 1);
             let Some(i) = found else {
@@ -476,19 +485,44 @@ impl Image {
                 continue;
             };
             let bit = 1u64 << (i % 64);
+            let entry = (c * CHUNK_BITS + i) as u32;
             if ch.allow.0[i / 64] & bit != 0 {
-                return true;
+                return (true, Some(entry), passed);
             }
             if ch.pass.0[i / 64] & bit == 0 {
-                return false;
+                return (false, Some(entry), passed);
             }
-            let entry = (c * CHUNK_BITS + i) as u32;
+            passed.push(entry);
             match self.passes.iter().find(|(from, _)| *from == entry) {
                 Some((_, to)) if *to > entry => start = *to as usize,
-                _ => return false,
+                _ => return (false, None, passed),
             }
         }
-        false
+        (false, None, passed)
+    }
+
+    /// Each entry's action as the table says it: `Allow`, `Deny` or `Pass -> N`.
+    pub fn actions(&self) -> Vec<String> {
+        (0..self.entries as usize)
+            .map(|i| {
+                let (w, bit) = ((i % CHUNK_BITS) / 64, 1u64 << (i % 64));
+                let Some(ch) = self.chunks.get(i / CHUNK_BITS) else {
+                    return "missing".to_owned();
+                };
+                if ch.allow.0[w] & bit != 0 {
+                    "Allow".to_owned()
+                } else if ch.pass.0[w] & bit != 0 {
+                    let to = self
+                        .passes
+                        .iter()
+                        .find(|(f, _)| *f as usize == i)
+                        .map(|(_, t)| *t);
+                    format!("Pass -> {}", to.map_or("?".to_owned(), |t| t.to_string()))
+                } else {
+                    "Deny".to_owned()
+                }
+            })
+            .collect()
     }
 }
 
