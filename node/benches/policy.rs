@@ -10,11 +10,13 @@
 //!   pod is created, then its `status.podIP` set). Each operation waits until the agent's
 //!   `caracal_node_dataplane_programs` counter moves; the CPU of polling `/metrics` is measured and taken
 //!   out. The ratios large / small and the memory per pod beyond the small datastore are the issue's goals.
-//! - `iptables`: 1,000 local endpoints (100 namespaces x 10 pods) each selected by the 10 policies of its
-//!   namespace: start -> ready and the first program, single policy edits, a restart that adopts what is in
-//!   place, and the periodic full read-back (`CARACAL_REFRESH_SECONDS`).
-//! - `throughput`: iperf3 between two pods wired to a node namespace, with no policy vs a policy of 1,000
-//!   rules that do not match the flow, switched through the API.
+//! - `iptables` and `bpf`: 1,000 local endpoints (100 namespaces x 10 pods) each selected by the 10 policies
+//!   of its namespace, with each data plane: start -> ready and the first program, single policy edits, pod
+//!   ADDs (BPF), a restart that adopts what is in place, the periodic full read-back
+//!   (`CARACAL_REFRESH_SECONDS`), the agent's memory and (BPF) the maps' bytes per endpoint.
+//! - `dataplanes`: iperf3 throughput and new TCP connections per second between two pods wired to a node
+//!   namespace, iptables and BPF, with no policy and with 1,000 and 10,000 rules that do not match the flow
+//!   (`CARACAL_BENCH_PARTS=dataplanes` runs only this part).
 //!
 //! `CARACAL_BENCH_AGENT_BIN` measures another agent binary in the scaling part (a worktree's build, or a
 //! script that runs the release agent under a heap profiler); `CARACAL_BENCH_PARTS=scaling` runs only that
@@ -609,12 +611,9 @@ fn kernel_counts(ns: &NetNs) -> Value {
     })
 }
 
-async fn iptables(c: &mut TestCluster) -> Value {
+/// The 1,000 endpoints' datastore: 100 namespaces of 10 pods, each namespace with 10 policies.
+async fn write_endpoints_1000(c: &mut TestCluster) {
     let node = c.nodes[0].name.clone();
-    eprintln!(
-        "iptables: {} local endpoints x {IPT_POLICIES} policies",
-        IPT_NS * IPT_PODS
-    );
     let client = c.client.clone();
     concurrently("namespaces", (0..IPT_NS).collect(), |n| {
         let client = client.clone();
@@ -661,33 +660,141 @@ async fn iptables(c: &mut TestCluster) -> Value {
         }
     })
     .await;
+}
 
-    c.agent_env = vec![("CARACAL_REFRESH_SECONDS".into(), "3600".into())];
+/// Dummy interfaces named as the CNI plugin names the host sides of `pods` (namespace, pod), in `ns`: the
+/// BPF data plane attaches to an endpoint's interface, so each endpoint needs one (the iptables backend
+/// names interfaces in rules and needs none).
+fn dummy_interfaces(ns: &NetNs, pods: impl Iterator<Item = (String, String)>) {
+    let batch: String = pods
+        .map(|(n, p)| format!("link add {} type dummy\n", host_iface(&n, &p)))
+        .collect();
+    let path = std::env::temp_dir().join(format!("caracal-bench-dummies-{}", std::process::id()));
+    std::fs::write(&path, batch).expect("batch file");
+    ns.exec(&["ip", "-force", "-batch", &path.to_string_lossy()])
+        .expect("dummy interfaces");
+    let _ = std::fs::remove_file(path);
+}
+
+/// The bytes the BPF maps pinned under `dir` lock in the kernel (`bpftool map show pinned`).
+fn bpf_map_bytes(dir: &std::path::Path) -> Value {
+    let mut total = 0u64;
+    let mut by_map = serde_json::Map::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if !path.is_file() {
+            continue;
+        }
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&path)
+            .output();
+        let Ok(out) = out else { continue };
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+            continue;
+        };
+        let bytes = v["bytes_memlock"].as_u64().unwrap_or(0);
+        total += bytes;
+        by_map.insert(e.file_name().to_string_lossy().into_owned(), json!(bytes));
+    }
+    json!({"total_bytes": total, "by_map": by_map})
+}
+
+/// The agent on 1,000 local endpoints x 10 policies with `dataplane`: start -> ready and the first program,
+/// single policy edits, pod ADDs (BPF), a restart that adopts what is in place, and (iptables) the periodic
+/// full read-back.
+async fn endpoints_1000(c: &mut TestCluster, dataplane: &str) -> Value {
+    eprintln!(
+        "{dataplane}: {} local endpoints x {IPT_POLICIES} policies",
+        IPT_NS * IPT_PODS
+    );
+    let bpf = dataplane == "BPF";
+    let endpoints = IPT_NS * IPT_PODS;
+    let pins = caracal_node::dataplane::bpf::backend::pin_dir(&c.nodes[0].ns.exec_prefix());
+    if bpf {
+        dummy_interfaces(
+            &c.nodes[0].ns,
+            (0..IPT_NS).flat_map(|n| (0..IPT_PODS).map(move |i| (format!("ipt-{n}"), format!("pod-{i}")))),
+        );
+    }
+    // The maps' bytes with nothing in them (the same object loaded under a directory of its own).
+    let maps_empty = if bpf {
+        let _ = caracal_node::dataplane::bpf::remove_all(&pins);
+        let empty =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-bench-empty-{}", std::process::id()));
+        let loaded = caracal_node::dataplane::bpf::Loaded::load(&empty).expect("load the programs");
+        let bytes = bpf_map_bytes(&empty);
+        drop(loaded);
+        caracal_node::dataplane::bpf::remove_all(&empty).expect("remove");
+        bytes
+    } else {
+        Value::Null
+    };
+    c.agent_env = vec![
+        ("CARACAL_REFRESH_SECONDS".into(), "3600".into()),
+        ("CARACAL_DATAPLANE".into(), dataplane.into()),
+    ];
     let mut a = Agent::start(c, 0).await;
     let first = a.scrape();
-    let counts = kernel_counts(&c.nodes[0].ns);
+    let counts = if bpf {
+        bpf_map_bytes(&pins)
+    } else {
+        kernel_counts(&c.nodes[0].ns)
+    };
     let startup = process_cpu(a.pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let poll_s = a.calibrate().await;
     let (mut latency, mut program) = (Vec::new(), Vec::new());
-    let edits = 5;
+    let edits = 20;
     let w = a.window();
     for e in 0..edits {
         let t = Instant::now();
-        set_ingress(&c.client, &format!("ipt-{}", 3 + 17 * e), "p-0", app_ingress(5))
-            .await
-            .expect("edit");
-        let (d, m) = a.programmed(t, "iptables policy edit").await;
+        set_ingress(
+            &c.client,
+            &format!("ipt-{}", (3 + 17 * e) % IPT_NS),
+            "p-0",
+            app_ingress(5 + e % 3),
+        )
+        .await
+        .expect("edit");
+        let (d, m) = a.programmed(t, "policy edit").await;
         latency.push(ms(d));
         program.push(m.last_program_s * 1e3);
     }
     let edit_cpu = a.cpu_per_op(&w, edits, poll_s);
+    // Pod ADD -> its policy enforced: the interface exists (the CNI plugin made it), the pod appears with
+    // its address; the endpoint is enforced when the agent has programmed it.
+    let mut add = Vec::new();
+    if bpf {
+        for i in 0..20 {
+            let (ns, name) = ("ipt-0".to_owned(), format!("new-{i}"));
+            dummy_interfaces(&c.nodes[0].ns, std::iter::once((ns.clone(), name.clone())));
+            let ip = Ipv4Addr::from(0x0a5b_0000 + i + 1);
+            let t = Instant::now();
+            put_pod(
+                &c.client,
+                &ns,
+                &name,
+                pod_labels(i as usize),
+                &c.nodes[0].name,
+                Some(ip),
+            )
+            .await
+            .expect("pod");
+            let (d, _) = a.programmed(t, "pod ADD").await;
+            add.push(ms(d));
+        }
+    }
     let memory = a.memory();
+    let maps_full = if bpf { bpf_map_bytes(&pins) } else { Value::Null };
     stop_agent(c, 0);
 
     // A restarted agent adopts what is in place; its refresh converges in full with a read-back.
     eprintln!("  restart, then {REFRESH_S} s refreshes");
-    c.agent_env = vec![("CARACAL_REFRESH_SECONDS".into(), REFRESH_S.to_string())];
+    c.agent_env = vec![
+        ("CARACAL_REFRESH_SECONDS".into(), REFRESH_S.to_string()),
+        ("CARACAL_DATAPLANE".into(), dataplane.into()),
+    ];
     let mut b = Agent::start(c, 0).await;
     let adopt = b.scrape();
     let poll_b = b.calibrate().await;
@@ -701,8 +808,21 @@ async fn iptables(c: &mut TestCluster) -> Value {
     }
     let repairs = b.scrape().repairs;
     stop_agent(c, 0);
+    if bpf {
+        caracal_node::dataplane::bpf::remove_all(&pins).expect("remove the BPF pins");
+        let _ = c.nodes[0].ns.exec(&[
+            "sh",
+            "-c",
+            "for i in $(ip -o link show type dummy | cut -d: -f2 | cut -d@ -f1); do ip link del $i; done",
+        ]);
+    }
+    let per_endpoint = counts["total_bytes"]
+        .as_u64()
+        .zip(maps_empty["total_bytes"].as_u64())
+        .map(|(at_ready, empty)| at_ready.saturating_sub(empty) as f64 / endpoints as f64);
     json!({
-        "endpoints": IPT_NS * IPT_PODS,
+        "dataplane": dataplane,
+        "endpoints": endpoints,
         "policies_per_endpoint": IPT_POLICIES,
         "kernel": counts,
         "first_program": {
@@ -718,6 +838,7 @@ async fn iptables(c: &mut TestCluster) -> Value {
             "program_duration": summary_ms(program),
             "cpu_per_op": edit_cpu,
         },
+        "pod_add_to_programmed": if add.is_empty() { Value::Null } else { summary_ms(add) },
         "restart_adopts": {
             "start_to_ready_s": b.ready_s,
             "program_s": (adopt.programs == 1).then_some(adopt.last_program_s),
@@ -728,15 +849,18 @@ async fn iptables(c: &mut TestCluster) -> Value {
             "found_drift": repairs > 0,
         },
         "memory": memory,
-        "note": "program_* is the agent's own timing of one data plane program (caracal_node_dataplane_last_program_seconds: render + ipset/iptables-restore + read-back); the per-refresh CPU covers one whole refresh period (the read-back, the forced routing sync, IPAM GC)",
+        "bpf_maps_after_the_edits_and_adds": maps_full,
+        "bpf_maps_empty": maps_empty,
+        "bpf_map_bytes_per_endpoint": per_endpoint,
+        "note": "edit_to_programmed is from the API write to the agent's programs counter moving: for BPF the tables are in the maps and the endpoint entries flipped, so new flows see the edit; program_* is the agent's own timing of one data plane program; the per-refresh CPU covers one whole refresh period (the read-back, the forced routing sync, IPAM GC)",
     })
 }
 
-// ----- throughput: no policy vs 1,000 non-matching rules -----
+// ----- the data planes side by side: throughput and new connections per second -----
 
 fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> f64 {
     let out = client
-        .exec(&["iperf3", "-c", &server_ip.to_string(), "-t", "4", "-J"])
+        .exec(&["iperf3", "-c", &server_ip.to_string(), "-t", "3", "-J"])
         .expect("iperf3 client");
     let v: Value = serde_json::from_str(&out).expect("iperf3 JSON");
     v["end"]["sum_received"]["bits_per_second"]
@@ -744,8 +868,113 @@ fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> f64 {
         .expect("bits_per_second")
 }
 
-async fn throughput(c: &mut TestCluster) -> Value {
-    eprintln!("throughput: no policy vs 1,000 rules");
+/// A server in `ns` on `ip:port` answering each connection's one-byte request with one byte, then closing
+/// (the server closes first, so the client side keeps no TIME_WAIT). Runs until the process ends.
+fn request_server(ns: &NetNs, ip: Ipv4Addr, port: u16) {
+    let listener = ns
+        .enter(move || std::net::TcpListener::bind((ip, port)))
+        .expect("enter")
+        .expect("bind");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut b = [0u8; 1];
+            if c.read_exact(&mut b).is_ok() {
+                let _ = c.write_all(&b);
+            }
+        }
+    });
+}
+
+/// New connections per second from `ns` to `ip:port` for `secs`: connect, one request, its answer, close;
+/// one at a time. Returns (rate, connections that failed).
+fn connection_rate(ns: &NetNs, ip: Ipv4Addr, port: u16, secs: f64) -> (f64, u64) {
+    ns.enter(move || {
+        use std::io::{Read, Write};
+        let t = Instant::now();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        while t.elapsed().as_secs_f64() < secs {
+            let done = std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(1))
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    c.write_all(b"r")?;
+                    let mut b = [0u8; 1];
+                    c.read_exact(&mut b)?;
+                    let _ = c.read(&mut b); // the server's close
+                    Ok(())
+                });
+            if done.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        (ok as f64 / t.elapsed().as_secs_f64(), failed)
+    })
+    .expect("enter")
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Rule counts the data planes are measured at.
+const RULE_COUNTS: [usize; 3] = [0, 1000, 10_000];
+
+/// Rules per policy (the CRD's limit is 1,024 per direction).
+const RULES_PER_POLICY: usize = 1000;
+
+/// Policies selecting the server that hold `n` Deny rules for TCP sources that are not the client, 1,000 per
+/// policy, the last ending in Allow: a new flow to the server meets all of them first. (name, order, rules)
+fn rule_policies(n: usize) -> Vec<(String, f64, Value)> {
+    let all: Vec<Value> = (0..n as u32)
+        .map(|i| {
+            json!({"action": "Deny", "protocol": "TCP",
+                   "source": {"nets": [format!("{}/32", Ipv4Addr::from(0xac10_0000 + i))]}})
+        })
+        .collect();
+    let chunks: Vec<&[Value]> = all.chunks(RULES_PER_POLICY).collect();
+    let last = chunks.len().saturating_sub(1);
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut rules = c.to_vec();
+            if i == last {
+                rules.push(json!({"action": "Allow"}));
+            }
+            (format!("many-{i}"), 1.0 + i as f64, Value::Array(rules))
+        })
+        .collect()
+}
+
+impl Agent {
+    /// Waits until the agent has programmed and then stayed idle for `quiet` (several writes, however
+    /// they were batched, all programmed); returns when the first program was seen and the last one's
+    /// duration.
+    async fn settled(&mut self, started: Instant, quiet: Duration, what: &str) -> (Duration, f64) {
+        let (first, mut m) = self.programmed(started, what).await;
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            let now = self.scrape();
+            if now.programs > self.programs {
+                self.programs = now.programs;
+                m = now;
+                last = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (first, m.last_program_s)
+    }
+}
+
+/// Pod -> pod throughput (iperf3, one stream) and new TCP connections per second between two pods on one
+/// node, for each data plane, with 0, 1,000 and 10,000 rules selecting the server that the flow does not
+/// match; each data plane's figures against its own with no policy.
+async fn dataplanes(c: &mut TestCluster) -> Value {
     let node = c.nodes[1].name.clone();
     caracal_e2e::objects::namespace(&c.client, "tput", json!({}))
         .await
@@ -758,55 +987,88 @@ async fn throughput(c: &mut TestCluster) -> Value {
             .await
             .expect("pod");
     }
-    c.agent_env = vec![("CARACAL_REFRESH_SECONDS".into(), "3600".into())];
-    let mut agent = Agent::start(c, 1).await;
     let mut server = std::process::Command::new("ip")
         .args(["netns", "exec", b.ns.name(), "iperf3", "-s", "-B", "10.77.0.2"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(500));
-    // 1,000 Deny rules for addresses that are not the client's, then Allow: every new flow walks them all.
-    let mut rules: Vec<Value> = (0..1000u32)
-        .map(|i| {
-            json!({"action": "Deny", "protocol": "TCP",
-                   "source": {"nets": [format!("{}/32", Ipv4Addr::from(0xc000_0200 + i))]}})
-        })
-        .collect();
-    rules.push(json!({"action": "Allow"}));
-    let rules = Value::Array(rules);
-    let (mut none, mut many) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        none.push(iperf(&a.ns, ip_b));
-        let t = Instant::now();
-        put_policy(&c.client, "tput", "many", 1.0, "pod == 'b'", rules.clone())
-            .await
-            .expect("policy");
-        agent.programmed(t, "1,000-rule policy").await;
-        many.push(iperf(&a.ns, ip_b));
-        let t = Instant::now();
-        policy_api(&c.client, "tput")
-            .delete("many", &DeleteParams::default())
-            .await
-            .expect("delete the policy");
-        agent.programmed(t, "policy removal").await;
+    let mut port = 7000u16;
+    let mut out = serde_json::Map::new();
+    for dataplane in ["Iptables", "BPF"] {
+        eprintln!("{dataplane}: throughput and connections per second at {RULE_COUNTS:?} rules");
+        c.agent_env = vec![
+            ("CARACAL_REFRESH_SECONDS".into(), "3600".into()),
+            ("CARACAL_DATAPLANE".into(), dataplane.into()),
+        ];
+        let mut agent = Agent::start(c, 1).await;
+        let mut cells = serde_json::Map::new();
+        let (mut base_tput, mut base_rate) = (0.0, 0.0);
+        for n in RULE_COUNTS {
+            let mut program_ms = Value::Null;
+            let policies = rule_policies(n);
+            if n > 0 {
+                let t = Instant::now();
+                for (name, order, rules) in &policies {
+                    put_policy(&c.client, "tput", name, *order, "pod == 'b'", rules.clone())
+                        .await
+                        .expect("policy");
+                }
+                let (d, last) = agent.settled(t, Duration::from_secs(2), "the rules").await;
+                program_ms = json!({"writes_to_first_program_ms": ms(d), "last_program_ms": last * 1e3});
+            }
+            let tput: Vec<f64> = (0..3).map(|_| iperf(&a.ns, ip_b)).collect();
+            let mut rates = Vec::new();
+            let mut failed = 0;
+            for _ in 0..3 {
+                port += 1;
+                request_server(&b.ns, ip_b, port);
+                let (r, f) = connection_rate(&a.ns, ip_b, port, 3.0);
+                rates.push(r);
+                failed += f;
+            }
+            let (t, r) = (median(&tput), median(&rates));
+            if n == 0 {
+                (base_tput, base_rate) = (t, r);
+            }
+            cells.insert(
+                format!("rules_{n}"),
+                json!({
+                    "gbit_s": t / 1e9,
+                    "throughput_ratio_to_no_policy": t / base_tput,
+                    "connections_per_s": r,
+                    "connections_ratio_to_no_policy": r / base_rate,
+                    "connections_failed": failed,
+                    "samples_gbit_s": tput.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
+                    "samples_connections_per_s": rates,
+                    "programming": program_ms,
+                }),
+            );
+            if n > 0 {
+                let t = Instant::now();
+                for (name, _, _) in &policies {
+                    policy_api(&c.client, "tput")
+                        .delete(name, &DeleteParams::default())
+                        .await
+                        .expect("delete the policy");
+                }
+                agent.settled(t, Duration::from_secs(2), "policy removal").await;
+            }
+        }
+        stop_agent(c, 1);
+        if dataplane == "BPF" {
+            let pins = caracal_node::dataplane::bpf::backend::pin_dir(&c.nodes[1].ns.exec_prefix());
+            caracal_node::dataplane::bpf::remove_all(&pins).expect("remove the BPF pins");
+        }
+        out.insert(dataplane.to_owned(), Value::Object(cells));
     }
     let _ = server.kill();
     let _ = server.wait();
-    stop_agent(c, 1);
-    let med = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (n, m) = (med(&none), med(&many));
-    json!({
-        "no_policy_gbit_s": n / 1e9, "rules_1000_gbit_s": m / 1e9, "ratio": m / n,
-        "samples_no_policy_gbit_s": none.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
-        "samples_1000_rules_gbit_s": many.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
-        "note": "one TCP stream, 4 s per sample, median of 3; the policy is created and deleted through the API and programmed by caracal-node; established packets are accepted by the first rule of crc-FORWARD"
-    })
+    out.insert(
+        "note".into(),
+        json!("one TCP stream, 3 s per iperf3 sample, median of 3; connections: connect, one byte each way, close, one at a time, 3 s per sample, median of 3; rules_0 is no policy at all; the rules are Deny for TCP sources other than the client, then Allow, written through the API and programmed by caracal-node; each data plane starts from a fresh agent on the same pods"),
+    );
+    Value::Object(out)
 }
 
 fn load_average() -> String {
@@ -826,17 +1088,30 @@ async fn main() {
     );
     let start = Instant::now();
     let load_before = load_average();
-    let scaling = agent_scaling().await;
-    // `CARACAL_BENCH_PARTS=scaling` stops after the scaling part (memory and CPU per operation).
-    let only_scaling = std::env::var("CARACAL_BENCH_PARTS").is_ok_and(|v| v == "scaling");
-    let (ipt, tput) = if only_scaling {
-        (Value::Null, Value::Null)
+    let parts = std::env::var("CARACAL_BENCH_PARTS").unwrap_or_default();
+    let scaling = if parts.is_empty() || parts == "scaling" {
+        agent_scaling().await
+    } else {
+        Value::Null
+    };
+    // `CARACAL_BENCH_PARTS=scaling` stops after the scaling part (memory and CPU per operation);
+    // `dataplanes` runs only the data planes side by side.
+    let (ipt, bpf, planes) = if parts == "scaling" {
+        (Value::Null, Value::Null, Value::Null)
     } else {
         let release = workspace_root().join("target/release");
         let mut c = TestCluster::new(2, &release.join("caracal-node"), &release.join("caracal-cni"))
             .await
             .expect("cluster");
-        (iptables(&mut c).await, throughput(&mut c).await)
+        let planes = dataplanes(&mut c).await;
+        if parts == "dataplanes" {
+            (Value::Null, Value::Null, planes)
+        } else {
+            write_endpoints_1000(&mut c).await;
+            let ipt = endpoints_1000(&mut c, "Iptables").await;
+            let bpf = endpoints_1000(&mut c, "BPF").await;
+            (ipt, bpf, planes)
+        }
     };
     let report = json!({
         "benchmark": "policy",
@@ -845,7 +1120,8 @@ async fn main() {
         "seconds": start.elapsed().as_secs_f64(),
         "agent_scaling": scaling,
         "iptables": ipt,
-        "throughput": tput,
+        "bpf": bpf,
+        "dataplanes": planes,
     });
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
