@@ -27,7 +27,7 @@ CNIP_TARGETS := $(CNIP_BIN)/bridge $(CNIP_BIN)/host-local $(CNIP_BIN)/loopback
 
 # Debian packages the kernel tier needs (iptables and ipset for the policy data plane, ping and iperf3 to
 # probe it, conntrack to inspect flows, nft for the CNI bench to watch rules land).
-APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack bird2 nftables clang llvm libbpf-dev linux-libc-dev
+APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack bird2 nftables clang llvm libbpf-dev linux-libc-dev bpftool
 
 # Never let `go` download a toolchain; build with the one installed.
 export GOTOOLCHAIN := local

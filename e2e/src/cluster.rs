@@ -70,7 +70,8 @@ pub struct TestNode {
     pub health: u16,
     /// The running agent.
     pub agent: Option<Supervised>,
-    log: PathBuf,
+    /// The agent's log.
+    pub log: PathBuf,
 }
 
 /// A pod created through the plugin.

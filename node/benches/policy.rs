@@ -16,7 +16,7 @@
 //!   (`CARACAL_REFRESH_SECONDS`), the agent's memory and (BPF) the maps' bytes per endpoint.
 //! - `dataplanes`: iperf3 throughput and new TCP connections per second between two pods wired to a node
 //!   namespace, iptables and BPF, with no policy and with 1,000 and 10,000 rules that do not match the flow
-//!   (`CARACAL_BENCH_PARTS=dataplanes` runs only this part).
+//!   (`CARACAL_BENCH_PARTS=dataplanes` runs only this part, `endpoints` only the 1,000 endpoints).
 //!
 //! `CARACAL_BENCH_AGENT_BIN` measures another agent binary in the scaling part (a worktree's build, or a
 //! script that runs the release agent under a heap profiler); `CARACAL_BENCH_PARTS=scaling` runs only that
@@ -111,6 +111,8 @@ struct Agent {
     /// The programs counter when last seen.
     programs: u64,
     ready_s: f64,
+    /// Its log (the tail goes into a failure's message).
+    log: std::path::PathBuf,
 }
 
 /// CPU and scrapes at the start of a measured window.
@@ -136,6 +138,7 @@ impl Agent {
             polls: 0,
             programs: 0,
             ready_s,
+            log: c.nodes[i].log.clone(),
         };
         a.programs = a.scrape().programs;
         a
@@ -154,10 +157,14 @@ impl Agent {
                 self.programs = m.programs;
                 return (started.elapsed(), m);
             }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "{what}: not programmed within {DEADLINE:?}"
-            );
+            if started.elapsed() > DEADLINE {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "{what}: not programmed within {DEADLINE:?} ({m:?}); the agent's log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -662,18 +669,32 @@ async fn write_endpoints_1000(c: &mut TestCluster) {
     .await;
 }
 
-/// Dummy interfaces named as the CNI plugin names the host sides of `pods` (namespace, pod), in `ns`: the
-/// BPF data plane attaches to an endpoint's interface, so each endpoint needs one (the iptables backend
-/// names interfaces in rules and needs none).
-fn dummy_interfaces(ns: &NetNs, pods: impl Iterator<Item = (String, String)>) {
+/// Interfaces named as the CNI plugin names the host sides of `pods` (namespace, pod), in `ns`: veth pairs
+/// whose other ends stay in `ns` too (this kernel has no dummy interfaces). The BPF data plane attaches to an
+/// endpoint's interface, so each endpoint needs one (the iptables backend names interfaces in rules and
+/// needs none). With `delete`, removes them instead.
+fn endpoint_interfaces(ns: &NetNs, pods: impl Iterator<Item = (String, String)>, delete: bool) {
     let batch: String = pods
-        .map(|(n, p)| format!("link add {} type dummy\n", host_iface(&n, &p)))
+        .enumerate()
+        .map(|(i, (n, p))| {
+            let name = host_iface(&n, &p);
+            if delete {
+                format!("link del {name}\n")
+            } else {
+                format!("link add {name} type veth peer name bp{i}-{}\n", &name[3..8])
+            }
+        })
         .collect();
-    let path = std::env::temp_dir().join(format!("caracal-bench-dummies-{}", std::process::id()));
+    let path = std::env::temp_dir().join(format!("caracal-bench-ifaces-{}", std::process::id()));
     std::fs::write(&path, batch).expect("batch file");
     ns.exec(&["ip", "-force", "-batch", &path.to_string_lossy()])
-        .expect("dummy interfaces");
+        .expect("endpoint interfaces");
     let _ = std::fs::remove_file(path);
+}
+
+/// The 1,000 endpoints as (namespace, pod).
+fn bench_pods() -> impl Iterator<Item = (String, String)> {
+    (0..IPT_NS).flat_map(|n| (0..IPT_PODS).map(move |i| (format!("ipt-{n}"), format!("pod-{i}"))))
 }
 
 /// The bytes the BPF maps pinned under `dir` lock in the kernel (`bpftool map show pinned`).
@@ -712,10 +733,7 @@ async fn endpoints_1000(c: &mut TestCluster, dataplane: &str) -> Value {
     let endpoints = IPT_NS * IPT_PODS;
     let pins = caracal_node::dataplane::bpf::backend::pin_dir(&c.nodes[0].ns.exec_prefix());
     if bpf {
-        dummy_interfaces(
-            &c.nodes[0].ns,
-            (0..IPT_NS).flat_map(|n| (0..IPT_PODS).map(move |i| (format!("ipt-{n}"), format!("pod-{i}")))),
-        );
+        endpoint_interfaces(&c.nodes[0].ns, bench_pods(), false);
     }
     // The maps' bytes with nothing in them (the same object loaded under a directory of its own).
     let maps_empty = if bpf {
@@ -768,7 +786,7 @@ async fn endpoints_1000(c: &mut TestCluster, dataplane: &str) -> Value {
     if bpf {
         for i in 0..20 {
             let (ns, name) = ("ipt-0".to_owned(), format!("new-{i}"));
-            dummy_interfaces(&c.nodes[0].ns, std::iter::once((ns.clone(), name.clone())));
+            endpoint_interfaces(&c.nodes[0].ns, std::iter::once((ns.clone(), name.clone())), false);
             let ip = Ipv4Addr::from(0x0a5b_0000 + i + 1);
             let t = Instant::now();
             put_pod(
@@ -810,11 +828,8 @@ async fn endpoints_1000(c: &mut TestCluster, dataplane: &str) -> Value {
     stop_agent(c, 0);
     if bpf {
         caracal_node::dataplane::bpf::remove_all(&pins).expect("remove the BPF pins");
-        let _ = c.nodes[0].ns.exec(&[
-            "sh",
-            "-c",
-            "for i in $(ip -o link show type dummy | cut -d: -f2 | cut -d@ -f1); do ip link del $i; done",
-        ]);
+        let added = (0..20).map(|i| ("ipt-0".to_owned(), format!("new-{i}")));
+        endpoint_interfaces(&c.nodes[0].ns, bench_pods().chain(added), true);
     }
     let per_endpoint = counts["total_bytes"]
         .as_u64()
@@ -1103,14 +1118,18 @@ async fn main() {
         let mut c = TestCluster::new(2, &release.join("caracal-node"), &release.join("caracal-cni"))
             .await
             .expect("cluster");
-        let planes = dataplanes(&mut c).await;
-        if parts == "dataplanes" {
-            (Value::Null, Value::Null, planes)
+        let planes = if parts.is_empty() || parts == "dataplanes" {
+            dataplanes(&mut c).await
         } else {
+            Value::Null
+        };
+        if parts.is_empty() || parts == "endpoints" {
             write_endpoints_1000(&mut c).await;
             let ipt = endpoints_1000(&mut c, "Iptables").await;
             let bpf = endpoints_1000(&mut c, "BPF").await;
             (ipt, bpf, planes)
+        } else {
+            (Value::Null, Value::Null, planes)
         }
     };
     let report = json!({

@@ -3,7 +3,10 @@
 //! reach each other over TCP, UDP and ICMP; a pod reaches an "outside" namespace through natOutgoing
 //! (the outside sees the node's address); nodes publish their addresses; pods get the MTU minus VXLAN's
 //! overhead; a deleted route and a deleted FDB entry come back; CHECK and STATUS answer; DEL after the pod's
-//! namespace is gone succeeds and the address is released. Needs root.
+//! namespace is gone succeeds and the address is released. All of it with the iptables data plane and again
+//! with the BPF data plane, where also: a restarted agent keeps an established TCP connection between pods on
+//! two nodes (and the programs keep enforcing while it is down), and a deleted pod's endpoint entry leaves
+//! the maps. Needs root.
 
 #![expect(
     clippy::expect_used,
@@ -46,7 +49,71 @@ async fn connects(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through_nat() {
+    three_nodes("Iptables").await;
+}
+
+#[tokio::test]
+async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through_nat_in_bpf_mode() {
+    three_nodes("BPF").await;
+}
+
+/// The endpoint entries the BPF data plane of node `i` holds (its pinned maps, read in its namespace).
+fn bpf_endpoints(c: &TestCluster, i: usize) -> usize {
+    let pins = caracal_node::dataplane::bpf::backend::pin_dir(&c.nodes[i].ns.exec_prefix());
+    c.nodes[i]
+        .ns
+        .enter(move || {
+            caracal_node::dataplane::bpf::Loaded::load(&pins)
+                .and_then(|mut l| l.endpoint_entries())
+                .map(|e| e.len())
+                .expect("the BPF maps")
+        })
+        .expect("enter")
+}
+
+/// An established connection from `client` to `server`: the server speaks first, then the client answers.
+struct Conn {
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+}
+
+impl Conn {
+    fn open(client: &caracal_e2e::cluster::TestPod, server: &caracal_e2e::cluster::TestPod) -> Conn {
+        let ip = server.ip;
+        let listener = server
+            .ns
+            .enter(move || std::net::TcpListener::bind((ip, 7070)))
+            .expect("enter")
+            .expect("bind");
+        let client = client
+            .ns
+            .enter(move || std::net::TcpStream::connect_timeout(&(ip, 7070).into(), Duration::from_secs(3)))
+            .expect("enter")
+            .expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        Conn { client, server }
+    }
+
+    fn roundtrip(&mut self, when: &str) {
+        use std::io::{Read, Write};
+        for s in [&self.client, &self.server] {
+            s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        }
+        self.server.write_all(b"helo").expect("write");
+        let mut buf = [0u8; 4];
+        self.client
+            .read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{when}: the client reads nothing: {e}"));
+        self.client.write_all(b"ping").expect("answer");
+        self.server
+            .read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("{when}: the server gets no answer: {e}"));
+    }
+}
+
+async fn three_nodes(dataplane: &str) {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let bpf = dataplane == "BPF";
     let mut c = TestCluster::new(
         3,
         Path::new(env!("CARGO_BIN_EXE_caracal-node")),
@@ -55,6 +122,8 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
     .await
     .expect("cluster");
     c.agent_env.push(("CARACAL_REFRESH_SECONDS".into(), "2".into()));
+    c.agent_env
+        .push(("CARACAL_DATAPLANE".into(), dataplane.into()));
     pool(&c.client, "10.244.0.0/16", EncapMode::Always).await;
     c.start_agents().await.expect("agents");
 
@@ -102,6 +171,24 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
         failed.is_empty()
     })
     .await;
+
+    if bpf {
+        // One endpoint entry per local pod; a restarted agent keeps an established connection between
+        // nodes, and the programs keep enforcing while it is down.
+        for i in 0..3 {
+            assert_eq!(bpf_endpoints(&c, i), 1, "node-{i}");
+        }
+        let mut conn = Conn::open(&pods[0], &pods[1]);
+        conn.roundtrip("before the restart");
+        if let Some(mut a) = c.nodes[1].agent.take() {
+            a.stop(Duration::from_secs(10));
+        }
+        conn.roundtrip("while node-1's agent is down");
+        c.start_agent(1).expect("restart");
+        c.wait_ready(1).await.expect("ready again");
+        conn.roundtrip("after node-1's agent restarted");
+        assert_eq!(bpf_endpoints(&c, 1), 1);
+    }
 
     // natOutgoing: a namespace on the underlay outside every pool sees the node's address.
     let outside = NetNs::new("out").expect("outside");
@@ -237,6 +324,10 @@ async fn pods_on_three_nodes_reach_each_other_over_vxlan_and_the_outside_through
         assert_eq!(code, 0, "DEL: {out}");
     }
     common::wait_released(&c.client, std::net::IpAddr::V4(gone_ip), Duration::from_secs(20)).await;
+    if bpf {
+        // The deleted pod's endpoint entry leaves the maps of its node.
+        connects("the deleted pod's endpoint entry removed", || bpf_endpoints(&c, node) == 0).await;
+    }
     for i in 0..3 {
         assert!(
             c.nodes[i].agent.as_mut().expect("agent").check_running().is_ok(),
