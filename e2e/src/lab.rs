@@ -127,6 +127,7 @@ impl Lab {
     /// Brings the lab up (see the module docs), printing each step.
     pub async fn up(opts: &LabOptions) -> anyhow::Result<Self> {
         let dir = lab_dir();
+        crate::netns::unmount_bpffs_under(&dir.join("nodes"));
         let _ = std::fs::remove_dir_all(dir.join("nodes"));
         let _ = std::fs::remove_dir_all(dir.join("pods"));
         std::fs::create_dir_all(&dir)?;
@@ -360,6 +361,7 @@ impl Lab {
             op.stop(Duration::from_secs(5));
         }
         self.nodes.clear();
+        crate::netns::unmount_bpffs_under(&self.dir.join("nodes"));
     }
 }
 

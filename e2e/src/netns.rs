@@ -247,3 +247,36 @@ impl Underlay {
         Ok(())
     }
 }
+
+/// Mounts a bpf filesystem on `dir` unless one is there already (a lab node's stand-in for the host's
+/// `/sys/fs/bpf`; it lives in the machine's mount namespace, so pins outlive the processes that made them).
+pub fn mount_bpffs(dir: &std::path::Path) -> std::io::Result<()> {
+    let on_bpffs =
+        nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if on_bpffs {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpffs"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Unmounts every bpffs mounted at or under `root` (what [`mount_bpffs`] mounted for a lab's nodes), so
+/// their pins go and the directories can be removed.
+pub fn unmount_bpffs_under(root: &std::path::Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for l in mounts.lines() {
+        let mut f = l.split_whitespace();
+        let (Some(_), Some(at), Some("bpf")) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if std::path::Path::new(at).starts_with(root) {
+            let _ = nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}

@@ -3,7 +3,8 @@
 //! - the image's command becomes the workspace binary of the same name (`caracal/node` runs
 //!   `target/<profile>/caracal-node`, a `command` of `caracal-cni install` runs that binary with `install`);
 //! - a `hostPath` volume is the node's own directory (`<node root>/<path>`): nodes are namespaces on one
-//!   machine, so each gets its own `/var/run/caracal`, `/etc/cni/net.d`, ...;
+//!   machine, so each gets its own `/var/run/caracal`, `/etc/cni/net.d`, ...; the one for `/sys/fs/bpf`
+//!   gets a bpffs of its own, mounted by the kubelet;
 //! - `configMap` and `secret` volumes are files written under the pod's directory;
 //! - an environment value under a container mount path is rewritten to where that mount points, and
 //!   `fieldRef`s (`spec.nodeName`, `status.hostIP`, `metadata.name`, `metadata.namespace`) are resolved;
@@ -41,6 +42,9 @@ pub struct Plan {
     pub files: Vec<(PathBuf, Vec<u8>)>,
     /// Directories of hostPath volumes to create.
     pub dirs: Vec<PathBuf>,
+    /// Of those, the ones standing for the host's `/sys/fs/bpf`: the kubelet mounts a bpffs on each (a
+    /// real node has one there), so what a process pins outlives the process.
+    pub bpffs: Vec<PathBuf>,
     /// Init containers first, in order, then the containers.
     pub processes: Vec<ProcessSpec>,
 }
@@ -141,6 +145,9 @@ pub fn plan(pod: &Pod, ctx: &mut Context<'_>) -> Result<Plan, PlanError> {
     for v in spec.volumes.iter().flatten() {
         if let Some(hp) = &v.host_path {
             let dir = ctx.node_root.join(hp.path.trim_start_matches('/'));
+            if hp.path.trim_end_matches('/') == "/sys/fs/bpf" {
+                out.bpffs.push(dir.clone());
+            }
             out.dirs.push(if hp.type_.as_deref() == Some("FileOrCreate") {
                 dir.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.clone())
             } else {

@@ -53,6 +53,11 @@ impl Health for Status {
             "How long the last data plane program took",
             ConstGauge::new(self.last_program_us.load(Ordering::Relaxed) as f64 / 1e6),
         );
+        r.register(
+            "dataplane_last_change_to_programmed_seconds",
+            "From a datastore change reaching the policy engine to the incremental program that applied it (the last one)",
+            ConstGauge::new(self.last_change_us.load(Ordering::Relaxed) as f64 / 1e6),
+        );
         if let Some(dir) = self.bpf_pins.get() {
             match crate::dataplane::bpf::pinned_counters(dir) {
                 Ok(all) => {

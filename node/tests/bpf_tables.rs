@@ -8,7 +8,7 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
-use caracal_node::dataplane::bpf::tables::{CHUNK_BITS, Image, image};
+use caracal_node::dataplane::bpf::tables::{self, CHUNK_BITS, Image, image};
 use caracal_policy::classify::{compile, decide_bitmap, flatten};
 use caracal_policy::contract::{
     RandomPackets, check_packet, load_world, local_iface, model_all_local, scenarios,
@@ -167,4 +167,98 @@ fn lists_longer_than_a_chunk_pass_and_decide_across_chunks() {
         );
         assert_eq!(laid_out.decide(&pkt), want, "the laid-out walk on {pkt:?}");
     }
+}
+
+/// A namespace `x` with pod `a` (selected by the policy) and pods `b`..: `extra` adds pod `n` (app=client,
+/// with a named port `http`) and `policy` is the ingress rule list of the one policy.
+fn member_world(extra: bool, rule: &str) -> String {
+    let mut m = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: server}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 80, protocol: TCP}]}]}\nstatus: {podIP: 10.0.1.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: client}}\nstatus: {podIP: 10.0.1.2}\n",
+    );
+    if extra {
+        m.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: n, namespace: x, labels: {app: client}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 8080, protocol: TCP}]}]}\nstatus: {podIP: 10.0.1.9}\n");
+    }
+    m.push_str(&format!(
+        "---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  - {rule}\n"
+    ));
+    m
+}
+
+fn sorted(i: &Image) -> Vec<tables::ChunkImage> {
+    i.chunks
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.matches.sort();
+            c.addrs.sort();
+            c.ports.sort();
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn a_set_member_joining_changes_a_table_by_a_few_keys_that_give_the_new_answer() {
+    let rule =
+        "{action: Allow, protocol: TCP, source: {selector: app == 'client'}, destination: {ports: [http]}}";
+    let image_of = |extra: bool, rule: &str| {
+        let loaded = load_world(&member_world(extra, rule)).expect("loads");
+        let model = model_all_local(&loaded);
+        (
+            side_image(&model, "x/a", Direction::Ingress).expect("a's ingress"),
+            loaded,
+        )
+    };
+    let (before, _) = image_of(false, rule);
+    let (after, loaded) = image_of(true, rule);
+    assert_ne!(before.hash, after.hash, "the new member changes the table");
+    let diff = tables::member_diff(&before, &after).expect("a member-only change");
+    // The new client's address (source side) and its named port (destination side, another pod's).
+    assert_eq!(diff.put_addrs.len(), 1, "{diff:?}");
+    assert_eq!(diff.put_addrs[0].1, 0, "a source address");
+    assert_eq!(diff.put_matches.len(), 1, "{diff:?}");
+    assert!(diff.drop_addrs.is_empty() && diff.drop_matches.is_empty());
+    assert_eq!(
+        sorted(&diff.apply(&before)),
+        sorted(&after),
+        "the patched table is the new one"
+    );
+    // Safe for a's table (a's own address is not among the changed keys) ...
+    let a = tables::addr16(
+        loaded
+            .world
+            .endpoints
+            .iter()
+            .find(|e| e.key() == "x/a")
+            .expect("a")
+            .ips[0],
+    );
+    assert!(diff.atomic_for(1, &[a]));
+    // ... and not for a table whose own side is where the new pod's named port changed.
+    let n = tables::addr16("10.0.1.9".parse().expect("ip"));
+    assert!(
+        !diff.atomic_for(1, &[n]),
+        "changes on both sides, one of them the table's own address"
+    );
+    // The patched table answers for the new client as the new one does.
+    let pkt = Packet {
+        src: "10.0.1.9".parse().expect("ip"),
+        dst: "10.0.1.1".parse().expect("ip"),
+        protocol: 6,
+        src_port: Some(40000),
+        dst_port: Some(80),
+        icmp: None,
+    };
+    assert!(!before.decide(&pkt));
+    assert!(diff.apply(&before).decide(&pkt));
+    // The member leaving is the reverse diff.
+    let back = tables::member_diff(&after, &before).expect("member-only");
+    assert_eq!((back.drop_addrs.len(), back.drop_matches.len()), (1, 1));
+    assert!(!back.apply(&after).decide(&pkt));
+    // A changed rule is not a member change: it gets a table of its own.
+    let (other, _) = image_of(
+        false,
+        "{action: Allow, protocol: TCP, source: {selector: app == 'client'}, destination: {ports: [81]}}",
+    );
+    assert!(tables::member_diff(&before, &other).is_none());
 }

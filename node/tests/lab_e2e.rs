@@ -1,13 +1,17 @@
 //! Lab tier: the whole system from `caracal-lab up` (control plane, operator from its manifest, three nodes
-//! with lab kubelets, the VXLAN Installation). The agents run inside their nodes' namespaces. Pods pinned to the three nodes reach each other; the demo's
-//! policies are enforced; a NetworkPolicy applied with kubectl is enforced across nodes; and at every point
-//! the connectivity measured with real connections equals what `caracalctl policy matrix` computes from the
-//! same objects read back from the API server. An invalid Installation edit is Degraded and changes nothing;
-//! an edit from VXLAN to BGP with an explicit MTU rolls the agents and connectivity comes back (BIRD's
-//! routes, new pods with the new MTU). Restarting a node agent keeps an established TCP connection
-//! between pods on two nodes; deleting a pod releases its address; deleting the Installation stops every
-//! agent and Typha; tearing the lab down leaves no namespace behind. Needs root
-//! and the workspace's binaries (`cargo test --workspace` builds them).
+//! with lab kubelets, the VXLAN Installation). The agents run inside their nodes' namespaces. Pods pinned to
+//! the three nodes reach each other; the demo's policies are enforced; a NetworkPolicy applied with kubectl
+//! is enforced across nodes; and at every point the connectivity measured with real connections equals what
+//! `caracalctl policy matrix` computes from the same objects read back from the API server. An invalid
+//! Installation edit is Degraded and changes nothing; an edit from VXLAN to BGP with an explicit MTU rolls
+//! the agents and connectivity comes back (BIRD's routes, new pods with the new MTU). A live switch to the
+//! BPF data plane (`linuxDataplane: BPF`) keeps an established TCP connection between pods on two nodes and
+//! leaves no iptables policy behind; in BPF mode connectivity equals the matrix, a NetworkPolicy applied with
+//! kubectl is enforced across nodes, restarting a node agent keeps an established connection, and a deleted
+//! pod's endpoint entry leaves the maps; the switch back to iptables keeps the connection too and leaves no
+//! BPF pin behind. Deleting a pod releases its address; deleting the Installation stops every agent and
+//! Typha; tearing the lab down leaves no namespace behind. Needs root and the workspace's binaries
+//! (`cargo test --workspace` builds them).
 
 #![expect(
     clippy::expect_used,
@@ -123,153 +127,9 @@ async fn agrees(lab: &Lab, what: &str) -> Vec<Value> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_policy_matrix() {
-    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
-    let lab = Lab::up(&LabOptions {
-        nodes: 3,
-        installation: workspace_root().join("examples/installation-vxlan.yaml"),
-    })
-    .await
-    .expect("lab up");
-    // The DaemonSet's agents run as processes inside their node's network namespace.
-    for (i, (name, ns, _)) in lab.nodes.iter().enumerate() {
-        let node_net = ns
-            .enter(|| std::fs::read_link("/proc/thread-self/ns/net"))
-            .expect("enter")
-            .expect("netns link");
-        let pids: Vec<u32> = lab.host_pods[i]
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(k, _)| k.starts_with("caracal-system/caracal-node-"))
-            .flat_map(|(_, p)| p.processes.iter().filter_map(|s| s.pid()).collect::<Vec<_>>())
-            .collect();
-        assert!(!pids.is_empty(), "no agent process on {name}");
-        for pid in pids {
-            let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("process netns");
-            assert_eq!(
-                net, node_net,
-                "the agent on {name} runs outside its node's namespace"
-            );
-        }
-    }
-    lab.apply(&workspace_root().join("e2e/lab/demo.yaml"))
-        .expect("demo");
-    let pinned = lab.cp.dir().join("pinned.yaml");
-    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
-    for i in 0..3 {
-        text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: e2e, labels: {{app: p{i}}}}}\nspec:\n  nodeName: lab-node-{i}\n  containers: [{{name: c, image: lab/echo, ports: [{{containerPort: 9000}}]}}]\n"
-        ));
-    }
-    std::fs::write(&pinned, text).expect("write");
-    lab.apply(&pinned).expect("pinned pods");
-    lab.wait_pods(&["frontend", "backend", "data", "e2e"])
-        .await
-        .expect("pods");
-
-    let cells = agrees(&lab, "after start").await;
-    // Pods on three different nodes reach each other (over VXLAN), and the demo's policies deny.
-    let cell = |from: &str, to: &str, port: u64| {
-        cells
-            .iter()
-            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
-            .map(|c| c["allowed"] == true)
-    };
-    for (a, b) in [("e2e/p0", "e2e/p1"), ("e2e/p1", "e2e/p2"), ("e2e/p2", "e2e/p0")] {
-        assert_eq!(cell(a, b, 9000), Some(true), "{a} -> {b}");
-    }
-    assert_eq!(cell("frontend/web", "backend/api", 8080), Some(true));
-    assert_eq!(cell("frontend/web", "data/db", 5432), Some(false));
-
-    // A NetworkPolicy applied with kubectl isolates p2; the measurement follows across nodes.
-    let deny = lab.cp.dir().join("deny.yaml");
-    std::fs::write(
-        &deny,
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: isolate-p2, namespace: e2e}\nspec: {podSelector: {matchLabels: {app: p2}}, policyTypes: [Ingress]}\n",
-    )
-    .expect("write");
-    lab.apply(&deny).expect("deny");
-    let cells = agrees(&lab, "after the NetworkPolicy").await;
-    let denied = cells
-        .iter()
-        .filter(|c| c["to"] == "e2e/p2" && c["allowed"] == false)
-        .count();
-    assert!(denied >= 2, "p2 is not isolated: {cells:?}");
-
-    // An invalid Installation edit is reported Degraded and changes nothing that runs.
-    let ds_api: Api<k8s_openapi::api::apps::v1::DaemonSet> =
-        Api::namespaced(lab.client.clone(), "caracal-system");
-    let ds_version = ds_api
-        .get("caracal-node")
-        .await
-        .expect("ds")
-        .metadata
-        .resource_version;
-    let edit = |body: &str| {
-        let path = lab.cp.dir().join("installation-edit.yaml");
-        std::fs::write(&path, format!("apiVersion: operator.caracal.dev/v1\nkind: Installation\nmetadata: {{name: default}}\nspec:\n{body}")).expect("write");
-        lab.apply(&path).expect("apply the edit");
-    };
-    edit(
-        "  calicoNetwork:\n    bgp: Disabled\n    ipPools: [{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: IPIP, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}]\n",
-    );
-    let installations: Api<caracal_crds::installation::Installation> = Api::all(lab.client.clone());
-    let start = Instant::now();
-    loop {
-        let degraded = installations
-            .get("default")
-            .await
-            .expect("installation")
-            .status
-            .is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Degraded" && c.status == "True")
-            });
-        if degraded {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the invalid edit was not reported Degraded"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(
-        ds_api
-            .get("caracal-node")
-            .await
-            .expect("ds")
-            .metadata
-            .resource_version,
-        ds_version,
-        "an invalid edit must not touch the DaemonSet"
-    );
-    agrees(&lab, "after an invalid edit").await;
-
-    // VXLAN -> BGP with an explicit MTU: the agents roll through the DaemonSet, BIRD carries the routes, the
-    // VXLAN device goes, connectivity comes back, and a new pod gets the new MTU.
-    edit(
-        "  calicoNetwork:\n    bgp: Enabled\n    mtu: 1400\n    ipPools: [{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: None, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}]\n    nodeAddressAutodetectionV4: {firstFound: true}\n  nodeUpdateStrategy: {type: RollingUpdate, rollingUpdate: {maxUnavailable: 1}}\n",
-    );
-    let start = Instant::now();
-    loop {
-        let d = ds_api.get("caracal-node").await.expect("ds");
-        let (generation, st) = (d.metadata.generation, d.status.unwrap_or_default());
-        if st.observed_generation == generation
-            && st.updated_number_scheduled == Some(3)
-            && st.number_ready == 3
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "the agents never rolled: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+/// Waits until the caracal-node DaemonSet has rolled out its latest generation to all three nodes.
+async fn wait_rolled(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>, what: &str) {
+    wait_rolled(&ds_api, "VXLAN -> BGP").await;
     let start = Instant::now();
     loop {
         let bird = lab.nodes[0]
@@ -304,8 +164,57 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     );
     agrees(&lab, "with a pod started under BGP").await;
 
-    // Restarting a node agent (its pod deleted; the DaemonSet brings a new one) keeps an established TCP
-    // connection between pods on two nodes working: the rules stay in the kernel and the new agent adopts them.
+    // Iptables -> BPF through the Installation: the agents roll, each converging its BPF programs before
+    // removing the iptables policy, so an established connection between pods on two nodes keeps going.
+    let bgp_bpf = |dataplane: &str| {
+        format!(
+            "  calicoNetwork:\n    bgp: Enabled\n    mtu: 1400\n    linuxDataplane: {dataplane}\n    ipPools: [{{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: None, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}}]\n    nodeAddressAutodetectionV4: {{firstFound: true}}\n  nodeUpdateStrategy: {{type: RollingUpdate, rollingUpdate: {{maxUnavailable: 1}}}}\n"
+        )
+    };
+    let mut across = Echo::open(&lab, "e2e/p0", "e2e/p1").await;
+    assert!(
+        policy_rules(&lab, 0) > 0,
+        "the iptables policy is in place before the switch"
+    );
+    edit(&bgp_bpf("BPF"));
+    wait_rolled(&ds_api, "Iptables -> BPF").await;
+    across.check("after the switch to BPF");
+    for i in 0..3 {
+        assert_eq!(
+            policy_rules(&lab, i),
+            0,
+            "{}: iptables policy left behind",
+            lab.nodes[i].0
+        );
+        assert!(
+            bpf_endpoint_entries(&lab, i) >= 1,
+            "{}: no BPF endpoint",
+            lab.nodes[i].0
+        );
+    }
+    agrees(&lab, "in BPF mode").await;
+    // A NetworkPolicy applied with kubectl in BPF mode: p1 admits only p0, across nodes.
+    let only_p0 = lab.cp.dir().join("only-p0.yaml");
+    std::fs::write(
+        &only_p0,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p1-from-p0, namespace: e2e}\nspec:\n  podSelector: {matchLabels: {app: p1}}\n  policyTypes: [Ingress]\n  ingress: [{from: [{podSelector: {matchLabels: {app: p0}}}]}]\n",
+    )
+    .expect("write");
+    lab.apply(&only_p0).expect("p1-from-p0");
+    let cells = agrees(&lab, "after a NetworkPolicy in BPF mode").await;
+    let to_p1 = |from: &str| {
+        cells
+            .iter()
+            .find(|c| c["from"] == from && c["to"] == "e2e/p1" && c["port"] == 9000)
+            .map(|c| c["allowed"] == true)
+    };
+    assert_eq!(to_p1("e2e/p0"), Some(true), "p0 -> p1 in BPF mode");
+    assert_eq!(to_p1("e2e/p3"), Some(false), "p3 -> p1 in BPF mode");
+    across.check("with the NetworkPolicy in place");
+
+    // Restarting a node agent in BPF mode (its pod deleted; the DaemonSet brings a new one) keeps an
+    // established TCP connection between pods on two nodes working: the programs and maps stay pinned and
+    // the new agent adopts them.
     let p0_ns = recorded(&lab, "e2e/p0", "netns").await;
     let p1_ip: std::net::Ipv4Addr = recorded(&lab, "e2e/p1", "ip").await.parse().expect("ip");
     let ns = caracal_e2e::netns::NetNs::existing(&p0_ns);
@@ -381,6 +290,38 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         .await
         .expect("delete p2");
     common::wait_released(&lab.client, p2_ip.parse().expect("ip"), Duration::from_secs(60)).await;
+    // Its endpoint entry leaves node-2's maps (p3 stays).
+    let start = Instant::now();
+    while bpf_endpoint_entries(&lab, 2) != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the deleted pod's BPF endpoint entry stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // BPF -> Iptables: the connection keeps going, and no BPF pin is left on any node.
+    edit(&bgp_bpf("Iptables"));
+    wait_rolled(&ds_api, "BPF -> Iptables").await;
+    across.check("after the switch back to iptables");
+    for i in 0..3 {
+        assert!(
+            policy_rules(&lab, i) > 0,
+            "{}: no iptables policy",
+            lab.nodes[i].0
+        );
+        let pins = bpf_pins(&lab, i);
+        let left: Vec<_> = std::fs::read_dir(&pins)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "{}: BPF pins left behind: {left:?}",
+            lab.nodes[i].0
+        );
+    }
+    agrees(&lab, "back in iptables mode").await;
+    drop(across);
 
     // Deleting the Installation tears Caracal down: the operator's objects go, and with them every agent and
     // Typha process on the nodes.

@@ -122,8 +122,7 @@ async fn three_nodes(dataplane: &str) {
     .await
     .expect("cluster");
     c.agent_env.push(("CARACAL_REFRESH_SECONDS".into(), "2".into()));
-    c.agent_env
-        .push(("CARACAL_DATAPLANE".into(), dataplane.into()));
+    c.agent_env.push(("CARACAL_DATAPLANE".into(), dataplane.into()));
     pool(&c.client, "10.244.0.0/16", EncapMode::Always).await;
     c.start_agents().await.expect("agents");
 
@@ -326,7 +325,10 @@ async fn three_nodes(dataplane: &str) {
     common::wait_released(&c.client, std::net::IpAddr::V4(gone_ip), Duration::from_secs(20)).await;
     if bpf {
         // The deleted pod's endpoint entry leaves the maps of its node.
-        connects("the deleted pod's endpoint entry removed", || bpf_endpoints(&c, node) == 0).await;
+        connects("the deleted pod's endpoint entry removed", || {
+            bpf_endpoints(&c, node) == 0
+        })
+        .await;
     }
     for i in 0..3 {
         assert!(

@@ -172,6 +172,9 @@ pub async fn start(
     for d in &plan.dirs {
         std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
+    for d in &plan.bpffs {
+        crate::netns::mount_bpffs(d).map_err(|e| format!("mounting a bpffs on {}: {e}", d.display()))?;
+    }
     for (path, data) in &plan.files {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

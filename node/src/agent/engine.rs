@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use caracal_datastore::Update;
 use caracal_policy::calc::graph::Changes;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use super::pipeline::{Failure, Pipeline};
 use super::{Config, Status};
@@ -221,6 +221,7 @@ impl Engine {
     fn program(&mut self, full: bool) -> Result<dataplane::ApplyStats, DataplaneError> {
         let full = full || !self.programmed_once;
         let started = Instant::now();
+        let changed_at = self.dirty_since;
         let result: Result<dataplane::ApplyStats, DataplaneError> = if full {
             self.backend.converge(self.pipeline.model())
         } else {
@@ -246,6 +247,13 @@ impl Engine {
                 self.programmed_once = true;
                 self.status.programs.fetch_add(1, Ordering::Relaxed);
                 self.status.record_program(started.elapsed());
+                if let (false, Some(at)) = (full, changed_at) {
+                    self.status.last_change_us.store(
+                        u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                }
+                debug!(full, ?stats, elapsed = ?started.elapsed(), "programmed");
                 // Ready once the first program from a complete view applied every valid object.
                 if self.pipeline.in_sync() {
                     self.status.ready.store(true, Ordering::Relaxed);

@@ -77,6 +77,9 @@ pub struct Status {
     pub conversion_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// The last program's duration, in microseconds.
     pub last_program_us: AtomicU64,
+    /// From the first change a program applied arriving at the engine to the program's end, in
+    /// microseconds (the last incremental program).
+    pub last_change_us: AtomicU64,
     /// Where the BPF data plane's maps are pinned, when it is the one running: `/metrics` reads the
     /// per-endpoint counters there.
     pub bpf_pins: std::sync::OnceLock<std::path::PathBuf>,

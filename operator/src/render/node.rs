@@ -180,6 +180,8 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
                     .unwrap_or(caracal_crds::installation::LinuxDataplane::Iptables)
             ),
         ),
+        // The BPF data plane's pins, on the host's bpffs (the bpffs mount), so they outlive the agent.
+        env("CARACAL_BPF_PIN_DIR", "/sys/fs/bpf/caracal"),
         env("CARACAL_BGP", toggle(net.bgp)),
         env("CARACAL_WIREGUARD", toggle(net.wireguard)),
         env(

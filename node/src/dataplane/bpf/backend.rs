@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use caracal_policy::classify::{compile, flatten};
 use caracal_policy::ir::Direction;
@@ -23,10 +24,15 @@ use super::{BpfError, Endpoint, Loaded, PIN_DIR};
 use crate::dataplane::iptables::apply::ApplyStats;
 use crate::dataplane::{Changes, DataplaneError, DataplaneModel, PolicyDataplane};
 
-/// Where a node's pins go: [`PIN_DIR`]; when `exec_prefix` is `ip netns exec NAME` (how tests and the lab
-/// run the kernel tools in a namespace: the namespace to program), `PIN_DIR-NAME`, since several such nodes
-/// share one host's bpffs and interface indexes repeat across namespaces.
+/// Where a node's pins go: `CARACAL_BPF_PIN_DIR` when set (the node DaemonSet sets it to a directory on the
+/// host's bpffs it mounts; the lab points it at each node's own bpffs), else [`PIN_DIR`]; when
+/// `exec_prefix` is `ip netns exec NAME` (how tests run the kernel tools in a namespace: the namespace to
+/// program), `PIN_DIR-NAME`, since several such nodes share one host's bpffs and interface indexes repeat
+/// across namespaces.
 pub fn pin_dir(exec_prefix: &[String]) -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARACAL_BPF_PIN_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
     match exec_prefix {
         [_, _, _, name] => PathBuf::from(format!("{PIN_DIR}-{name}")),
         _ => PathBuf::from(PIN_DIR),
@@ -36,7 +42,7 @@ pub fn pin_dir(exec_prefix: &[String]) -> PathBuf {
 /// A table in the kernel.
 struct Written {
     id: u32,
-    image: Image,
+    image: Arc<Image>,
     /// Endpoint directions referring to it.
     refs: usize,
 }
@@ -48,6 +54,10 @@ struct Programmed {
     /// Table hashes: [egress (from the pod), ingress (to the pod)].
     hashes: [u64; 2],
 }
+
+/// Images by tier list, for one program.
+#[derive(Default)]
+struct Memo(std::collections::HashMap<String, Result<Arc<Image>, tables::ImageError>>);
 
 /// The BPF data plane.
 pub struct BpfDataplane {
@@ -136,13 +146,24 @@ impl BpfDataplane {
         })
     }
 
-    /// The images of `iface`'s two directions: [egress, ingress].
-    fn images(model: &DataplaneModel, iface: &str) -> Result<[Image; 2], tables::ImageError> {
+    /// The images of `iface`'s two directions: [egress, ingress]. An image depends only on the tier list
+    /// and the model, so `memo` computes each distinct list once per program (endpoints of one namespace
+    /// usually share theirs).
+    fn images(
+        model: &DataplaneModel,
+        iface: &str,
+        memo: &mut Memo,
+    ) -> Result<[Arc<Image>; 2], tables::ImageError> {
         let tiers = model.endpoint_tiers.get(iface).cloned().unwrap_or_default();
-        let one = |dir: Direction, list: &[caracal_policy::model::TierRef]| {
-            let entries = flatten(list, &model.policies, dir);
-            let compiled = compile(&entries, model);
-            tables::image(&entries, &compiled)
+        let mut one = |dir: Direction, list: &[caracal_policy::model::TierRef]| {
+            memo.0
+                .entry(format!("{dir:?} {list:?}"))
+                .or_insert_with(|| {
+                    let entries = flatten(list, &model.policies, dir);
+                    let compiled = compile(&entries, model);
+                    tables::image(&entries, &compiled).map(Arc::new)
+                })
+                .clone()
         };
         Ok([
             one(Direction::Egress, &tiers.egress)?,
@@ -150,8 +171,83 @@ impl BpfDataplane {
         ])
     }
 
+    /// Tables whose every user moves to one new image that differs from the old only in set members are
+    /// changed in place, key by key, when that is atomic for each packet ([`tables::MemberDiff::atomic_for`]):
+    /// a pod joining a set that 1,000 endpoints' tables use costs a few keys per table, and no endpoint
+    /// entry is written. What cannot be patched is left for [`Self::program`] (a new table, then the flip).
+    fn patch_in_place(
+        &mut self,
+        model: &DataplaneModel,
+        affected: &BTreeSet<String>,
+        memo: &mut Memo,
+        stats: &mut ApplyStats,
+    ) -> Result<(), BpfError> {
+        // Old hash -> (interface, direction, new image) of the users moving off it.
+        let mut moving: BTreeMap<u64, Vec<(&str, usize, Arc<Image>)>> = BTreeMap::new();
+        for iface in affected {
+            let Some(p) = self.endpoints.get(iface.as_str()).copied() else {
+                continue;
+            };
+            let Ok(images) = Self::images(model, iface, memo) else {
+                continue;
+            };
+            for (d, image) in images.into_iter().enumerate() {
+                if image.hash != p.hashes[d] {
+                    moving
+                        .entry(p.hashes[d])
+                        .or_default()
+                        .push((iface.as_str(), d, image));
+                }
+            }
+        }
+        let own: BTreeMap<&str, Vec<[u8; 16]>> = model
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.iface.as_str(),
+                    e.ips.iter().map(|ip| tables::addr16(*ip)).collect(),
+                )
+            })
+            .collect();
+        for (old, users) in moving {
+            let Some(w) = self.tables.get(&old) else {
+                continue;
+            };
+            let new = Arc::clone(&users[0].2);
+            if users.len() != w.refs
+                || users.iter().any(|u| u.2.hash != new.hash)
+                || self.tables.contains_key(&new.hash)
+            {
+                continue;
+            }
+            let Some(diff) = tables::member_diff(&w.image, &new) else {
+                continue;
+            };
+            let atomic = users.iter().all(|(iface, d, _)| {
+                diff.atomic_for(*d as u8, own.get(iface).map_or(&[][..], Vec::as_slice))
+            });
+            if !atomic {
+                continue;
+            }
+            let id = w.id;
+            self.loaded()?.patch_table(id, &diff, new.hash)?;
+            stats.tables_patched += 1;
+            if let Some(mut w) = self.tables.remove(&old) {
+                w.image = Arc::clone(&new);
+                self.tables.insert(new.hash, w);
+            }
+            for (iface, d, image) in &users {
+                if let Some(p) = self.endpoints.get_mut(*iface) {
+                    p.hashes[*d] = image.hash;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The id of a table holding `image`, writing it when no table does.
-    fn table_for(&mut self, image: Image, stats: &mut ApplyStats) -> Result<u32, BpfError> {
+    fn table_for(&mut self, image: Arc<Image>, stats: &mut ApplyStats) -> Result<u32, BpfError> {
         if let Some(w) = self.tables.get_mut(&image.hash) {
             w.refs += 1;
             return Ok(w.id);
@@ -202,6 +298,7 @@ impl BpfDataplane {
         model: &DataplaneModel,
         iface: &str,
         force: bool,
+        memo: &mut Memo,
         stats: &mut ApplyStats,
         errors: &mut Vec<String>,
     ) -> Result<(), BpfError> {
@@ -213,7 +310,7 @@ impl BpfDataplane {
             self.loaded()?.attach(iface)?;
             self.attached.insert(iface.to_owned());
         }
-        let images = match Self::images(model, iface) {
+        let images = match Self::images(model, iface, memo) {
             Ok(i) => i,
             Err(e) => {
                 errors.push(format!("{iface}: {e}; it keeps the policy it had"));
@@ -267,6 +364,7 @@ impl BpfDataplane {
     fn converge_here(&mut self, model: &DataplaneModel) -> Result<ApplyStats, BpfError> {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
+        let mut memo = Memo::default();
         if self.loaded.is_none() {
             // First converge of this run: flows the kernel saw answered (established under whatever enforced
             // policy before, the iptables backend when switching) keep going; see `seed_flows`.
@@ -297,7 +395,7 @@ impl BpfDataplane {
                 self.loaded()?.attach(iface)?;
                 self.attached.insert(iface.to_owned());
             }
-            let images = match Self::images(model, iface) {
+            let images = match Self::images(model, iface, &mut memo) {
                 Ok(i) => i,
                 Err(e) => {
                     errors.push(format!("{iface}: {e}; it keeps the policy it had"));
@@ -313,7 +411,7 @@ impl BpfDataplane {
                         image.hash,
                         Written {
                             id: *id,
-                            image: image.clone(),
+                            image: Arc::clone(image),
                             refs: 0,
                         },
                     );
@@ -343,7 +441,7 @@ impl BpfDataplane {
                 }
                 continue;
             }
-            self.program(model, iface, true, &mut stats, &mut errors)?;
+            self.program(model, iface, true, &mut memo, &mut stats, &mut errors)?;
         }
         // Endpoints that left, by name and by kernel entry.
         let gone: Vec<String> = self
@@ -408,9 +506,11 @@ impl BpfDataplane {
             }
         }
         let wanted: BTreeSet<&str> = model.endpoints.iter().map(|e| e.iface.as_str()).collect();
+        let mut memo = Memo::default();
+        self.patch_in_place(model, &affected, &mut memo, &mut stats)?;
         for iface in &affected {
             if wanted.contains(iface.as_str()) {
-                self.program(model, iface, false, &mut stats, &mut errors)?;
+                self.program(model, iface, false, &mut memo, &mut stats, &mut errors)?;
             } else {
                 self.unprogram(iface, &mut stats)?;
             }

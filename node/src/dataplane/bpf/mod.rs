@@ -257,33 +257,43 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
     ("to_pod", TcAttachType::Egress, "to"),
 ];
 
-/// Makes sure `/sys/fs/bpf` is a bpffs (it is not mounted on every host, nor inside `ip netns exec`).
+/// Whether the nearest existing ancestor of `dir` (or `dir` itself) is on a bpf filesystem.
+fn on_bpffs(dir: &Path) -> bool {
+    dir.ancestors()
+        .find(|d| d.exists())
+        .and_then(|d| nix::sys::statfs::statfs(d).ok())
+        .is_some_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` is on a bpffs: `/sys/fs/bpf` is mounted when it is not (it is not on every host, nor
+/// inside `ip netns exec`); a directory elsewhere (`CARACAL_BPF_PIN_DIR`) must already be on one, since a
+/// bpffs this process mounted in a private mount namespace would take the pins with it when it exits.
 fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
     let root = Path::new("/sys/fs/bpf");
-    if dir.starts_with(root) {
-        let mounted = std::fs::read_to_string("/proc/self/mounts")
-            .map_err(|source| BpfError::Io {
-                path: "/proc/self/mounts".into(),
-                source,
-            })?
-            .lines()
-            .any(|l| {
-                let mut fields = l.split_whitespace().skip(1);
-                fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+    if !on_bpffs(dir) {
+        if !dir.starts_with(root) {
+            return Err(BpfError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(
+                    "not on a bpf filesystem: mount one (mount -t bpf bpffs DIR) or point CARACAL_BPF_PIN_DIR under /sys/fs/bpf",
+                ),
             });
-        if !mounted {
-            nix::mount::mount(
-                Some("bpffs"),
-                root,
-                Some("bpf"),
-                nix::mount::MsFlags::empty(),
-                None::<&str>,
-            )
-            .map_err(|e| BpfError::Io {
-                path: root.to_path_buf(),
-                source: e.into(),
-            })?;
         }
+        std::fs::create_dir_all(root).map_err(|source| BpfError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some("bpffs"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| BpfError::Io {
+            path: root.to_path_buf(),
+            source: e.into(),
+        })?;
     }
     for d in [dir.to_path_buf(), dir.join("links")] {
         std::fs::create_dir_all(&d).map_err(|source| BpfError::Io { path: d, source })?;
@@ -570,6 +580,34 @@ impl Loaded {
         self.hash::<u32, TableMeta>(MAP_TABLE)?
             .insert(id, meta, 0)
             .map_err(|e| map_error(MAP_TABLE, e))
+    }
+
+    /// Turns table `id` into the image whose hash is `hash` by `diff` (see [`tables::member_diff`]): the new
+    /// keys first, then the stale ones go, then the table entry records the new hash.
+    pub fn patch_table(&mut self, id: u32, diff: &tables::MemberDiff, hash: u64) -> Result<(), BpfError> {
+        let mut matches = self.hash::<MatchKey, Bits>(MAP_MATCH)?;
+        for (c, part, bits) in &diff.put_matches {
+            matches
+                .insert(match_key(id, *c, part), bits, 0)
+                .map_err(|e| map_error(MAP_MATCH, e))?;
+        }
+        let mut addrs = self.lpm::<AddrData, Bits>(MAP_ADDRS)?;
+        for (c, side, addr, bits) in &diff.put_addrs {
+            addrs
+                .insert(&addr_key(id, *c, *side, 128, *addr), bits, 0)
+                .map_err(|e| map_error(MAP_ADDRS, e))?;
+        }
+        for (c, side, addr) in &diff.drop_addrs {
+            absent_ok(MAP_ADDRS, addrs.remove(&addr_key(id, *c, *side, 128, *addr)))?;
+        }
+        let mut matches = self.hash::<MatchKey, Bits>(MAP_MATCH)?;
+        for (c, part) in &diff.drop_matches {
+            absent_ok(MAP_MATCH, matches.remove(&match_key(id, *c, part)))?;
+        }
+        let mut tables = self.hash::<u32, TableMeta>(MAP_TABLE)?;
+        let mut meta = tables.get(&id, 0).map_err(|e| map_error(MAP_TABLE, e))?;
+        meta.hash = hash;
+        tables.insert(id, meta, 0).map_err(|e| map_error(MAP_TABLE, e))
     }
 
     /// The tables in the kernel, by id.

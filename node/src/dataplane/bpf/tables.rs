@@ -130,7 +130,7 @@ pub struct Image {
 }
 
 /// Errors building an image.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
     /// The list is longer than a table holds.
     #[error(
@@ -398,6 +398,154 @@ pub fn image(entries: &[Entry<'_>], tables: &Tables) -> Result<Image, ImageError
     };
     image.hash = image.content_hash();
     Ok(image)
+}
+
+/// What turns a written table into another in place, one lookup key at a time (see [`member_diff`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberDiff {
+    /// Exact-match entries to write: (chunk, key, bits).
+    pub put_matches: Vec<(usize, MatchPart, Bits)>,
+    /// Exact-match entries to delete.
+    pub drop_matches: Vec<(usize, MatchPart)>,
+    /// Host address entries to write: (chunk, side, address, bits).
+    pub put_addrs: Vec<(usize, u8, [u8; 16], Bits)>,
+    /// Host address entries to delete.
+    pub drop_addrs: Vec<(usize, u8, [u8; 16])>,
+}
+
+impl MemberDiff {
+    /// Lookup keys written or deleted.
+    pub fn len(&self) -> usize {
+        self.put_matches.len() + self.drop_matches.len() + self.put_addrs.len() + self.drop_addrs.len()
+    }
+
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The lookups that turn `old` into `new` when the two differ only where set members do: host address
+/// entries (a /32 or /128, one per address) and named-port and service entries (one per address, protocol
+/// and port). Each such key decides for its own packets alone, so writing the new ones, then deleting the
+/// stale ones, moves every packet from the old answer to the new one without a mixed state (a host entry
+/// that goes falls back to its covering region, unchanged, which is what the new image says by omitting
+/// it). None when anything else differs (entries, chunks, actions, passes, ports, regions wider than a
+/// host, the other exact-match kinds): then the new image is written as a table of its own and endpoints
+/// flip to it.
+pub fn member_diff(old: &Image, new: &Image) -> Option<MemberDiff> {
+    if old.entries != new.entries || old.passes != new.passes || old.chunks.len() != new.chunks.len() {
+        return None;
+    }
+    let per_member = |k: &MatchPart| k.kind == K_NAMED || k.kind == K_SERVICE;
+    let mut d = MemberDiff::default();
+    for (c, (o, n)) in old.chunks.iter().zip(&new.chunks).enumerate() {
+        if o.fields != n.fields || o.allow != n.allow || o.pass != n.pass || o.ports != n.ports {
+            return None;
+        }
+        let om: BTreeMap<&MatchPart, &Bits> = o.matches.iter().map(|(k, b)| (k, b)).collect();
+        let nm: BTreeMap<&MatchPart, &Bits> = n.matches.iter().map(|(k, b)| (k, b)).collect();
+        for (k, b) in &nm {
+            if om.get(k) != Some(b) {
+                if !per_member(k) {
+                    return None;
+                }
+                d.put_matches.push((c, **k, **b));
+            }
+        }
+        for k in om.keys().filter(|k| !nm.contains_key(*k)) {
+            if !per_member(k) {
+                return None;
+            }
+            d.drop_matches.push((c, **k));
+        }
+        let oa: BTreeMap<(u8, u8, [u8; 16]), &Bits> =
+            o.addrs.iter().map(|(s, l, a, b)| ((*s, *l, *a), b)).collect();
+        let na: BTreeMap<(u8, u8, [u8; 16]), &Bits> =
+            n.addrs.iter().map(|(s, l, a, b)| ((*s, *l, *a), b)).collect();
+        for (k, b) in &na {
+            if oa.get(k) != Some(b) {
+                if k.1 != 128 {
+                    return None;
+                }
+                d.put_addrs.push((c, k.0, k.2, **b));
+            }
+        }
+        for k in oa.keys().filter(|k| !na.contains_key(*k)) {
+            if k.1 != 128 {
+                return None;
+            }
+            d.drop_addrs.push((c, k.0, k.2));
+        }
+    }
+    Some(d)
+}
+
+impl MemberDiff {
+    /// `old` with this diff applied (what the maps hold after [`super::Loaded::patch_table`]); the hash is
+    /// left to the caller.
+    pub fn apply(&self, old: &Image) -> Image {
+        let mut out = old.clone();
+        for (c, k, b) in &self.put_matches {
+            let m = &mut out.chunks[*c].matches;
+            m.retain(|(x, _)| x != k);
+            m.push((*k, *b));
+            m.sort();
+        }
+        for (c, k) in &self.drop_matches {
+            out.chunks[*c].matches.retain(|(x, _)| x != k);
+        }
+        for (c, side, addr, b) in &self.put_addrs {
+            let a = &mut out.chunks[*c].addrs;
+            a.retain(|(s, l, x, _)| !(s == side && *l == 128 && x == addr));
+            a.push((*side, 128, *addr, *b));
+            a.sort();
+        }
+        for (c, side, addr) in &self.drop_addrs {
+            out.chunks[*c]
+                .addrs
+                .retain(|(s, l, x, _)| !(s == side && *l == 128 && x == addr));
+        }
+        out
+    }
+}
+
+impl MemberDiff {
+    /// Whether writing this diff key by key can never give a packet an answer that neither the old nor the
+    /// new table gives, for a table whose packets always have one of `own` on side `own_side` (0 source, 1
+    /// destination: the endpoint's own side of the direction the table is used in). A packet consults one
+    /// host entry per side and the named-port entry of its port, chunk by chunk; the write is safe when
+    /// every change is in one chunk, no (side, address) has more than one changed key, and no packet can
+    /// meet changed keys on both sides (changes on one side only, or none of `own` changes on the own side).
+    pub fn atomic_for(&self, own_side: u8, own: &[[u8; 16]]) -> bool {
+        let chunks: std::collections::BTreeSet<usize> = self
+            .put_matches
+            .iter()
+            .map(|(c, ..)| *c)
+            .chain(self.drop_matches.iter().map(|(c, _)| *c))
+            .chain(self.put_addrs.iter().map(|(c, ..)| *c))
+            .chain(self.drop_addrs.iter().map(|(c, ..)| *c))
+            .collect();
+        if chunks.len() > 1 {
+            return false;
+        }
+        // (side, address) of every changed key.
+        let side_of = |k: &MatchPart| if k.kind == K_NAMED { k.side >> 1 } else { 1 };
+        let keys: Vec<(u8, [u8; 16])> = self
+            .put_matches
+            .iter()
+            .map(|(_, k, _)| (side_of(k), k.addr))
+            .chain(self.drop_matches.iter().map(|(_, k)| (side_of(k), k.addr)))
+            .chain(self.put_addrs.iter().map(|(_, s, a, _)| (*s, *a)))
+            .chain(self.drop_addrs.iter().map(|(_, s, a)| (*s, *a)))
+            .collect();
+        let distinct: std::collections::BTreeSet<&(u8, [u8; 16])> = keys.iter().collect();
+        if distinct.len() != keys.len() {
+            return false;
+        }
+        let both_sides = keys.iter().any(|k| k.0 == 0) && keys.iter().any(|k| k.0 == 1);
+        !both_sides || !keys.iter().any(|(s, a)| *s == own_side && own.contains(a))
+    }
 }
 
 impl Image {

@@ -54,6 +54,8 @@ pub struct ApplyStats {
     pub tables_written: usize,
     /// BPF policy tables deleted.
     pub tables_deleted: usize,
+    /// BPF policy tables changed in place (set members: one lookup key per address).
+    pub tables_patched: usize,
     /// BPF endpoint entries written.
     pub endpoints_written: usize,
     /// BPF endpoint entries removed.
@@ -70,6 +72,7 @@ impl ApplyStats {
         self.hooked |= other.hooked;
         self.tables_written += other.tables_written;
         self.tables_deleted += other.tables_deleted;
+        self.tables_patched += other.tables_patched;
         self.endpoints_written += other.endpoints_written;
         self.endpoints_removed += other.endpoints_removed;
     }
