@@ -169,17 +169,17 @@ fn lists_longer_than_a_chunk_pass_and_decide_across_chunks() {
     }
 }
 
-/// A namespace `x` with pod `a` (selected by the policy) and pods `b`..: `extra` adds pod `n` (app=client,
-/// with a named port `http`) and `policy` is the ingress rule list of the one policy.
+/// Namespace `m` (beside the contract's base world) with pod `server` (selected by the policy) and `client`;
+/// `extra` adds pod `new` (app=client, with a named port `http`); `rule` is the policy's one ingress rule.
 fn member_world(extra: bool, rule: &str) -> String {
     let mut m = String::from(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: server}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 80, protocol: TCP}]}]}\nstatus: {podIP: 10.0.1.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: client}}\nstatus: {podIP: 10.0.1.2}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: m}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: m, labels: {app: server}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 80, protocol: TCP}]}]}\nstatus: {podIP: 10.7.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: m, labels: {app: client}}\nstatus: {podIP: 10.7.0.2}\n",
     );
     if extra {
-        m.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: n, namespace: x, labels: {app: client}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 8080, protocol: TCP}]}]}\nstatus: {podIP: 10.0.1.9}\n");
+        m.push_str("---\napiVersion: v1\nkind: Pod\nmetadata: {name: new, namespace: m, labels: {app: client}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 8080, protocol: TCP}]}]}\nstatus: {podIP: 10.7.0.9}\n");
     }
     m.push_str(&format!(
-        "---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  - {rule}\n"
+        "---\napiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: m}}\nspec:\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  - {rule}\n"
     ));
     m
 }
@@ -205,7 +205,7 @@ fn a_set_member_joining_changes_a_table_by_a_few_keys_that_give_the_new_answer()
         let loaded = load_world(&member_world(extra, rule)).expect("loads");
         let model = model_all_local(&loaded);
         (
-            side_image(&model, "x/a", Direction::Ingress).expect("a's ingress"),
+            side_image(&model, "m/server", Direction::Ingress).expect("the server's ingress"),
             loaded,
         )
     };
@@ -223,27 +223,27 @@ fn a_set_member_joining_changes_a_table_by_a_few_keys_that_give_the_new_answer()
         sorted(&after),
         "the patched table is the new one"
     );
-    // Safe for a's table (a's own address is not among the changed keys) ...
+    // Safe for the server's table (its own address is not among the changed keys) ...
     let a = tables::addr16(
         loaded
             .world
             .endpoints
             .iter()
-            .find(|e| e.key() == "x/a")
-            .expect("a")
+            .find(|e| e.key() == "m/server")
+            .expect("server")
             .ips[0],
     );
     assert!(diff.atomic_for(1, &[a]));
     // ... and not for a table whose own side is where the new pod's named port changed.
-    let n = tables::addr16("10.0.1.9".parse().expect("ip"));
+    let n = tables::addr16("10.7.0.9".parse().expect("ip"));
     assert!(
         !diff.atomic_for(1, &[n]),
         "changes on both sides, one of them the table's own address"
     );
     // The patched table answers for the new client as the new one does.
     let pkt = Packet {
-        src: "10.0.1.9".parse().expect("ip"),
-        dst: "10.0.1.1".parse().expect("ip"),
+        src: "10.7.0.9".parse().expect("ip"),
+        dst: "10.7.0.1".parse().expect("ip"),
         protocol: 6,
         src_port: Some(40000),
         dst_port: Some(80),

@@ -40,6 +40,9 @@ pub enum Msg {
     /// The addresses IPAM holds for local pods (`namespace/pod` -> addresses): a pod's addresses before the
     /// kubelet reports them in its status, so policy is in place from its first packet.
     Held(BTreeMap<String, Vec<IpAddr>>),
+    /// The CNI server wired this host-side interface: the endpoint on it is programmed again (the BPF
+    /// data plane attaches to the interface, which did not exist when the pod's address first arrived).
+    Wired(String),
     /// Converge in full now (the periodic refresh).
     Refresh,
 }
@@ -204,6 +207,9 @@ impl Engine {
                 }
             }
             Msg::Held(h) => self.pipeline.set_held(h),
+            Msg::Wired(iface) => {
+                self.pending.endpoints.insert(iface);
+            }
             Msg::Refresh => {
                 if self.programmed_once {
                     let _ = self.program(true);

@@ -313,6 +313,9 @@ pub async fn run(
             true = ipam_changed => {
                 if let Some(i) = &ipam {
                     send(engine::Msg::Held(ipam_addresses(&i.held().await)));
+                    for iface in i.take_wired() {
+                        send(engine::Msg::Wired(iface));
+                    }
                 }
             },
             Some(f) = failures.recv() => {

@@ -198,6 +198,7 @@ impl CniServer {
                 return Err(refused("wiring the pod failed", e.to_string()));
             }
         };
+        self.ipam.wired(&w.host_iface);
         debug!(
             pod = %format!("{ns}/{pod}"),
             ipam_us = (t1 - t0).as_micros() as u64,

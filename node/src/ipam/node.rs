@@ -298,6 +298,8 @@ struct Inner {
     blocks: std::sync::Mutex<BTreeMap<String, IPAMBlock>>,
     /// Bumped whenever a handle is assigned or released (the agent reprograms on it).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Host-side interfaces the CNI server wired since the agent last took them (see [`NodeIpam::wired`]).
+    wired: std::sync::Mutex<Vec<String>>,
 }
 
 /// What [`NodeIpam::claim`] did.
@@ -368,6 +370,7 @@ impl NodeIpam {
             labels: std::sync::Mutex::new(None),
             blocks: std::sync::Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
+            wired: std::sync::Mutex::new(Vec::new()),
         });
         let me = NodeIpam { inner };
         tokio::spawn(me.clone().commit_loop());
@@ -380,6 +383,25 @@ impl NodeIpam {
     /// A receiver that changes whenever a handle is assigned or released.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    /// Records that the CNI server wired `host_iface` for an address this IPAM holds, and wakes the
+    /// subscribers: a data plane that attaches to interfaces (BPF) must program it now, since the address
+    /// alone (known before the interface existed) gave it nothing to attach to.
+    pub fn wired(&self, host_iface: &str) {
+        if let Ok(mut w) = self.inner.wired.lock() {
+            w.push(host_iface.to_owned());
+        }
+        self.changed();
+    }
+
+    /// The interfaces recorded by [`NodeIpam::wired`] since the last call.
+    pub fn take_wired(&self) -> Vec<String> {
+        self.inner
+            .wired
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
     }
 
     fn changed(&self) {
