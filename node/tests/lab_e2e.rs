@@ -127,9 +127,249 @@ async fn agrees(lab: &Lab, what: &str) -> Vec<Value> {
     }
 }
 
-/// Waits until the caracal-node DaemonSet has rolled out its latest generation to all three nodes.
-async fn wait_rolled(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>, what: &str) {
-    wait_rolled(&ds_api, "VXLAN -> BGP").await;
+/// The caracal-node DaemonSet's generation now.
+async fn ds_generation(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>) -> Option<i64> {
+    ds_api.get("caracal-node").await.expect("ds").metadata.generation
+}
+
+/// Waits until the caracal-node DaemonSet has a generation after `before` (the operator has applied the
+/// edit) and has rolled it out to all three nodes.
+async fn wait_rolled(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>, what: &str, before: Option<i64>) {
+    let start = Instant::now();
+    loop {
+        let d = ds_api.get("caracal-node").await.expect("ds");
+        let (generation, st) = (d.metadata.generation, d.status.unwrap_or_default());
+        if generation > before
+            && st.observed_generation == generation
+            && st.updated_number_scheduled == Some(3)
+            && st.number_ready == 3
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{what}: the agents never rolled: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// An established TCP connection from one recorded pod to an echo server the test runs in another (port
+/// 7070, not a declared port, so the matrix never probes it; unlike the lab's echo servers it never closes an
+/// idle connection, and this one stays open across minutes of switches).
+struct Echo(std::net::TcpStream);
+
+impl Echo {
+    async fn open(lab: &Lab, from: &str, to: &str) -> Echo {
+        use std::io::{Read as _, Write as _};
+        let client_ns = caracal_e2e::netns::NetNs::existing(&recorded(lab, from, "netns").await);
+        let server_ns = caracal_e2e::netns::NetNs::existing(&recorded(lab, to, "netns").await);
+        let ip: std::net::Ipv4Addr = recorded(lab, to, "ip").await.parse().expect("ip");
+        let listener = server_ns
+            .enter(move || std::net::TcpListener::bind((ip, 7070)))
+            .expect("enter")
+            .expect("bind the test's echo server");
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let s = client_ns
+            .enter(move || std::net::TcpStream::connect_timeout(&(ip, 7070).into(), Duration::from_secs(3)))
+            .expect("enter")
+            .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+        let mut e = Echo(s);
+        e.check("when opened");
+        e
+    }
+
+    /// One message through (a retransmission may meet a restart: allow it time to land).
+    fn check(&mut self, when: &str) {
+        use std::io::{Read as _, Write as _};
+        self.0
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let msg = when.as_bytes();
+        let mut buf = vec![0u8; msg.len()];
+        self.0
+            .write_all(msg)
+            .and_then(|()| self.0.read_exact(&mut buf))
+            .unwrap_or_else(|e| panic!("{when}: the established connection broke: {e}"));
+        assert_eq!(buf, msg, "{when}");
+    }
+}
+
+/// Node `i`'s BPF pins: its own bpffs, where the lab kubelet mounted the DaemonSet's `/sys/fs/bpf`.
+fn bpf_pins(lab: &Lab, i: usize) -> std::path::PathBuf {
+    lab::lab_dir()
+        .join("nodes")
+        .join(&lab.nodes[i].0)
+        .join("sys/fs/bpf/caracal")
+}
+
+/// The endpoint entries in node `i`'s BPF maps.
+fn bpf_endpoint_entries(lab: &Lab, i: usize) -> usize {
+    let pins = bpf_pins(lab, i);
+    lab.nodes[i]
+        .1
+        .enter(move || {
+            caracal_node::dataplane::bpf::Loaded::load(&pins)
+                .and_then(|mut l| l.endpoint_entries())
+                .map(|e| e.len())
+                .expect("the node's BPF maps")
+        })
+        .expect("enter")
+}
+
+/// Lines of the iptables policy (filter table) in node `i`.
+fn policy_rules(lab: &Lab, i: usize) -> usize {
+    lab.nodes[i]
+        .1
+        .exec(&["iptables-save", "-t", "filter"])
+        .expect("iptables-save")
+        .lines()
+        .filter(|l| l.contains("crc-"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_policy_matrix() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let lab = Lab::up(&LabOptions {
+        nodes: 3,
+        installation: workspace_root().join("examples/installation-vxlan.yaml"),
+    })
+    .await
+    .expect("lab up");
+    // The DaemonSet's agents run as processes inside their node's network namespace.
+    for (i, (name, ns, _)) in lab.nodes.iter().enumerate() {
+        let node_net = ns
+            .enter(|| std::fs::read_link("/proc/thread-self/ns/net"))
+            .expect("enter")
+            .expect("netns link");
+        let pids: Vec<u32> = lab.host_pods[i]
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(k, _)| k.starts_with("caracal-system/caracal-node-"))
+            .flat_map(|(_, p)| p.processes.iter().filter_map(|s| s.pid()).collect::<Vec<_>>())
+            .collect();
+        assert!(!pids.is_empty(), "no agent process on {name}");
+        for pid in pids {
+            let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("process netns");
+            assert_eq!(
+                net, node_net,
+                "the agent on {name} runs outside its node's namespace"
+            );
+        }
+    }
+    lab.apply(&workspace_root().join("e2e/lab/demo.yaml"))
+        .expect("demo");
+    let pinned = lab.cp.dir().join("pinned.yaml");
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
+    for i in 0..3 {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: e2e, labels: {{app: p{i}}}}}\nspec:\n  nodeName: lab-node-{i}\n  containers: [{{name: c, image: lab/echo, ports: [{{containerPort: 9000}}]}}]\n"
+        ));
+    }
+    std::fs::write(&pinned, text).expect("write");
+    lab.apply(&pinned).expect("pinned pods");
+    lab.wait_pods(&["frontend", "backend", "data", "e2e"])
+        .await
+        .expect("pods");
+
+    let cells = agrees(&lab, "after start").await;
+    // Pods on three different nodes reach each other (over VXLAN), and the demo's policies deny.
+    let cell = |from: &str, to: &str, port: u64| {
+        cells
+            .iter()
+            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
+            .map(|c| c["allowed"] == true)
+    };
+    for (a, b) in [("e2e/p0", "e2e/p1"), ("e2e/p1", "e2e/p2"), ("e2e/p2", "e2e/p0")] {
+        assert_eq!(cell(a, b, 9000), Some(true), "{a} -> {b}");
+    }
+    assert_eq!(cell("frontend/web", "backend/api", 8080), Some(true));
+    assert_eq!(cell("frontend/web", "data/db", 5432), Some(false));
+
+    // A NetworkPolicy applied with kubectl isolates p2; the measurement follows across nodes.
+    let deny = lab.cp.dir().join("deny.yaml");
+    std::fs::write(
+        &deny,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: isolate-p2, namespace: e2e}\nspec: {podSelector: {matchLabels: {app: p2}}, policyTypes: [Ingress]}\n",
+    )
+    .expect("write");
+    lab.apply(&deny).expect("deny");
+    let cells = agrees(&lab, "after the NetworkPolicy").await;
+    let denied = cells
+        .iter()
+        .filter(|c| c["to"] == "e2e/p2" && c["allowed"] == false)
+        .count();
+    assert!(denied >= 2, "p2 is not isolated: {cells:?}");
+
+    // An invalid Installation edit is reported Degraded and changes nothing that runs.
+    let ds_api: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        Api::namespaced(lab.client.clone(), "caracal-system");
+    let ds_version = ds_api
+        .get("caracal-node")
+        .await
+        .expect("ds")
+        .metadata
+        .resource_version;
+    let edit = |body: &str| {
+        let path = lab.cp.dir().join("installation-edit.yaml");
+        std::fs::write(&path, format!("apiVersion: operator.caracal.dev/v1\nkind: Installation\nmetadata: {{name: default}}\nspec:\n{body}")).expect("write");
+        lab.apply(&path).expect("apply the edit");
+    };
+    edit(
+        "  calicoNetwork:\n    bgp: Disabled\n    ipPools: [{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: IPIP, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}]\n",
+    );
+    let installations: Api<caracal_crds::installation::Installation> = Api::all(lab.client.clone());
+    let start = Instant::now();
+    loop {
+        let degraded = installations
+            .get("default")
+            .await
+            .expect("installation")
+            .status
+            .is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.status == "True")
+            });
+        if degraded {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the invalid edit was not reported Degraded"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        ds_api
+            .get("caracal-node")
+            .await
+            .expect("ds")
+            .metadata
+            .resource_version,
+        ds_version,
+        "an invalid edit must not touch the DaemonSet"
+    );
+    agrees(&lab, "after an invalid edit").await;
+
+    // VXLAN -> BGP with an explicit MTU: the agents roll through the DaemonSet, BIRD carries the routes, the
+    // VXLAN device goes, connectivity comes back, and a new pod gets the new MTU.
+    let bgp_from = ds_generation(&ds_api).await;
+    edit(
+        "  calicoNetwork:\n    bgp: Enabled\n    mtu: 1400\n    ipPools: [{name: default-ipv4-ippool, cidr: 10.244.0.0/16, encapsulation: None, natOutgoing: Enabled, nodeSelector: all(), blockSize: 26}]\n    nodeAddressAutodetectionV4: {firstFound: true}\n  nodeUpdateStrategy: {type: RollingUpdate, rollingUpdate: {maxUnavailable: 1}}\n",
+    );
+    wait_rolled(&ds_api, "VXLAN -> BGP", bgp_from).await;
     let start = Instant::now();
     loop {
         let bird = lab.nodes[0]
@@ -176,8 +416,9 @@ async fn wait_rolled(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>, what: 
         policy_rules(&lab, 0) > 0,
         "the iptables policy is in place before the switch"
     );
+    let bpf_from = ds_generation(&ds_api).await;
     edit(&bgp_bpf("BPF"));
-    wait_rolled(&ds_api, "Iptables -> BPF").await;
+    wait_rolled(&ds_api, "Iptables -> BPF", bpf_from).await;
     across.check("after the switch to BPF");
     for i in 0..3 {
         assert_eq!(
@@ -285,14 +526,15 @@ async fn wait_rolled(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>, what: 
 
     // Deleting a pod releases its address.
     let p2_ip = recorded(&lab, "e2e/p2", "ip").await;
+    let node2_entries = bpf_endpoint_entries(&lab, 2);
     Api::<Pod>::namespaced(lab.client.clone(), "e2e")
         .delete("p2", &Default::default())
         .await
         .expect("delete p2");
     common::wait_released(&lab.client, p2_ip.parse().expect("ip"), Duration::from_secs(60)).await;
-    // Its endpoint entry leaves node-2's maps (p3 stays).
+    // Its endpoint entry leaves node-2's maps (the node's other pods' stay).
     let start = Instant::now();
-    while bpf_endpoint_entries(&lab, 2) != 1 {
+    while bpf_endpoint_entries(&lab, 2) != node2_entries - 1 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the deleted pod's BPF endpoint entry stayed"
@@ -301,8 +543,9 @@ async fn wait_rolled(ds_api: &Api<k8s_openapi::api::apps::v1::DaemonSet>, what: 
     }
 
     // BPF -> Iptables: the connection keeps going, and no BPF pin is left on any node.
+    let ipt_from = ds_generation(&ds_api).await;
     edit(&bgp_bpf("Iptables"));
-    wait_rolled(&ds_api, "BPF -> Iptables").await;
+    wait_rolled(&ds_api, "BPF -> Iptables", ipt_from).await;
     across.check("after the switch back to iptables");
     for i in 0..3 {
         assert!(

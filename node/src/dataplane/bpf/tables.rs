@@ -551,8 +551,11 @@ impl MemberDiff {
 impl Image {
     fn content_hash(&self) -> u64 {
         let mut h = Sha256::new();
-        let words = |h: &mut Sha256, b: &Bits| {
-            for w in b.0 {
+        // Only the words a chunk's entries use: the rest are zero in every bitmap of the chunk (a table of
+        // 20 entries would otherwise hash 64 words per key).
+        let mut used;
+        let words = |h: &mut Sha256, b: &Bits, used: usize| {
+            for w in &b.0[..used] {
                 h.update(w.to_le_bytes());
             }
         };
@@ -561,27 +564,31 @@ impl Image {
             h.update(from.to_le_bytes());
             h.update(to.to_le_bytes());
         }
-        for ch in &self.chunks {
+        for (c, ch) in self.chunks.iter().enumerate() {
+            let in_chunk = (self.entries as usize)
+                .saturating_sub(c * CHUNK_BITS)
+                .min(CHUNK_BITS);
+            used = in_chunk.div_ceil(64).clamp(1, CHUNK_WORDS);
             h.update(b"chunk");
             h.update(ch.fields.to_le_bytes());
-            words(&mut h, &ch.allow);
-            words(&mut h, &ch.pass);
+            words(&mut h, &ch.allow, used);
+            words(&mut h, &ch.pass, used);
             for (m, b) in &ch.matches {
                 h.update([m.kind, m.proto, m.side]);
                 h.update(m.a.to_le_bytes());
                 h.update(m.b.to_le_bytes());
                 h.update(m.addr);
-                words(&mut h, b);
+                words(&mut h, b, used);
             }
             for (side, len, addr, b) in &ch.addrs {
                 h.update([b'a', *side, *len]);
                 h.update(addr);
-                words(&mut h, b);
+                words(&mut h, b, used);
             }
             for (side, not, len, port, b) in &ch.ports {
                 h.update([b'p', *side, *not, *len]);
                 h.update(port.to_le_bytes());
-                words(&mut h, b);
+                words(&mut h, b, used);
             }
         }
         let d = h.finalize();
