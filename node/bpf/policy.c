@@ -367,9 +367,17 @@ static __always_inline int port_side(struct scratch *s, __u32 table, __u32 chunk
 	mk.kind = K_NAMED;
 	mk.proto = p->proto;
 	mk.a = port;
+	// Named ports: keyed by the packet's address on this side, and address-less (all zero) on the side the
+	// endpoint itself is on, where the table holds only the endpoint's own ports (only that side has such keys).
+	struct match_key own = mk;
 	__builtin_memcpy(mk.addr, side ? p->dst : p->src, 16);
 	mk.side = side << 1;
+	own.side = side << 1;
 	struct bits *named = bpf_map_lookup_elem(&caracal_match_v2, &mk);
+	if (named)
+		for (int i = 0; i < CHUNK_WORDS; i++)
+			s->port.w[i] |= named->w[i];
+	named = bpf_map_lookup_elem(&caracal_match_v2, &own);
 	if (named)
 		for (int i = 0; i < CHUNK_WORDS; i++)
 			s->port.w[i] |= named->w[i];
@@ -379,7 +387,12 @@ static __always_inline int port_side(struct scratch *s, __u32 table, __u32 chunk
 		for (int i = 0; i < CHUNK_WORDS; i++)
 			s->port.w[i] &= ~not->w[i];
 	mk.side = side << 1 | 1;
+	own.side = side << 1 | 1;
 	struct bits *not_named = bpf_map_lookup_elem(&caracal_match_v2, &mk);
+	if (not_named)
+		for (int i = 0; i < CHUNK_WORDS; i++)
+			s->port.w[i] &= ~not_named->w[i];
+	not_named = bpf_map_lookup_elem(&caracal_match_v2, &own);
 	if (not_named)
 		for (int i = 0; i < CHUNK_WORDS; i++)
 			s->port.w[i] &= ~not_named->w[i];

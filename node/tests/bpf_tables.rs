@@ -9,7 +9,7 @@
 )]
 
 use caracal_node::dataplane::bpf::tables::{self, CHUNK_BITS, Image, image};
-use caracal_policy::classify::{compile, decide_bitmap, flatten};
+use caracal_policy::classify::{compile, compile_for, decide_bitmap, flatten};
 use caracal_policy::contract::{
     RandomPackets, check_packet, load_world, local_iface, model_all_local, scenarios,
 };
@@ -261,4 +261,53 @@ fn a_set_member_joining_changes_a_table_by_a_few_keys_that_give_the_new_answer()
         "{action: Allow, protocol: TCP, source: {selector: app == 'client'}, destination: {ports: [81]}}",
     );
     assert!(tables::member_diff(&before, &other).is_none());
+}
+
+#[test]
+fn an_endpoints_own_named_ports_are_keyed_without_address_and_another_pods_port_changes_nothing() {
+    let rule =
+        "{action: Allow, protocol: TCP, source: {selector: app == 'client'}, destination: {ports: [http]}}";
+    let own_image = |extra: bool| {
+        let loaded = load_world(&member_world(extra, rule)).expect("loads");
+        let model = model_all_local(&loaded);
+        let server = loaded
+            .world
+            .endpoints
+            .iter()
+            .find(|e| e.key() == "m/server")
+            .expect("server");
+        let tiers = model.endpoint_tiers.get(&local_iface("m/server")).expect("tiers");
+        let entries = flatten(&tiers.ingress, &model.policies, Direction::Ingress);
+        let own = caracal_policy::classify::Own {
+            source: false,
+            ips: &server.ips,
+        };
+        image(&entries, &compile_for(&entries, &model, Some(own))).expect("lays out")
+    };
+    let (before, after) = (own_image(false), own_image(true));
+    // The server's own http (80) is one address-less key; the new pod's http (8080) is not in its table.
+    let named: Vec<_> = after
+        .chunks
+        .iter()
+        .flat_map(|c| &c.matches)
+        .filter(|(k, _)| k.kind == tables::K_NAMED)
+        .map(|(k, _)| (k.addr, k.a))
+        .collect();
+    assert_eq!(named, vec![([0; 16], 80)]);
+    let diff = tables::member_diff(&before, &after).expect("member-only");
+    assert!(
+        diff.put_matches.is_empty() && diff.drop_matches.is_empty(),
+        "{diff:?}"
+    );
+    assert_eq!(diff.put_addrs.len(), 1, "only the new client's source address");
+    let to = |port: u16| Packet {
+        src: "10.7.0.9".parse().expect("ip"),
+        dst: "10.7.0.1".parse().expect("ip"),
+        protocol: 6,
+        src_port: Some(40000),
+        dst_port: Some(port),
+        icmp: None,
+    };
+    assert!(after.decide(&to(80)), "the server's own named port");
+    assert!(!after.decide(&to(8080)), "another pod's http is not the server's");
 }

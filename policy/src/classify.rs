@@ -492,17 +492,19 @@ impl Tables {
             match port {
                 None => out.and_assign(&t.portless),
                 Some(p) => {
-                    let key = (ip, pkt.protocol, p);
+                    // The packet's own address, and the address-less key of an endpoint's own side
+                    // (see [`compile_for`]).
+                    let keys = [(ip, pkt.protocol, p), (OWN, pkt.protocol, p)];
                     let mut ok = interval_of(&t.ranges, p)
                         .cloned()
                         .unwrap_or_else(|| Bitmap::new(self.entries));
-                    if let Some(n) = t.named.get(&key) {
+                    for n in keys.iter().filter_map(|k| t.named.get(k)) {
                         ok.or_assign(n);
                     }
                     let mut not = interval_of(&t.not_ranges, p)
                         .cloned()
                         .unwrap_or_else(|| Bitmap::new(self.entries));
-                    if let Some(n) = t.not_named.get(&key) {
+                    for n in keys.iter().filter_map(|k| t.not_named.get(k)) {
                         not.or_assign(n);
                     }
                     ok.and_not_assign(&not);
@@ -594,8 +596,37 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
 /// (each as its prefixes).
 type AddrConditions = (Vec<Vec<IpNet>>, Vec<Vec<IpNet>>);
 
+/// The address of the named-port keys on an endpoint's own side ([`compile_for`]): `::`, which no packet with
+/// ports has as its address.
+pub const OWN: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
+/// The endpoint a table is compiled for: its own side (`true`: the source, an egress table; `false`: the
+/// destination, an ingress table) and its addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct Own<'a> {
+    /// The side the endpoint is always on.
+    pub source: bool,
+    /// Its addresses.
+    pub ips: &'a [std::net::IpAddr],
+}
+
 /// Compiles `entries` (from [`flatten`]) into per-field tables over the resolved sets of `model`.
 pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> Tables {
+    compile_for(entries, model, None)
+}
+
+/// [`compile`] for the endpoint `own`: on its own side a named port is keyed by (`OWN`, protocol, port) and
+/// holds only the endpoint's own ports. Every packet through the table has one of the endpoint's addresses on
+/// that side (it is the destination of what the pod receives, the source of what it sends), so the key
+/// decides as the per-address one would, and the table neither grows with every pod in the cluster that
+/// declares the port nor changes when one starts: endpoints with the same lists and the same own ports share
+/// it. (A pod sending from an address not its own would match its own source named ports; the per-address
+/// key would not have matched it.)
+pub fn compile_for(
+    entries: &[Entry<'_>],
+    model: &crate::model::DataplaneModel,
+    own: Option<Own<'_>>,
+) -> Tables {
     use crate::ir::PortMatch;
     use crate::model::{SetKey, entity_sets};
     let n = entries.len();
@@ -774,15 +805,32 @@ pub fn compile(entries: &[Entry<'_>], model: &crate::model::DataplaneModel) -> T
         let table_not = port_intervals(n, &not_ranges, |_, hit| hit);
         let mut named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
         let mut not_named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
+        // On the endpoint's own side: its own ports, address-less.
+        let own_side = own.filter(|o| o.source == source);
+        let members = |key: &SetKey| -> Vec<(std::net::IpAddr, u8, u16)> {
+            match own_side {
+                None => ip_ports(key),
+                Some(o) => {
+                    let mut v: Vec<_> = ip_ports(key)
+                        .into_iter()
+                        .filter(|(ip, ..)| o.ips.contains(ip))
+                        .map(|(_, proto, port)| (OWN, proto, port))
+                        .collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                }
+            }
+        };
         for (i, s) in sets.iter().enumerate() {
             let Some(s) = s else { continue };
             for key in &s.named_ports {
-                for m in ip_ports(key) {
+                for m in members(key) {
                     named.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
                 }
             }
             for key in &s.not_named_ports {
-                for m in ip_ports(key) {
+                for m in members(key) {
                     not_named.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
                 }
             }

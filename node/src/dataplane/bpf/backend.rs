@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use caracal_policy::classify::{compile, flatten};
+use caracal_policy::classify::{Own, compile_for, flatten};
 use caracal_policy::ir::Direction;
-use caracal_policy::model::policy_sets;
+use caracal_policy::model::{SetKey, entity_sets};
 
 use super::tables::{self, Image};
 use super::{BpfError, Endpoint, Loaded, PIN_DIR};
@@ -55,9 +55,28 @@ struct Programmed {
     hashes: [u64; 2],
 }
 
-/// Images by tier list, for one program.
+/// What one program computes once: images by tier list and own named ports, and every address's named
+/// ports.
 #[derive(Default)]
-struct Memo(std::collections::HashMap<String, Result<Arc<Image>, tables::ImageError>>);
+struct Memo {
+    images: std::collections::HashMap<String, Result<Arc<Image>, tables::ImageError>>,
+    named_by_ip: Option<std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>>>,
+}
+
+/// (name, protocol, port) of every named port, by address.
+fn named_ports_by_ip(
+    model: &DataplaneModel,
+) -> std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>> {
+    let mut out: std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>> = Default::default();
+    for (key, members) in &model.sets {
+        if let caracal_policy::model::SetKey::NamedPort { name, .. } = key {
+            for (ip, proto, port) in &members.ip_ports {
+                out.entry(*ip).or_default().push((name.clone(), *proto, *port));
+            }
+        }
+    }
+    out
+}
 
 /// The BPF data plane.
 pub struct BpfDataplane {
@@ -146,21 +165,38 @@ impl BpfDataplane {
         })
     }
 
-    /// The images of `iface`'s two directions: [egress, ingress]. An image depends only on the tier list
-    /// and the model, so `memo` computes each distinct list once per program (endpoints of one namespace
-    /// usually share theirs).
+    /// The images of `iface`'s two directions: [egress, ingress], compiled for the endpoint (its own
+    /// named ports address-less: [`caracal_policy::classify::compile_for`]). An image depends only on the
+    /// tier list, the model and the endpoint's own named ports, so `memo` computes each distinct combination
+    /// once per program (endpoints of one namespace usually share theirs).
     fn images(
         model: &DataplaneModel,
         iface: &str,
         memo: &mut Memo,
     ) -> Result<[Arc<Image>; 2], tables::ImageError> {
         let tiers = model.endpoint_tiers.get(iface).cloned().unwrap_or_default();
+        let ips: Vec<std::net::IpAddr> = model
+            .endpoints
+            .iter()
+            .find(|e| e.iface == iface)
+            .map(|e| e.ips.clone())
+            .unwrap_or_default();
+        let by_ip = memo.named_by_ip.get_or_insert_with(|| named_ports_by_ip(model));
+        let mut own_ports: Vec<&(String, u8, u16)> =
+            ips.iter().filter_map(|ip| by_ip.get(ip)).flatten().collect();
+        own_ports.sort();
+        own_ports.dedup();
+        let own_key = format!("{own_ports:?}");
         let mut one = |dir: Direction, list: &[caracal_policy::model::TierRef]| {
-            memo.0
-                .entry(format!("{dir:?} {list:?}"))
+            memo.images
+                .entry(format!("{dir:?} {list:?} {own_key}"))
                 .or_insert_with(|| {
                     let entries = flatten(list, &model.policies, dir);
-                    let compiled = compile(&entries, model);
+                    let own = Own {
+                        source: dir == Direction::Egress,
+                        ips: &ips,
+                    };
+                    let compiled = compile_for(&entries, model, Some(own));
                     tables::image(&entries, &compiled).map(Arc::new)
                 })
                 .clone()
@@ -481,27 +517,68 @@ impl BpfDataplane {
     fn update_here(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, BpfError> {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
-        let changed_sets: BTreeSet<_> = changes.sets.iter().chain(changes.members.keys()).collect();
-        // Policies whose rules changed or whose sets' members did.
-        let touched: BTreeSet<&str> = model
-            .policies
+        let changed_sets: BTreeSet<&SetKey> = changes.sets.iter().chain(changes.members.keys()).collect();
+        // Per policy using a changed set: for each direction (ingress, egress), whether a changed set is used
+        // on the other side of the endpoint, and the named-port sets used on its own side (which matter to an
+        // endpoint only when its own ports are among the changed members: compile_for).
+        let mut uses: BTreeMap<&str, [(bool, BTreeSet<&SetKey>); 2]> = BTreeMap::new();
+        if !changed_sets.is_empty() {
+            for (name, p) in &model.policies {
+                let mut dirs: [(bool, BTreeSet<&SetKey>); 2] = Default::default();
+                for (d, rules) in [(0, &p.ingress), (1, &p.egress)] {
+                    for r in rules.iter().flatten() {
+                        // Ingress: the endpoint is the destination; egress: the source.
+                        for (m, source) in [(&r.source, true), (&r.destination, false)] {
+                            let own_side = source == (d == 1);
+                            for k in entity_sets(m, r.protocol, source).all() {
+                                let Some(k) = changed_sets.get(k).copied() else {
+                                    continue;
+                                };
+                                let member_only = !changes.sets.contains(k);
+                                if own_side && member_only && matches!(k, SetKey::NamedPort { .. }) {
+                                    dirs[d].1.insert(k);
+                                } else {
+                                    dirs[d].0 = true;
+                                }
+                            }
+                        }
+                    }
+                }
+                if dirs.iter().any(|(other, own)| *other || !own.is_empty()) {
+                    uses.insert(name.as_str(), dirs);
+                }
+            }
+        }
+        let ips: BTreeMap<&str, &[std::net::IpAddr]> = model
+            .endpoints
             .iter()
-            .filter(|(name, p)| {
-                changes.policies.contains(*name)
-                    || (!changed_sets.is_empty() && policy_sets(p).iter().any(|k| changed_sets.contains(k)))
-            })
-            .map(|(n, _)| n.as_str())
-            .chain(changes.policies.iter().map(String::as_str))
+            .map(|e| (e.iface.as_str(), e.ips.as_slice()))
             .collect();
+        // Whether a named-port set's changed members include one of `own`.
+        let own_changed = |k: &SetKey, own: &[std::net::IpAddr]| {
+            changes.members.get(k).is_some_and(|d| {
+                d.added
+                    .ip_ports
+                    .iter()
+                    .chain(&d.removed.ip_ports)
+                    .any(|(ip, ..)| own.contains(ip))
+            })
+        };
         let mut affected: BTreeSet<String> = changes.endpoints.clone();
         for (iface, tiers) in &model.endpoint_tiers {
-            let uses = tiers
-                .ingress
-                .iter()
-                .chain(&tiers.egress)
-                .flat_map(|t| &t.policies)
-                .any(|p| touched.contains(p.as_str()));
-            if uses {
+            let own = ips.get(iface.as_str()).copied().unwrap_or(&[]);
+            let hit = [&tiers.ingress, &tiers.egress]
+                .into_iter()
+                .enumerate()
+                .any(|(d, list)| {
+                    list.iter().flat_map(|t| &t.policies).any(|p| {
+                        changes.policies.contains(p)
+                            || uses.get(p.as_str()).is_some_and(|dirs| {
+                                dirs[d].0 || dirs[d].1.iter().any(|k| own_changed(k, own))
+                            })
+                    })
+                });
+            if hit {
                 affected.insert(iface.clone());
             }
         }

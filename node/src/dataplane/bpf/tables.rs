@@ -544,7 +544,11 @@ impl MemberDiff {
             return false;
         }
         let both_sides = keys.iter().any(|k| k.0 == 0) && keys.iter().any(|k| k.0 == 1);
-        !both_sides || !keys.iter().any(|(s, a)| *s == own_side && own.contains(a))
+        // The all-zero address is the own side's address-less named-port key: every packet reads it.
+        !both_sides
+            || !keys
+                .iter()
+                .any(|(s, a)| *s == own_side && (own.contains(a) || *a == [0; 16]))
     }
 }
 
@@ -790,22 +794,24 @@ impl ChunkImage {
                     .map(|(_, _, _, _, b)| *b)
             };
             let mut ok = lpm(0)?;
-            let named = |not: u8| {
+            // The packet's address, and the address-less key of the endpoint's own side.
+            let named = |not: u8, addr: [u8; 16]| {
                 self.exact(&MatchPart {
                     kind: K_NAMED,
                     proto: pkt.protocol,
                     side: side << 1 | not,
                     a: port,
                     b: 0,
-                    addr: addr16(ip),
+                    addr,
                 })
             };
-            if let Some(b) = named(0) {
+            for b in [named(0, addr16(ip)), named(0, [0; 16])].into_iter().flatten() {
                 for (o, w) in ok.0.iter_mut().zip(b.0) {
                     *o |= w;
                 }
             }
-            for b in [lpm(1), named(1).copied()].into_iter().flatten() {
+            let nots = [lpm(1), named(1, addr16(ip)).copied(), named(1, [0; 16]).copied()];
+            for b in nots.into_iter().flatten() {
                 for (o, w) in ok.0.iter_mut().zip(b.0) {
                     *o &= !w;
                 }
