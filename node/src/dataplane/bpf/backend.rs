@@ -55,12 +55,18 @@ struct Programmed {
     hashes: [u64; 2],
 }
 
+/// (name, protocol, port) of every named port, by address.
+type NamedByIp = std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>>;
+
+/// An endpoint direction moving off a table: (interface, direction, its new image).
+type Move<'a> = (&'a str, usize, Arc<Image>);
+
 /// What one program computes once: images by tier list and own named ports, and every address's named
 /// ports.
 #[derive(Default)]
 struct Memo {
     images: std::collections::HashMap<String, Result<Arc<Image>, tables::ImageError>>,
-    named_by_ip: Option<std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>>>,
+    named_by_ip: Option<NamedByIp>,
 }
 
 /// (name, protocol, port) of every named port, by address.
@@ -219,7 +225,7 @@ impl BpfDataplane {
         stats: &mut ApplyStats,
     ) -> Result<(), BpfError> {
         // Old hash -> (interface, direction, new image) of the users moving off it.
-        let mut moving: BTreeMap<u64, Vec<(&str, usize, Arc<Image>)>> = BTreeMap::new();
+        let mut moving: BTreeMap<u64, Vec<Move<'_>>> = BTreeMap::new();
         for iface in affected {
             let Some(p) = self.endpoints.get(iface.as_str()).copied() else {
                 continue;
