@@ -99,6 +99,20 @@ pub struct MatchPart {
     pub addr: [u8; 16],
 }
 
+impl MatchPart {
+    /// A key of `kind` with every other field zero (the kinds keyed by side or nothing else).
+    pub fn of_kind(kind: u8) -> Self {
+        MatchPart {
+            kind,
+            proto: 0,
+            side: 0,
+            a: 0,
+            b: 0,
+            addr: [0; 16],
+        }
+    }
+}
+
 /// One chunk of a table.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ChunkImage {
@@ -233,14 +247,7 @@ pub fn image(entries: &[Entry<'_>], tables: &Tables) -> Result<Image, ImageError
             pass: Bits::of(&pass, c),
             ..ChunkImage::default()
         };
-        let part = |kind: u8| MatchPart {
-            kind,
-            proto: 0,
-            side: 0,
-            a: 0,
-            b: 0,
-            addr: [0; 16],
-        };
+        let part = MatchPart::of_kind;
 
         // Protocol.
         let proto: Vec<(MatchPart, Bits)> = tables
@@ -699,14 +706,7 @@ impl ChunkImage {
                 *a &= w;
             }
         };
-        let key = |kind: u8| MatchPart {
-            kind,
-            proto: 0,
-            side: 0,
-            a: 0,
-            b: 0,
-            addr: [0; 16],
-        };
+        let key = MatchPart::of_kind;
         let version: u16 = if pkt.src.is_ipv4() { 4 } else { 6 };
         if self.fields & F_PROTO != 0 {
             let k = MatchPart {
