@@ -9,6 +9,10 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
+#[path = "common/established.rs"]
+mod established;
+
+use established::Established;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -409,51 +413,10 @@ fn pods_leaving_and_joining_patch_the_dispatch_chains_in_place() {
 /// x/a admits TCP 80 from x/b and may start nothing itself: its replies pass only as an established flow.
 const ALLOW_WEB: &str = "apiVersion: caracal.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  selector: pod == 'a'\n  types: [Ingress, Egress]\n  ingress: [{action: Allow, protocol: TCP, source: {selector: pod == 'b'}, destination: {ports: [80]}}]\n";
 
-/// An established connection x/b -> x/a:80 (client side, server side).
-struct Established {
-    client: std::net::TcpStream,
-    server: std::net::TcpStream,
-}
-
-impl Established {
-    fn open(node: &Node) -> Self {
-        let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
-        let ip = server.ip;
-        let listener = server
-            .ns
-            .enter(move || std::net::TcpListener::bind((ip, 80)))
-            .expect("enter")
-            .expect("bind");
-        let conn = client
-            .ns
-            .enter(move || std::net::TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(2)))
-            .expect("enter")
-            .expect("connect");
-        let (accepted, _) = listener.accept().expect("accept");
-        // The listener goes; the accepted connection stays (a probe opens its own listener later).
-        Established {
-            client: conn,
-            server: accepted,
-        }
-    }
-
-    /// The server speaks first, then the client answers: after a change, the first packet of the flow is
-    /// the one x/a's policy would not allow as new (x/a may start nothing), so only a flow the data plane
-    /// knows as established passes.
-    fn roundtrip(&mut self, when: &str) {
-        use std::io::{Read, Write};
-        let (c, s) = (&mut self.client, &mut self.server);
-        c.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        s.write_all(b"helo").expect("write");
-        let mut buf = [0u8; 4];
-        c.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("{when}: the client reads nothing: {e}"));
-        c.write_all(b"ping").expect("answer");
-        s.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("{when}: the server gets no answer: {e}"));
-        assert_eq!(&buf, b"ping");
-    }
+/// An established connection x/b -> x/a:80.
+fn established(node: &Node) -> Established {
+    let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
+    Established::open(&client.ns, &server.ns, server.ip, 80)
 }
 
 /// A new agent (no memory) of `restart`'s making adopts what `first` left without rewriting anything, the
@@ -461,7 +424,7 @@ impl Established {
 fn restart_keeps_an_established_connection(node: &Node, first: Agent, restart: impl Fn() -> Agent) {
     let mut agent = first;
     agent.converge(ALLOW_WEB);
-    let mut conn = Established::open(node);
+    let mut conn = established(node);
     conn.roundtrip("before the restart");
     drop(agent);
     let mut restarted = restart();
@@ -522,7 +485,7 @@ fn a_live_switch_between_iptables_and_bpf_keeps_an_established_connection_and_le
 
     let mut agent = Agent::new(&node, false);
     agent.converge(ALLOW_WEB);
-    let mut conn = Established::open(&node);
+    let mut conn = established(&node);
     conn.roundtrip("under iptables");
     assert!(crc_rules(&node) > 0);
     drop(agent);

@@ -14,6 +14,10 @@
 )]
 
 mod common;
+#[path = "common/established.rs"]
+mod established;
+
+use established::Established;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -69,46 +73,6 @@ fn bpf_endpoints(c: &TestCluster, i: usize) -> usize {
                 .expect("the BPF maps")
         })
         .expect("enter")
-}
-
-/// An established connection from `client` to `server`: the server speaks first, then the client answers.
-struct Conn {
-    client: std::net::TcpStream,
-    server: std::net::TcpStream,
-}
-
-impl Conn {
-    fn open(client: &caracal_e2e::cluster::TestPod, server: &caracal_e2e::cluster::TestPod) -> Conn {
-        let ip = server.ip;
-        let listener = server
-            .ns
-            .enter(move || std::net::TcpListener::bind((ip, 7070)))
-            .expect("enter")
-            .expect("bind");
-        let client = client
-            .ns
-            .enter(move || std::net::TcpStream::connect_timeout(&(ip, 7070).into(), Duration::from_secs(3)))
-            .expect("enter")
-            .expect("connect");
-        let (server, _) = listener.accept().expect("accept");
-        Conn { client, server }
-    }
-
-    fn roundtrip(&mut self, when: &str) {
-        use std::io::{Read, Write};
-        for s in [&self.client, &self.server] {
-            s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-        }
-        self.server.write_all(b"helo").expect("write");
-        let mut buf = [0u8; 4];
-        self.client
-            .read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("{when}: the client reads nothing: {e}"));
-        self.client.write_all(b"ping").expect("answer");
-        self.server
-            .read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("{when}: the server gets no answer: {e}"));
-    }
 }
 
 async fn three_nodes(dataplane: &str) {
@@ -177,7 +141,7 @@ async fn three_nodes(dataplane: &str) {
         for i in 0..3 {
             assert_eq!(bpf_endpoints(&c, i), 1, "node-{i}");
         }
-        let mut conn = Conn::open(&pods[0], &pods[1]);
+        let mut conn = Established::open(&pods[0].ns, &pods[1].ns, pods[1].ip, 7070);
         conn.roundtrip("before the restart");
         if let Some(mut a) = c.nodes[1].agent.take() {
             a.stop(Duration::from_secs(10));

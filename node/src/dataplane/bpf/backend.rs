@@ -61,12 +61,31 @@ type NamedByIp = std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u1
 /// An endpoint direction moving off a table: (interface, direction, its new image).
 type Move<'a> = (&'a str, usize, Arc<Image>);
 
-/// What one program computes once: images by tier list and own named ports, and every address's named
-/// ports.
-#[derive(Default)]
-struct Memo {
+/// What one program computes once: every endpoint's addresses, images by tier list and own named ports,
+/// and every address's named ports.
+struct Memo<'m> {
+    ips: BTreeMap<&'m str, &'m [std::net::IpAddr]>,
     images: std::collections::HashMap<String, Result<Arc<Image>, tables::ImageError>>,
     named_by_ip: Option<NamedByIp>,
+}
+
+impl<'m> Memo<'m> {
+    fn new(model: &'m DataplaneModel) -> Self {
+        Memo {
+            ips: model
+                .endpoints
+                .iter()
+                .map(|e| (e.iface.as_str(), e.ips.as_slice()))
+                .collect(),
+            images: Default::default(),
+            named_by_ip: None,
+        }
+    }
+
+    /// The addresses of the endpoint on `iface` (none when it is not in the model).
+    fn ips_of(&self, iface: &str) -> &'m [std::net::IpAddr] {
+        self.ips.get(iface).copied().unwrap_or(&[])
+    }
 }
 
 /// (name, protocol, port) of every named port, by address.
@@ -178,15 +197,10 @@ impl BpfDataplane {
     fn images(
         model: &DataplaneModel,
         iface: &str,
-        memo: &mut Memo,
+        memo: &mut Memo<'_>,
     ) -> Result<[Arc<Image>; 2], tables::ImageError> {
         let tiers = model.endpoint_tiers.get(iface).cloned().unwrap_or_default();
-        let ips: Vec<std::net::IpAddr> = model
-            .endpoints
-            .iter()
-            .find(|e| e.iface == iface)
-            .map(|e| e.ips.clone())
-            .unwrap_or_default();
+        let ips = memo.ips_of(iface);
         let by_ip = memo.named_by_ip.get_or_insert_with(|| named_ports_by_ip(model));
         let mut own_ports: Vec<&(String, u8, u16)> =
             ips.iter().filter_map(|ip| by_ip.get(ip)).flatten().collect();
@@ -200,7 +214,7 @@ impl BpfDataplane {
                     let entries = flatten(list, &model.policies, dir);
                     let own = Own {
                         source: dir == Direction::Egress,
-                        ips: &ips,
+                        ips,
                     };
                     let compiled = compile_for(&entries, model, Some(own));
                     tables::image(&entries, &compiled).map(Arc::new)
@@ -221,7 +235,7 @@ impl BpfDataplane {
         &mut self,
         model: &DataplaneModel,
         affected: &BTreeSet<String>,
-        memo: &mut Memo,
+        memo: &mut Memo<'_>,
         stats: &mut ApplyStats,
     ) -> Result<(), BpfError> {
         // Old hash -> (interface, direction, new image) of the users moving off it.
@@ -242,16 +256,6 @@ impl BpfDataplane {
                 }
             }
         }
-        let own: BTreeMap<&str, Vec<[u8; 16]>> = model
-            .endpoints
-            .iter()
-            .map(|e| {
-                (
-                    e.iface.as_str(),
-                    e.ips.iter().map(|ip| tables::addr16(*ip)).collect(),
-                )
-            })
-            .collect();
         for (old, users) in moving {
             let Some(w) = self.tables.get(&old) else {
                 continue;
@@ -267,7 +271,8 @@ impl BpfDataplane {
                 continue;
             };
             let atomic = users.iter().all(|(iface, d, _)| {
-                diff.atomic_for(*d as u8, own.get(iface).map_or(&[][..], Vec::as_slice))
+                let own: Vec<[u8; 16]> = memo.ips_of(iface).iter().map(|ip| tables::addr16(*ip)).collect();
+                diff.atomic_for(*d as u8, &own)
             });
             if !atomic {
                 continue;
@@ -340,7 +345,7 @@ impl BpfDataplane {
         model: &DataplaneModel,
         iface: &str,
         force: bool,
-        memo: &mut Memo,
+        memo: &mut Memo<'_>,
         stats: &mut ApplyStats,
         errors: &mut Vec<String>,
     ) -> Result<(), BpfError> {
@@ -406,7 +411,7 @@ impl BpfDataplane {
     fn converge_here(&mut self, model: &DataplaneModel) -> Result<ApplyStats, BpfError> {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
-        let mut memo = Memo::default();
+        let mut memo = Memo::new(model);
         if self.loaded.is_none() {
             // First converge of this run: flows the kernel saw answered (established under whatever enforced
             // policy before, the iptables backend when switching) keep going; see `seed_flows`.
@@ -555,11 +560,7 @@ impl BpfDataplane {
                 }
             }
         }
-        let ips: BTreeMap<&str, &[std::net::IpAddr]> = model
-            .endpoints
-            .iter()
-            .map(|e| (e.iface.as_str(), e.ips.as_slice()))
-            .collect();
+        let mut memo = Memo::new(model);
         // Whether a named-port set's changed members include one of `own`.
         let own_changed = |k: &SetKey, own: &[std::net::IpAddr]| {
             changes.members.get(k).is_some_and(|d| {
@@ -572,7 +573,7 @@ impl BpfDataplane {
         };
         let mut affected: BTreeSet<String> = changes.endpoints.clone();
         for (iface, tiers) in &model.endpoint_tiers {
-            let own = ips.get(iface.as_str()).copied().unwrap_or(&[]);
+            let own = memo.ips_of(iface);
             let hit = [&tiers.ingress, &tiers.egress]
                 .into_iter()
                 .enumerate()
@@ -589,7 +590,6 @@ impl BpfDataplane {
             }
         }
         let wanted: BTreeSet<&str> = model.endpoints.iter().map(|e| e.iface.as_str()).collect();
-        let mut memo = Memo::default();
         self.patch_in_place(model, &affected, &mut memo, &mut stats)?;
         for iface in &affected {
             if wanted.contains(iface.as_str()) {
