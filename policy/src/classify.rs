@@ -302,6 +302,12 @@ mod tests {
                         set.iter().any(|q| q.contains(&addr)),
                         "{} in region {}", addr, region
                     );
+                    // The hashed index the compiler uses answers the same.
+                    prop_assert_eq!(
+                        SetIndex::new(set).contains_region(&region),
+                        Regions::in_set(&region, set),
+                        "indexed: {} in region {}", addr, region
+                    );
                 }
             }
         }
@@ -593,8 +599,44 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
 }
 
 /// One entry's address conditions on one side: the sets the address must be in, and those it must not be in
-/// (each as its prefixes).
-type AddrConditions = (Vec<Vec<IpNet>>, Vec<Vec<IpNet>>);
+/// (each as an index into the table's distinct sets).
+type AddrConditions = (Vec<usize>, Vec<usize>);
+
+/// A set's prefixes indexed for [`SetIndex::contains_region`]: membership of a region is one hash lookup per
+/// distinct prefix length of the set (pod sets hold host prefixes alone: one lookup), not a scan of the
+/// members, so compiling a table whose sets hold thousands of pods stays linear in its regions.
+#[derive(Debug, Default)]
+pub struct SetIndex {
+    members: std::collections::HashSet<IpNet>,
+    /// The distinct prefix lengths of the members, per family (IPv4, IPv6).
+    lens: [Vec<u8>; 2],
+}
+
+impl SetIndex {
+    /// Indexes `prefixes` (truncated to their length).
+    pub fn new<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> Self {
+        let mut ix = Self::default();
+        for p in prefixes {
+            let p = p.trunc();
+            let fam = usize::from(matches!(p, IpNet::V6(_)));
+            if !ix.lens[fam].contains(&p.prefix_len()) {
+                ix.lens[fam].push(p.prefix_len());
+            }
+            ix.members.insert(p);
+        }
+        ix
+    }
+
+    /// Whether every address of `region` is in the set: some member contains the region (the same answer as
+    /// [`Regions::in_set`] for a region of [`Regions::prefixes`]).
+    pub fn contains_region(&self, region: &IpNet) -> bool {
+        let fam = usize::from(matches!(region, IpNet::V6(_)));
+        self.lens[fam].iter().any(|&len| {
+            len <= region.prefix_len()
+                && IpNet::new(region.addr(), len).is_ok_and(|q| self.members.contains(&q.trunc()))
+        })
+    }
+}
 
 /// The address of the named-port keys on an endpoint's own side ([`compile_for`]): `::`, which no packet with
 /// ports has as its address.
@@ -630,15 +672,7 @@ pub fn compile_for(
     use crate::ir::PortMatch;
     use crate::model::{SetKey, entity_sets};
     let n = entries.len();
-    let members = |key: &Option<SetKey>| -> Option<Vec<IpNet>> {
-        key.as_ref().map(|k| {
-            model
-                .sets
-                .get(k)
-                .map(|m| m.nets.iter().copied().collect())
-                .unwrap_or_default()
-        })
-    };
+    let members = |key: &SetKey| model.sets.get(key).into_iter().flat_map(|m| m.nets.iter());
     let ip_ports = |key: &SetKey| -> Vec<(std::net::IpAddr, u8, u16)> {
         model
             .sets
@@ -739,39 +773,49 @@ pub fn compile_for(
                 })
             })
             .collect();
-        // Each entry's address conditions: (sets it must be in, sets it must not be in).
+        // Each entry's address conditions: (sets it must be in, sets it must not be in), as indexes of the
+        // distinct sets of this side.
+        let mut distinct: Vec<SetKey> = Vec::new();
+        let mut index_of = |k: &Option<SetKey>| -> Option<usize> {
+            let k = k.as_ref()?;
+            Some(match distinct.iter().position(|d| d == k) {
+                Some(i) => i,
+                None => {
+                    distinct.push(k.clone());
+                    distinct.len() - 1
+                }
+            })
+        };
         let conds: Vec<Option<AddrConditions>> = sets
             .iter()
             .map(|s| {
                 s.as_ref().map(|s| {
-                    let within: Vec<Vec<IpNet>> = [&s.service, &s.nets, &s.selector, &s.service_accounts]
+                    let within: Vec<usize> = [&s.service, &s.nets, &s.selector, &s.service_accounts]
                         .into_iter()
-                        .filter_map(&members)
+                        .filter_map(&mut index_of)
                         .collect();
-                    let outside: Vec<Vec<IpNet>> = [&s.not_nets, &s.not_selector]
+                    let outside: Vec<usize> = [&s.not_nets, &s.not_selector]
                         .into_iter()
-                        .filter_map(&members)
+                        .filter_map(&mut index_of)
                         .collect();
                     (within, outside)
                 })
             })
             .collect();
-        let regions = Regions::new(
-            conds
-                .iter()
-                .flatten()
-                .flat_map(|(a, b)| a.iter().chain(b.iter()))
-                .flatten(),
-        );
+        let indexed: Vec<SetIndex> = distinct.iter().map(|k| SetIndex::new(members(k))).collect();
+        let regions = Regions::new(distinct.iter().flat_map(|k| members(k)));
+        let mut member = vec![false; indexed.len()];
         let addr = regions
             .prefixes()
             .iter()
             .map(|region| {
+                for (m, ix) in member.iter_mut().zip(&indexed) {
+                    *m = ix.contains_region(region);
+                }
                 let mut b = Bitmap::new(n);
                 for (i, c) in conds.iter().enumerate() {
                     let ok = c.as_ref().is_none_or(|(within, outside)| {
-                        within.iter().all(|s| Regions::in_set(region, s))
-                            && !outside.iter().any(|s| Regions::in_set(region, s))
+                        within.iter().all(|&s| member[s]) && !outside.iter().any(|&s| member[s])
                     });
                     if ok {
                         b.set(i);
