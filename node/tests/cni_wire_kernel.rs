@@ -1,6 +1,7 @@
 //! Kernel tier: the CNI wiring (netlink) connects pods through a node namespace by proxy ARP for the
 //! link-local gateway; a repeated ADD changes nothing; DEL is idempotent and works after the pod's
-//! namespace is gone. Needs root.
+//! namespace is gone; in BPF mode the host side is closed by the policy programs before the pod side is up.
+//! Needs root.
 
 #![expect(
     clippy::expect_used,
@@ -25,6 +26,7 @@ fn wiring(node: &NetNs, pod: &NetNs, iface: &str, ip: &str) -> PodWiring {
         ifname: "eth0".into(),
         ips: vec![ip.parse().expect("ip")],
         mtu: 1450,
+        bpf_pins: None,
     }
 }
 
@@ -239,4 +241,94 @@ async fn dual_stack_pods_get_a_128_and_reach_each_other_over_ipv6_through_the_li
         .ip(&["-6", "route", "show", "proto", &PROTO_CARACAL.to_string()])
         .expect("routes");
     assert!(!host_routes.contains("fd20::5"), "{host_routes}");
+}
+
+/// In BPF mode the wiring attaches the pinned policy programs to the host side before the pod side comes
+/// up: the pod is wired, and its packets are dropped until the agent writes its endpoint entry; the agent's
+/// own attach then finds the links right and adds nothing.
+#[tokio::test]
+async fn in_bpf_mode_the_host_side_is_closed_until_the_endpoint_entry_is_written() {
+    use caracal_node::dataplane::bpf::{self, Endpoint, Loaded, tables::image};
+    use caracal_policy::classify::{Entry, EntryAction, compile};
+    let (_underlay, node) = node_with_uplink();
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-wiretest-{}", std::process::id()));
+    // The agent's load pins the programs (its maps and programs outlive this handle through their pins).
+    let d = dir.clone();
+    node.enter(move || drop(Loaded::load(&d).expect("load")))
+        .expect("enter");
+    let wirer = Wirer::start(Some(&named_netns(node.name())), 2);
+    let a = NetNs::new("pa").expect("pod a");
+    let b = NetNs::new("pb").expect("pod b");
+    let mut wa = wiring(&node, &a, "crcwirebpfa", "10.200.0.5/32");
+    let mut wb = wiring(&node, &b, "crcwirebpfb", "10.200.0.6/32");
+    wa.bpf_pins = Some(dir.clone());
+    wb.bpf_pins = Some(dir.clone());
+    let (first, second) = tokio::join!(wirer.add(&wa), wirer.add(&wb));
+    first.expect("wire a");
+    second.expect("wire b");
+    let counts = node
+        .enter(|| {
+            (
+                Loaded::tcx_programs("crcwirebpfa").expect("query"),
+                Loaded::tcx_programs("crcwirebpfb").expect("query"),
+            )
+        })
+        .expect("enter");
+    assert_eq!(counts, ((1, 1), (1, 1)), "each host side has both programs");
+    let ip_b = Ipv4Addr::new(10, 200, 0, 6);
+    assert!(
+        !probe::tcp(&a, &b, ip_b, 8080, TIMEOUT).expect("tcp").connected(),
+        "a pod without its endpoint entry must not pass"
+    );
+    assert!(!probe::icmp(&a, ip_b, 8, 0, TIMEOUT).expect("icmp").connected());
+
+    // The agent: its attach finds both right, then the entries (allow everything) open the pods.
+    let d = dir.clone();
+    let indexes = node
+        .enter(move || {
+            let mut l = Loaded::load(&d).expect("load");
+            let entries = vec![Entry {
+                rule: None,
+                action: EntryAction::Allow,
+                policy: None,
+                tier: None,
+            }];
+            let allow = image(&entries, &compile(&entries, &Default::default())).expect("lays out");
+            l.write_table(1, &allow).expect("table");
+            let mut idx = Vec::new();
+            for iface in ["crcwirebpfa", "crcwirebpfb"] {
+                l.attach(iface).expect("attach");
+                let i = nix::net::if_::if_nametoindex(iface).expect("index");
+                l.set_endpoint(
+                    i,
+                    Endpoint {
+                        flags: 0,
+                        table: [1, 1],
+                        pad: 0,
+                    },
+                )
+                .expect("entry");
+                idx.push((Loaded::tcx_programs(iface).expect("query"), i));
+            }
+            idx
+        })
+        .expect("enter");
+    assert!(
+        indexes.iter().all(|(c, _)| *c == (1, 1)),
+        "the agent's attach adds nothing: {indexes:?}"
+    );
+    assert!(probe::tcp(&a, &b, ip_b, 8080, TIMEOUT).expect("tcp").connected());
+    assert!(probe::icmp(&a, ip_b, 8, 0, TIMEOUT).expect("icmp").connected());
+
+    // No programs pinned (the node is not in BPF mode, or left it): the wiring attaches nothing.
+    bpf::remove_all(&dir).expect("remove");
+    let c = NetNs::new("pc").expect("pod c");
+    let mut wc = wiring(&node, &c, "crcwirebpfc", "10.200.0.7/32");
+    wc.bpf_pins = Some(dir.clone());
+    wirer.add(&wc).await.expect("wire c");
+    let count = node
+        .enter(|| Loaded::tcx_programs("crcwirebpfc").expect("query"))
+        .expect("enter");
+    assert_eq!(count, (0, 0));
+    assert!(probe::tcp(&c, &b, ip_b, 8080, TIMEOUT).expect("tcp").connected());
 }

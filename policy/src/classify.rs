@@ -803,7 +803,7 @@ pub fn compile_for(
             })
             .collect();
         let indexed: Vec<SetIndex> = distinct.iter().map(|k| SetIndex::new(members(k))).collect();
-        let regions = Regions::new(distinct.iter().flat_map(|k| members(k)));
+        let regions = Regions::new(distinct.iter().flat_map(&members));
         let mut member = vec![false; indexed.len()];
         let addr = regions
             .prefixes()

@@ -158,6 +158,7 @@ impl CniServer {
                 .filter_map(|ip| ipnet::IpNet::new(*ip, if ip.is_ipv4() { 32 } else { 128 }).ok())
                 .collect(),
             mtu,
+            bpf_pins: self.status.bpf_pins.get().cloned(),
         }
     }
 

@@ -31,6 +31,9 @@ pub struct PodWiring {
     pub ips: Vec<IpNet>,
     /// The MTU of both ends.
     pub mtu: u32,
+    /// Where the BPF policy data plane pins its programs, when it is the node's: the host side gets them
+    /// before the pod side comes up (`bpf::attach_pinned`), so the pod's first packet meets its policy.
+    pub bpf_pins: Option<PathBuf>,
 }
 
 /// What was wired, for the CNI result.
@@ -56,6 +59,10 @@ pub enum WireError {
     /// The kernel refused.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// The BPF policy programs could not be attached to the host side: the pod is not wired (it would run
+    /// without its policy).
+    #[error("closing the pod's interface with the BPF policy programs: {0}")]
+    Bpf(#[from] crate::dataplane::bpf::BpfError),
 }
 
 fn mac_text(m: [u8; 6]) -> String {
@@ -299,6 +306,22 @@ fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
         .link(&w.ifname)?
         .ok_or_else(|| NetlinkError::NoLink(w.ifname.clone()))?;
     let eth = eth_link.header.index;
+    // A veth end's link is its peer's index (in the peer's namespace: here, the node's).
+    let host_index = match netlink::link_peer(&eth_link) {
+        Some(i) => i,
+        None => here
+            .node
+            .link(&w.host_iface)?
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetlinkError::NoLink(w.host_iface.clone()))?,
+    };
+    // In BPF mode the host side is closed by the policy programs before the pod side is up: they drop the
+    // pod's packets until the agent has its policy in the maps.
+    let t_closed = t0.elapsed();
+    if let Some(dir) = &w.bpf_pins {
+        crate::dataplane::bpf::attach_pinned(dir, &w.host_iface, host_index)?;
+    }
+    let t_attach = t0.elapsed();
     for ip in &ips {
         pod.add_addr(eth, *ip)?;
     }
@@ -314,22 +337,14 @@ fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
         pod.add_default_via(gateway(ip), eth)?;
     }
     let t_pod = t0.elapsed();
-    // A veth end's link is its peer's index (in the peer's namespace: here, the node's).
-    let host_index = match netlink::link_peer(&eth_link) {
-        Some(i) => i,
-        None => here
-            .node
-            .link(&w.host_iface)?
-            .map(|l| l.header.index)
-            .ok_or_else(|| NetlinkError::NoLink(w.host_iface.clone()))?,
-    };
     host_side(here, w, &ips, host_index, !v6)?;
     tracing::debug!(
         iface = %w.host_iface,
         lookup_us = t_lookup.as_micros() as u64,
         veth_us = (t_veth - t_lookup).as_micros() as u64,
         open_us = (t_open - t_veth).as_micros() as u64,
-        pod_us = (t_pod - t_open).as_micros() as u64,
+        bpf_attach_us = (t_attach - t_closed).as_micros() as u64,
+        pod_us = (t_pod - t_open - (t_attach - t_closed)).as_micros() as u64,
         host_us = (t0.elapsed() - t_pod).as_micros() as u64,
         "wired"
     );

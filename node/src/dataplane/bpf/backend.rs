@@ -391,7 +391,11 @@ impl BpfDataplane {
         Ok(())
     }
 
-    /// Forgets an endpoint that left: its entry, flows and counters, its links, its tables' references.
+    /// Forgets an endpoint that left: its entry, flows and counters, its tables' references, and its links
+    /// once its interface is gone. An interface that is still there keeps its programs, which drop everything
+    /// without an entry: a pod that left the model while still wired (deleted, its CNI DEL not run yet), or
+    /// one the CNI wiring attached to before it reached the model, stays closed, as the iptables backend's
+    /// dispatch chains keep an unknown interface closed.
     fn unprogram(&mut self, iface: &str, stats: &mut ApplyStats) -> Result<(), BpfError> {
         let was_attached = self.attached.remove(iface);
         let old = self.endpoints.remove(iface);
@@ -402,7 +406,7 @@ impl BpfDataplane {
                 self.release(h, stats)?;
             }
         }
-        if was_attached || old.is_some() {
+        if (was_attached || old.is_some()) && nix::net::if_::if_nametoindex(iface).is_err() {
             self.loaded()?.detach(iface)?;
         }
         Ok(())
@@ -507,9 +511,10 @@ impl BpfDataplane {
                 stats.endpoints_removed += 1;
             }
         }
+        // Links of interfaces that are gone; one on an interface still there stays (see `unprogram`).
         let links = self.loaded()?.attached()?;
         for iface in links {
-            if !wanted.contains(iface.as_str()) {
+            if !wanted.contains(iface.as_str()) && nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
                 self.loaded()?.detach(&iface)?;
             }
         }

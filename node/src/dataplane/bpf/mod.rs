@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod dump;
+mod sys;
 pub mod tables;
 
 use std::collections::BTreeMap;
@@ -257,6 +258,24 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
     ("to_pod", TcAttachType::Egress, "to"),
 ];
 
+/// The raw TCX attach type of a hook's direction.
+fn tcx_type(dir: TcAttachType) -> u32 {
+    match dir {
+        TcAttachType::Egress => sys::TCX_EGRESS,
+        _ => sys::TCX_INGRESS,
+    }
+}
+
+/// Pins `fd` at `path`, replacing what is pinned there (bpffs has no rename, so this is an unlink, then the
+/// pin).
+fn pin_replacing(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    sys::obj_pin(fd, path)
+}
+
 /// Whether the nearest existing ancestor of `dir` (or `dir` itself) is on a bpf filesystem.
 fn on_bpffs(dir: &Path) -> bool {
     dir.ancestors()
@@ -295,7 +314,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
             source: e.into(),
         })?;
     }
-    for d in [dir.to_path_buf(), dir.join("links")] {
+    for d in [dir.to_path_buf(), dir.join("links"), dir.join("progs")] {
         std::fs::create_dir_all(&d).map_err(|source| BpfError::Io { path: d, source })?;
     }
     Ok(())
@@ -317,6 +336,16 @@ impl Loaded {
                 .try_into()
                 .map_err(load_error)?;
             prog.load().map_err(load_error)?;
+            // Pinned for whoever wires a pod's interface ([`attach_pinned`]), replacing an earlier run's
+            // unless that is this very program (same tag: a restart of the same build).
+            let path = dir.join("progs").join(name);
+            let ours = prog.info().map(|i| i.tag()).ok();
+            let pinned = aya::programs::ProgramInfo::from_pin(&path).map(|i| i.tag()).ok();
+            if ours.is_none() || ours != pinned {
+                let fd = prog.fd().map_err(load_error)?;
+                pin_replacing(std::os::fd::AsFd::as_fd(fd), &path)
+                    .map_err(|source| BpfError::Io { path, source })?;
+            }
         }
         Ok(Self {
             ebpf,
@@ -915,10 +944,54 @@ pub fn pinned_counters(dir: &Path) -> Result<Vec<(u32, Counters, Counters)>, Bpf
     Ok(sums.into_iter().map(|(i, (f, t))| (i, f, t)).collect())
 }
 
-/// The bpf syscall's commands used here.
-const BPF_OBJ_GET: libc::c_long = 7;
-/// Detaches a link from its hook now, whoever else holds it.
-const BPF_LINK_DETACH: libc::c_long = 34;
+/// Attaches the programs pinned under `dir` by the running agent ([`Loaded::load`]) to the interface `iface`
+/// (index `ifindex`, in the calling thread's network namespace) and pins the links where the agent looks for
+/// them, so that its own [`Loaded::attach`] finds them right and attaches nothing. This is how the CNI
+/// wiring closes a new pod's interface before the pod side is up: with no endpoint entry yet, the programs
+/// drop the pod's packets until its policy is in the maps. Returns false, attaching nothing, when no programs
+/// are pinned there (the node's policy data plane is not BPF).
+///
+/// A TCX attachment costs the kernel an RCU grace period under the RTNL lock (about 12 ms here), so this
+/// takes about 25 ms: spent while the pod's sandbox is being wired, before its container starts.
+pub fn attach_pinned(dir: &Path, iface: &str, ifindex: u32) -> Result<bool, BpfError> {
+    let mut progs = Vec::new();
+    for (name, dir_, suffix) in HOOKS {
+        let path = dir.join("progs").join(name);
+        // A loading agent replaces a program's pin (unlinked, then pinned): while the directory is there, a
+        // missing program is waited for a moment rather than taken for "not BPF".
+        let mut tries = 0;
+        let fd = loop {
+            match sys::obj_get(&path) {
+                Ok(fd) => break fd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if !dir.join("progs").exists() {
+                        return Ok(false);
+                    }
+                    if tries == 50 {
+                        return Err(BpfError::Io { path, source: e });
+                    }
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(source) => return Err(BpfError::Io { path, source }),
+            }
+        };
+        progs.push((fd, dir_, suffix));
+    }
+    for (prog, dir_, suffix) in progs {
+        let attach_error = |what, e: std::io::Error| BpfError::Attach {
+            what,
+            iface: iface.to_owned(),
+            reason: e.to_string(),
+        };
+        let link = sys::tcx_link_create(std::os::fd::AsFd::as_fd(&prog), ifindex, tcx_type(dir_))
+            .map_err(|e| attach_error("attaching", e))?;
+        let path = dir.join("links").join(format!("{iface}_{suffix}"));
+        pin_replacing(std::os::fd::AsFd::as_fd(&link), &path)
+            .map_err(|e| attach_error("pinning the link", e))?;
+    }
+    Ok(true)
+}
 
 /// Detaches the link pinned at `path` and removes the pin. Absent is fine.
 fn detach_pinned(path: &Path) -> Result<(), BpfError> {
@@ -929,46 +1002,12 @@ fn detach_pinned(path: &Path) -> Result<(), BpfError> {
         path: path.to_path_buf(),
         source,
     };
-    link_detach(path).map_err(io)?;
+    sys::link_detach(path).map_err(io)?;
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(e)),
     }
-}
-
-/// Opens the link pinned at `path` (`BPF_OBJ_GET`) and detaches it (`BPF_LINK_DETACH`): aya has neither call
-/// for a pinned TCX link, and dropping the pin alone leaves the program attached until the kernel's deferred
-/// release runs.
-#[expect(
-    unsafe_code,
-    reason = "the bpf syscall has no safe wrapper for these two commands"
-)]
-fn link_detach(path: &Path) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // union bpf_attr for BPF_OBJ_GET: `pathname` (u64 pointer), `bpf_fd`, `file_flags`; the rest zero.
-    let mut attr = [0u8; 128];
-    attr[..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: `attr` is valid for its whole length and `name` outlives the call; the kernel only reads them.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), attr.len()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let raw = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-    // union bpf_attr for BPF_LINK_DETACH: `link_fd` (u32) first, the rest zero.
-    let mut attr = [0u8; 128];
-    attr[..4].copy_from_slice(&raw.to_ne_bytes());
-    // SAFETY: as above; `owned` keeps the descriptor open during the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), attr.len()) };
-    drop(owned);
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Removes everything Caracal pinned under `dir`: every link is detached first (so no interface keeps a

@@ -1,0 +1,88 @@
+//! The few `bpf(2)` commands aya 0.14 has no call for: opening a pinned object, pinning a descriptor,
+//! creating a TCX link from a program descriptor alone, and detaching a pinned link.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// Detaches a link from its hook now, whoever else holds it.
+const BPF_LINK_DETACH: libc::c_long = 34;
+/// `BPF_TCX_INGRESS` and `BPF_TCX_EGRESS` (`enum bpf_attach_type`).
+pub const TCX_INGRESS: u32 = 46;
+pub const TCX_EGRESS: u32 = 47;
+/// `BPF_F_BEFORE`: with no relative program, first in the hook's order.
+const BPF_F_BEFORE: u32 = 1 << 3;
+
+/// `union bpf_attr`, as bytes: every command here uses a prefix of it, the rest zero.
+type Attr = [u8; 128];
+
+#[expect(
+    unsafe_code,
+    reason = "the bpf syscall has no safe wrapper for these commands"
+)]
+fn bpf(cmd: libc::c_long, attr: &Attr) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid for its whole length, and any pointer in it points at memory the caller keeps
+    // alive for the call; the kernel only reads them for these commands.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+#[expect(unsafe_code, reason = "adopting the descriptor the kernel just returned")]
+fn owned(fd: libc::c_long) -> std::io::Result<OwnedFd> {
+    let raw = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)
+}
+
+/// Opens the object pinned at `path` (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let name = c_path(path)?;
+    // `pathname` (u64 pointer), `bpf_fd`, `file_flags`.
+    let mut attr: Attr = [0; 128];
+    attr[..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
+    owned(bpf(BPF_OBJ_GET, &attr)?)
+}
+
+/// Pins `fd` at `path` (`BPF_OBJ_PIN`); the path must not exist.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    let name = c_path(path)?;
+    let mut attr: Attr = [0; 128];
+    attr[..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
+
+/// Attaches the program `prog` to interface `ifindex` at `attach_type` ([`TCX_INGRESS`], [`TCX_EGRESS`]),
+/// first in the hook's order, and returns the link (`BPF_LINK_CREATE`).
+pub fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
+    // `prog_fd`, `target_ifindex`, `attach_type`, `flags`, then the tcx part: `relative_fd` (0: none),
+    // `expected_revision` (0: any).
+    let mut attr: Attr = [0; 128];
+    attr[..4].copy_from_slice(&prog.as_raw_fd().to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    attr[12..16].copy_from_slice(&BPF_F_BEFORE.to_ne_bytes());
+    owned(bpf(BPF_LINK_CREATE, &attr)?)
+}
+
+/// Opens the link pinned at `path` and detaches it (`BPF_LINK_DETACH`): dropping the pin alone leaves the
+/// program attached until the kernel's deferred release runs.
+pub fn link_detach(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let link = obj_get(path)?;
+    // `link_fd` first.
+    let mut attr: Attr = [0; 128];
+    attr[..4].copy_from_slice(&link.as_fd().as_raw_fd().to_ne_bytes());
+    bpf(BPF_LINK_DETACH, &attr).map(drop)
+}
