@@ -291,6 +291,17 @@ struct icmp_head {
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
 
+// ICMP errors quote the packet they are about (its IP header and first 8 bytes), as the kernel's tracker
+// reads them: destination unreachable (fragmentation needed among them), source quench, redirect, time
+// exceeded, parameter problem; ICMPv6 destination unreachable, packet too big, time exceeded, parameter
+// problem.
+static __always_inline int icmp_error(__u8 version, __u8 type)
+{
+	if (version == 4)
+		return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+	return type >= 1 && type <= 4;
+}
+
 // What policy looks at in a packet.
 struct pkt {
 	__u8 src[16];
@@ -585,9 +596,65 @@ static __always_inline int decide(__u32 table_id, const struct pkt *p)
 	return k.allowed;
 }
 
-// Parses the packet into `p`. Returns 0 for what is not IP or is truncated; 2 for neighbour discovery
+// Reads the packet an ICMP error quotes, `off` bytes into the packet, into `q` as the tracker keys it.
+// Returns 1 when it is a flow the tracker keys (TCP, UDP, SCTP, an ICMP echo), else 0. A global function:
+// verified once, with a stack frame of its own rather than in the programs' (the verifier allows 512 bytes
+// across a chain of calls).
+__noinline int parse_quoted(struct __sk_buff *skb, __u32 off, __u32 version, struct ct_key *q)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (!q)
+		return 0;
+	// The quote starts right after the ICMP header, within the first 128 bytes; masked, the verifier knows it.
+	void *inner = data + (off & 0x7f);
+	void *l4;
+	if (version == 4) {
+		struct iphdr *ip = inner;
+		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+			return 0;
+		q->proto = ip->protocol;
+		q->src[10] = 0xff;
+		q->src[11] = 0xff;
+		__builtin_memcpy(&q->src[12], &ip->saddr, 4);
+		q->dst[10] = 0xff;
+		q->dst[11] = 0xff;
+		__builtin_memcpy(&q->dst[12], &ip->daddr, 4);
+		l4 = inner + ip->ihl * 4;
+	} else {
+		struct ipv6hdr *ip6 = inner;
+		if ((void *)(ip6 + 1) > data_end)
+			return 0;
+		q->proto = ip6->nexthdr;
+		__builtin_memcpy(q->src, &ip6->saddr, 16);
+		__builtin_memcpy(q->dst, &ip6->daddr, 16);
+		l4 = ip6 + 1;
+	}
+	if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP || q->proto == IPPROTO_SCTP) {
+		struct udphdr *ports = l4;
+		if ((void *)(ports + 1) > data_end)
+			return 0;
+		q->sport = bpf_ntohs(ports->source);
+		q->dport = bpf_ntohs(ports->dest);
+		return 1;
+	}
+	if ((version == 4 && q->proto == IPPROTO_ICMP) || (version == 6 && q->proto == IPPROTO_ICMPV6)) {
+		struct icmp_head *icmp = l4;
+		if ((void *)(icmp + 1) > data_end)
+			return 0;
+		if ((version == 4 && (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY)) ||
+		    (version == 6 && (icmp->type == ICMPV6_ECHO_REQUEST || icmp->type == ICMPV6_ECHO_REPLY))) {
+			q->sport = icmp->echo_id;
+			q->dport = icmp->echo_id;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+// Parses the packet into `p` (and, for an ICMP error, the packet it quotes into `q`). Returns 0 for what is not IP or is truncated; 2 for neighbour discovery
 // (ARP, ICMPv6 router and neighbour messages), which is not policy.
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct_key *q)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -645,6 +712,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		if ((p->version == 4 && (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY)) ||
 		    (p->version == 6 && (icmp->type == ICMPV6_ECHO_REQUEST || icmp->type == ICMPV6_ECHO_REPLY)))
 			p->echo_id = icmp->echo_id;
+		if (icmp_error(p->version, icmp->type))
+			q->pad[0] = parse_quoted(skb, (__u32)((void *)(icmp + 1) - data), p->version, q);
 	}
 	return 1;
 }
@@ -679,6 +748,23 @@ static __always_inline int to_host(struct __sk_buff *skb, const struct pkt *p)
 	return bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
 }
 
+// Turns a flow key round (the reply direction), in place: no second key on the stack, which the verifier
+// limits to 512 bytes across the calls.
+static __always_inline void ct_reverse(struct ct_key *k)
+{
+	__u32 *s = (__u32 *)k->src;
+	__u32 *d = (__u32 *)k->dst;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 t = s[i];
+		s[i] = d[i];
+		d[i] = t;
+	}
+	__u16 t = k->sport;
+	k->sport = k->dport;
+	k->dport = t;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 {
 	__u32 ifindex = skb->ifindex;
@@ -687,33 +773,38 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 		return verdict(ifindex, to_pod, 0); // not programmed yet: fail closed
 
 	struct pkt p = {};
-	int parsed = parse(skb, &p);
+	// First the flow an ICMP error quotes, if any; then the packet's own.
+	struct ct_key key = {.ifindex = ifindex};
+	int parsed = parse(skb, &p, &key);
 	if (parsed == 2)
 		return TC_ACT_OK;
 	if (!parsed)
 		return verdict(ifindex, to_pod, 0);
-
-	struct ct_key key = {
-		.ifindex = ifindex,
-		.sport = p.has_ports ? p.sport : p.echo_id,
-		.dport = p.has_ports ? p.dport : p.echo_id,
-		.proto = p.proto,
-	};
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_value *ct;
+	// An ICMP error about a flow this endpoint's policy allowed passes (RELATED, as the iptables backend
+	// accepts it): the quoted packet is one of the flow's, either way round. An error about no known flow is
+	// dropped, as the kernel's tracker calls it INVALID and the iptables backend drops that before policy.
+	if (key.pad[0]) {
+		key.pad[0] = 0;
+		ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
+		if (!ct) {
+			ct_reverse(&key);
+			ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
+		}
+		return verdict(ifindex, to_pod, ct && now - ct->last_seen_ns < idle_limit(key.proto));
+	}
+	key.sport = p.has_ports ? p.sport : p.echo_id;
+	key.dport = p.has_ports ? p.dport : p.echo_id;
+	key.proto = p.proto;
 	__builtin_memcpy(key.src, p.src, 16);
 	__builtin_memcpy(key.dst, p.dst, 16);
-	__u64 now = bpf_ktime_get_ns();
 	// A packet of a known flow, either way round.
-	struct ct_value *ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
+	ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
 	if (!ct) {
-		struct ct_key reply = {
-			.ifindex = ifindex,
-			.sport = key.dport,
-			.dport = key.sport,
-			.proto = key.proto,
-		};
-		__builtin_memcpy(reply.src, p.dst, 16);
-		__builtin_memcpy(reply.dst, p.src, 16);
-		ct = bpf_map_lookup_elem(&caracal_ct_v2, &reply);
+		ct_reverse(&key);
+		ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
+		ct_reverse(&key);
 	}
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
 		ct->last_seen_ns = now;
