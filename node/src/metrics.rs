@@ -58,32 +58,23 @@ impl Health for Status {
             "From a datastore change reaching the policy engine to the incremental program that applied it (the last one)",
             ConstGauge::new(self.last_change_us.load(Ordering::Relaxed) as f64 / 1e6),
         );
-        if let Some(dir) = self.bpf_pins.get() {
-            match crate::dataplane::bpf::pinned_counters(dir) {
-                Ok(all) => {
-                    for (ifindex, from, to) in all {
-                        let iface = nix::net::if_::if_indextoname(ifindex)
-                            .ok()
-                            .and_then(|n| n.into_string().ok())
-                            .unwrap_or_else(|| ifindex.to_string());
-                        for (direction, c) in [("from_pod", from), ("to_pod", to)] {
-                            let r = r
-                                .sub_registry_with_label(("interface".into(), iface.clone().into()))
-                                .sub_registry_with_label(("direction".into(), direction.into()));
-                            r.register(
-                                "bpf_packets_allowed",
-                                "Packets the BPF programs passed, per endpoint interface and direction",
-                                ConstCounter::new(c.allowed),
-                            );
-                            r.register(
-                                "bpf_packets_dropped",
-                                "Packets the BPF programs dropped, per endpoint interface and direction",
-                                ConstCounter::new(c.dropped),
-                            );
-                        }
-                    }
+        if let Some(rows) = self.bpf_counter_rows() {
+            for (iface, from, to) in rows.iter() {
+                for (direction, c) in [("from_pod", from), ("to_pod", to)] {
+                    let r = r
+                        .sub_registry_with_label(("interface".into(), iface.clone().into()))
+                        .sub_registry_with_label(("direction".into(), direction.into()));
+                    r.register(
+                        "bpf_packets_allowed",
+                        "Packets the BPF programs passed, per endpoint interface and direction",
+                        ConstCounter::new(c.allowed),
+                    );
+                    r.register(
+                        "bpf_packets_dropped",
+                        "Packets the BPF programs dropped, per endpoint interface and direction",
+                        ConstCounter::new(c.dropped),
+                    );
                 }
-                Err(e) => tracing::warn!(error = %e, "reading the BPF counters for /metrics"),
             }
         }
         for (kind, n) in self.conversion_failures() {
@@ -93,5 +84,41 @@ impl Health for Status {
                 ConstCounter::new(n),
             );
         }
+    }
+}
+
+impl Status {
+    /// The BPF data plane's per-endpoint counters, read at most every
+    /// [`crate::agent::BPF_COUNTERS_MAX_AGE`]; None when the BPF data plane is not running.
+    fn bpf_counter_rows(&self) -> Option<std::sync::Arc<crate::agent::BpfCounterRows>> {
+        let dir = self.bpf_pins.get()?;
+        let mut cache = self
+            .bpf_counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, rows)) = cache.as_ref()
+            && at.elapsed() < crate::agent::BPF_COUNTERS_MAX_AGE
+        {
+            return Some(rows.clone());
+        }
+        let rows = match crate::dataplane::bpf::pinned_counters(dir) {
+            Ok(all) => all
+                .into_iter()
+                .map(|(ifindex, from, to)| {
+                    let iface = nix::net::if_::if_indextoname(ifindex)
+                        .ok()
+                        .and_then(|n| n.into_string().ok())
+                        .unwrap_or_else(|| ifindex.to_string());
+                    (iface, from, to)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the BPF counters for /metrics");
+                Vec::new()
+            }
+        };
+        let rows = std::sync::Arc::new(rows);
+        *cache = Some((std::time::Instant::now(), rows.clone()));
+        Some(rows)
     }
 }

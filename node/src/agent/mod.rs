@@ -83,7 +83,17 @@ pub struct Status {
     /// Where the BPF data plane's maps are pinned, when it is the one running: `/metrics` reads the
     /// per-endpoint counters there.
     pub bpf_pins: std::sync::OnceLock<std::path::PathBuf>,
+    /// The BPF counters as last read for `/metrics`, with when: reading them walks a map of every endpoint
+    /// and names each interface, so scrapes closer together than [`BPF_COUNTERS_MAX_AGE`] share one read
+    /// (a scraper polling every few milliseconds would otherwise take a CPU from the policy engine).
+    pub bpf_counters: Mutex<Option<(std::time::Instant, Arc<BpfCounterRows>)>>,
 }
+
+/// Per endpoint interface: (name, from the pod, to the pod).
+pub type BpfCounterRows = Vec<(String, dataplane::bpf::Counters, dataplane::bpf::Counters)>;
+
+/// How stale the BPF counters on `/metrics` may be.
+pub const BPF_COUNTERS_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Status {
     /// Counts a failed conversion of an object of `kind`.

@@ -210,6 +210,11 @@ pub struct CalcGraph {
     model: DataplaneModel,
     /// How many policies in `model.policies` reference each set.
     set_refs: BTreeMap<SetKey, usize>,
+    /// How many times `model.endpoint_tiers` names each policy (kept with it, so that a pod's change does
+    /// not recount every local endpoint's policies).
+    policy_uses: BTreeMap<String, usize>,
+    /// Policies whose use count or `everywhere` membership changed since the last `sync_policies`.
+    uses_changed: BTreeSet<String>,
     changes: Changes,
 }
 
@@ -245,6 +250,8 @@ impl CalcGraph {
             local: BTreeMap::new(),
             model: DataplaneModel::default(),
             set_refs: BTreeMap::new(),
+            policy_uses: BTreeMap::new(),
+            uses_changed: BTreeSet::new(),
             changes: Changes::default(),
         }
     }
@@ -413,8 +420,33 @@ impl CalcGraph {
             .map(|i| endpoint_tiers(&self.world, &self.world.endpoints[*i]))
             .unwrap_or_default();
         if self.model.endpoint_tiers.get(&iface) != Some(&tiers) {
-            self.model.endpoint_tiers.insert(iface.clone(), tiers);
+            self.count_uses(&tiers, true);
+            if let Some(old) = self.model.endpoint_tiers.insert(iface.clone(), tiers) {
+                self.count_uses(&old, false);
+            }
             self.changes.endpoints.insert(iface);
+        }
+    }
+
+    /// Counts (`add`) or uncounts the policies `tiers` name in `policy_uses`.
+    fn count_uses(&mut self, tiers: &crate::model::EndpointTiers, add: bool) {
+        for name in tiers
+            .ingress
+            .iter()
+            .chain(tiers.egress.iter())
+            .flat_map(|t| t.policies.iter())
+        {
+            if add {
+                *self.policy_uses.entry(name.clone()).or_default() += 1;
+            } else if let Some(n) = self.policy_uses.get_mut(name) {
+                *n -= 1;
+                if *n == 0 {
+                    self.policy_uses.remove(name);
+                }
+            }
+            if !self.uses_changed.contains(name) {
+                self.uses_changed.insert(name.clone());
+            }
         }
     }
 
@@ -427,22 +459,42 @@ impl CalcGraph {
 
     /// Makes `model.policies` exactly the policies some local endpoint uses (and the `everywhere` ones),
     /// (un)referencing their sets. `changed` says whose content may have changed.
+    /// Only the policies whose use changed (and the one `changed` names) are looked at, unless `changed` is
+    /// `All`.
     fn sync_policies(&mut self, changed: Changed<'_>) {
-        let mut used: BTreeSet<String> = self
-            .model
-            .endpoint_tiers
-            .values()
-            .flat_map(|t| t.ingress.iter().chain(t.egress.iter()))
-            .flat_map(|t| t.policies.iter().cloned())
-            .collect();
-        used.extend(self.everywhere.iter().cloned());
-        let stale: Vec<String> = self
-            .model
-            .policies
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
+        let candidates = std::mem::take(&mut self.uses_changed);
+        let in_use = |g: &Self, n: &str| g.policy_uses.contains_key(n) || g.everywhere.contains(n);
+        let used: BTreeSet<String> = match changed {
+            Changed::All => self
+                .policy_uses
+                .keys()
+                .chain(self.everywhere.iter())
+                .cloned()
+                .collect(),
+            Changed::None | Changed::One(_) => candidates
+                .iter()
+                .map(String::as_str)
+                .chain(match changed {
+                    Changed::One(c) => Some(c),
+                    _ => None,
+                })
+                .filter(|n| in_use(self, n))
+                .map(str::to_owned)
+                .collect(),
+        };
+        let stale: Vec<String> = match changed {
+            Changed::All => self
+                .model
+                .policies
+                .keys()
+                .filter(|k| !used.contains(*k))
+                .cloned()
+                .collect(),
+            Changed::None | Changed::One(_) => candidates
+                .into_iter()
+                .filter(|n| !in_use(self, n) && self.model.policies.contains_key(n))
+                .collect(),
+        };
         for name in stale {
             if let Some(p) = self.model.policies.remove(&name) {
                 self.unreference(&p);
@@ -537,7 +589,9 @@ impl CalcGraph {
             None => {
                 if let Some(le) = self.local.remove(key) {
                     self.model.endpoints.retain(|x| x.key != key);
-                    self.model.endpoint_tiers.remove(&le.iface);
+                    if let Some(old) = self.model.endpoint_tiers.remove(&le.iface) {
+                        self.count_uses(&old, false);
+                    }
                     self.changes.endpoints.insert(le.iface);
                 }
             }
@@ -644,10 +698,14 @@ impl CalcGraph {
     }
 
     fn place_policy(&mut self, name: &str, tier: &str, policy: Arc<Policy>, old_tier: Option<&str>) {
+        let was_everywhere = self.everywhere.contains(name);
         if policy.everywhere {
             self.everywhere.insert(name.to_owned());
         } else {
             self.everywhere.remove(name);
+        }
+        if was_everywhere != policy.everywhere {
+            self.uses_changed.insert(name.to_owned());
         }
         if !self.tier_exists(tier) || old_tier.is_some_and(|t| !self.tier_exists(t)) {
             return self.rebuild_tiers();
@@ -670,7 +728,9 @@ impl CalcGraph {
         let Some((tier, _)) = self.policies.remove(name) else {
             return;
         };
-        self.everywhere.remove(name);
+        if self.everywhere.remove(name) {
+            self.uses_changed.insert(name.to_owned());
+        }
         if !self.tier_exists(&tier) {
             // The synthetic tier of a missing one may now be empty.
             return self.rebuild_tiers();
