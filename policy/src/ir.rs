@@ -28,7 +28,7 @@ pub enum Direction {
 }
 
 /// What a tier does with traffic its selecting policies leave undecided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TierDefault {
     /// Drop it.
     Deny,

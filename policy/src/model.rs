@@ -195,7 +195,7 @@ pub struct EndpointTiers {
 }
 
 /// A tier as one endpoint sees it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TierRef {
     /// Tier name.
     pub name: String,

@@ -56,17 +56,26 @@ struct Programmed {
 }
 
 /// (name, protocol, port) of every named port, by address.
-type NamedByIp = std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>>;
+type NamedByIp<'m> = std::collections::HashMap<std::net::IpAddr, Vec<(&'m str, u8, u16)>>;
 
 /// An endpoint direction moving off a table: (interface, direction, its new image).
 type Move<'a> = (&'a str, usize, Arc<Image>);
 
 /// What one program computes once: every endpoint's addresses, images by tier list and own named ports,
 /// and every address's named ports.
+/// What an image is computed from: the direction, the tier list, the endpoint's own named ports (borrowed
+/// from the model: hashing them is cheaper than formatting a key, which a pod joining a set every endpoint
+/// uses did a thousand times).
+type ImageKey<'m> = (
+    bool,
+    &'m [caracal_policy::model::TierRef],
+    Vec<(&'m str, u8, u16)>,
+);
+
 struct Memo<'m> {
     ips: BTreeMap<&'m str, &'m [std::net::IpAddr]>,
-    images: std::collections::HashMap<String, Result<Arc<Image>, tables::ImageError>>,
-    named_by_ip: Option<NamedByIp>,
+    images: std::collections::HashMap<ImageKey<'m>, Result<Arc<Image>, tables::ImageError>>,
+    named_by_ip: Option<NamedByIp<'m>>,
 }
 
 impl<'m> Memo<'m> {
@@ -89,14 +98,12 @@ impl<'m> Memo<'m> {
 }
 
 /// (name, protocol, port) of every named port, by address.
-fn named_ports_by_ip(
-    model: &DataplaneModel,
-) -> std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>> {
-    let mut out: std::collections::HashMap<std::net::IpAddr, Vec<(String, u8, u16)>> = Default::default();
+fn named_ports_by_ip(model: &DataplaneModel) -> NamedByIp<'_> {
+    let mut out: NamedByIp<'_> = Default::default();
     for (key, members) in &model.sets {
         if let caracal_policy::model::SetKey::NamedPort { name, .. } = key {
             for (ip, proto, port) in &members.ip_ports {
-                out.entry(*ip).or_default().push((name.clone(), *proto, *port));
+                out.entry(*ip).or_default().push((name.as_str(), *proto, *port));
             }
         }
     }
@@ -194,22 +201,32 @@ impl BpfDataplane {
     /// named ports address-less: [`caracal_policy::classify::compile_for`]). An image depends only on the
     /// tier list, the model and the endpoint's own named ports, so `memo` computes each distinct combination
     /// once per program (endpoints of one namespace usually share theirs).
-    fn images(
-        model: &DataplaneModel,
+    fn images<'m>(
+        model: &'m DataplaneModel,
         iface: &str,
-        memo: &mut Memo<'_>,
+        memo: &mut Memo<'m>,
     ) -> Result<[Arc<Image>; 2], tables::ImageError> {
-        let tiers = model.endpoint_tiers.get(iface).cloned().unwrap_or_default();
+        static NONE: caracal_policy::model::EndpointTiers = caracal_policy::model::EndpointTiers {
+            ingress: Vec::new(),
+            egress: Vec::new(),
+        };
+        let tiers = model.endpoint_tiers.get(iface).unwrap_or(&NONE);
         let ips = memo.ips_of(iface);
-        let by_ip = memo.named_by_ip.get_or_insert_with(|| named_ports_by_ip(model));
-        let mut own_ports: Vec<&(String, u8, u16)> =
-            ips.iter().filter_map(|ip| by_ip.get(ip)).flatten().collect();
-        own_ports.sort();
-        own_ports.dedup();
-        let own_key = format!("{own_ports:?}");
-        let mut one = |dir: Direction, list: &[caracal_policy::model::TierRef]| {
+        if memo.named_by_ip.is_none() {
+            memo.named_by_ip = Some(named_ports_by_ip(model));
+        }
+        let mut one = |dir: Direction, list: &'m [caracal_policy::model::TierRef]| {
+            let by_ip = memo.named_by_ip.as_ref();
+            let mut own_ports: Vec<(&'m str, u8, u16)> = ips
+                .iter()
+                .filter_map(|ip| by_ip.and_then(|b| b.get(ip)))
+                .flatten()
+                .copied()
+                .collect();
+            own_ports.sort();
+            own_ports.dedup();
             memo.images
-                .entry(format!("{dir:?} {list:?} {own_key}"))
+                .entry((dir == Direction::Egress, list, own_ports))
                 .or_insert_with(|| {
                     let entries = flatten(list, &model.policies, dir);
                     let own = Own {
@@ -231,11 +248,11 @@ impl BpfDataplane {
     /// changed in place, key by key, when that is atomic for each packet ([`tables::MemberDiff::atomic_for`]):
     /// a pod joining a set that 1,000 endpoints' tables use costs a few keys per table, and no endpoint
     /// entry is written. What cannot be patched is left for [`Self::program`] (a new table, then the flip).
-    fn patch_in_place(
+    fn patch_in_place<'m>(
         &mut self,
-        model: &DataplaneModel,
+        model: &'m DataplaneModel,
         affected: &BTreeSet<String>,
-        memo: &mut Memo<'_>,
+        memo: &mut Memo<'m>,
         stats: &mut ApplyStats,
     ) -> Result<(), BpfError> {
         // Old hash -> (interface, direction, new image) of the users moving off it.
@@ -340,12 +357,12 @@ impl BpfDataplane {
     /// Programs one endpoint: attaches the programs, writes its tables, flips its entry (unless it is known
     /// to be right already and not `force`d). An interface that does not exist (yet) is left for the next
     /// change that names it.
-    fn program(
+    fn program<'m>(
         &mut self,
-        model: &DataplaneModel,
+        model: &'m DataplaneModel,
         iface: &str,
         force: bool,
-        memo: &mut Memo<'_>,
+        memo: &mut Memo<'m>,
         stats: &mut ApplyStats,
         errors: &mut Vec<String>,
     ) -> Result<(), BpfError> {
