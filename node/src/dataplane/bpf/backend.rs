@@ -593,18 +593,32 @@ impl BpfDataplane {
                     .any(|(ip, ..)| own.contains(ip))
             })
         };
+        // Per policy that can reach an endpoint, per direction: reached whatever the endpoint (it changed, or
+        // a set on the other side did), or only through these own-side named-port sets. One hash lookup per
+        // policy of each endpoint.
+        let mut reach: std::collections::HashMap<&str, [(bool, Vec<&SetKey>); 2]> = uses
+            .into_iter()
+            .map(|(name, dirs)| (name, dirs.map(|(other, own)| (other, own.into_iter().collect()))))
+            .collect();
+        for name in &changes.policies {
+            let r = reach.entry(name.as_str()).or_default();
+            r[0].0 = true;
+            r[1].0 = true;
+        }
         let mut affected: BTreeSet<String> = changes.endpoints.clone();
         for (iface, tiers) in &model.endpoint_tiers {
+            if reach.is_empty() {
+                break;
+            }
             let own = memo.ips_of(iface);
             let hit = [&tiers.ingress, &tiers.egress]
                 .into_iter()
                 .enumerate()
                 .any(|(d, list)| {
                     list.iter().flat_map(|t| &t.policies).any(|p| {
-                        changes.policies.contains(p)
-                            || uses.get(p.as_str()).is_some_and(|dirs| {
-                                dirs[d].0 || dirs[d].1.iter().any(|k| own_changed(k, own))
-                            })
+                        reach
+                            .get(p.as_str())
+                            .is_some_and(|dirs| dirs[d].0 || dirs[d].1.iter().any(|k| own_changed(k, own)))
                     })
                 });
             if hit {
