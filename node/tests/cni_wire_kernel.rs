@@ -275,6 +275,17 @@ async fn in_bpf_mode_the_host_side_is_closed_until_the_endpoint_entry_is_written
         })
         .expect("enter");
     assert_eq!(counts, ((1, 1), (1, 1)), "each host side has both programs");
+    // Attaching again (the agent got there first, when the pod's address reached it as soon as the
+    // interface existed) finds the programs on the hooks and adds nothing.
+    let d = dir.clone();
+    let again = node
+        .enter(move || {
+            let index = nix::net::if_::if_nametoindex("crcwirebpfa").expect("index");
+            let attached = bpf::attach_pinned(&d, "crcwirebpfa", index).expect("attach again");
+            (attached, Loaded::tcx_programs("crcwirebpfa").expect("query"))
+        })
+        .expect("enter");
+    assert_eq!(again, (true, (1, 1)), "a second attach is a no-op");
     let ip_b = Ipv4Addr::new(10, 200, 0, 6);
     assert!(
         !probe::tcp(&a, &b, ip_b, 8080, TIMEOUT).expect("tcp").connected(),

@@ -395,9 +395,18 @@ impl Loaded {
                 let _ = prog.take_link(id);
                 continue;
             }
-            let id = prog
-                .attach_with_options(iface, dir, TcAttachOptions::TcxOrder(LinkOrder::first()))
-                .map_err(|e| attach_error("attaching", &e))?;
+            let id = match prog.attach_with_options(iface, dir, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            {
+                Ok(id) => id,
+                // This very program is on the hook already: the CNI wiring attached it
+                // ([`attach_pinned`]) and is pinning its link.
+                Err(aya::programs::ProgramError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(attach_error("attaching", &e)),
+            };
             let link = prog
                 .take_link(id)
                 .map_err(|e| attach_error("taking the link", &e))?;
@@ -984,8 +993,13 @@ pub fn attach_pinned(dir: &Path, iface: &str, ifindex: u32) -> Result<bool, BpfE
             iface: iface.to_owned(),
             reason: e.to_string(),
         };
-        let link = sys::tcx_link_create(std::os::fd::AsFd::as_fd(&prog), ifindex, tcx_type(dir_))
-            .map_err(|e| attach_error("attaching", e))?;
+        let link = match sys::tcx_link_create(std::os::fd::AsFd::as_fd(&prog), ifindex, tcx_type(dir_)) {
+            Ok(link) => link,
+            // This very program is on the hook already: the agent attached it (and pinned its link) when the
+            // pod's address reached it first, as soon as the interface existed.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(e) => return Err(attach_error("attaching", e)),
+        };
         let path = dir.join("links").join(format!("{iface}_{suffix}"));
         pin_replacing(std::os::fd::AsFd::as_fd(&link), &path)
             .map_err(|e| attach_error("pinning the link", e))?;
