@@ -291,6 +291,22 @@ struct icmp_head {
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
 
+// An ICMP or ICMPv6 echo request or reply: the tracker keys it by its identifier.
+static __always_inline int icmp_echo(__u8 version, __u8 type)
+{
+	if (version == 4)
+		return type == ICMP_ECHO || type == ICMP_ECHOREPLY;
+	return type == ICMPV6_ECHO_REQUEST || type == ICMPV6_ECHO_REPLY;
+}
+
+// An IPv4 address as the maps key it: mapped into IPv6 (::ffff:a.b.c.d); `out` starts zeroed.
+static __always_inline void v4_mapped(__u8 *out, const __be32 *addr)
+{
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(&out[12], addr, 4);
+}
+
 // ICMP errors quote the packet they are about (its IP header and first 8 bytes), as the kernel's tracker
 // reads them: destination unreachable (fragmentation needed among them), source quench, redirect, time
 // exceeded, parameter problem; ICMPv6 destination unreachable, packet too big, time exceeded, parameter
@@ -614,12 +630,8 @@ __noinline int parse_quoted(struct __sk_buff *skb, __u32 off, __u32 version, str
 		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
 			return 0;
 		q->proto = ip->protocol;
-		q->src[10] = 0xff;
-		q->src[11] = 0xff;
-		__builtin_memcpy(&q->src[12], &ip->saddr, 4);
-		q->dst[10] = 0xff;
-		q->dst[11] = 0xff;
-		__builtin_memcpy(&q->dst[12], &ip->daddr, 4);
+		v4_mapped(q->src, &ip->saddr);
+		v4_mapped(q->dst, &ip->daddr);
 		l4 = inner + ip->ihl * 4;
 	} else {
 		struct ipv6hdr *ip6 = inner;
@@ -642,8 +654,7 @@ __noinline int parse_quoted(struct __sk_buff *skb, __u32 off, __u32 version, str
 		struct icmp_head *icmp = l4;
 		if ((void *)(icmp + 1) > data_end)
 			return 0;
-		if ((version == 4 && (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY)) ||
-		    (version == 6 && (icmp->type == ICMPV6_ECHO_REQUEST || icmp->type == ICMPV6_ECHO_REPLY))) {
+		if (icmp_echo(version, icmp->type)) {
 			q->sport = icmp->echo_id;
 			q->dport = icmp->echo_id;
 			return 1;
@@ -652,8 +663,9 @@ __noinline int parse_quoted(struct __sk_buff *skb, __u32 off, __u32 version, str
 	return 0;
 }
 
-// Parses the packet into `p` (and, for an ICMP error, the packet it quotes into `q`). Returns 0 for what is not IP or is truncated; 2 for neighbour discovery
-// (ARP, ICMPv6 router and neighbour messages), which is not policy.
+// Parses the packet into `p`, and for an ICMP error the flow it quotes into `q`, flagged by q->pad[0] (the
+// programs' one flow key on the stack serves for both: see handle). Returns 0 for what is not IP or is
+// truncated; 2 for neighbour discovery (ARP, ICMPv6 router and neighbour messages), which is not policy.
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct_key *q)
 {
 	void *data = (void *)(long)skb->data;
@@ -670,12 +682,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct
 			return 0;
 		p->version = 4;
 		p->proto = ip->protocol;
-		p->src[10] = 0xff;
-		p->src[11] = 0xff;
-		__builtin_memcpy(&p->src[12], &ip->saddr, 4);
-		p->dst[10] = 0xff;
-		p->dst[11] = 0xff;
-		__builtin_memcpy(&p->dst[12], &ip->daddr, 4);
+		v4_mapped(p->src, &ip->saddr);
+		v4_mapped(p->dst, &ip->daddr);
 		// A fragment after the first has no L4 header: policy sees it without ports.
 		if (ip->frag_off & bpf_htons(0x1fff))
 			return 1;
@@ -709,8 +717,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct
 		p->icmp_code = icmp->code;
 		if (p->version == 6 && icmp->type >= 133 && icmp->type <= 137)
 			return 2;
-		if ((p->version == 4 && (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY)) ||
-		    (p->version == 6 && (icmp->type == ICMPV6_ECHO_REQUEST || icmp->type == ICMPV6_ECHO_REPLY)))
+		if (icmp_echo(p->version, icmp->type))
 			p->echo_id = icmp->echo_id;
 		if (icmp_error(p->version, icmp->type))
 			q->pad[0] = parse_quoted(skb, (__u32)((void *)(icmp + 1) - data), p->version, q);
@@ -765,6 +772,18 @@ static __always_inline void ct_reverse(struct ct_key *k)
 	k->dport = t;
 }
 
+// The tracker's entry for `k`'s flow, either way round; `k` is as it was on return.
+static __always_inline struct ct_value *ct_lookup(struct ct_key *k)
+{
+	struct ct_value *ct = bpf_map_lookup_elem(&caracal_ct_v2, k);
+	if (!ct) {
+		ct_reverse(k);
+		ct = bpf_map_lookup_elem(&caracal_ct_v2, k);
+		ct_reverse(k);
+	}
+	return ct;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 {
 	__u32 ifindex = skb->ifindex;
@@ -787,11 +806,7 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 	// dropped, as the kernel's tracker calls it INVALID and the iptables backend drops that before policy.
 	if (key.pad[0]) {
 		key.pad[0] = 0;
-		ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
-		if (!ct) {
-			ct_reverse(&key);
-			ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
-		}
+		ct = ct_lookup(&key);
 		return verdict(ifindex, to_pod, ct && now - ct->last_seen_ns < idle_limit(key.proto));
 	}
 	key.sport = p.has_ports ? p.sport : p.echo_id;
@@ -800,12 +815,7 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 	__builtin_memcpy(key.src, p.src, 16);
 	__builtin_memcpy(key.dst, p.dst, 16);
 	// A packet of a known flow, either way round.
-	ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
-	if (!ct) {
-		ct_reverse(&key);
-		ct = bpf_map_lookup_elem(&caracal_ct_v2, &key);
-		ct_reverse(&key);
-	}
+	ct = ct_lookup(&key);
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
 		ct->last_seen_ns = now;
 		return verdict(ifindex, to_pod, 1);

@@ -458,43 +458,27 @@ impl CalcGraph {
     }
 
     /// Makes `model.policies` exactly the policies some local endpoint uses (and the `everywhere` ones),
-    /// (un)referencing their sets. `changed` says whose content may have changed.
-    /// Only the policies whose use changed (and the one `changed` names) are looked at, unless `changed` is
-    /// `All`.
+    /// (un)referencing their sets. `changed` says whose content may have changed. Only the policies whose use
+    /// changed since the last call (and the one `changed` names) are looked at, unless `changed` is `All`.
     fn sync_policies(&mut self, changed: Changed<'_>) {
-        let candidates = std::mem::take(&mut self.uses_changed);
-        let in_use = |g: &Self, n: &str| g.policy_uses.contains_key(n) || g.everywhere.contains(n);
-        let used: BTreeSet<String> = match changed {
-            Changed::All => self
-                .policy_uses
-                .keys()
-                .chain(self.everywhere.iter())
-                .cloned()
-                .collect(),
-            Changed::None | Changed::One(_) => candidates
-                .iter()
-                .map(String::as_str)
-                .chain(match changed {
-                    Changed::One(c) => Some(c),
-                    _ => None,
-                })
-                .filter(|n| in_use(self, n))
-                .map(str::to_owned)
-                .collect(),
-        };
-        let stale: Vec<String> = match changed {
-            Changed::All => self
-                .model
-                .policies
-                .keys()
-                .filter(|k| !used.contains(*k))
-                .cloned()
-                .collect(),
-            Changed::None | Changed::One(_) => candidates
-                .into_iter()
-                .filter(|n| !in_use(self, n) && self.model.policies.contains_key(n))
-                .collect(),
-        };
+        let mut candidates = std::mem::take(&mut self.uses_changed);
+        match changed {
+            Changed::All => candidates.extend(
+                self.model
+                    .policies
+                    .keys()
+                    .chain(self.policy_uses.keys())
+                    .chain(self.everywhere.iter())
+                    .cloned(),
+            ),
+            Changed::One(c) => {
+                candidates.insert(c.to_owned());
+            }
+            Changed::None => {}
+        }
+        let (used, stale): (BTreeSet<String>, BTreeSet<String>) = candidates
+            .into_iter()
+            .partition(|n| self.policy_uses.contains_key(n) || self.everywhere.contains(n));
         for name in stale {
             if let Some(p) = self.model.policies.remove(&name) {
                 self.unreference(&p);

@@ -61,8 +61,6 @@ type NamedByIp<'m> = std::collections::HashMap<std::net::IpAddr, Vec<(&'m str, u
 /// An endpoint direction moving off a table: (interface, direction, its new image).
 type Move<'a> = (&'a str, usize, Arc<Image>);
 
-/// What one program computes once: every endpoint's addresses, images by tier list and own named ports,
-/// and every address's named ports.
 /// What an image is computed from: the direction, the tier list, the endpoint's own named ports (borrowed
 /// from the model: hashing them is cheaper than formatting a key, which a pod joining a set every endpoint
 /// uses did a thousand times).
@@ -72,6 +70,8 @@ type ImageKey<'m> = (
     Vec<(&'m str, u8, u16)>,
 );
 
+/// What one program computes once: every endpoint's addresses, images by tier list and own named ports,
+/// and every address's named ports.
 struct Memo<'m> {
     ips: BTreeMap<&'m str, &'m [std::net::IpAddr]>,
     images: std::collections::HashMap<ImageKey<'m>, Result<Arc<Image>, tables::ImageError>>,
@@ -215,18 +215,18 @@ impl BpfDataplane {
         if memo.named_by_ip.is_none() {
             memo.named_by_ip = Some(named_ports_by_ip(model));
         }
+        let by_ip = memo.named_by_ip.as_ref();
+        let mut own_ports: Vec<(&'m str, u8, u16)> = ips
+            .iter()
+            .filter_map(|ip| by_ip.and_then(|b| b.get(ip)))
+            .flatten()
+            .copied()
+            .collect();
+        own_ports.sort();
+        own_ports.dedup();
         let mut one = |dir: Direction, list: &'m [caracal_policy::model::TierRef]| {
-            let by_ip = memo.named_by_ip.as_ref();
-            let mut own_ports: Vec<(&'m str, u8, u16)> = ips
-                .iter()
-                .filter_map(|ip| by_ip.and_then(|b| b.get(ip)))
-                .flatten()
-                .copied()
-                .collect();
-            own_ports.sort();
-            own_ports.dedup();
             memo.images
-                .entry((dir == Direction::Egress, list, own_ports))
+                .entry((dir == Direction::Egress, list, own_ports.clone()))
                 .or_insert_with(|| {
                     let entries = flatten(list, &model.policies, dir);
                     let own = Own {
@@ -554,7 +554,11 @@ impl BpfDataplane {
         // Per policy using a changed set: for each direction (ingress, egress), whether a changed set is used
         // on the other side of the endpoint, and the named-port sets used on its own side (which matter to an
         // endpoint only when its own ports are among the changed members: compile_for).
-        let mut uses: BTreeMap<&str, [(bool, BTreeSet<&SetKey>); 2]> = BTreeMap::new();
+        //
+        // Then the changed policies themselves, which reach every endpoint they are in: together, what a
+        // policy of an endpoint's tiers must be for the change to reach that endpoint (one hash lookup per
+        // policy of each endpoint).
+        let mut reach: std::collections::HashMap<&str, [(bool, BTreeSet<&SetKey>); 2]> = Default::default();
         if !changed_sets.is_empty() {
             for (name, p) in &model.policies {
                 let mut dirs: [(bool, BTreeSet<&SetKey>); 2] = Default::default();
@@ -578,7 +582,7 @@ impl BpfDataplane {
                     }
                 }
                 if dirs.iter().any(|(other, own)| *other || !own.is_empty()) {
-                    uses.insert(name.as_str(), dirs);
+                    reach.insert(name.as_str(), dirs);
                 }
             }
         }
@@ -593,13 +597,6 @@ impl BpfDataplane {
                     .any(|(ip, ..)| own.contains(ip))
             })
         };
-        // Per policy that can reach an endpoint, per direction: reached whatever the endpoint (it changed, or
-        // a set on the other side did), or only through these own-side named-port sets. One hash lookup per
-        // policy of each endpoint.
-        let mut reach: std::collections::HashMap<&str, [(bool, Vec<&SetKey>); 2]> = uses
-            .into_iter()
-            .map(|(name, dirs)| (name, dirs.map(|(other, own)| (other, own.into_iter().collect()))))
-            .collect();
         for name in &changes.policies {
             let r = reach.entry(name.as_str()).or_default();
             r[0].0 = true;

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
-use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
@@ -395,25 +395,9 @@ impl Loaded {
                 let _ = prog.take_link(id);
                 continue;
             }
-            let id = match prog.attach_with_options(iface, dir, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            {
-                Ok(id) => id,
-                // This very program is on the hook already: the CNI wiring attached it
-                // ([`attach_pinned`]) and is pinning its link.
-                Err(aya::programs::ProgramError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(attach_error("attaching", &e)),
-            };
-            let link = prog
-                .take_link(id)
-                .map_err(|e| attach_error("taking the link", &e))?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(|e| attach_error("pinning the link", &e))?;
-            fd.pin(&path).map_err(|e| attach_error("pinning the link", &e))?;
+            let fd = prog.fd().map_err(load_error)?;
+            let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| attach_error("finding", &e))?;
+            attach_tcx(std::os::fd::AsFd::as_fd(fd), iface, ifindex, dir, &path)?;
         }
         Ok(())
     }
@@ -988,23 +972,34 @@ pub fn attach_pinned(dir: &Path, iface: &str, ifindex: u32) -> Result<bool, BpfE
         progs.push((fd, dir_, suffix));
     }
     for (prog, dir_, suffix) in progs {
-        let attach_error = |what, e: std::io::Error| BpfError::Attach {
-            what,
-            iface: iface.to_owned(),
-            reason: e.to_string(),
-        };
-        let link = match sys::tcx_link_create(std::os::fd::AsFd::as_fd(&prog), ifindex, tcx_type(dir_)) {
-            Ok(link) => link,
-            // This very program is on the hook already: the agent attached it (and pinned its link) when the
-            // pod's address reached it first, as soon as the interface existed.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
-            Err(e) => return Err(attach_error("attaching", e)),
-        };
         let path = dir.join("links").join(format!("{iface}_{suffix}"));
-        pin_replacing(std::os::fd::AsFd::as_fd(&link), &path)
-            .map_err(|e| attach_error("pinning the link", e))?;
+        attach_tcx(std::os::fd::AsFd::as_fd(&prog), iface, ifindex, dir_, &path)?;
     }
     Ok(true)
+}
+
+/// Attaches `prog` to `iface`'s (index `ifindex`) TCX hook `dir`, first in order, and pins the link at `path`.
+/// The same program already on the hook counts as attached: the kernel refuses it twice (`EEXIST`), and the
+/// CNI wiring ([`attach_pinned`]) and the agent ([`Loaded::attach`]) can race for a new pod's hooks (its
+/// address reaches the agent as soon as the interface exists); whichever came first pins its link.
+fn attach_tcx(
+    prog: std::os::fd::BorrowedFd<'_>,
+    iface: &str,
+    ifindex: u32,
+    dir: TcAttachType,
+    path: &Path,
+) -> Result<(), BpfError> {
+    let attach_error = |what, e: std::io::Error| BpfError::Attach {
+        what,
+        iface: iface.to_owned(),
+        reason: e.to_string(),
+    };
+    let link = match sys::tcx_link_create(prog, ifindex, tcx_type(dir)) {
+        Ok(link) => link,
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(()),
+        Err(e) => return Err(attach_error("attaching", e)),
+    };
+    pin_replacing(std::os::fd::AsFd::as_fd(&link), path).map_err(|e| attach_error("pinning the link", e))
 }
 
 /// Detaches the link pinned at `path` and removes the pin. Absent is fine.
