@@ -15,7 +15,9 @@
 //!   ADDs (BPF), a restart that adopts what is in place, the periodic full read-back
 //!   (`CARACAL_REFRESH_SECONDS`), the agent's memory and (BPF) the maps' bytes per endpoint.
 //! - `dataplanes`: iperf3 throughput and new TCP connections per second between two pods wired to a node
-//!   namespace, iptables and BPF, with no policy and with 1,000 and 10,000 rules that do not match the flow
+//!   namespace, iptables and BPF, with no policy and with 1,000 and 10,000 rules that do not match the flow,
+//!   each sample paired with one on the no-policy path taken right after it (the server relabelled out of the
+//!   rules' selector)
 //!   (`CARACAL_BENCH_PARTS=dataplanes` runs only this part, `endpoints` only the 1,000 endpoints, `endpoints-bpf` only their BPF half).
 //!
 //! `CARACAL_BENCH_AGENT_BIN` measures another agent binary in the scaling part (a worktree's build, or a
@@ -1021,9 +1023,44 @@ impl Agent {
     }
 }
 
-/// One measured configuration: its label, throughput and connection-rate samples, failed connections, and
-/// how the rules were programmed.
-type Row = (String, Vec<f64>, Vec<f64>, u64, Value);
+/// Pairs of samples per rule count.
+const PAIRS: usize = 5;
+
+/// One side of a row's pairs: throughput and connection-rate samples, and connections that failed.
+#[derive(Default)]
+struct Sample {
+    tput: Vec<f64>,
+    rates: Vec<f64>,
+    failed: u64,
+}
+
+impl Sample {
+    /// One throughput and one connection-rate sample from `client` to the server at `ip` in `server`.
+    fn measure(&mut self, client: &NetNs, server: &NetNs, ip: Ipv4Addr, port: &mut u16) {
+        self.tput.push(iperf(client, ip));
+        *port += 1;
+        request_server(server, ip, *port);
+        let (r, f) = connection_rate(client, ip, *port, 3.0);
+        self.rates.push(r);
+        self.failed += f;
+    }
+}
+
+/// Relabels pod `tput/b` from `pod: from` to `pod: to` and waits until the agent has programmed it.
+async fn relabel(c: &TestCluster, agent: &mut Agent, from: &str, to: &str) {
+    let t = Instant::now();
+    Api::<Pod>::namespaced(c.client.clone(), "tput")
+        .patch(
+            "b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"pod": to}}})),
+        )
+        .await
+        .expect("relabel the server pod");
+    agent
+        .settled(t, Duration::from_secs(1), &format!("relabel {from} -> {to}"))
+        .await;
+}
 
 /// Pod -> pod throughput (iperf3, one stream) and new TCP connections per second between two pods on one
 /// node, for each data plane, with 0, 1,000 and 10,000 rules selecting the server that the flow does not
@@ -1056,12 +1093,15 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
             ("CARACAL_DATAPLANE".into(), dataplane.into()),
         ];
         let mut agent = Agent::start(c, 1).await;
-        // The no-policy path is measured first and again last, and the ratios are against all six of its
-        // samples: on this machine one stream's rate drifts by several percent over a run.
-        let mut rows: Vec<Row> = Vec::new();
-        for (round, n) in RULE_COUNTS.into_iter().chain([0]).enumerate() {
-            let mut program_ms = Value::Null;
+        // Paired samples: with the rules selecting the server, then with the server relabelled so that
+        // nothing selects it (its path is the no-policy one), then relabelled back; each ratio is of one
+        // pair, minutes apart at most, and the figure is the median ratio. On this machine one stream's rate
+        // drifts by several percent over a run, which comparing blocks measured minutes apart mistook for
+        // the rules' cost.
+        let mut cells = serde_json::Map::new();
+        for n in RULE_COUNTS {
             let policies = rule_policies(n);
+            let mut programming = Value::Null;
             if n > 0 {
                 let t = Instant::now();
                 for (name, order, rules) in &policies {
@@ -1070,24 +1110,38 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
                         .expect("policy");
                 }
                 let (d, last) = agent.settled(t, Duration::from_secs(2), "the rules").await;
-                program_ms = json!({"writes_to_first_program_ms": ms(d), "last_program_ms": last * 1e3});
+                programming = json!({"writes_to_first_program_ms": ms(d), "last_program_ms": last * 1e3});
             }
-            let tput: Vec<f64> = (0..3).map(|_| iperf(&a.ns, ip_b)).collect();
-            let mut rates = Vec::new();
-            let mut failed = 0;
-            for _ in 0..3 {
-                port += 1;
-                request_server(&b.ns, ip_b, port);
-                let (r, f) = connection_rate(&a.ns, ip_b, port, 3.0);
-                rates.push(r);
-                failed += f;
+            let (mut with, mut without): (Sample, Sample) = Default::default();
+            for _ in 0..PAIRS {
+                with.measure(&a.ns, &b.ns, ip_b, &mut port);
+                if n > 0 {
+                    relabel(c, &mut agent, "b", "b-idle").await;
+                }
+                without.measure(&a.ns, &b.ns, ip_b, &mut port);
+                if n > 0 {
+                    relabel(c, &mut agent, "b-idle", "b").await;
+                }
             }
-            let label = if round == RULE_COUNTS.len() {
-                "rules_0_again".to_owned()
-            } else {
-                format!("rules_{n}")
-            };
-            rows.push((label, tput, rates, failed, program_ms));
+            let ratio =
+                |x: &[f64], y: &[f64]| median(&x.iter().zip(y).map(|(a, b)| a / b).collect::<Vec<_>>());
+            cells.insert(
+                format!("rules_{n}"),
+                json!({
+                    "gbit_s": median(&with.tput) / 1e9,
+                    "no_policy_gbit_s": median(&without.tput) / 1e9,
+                    "throughput_ratio_to_no_policy": ratio(&with.tput, &without.tput),
+                    "connections_per_s": median(&with.rates),
+                    "no_policy_connections_per_s": median(&without.rates),
+                    "connections_ratio_to_no_policy": ratio(&with.rates, &without.rates),
+                    "connections_failed": with.failed + without.failed,
+                    "samples_gbit_s": with.tput.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
+                    "samples_no_policy_gbit_s": without.tput.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
+                    "samples_connections_per_s": with.rates,
+                    "samples_no_policy_connections_per_s": without.rates,
+                    "programming": programming,
+                }),
+            );
             if n > 0 {
                 let t = Instant::now();
                 for (name, _, _) in &policies {
@@ -1099,36 +1153,6 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
                 agent.settled(t, Duration::from_secs(2), "policy removal").await;
             }
         }
-        let pooled = |pick: fn(&Row) -> &Vec<f64>| {
-            let all: Vec<f64> = rows
-                .iter()
-                .filter(|r| r.0.starts_with("rules_0"))
-                .flat_map(|r| pick(r).iter().copied())
-                .collect();
-            median(&all)
-        };
-        let (base_tput, base_rate) = (pooled(|r| &r.1), pooled(|r| &r.2));
-        let mut cells = serde_json::Map::new();
-        for (label, tput, rates, failed, program_ms) in &rows {
-            let (t, r) = (median(tput), median(rates));
-            cells.insert(
-                label.clone(),
-                json!({
-                    "gbit_s": t / 1e9,
-                    "throughput_ratio_to_no_policy": t / base_tput,
-                    "connections_per_s": r,
-                    "connections_ratio_to_no_policy": r / base_rate,
-                    "connections_failed": failed,
-                    "samples_gbit_s": tput.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
-                    "samples_connections_per_s": rates,
-                    "programming": program_ms,
-                }),
-            );
-        }
-        cells.insert(
-            "no_policy_pooled".into(),
-            json!({"gbit_s": base_tput / 1e9, "connections_per_s": base_rate}),
-        );
         stop_agent(c, 1);
         if dataplane == "BPF" {
             let pins = caracal_node::dataplane::bpf::backend::pin_dir(&c.nodes[1].ns.exec_prefix());
@@ -1140,7 +1164,7 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
     let _ = server.wait();
     out.insert(
         "note".into(),
-        json!("one TCP stream, 3 s per iperf3 sample, median of 3; connections: connect, one byte each way, close, one at a time, 3 s per sample, median of 3; rules_0 is no policy at all, measured first and again last (rules_0_again), and every ratio is against the median of those six samples (no_policy_pooled); the rules are Deny for TCP sources other than the client, then Allow, written through the API and programmed by caracal-node; each data plane starts from a fresh agent on the same pods"),
+        json!(format!("one TCP stream, 3 s per iperf3 sample; connections: connect, one byte each way, close, one at a time, 3 s per sample; {PAIRS} pairs per row: a sample with the rules selecting the server, then one with the server relabelled so that nothing selects it (the no-policy path), then relabelled back; ratios are the median of the pairs' ratios, rates the median of their samples; rules_0 is no policy at all in both halves (its ratio shows the noise); the rules are Deny for TCP sources other than the client, then Allow, written through the API and programmed by caracal-node; each data plane starts from a fresh agent on the same pods")),
     );
     Value::Object(out)
 }

@@ -466,3 +466,136 @@ fn changes_name_exactly_what_a_rendering_must_rewrite() {
         before = after.clone();
     }
 }
+
+/// An image with its parts in one order (the maps give them in theirs).
+fn normalized(
+    mut image: caracal_node::dataplane::bpf::tables::Image,
+) -> caracal_node::dataplane::bpf::tables::Image {
+    for c in &mut image.chunks {
+        c.matches.sort();
+        c.addrs.sort();
+        c.ports.sort();
+    }
+    image.passes.sort();
+    image
+}
+
+/// What a full computation says an endpoint's table for one direction holds (as the BPF backend compiles
+/// it: the endpoint's own named ports address-less); None when the list does not fit a table.
+fn expected_image(
+    model: &caracal_policy::model::DataplaneModel,
+    ep: &caracal_policy::model::LocalEndpoint,
+    egress: bool,
+) -> Option<caracal_node::dataplane::bpf::tables::Image> {
+    use caracal_policy::classify::{Own, compile_for, flatten};
+    use caracal_policy::ir::Direction;
+    let tiers = model.endpoint_tiers.get(&ep.iface);
+    let list = tiers.map_or(&[][..], |t| if egress { &t.egress[..] } else { &t.ingress[..] });
+    let dir = if egress {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    let entries = flatten(list, &model.policies, dir);
+    let compiled = compile_for(
+        &entries,
+        model,
+        Some(Own {
+            source: egress,
+            ips: &ep.ips,
+        }),
+    );
+    caracal_node::dataplane::bpf::tables::image(&entries, &compiled)
+        .ok()
+        .map(normalized)
+}
+
+#[test]
+fn the_bpf_backend_updated_by_changes_holds_what_a_full_computation_gives() {
+    // The BPF backend programmed change by change (tables patched in place where only members moved,
+    // endpoints reached through the policies they use) leaves every local endpoint on the tables a full
+    // computation of the model gives, content and content hash, after every change. Needs root.
+    use caracal_node::dataplane::PolicyDataplane;
+    use caracal_node::dataplane::bpf::backend::BpfDataplane;
+    if !nix_is_root() {
+        panic!("the BPF backend test needs root (make test runs as root)");
+    }
+    let node = caracal_e2e::netns::node("bpfupd").expect("node namespace");
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-test-upd-{}", std::process::id()));
+    let _ = caracal_node::dataplane::bpf::remove_all(&pins);
+    let mut backend = BpfDataplane::with_pins(&pins, &node.exec_prefix());
+    let mut rng = Rng(4242);
+    let mut p = Pipeline::new(NODE);
+    let mut store = Store::default();
+    for kind in POLICY_KINDS {
+        p.update(Update::InSync { kind: (*kind).into() });
+    }
+    let _ = p.take_changes();
+    backend.converge(p.model()).expect("first converge");
+    let mut wired: std::collections::BTreeSet<String> = Default::default();
+    let (mut checked, mut patched) = (0usize, 0usize);
+    for step in 0..600 {
+        let what = apply(&mut p, &mut store, &mut rng);
+        let changes = p.take_changes();
+        let model = p.model();
+        for ep in &model.endpoints {
+            if wired.insert(ep.iface.clone()) {
+                let peer = format!("pe{}", wired.len());
+                node.ip(&["link", "add", &ep.iface, "type", "veth", "peer", "name", &peer])
+                    .expect("endpoint interface");
+            }
+        }
+        let stats = backend.update(model, &changes).expect("update");
+        patched += stats.tables_patched;
+        let links = node.ip(&["-o", "link"]).expect("links");
+        let ifindex = |iface: &str| {
+            links.lines().find_map(|l| {
+                let mut parts = l.split(": ");
+                let index = parts.next()?.trim().parse::<u32>().ok()?;
+                (parts.next()?.split('@').next()? == iface).then_some(index)
+            })
+        };
+        let loaded = backend.loaded().expect("loaded");
+        let entries = loaded.endpoint_entries().expect("entries");
+        for ep in &model.endpoints {
+            let index = ifindex(&ep.iface).expect("the interface exists");
+            let entry = entries
+                .get(&index)
+                .unwrap_or_else(|| panic!("step {step} ({what}): {} has no endpoint entry", ep.iface));
+            for (d, egress) in [(0usize, true), (1, false)] {
+                let Some(want) = expected_image(model, ep, egress) else {
+                    continue;
+                };
+                let got = loaded
+                    .read_table(entry.table[d])
+                    .expect("read")
+                    .map(normalized)
+                    .unwrap_or_else(|| panic!("step {step} ({what}): {}'s table is missing", ep.iface));
+                assert!(
+                    got == want,
+                    "step {step} ({what}): {} {} holds a table that differs from a full computation\n\
+                     got:  {got:?}\nwant: {want:?}",
+                    ep.iface,
+                    if egress { "egress" } else { "ingress" }
+                );
+                checked += 1;
+            }
+        }
+    }
+    let _ = backend.remove_all();
+    assert!(
+        checked > 1000 && patched > 20,
+        "the sequence checked endpoint tables ({checked}) and patched tables in place ({patched})"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

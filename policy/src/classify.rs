@@ -265,6 +265,37 @@ impl Regions {
     pub fn in_set(region: &IpNet, set: &[IpNet]) -> bool {
         set.iter().any(|q| q.contains(region))
     }
+
+    /// Which of `sets` each region is in, as [`Regions::in_set`] answers it: `out[region * sets + set]`, the
+    /// regions in [`Regions::prefixes`] order. Every member of the sets must be among the prefixes (the
+    /// regions were made from them); a member that is not is skipped.
+    ///
+    /// A member contains exactly the regions from its own up to the last whose network is still inside it,
+    /// a run of the sorted prefixes: a region at the member's address but shorter sorts before it, and one
+    /// at a later address inside it is aligned to a length at least the member's. So the cost is the
+    /// members plus the regions they contain, not a lookup per region into every set.
+    pub fn membership<'a, S: IntoIterator<Item = &'a IpNet>>(
+        &self,
+        sets: impl ExactSizeIterator<Item = S>,
+    ) -> Vec<bool> {
+        let k = sets.len();
+        let mut out = vec![false; self.prefixes.len() * k];
+        for (s, set) in sets.enumerate() {
+            for q in set {
+                let q = q.trunc();
+                let Ok(start) = self.prefixes.binary_search(&q) else {
+                    continue;
+                };
+                for (r, p) in self.prefixes.iter().enumerate().skip(start) {
+                    if !q.contains(p) {
+                        break;
+                    }
+                    out[r * k + s] = true;
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -284,7 +315,7 @@ mod tests {
         #[test]
         fn a_set_is_constant_over_each_region(
             sets in prop::collection::vec(
-                prop::collection::vec((0u8..4, any::<u8>(), 22u8..=32), 0..5), 1..4),
+                prop::collection::vec((0u8..4, any::<u8>(), 14u8..=32), 0..5), 1..4),
             addrs in prop::collection::vec((0u8..4, any::<u8>()), 1..40),
         ) {
             let sets: Vec<Vec<IpNet>> = sets
@@ -302,11 +333,16 @@ mod tests {
                         set.iter().any(|q| q.contains(&addr)),
                         "{} in region {}", addr, region
                     );
-                    // The hashed index the compiler uses answers the same.
+                }
+            }
+            // The membership the compiler uses answers as `in_set` for every region and set.
+            let member = regions.membership(sets.iter());
+            for (r, region) in regions.prefixes().iter().enumerate() {
+                for (s, set) in sets.iter().enumerate() {
                     prop_assert_eq!(
-                        SetIndex::new(set).contains_region(&region),
-                        Regions::in_set(&region, set),
-                        "indexed: {} in region {}", addr, region
+                        member[r * sets.len() + s],
+                        Regions::in_set(region, set),
+                        "region {} in set {}", region, s
                     );
                 }
             }
@@ -602,42 +638,6 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
 /// (each as an index into the table's distinct sets).
 type AddrConditions = (Vec<usize>, Vec<usize>);
 
-/// A set's prefixes indexed for [`SetIndex::contains_region`]: membership of a region is one hash lookup per
-/// distinct prefix length of the set (pod sets hold host prefixes alone: one lookup), not a scan of the
-/// members, so compiling a table whose sets hold thousands of pods stays linear in its regions.
-#[derive(Debug, Default)]
-pub struct SetIndex {
-    members: std::collections::HashSet<IpNet>,
-    /// The distinct prefix lengths of the members, per family (IPv4, IPv6).
-    lens: [Vec<u8>; 2],
-}
-
-impl SetIndex {
-    /// Indexes `prefixes` (truncated to their length).
-    pub fn new<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> Self {
-        let mut ix = Self::default();
-        for p in prefixes {
-            let p = p.trunc();
-            let fam = usize::from(matches!(p, IpNet::V6(_)));
-            if !ix.lens[fam].contains(&p.prefix_len()) {
-                ix.lens[fam].push(p.prefix_len());
-            }
-            ix.members.insert(p);
-        }
-        ix
-    }
-
-    /// Whether every address of `region` is in the set: some member contains the region (the same answer as
-    /// [`Regions::in_set`] for a region of [`Regions::prefixes`]).
-    pub fn contains_region(&self, region: &IpNet) -> bool {
-        let fam = usize::from(matches!(region, IpNet::V6(_)));
-        self.lens[fam].iter().any(|&len| {
-            len <= region.prefix_len()
-                && IpNet::new(region.addr(), len).is_ok_and(|q| self.members.contains(&q.trunc()))
-        })
-    }
-}
-
 /// The address of the named-port keys on an endpoint's own side ([`compile_for`]): `::`, which no packet with
 /// ports has as its address.
 pub const OWN: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
@@ -802,16 +802,15 @@ pub fn compile_for(
                 })
             })
             .collect();
-        let indexed: Vec<SetIndex> = distinct.iter().map(|k| SetIndex::new(members(k))).collect();
         let regions = Regions::new(distinct.iter().flat_map(&members));
-        let mut member = vec![false; indexed.len()];
-        let addr = regions
-            .prefixes()
+        let prefixes = regions.prefixes();
+        let k = distinct.len();
+        let member = regions.membership(distinct.iter().map(&members));
+        let addr = prefixes
             .iter()
-            .map(|region| {
-                for (m, ix) in member.iter_mut().zip(&indexed) {
-                    *m = ix.contains_region(region);
-                }
+            .enumerate()
+            .map(|(r, region)| {
+                let member = &member[r * k..(r + 1) * k];
                 let mut b = Bitmap::new(n);
                 for (i, c) in conds.iter().enumerate() {
                     let ok = c.as_ref().is_none_or(|(within, outside)| {
@@ -851,31 +850,46 @@ pub fn compile_for(
         let mut not_named: BTreeMap<(std::net::IpAddr, u8, u16), Bitmap> = BTreeMap::new();
         // On the endpoint's own side: its own ports, address-less.
         let own_side = own.filter(|o| o.source == source);
-        let members = |key: &SetKey| -> Vec<(std::net::IpAddr, u8, u16)> {
-            match own_side {
-                None => ip_ports(key),
-                Some(o) => {
-                    let mut v: Vec<_> = ip_ports(key)
-                        .into_iter()
-                        .filter(|(ip, ..)| o.ips.contains(ip))
-                        .map(|(_, proto, port)| (OWN, proto, port))
-                        .collect();
-                    v.sort();
-                    v.dedup();
-                    v
-                }
-            }
-        };
+        // Each distinct named-port set's keys, once: on the own side only the endpoint's addresses are looked
+        // up (a range of the ordered members per address), not every pod in the cluster declaring the port.
+        let keys_of: BTreeMap<&SetKey, Vec<(std::net::IpAddr, u8, u16)>> = sets
+            .iter()
+            .flatten()
+            .flat_map(|s| s.named_ports.iter().chain(&s.not_named_ports))
+            .map(|key| {
+                let keys = match own_side {
+                    None => ip_ports(key),
+                    Some(o) => {
+                        let mut v: Vec<_> = model
+                            .sets
+                            .get(key)
+                            .into_iter()
+                            .flat_map(|set| {
+                                o.ips
+                                    .iter()
+                                    .flat_map(|ip| set.ip_ports.range((*ip, 0, 0)..=(*ip, u8::MAX, u16::MAX)))
+                            })
+                            .map(|(_, proto, port)| (OWN, *proto, *port))
+                            .collect();
+                        v.sort();
+                        v.dedup();
+                        v
+                    }
+                };
+                (key, keys)
+            })
+            .collect();
         for (i, s) in sets.iter().enumerate() {
             let Some(s) = s else { continue };
-            for key in &s.named_ports {
-                for m in members(key) {
-                    named.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
-                }
-            }
-            for key in &s.not_named_ports {
-                for m in members(key) {
-                    not_named.entry(m).or_insert_with(|| Bitmap::new(n)).set(i);
+            for (key, not) in s
+                .named_ports
+                .iter()
+                .map(|k| (k, false))
+                .chain(s.not_named_ports.iter().map(|k| (k, true)))
+            {
+                let table = if not { &mut not_named } else { &mut named };
+                for m in keys_of.get(key).into_iter().flatten() {
+                    table.entry(*m).or_insert_with(|| Bitmap::new(n)).set(i);
                 }
             }
         }

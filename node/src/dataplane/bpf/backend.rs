@@ -58,6 +58,71 @@ struct Programmed {
 /// (name, protocol, port) of every named port, by address.
 type NamedByIp<'m> = std::collections::HashMap<std::net::IpAddr, Vec<(&'m str, u8, u16)>>;
 
+/// A hash map with a fast hasher (keys here are the model's own names, not chosen to collide).
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+
+/// Which interfaces' tiers name each policy, per direction (0: ingress, 1: egress), equal to the model's
+/// `endpoint_tiers` at all times: a converge rebuilds it, an update changes the endpoints the change names
+/// (every endpoint whose tiers change is named). A change to a policy or to a set its rules use then reaches
+/// the policy's users directly, not through a walk over every endpoint's tiers.
+#[derive(Debug, Default, PartialEq)]
+struct PolicyUsers {
+    by_policy: FastMap<String, [BTreeSet<String>; 2]>,
+    of_iface: FastMap<String, [Vec<String>; 2]>,
+}
+
+impl PolicyUsers {
+    fn of(model: &DataplaneModel) -> Self {
+        let mut out = Self::default();
+        for (iface, tiers) in &model.endpoint_tiers {
+            out.set(iface, Some(tiers));
+        }
+        out
+    }
+
+    /// Records `iface`'s tiers (None: it left).
+    fn set(&mut self, iface: &str, tiers: Option<&caracal_policy::model::EndpointTiers>) {
+        let names = |list: &[caracal_policy::model::TierRef]| {
+            let mut v: Vec<String> = list.iter().flat_map(|t| t.policies.iter().cloned()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let new = tiers.map(|t| [names(&t.ingress), names(&t.egress)]);
+        let old = self.of_iface.remove(iface);
+        if let Some(old) = &old {
+            for (d, list) in old.iter().enumerate() {
+                for p in list {
+                    if let Some(u) = self.by_policy.get_mut(p) {
+                        u[d].remove(iface);
+                        if u.iter().all(BTreeSet::is_empty) {
+                            self.by_policy.remove(p);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(new) = new {
+            for (d, list) in new.iter().enumerate() {
+                for p in list {
+                    self.by_policy.entry(p.clone()).or_default()[d].insert(iface.to_owned());
+                }
+            }
+            if new.iter().any(|l| !l.is_empty()) {
+                self.of_iface.insert(iface.to_owned(), new);
+            }
+        }
+    }
+
+    /// The interfaces whose `d` tiers name `policy`.
+    fn users(&self, policy: &str, d: usize) -> impl Iterator<Item = &String> {
+        self.by_policy
+            .get(policy)
+            .into_iter()
+            .flat_map(move |u| u[d].iter())
+    }
+}
+
 /// An endpoint direction moving off a table: (interface, direction, its new image).
 type Move<'a> = (&'a str, usize, Arc<Image>);
 
@@ -74,8 +139,11 @@ type ImageKey<'m> = (
 /// and every address's named ports.
 struct Memo<'m> {
     ips: BTreeMap<&'m str, &'m [std::net::IpAddr]>,
-    images: std::collections::HashMap<ImageKey<'m>, Result<Arc<Image>, tables::ImageError>>,
+    images: FastMap<ImageKey<'m>, Result<Arc<Image>, tables::ImageError>>,
     named_by_ip: Option<NamedByIp<'m>>,
+    /// The endpoints the change names itself (added, removed, tiers changed): their interfaces are looked
+    /// up again.
+    changed: Option<&'m BTreeSet<String>>,
 }
 
 impl<'m> Memo<'m> {
@@ -88,7 +156,13 @@ impl<'m> Memo<'m> {
                 .collect(),
             images: Default::default(),
             named_by_ip: None,
+            changed: None,
         }
+    }
+
+    /// Whether the change being programmed names the endpoint on `iface` itself (always, in a converge).
+    fn changed_endpoint(&self, iface: &str) -> bool {
+        self.changed.is_none_or(|c| c.contains(iface))
     }
 
     /// The addresses of the endpoint on `iface` (none when it is not in the model).
@@ -122,6 +196,8 @@ pub struct BpfDataplane {
     next_id: u32,
     /// After a failed update the next one converges in full.
     dirty: bool,
+    /// The endpoints each policy reaches.
+    users: PolicyUsers,
 }
 
 impl BpfDataplane {
@@ -137,6 +213,7 @@ impl BpfDataplane {
             attached: BTreeSet::new(),
             next_id: 1,
             dirty: true,
+            users: PolicyUsers::default(),
         }
     }
 
@@ -366,9 +443,17 @@ impl BpfDataplane {
         stats: &mut ApplyStats,
         errors: &mut Vec<String>,
     ) -> Result<(), BpfError> {
-        let Ok(ifindex) = nix::net::if_::if_nametoindex(iface) else {
-            // Gone or not there yet: nothing to hold it.
-            return self.unprogram(iface, stats);
+        // An endpoint programmed before and not itself changed keeps its interface (a new interface under the
+        // name comes with a new pod, which the model changes for): asking the kernel costs a socket per
+        // endpoint, and a pod joining a set every endpoint uses reaches them all.
+        let known = self.endpoints.get(iface).map(|p| p.ifindex);
+        let ifindex = match known {
+            Some(i) if !force && !memo.changed_endpoint(iface) => i,
+            _ => match nix::net::if_::if_nametoindex(iface) {
+                Ok(i) => i,
+                // Gone or not there yet: nothing to hold it.
+                Err(_) => return self.unprogram(iface, stats),
+            },
         };
         if !self.attached.contains(iface) {
             self.loaded()?.attach(iface)?;
@@ -433,6 +518,7 @@ impl BpfDataplane {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
         let mut memo = Memo::new(model);
+        self.users = PolicyUsers::of(model);
         if self.loaded.is_none() {
             // First converge of this run: flows the kernel saw answered (established under whatever enforced
             // policy before, the iptables backend when switching) keep going; see `seed_flows`.
@@ -558,7 +644,7 @@ impl BpfDataplane {
         // Then the changed policies themselves, which reach every endpoint they are in: together, what a
         // policy of an endpoint's tiers must be for the change to reach that endpoint (one hash lookup per
         // policy of each endpoint).
-        let mut reach: std::collections::HashMap<&str, [(bool, BTreeSet<&SetKey>); 2]> = Default::default();
+        let mut reach: FastMap<&str, [(bool, BTreeSet<&SetKey>); 2]> = Default::default();
         if !changed_sets.is_empty() {
             for (name, p) in &model.policies {
                 let mut dirs: [(bool, BTreeSet<&SetKey>); 2] = Default::default();
@@ -587,6 +673,7 @@ impl BpfDataplane {
             }
         }
         let mut memo = Memo::new(model);
+        memo.changed = Some(&changes.endpoints);
         // Whether a named-port set's changed members include one of `own`.
         let own_changed = |k: &SetKey, own: &[std::net::IpAddr]| {
             changes.members.get(k).is_some_and(|d| {
@@ -602,24 +689,27 @@ impl BpfDataplane {
             r[0].0 = true;
             r[1].0 = true;
         }
+        for iface in &changes.endpoints {
+            self.users.set(iface, model.endpoint_tiers.get(iface));
+        }
+        debug_assert_eq!(
+            self.users,
+            PolicyUsers::of(model),
+            "the policy users index drifted"
+        );
         let mut affected: BTreeSet<String> = changes.endpoints.clone();
-        for (iface, tiers) in &model.endpoint_tiers {
-            if reach.is_empty() {
-                break;
-            }
-            let own = memo.ips_of(iface);
-            let hit = [&tiers.ingress, &tiers.egress]
-                .into_iter()
-                .enumerate()
-                .any(|(d, list)| {
-                    list.iter().flat_map(|t| &t.policies).any(|p| {
-                        reach
-                            .get(p.as_str())
-                            .is_some_and(|dirs| dirs[d].0 || dirs[d].1.iter().any(|k| own_changed(k, own)))
-                    })
-                });
-            if hit {
-                affected.insert(iface.clone());
+        for (p, dirs) in &reach {
+            for (d, (other, own_sets)) in dirs.iter().enumerate() {
+                if !*other && own_sets.is_empty() {
+                    continue;
+                }
+                for iface in self.users.users(p, d) {
+                    if !affected.contains(iface)
+                        && (*other || own_sets.iter().any(|k| own_changed(k, memo.ips_of(iface))))
+                    {
+                        affected.insert(iface.clone());
+                    }
+                }
             }
         }
         let wanted: BTreeSet<&str> = model.endpoints.iter().map(|e| e.iface.as_str()).collect();

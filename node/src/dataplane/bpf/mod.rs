@@ -872,6 +872,10 @@ fn map_error(map: &'static str, e: impl std::fmt::Display) -> BpfError {
 fn absent_ok(map: &'static str, r: Result<(), aya::maps::MapError>) -> Result<(), BpfError> {
     match r {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // Some map kinds (per-CPU hashes) report a missing key as the syscall's ENOENT.
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         Err(e) => Err(map_error(map, e)),
     }
 }
