@@ -60,15 +60,30 @@ type NamedByIp<'m> = std::collections::HashMap<std::net::IpAddr, Vec<(&'m str, u
 
 /// A hash map with a fast hasher (keys here are the model's own names, not chosen to collide).
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+/// A hash set with the same hasher.
+type FastSet<K> = std::collections::HashSet<K, foldhash::fast::FixedState>;
 
 /// Which interfaces' tiers name each policy, per direction (0: ingress, 1: egress), equal to the model's
 /// `endpoint_tiers` at all times: a converge rebuilds it, an update changes the endpoints the change names
 /// (every endpoint whose tiers change is named). A change to a policy or to a set its rules use then reaches
 /// the policy's users directly, not through a walk over every endpoint's tiers.
+///
+/// And which policies' rules use each set, and how: a set's change reaches the policies using it directly,
+/// not through every policy's rules.
 #[derive(Debug, Default, PartialEq)]
 struct PolicyUsers {
     by_policy: FastMap<String, [BTreeSet<String>; 2]>,
     of_iface: FastMap<String, [Vec<String>; 2]>,
+    by_set: FastMap<SetKey, BTreeSet<(String, SetUse)>>,
+    of_policy: FastMap<String, Vec<(SetKey, SetUse)>>,
+}
+
+/// How a policy's rule uses a set: the direction (0: ingress, 1: egress), and whether on the endpoint's own
+/// side (the destination of an ingress rule, the source of an egress one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct SetUse {
+    dir: usize,
+    own_side: bool,
 }
 
 impl PolicyUsers {
@@ -77,7 +92,51 @@ impl PolicyUsers {
         for (iface, tiers) in &model.endpoint_tiers {
             out.set(iface, Some(tiers));
         }
+        for (name, p) in &model.policies {
+            out.set_policy(name, Some(p));
+        }
         out
+    }
+
+    /// Records the sets policy `name`'s rules use (None: it left).
+    fn set_policy(&mut self, name: &str, policy: Option<&caracal_policy::ir::Policy>) {
+        if let Some(old) = self.of_policy.remove(name) {
+            for (k, u) in old {
+                if let Some(users) = self.by_set.get_mut(&k) {
+                    users.remove(&(name.to_owned(), u));
+                    if users.is_empty() {
+                        self.by_set.remove(&k);
+                    }
+                }
+            }
+        }
+        let Some(p) = policy else { return };
+        let mut uses: BTreeSet<(SetKey, SetUse)> = BTreeSet::new();
+        for (dir, rules) in [(0, &p.ingress), (1, &p.egress)] {
+            for r in rules.iter().flatten() {
+                // Ingress: the endpoint is the destination; egress: the source.
+                for (m, source) in [(&r.source, true), (&r.destination, false)] {
+                    let own_side = source == (dir == 1);
+                    for k in entity_sets(m, r.protocol, source).all() {
+                        uses.insert((k.clone(), SetUse { dir, own_side }));
+                    }
+                }
+            }
+        }
+        for (k, u) in &uses {
+            self.by_set
+                .entry(k.clone())
+                .or_default()
+                .insert((name.to_owned(), *u));
+        }
+        if !uses.is_empty() {
+            self.of_policy.insert(name.to_owned(), uses.into_iter().collect());
+        }
+    }
+
+    /// The policies whose rules use `set`, and how.
+    fn set_users(&self, set: &SetKey) -> impl Iterator<Item = &(String, SetUse)> {
+        self.by_set.get(set).into_iter().flatten()
     }
 
     /// Records `iface`'s tiers (None: it left).
@@ -138,7 +197,9 @@ type ImageKey<'m> = (
 /// What one program computes once: every endpoint's addresses, images by tier list and own named ports,
 /// and every address's named ports.
 struct Memo<'m> {
-    ips: BTreeMap<&'m str, &'m [std::net::IpAddr]>,
+    ips: FastMap<&'m str, &'m [std::net::IpAddr]>,
+    /// Each endpoint's images once computed (an update asks for an endpoint's twice: to patch, to program).
+    of_iface: FastMap<String, [Arc<Image>; 2]>,
     images: FastMap<ImageKey<'m>, Result<Arc<Image>, tables::ImageError>>,
     named_by_ip: Option<NamedByIp<'m>>,
     /// The endpoints the change names itself (added, removed, tiers changed): their interfaces are looked
@@ -154,6 +215,7 @@ impl<'m> Memo<'m> {
                 .iter()
                 .map(|e| (e.iface.as_str(), e.ips.as_slice()))
                 .collect(),
+            of_iface: Default::default(),
             images: Default::default(),
             named_by_ip: None,
             changed: None,
@@ -287,6 +349,9 @@ impl BpfDataplane {
             ingress: Vec::new(),
             egress: Vec::new(),
         };
+        if let Some(done) = memo.of_iface.get(iface) {
+            return Ok(done.clone());
+        }
         let tiers = model.endpoint_tiers.get(iface).unwrap_or(&NONE);
         let ips = memo.ips_of(iface);
         if memo.named_by_ip.is_none() {
@@ -315,10 +380,12 @@ impl BpfDataplane {
                 })
                 .clone()
         };
-        Ok([
+        let images = [
             one(Direction::Egress, &tiers.egress)?,
             one(Direction::Ingress, &tiers.ingress)?,
-        ])
+        ];
+        memo.of_iface.insert(iface.to_owned(), images.clone());
+        Ok(images)
     }
 
     /// Tables whose every user moves to one new image that differs from the old only in set members are
@@ -328,14 +395,14 @@ impl BpfDataplane {
     fn patch_in_place<'m>(
         &mut self,
         model: &'m DataplaneModel,
-        affected: &BTreeSet<String>,
+        affected: &FastSet<&str>,
         memo: &mut Memo<'m>,
         stats: &mut ApplyStats,
     ) -> Result<(), BpfError> {
         // Old hash -> (interface, direction, new image) of the users moving off it.
         let mut moving: BTreeMap<u64, Vec<Move<'_>>> = BTreeMap::new();
         for iface in affected {
-            let Some(p) = self.endpoints.get(iface.as_str()).copied() else {
+            let Some(p) = self.endpoints.get(*iface).copied() else {
                 continue;
             };
             let Ok(images) = Self::images(model, iface, memo) else {
@@ -343,10 +410,7 @@ impl BpfDataplane {
             };
             for (d, image) in images.into_iter().enumerate() {
                 if image.hash != p.hashes[d] {
-                    moving
-                        .entry(p.hashes[d])
-                        .or_default()
-                        .push((iface.as_str(), d, image));
+                    moving.entry(p.hashes[d]).or_default().push((*iface, d, image));
                 }
             }
         }
@@ -636,39 +700,32 @@ impl BpfDataplane {
     fn update_here(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, BpfError> {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
-        let changed_sets: BTreeSet<&SetKey> = changes.sets.iter().chain(changes.members.keys()).collect();
+        for iface in &changes.endpoints {
+            self.users.set(iface, model.endpoint_tiers.get(iface));
+        }
+        for name in &changes.policies {
+            self.users.set_policy(name, model.policies.get(name));
+        }
+        debug_assert_eq!(
+            self.users,
+            PolicyUsers::of(model),
+            "the policy users index drifted"
+        );
         // Per policy using a changed set: for each direction (ingress, egress), whether a changed set is used
         // on the other side of the endpoint, and the named-port sets used on its own side (which matter to an
         // endpoint only when its own ports are among the changed members: compile_for).
         //
         // Then the changed policies themselves, which reach every endpoint they are in: together, what a
-        // policy of an endpoint's tiers must be for the change to reach that endpoint (one hash lookup per
-        // policy of each endpoint).
+        // policy of an endpoint's tiers must be for the change to reach that endpoint.
         let mut reach: FastMap<&str, [(bool, BTreeSet<&SetKey>); 2]> = Default::default();
-        if !changed_sets.is_empty() {
-            for (name, p) in &model.policies {
-                let mut dirs: [(bool, BTreeSet<&SetKey>); 2] = Default::default();
-                for (d, rules) in [(0, &p.ingress), (1, &p.egress)] {
-                    for r in rules.iter().flatten() {
-                        // Ingress: the endpoint is the destination; egress: the source.
-                        for (m, source) in [(&r.source, true), (&r.destination, false)] {
-                            let own_side = source == (d == 1);
-                            for k in entity_sets(m, r.protocol, source).all() {
-                                let Some(k) = changed_sets.get(k).copied() else {
-                                    continue;
-                                };
-                                let member_only = !changes.sets.contains(k);
-                                if own_side && member_only && matches!(k, SetKey::NamedPort { .. }) {
-                                    dirs[d].1.insert(k);
-                                } else {
-                                    dirs[d].0 = true;
-                                }
-                            }
-                        }
-                    }
-                }
-                if dirs.iter().any(|(other, own)| *other || !own.is_empty()) {
-                    reach.insert(name.as_str(), dirs);
+        for k in changes.sets.iter().chain(changes.members.keys()) {
+            let member_only = !changes.sets.contains(k);
+            for (name, u) in self.users.set_users(k) {
+                let dirs = reach.entry(name.as_str()).or_default();
+                if u.own_side && member_only && matches!(k, SetKey::NamedPort { .. }) {
+                    dirs[u.dir].1.insert(k);
+                } else {
+                    dirs[u.dir].0 = true;
                 }
             }
         }
@@ -689,33 +746,28 @@ impl BpfDataplane {
             r[0].0 = true;
             r[1].0 = true;
         }
-        for iface in &changes.endpoints {
-            self.users.set(iface, model.endpoint_tiers.get(iface));
-        }
-        debug_assert_eq!(
-            self.users,
-            PolicyUsers::of(model),
-            "the policy users index drifted"
-        );
-        let mut affected: BTreeSet<String> = changes.endpoints.clone();
+        let mut affected: FastSet<&str> = changes.endpoints.iter().map(String::as_str).collect();
         for (p, dirs) in &reach {
             for (d, (other, own_sets)) in dirs.iter().enumerate() {
                 if !*other && own_sets.is_empty() {
                     continue;
                 }
                 for iface in self.users.users(p, d) {
-                    if !affected.contains(iface)
+                    // The model's own name (the index's is borrowed from `self`, which programming changes).
+                    let Some((iface, _)) = model.endpoint_tiers.get_key_value(iface) else {
+                        continue;
+                    };
+                    if !affected.contains(iface.as_str())
                         && (*other || own_sets.iter().any(|k| own_changed(k, memo.ips_of(iface))))
                     {
-                        affected.insert(iface.clone());
+                        affected.insert(iface);
                     }
                 }
             }
         }
-        let wanted: BTreeSet<&str> = model.endpoints.iter().map(|e| e.iface.as_str()).collect();
         self.patch_in_place(model, &affected, &mut memo, &mut stats)?;
-        for iface in &affected {
-            if wanted.contains(iface.as_str()) {
+        for iface in affected {
+            if memo.ips.contains_key(iface) {
                 self.program(model, iface, false, &mut memo, &mut stats, &mut errors)?;
             } else {
                 self.unprogram(iface, &mut stats)?;
