@@ -385,13 +385,19 @@ impl CalcGraph {
     /// endpoint leaves a set (or changes its addresses) the set is recomputed from its index candidates,
     /// because another member may hold the same address.
     fn refresh_membership(&mut self, old: Option<&Endpoint>, new: Option<&Endpoint>) {
-        let keys: Vec<SetKey> = self.model.sets.keys().cloned().collect();
-        for key in keys {
-            let was = members_among(&self.world, &key, old, false);
-            let is = members_among(&self.world, &key, new, false);
-            if was == is {
-                continue;
-            }
+        // The sets whose members among the two versions differ, found without copying every set's key (a
+        // cluster's thousand selectors, per pod change).
+        let changed: Vec<(SetKey, SetMembers, SetMembers)> = self
+            .model
+            .sets
+            .keys()
+            .filter_map(|key| {
+                let was = members_among(&self.world, key, old, false);
+                let is = members_among(&self.world, key, new, false);
+                (was != is).then(|| (key.clone(), was, is))
+            })
+            .collect();
+        for (key, was, is) in changed {
             let only_additions = was.nets.is_subset(&is.nets) && was.ip_ports.is_subset(&is.ip_ports);
             if only_additions {
                 if let Some(set) = self.model.sets.get_mut(&key) {

@@ -55,8 +55,8 @@ struct Programmed {
     hashes: [u64; 2],
 }
 
-/// (name, protocol, port) of every named port, by address.
-type NamedByIp<'m> = std::collections::HashMap<std::net::IpAddr, Vec<(&'m str, u8, u16)>>;
+/// The named-port sets of a model: (port name, members as (address, protocol, port)).
+type NamedSets<'m> = Vec<(&'m str, &'m BTreeSet<(std::net::IpAddr, u8, u16)>)>;
 
 /// A hash map with a fast hasher (keys here are the model's own names, not chosen to collide).
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
@@ -201,7 +201,7 @@ struct Memo<'m> {
     /// Each endpoint's images once computed (an update asks for an endpoint's twice: to patch, to program).
     of_iface: FastMap<String, [Arc<Image>; 2]>,
     images: FastMap<ImageKey<'m>, Result<Arc<Image>, tables::ImageError>>,
-    named_by_ip: Option<NamedByIp<'m>>,
+    named_sets: Option<NamedSets<'m>>,
     /// The endpoints the change names itself (added, removed, tiers changed): their interfaces are looked
     /// up again.
     changed: Option<&'m BTreeSet<String>>,
@@ -217,7 +217,7 @@ impl<'m> Memo<'m> {
                 .collect(),
             of_iface: Default::default(),
             images: Default::default(),
-            named_by_ip: None,
+            named_sets: None,
             changed: None,
         }
     }
@@ -233,17 +233,20 @@ impl<'m> Memo<'m> {
     }
 }
 
-/// (name, protocol, port) of every named port, by address.
-fn named_ports_by_ip(model: &DataplaneModel) -> NamedByIp<'_> {
-    let mut out: NamedByIp<'_> = Default::default();
-    for (key, members) in &model.sets {
-        if let caracal_policy::model::SetKey::NamedPort { name, .. } = key {
-            for (ip, proto, port) in &members.ip_ports {
-                out.entry(*ip).or_default().push((name.as_str(), *proto, *port));
-            }
-        }
-    }
-    out
+/// The model's named-port sets (their keys sort together, after the address sets).
+fn named_sets(model: &DataplaneModel) -> NamedSets<'_> {
+    let first = SetKey::NamedPort {
+        name: String::new(),
+        protocol: 0,
+    };
+    model
+        .sets
+        .range(first..)
+        .map_while(|(key, members)| match key {
+            SetKey::NamedPort { name, .. } => Some((name.as_str(), &members.ip_ports)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The BPF data plane.
@@ -354,15 +357,17 @@ impl BpfDataplane {
         }
         let tiers = model.endpoint_tiers.get(iface).unwrap_or(&NONE);
         let ips = memo.ips_of(iface);
-        if memo.named_by_ip.is_none() {
-            memo.named_by_ip = Some(named_ports_by_ip(model));
-        }
-        let by_ip = memo.named_by_ip.as_ref();
-        let mut own_ports: Vec<(&'m str, u8, u16)> = ips
+        let named = memo.named_sets.get_or_insert_with(|| named_sets(model));
+        // The endpoint's own named ports: its addresses' range of each named-port set.
+        let mut own_ports: Vec<(&'m str, u8, u16)> = named
             .iter()
-            .filter_map(|ip| by_ip.and_then(|b| b.get(ip)))
-            .flatten()
-            .copied()
+            .flat_map(|(name, members)| {
+                ips.iter().flat_map(move |ip| {
+                    members
+                        .range((*ip, 0, 0)..=(*ip, u8::MAX, u16::MAX))
+                        .map(move |(_, proto, port)| (*name, *proto, *port))
+                })
+            })
             .collect();
         own_ports.sort();
         own_ports.dedup();
