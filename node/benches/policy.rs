@@ -912,7 +912,9 @@ async fn endpoints_1000(c: &mut TestCluster, dataplane: &str) -> Value {
 
 fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> f64 {
     let out = client
-        .exec(&["iperf3", "-c", &server_ip.to_string(), "-t", "3", "-J"])
+        // Client on CPU 0, server on CPU 1: left to the scheduler, one stream's rate moved by 10% between
+        // samples a few seconds apart.
+        .exec(&["iperf3", "-c", &server_ip.to_string(), "-t", "3", "-A", "0,1", "-J"])
         .expect("iperf3 client");
     let v: Value = serde_json::from_str(&out).expect("iperf3 JSON");
     v["end"]["sum_received"]["bits_per_second"]
@@ -1024,7 +1026,7 @@ impl Agent {
 }
 
 /// Pairs of samples per rule count.
-const PAIRS: usize = 5;
+const PAIRS: usize = 7;
 
 /// One side of a row's pairs: throughput and connection-rate samples, and connections that failed.
 #[derive(Default)]
@@ -1112,16 +1114,24 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
                 let (d, last) = agent.settled(t, Duration::from_secs(2), "the rules").await;
                 programming = json!({"writes_to_first_program_ms": ms(d), "last_program_ms": last * 1e3});
             }
+            // Pairs alternate their order (with, without; without, with; ...), so a drift over the row
+            // weighs on both halves alike; the server is relabelled only when the next sample needs it.
             let (mut with, mut without): (Sample, Sample) = Default::default();
-            for _ in 0..PAIRS {
-                with.measure(&a.ns, &b.ns, ip_b, &mut port);
-                if n > 0 {
-                    relabel(c, &mut agent, "b", "b-idle").await;
+            let mut selected = true;
+            for i in 0..PAIRS {
+                for want in [i % 2 == 0, i % 2 == 1] {
+                    if n > 0 && want != selected {
+                        let (from, to) = if want { ("b-idle", "b") } else { ("b", "b-idle") };
+                        relabel(c, &mut agent, from, to).await;
+                        selected = want;
+                    }
+                    let half = if want { &mut with } else { &mut without };
+                    half.measure(&a.ns, &b.ns, ip_b, &mut port);
                 }
-                without.measure(&a.ns, &b.ns, ip_b, &mut port);
-                if n > 0 {
-                    relabel(c, &mut agent, "b-idle", "b").await;
-                }
+            }
+            // The rules select the server again before they go, so their removal is a change to program.
+            if !selected {
+                relabel(c, &mut agent, "b-idle", "b").await;
             }
             let ratio =
                 |x: &[f64], y: &[f64]| median(&x.iter().zip(y).map(|(a, b)| a / b).collect::<Vec<_>>());
@@ -1164,7 +1174,7 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
     let _ = server.wait();
     out.insert(
         "note".into(),
-        json!(format!("one TCP stream, 3 s per iperf3 sample; connections: connect, one byte each way, close, one at a time, 3 s per sample; {PAIRS} pairs per row: a sample with the rules selecting the server, then one with the server relabelled so that nothing selects it (the no-policy path), then relabelled back; ratios are the median of the pairs' ratios, rates the median of their samples; rules_0 is no policy at all in both halves (its ratio shows the noise); the rules are Deny for TCP sources other than the client, then Allow, written through the API and programmed by caracal-node; each data plane starts from a fresh agent on the same pods")),
+        json!(format!("one TCP stream, 3 s per iperf3 sample; connections: connect, one byte each way, close, one at a time, 3 s per sample; {PAIRS} pairs per row, each a sample with the rules selecting the server and one with the server relabelled so that nothing selects it (the no-policy path), in alternating order (with, without; without, with; ...); iperf3 client and server pinned to CPUs 0 and 1; ratios are the median of the pairs' ratios, rates the median of their samples; rules_0 is no policy at all in both halves (its ratio shows the noise); the rules are Deny for TCP sources other than the client, then Allow, written through the API and programmed by caracal-node; each data plane starts from a fresh agent on the same pods")),
     );
     Value::Object(out)
 }
