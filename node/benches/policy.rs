@@ -914,7 +914,16 @@ fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> f64 {
     let out = client
         // Client on CPU 0, server on CPU 1: left to the scheduler, one stream's rate moved by 10% between
         // samples a few seconds apart.
-        .exec(&["iperf3", "-c", &server_ip.to_string(), "-t", "3", "-A", "0,1", "-J"])
+        .exec(&[
+            "iperf3",
+            "-c",
+            &server_ip.to_string(),
+            "-t",
+            "3",
+            "-A",
+            "0,1",
+            "-J",
+        ])
         .expect("iperf3 client");
     let v: Value = serde_json::from_str(&out).expect("iperf3 JSON");
     v["end"]["sum_received"]["bits_per_second"]
@@ -1088,7 +1097,12 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
         .expect("iperf3 server");
     let mut port = 7000u16;
     let mut out = serde_json::Map::new();
+    // `CARACAL_BENCH_DATAPLANES=BPF` measures one data plane alone.
+    let only = std::env::var("CARACAL_BENCH_DATAPLANES").unwrap_or_default();
     for dataplane in ["Iptables", "BPF"] {
+        if !only.is_empty() && !only.split(',').any(|d| d == dataplane) {
+            continue;
+        }
         eprintln!("{dataplane}: throughput and connections per second at {RULE_COUNTS:?} rules");
         c.agent_env = vec![
             ("CARACAL_REFRESH_SECONDS".into(), "3600".into()),
