@@ -2,7 +2,7 @@
 #
 #   make test          set up what is missing, then lint and run every test tier
 #   make lab           run Caracal on this machine (today: the control plane; see README)
-#   make controlplane  build the pinned upstream Kubernetes control plane into target/controlplane/bin
+#   make controlplane  build the pinned upstream Kubernetes control plane (and kube-proxy) into target/controlplane/bin
 #   make cni-plugins   build the pinned reference CNI plugins (bridge, host-local, loopback) into target/cni-plugins/bin
 #   make bench         performance figures into target/bench/*.json
 #   make manifests     regenerate manifests/crds from the Rust types
@@ -17,7 +17,7 @@ CP_DIR      := $(ROOT)/e2e/controlplane
 CP_BIN      := $(ROOT)/target/controlplane/bin
 K8S_VERSION := $(shell awk '$$1 == "require" && $$2 == "k8s.io/kubernetes" {print $$3}' $(CP_DIR)/go.mod)
 K8S_MINOR   := $(word 2,$(subst ., ,$(K8S_VERSION)))
-CP_PROGRAMS := etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
+CP_PROGRAMS := etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kube-proxy
 CP_TARGETS  := $(addprefix $(CP_BIN)/,$(CP_PROGRAMS))
 # The reference plugins the CNI bench runs beside Caracal's (containernetworking/plugins, from source).
 CNIP_DIR     := $(ROOT)/e2e/cniplugins
@@ -58,11 +58,11 @@ controlplane: $(CP_TARGETS)
 # One rule builds all five programs: they share one module graph and one go build cache.
 $(CP_TARGETS) &: $(CP_DIR)/go.mod $(CP_DIR)/go.sum | deps
 	@mkdir -p $(CP_BIN)
-	@echo "building the control plane ($(K8S_VERSION)): etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl"
+	@echo "building the control plane ($(K8S_VERSION)): etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kube-proxy"
 	cd $(CP_DIR) && go build -ldflags '$(VERSION_LDFLAGS)' -o $(CP_BIN)/etcd go.etcd.io/etcd/server/v3
 	cd $(CP_DIR) && go build -ldflags '$(VERSION_LDFLAGS)' -o $(CP_BIN)/ \
 	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-	  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+	  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kube-proxy
 	@touch $(CP_TARGETS)
 
 cni-plugins: $(CNIP_TARGETS)
