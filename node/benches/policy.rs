@@ -1128,11 +1128,10 @@ async fn dataplanes(c: &mut TestCluster) -> Value {
             ("CARACAL_DATAPLANE".into(), dataplane.into()),
         ];
         let mut agent = Agent::start(c, 1).await;
-        // Paired samples: with the rules selecting the server, then with the server relabelled so that
-        // nothing selects it (its path is the no-policy one), then relabelled back; each ratio is of one
-        // pair, minutes apart at most, and the figure is the median ratio. On this machine one stream's rate
-        // drifts by several percent over a run, which comparing blocks measured minutes apart mistook for
-        // the rules' cost.
+        // Paired samples: one with the rules selecting the server, one with the server relabelled so that
+        // nothing selects it (its path is the no-policy one); each ratio is of one pair, seconds apart, and
+        // the figure is the median ratio. On this machine one stream's rate drifts by several percent over a
+        // run, which comparing blocks measured minutes apart mistook for the rules' cost.
         let mut cells = serde_json::Map::new();
         for n in RULE_COUNTS {
             let policies = rule_policies(n);

@@ -467,19 +467,6 @@ fn changes_name_exactly_what_a_rendering_must_rewrite() {
     }
 }
 
-/// An image with its parts in one order (the maps give them in theirs).
-fn normalized(
-    mut image: caracal_node::dataplane::bpf::tables::Image,
-) -> caracal_node::dataplane::bpf::tables::Image {
-    for c in &mut image.chunks {
-        c.matches.sort();
-        c.addrs.sort();
-        c.ports.sort();
-    }
-    image.passes.sort();
-    image
-}
-
 /// What a full computation says an endpoint's table for one direction holds (as the BPF backend compiles
 /// it: the endpoint's own named ports address-less); None when the list does not fit a table.
 fn expected_image(
@@ -507,7 +494,7 @@ fn expected_image(
     );
     caracal_node::dataplane::bpf::tables::image(&entries, &compiled)
         .ok()
-        .map(normalized)
+        .map(|i| i.canonical())
 }
 
 #[test]
@@ -517,9 +504,10 @@ fn the_bpf_backend_updated_by_changes_holds_what_a_full_computation_gives() {
     // computation of the model gives, content and content hash, after every change. Needs root.
     use caracal_node::dataplane::PolicyDataplane;
     use caracal_node::dataplane::bpf::backend::BpfDataplane;
-    if !nix_is_root() {
-        panic!("the BPF backend test needs root (make test runs as root)");
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the BPF backend test needs root (make test runs as root)"
+    );
     let node = caracal_e2e::netns::node("bpfupd").expect("node namespace");
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-test-upd-{}", std::process::id()));
     let _ = caracal_node::dataplane::bpf::remove_all(&pins);
@@ -569,7 +557,7 @@ fn the_bpf_backend_updated_by_changes_holds_what_a_full_computation_gives() {
                 let got = loaded
                     .read_table(entry.table[d])
                     .expect("read")
-                    .map(normalized)
+                    .map(|i| i.canonical())
                     .unwrap_or_else(|| panic!("step {step} ({what}): {}'s table is missing", ep.iface));
                 assert!(
                     got == want,
@@ -587,15 +575,4 @@ fn the_bpf_backend_updated_by_changes_holds_what_a_full_computation_gives() {
         checked > 1000 && patched > 20,
         "the sequence checked endpoint tables ({checked}) and patched tables in place ({patched})"
     );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }

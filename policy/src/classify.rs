@@ -864,12 +864,8 @@ pub fn compile_for(
                             .sets
                             .get(key)
                             .into_iter()
-                            .flat_map(|set| {
-                                o.ips
-                                    .iter()
-                                    .flat_map(|ip| set.ip_ports.range((*ip, 0, 0)..=(*ip, u8::MAX, u16::MAX)))
-                            })
-                            .map(|(_, proto, port)| (OWN, *proto, *port))
+                            .flat_map(|set| set.ports_at(o.ips))
+                            .map(|(proto, port)| (OWN, proto, port))
                             .collect();
                         v.sort();
                         v.dedup();

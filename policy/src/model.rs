@@ -172,6 +172,17 @@ pub struct SetMembers {
     pub ip_ports: BTreeSet<(IpAddr, u8, u16)>,
 }
 
+impl SetMembers {
+    /// The (protocol, port) members at `ips` (a range of the ordered members per address, not a scan).
+    pub fn ports_at<'a>(&'a self, ips: &'a [IpAddr]) -> impl Iterator<Item = (u8, u16)> + 'a {
+        ips.iter().flat_map(|ip| {
+            self.ip_ports
+                .range((*ip, 0, 0)..=(*ip, u8::MAX, u16::MAX))
+                .map(|(_, proto, port)| (*proto, *port))
+        })
+    }
+}
+
 /// Everything the policy data plane of one node must enforce.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct DataplaneModel {

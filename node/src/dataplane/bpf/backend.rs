@@ -55,8 +55,8 @@ struct Programmed {
     hashes: [u64; 2],
 }
 
-/// The named-port sets of a model: (port name, members as (address, protocol, port)).
-type NamedSets<'m> = Vec<(&'m str, &'m BTreeSet<(std::net::IpAddr, u8, u16)>)>;
+/// The named-port sets of a model: (port name, members).
+type NamedSets<'m> = Vec<(&'m str, &'m caracal_policy::model::SetMembers)>;
 
 /// A hash map with a fast hasher (keys here are the model's own names, not chosen to collide).
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
@@ -90,7 +90,7 @@ impl PolicyUsers {
     fn of(model: &DataplaneModel) -> Self {
         let mut out = Self::default();
         for (iface, tiers) in &model.endpoint_tiers {
-            out.set(iface, Some(tiers));
+            out.set_endpoint(iface, Some(tiers));
         }
         for (name, p) in &model.policies {
             out.set_policy(name, Some(p));
@@ -140,7 +140,7 @@ impl PolicyUsers {
     }
 
     /// Records `iface`'s tiers (None: it left).
-    fn set(&mut self, iface: &str, tiers: Option<&caracal_policy::model::EndpointTiers>) {
+    fn set_endpoint(&mut self, iface: &str, tiers: Option<&caracal_policy::model::EndpointTiers>) {
         let names = |list: &[caracal_policy::model::TierRef]| {
             let mut v: Vec<String> = list.iter().flat_map(|t| t.policies.iter().cloned()).collect();
             v.sort();
@@ -194,8 +194,8 @@ type ImageKey<'m> = (
     Vec<(&'m str, u8, u16)>,
 );
 
-/// What one program computes once: every endpoint's addresses, images by tier list and own named ports,
-/// and every address's named ports.
+/// What one program computes once: every endpoint's addresses, its images, images by tier list and own
+/// named ports, and the model's named-port sets.
 struct Memo<'m> {
     ips: FastMap<&'m str, &'m [std::net::IpAddr]>,
     /// Each endpoint's images once computed (an update asks for an endpoint's twice: to patch, to program).
@@ -243,7 +243,7 @@ fn named_sets(model: &DataplaneModel) -> NamedSets<'_> {
         .sets
         .range(first..)
         .map_while(|(key, members)| match key {
-            SetKey::NamedPort { name, .. } => Some((name.as_str(), &members.ip_ports)),
+            SetKey::NamedPort { name, .. } => Some((name.as_str(), members)),
             _ => None,
         })
         .collect()
@@ -362,11 +362,9 @@ impl BpfDataplane {
         let mut own_ports: Vec<(&'m str, u8, u16)> = named
             .iter()
             .flat_map(|(name, members)| {
-                ips.iter().flat_map(move |ip| {
-                    members
-                        .range((*ip, 0, 0)..=(*ip, u8::MAX, u16::MAX))
-                        .map(move |(_, proto, port)| (*name, *proto, *port))
-                })
+                members
+                    .ports_at(ips)
+                    .map(move |(proto, port)| (*name, proto, port))
             })
             .collect();
         own_ports.sort();
@@ -706,7 +704,7 @@ impl BpfDataplane {
         let mut stats = ApplyStats::default();
         let mut errors = Vec::new();
         for iface in &changes.endpoints {
-            self.users.set(iface, model.endpoint_tiers.get(iface));
+            self.users.set_endpoint(iface, model.endpoint_tiers.get(iface));
         }
         for name in &changes.policies {
             self.users.set_policy(name, model.policies.get(name));

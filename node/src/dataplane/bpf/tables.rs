@@ -608,6 +608,18 @@ impl Image {
         u64::from_le_bytes(first)
     }
 
+    /// The image with its parts in one order (a table read back from the maps has them in map order):
+    /// equal contents compare equal.
+    pub fn canonical(mut self) -> Self {
+        for c in &mut self.chunks {
+            c.matches.sort();
+            c.addrs.sort();
+            c.ports.sort();
+        }
+        self.passes.sort();
+        self
+    }
+
     /// Map entries this image writes (for memory figures).
     pub fn map_entries(&self) -> usize {
         1 + self.passes.len()
