@@ -30,7 +30,18 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// Leave the programs running when this value is dropped.
     pub detached: bool,
+    /// Advertise [`ADVERTISED_ADDRESS`] and run the API server's endpoint reconciler, so the `kubernetes`
+    /// Service has an endpoint: for a lab whose nodes carry that address to the API server (see
+    /// [`ADVERTISED_ADDRESS`]). Off, the API server advertises 127.0.0.1, which an Endpoints object cannot
+    /// hold, so the reconciler is off and the `kubernetes` Service has no endpoints.
+    pub advertise: bool,
 }
+
+/// The address the API server advertises with [`Options::advertise`] (the `kubernetes` Service's endpoint and
+/// a SAN of its certificate). It is no address of this machine: a lab node holds it on its loopback and
+/// carries connections to it to the API server on the machine's 127.0.0.1, so a ClusterIP connection that
+/// kube-proxy or Caracal translates to it reaches the API server from a node or a pod, as on a real cluster.
+pub const ADVERTISED_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 255, 1);
 
 impl Options {
     /// etcd and the API server only.
@@ -41,6 +52,14 @@ impl Options {
     pub fn with_controllers() -> Self {
         Self {
             controllers: true,
+            ..Self::default()
+        }
+    }
+    /// The whole control plane advertising [`ADVERTISED_ADDRESS`] (the lab's).
+    pub fn lab() -> Self {
+        Self {
+            controllers: true,
+            advertise: true,
             ..Self::default()
         }
     }
@@ -254,6 +273,11 @@ impl ControlPlane {
                 "--log-level=warn".into(),
             ],
         )?;
+        let (advertise, reconciler) = if opts.advertise {
+            (ADVERTISED_ADDRESS.to_string(), "lease")
+        } else {
+            ("127.0.0.1".to_owned(), "none")
+        };
         cp.spawn(
             "kube-apiserver",
             &bin,
@@ -261,7 +285,7 @@ impl ControlPlane {
             vec![
                 format!("--etcd-servers={etcd_url}"),
                 "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
+                format!("--advertise-address={advertise}"),
                 format!("--secure-port={api_port}"),
                 format!("--cert-dir={}", s(&dir.join("apiserver-certs"))),
                 format!("--tls-cert-file={}", s(&pki.server_cert)),
@@ -273,7 +297,7 @@ impl ControlPlane {
                 "--service-cluster-ip-range=10.96.0.0/16".into(),
                 "--authorization-mode=Node,RBAC".into(),
                 "--allow-privileged=true".into(),
-                "--endpoint-reconciler-type=none".into(),
+                format!("--endpoint-reconciler-type={reconciler}"),
                 "--profiling=false".into(),
                 "--v=1".into(),
             ],
@@ -496,6 +520,7 @@ pub async fn service_account_kubeconfig(
     admin: &Path,
     ns: &str,
     sa: &str,
+    server: Option<&str>,
     out: &Path,
 ) -> Result<(), String> {
     let req =
@@ -515,7 +540,7 @@ pub async fn service_account_kubeconfig(
     let cluster = &admin["clusters"][0]["cluster"];
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: caracal\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: caracal\n  context:\n    cluster: caracal\n    user: sa\ncurrent-context: caracal\n",
-        cluster["server"].as_str().unwrap_or_default(),
+        server.unwrap_or_else(|| cluster["server"].as_str().unwrap_or_default()),
         cluster["certificate-authority-data"].as_str().unwrap_or_default()
     );
     std::fs::write(out, text).map_err(|e| format!("writing {}: {e}", out.display()))

@@ -13,6 +13,7 @@ pub mod cni;
 pub mod controlplane;
 pub mod crds;
 pub mod kubelet;
+pub mod kubeproxy;
 pub mod lab;
 pub mod measure;
 pub mod netns;

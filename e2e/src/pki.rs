@@ -75,6 +75,7 @@ pub fn generate(dir: &Path) -> Result<Pki, PkiError> {
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
         "10.96.0.1".to_owned(),
+        crate::controlplane::ADVERTISED_ADDRESS.to_string(),
         "kubernetes".to_owned(),
         "kubernetes.default".to_owned(),
         "kubernetes.default.svc".to_owned(),

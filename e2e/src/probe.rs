@@ -265,3 +265,42 @@ pub fn udp_echo(
         }
     })
 }
+
+/// The request a lab pod's server answers with its own address instead of an echo.
+pub const WHOAMI: &[u8] = b"caracal-whoami\n";
+
+/// Asks whoever answers at `addr` (TCP or UDP, as `protocol` says) for its address, from `src`: which backend
+/// a Service connection reached. A new connection (TCP) or a new socket (UDP, so a new source port) each time.
+pub fn whoami(src: &NetNs, addr: SocketAddr, protocol: &str, timeout: Duration) -> Result<String, Outcome> {
+    let udp = protocol == "UDP";
+    let res = src.enter(move || -> Result<String, Outcome> {
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::NoAnswer,
+            std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            _ => Outcome::Error(e.to_string()),
+        };
+        let mut buf = [0u8; 64];
+        let n = if udp {
+            let any: IpAddr = if addr.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            let sock = UdpSocket::bind((any, 0)).map_err(io)?;
+            sock.set_read_timeout(Some(timeout)).map_err(io)?;
+            sock.send_to(WHOAMI, addr).map_err(io)?;
+            sock.recv_from(&mut buf).map_err(io)?.0
+        } else {
+            let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+            s.set_read_timeout(Some(timeout)).map_err(io)?;
+            s.write_all(WHOAMI).map_err(io)?;
+            s.read(&mut buf).map_err(io)?
+        };
+        let text = String::from_utf8_lossy(&buf[..n]);
+        match text.strip_suffix('\n') {
+            Some(ip) if !ip.is_empty() => Ok(ip.to_owned()),
+            _ => Err(Outcome::Error(format!("not an address: {text:?}"))),
+        }
+    });
+    res.map_err(|e| Outcome::Error(e.to_string()))?
+}

@@ -26,10 +26,10 @@ use serde_json::json;
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
     let start = Instant::now();
-    let lab = Lab::up(&LabOptions {
-        nodes: 3,
-        installation: workspace_root().join("examples/installation-vxlan.yaml"),
-    })
+    let lab = Lab::up(&LabOptions::new(
+        3,
+        workspace_root().join("examples/installation-vxlan.yaml"),
+    ))
     .await
     .expect("lab up (make bench builds the workspace first)");
     lab.apply(&workspace_root().join("e2e/lab/demo.yaml"))

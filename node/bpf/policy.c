@@ -35,6 +35,10 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+#ifndef offsetof
+#define offsetof(type, field) __builtin_offsetof(type, field)
+#endif
+
 #define CHUNK_WORDS 64
 #define CHUNK_BITS (CHUNK_WORDS * 64)
 #define MAX_CHUNKS 8
@@ -185,6 +189,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } caracal_ports_v2 SEC(".maps");
 
+// What policy looks at in a packet.
+struct pkt {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport; // host order
+	__u16 dport;
+	__u8 version;
+	__u8 proto;
+	__u8 has_ports;
+	__u8 is_icmp;
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u16 echo_id;
+};
+
 // Per CPU: the running AND of a chunk's field bitmaps, one side's port bitmap being assembled, and what the
 // scan of `acc` found. (The scan's result goes through here rather than registers: read back from a map, it
 // is not a constant per loop exit, so the verifier checks what follows once instead of once per word.)
@@ -198,6 +217,7 @@ struct scratch {
 	__u32 start;   // the walk's first entry still to consider
 	__u32 matched; // the chunk whose field bitmaps `acc` holds (MAX_CHUNKS: none)
 	__u32 pad;
+	struct pkt p; // the packet being evaluated (here rather than on the programs' stack, which is short)
 };
 
 struct {
@@ -220,10 +240,30 @@ struct ct_key {
 	__u8 pad[3];
 };
 
+// A flow a Service translates has two entries (docs/bpf.md, "Services"): NAT_FWD under the tuple the client
+// sent (to the Service), whose packets get the backend as destination; NAT_REV under the translated tuple,
+// whose replies (the entry's key turned round) get the Service as source again, and, when the forward
+// direction's source was translated too (hairpin, NodePort to another node), `orig` as destination.
+#define NAT_NONE 0
+#define NAT_FWD 1
+#define NAT_REV 2
+// With NAT_FWD: also the source becomes the forward packet's destination (a NodePort's node address), so
+// the backend's replies come back through this node.
+#define NAT_SNAT_NODE 4
+// With NAT_FWD: also the source becomes HAIRPIN_SRC (a pod reaching itself through its own Service).
+#define NAT_SNAT_HAIRPIN 8
+
 struct ct_value {
 	__u64 last_seen_ns;
 	__u32 table; // the policy table it was allowed by (0: traffic of the host, which policy does not cover)
-	__u32 pad;
+	__u8 nat;    // NAT_*
+	__u8 pad;
+	__u16 nat_port; // NAT_FWD: the backend's port; NAT_REV: the Service's (host order)
+	__be32 nat_addr; // NAT_FWD: the backend; NAT_REV: the Service's address
+	__be32 orig_addr; // NAT_REV with a translated source: the client, as replies must reach it (0: none)
+	__u16 orig_port;
+	__u16 pad2;
+	__u32 pad3;
 };
 
 struct {
@@ -232,7 +272,99 @@ struct {
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} caracal_ct_v2 SEC(".maps");
+} caracal_ct_v3 SEC(".maps");
+
+// Services (docs/bpf.md, "Services"): a frontend (a ClusterIP, or a node address for a NodePort, with the
+// port and protocol) names its current backend set; a set is immutable once written, and a change writes a
+// new set and then flips the frontend to it, as policy tables are.
+struct svc_key {
+	__be32 addr;
+	__u16 port; // host order
+	__u8 proto;
+	__u8 pad;
+};
+
+#define SVC_AFFINITY 1 // sessionAffinity: ClientIP
+
+struct svc_value {
+	__u32 set;      // the backend set's id
+	__u16 count;    // its backends (0: no serving endpoint: connections are refused)
+	__u16 flags;    // SVC_*
+	__u32 affinity_s; // sessionAffinityConfig.clientIP.timeoutSeconds
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} caracal_svc_v1 SEC(".maps");
+
+struct backend_key {
+	__u32 set;
+	__u32 index;
+};
+
+struct backend {
+	__be32 addr;
+	__u16 port; // host order
+	__u16 flags; // BACKEND_REMOTE: not on this node
+};
+
+#define BACKEND_REMOTE 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct backend_key);
+	__type(value, struct backend);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} caracal_backend_v1 SEC(".maps");
+
+// A set's members by address (value: its index), so an affinity entry is used only while its backend serves.
+struct member_key {
+	__u32 set;
+	__be32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct member_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} caracal_member_v1 SEC(".maps");
+
+// sessionAffinity: ClientIP: the backend a client last used, per frontend.
+struct affinity_key {
+	struct svc_key svc;
+	__be32 client;
+};
+
+struct affinity {
+	struct backend b;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} caracal_affinity_v1 SEC(".maps");
+
+// The source a pod's packets to itself through its own Service get (a packet from its own address would
+// be dropped by the pod as a martian): link-local, never a pod's or a node's.
+#define HAIRPIN_SRC bpf_htonl(0xa9fe0102) // 169.254.1.2
+
 
 // Idle flows are forgotten as the kernel's connection tracker forgets them (its default timeouts for
 // established TCP, UDP streams and ICMP), so a flow idle longer is evaluated again like a new one.
@@ -318,20 +450,6 @@ static __always_inline int icmp_error(__u8 version, __u8 type)
 	return type >= 1 && type <= 4;
 }
 
-// What policy looks at in a packet.
-struct pkt {
-	__u8 src[16];
-	__u8 dst[16];
-	__u16 sport; // host order
-	__u16 dport;
-	__u8 version;
-	__u8 proto;
-	__u8 has_ports;
-	__u8 is_icmp;
-	__u8 icmp_type;
-	__u8 icmp_code;
-	__u16 echo_id;
-};
 
 static __always_inline void and_into(struct bits *acc, const struct bits *b)
 {
@@ -519,7 +637,6 @@ __noinline int match_chunk(struct scratch *s, __u32 table, __u32 chunk, __u32 fi
 // Its position is kept in the scratch map, not here: on the stack it would be a known constant per
 // iteration, which the verifier would follow through every iteration instead of checking one step.
 struct walk {
-	struct pkt p;
 	__u32 table;
 	__u32 chunks;
 	int allowed;
@@ -566,7 +683,7 @@ static long step(__u64 index, void *ctx)
 	if (!a)
 		return 1;
 	if (chunk != s->matched) {
-		if (!match_chunk(s, k->table, chunk, a->fields, &k->p))
+		if (!match_chunk(s, k->table, chunk, a->fields, &s->p))
 			return 1;
 		s->matched = chunk;
 	}
@@ -607,7 +724,7 @@ static __always_inline int decide(__u32 table_id, const struct pkt *p)
 		.table = table_id,
 		.chunks = t->chunks,
 	};
-	__builtin_memcpy(&k.p, p, sizeof(k.p));
+	__builtin_memcpy(&s->p, p, sizeof(s->p));
 	bpf_loop(MAX_STEPS, step, &k, 0);
 	return k.allowed;
 }
@@ -735,9 +852,12 @@ static __always_inline __u64 idle_limit(__u8 proto)
 }
 
 // Whether `p`, sent by the pod, is addressed to the host itself: the host's own traffic with its pods is
-// outside pod policy, as in the iptables backend, whose policy is in the forward path only.
-static __always_inline int to_host(struct __sk_buff *skb, const struct pkt *p)
+// outside pod policy, as in the iptables backend, whose policy is in the forward path only. A global
+// function: the lookup's parameters are on a stack of their own.
+__noinline int to_host(struct __sk_buff *skb, const struct pkt *p)
 {
+	if (!skb || !p)
+		return 0;
 	struct bpf_fib_lookup fib = {};
 	fib.ifindex = skb->ifindex;
 	fib.l4_protocol = p->proto;
@@ -772,16 +892,227 @@ static __always_inline void ct_reverse(struct ct_key *k)
 	k->dport = t;
 }
 
-// The tracker's entry for `k`'s flow, either way round; `k` is as it was on return.
-static __always_inline struct ct_value *ct_lookup(struct ct_key *k)
+// The tracker's entry for `k`'s flow, either way round (`*reversed` says which); `k` is as it was on return.
+static __always_inline struct ct_value *ct_find(struct ct_key *k, int *reversed)
 {
-	struct ct_value *ct = bpf_map_lookup_elem(&caracal_ct_v2, k);
+	*reversed = 0;
+	struct ct_value *ct = bpf_map_lookup_elem(&caracal_ct_v3, k);
 	if (!ct) {
 		ct_reverse(k);
-		ct = bpf_map_lookup_elem(&caracal_ct_v2, k);
+		ct = bpf_map_lookup_elem(&caracal_ct_v3, k);
 		ct_reverse(k);
+		*reversed = ct != 0;
 	}
 	return ct;
+}
+
+static __always_inline struct ct_value *ct_lookup(struct ct_key *k)
+{
+	int reversed;
+	return ct_find(k, &reversed);
+}
+
+// Rewrites one side (0: source, 1: destination) of an IPv4 TCP or UDP packet to `addr`:`port` (port in host
+// order), with the IP and L4 checksums (a UDP checksum of 0 stays "none"). Returns 0 when the packet is not
+// one (nothing is changed then).
+static __always_inline int rewrite(struct __sk_buff *skb, int side, __be32 addr, __u16 port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return 0;
+	__u8 proto = ip->protocol;
+	__u32 l4 = ETH_HLEN + (ip->ihl & 0xf) * 4;
+	__be32 old_addr = side ? ip->daddr : ip->saddr;
+	__u32 addr_off = ETH_HLEN + (side ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 csum_off;
+	__u64 mangled = 0;
+	if (proto == IPPROTO_TCP) {
+		csum_off = l4 + offsetof(struct tcphdr, check);
+	} else if (proto == IPPROTO_UDP) {
+		csum_off = l4 + offsetof(struct udphdr, check);
+		mangled = BPF_F_MARK_MANGLED_0;
+	} else {
+		return 0;
+	}
+	__u32 port_off = l4 + (side ? 2 : 0);
+	__be16 old_port;
+	if (bpf_skb_load_bytes(skb, port_off, &old_port, 2) < 0)
+		return 0;
+	__be16 new_port = bpf_htons(port);
+	if (old_addr != addr) {
+		bpf_l4_csum_replace(skb, csum_off, old_addr, addr, BPF_F_PSEUDO_HDR | mangled | 4);
+		bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old_addr, addr, 4);
+		bpf_skb_store_bytes(skb, addr_off, &addr, 4, 0);
+	}
+	if (old_port != new_port) {
+		bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2);
+		bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0);
+	}
+	return 1;
+}
+
+// Swaps the Ethernet addresses: a packet a pod sent to its gateway, turned back to the pod.
+static __always_inline void swap_macs(struct __sk_buff *skb)
+{
+	__u8 macs[12];
+	if (bpf_skb_load_bytes(skb, 0, macs, 12) < 0)
+		return;
+	bpf_skb_store_bytes(skb, 0, &macs[6], 6, 0);
+	bpf_skb_store_bytes(skb, 6, &macs[0], 6, 0);
+}
+
+// Sends a packet whose source is now this node's address out where the routes say, with the neighbour
+// resolved by the kernel: it must not go through the IP stack's input, which drops a packet arriving with
+// one of the node's own addresses as its source.
+static __always_inline int route_out(struct __sk_buff *skb, __be32 src, __be32 dst, __u8 proto)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = 2; // AF_INET
+	fib.ifindex = skb->ifindex;
+	fib.l4_protocol = proto;
+	fib.ipv4_src = src;
+	fib.ipv4_dst = dst;
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_SHOT;
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
+// A Service's backend for a new flow from `client` to frontend `sk`: the one its affinity names while that
+// one still serves and the affinity has not expired, otherwise one at random (remembered when the Service has
+// affinity). Returns 0 when the set is missing a backend (the agent is rewriting it): the packet is dropped.
+static __always_inline int pick(const struct svc_key *sk, const struct svc_value *sv, __be32 client, __u64 now,
+				 struct backend *out)
+{
+	struct affinity_key ak = {.client = client};
+	__builtin_memcpy(&ak.svc, sk, sizeof(ak.svc));
+	if (sv->flags & SVC_AFFINITY) {
+		struct affinity *a = bpf_map_lookup_elem(&caracal_affinity_v1, &ak);
+		if (a && now - a->last_ns < (__u64)sv->affinity_s * 1000000000ULL) {
+			struct member_key mk = {.set = sv->set, .addr = a->b.addr, .port = a->b.port};
+			if (bpf_map_lookup_elem(&caracal_member_v1, &mk)) {
+				__builtin_memcpy(out, &a->b, sizeof(*out));
+				a->last_ns = now;
+				return 1;
+			}
+		}
+	}
+	struct backend_key bk = {.set = sv->set, .index = bpf_get_prandom_u32() % sv->count};
+	struct backend *b = bpf_map_lookup_elem(&caracal_backend_v1, &bk);
+	if (!b)
+		return 0;
+	__builtin_memcpy(out, b, sizeof(*out));
+	if (sv->flags & SVC_AFFINITY) {
+		struct affinity a = {.last_ns = now};
+		__builtin_memcpy(&a.b, b, sizeof(a.b));
+		bpf_map_update_elem(&caracal_affinity_v1, &ak, &a, BPF_ANY);
+	}
+	return 1;
+}
+
+// Records a flow in the tracker: `nat` and the two translations as NAT_ARG gives them (0: none). A global
+// function, so the entry is built on a stack of its own.
+__noinline int ct_add(const struct ct_key *key, __u32 table, __u32 nat, __u64 to, __u64 orig)
+{
+	if (!key)
+		return 0;
+	struct ct_value v = {
+		.last_seen_ns = bpf_ktime_get_ns(),
+		.table = table,
+		.nat = nat,
+		.nat_addr = to >> 16,
+		.nat_port = to & 0xffff,
+		.orig_addr = orig >> 16,
+		.orig_port = orig & 0xffff,
+	};
+	return bpf_map_update_elem(&caracal_ct_v3, key, &v, BPF_ANY);
+}
+
+#define SVC_NONE 0
+#define SVC_PICKED 1
+#define SVC_REFUSE 2
+
+// Whether frontend `sk` is a Service's and, if so, the backend of a new flow from `client` (SVC_PICKED), or
+// that there is none to give (SVC_REFUSE). A global function: its stack is not added to the policy walk's.
+__noinline int svc_choose(const struct svc_key *sk, __be32 client, struct backend *out)
+{
+	if (!sk || !out)
+		return SVC_NONE;
+	struct svc_value *sv = bpf_map_lookup_elem(&caracal_svc_v1, sk);
+	if (!sv)
+		return SVC_NONE;
+	if (!sv->count || !pick(sk, sv, client, bpf_ktime_get_ns(), out))
+		return SVC_REFUSE;
+	return SVC_PICKED;
+}
+
+// A translation's address and port in one argument (global functions take at most five): addr << 16 | port.
+#define NAT_ARG(addr, port) ((__u64)(addr) << 16 | (port))
+
+// The forward translation of a flow a Service translates (its NAT_FWD entry's, `nat` its flags): the backend
+// (`to`) as destination, and the source too when the entry says so. A pod's packet to itself goes straight
+// back to the pod. A global function: its stack is its own, not added to the policy walk's.
+__noinline int translate_fwd(struct __sk_buff *skb, __u64 to, __u32 nat, __be32 node_addr)
+{
+	if (!skb)
+		return TC_ACT_SHOT;
+	__be32 addr = to >> 16;
+	if (!rewrite(skb, 1, addr, to & 0xffff))
+		return TC_ACT_SHOT;
+	if (!(nat & (NAT_SNAT_HAIRPIN | NAT_SNAT_NODE)))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_SHOT;
+	__u8 proto = ip->protocol;
+	__be16 sp;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + (ip->ihl & 0xf) * 4, &sp, 2) < 0)
+		return TC_ACT_SHOT;
+	if (nat & NAT_SNAT_HAIRPIN) {
+		if (!rewrite(skb, 0, HAIRPIN_SRC, bpf_ntohs(sp)))
+			return TC_ACT_SHOT;
+		swap_macs(skb);
+		return bpf_redirect(skb->ifindex, 0);
+	}
+	if (!rewrite(skb, 0, node_addr, bpf_ntohs(sp)))
+		return TC_ACT_SHOT;
+	return route_out(skb, node_addr, addr, proto);
+}
+
+#define REV_FROM_POD 1
+#define REV_HOST 2
+
+// The reverse translation (a reply found under a NAT_REV entry turned round): the Service (`svc`) as source,
+// and the client (`orig`, when not 0) as destination when the forward direction's source was translated.
+// Where the reply must turn back (a pod's reply to itself, arriving from the pod; a NodePort reply arriving
+// from another node), it is sent on from here. A global function, as translate_fwd.
+__noinline int translate_rev(struct __sk_buff *skb, __u64 svc, __u64 orig, __u32 where)
+{
+	if (!skb)
+		return TC_ACT_SHOT;
+	if (!rewrite(skb, 0, svc >> 16, svc & 0xffff))
+		return TC_ACT_SHOT;
+	if (!(orig >> 16))
+		return TC_ACT_OK;
+	if (!rewrite(skb, 1, orig >> 16, orig & 0xffff))
+		return TC_ACT_SHOT;
+	if (where & REV_FROM_POD) {
+		swap_macs(skb);
+		return bpf_redirect(skb->ifindex, 0);
+	}
+	if (where & REV_HOST) {
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		struct iphdr *ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_SHOT;
+		return route_out(skb, svc >> 16, orig >> 16, ip->protocol);
+	}
+	return TC_ACT_OK;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int to_pod)
@@ -814,30 +1145,132 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 	key.proto = p.proto;
 	__builtin_memcpy(key.src, p.src, 16);
 	__builtin_memcpy(key.dst, p.dst, 16);
-	// A packet of a known flow, either way round.
-	ct = ct_lookup(&key);
+	// A packet of a known flow, either way round; translated when a Service's flow.
+	int reversed;
+	ct = ct_find(&key, &reversed);
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
 		ct->last_seen_ns = now;
-		return verdict(ifindex, to_pod, 1);
+		count(ifindex, to_pod, 1);
+		if ((ct->nat & NAT_FWD) && !reversed)
+			return translate_fwd(skb, NAT_ARG(ct->nat_addr, ct->nat_port), ct->nat, 0);
+		if (ct->nat == NAT_REV && reversed)
+			return translate_rev(skb, NAT_ARG(ct->nat_addr, ct->nat_port),
+					     NAT_ARG(ct->orig_addr, ct->orig_port), to_pod ? 0 : REV_FROM_POD);
+		return TC_ACT_OK;
 	}
 
-	// A new flow: the host's own, or evaluated against the endpoint's policy for the direction.
+	// A new flow. To a Service (from the pod, IPv4 TCP or UDP): a backend is chosen, and policy judges the
+	// packet as it will arrive, with the backend as its destination.
+	int service = 0;
+	struct svc_key sk = {.port = p.dport, .proto = p.proto};
+	struct backend b = {};
+	if (!to_pod && p.version == 4 && (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP)) {
+		__builtin_memcpy(&sk.addr, &p.dst[12], 4);
+		__be32 client;
+		__builtin_memcpy(&client, &p.src[12], 4);
+		int chosen = svc_choose(&sk, client, &b);
+		// No serving endpoint: refused (dropped here; docs/bpf.md).
+		if (chosen == SVC_REFUSE)
+			return verdict(ifindex, to_pod, 0);
+		if (chosen == SVC_PICKED) {
+			service = b.addr == client ? 2 : 1; // 2: the pod itself (hairpin)
+			__builtin_memcpy(&p.dst[12], &b.addr, 4);
+			p.dport = b.port;
+		}
+	}
+	// The host's own traffic, or evaluated against the endpoint's policy for the direction; a pod's flow to
+	// itself through its Service against both of its own (it leaves and enters the pod).
 	__u32 table = 0;
 	int allowed;
-	if (to_pod ? skb->ingress_ifindex == 0 : to_host(skb, &p)) {
+	if (to_pod ? skb->ingress_ifindex == 0 : (!service && to_host(skb, &p))) {
 		allowed = 1;
 	} else {
 		table = ep->table[to_pod ? 1 : 0];
 		allowed = decide(table, &p);
+		if (allowed && service == 2)
+			allowed = decide(ep->table[1], &p);
 	}
-	if (allowed) {
-		struct ct_value v = {
-			.last_seen_ns = now,
-			.table = table,
-		};
-		bpf_map_update_elem(&caracal_ct_v2, &key, &v, BPF_ANY);
+	if (!allowed)
+		return verdict(ifindex, to_pod, 0);
+	if (!service) {
+		ct_add(&key, table, NAT_NONE, 0, 0);
+		return verdict(ifindex, to_pod, 1);
 	}
-	return verdict(ifindex, to_pod, allowed);
+	// The forward entry under the tuple the pod sent, the reverse one under the translated tuple.
+	__u32 fwd_nat = NAT_FWD | (service == 2 ? NAT_SNAT_HAIRPIN : 0);
+	ct_add(&key, table, fwd_nat, NAT_ARG(b.addr, b.port), 0);
+	__u64 orig = 0;
+	if (service == 2) {
+		__be32 hairpin = HAIRPIN_SRC;
+		__be32 self;
+		__builtin_memcpy(&self, &key.src[12], 4);
+		orig = NAT_ARG(self, key.sport);
+		__builtin_memcpy(&key.src[12], &hairpin, 4);
+	}
+	__builtin_memcpy(&key.dst[12], &b.addr, 4);
+	key.dport = b.port;
+	ct_add(&key, table, NAT_REV, NAT_ARG(sk.addr, sk.port), orig);
+	count(ifindex, to_pod, 1);
+	return translate_fwd(skb, NAT_ARG(b.addr, b.port), fwd_nat, 0);
+}
+
+// The node's own interface (the one with its address): NodePorts. A packet to one of its NodePorts gets a
+// backend as destination (and the node's address as source when the backend is on another node, so the
+// replies come back here); the replies are translated back on their way out. Everything else passes: the
+// node's traffic is not pod policy.
+static __always_inline int handle_host(struct __sk_buff *skb, int egress)
+{
+	struct pkt p = {};
+	struct ct_key key = {.ifindex = skb->ifindex};
+	if (parse(skb, &p, &key) != 1 || key.pad[0] || p.version != 4 ||
+	    (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP))
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+	key.sport = p.sport;
+	key.dport = p.dport;
+	key.proto = p.proto;
+	__builtin_memcpy(key.src, p.src, 16);
+	__builtin_memcpy(key.dst, p.dst, 16);
+	int reversed;
+	struct ct_value *ct = ct_find(&key, &reversed);
+	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
+		ct->last_seen_ns = now;
+		if (!egress && (ct->nat & NAT_FWD) && !reversed) {
+			__be32 node;
+			__builtin_memcpy(&node, &p.dst[12], 4);
+			return translate_fwd(skb, NAT_ARG(ct->nat_addr, ct->nat_port), ct->nat, node);
+		}
+		// A reply: from a local backend on its way out (source only), or from another node's backend
+		// arriving here (source and destination, then sent back out).
+		if (ct->nat == NAT_REV && reversed && egress == !ct->orig_addr)
+			return translate_rev(skb, NAT_ARG(ct->nat_addr, ct->nat_port),
+					     NAT_ARG(ct->orig_addr, ct->orig_port), REV_HOST);
+		return TC_ACT_OK;
+	}
+	if (egress)
+		return TC_ACT_OK;
+	struct svc_key sk = {.port = p.dport, .proto = p.proto};
+	__builtin_memcpy(&sk.addr, &p.dst[12], 4);
+	__be32 client;
+	__builtin_memcpy(&client, &p.src[12], 4);
+	struct backend b = {};
+	int chosen = svc_choose(&sk, client, &b);
+	if (chosen == SVC_NONE)
+		return TC_ACT_OK;
+	if (chosen == SVC_REFUSE)
+		return TC_ACT_SHOT;
+	int remote = b.flags & BACKEND_REMOTE;
+	__u32 fwd_nat = NAT_FWD | (remote ? NAT_SNAT_NODE : 0);
+	ct_add(&key, 0, fwd_nat, NAT_ARG(b.addr, b.port), 0);
+	__u64 orig = 0;
+	if (remote) {
+		orig = NAT_ARG(client, key.sport);
+		__builtin_memcpy(&key.src[12], &sk.addr, 4);
+	}
+	__builtin_memcpy(&key.dst[12], &b.addr, 4);
+	key.dport = b.port;
+	ct_add(&key, 0, NAT_REV, NAT_ARG(sk.addr, sk.port), orig);
+	return translate_fwd(skb, NAT_ARG(b.addr, b.port), fwd_nat, sk.addr);
 }
 
 SEC("classifier/from_pod")
@@ -850,4 +1283,16 @@ SEC("classifier/to_pod")
 int to_pod(struct __sk_buff *skb)
 {
 	return handle(skb, 1);
+}
+
+SEC("classifier/host_ingress")
+int host_ingress(struct __sk_buff *skb)
+{
+	return handle_host(skb, 0);
+}
+
+SEC("classifier/host_egress")
+int host_egress(struct __sk_buff *skb)
+{
+	return handle_host(skb, 1);
 }

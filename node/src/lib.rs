@@ -14,3 +14,5 @@ pub mod memory;
 pub mod metrics;
 pub mod netlink;
 pub mod routing;
+pub mod services;
+pub mod typha;

@@ -33,8 +33,15 @@ use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 /// The matrix the policy engine computes from the objects in the API server, restricted to the ports each
-/// destination declares (where the lab's pods listen), in the probe's shape.
+/// destination declares (where the lab's pods listen), in the probe's shape; without a pod's cells to itself.
 async fn expected(client: &kube::Client, pods: &Value) -> Vec<Value> {
+    let mut out = matrix_cells(client, pods).await;
+    out.retain(|c| c["from"] != c["to"]);
+    out
+}
+
+/// [`expected`] with each pod's cells to itself (what a Service whose backend is the client itself needs).
+async fn matrix_cells(client: &kube::Client, pods: &Value) -> Vec<Value> {
     let mut docs = Vec::new();
     let ns: Vec<Namespace> = Api::all(client.clone())
         .list(&ListParams::default())
@@ -79,9 +86,9 @@ async fn expected(client: &kube::Client, pods: &Value) -> Vec<Value> {
         .flatten()
         .filter_map(|p| p["pod"].as_str().map(str::to_owned))
         .collect();
-    let mut out: Vec<Value> = matrix::matrix(&world, &ports)
+    let mut out: Vec<Value> = matrix::cells(&world, &ports, true)
         .into_iter()
-        .filter(|c| c.from != c.to && recorded.contains(&c.from) && recorded.contains(&c.to))
+        .filter(|c| recorded.contains(&c.from) && recorded.contains(&c.to))
         .filter(|c| declared.contains(&(c.to.clone(), u64::from(c.port), c.protocol.to_owned())))
         .map(|c| json!({"from": c.from, "to": c.to, "port": c.port, "protocol": c.protocol, "allowed": c.allowed}))
         .collect();
@@ -124,6 +131,167 @@ async fn agrees(lab: &Lab, what: &str) -> Vec<Value> {
             want.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The demo's namespaces (where its Services are).
+const DEMO: [&str; 3] = ["frontend", "backend", "data"];
+
+/// Whether a measured Service cell is what the policy matrix implies: a ClusterIP cell reaches exactly the
+/// backends the client may reach directly on the target port (a pod reaching itself included), or, with
+/// `sessionAffinity: ClientIP`, exactly one of them; a NodePort cell from another node reaches every backend
+/// (the demo's NodePort Service is in front of pods no policy selects).
+fn service_cell_ok(cell: &Value, services: &Value, pods: &Value, matrix: &[Value]) -> Result<(), String> {
+    let measured: BTreeSet<String> = cell["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b.as_str().map(str::to_owned))
+        .collect();
+    let to = cell["to"].as_str().unwrap_or("");
+    let name = to
+        .strip_prefix("svc:")
+        .or_else(|| cell["service"].as_str())
+        .unwrap_or("");
+    let svc = services["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == name)
+        .ok_or_else(|| format!("{to}: no recorded Service {name}"))?;
+    let all: BTreeSet<String> = svc["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b.as_str().map(str::to_owned))
+        .collect();
+    if to.starts_with("nodeport:") {
+        return if measured == all {
+            Ok(())
+        } else {
+            Err(format!("{cell}: reached {measured:?}, not every backend {all:?}"))
+        };
+    }
+    let port = svc["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["port"] == cell["port"] && p["protocol"] == cell["protocol"])
+        .ok_or_else(|| format!("{cell}: no such port"))?;
+    let pod_of = |ip: &str| {
+        pods.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["ip"] == ip)
+            .map(|p| p["pod"].clone())
+    };
+    let allowed: BTreeSet<String> = all
+        .iter()
+        .filter(|b| {
+            pod_of(b).is_some_and(|pod| {
+                matrix.iter().any(|m| {
+                    m["from"] == cell["from"]
+                        && m["to"] == pod
+                        && m["port"] == port["targetPort"]
+                        && m["protocol"] == cell["protocol"]
+                        && m["allowed"] == true
+                })
+            })
+        })
+        .cloned()
+        .collect();
+    let ok = if svc["affinity"] == "ClientIP" && !allowed.is_empty() {
+        measured.len() == 1 && measured.is_subset(&allowed)
+    } else {
+        measured == allowed
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cell}: reached {measured:?}, the policy allows {allowed:?} (affinity {})",
+            svc["affinity"]
+        ))
+    }
+}
+
+/// Probes every Service of the demo until each cell is what the policy matrix implies ([`service_cell_ok`]),
+/// within a deadline; returns the cells.
+async fn services_agree(lab: &Lab, what: &str) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let pods = lab.record_pods().await.expect("record");
+        lab.wait_services(&DEMO).await.expect("Service endpoints");
+        let services = lab.record_services(&DEMO).await.expect("record services");
+        let matrix = matrix_cells(&lab.client, &pods).await;
+        let (p, s) = (pods.clone(), services.clone());
+        let measured =
+            tokio::task::spawn_blocking(move || lab::probe_services(&p, &s, Duration::from_millis(800)))
+                .await
+                .expect("probe");
+        let wrong: Vec<String> = measured
+            .iter()
+            .filter_map(|c| service_cell_ok(c, &services, &pods, &matrix).err())
+            .collect();
+        let kinds = ["svc:", "nodeport:"].map(|k| {
+            measured
+                .iter()
+                .any(|c| c["to"].as_str().is_some_and(|t| t.starts_with(k)) && c["allowed"] == true)
+        });
+        if wrong.is_empty() && kinds == [true, true] {
+            return measured;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{what}: Services disagree with the policy matrix ({} cells): {wrong:#?}",
+            measured.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A third API pod joins the `api` Service and then leaves it: within the deadline, new connections use it,
+/// then no longer do.
+async fn scaling_moves_the_backends(lab: &Lab, what: &str) {
+    let extra = lab.cp.dir().join("api-3.yaml");
+    std::fs::write(
+        &extra,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: api-3, namespace: backend, labels: {app: api}}\nspec:\n  containers: [{name: api, image: lab/echo, ports: [{containerPort: 8080}, {containerPort: 5353, protocol: UDP}]}]\n",
+    )
+    .expect("write");
+    lab.apply(&extra).expect("api-3");
+    lab.wait_pods(&["backend"]).await.expect("api-3 running");
+    let ip = recorded(lab, "backend/api-3", "ip").await;
+    let cells = services_agree(lab, &format!("{what}: scaled up")).await;
+    assert!(
+        cells.iter().any(|c| c["from"] == "frontend/web"
+            && c["to"] == "svc:backend/api"
+            && c["backends"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|x| x == ip.as_str()))),
+        "{what}: the new backend {ip} is never used"
+    );
+    let out = lab
+        .cp
+        .kubectl()
+        .args(["delete", "pod", "-n", "backend", "api-3", "--wait=true"])
+        .output()
+        .expect("kubectl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let start = Instant::now();
+    loop {
+        let cells = services_agree(lab, &format!("{what}: scaled down")).await;
+        if !cells.iter().any(|c| {
+            c["backends"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|x| x == ip.as_str()))
+        }) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what}: the removed backend {ip} is still used"
+        );
     }
 }
 
@@ -240,10 +408,10 @@ fn policy_rules(lab: &Lab, i: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_policy_matrix() {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
-    let lab = Lab::up(&LabOptions {
-        nodes: 3,
-        installation: workspace_root().join("examples/installation-vxlan.yaml"),
-    })
+    let lab = Lab::up(&LabOptions::new(
+        3,
+        workspace_root().join("examples/installation-vxlan.yaml"),
+    ))
     .await
     .expect("lab up");
     // The DaemonSet's agents run as processes inside their node's network namespace.
@@ -296,6 +464,37 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     }
     assert_eq!(cell("frontend/web", "backend/api", 8080), Some(true));
     assert_eq!(cell("frontend/web", "data/db", 5432), Some(false));
+
+    // Services through the real kube-proxy (iptables mode): pod -> ClusterIP (TCP and UDP) reaches every
+    // backend the client's policy allows, each connection judged at the backend after kube-proxy's DNAT;
+    // affinity keeps a client on one backend; NodePort from another node; scaling moves the backends.
+    let svc = services_agree(&lab, "iptables mode, kube-proxy").await;
+    let reached = |from: &str, to: &str, port: u64| {
+        svc.iter()
+            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
+            .and_then(|c| c["backends"].as_array().map(Vec::len))
+    };
+    assert_eq!(
+        reached("frontend/web", "svc:backend/api", 8080),
+        Some(2),
+        "web reaches both API pods"
+    );
+    assert_eq!(
+        reached("frontend/web", "svc:backend/api", 53),
+        Some(2),
+        "and over UDP"
+    );
+    assert_eq!(
+        reached("data/db", "svc:backend/api", 8080),
+        Some(0),
+        "db is denied at the backends"
+    );
+    assert_eq!(
+        reached("frontend/web", "svc:backend/api-sticky", 80),
+        Some(1),
+        "affinity"
+    );
+    scaling_moves_the_backends(&lab, "iptables mode").await;
 
     // A NetworkPolicy applied with kubectl isolates p2; the measurement follows across nodes.
     let deny = lab.cp.dir().join("deny.yaml");

@@ -103,7 +103,6 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
                 .to_path_buf(),
             extra_env: vec![],
             admin_kubeconfig: cp.kubeconfig().to_path_buf(),
-            typha: Default::default(),
             node_ns: None,
         }),
     };

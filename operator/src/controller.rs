@@ -77,6 +77,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Publishes Events on the Installation.
     pub recorder: Recorder,
+    /// The operator's own namespace (`POD_NAMESPACE`, else `caracal-operator`): where it reads the
+    /// `kubernetes-services-endpoint` ConfigMap.
+    pub namespace: String,
 }
 
 impl Context {
@@ -91,11 +94,15 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            namespace: std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "caracal-operator".into()),
         }
     }
 }
 
-async fn facts(client: &Client) -> Result<ClusterFacts, Error> {
+async fn facts(client: &Client, namespace: &str) -> Result<ClusterFacts, Error> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node_count = nodes
         .list_metadata(&ListParams::default())
@@ -115,10 +122,23 @@ async fn facts(client: &Client) -> Result<ClusterFacts, Error> {
             cidr: p.spec.cidr,
         })
         .collect();
+    let (api_server, api_server_error) = match Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(render::API_SERVER_CONFIGMAP)
+        .await
+        .map_err(|e| Error::Kube("reading the kubernetes-services-endpoint ConfigMap", e))?
+    {
+        Some(cm) => match render::ApiServer::from_data(&cm.data.unwrap_or_default()) {
+            Ok(a) => (Some(a), None),
+            Err(e) => (None, Some(e)),
+        },
+        None => (None, None),
+    };
     Ok(ClusterFacts {
         node_count,
         user_pools,
         certificates: Default::default(),
+        api_server,
+        api_server_error,
     })
 }
 
@@ -182,7 +202,7 @@ async fn event(ctx: &Context, inst: &Installation, type_: EventType, reason: &st
 async fn apply(inst: Arc<Installation>, ctx: &Context) -> Result<Action, Error> {
     let generation = inst.metadata.generation.unwrap_or(0);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let mut facts = facts(&ctx.client).await?;
+    let mut facts = facts(&ctx.client, &ctx.namespace).await?;
     let computed = match render::compute(&inst.spec, &facts) {
         Ok(c) => c,
         Err(errors) => {
@@ -372,6 +392,7 @@ fn to_default<T>(_: T) -> Option<ObjectRef<Installation>> {
 /// (so drift is repaired at once) and Nodes (Typha follows the node count).
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
+    let own_namespace = ctx.namespace.clone();
     let managed = || watcher::Config::default().labels(&managed_selector());
     macro_rules! namespaced {
         ($t:ty) => {
@@ -408,6 +429,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     .watches(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
+        to_default,
+    )
+    .watches(
+        Api::<ConfigMap>::namespaced(client.clone(), &own_namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", render::API_SERVER_CONFIGMAP)),
         to_default,
     )
     .graceful_shutdown_on(shutdown)

@@ -23,6 +23,7 @@ fn facts() -> ClusterFacts {
             node_cert: "NODE CERT".into(),
             node_key: "NODE KEY".into(),
         },
+        ..Default::default()
     }
 }
 

@@ -75,11 +75,17 @@ pub fn packet(from: &Endpoint, to: &Endpoint, port: ProbePort) -> Option<Packet>
 
 /// Every ordered pair of distinct endpoints, for every port.
 pub fn matrix(world: &World, ports: &[ProbePort]) -> Vec<Cell> {
+    cells(world, ports, false)
+}
+
+/// [`matrix`], with each endpoint's cells to itself when `with_self` (what a pod reaching itself through its
+/// own Service is judged by: its egress policy and its ingress policy).
+pub fn cells(world: &World, ports: &[ProbePort], with_self: bool) -> Vec<Cell> {
     let mut out = Vec::new();
     for port in ports {
         for a in &world.endpoints {
             for b in &world.endpoints {
-                if a.key() == b.key() {
+                if a.key() == b.key() && !with_self {
                     continue;
                 }
                 let Some(pkt) = packet(a, b, *port) else { continue };

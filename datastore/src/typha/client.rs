@@ -117,13 +117,48 @@ pub async fn session(
     }
 }
 
-/// Keeps a session open with some replica until `tx` closes: on a lost connection, waits (backoff up to
-/// 10 s) and tries the next replica.
+/// Finds Typha's replicas (`host:port`) before each connection attempt: the addresses of the `caracal-typha`
+/// Service's ready endpoints, read from the API server as Calico does (a DNS name is not resolvable from a
+/// host-network pod, and a ClusterIP would need kube-proxy or the BPF data plane up first).
+pub type Discover =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Vec<String>, String>> + Send + Sync>;
+
+/// Keeps a session open with some replica of `cfg.addrs` until `tx` closes: on a lost connection, waits
+/// (backoff up to 10 s) and tries the next replica.
 pub async fn run(cfg: Config, tls: Arc<rustls::ClientConfig>, tx: mpsc::Sender<Update>) {
+    run_discovering(cfg, None, tls, tx).await;
+}
+
+/// [`run`], with the replicas found by `discover` (when given) before each attempt; `cfg.addrs` is used
+/// when it finds none or fails.
+pub async fn run_discovering(
+    mut cfg: Config,
+    discover: Option<Discover>,
+    tls: Arc<rustls::ClientConfig>,
+    tx: mpsc::Sender<Update>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut i = 0usize;
     loop {
-        let addr = cfg.addrs[i % cfg.addrs.len().max(1)].clone();
+        if let Some(d) = &discover {
+            match d().await {
+                Ok(found) if !found.is_empty() => {
+                    if found != cfg.addrs {
+                        info!(replicas = ?found, "Typha replicas from the API server");
+                    }
+                    cfg.addrs = found;
+                }
+                Ok(_) => warn!("the Typha Service has no ready endpoints yet"),
+                Err(e) => warn!(error = %e, "finding Typha's endpoints"),
+            }
+        }
+        if cfg.addrs.is_empty() {
+            i += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            continue;
+        }
+        let addr = cfg.addrs[i % cfg.addrs.len()].clone();
         let started = std::time::Instant::now();
         let ended = session(&cfg, &addr, tls.clone(), &tx).await;
         if started.elapsed() > Duration::from_secs(10) {

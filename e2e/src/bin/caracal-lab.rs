@@ -41,6 +41,10 @@ enum Command {
         /// Run in the background (log in target/lab/lab.log) and return once the table is printed.
         #[arg(long)]
         detach: bool,
+        /// The kube-proxy each node runs: `iptables`, `nftables` or `none` (default: iptables, none when the
+        /// Installation's linuxDataplane is BPF, where Caracal handles Services).
+        #[arg(long)]
+        kube_proxy: Option<String>,
     },
     /// Stop a detached lab (everything it started goes with it).
     Down,
@@ -89,7 +93,7 @@ fn lab_dir() -> PathBuf {
 
 /// `up --detach`: the same lab in a background process of its own session; returns once it printed its
 /// table (or failed), showing its progress meanwhile.
-fn detach_up(nodes: usize, installation: &std::path::Path) -> anyhow::Result<()> {
+fn detach_up(nodes: usize, installation: &std::path::Path, kube_proxy: Option<&str>) -> anyhow::Result<()> {
     use std::io::{BufRead as _, Seek as _};
     use std::os::unix::process::CommandExt as _;
     let pid_file = lab_dir().join("lab.pid");
@@ -107,6 +111,7 @@ fn detach_up(nodes: usize, installation: &std::path::Path) -> anyhow::Result<()>
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["up", "--nodes", &nodes.to_string(), "--installation"])
         .arg(installation)
+        .args(kube_proxy.map(|k| format!("--kube-proxy={k}")))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -220,10 +225,17 @@ async fn status(kubeconfig: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn print_table(cells: &[serde_json::Value]) {
-    println!("{:<20} {:<20} {:<10} RESULT", "FROM", "TO", "PORT");
+    println!("{:<20} {:<26} {:<10} RESULT", "FROM", "TO", "PORT");
     for c in cells {
+        let backends = c["backends"]
+            .as_array()
+            .map(|b| {
+                let list: Vec<&str> = b.iter().filter_map(|x| x.as_str()).collect();
+                format!("  backends: {}", list.join(" "))
+            })
+            .unwrap_or_default();
         println!(
-            "{:<20} {:<20} {:<10} {}",
+            "{:<20} {:<26} {:<10} {}{backends}",
             c["from"].as_str().unwrap_or(""),
             c["to"].as_str().unwrap_or(""),
             format!("{}/{}", c["port"], c["protocol"].as_str().unwrap_or("")),
@@ -242,13 +254,15 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             installation,
             detach: true,
-        } => return detach_up(nodes, &installation),
+            kube_proxy,
+        } => return detach_up(nodes, &installation, kube_proxy.as_deref()),
         Command::Down => return down(),
         Command::Status => return status(&kubeconfig).await,
         Command::Up {
             nodes,
             installation,
             detach: false,
+            kube_proxy,
         } => {
             let installation = if installation.is_absolute() {
                 installation
@@ -260,15 +274,28 @@ async fn main() -> anyhow::Result<()> {
             // Ctrl-C (or SIGTERM from `caracal-lab down`) at any point drops what was built so far: every guard (namespaces, processes, the
             // control plane) cleans up on drop.
             let run = async {
-                let lab =
-                    caracal_e2e::lab::Lab::up(&caracal_e2e::lab::LabOptions { nodes, installation }).await?;
+                let mut opts = caracal_e2e::lab::LabOptions::new(nodes, installation);
+                match kube_proxy.as_deref() {
+                    None => {}
+                    Some("none") => opts.kube_proxy = None,
+                    Some(mode) => opts.kube_proxy = Some(mode.parse().map_err(anyhow::Error::msg)?),
+                }
+                let lab = caracal_e2e::lab::Lab::up(&opts).await?;
                 println!("==> demo: e2e/lab/demo.yaml");
                 lab.apply(&controlplane::workspace_root().join("e2e/lab/demo.yaml"))?;
                 lab.wait_pods(&["frontend", "backend", "data"]).await?;
                 let pods = lab.record_pods().await?;
+                let demo = ["frontend", "backend", "data"];
+                lab.wait_services(&demo).await?;
+                let services = lab.record_services(&demo).await?;
                 // Policy takes a moment after the pods start (they are fail-closed until then).
                 tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-                let table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+                let mut table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+                table.extend(caracal_e2e::lab::probe_services(
+                    &pods,
+                    &services,
+                    std::time::Duration::from_millis(800),
+                ));
                 println!("==> components");
                 status(&kubeconfig).await?;
                 println!("==> connectivity (real connections between the pods)");
@@ -298,6 +325,7 @@ async fn main() -> anyhow::Result<()> {
             }
             for stale in [
                 "pods.json",
+                "services.json",
                 "kubeconfig",
                 "operator.kubeconfig",
                 "operator-manifest.yaml",
@@ -321,6 +349,14 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect::<anyhow::Result<_>>()?;
             let mut table = caracal_e2e::lab::probe(&pods, std::time::Duration::from_millis(800));
+            if let Ok(text) = std::fs::read(lab_dir().join("services.json")) {
+                let services: serde_json::Value = serde_json::from_slice(&text)?;
+                table.extend(caracal_e2e::lab::probe_services(
+                    &pods,
+                    &services,
+                    std::time::Duration::from_millis(800),
+                ));
+            }
             if !wanted.is_empty() {
                 table.retain(|c| {
                     wanted.iter().any(|(n, proto)| {
@@ -366,6 +402,7 @@ async fn main() -> anyhow::Result<()> {
                 controllers,
                 state_dir: Some(state_dir.clone()),
                 detached: detach,
+                advertise: false,
             })
             .await
             .context("starting the control plane")?;

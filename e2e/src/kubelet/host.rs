@@ -32,9 +32,6 @@ pub struct HostConfig {
     /// The admin kubeconfig: its server and CA go into each pod's own kubeconfig, whose credentials are a
     /// token of the pod's ServiceAccount (so every component runs with exactly its RBAC).
     pub admin_kubeconfig: PathBuf,
-    /// Typha pods running in the lab (pod -> `address:port` of its 5473), shared by every node's kubelet: a
-    /// pod that names the Typha Service is given `CARACAL_TYPHA_ADDRS` instead (the lab has no cluster DNS).
-    pub typha: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
     /// Run the processes inside this network namespace (the node's), as on a node: ports stay as declared
     /// and probes are made inside it. None: in the machine's own namespace, with ports remapped per pod.
     pub node_ns: Option<String>,
@@ -54,6 +51,7 @@ async fn token_kubeconfig(
     cfg: &HostConfig,
     client: &Client,
     pod: &Pod,
+    server: Option<&str>,
     dir: &std::path::Path,
 ) -> Result<Option<PathBuf>, String> {
     let Some(sa) = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()) else {
@@ -65,10 +63,38 @@ async fn token_kubeconfig(
         &cfg.admin_kubeconfig,
         &pod.namespace().unwrap_or_default(),
         &sa,
+        server,
         &path,
     )
     .await?;
     Ok(Some(path))
+}
+
+/// The API server as a kubelet's pod reaches it (the server of its kubeconfig, standing in for in-cluster
+/// configuration): `KUBERNETES_SERVICE_HOST`:`KUBERNETES_SERVICE_PORT` when the pod's containers set them (the
+/// operator does, from its `kubernetes-services-endpoint` ConfigMap), the `kubernetes` Service's ClusterIP
+/// otherwise, as a kubelet sets them; so on a lab node the API server is reached through kube-proxy or
+/// Caracal's Service handling, or the address the operator was given, never around them.
+async fn api_server_for(client: &Client, plan: &podspec::Plan) -> Result<String, String> {
+    let env = |k| {
+        plan.processes
+            .iter()
+            .filter(|p| !p.init)
+            .find_map(|p| podspec::env_of(p, k).map(str::to_owned))
+    };
+    if let Some(host) = env("KUBERNETES_SERVICE_HOST") {
+        let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+        return Ok(format!("https://{host}:{port}"));
+    }
+    let svc = Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "default")
+        .get("kubernetes")
+        .await
+        .map_err(|e| format!("reading the kubernetes Service: {e}"))?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .ok_or("the kubernetes Service has no ClusterIP")?;
+    Ok(format!("https://{ip}:443"))
 }
 
 /// A host-network pod this kubelet runs.
@@ -79,16 +105,11 @@ pub struct HostPod {
     /// Declared port -> the port it got on this machine.
     pub ports: BTreeMap<u16, u16>,
     ready_loop: Arc<AtomicBool>,
-    key: String,
-    typha: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
 impl Drop for HostPod {
     fn drop(&mut self) {
         self.ready_loop.store(false, Ordering::Relaxed);
-        if let Ok(mut m) = self.typha.lock() {
-            m.remove(&self.key);
-        }
         for p in &mut self.processes {
             p.stop(Duration::from_secs(5));
         }
@@ -183,23 +204,12 @@ pub async fn start(
     }
     std::fs::create_dir_all(&pod_root).map_err(|e| format!("creating {}: {e}", pod_root.display()))?;
     let mut lab_env = cfg.extra_env.clone();
-    if let Some(kc) = token_kubeconfig(cfg, client, pod, &pod_root).await? {
+    let server = match &cfg.node_ns {
+        Some(_) => Some(api_server_for(client, &plan).await?),
+        None => None,
+    };
+    if let Some(kc) = token_kubeconfig(cfg, client, pod, server.as_deref(), &pod_root).await? {
         lab_env.push(("KUBECONFIG".into(), kc.display().to_string()));
-    }
-    if plan
-        .processes
-        .iter()
-        .any(|p| podspec::env_of(p, "CARACAL_TYPHA_SERVICE").is_some_and(|v| !v.is_empty()))
-    {
-        let addrs: Vec<String> = cfg
-            .typha
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        if addrs.is_empty() {
-            return Err("waiting for a Typha pod to run".into());
-        }
-        lab_env.push(("CARACAL_TYPHA_ADDRS".into(), addrs.join(",")));
     }
     let mut processes = Vec::new();
     let mut readiness = None;
@@ -304,22 +314,9 @@ pub async fn start(
             }
         });
     }
-    if pod.labels().get("k8s-app").map(String::as_str) == Some("caracal-typha")
-        && let Some(p) = ports.get(&5473)
-        && let Ok(mut m) = cfg.typha.lock()
-    {
-        let addr = if in_node {
-            format!("{host_ip}:{p}")
-        } else {
-            format!("127.0.0.1:{p}")
-        };
-        m.insert(format!("{ns}/{name}"), addr);
-    }
     Ok(HostPod {
         processes,
         ports,
         ready_loop,
-        key: format!("{ns}/{name}"),
-        typha: cfg.typha.clone(),
     })
 }

@@ -92,6 +92,16 @@ impl Drop for Servers {
     }
 }
 
+/// What a pod's server answers: [`crate::probe::WHOAMI`] gets the pod's address (so a probe through a
+/// Service sees which backend answered), anything else its echo.
+fn answer(ip: Ipv4Addr, got: &[u8]) -> Vec<u8> {
+    if got == crate::probe::WHOAMI {
+        format!("{ip}\n").into_bytes()
+    } else {
+        got.to_vec()
+    }
+}
+
 /// Starts the echo servers of one pod inside its namespace: TCP echo and UDP echo per declared port.
 fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
     use std::io::{Read as _, Write as _};
@@ -108,7 +118,7 @@ fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                        let _ = sock.send_to(&buf[..n], from);
+                        let _ = sock.send_to(&answer(ip, &buf[..n]), from);
                     }
                 }
             });
@@ -126,7 +136,7 @@ fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
                                 let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
                                 let mut buf = [0u8; 4096];
                                 while let Ok(n) = s.read(&mut buf) {
-                                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    if n == 0 || s.write_all(&answer(ip, &buf[..n])).is_err() {
                                         break;
                                     }
                                 }

@@ -4,7 +4,8 @@
 //!
 //! Configuration (environment, as the operator renders the DaemonSet):
 //! - `CARACAL_NODE_NAME` (required): this node's name.
-//! - `CARACAL_DATAPLANE`: `Iptables` (default) or `BPF`.
+//! - `CARACAL_DATAPLANE`: `Iptables` (default) or `BPF` (which also serves Services in place of kube-proxy;
+//!   `CARACAL_KUBE_PROXY_CLEANUP=false` leaves a kube-proxy's rules alone).
 //!
 //! `caracal-node bpf dump IFACE [PROTO SRC DST [SPORT DPORT | TYPE CODE]]` prints what the BPF data plane
 //! holds for a pod's interface (its tables, counters and flows) and, given a packet, each table's verdict
@@ -22,7 +23,8 @@
 //!   off. The operator sets the method when the Installation has an IPv6 pool.
 //! - `CARACAL_BGP` (`Enabled`/`Disabled`), `CARACAL_MTU` (an explicit pod MTU).
 //! - `CARACAL_IPAM_RESERVE` (32), `CARACAL_IPAM_GC_GRACE_SECONDS` (900), `CARACAL_REFRESH_SECONDS` (90).
-//! - Typha: `CARACAL_TYPHA_ADDRS` (`host:port,...`) or `CARACAL_TYPHA_SERVICE` (port 5473) with
+//! - Typha: `CARACAL_TYPHA_ADDRS` (`host:port,...`) or `CARACAL_TYPHA_SERVICE` (`name.namespace`: the
+//!   ready endpoints of that Service's EndpointSlices, read from the API server before each connection) with
 //!   `CARACAL_TYPHA_CA_FILE`, `CARACAL_TYPHA_CERT_FILE`, `CARACAL_TYPHA_KEY_FILE` and
 //!   `CARACAL_TYPHA_SERVER_NAME` (caracal-typha); without them the agent watches the API server directly.
 
@@ -34,17 +36,24 @@ use caracal_datastore::api;
 use caracal_node::agent::{self, Config, Status};
 use tokio::sync::mpsc;
 
-/// Typha replicas: `CARACAL_TYPHA_ADDRS` (`host:port,...`), or the Service `CARACAL_TYPHA_SERVICE` on port 5473.
-fn typha_addrs() -> Option<Vec<String>> {
+/// Where Typha is: fixed replicas (`CARACAL_TYPHA_ADDRS`, `host:port,...`), or the ready endpoints of the
+/// Service `CARACAL_TYPHA_SERVICE` (`name.namespace`) read from the API server before each connection.
+enum Typha {
+    Fixed(Vec<String>),
+    Service(String, String),
+}
+
+fn typha() -> Option<Typha> {
     if let Ok(list) = std::env::var("CARACAL_TYPHA_ADDRS")
         && !list.is_empty()
     {
-        return Some(list.split(',').map(str::to_owned).collect());
+        return Some(Typha::Fixed(list.split(',').map(str::to_owned).collect()));
     }
-    std::env::var("CARACAL_TYPHA_SERVICE")
+    let svc = std::env::var("CARACAL_TYPHA_SERVICE")
         .ok()
-        .filter(|s| !s.is_empty())
-        .map(|s| vec![format!("{s}:5473")])
+        .filter(|s| !s.is_empty())?;
+    let (ns, name) = caracal_node::typha::service_ref(&svc);
+    Some(Typha::Service(ns, name))
 }
 
 fn env(name: &str, default: &str) -> String {
@@ -122,9 +131,9 @@ async fn agent_main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
-    let watches = match typha_addrs() {
+    let watches = match typha() {
         // Through Typha when the configuration names it, directly otherwise: the same updates either way.
-        Some(addrs) => {
+        Some(found) => {
             let read = |var: &str| -> anyhow::Result<String> {
                 let path = std::env::var(var)
                     .with_context(|| format!("{var} must name a PEM file to talk to Typha"))?;
@@ -135,9 +144,18 @@ async fn agent_main() -> anyhow::Result<()> {
                 &read("CARACAL_TYPHA_CERT_FILE")?,
                 &read("CARACAL_TYPHA_KEY_FILE")?,
             )?;
+            let (addrs, discover) = match found {
+                Typha::Fixed(addrs) => (addrs, None),
+                Typha::Service(ns, name) => (
+                    Vec::new(),
+                    Some(caracal_node::typha::discover(client.clone(), ns, name)),
+                ),
+            };
             let mut cfg = caracal_datastore::typha::client::Config::new(addrs, &node_name);
             cfg.server_identity = env("CARACAL_TYPHA_SERVER_NAME", "caracal-typha");
-            vec![tokio::spawn(caracal_datastore::typha::client::run(cfg, tls, tx))]
+            vec![tokio::spawn(caracal_datastore::typha::client::run_discovering(
+                cfg, discover, tls, tx,
+            ))]
         }
         None => api::watch(client.clone(), tx),
     };
@@ -216,9 +234,28 @@ async fn agent_main() -> anyhow::Result<()> {
             .parse()
             .context("CARACAL_REFRESH_SECONDS")?,
     );
+    let dataplane = env("CARACAL_DATAPLANE", "Iptables");
+    // In BPF mode the agent also replaces kube-proxy: Services and EndpointSlices into the BPF maps.
+    let services = (dataplane == "BPF").then(|| {
+        let cfg = caracal_node::services::Config {
+            node: node_name.clone(),
+            pin_dir: caracal_node::dataplane::bpf::backend::pin_dir(&exec_prefix),
+            netns: std::env::var("CARACAL_NETNS")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .map(|n| caracal_node::netlink::named_netns(&n)),
+            exec_prefix: exec_prefix.clone(),
+            kube_proxy_cleanup: env("CARACAL_KUBE_PROXY_CLEANUP", "true") != "false",
+        };
+        tokio::spawn(caracal_node::services::run(
+            client.clone(),
+            cfg,
+            Default::default(),
+        ))
+    });
     let cfg = Config {
         node_name,
-        dataplane: env("CARACAL_DATAPLANE", "Iptables"),
+        dataplane,
         exec_prefix,
         debounce: Duration::from_millis(20),
         refresh,
@@ -240,6 +277,7 @@ async fn agent_main() -> anyhow::Result<()> {
     };
     let result = agent::run(cfg, rx, status, parts, shutdown).await;
     watches.iter().for_each(tokio::task::JoinHandle::abort);
+    services.iter().for_each(tokio::task::JoinHandle::abort);
     servers.iter().for_each(tokio::task::JoinHandle::abort);
     result.context("the policy data plane")
 }

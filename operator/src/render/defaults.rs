@@ -52,6 +52,13 @@ fn is_ipip(e: Encapsulation) -> bool {
 pub fn compute(spec: &InstallationSpec, facts: &ClusterFacts) -> Result<InstallationSpec, Vec<SpecError>> {
     let mut out = spec.clone();
     let mut errors = Vec::new();
+    if let Some(e) = &facts.api_server_error {
+        errors.push(err(
+            format!("ConfigMap {}", super::API_SERVER_CONFIGMAP),
+            "InvalidAPIServerEndpoint",
+            e.clone(),
+        ));
+    }
     let net = out.calico_network.get_or_insert_with(CalicoNetworkSpec::default);
     let dataplane = *net.linux_dataplane.get_or_insert(LinuxDataplane::Iptables);
 

@@ -209,6 +209,9 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
     if let Some(mtu) = net.mtu {
         env_vars.push(env("CARACAL_MTU", mtu.to_string()));
     }
+    if let Some(api) = &facts.api_server {
+        env_vars.extend(api.env());
+    }
 
     let agent = Container {
         name: NODE.into(),

@@ -126,15 +126,20 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         name: TYPHA.into(),
         image: Some(image(spec, "typha")),
         command: Some(vec!["caracal-typha".into()]),
-        env: Some(vec![
-            env("CARACAL_TYPHA_PORT", TYPHA_PORT.to_string()),
-            env("CARACAL_TYPHA_HEALTH_PORT", TYPHA_HEALTH_PORT.to_string()),
-            env("CARACAL_TYPHA_METRICS_PORT", metrics_port.to_string()),
-            env("CARACAL_TYPHA_CA_FILE", "/etc/caracal/typha-ca/ca.crt"),
-            env("CARACAL_TYPHA_CERT_FILE", "/etc/caracal/typha-certs/tls.crt"),
-            env("CARACAL_TYPHA_KEY_FILE", "/etc/caracal/typha-certs/tls.key"),
-            env("CARACAL_TYPHA_CLIENT_NAME", super::node::NODE),
-        ]),
+        env: Some(
+            [
+                env("CARACAL_TYPHA_PORT", TYPHA_PORT.to_string()),
+                env("CARACAL_TYPHA_HEALTH_PORT", TYPHA_HEALTH_PORT.to_string()),
+                env("CARACAL_TYPHA_METRICS_PORT", metrics_port.to_string()),
+                env("CARACAL_TYPHA_CA_FILE", "/etc/caracal/typha-ca/ca.crt"),
+                env("CARACAL_TYPHA_CERT_FILE", "/etc/caracal/typha-certs/tls.crt"),
+                env("CARACAL_TYPHA_KEY_FILE", "/etc/caracal/typha-certs/tls.key"),
+                env("CARACAL_TYPHA_CLIENT_NAME", super::node::NODE),
+            ]
+            .into_iter()
+            .chain(facts.api_server.iter().flat_map(super::ApiServer::env))
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort {
                 name: Some(TYPHA.into()),

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod dump;
+pub mod services;
 mod sys;
 pub mod tables;
 
@@ -162,8 +163,88 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     /// The table that allowed it (0: the host's own traffic).
     pub table: u32,
+    /// `NAT_*` of policy.c: 0 (none), 1 forward (| 4 source to the node, | 8 hairpin), 2 reverse.
+    pub nat: u8,
+    /// Layout padding.
+    pub pad: u8,
+    /// Forward: the backend's port; reverse: the Service's (host order).
+    pub nat_port: u16,
+    /// Forward: the backend's address; reverse: the Service's (network order bytes).
+    pub nat_addr: [u8; 4],
+    /// Reverse, when the source was translated too: the client (all zero: none).
+    pub orig_addr: [u8; 4],
+    /// Its port.
+    pub orig_port: u16,
+    /// Layout padding.
+    pub pad2: u16,
+    /// Layout padding.
+    pub pad3: u32,
+}
+
+/// `struct svc_key`: a Service frontend (a ClusterIP, or a node address for a NodePort).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcKey {
+    /// The address (network order bytes).
+    pub addr: [u8; 4],
+    /// The port, host order.
+    pub port: u16,
+    /// IP protocol (6 TCP, 17 UDP).
+    pub proto: u8,
+    /// Layout padding.
+    pub pad: u8,
+}
+
+/// `struct svc_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcValue {
+    /// The backend set's id.
+    pub set: u32,
+    /// Its backends (0: connections are refused).
+    pub count: u16,
+    /// `SVC_AFFINITY` (1): sessionAffinity ClientIP.
+    pub flags: u16,
+    /// The affinity's timeout, seconds.
+    pub affinity_s: u32,
     /// Layout padding.
     pub pad: u32,
+}
+
+/// `struct backend_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendKey {
+    /// The set.
+    pub set: u32,
+    /// The backend's index in it.
+    pub index: u32,
+}
+
+/// `struct backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    /// Its address (network order bytes).
+    pub addr: [u8; 4],
+    /// Its port, host order.
+    pub port: u16,
+    /// `BACKEND_REMOTE` (1): on another node.
+    pub flags: u16,
+}
+
+/// `struct member_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemberKey {
+    /// The set.
+    pub set: u32,
+    /// The backend's address.
+    pub addr: [u8; 4],
+    /// Its port.
+    pub port: u16,
+    /// Layout padding.
+    pub pad: u16,
 }
 
 /// Per endpoint and direction (`struct counters` in policy.c).
@@ -204,6 +285,16 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SvcKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SvcValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MemberKey {}
     // SAFETY: an array of integers.
     unsafe impl aya::Pod for super::tables::Bits {}
 }
@@ -256,6 +347,12 @@ pub struct Loaded {
 const HOOKS: [(&str, TcAttachType, &str); 2] = [
     ("from_pod", TcAttachType::Ingress, "from"),
     ("to_pod", TcAttachType::Egress, "to"),
+];
+
+/// The two hooks of the node's own interface (NodePorts), pinned under `host-links/`.
+const HOST_HOOKS: [(&str, TcAttachType, &str); 2] = [
+    ("host_ingress", TcAttachType::Ingress, "in"),
+    ("host_egress", TcAttachType::Egress, "out"),
 ];
 
 /// The raw TCX attach type of a hook's direction.
@@ -314,7 +411,12 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
             source: e.into(),
         })?;
     }
-    for d in [dir.to_path_buf(), dir.join("links"), dir.join("progs")] {
+    for d in [
+        dir.to_path_buf(),
+        dir.join("links"),
+        dir.join("host-links"),
+        dir.join("progs"),
+    ] {
         std::fs::create_dir_all(&d).map_err(|source| BpfError::Io { path: d, source })?;
     }
     Ok(())
@@ -329,7 +431,8 @@ impl Loaded {
             .default_map_pin_directory(dir)
             .load(POLICY_OBJECT)
             .map_err(load_error)?;
-        for (name, _, _) in HOOKS {
+        for (name, _, _) in HOOKS.iter().chain(&HOST_HOOKS) {
+            let name = *name;
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_error(format!("no program {name} in the object")))?
@@ -513,8 +616,7 @@ impl Loaded {
         let mut ct = self.hash::<CtKey, CtValue>(MAP_CT)?;
         let value = CtValue {
             last_seen_ns: now_ns,
-            table: 0,
-            pad: 0,
+            ..CtValue::default()
         };
         let mut added = 0;
         for k in flows {
@@ -859,7 +961,13 @@ const MAP_PASS: &str = "caracal_pass_v2";
 const MAP_MATCH: &str = "caracal_match_v2";
 const MAP_ADDRS: &str = "caracal_addrs_v2";
 const MAP_PORTS: &str = "caracal_ports_v2";
-const MAP_CT: &str = "caracal_ct_v2";
+const MAP_CT: &str = "caracal_ct_v3";
+/// Service frontends.
+pub const MAP_SVC: &str = "caracal_svc_v1";
+/// Service backend sets.
+pub const MAP_BACKEND: &str = "caracal_backend_v1";
+/// Service backend sets by member.
+pub const MAP_MEMBER: &str = "caracal_member_v1";
 const MAP_COUNTERS: &str = "caracal_counters_v2";
 
 fn map_error(map: &'static str, e: impl std::fmt::Display) -> BpfError {
@@ -951,8 +1059,42 @@ pub fn pinned_counters(dir: &Path) -> Result<Vec<(u32, Counters, Counters)>, Bpf
 /// A TCX attachment costs the kernel an RCU grace period under the RTNL lock (about 12 ms here), so this
 /// takes about 25 ms: spent while the pod's sandbox is being wired, before its container starts.
 pub fn attach_pinned(dir: &Path, iface: &str, ifindex: u32) -> Result<bool, BpfError> {
+    attach_pinned_hooks(dir, &HOOKS, "links", iface, ifindex)
+}
+
+/// Attaches the NodePort programs pinned under `dir` to the node's own interface `iface` (index `ifindex`),
+/// pinning the links under `host-links/`. False when nothing is pinned there.
+pub fn attach_host(dir: &Path, iface: &str, ifindex: u32) -> Result<bool, BpfError> {
+    attach_pinned_hooks(dir, &HOST_HOOKS, "host-links", iface, ifindex)
+}
+
+/// Detaches the NodePort programs from every interface they are on but `keep` (all of them with None).
+pub fn detach_host(dir: &Path, keep: Option<&str>) -> Result<(), BpfError> {
+    let links = dir.join("host-links");
+    let entries = match std::fs::read_dir(&links) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(BpfError::Io { path: links, source }),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let iface = name.rsplit_once('_').map_or(name.as_str(), |(i, _)| i);
+        if Some(iface) != keep {
+            detach_pinned(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_pinned_hooks(
+    dir: &Path,
+    hooks: &[(&str, TcAttachType, &str)],
+    links: &str,
+    iface: &str,
+    ifindex: u32,
+) -> Result<bool, BpfError> {
     let mut progs = Vec::new();
-    for (name, dir_, suffix) in HOOKS {
+    for &(name, dir_, suffix) in hooks {
         let path = dir.join("progs").join(name);
         // A loading agent replaces a program's pin (unlinked, then pinned): while the directory is there, a
         // missing program is waited for a moment rather than taken for "not BPF".
@@ -976,7 +1118,7 @@ pub fn attach_pinned(dir: &Path, iface: &str, ifindex: u32) -> Result<bool, BpfE
         progs.push((fd, dir_, suffix));
     }
     for (prog, dir_, suffix) in progs {
-        let path = dir.join("links").join(format!("{iface}_{suffix}"));
+        let path = dir.join(links).join(format!("{iface}_{suffix}"));
         attach_tcx(std::os::fd::AsFd::as_fd(&prog), iface, ifindex, dir_, &path)?;
     }
     Ok(true)
@@ -1026,15 +1168,16 @@ fn detach_pinned(path: &Path) -> Result<(), BpfError> {
 /// Removes everything Caracal pinned under `dir`: every link is detached first (so no interface keeps a
 /// program), then the pins of links and maps go. Absent is fine.
 pub fn remove_all(dir: &Path) -> Result<(), BpfError> {
-    let links = dir.join("links");
-    match std::fs::read_dir(&links) {
-        Ok(entries) => {
-            for e in entries.flatten() {
-                detach_pinned(&e.path())?;
+    for links in [dir.join("links"), dir.join("host-links")] {
+        match std::fs::read_dir(&links) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    detach_pinned(&e.path())?;
+                }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(BpfError::Io { path: links, source }),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(BpfError::Io { path: links, source }),
     }
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),

@@ -139,6 +139,15 @@ pub struct Iptables {
 /// Chain name -> rules (without `-A NAME `), as `iptables-save` prints them.
 type Chains = BTreeMap<String, Vec<String>>;
 
+/// The `FORWARD` hook as found: rewritten unless there once and first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hooks {
+    /// How many copies.
+    count: usize,
+    /// Whether FORWARD's first rule is one.
+    first: bool,
+}
+
 /// Our chains as `iptables-save` shows them, plus the FORWARD rules.
 fn parse_save(text: &str) -> (Chains, Vec<String>) {
     let mut chains = Chains::new();
@@ -288,10 +297,13 @@ impl Iptables {
             .filter(|c| !desired.chains.contains_key(*c))
             .cloned()
             .collect();
-        let hooks = forward
-            .iter()
-            .filter(|r| r.trim() == format!("-j {FORWARD_CHAIN}"))
-            .count();
+        let is_hook = |r: &String| r.trim() == format!("-j {FORWARD_CHAIN}");
+        // The hook must be FORWARD's first rule: kube-proxy prepends its own jump (whose KUBE-FORWARD accepts
+        // the NodePort traffic it marked for masquerade) when it starts, and policy comes before that.
+        let hooks = Hooks {
+            count: forward.iter().filter(|r| is_hook(r)).count(),
+            first: forward.first().is_some_and(is_hook),
+        };
         let stale_sets: Vec<String> = current_sets
             .keys()
             .filter(|n| !desired.sets.contains_key(*n))
@@ -393,7 +405,10 @@ impl Iptables {
             &written,
             &patched,
             &stale,
-            1,
+            Hooks {
+                count: 1,
+                first: true,
+            },
             &stale_sets,
             stats,
         );
@@ -425,8 +440,8 @@ impl Iptables {
     }
 
     /// Runs the set script, writes the chains named, applies `patched` (order-free chains with the rule edits
-    /// that bring each up to date), removes the stale chains, fixes the hook when `hooks != 1`, then destroys
-    /// the stale sets.
+    /// that bring each up to date), removes the stale chains, fixes the hook unless it is there once and first,
+    /// then destroys the stale sets.
     #[expect(
         clippy::too_many_arguments,
         reason = "one plan, spelled out; both apply paths build it"
@@ -438,7 +453,7 @@ impl Iptables {
         written: &[String],
         patched: &[(String, String)],
         stale: &[String],
-        hooks: usize,
+        hooks: Hooks,
         stale_sets: &[String],
         mut stats: ApplyStats,
     ) -> Result<ApplyStats, IptablesError> {
@@ -459,12 +474,11 @@ impl Iptables {
         for (_, lines) in patched {
             restore.push_str(lines);
         }
-        if hooks == 0 {
+        if !(hooks.count == 1 && hooks.first) {
+            for _ in 0..hooks.count {
+                restore.push_str(&format!("-D FORWARD -j {FORWARD_CHAIN}\n"));
+            }
             restore.push_str(&format!("-I FORWARD 1 -j {FORWARD_CHAIN}\n"));
-            stats.hooked = true;
-        }
-        for _ in 1..hooks.max(1) {
-            restore.push_str(&format!("-D FORWARD -j {FORWARD_CHAIN}\n"));
             stats.hooked = true;
         }
         for c in stale {

@@ -1,0 +1,309 @@
+//! Kernel tier: Services in the BPF data plane on real packets. Pods wired to a node namespace, the BPF
+//! programs on their interfaces, frontends written through `ServiceMaps` (what the agent's Service manager
+//! writes): a pod's connections to a ClusterIP reach every backend (TCP and UDP) and their replies come back
+//! from the ClusterIP; policy judges the backend (a backend whose ingress denies is never reached); affinity
+//! keeps a client on one backend; a pod reaches itself through its own Service; a frontend without backends
+//! answers nothing; a change of backends moves new connections at once while an established one keeps its
+//! backend. Needs root.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use caracal_e2e::netns::{self, NetNs, Pod};
+use caracal_e2e::probe;
+use caracal_node::dataplane::bpf::services::ServiceMaps;
+use caracal_node::dataplane::bpf::tables::{Image, image};
+use caracal_node::dataplane::bpf::{Backend, Endpoint, Loaded};
+use caracal_node::services::model::{Frontend, key};
+use caracal_policy::classify::{Entry, EntryAction, compile};
+use caracal_policy::model::DataplaneModel;
+
+const TIMEOUT: Duration = Duration::from_millis(700);
+
+fn ifindex(node: &NetNs, iface: &str) -> u32 {
+    let out = node.ip(&["-o", "link", "show", iface]).expect("link");
+    out.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("ifindex")
+}
+
+fn with_loaded<T: Send + 'static>(
+    node: &NetNs,
+    dir: &Path,
+    f: impl FnOnce(&mut Loaded) -> T + Send + 'static,
+) -> T {
+    let dir = dir.to_path_buf();
+    node.enter(move || {
+        let mut loaded = Loaded::load(&dir).expect("the verifier accepts the programs");
+        f(&mut loaded)
+    })
+    .expect("enter the node")
+}
+
+fn table(allow: bool) -> Image {
+    let mut entries = vec![Entry {
+        rule: None,
+        action: EntryAction::Allow,
+        policy: None,
+        tier: None,
+    }];
+    if !allow {
+        entries.insert(
+            0,
+            Entry {
+                rule: None,
+                action: EntryAction::Deny,
+                policy: None,
+                tier: Some("default"),
+            },
+        );
+    }
+    image(&entries, &compile(&entries, &DataplaneModel::default())).expect("lays out")
+}
+
+fn entry(egress: u32, ingress: u32) -> Endpoint {
+    Endpoint {
+        flags: 0,
+        table: [egress, ingress],
+        pad: 0,
+    }
+}
+
+/// Servers in `pod` answering TCP and UDP on `port` with the pod's address (what `probe::whoami` asks).
+fn serve(pod: &Pod, port: u16, stop: &Arc<AtomicBool>) {
+    let ip = pod.ip;
+    let tcp = pod
+        .ns
+        .enter(move || std::net::TcpListener::bind((ip, port)))
+        .expect("enter")
+        .expect("bind tcp");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let udp = pod
+        .ns
+        .enter(move || std::net::UdpSocket::bind((ip, port)))
+        .expect("enter")
+        .expect("bind udp");
+    udp.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let answer = format!("{ip}\n");
+    let (s1, a1) = (stop.clone(), answer.clone());
+    std::thread::spawn(move || {
+        while !s1.load(Ordering::Relaxed) {
+            match tcp.accept() {
+                Ok((mut s, _)) => {
+                    let a = a1.clone();
+                    std::thread::spawn(move || {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                        let mut buf = [0u8; 256];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            let reply = if &buf[..n] == probe::WHOAMI {
+                                a.as_bytes().to_vec()
+                            } else {
+                                buf[..n].to_vec()
+                            };
+                            if s.write_all(&reply).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let s2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while !s2.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let reply = if &buf[..n] == probe::WHOAMI {
+                    answer.as_bytes().to_vec()
+                } else {
+                    buf[..n].to_vec()
+                };
+                let _ = udp.send_to(&reply, from);
+            }
+        }
+    });
+}
+
+/// Who answered each of `n` new connections (or UDP sockets) from `from` to `addr`; failures as None.
+fn answers(from: &Pod, addr: SocketAddr, proto: &str, n: usize) -> Vec<Option<String>> {
+    (0..n)
+        .map(|_| probe::whoami(&from.ns, addr, proto, TIMEOUT).ok())
+        .collect()
+}
+
+fn seen(a: &[Option<String>]) -> BTreeSet<String> {
+    a.iter().flatten().cloned().collect()
+}
+
+fn backend(pod: &Pod, port: u16) -> Backend {
+    Backend {
+        addr: pod.ip.octets(),
+        port,
+        flags: 0,
+    }
+}
+
+#[test]
+fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_changes() {
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node("svc").expect("node");
+    let a = netns::wire_pod(&node, "sva", "crcsva", "10.202.0.5".parse().expect("ip")).expect("pod a");
+    let b = netns::wire_pod(&node, "svb", "crcsvb", "10.202.0.6".parse().expect("ip")).expect("pod b");
+    let c = netns::wire_pod(&node, "svc", "crcsvc", "10.202.0.7".parse().expect("ip")).expect("pod c");
+    let stop = Arc::new(AtomicBool::new(false));
+    for p in [&a, &b, &c] {
+        serve(p, 8080, &stop);
+    }
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-svc-test-{}", std::process::id()));
+    let idx: Vec<u32> = ["crcsva", "crcsvb", "crcsvc"]
+        .iter()
+        .map(|i| ifindex(&node, i))
+        .collect();
+    let ids = idx.clone();
+    with_loaded(&node, &dir, move |l| {
+        l.write_table(1, &table(true)).expect("allow");
+        l.write_table(2, &table(false)).expect("deny");
+        for (i, iface) in ["crcsva", "crcsvb", "crcsvc"].iter().enumerate() {
+            l.attach(iface).expect("attach");
+            l.set_endpoint(ids[i], entry(1, 1)).expect("entry");
+        }
+    });
+    let mut maps = ServiceMaps::open(&dir).expect("the Service maps are pinned");
+    let vip: Ipv4Addr = "10.96.5.5".parse().expect("vip");
+    let sticky: Ipv4Addr = "10.96.5.6".parse().expect("vip");
+    let empty: Ipv4Addr = "10.96.5.7".parse().expect("vip");
+    let own: Ipv4Addr = "10.96.5.8".parse().expect("vip");
+    let both = vec![backend(&b, 8080), backend(&c, 8080)];
+    let mut desired = BTreeMap::from([
+        (
+            key(vip, 80, 6),
+            Frontend {
+                backends: both.clone(),
+                affinity_s: None,
+            },
+        ),
+        (
+            key(vip, 53, 17),
+            Frontend {
+                backends: both.clone(),
+                affinity_s: None,
+            },
+        ),
+        (
+            key(sticky, 80, 6),
+            Frontend {
+                backends: both.clone(),
+                affinity_s: Some(60),
+            },
+        ),
+        (key(empty, 80, 6), Frontend::default()),
+        (
+            key(own, 80, 6),
+            Frontend {
+                backends: vec![backend(&a, 8080)],
+                affinity_s: None,
+            },
+        ),
+    ]);
+    let done = maps.apply(&desired).expect("write the frontends");
+    assert_eq!(done.written, 5);
+    let (bs, cs) = (b.ip.to_string(), c.ip.to_string());
+
+    // TCP and UDP through the ClusterIP reach both backends; each answer came back through the translation.
+    let tcp = answers(&a, (vip, 80).into(), "TCP", 24);
+    assert_eq!(seen(&tcp), BTreeSet::from([bs.clone(), cs.clone()]), "{tcp:?}");
+    assert!(
+        tcp.iter().all(Option::is_some),
+        "every connection answered: {tcp:?}"
+    );
+    let udp = answers(&a, (vip, 53).into(), "UDP", 24);
+    assert_eq!(seen(&udp), BTreeSet::from([bs.clone(), cs.clone()]), "{udp:?}");
+
+    // Affinity: one backend for every connection of this client.
+    let st = answers(&a, (sticky, 80).into(), "TCP", 12);
+    assert_eq!(seen(&st).len(), 1, "{st:?}");
+    assert!(st.iter().all(Option::is_some), "{st:?}");
+
+    // No backends: nothing answers. A pod reaches itself through its own Service.
+    assert_eq!(seen(&answers(&a, (empty, 80).into(), "TCP", 2)).len(), 0);
+    let me = answers(&a, (own, 80).into(), "TCP", 4);
+    assert!(
+        me.iter().all(|x| x.as_deref() == Some(a.ip.to_string().as_str())),
+        "hairpin: {me:?}"
+    );
+
+    // Policy judges the backend: b's ingress denies, so connections that picked b get no answer, and none
+    // is ever answered by b.
+    let ib = idx[1];
+    with_loaded(&node, &dir, move |l| {
+        l.set_endpoint(ib, entry(1, 2)).expect("b denies")
+    });
+    let judged = answers(&a, (vip, 80).into(), "TCP", 16);
+    assert_eq!(seen(&judged), BTreeSet::from([cs.clone()]), "{judged:?}");
+    assert!(
+        judged.iter().any(Option::is_none),
+        "some connections picked b and were dropped: {judged:?}"
+    );
+    with_loaded(&node, &dir, move |l| {
+        l.set_endpoint(ib, entry(1, 1)).expect("b allows")
+    });
+
+    // An established connection keeps its backend while the Service changes; new ones use the new set.
+    let mut held =
+        a.ns.enter(move || std::net::TcpStream::connect_timeout(&(vip, 80).into(), TIMEOUT))
+            .expect("enter")
+            .expect("connect");
+    held.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut buf = [0u8; 64];
+    held.write_all(probe::WHOAMI).expect("ask");
+    let n = held.read(&mut buf).expect("answer");
+    let first = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+    let other = if first == bs { &c } else { &b };
+    desired.insert(
+        key(vip, 80, 6),
+        Frontend {
+            backends: vec![backend(other, 8080)],
+            affinity_s: None,
+        },
+    );
+    let done = maps.apply(&desired).expect("change");
+    assert_eq!((done.written, done.kept), (1, 4));
+    let moved = answers(&a, (vip, 80).into(), "TCP", 8);
+    assert_eq!(seen(&moved), BTreeSet::from([other.ip.to_string()]), "{moved:?}");
+    held.write_all(probe::WHOAMI).expect("ask again");
+    let n = held.read(&mut buf).expect("answer again");
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]).trim(),
+        first,
+        "the held connection kept its backend"
+    );
+
+    // A reopened writer (a restarted agent) finds the frontends as written and rewrites nothing.
+    let mut again = ServiceMaps::open(&dir).expect("reopen");
+    assert_eq!(again.programmed().len(), 5);
+    let done = again.apply(&desired).expect("same");
+    assert_eq!((done.written, done.removed, done.kept), (0, 0, 5));
+    desired.clear();
+    assert_eq!(again.apply(&desired).expect("none").removed, 5);
+
+    stop.store(true, Ordering::Relaxed);
+    caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
+}
