@@ -84,7 +84,7 @@ pub struct Lab {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     operator: Option<Supervised>,
     /// Each node's kube-proxy, when it runs one.
-    kube_proxies: Vec<Option<Supervised>>,
+    kube_proxies: std::sync::Mutex<Vec<Supervised>>,
     /// The pools' CIDRs, for kube-proxy.
     cluster_cidr: String,
     dir: PathBuf,
@@ -269,7 +269,7 @@ impl Lab {
         }
 
         let cluster_cidr = pool_cidrs(&opts.installation)?;
-        let mut lab = Lab {
+        let lab = Lab {
             cp,
             client,
             underlay,
@@ -278,13 +278,16 @@ impl Lab {
             host_pods,
             tasks,
             operator: Some(operator),
-            kube_proxies: Vec::new(),
+            kube_proxies: std::sync::Mutex::default(),
             cluster_cidr,
             dir,
         };
         if let Some(mode) = opts.kube_proxy {
             step(&format!("kube-proxy ({}) on every node", mode.as_str()));
             lab.start_kube_proxy(mode)?;
+            // As a cluster's kube-proxy DaemonSet is up before a CNI is installed: the agents reach the API
+            // server through the `kubernetes` ClusterIP.
+            lab.wait_kube_proxy(mode).await?;
         } else {
             step("no kube-proxy: the operator gets the API server's address (kubernetes-services-endpoint)");
             lab.give_api_server_address().await?;
@@ -320,18 +323,15 @@ impl Lab {
     }
 
     /// Starts the real kube-proxy in `mode` on every node (as a cluster's kube-proxy DaemonSet would run).
-    pub fn start_kube_proxy(&mut self, mode: crate::kubeproxy::Mode) -> anyhow::Result<()> {
+    pub fn start_kube_proxy(&self, mode: crate::kubeproxy::Mode) -> anyhow::Result<()> {
         self.stop_kube_proxy();
         for (name, ns, _) in &self.nodes {
             let dir = self.dir.join("nodes").join(name).join("kube-proxy");
-            self.kube_proxies.push(Some(crate::kubeproxy::start(
-                ns,
-                name,
-                self.cp.kubeconfig(),
-                &self.cluster_cidr,
-                mode,
-                &dir,
-            )?));
+            let p = crate::kubeproxy::start(ns, name, self.cp.kubeconfig(), &self.cluster_cidr, mode, &dir)?;
+            self.kube_proxies
+                .lock()
+                .map_err(|_| anyhow::anyhow!("kube-proxy list poisoned"))?
+                .push(p);
         }
         Ok(())
     }
@@ -367,13 +367,45 @@ impl Lab {
         Ok(())
     }
 
+    /// Waits until every node's kube-proxy has programmed the `kubernetes` Service.
+    pub async fn wait_kube_proxy(&self, mode: crate::kubeproxy::Mode) -> anyhow::Result<()> {
+        for (name, ns, _) in &self.nodes {
+            let ns = NetNs::existing(ns.name());
+            until(&format!("kube-proxy on {name}"), Duration::from_secs(90), || {
+                let ns = NetNs::existing(ns.name());
+                async move {
+                    let rules = tokio::task::spawn_blocking(move || match mode {
+                        crate::kubeproxy::Mode::Iptables => ns.exec(&["iptables-save", "-t", "nat"]),
+                        crate::kubeproxy::Mode::Nftables => {
+                            ns.exec(&["nft", "list", "table", "ip", "kube-proxy"])
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                    if rules.contains("default/kubernetes:https") {
+                        Ok(true)
+                    } else {
+                        Err("the kubernetes Service is not programmed yet".into())
+                    }
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Stops every node's kube-proxy (its rules stay until someone removes them, as when a cluster's
     /// kube-proxy DaemonSet is scaled away before switching to Caracal's BPF data plane).
-    pub fn stop_kube_proxy(&mut self) {
-        for p in self.kube_proxies.iter_mut().filter_map(Option::as_mut) {
+    pub fn stop_kube_proxy(&self) {
+        let running = self
+            .kube_proxies
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        for mut p in running {
             p.stop(Duration::from_secs(5));
         }
-        self.kube_proxies.clear();
     }
 
     /// The operator process's id.

@@ -286,10 +286,13 @@ pub fn whoami(src: &NetNs, addr: SocketAddr, protocol: &str, timeout: Duration) 
             } else {
                 Ipv6Addr::UNSPECIFIED.into()
             };
+            // Connected, as a resolver's socket is: the reply must come from the address asked (a Service's
+            // reply translated back), and an ICMP port unreachable surfaces as "connection refused".
             let sock = UdpSocket::bind((any, 0)).map_err(io)?;
             sock.set_read_timeout(Some(timeout)).map_err(io)?;
-            sock.send_to(WHOAMI, addr).map_err(io)?;
-            sock.recv_from(&mut buf).map_err(io)?.0
+            sock.connect(addr).map_err(io)?;
+            sock.send(WHOAMI).map_err(io)?;
+            sock.recv(&mut buf).map_err(io)?
         } else {
             let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
             s.set_read_timeout(Some(timeout)).map_err(io)?;

@@ -16,6 +16,11 @@ pub struct Supervised {
     name: String,
     child: Option<Child>,
     log: PathBuf,
+    /// How it was started, for [`Supervised::respawn`].
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    lifetime: Lifetime,
 }
 
 /// Errors starting a program.
@@ -99,7 +104,33 @@ impl Supervised {
             name: name.to_owned(),
             child: Some(child),
             log: log.to_owned(),
+            program: program.to_owned(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+            lifetime,
         })
+    }
+
+    /// Whether it ran and exited by itself (not stopped): what a restart policy restarts.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some()))
+    }
+
+    /// Starts it again as it was started (its log goes on in the same file).
+    pub fn respawn(&mut self) -> Result<(), ProcessError> {
+        self.stop(Duration::from_secs(5));
+        let mut again = Self::spawn_env(
+            &self.name,
+            &self.program,
+            &self.args,
+            &self.env,
+            &self.log,
+            self.lifetime,
+        )?;
+        self.child = again.child.take();
+        Ok(())
     }
 
     /// The process id.

@@ -132,13 +132,11 @@ async fn main() {
     for (i, h) in lab.host_pods.iter().enumerate() {
         let m = h.lock().expect("lock");
         for pod in m.values() {
-            for p in &pod.processes {
-                if let Some(pid) = p.pid() {
-                    memory.insert(
-                        format!("{} on lab-node-{i}", p.name()),
-                        json!(caracal_e2e::measure::rss_kib(&pid.to_string())),
-                    );
-                }
+            for (name, pid) in pod.named_pids() {
+                memory.insert(
+                    format!("{name} on lab-node-{i}"),
+                    json!(caracal_e2e::measure::rss_kib(&pid.to_string())),
+                );
             }
         }
     }

@@ -1048,6 +1048,56 @@ __noinline int svc_choose(const struct svc_key *sk, __be32 client, struct backen
 	return SVC_PICKED;
 }
 
+// The mark of a packet the programs made for a pod (a refusal): its to_pod program passes it as it is.
+#define REFUSAL_MARK 0xca7ac001
+
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u32 x = (__u32)sum;
+	x = (x & 0xffff) + (x >> 16);
+	x = (x & 0xffff) + (x >> 16);
+	return (__u16)~x;
+}
+
+// Refuses a pod's new connection to a Service with no serving endpoint as kube-proxy's REJECT does: the
+// packet becomes an ICMP port unreachable from the Service, quoting it, sent straight back to the pod (whose
+// TCP connect fails with "connection refused" and whose UDP socket sees the error). An IPv4 header with
+// options is dropped instead. A global function, with its buffers on its own stack.
+__noinline int refuse(struct __sk_buff *skb)
+{
+	if (!skb)
+		return TC_ACT_SHOT;
+	// The quote: the IP header and the first 8 bytes after it.
+	__u8 quote[28];
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, quote, sizeof(quote)) < 0 || quote[0] != 0x45)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + 20 + 8 + sizeof(quote), 0) < 0)
+		return TC_ACT_SHOT;
+	struct {
+		struct iphdr ip;
+		__u8 icmp[8];
+		__u8 quote[28];
+	} out = {};
+	out.ip.version = 4;
+	out.ip.ihl = 5;
+	out.ip.tot_len = bpf_htons(sizeof(out));
+	out.ip.ttl = 64;
+	out.ip.protocol = IPPROTO_ICMP;
+	__builtin_memcpy(&out.ip.saddr, &quote[16], 4); // the Service
+	__builtin_memcpy(&out.ip.daddr, &quote[12], 4); // the pod
+	out.icmp[0] = 3; // destination unreachable
+	out.icmp[1] = 3; // port unreachable
+	__builtin_memcpy(out.quote, quote, sizeof(quote));
+	__u16 icmp_sum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)out.icmp, 8 + sizeof(quote), 0));
+	__builtin_memcpy(&out.icmp[2], &icmp_sum, 2);
+	out.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&out.ip, sizeof(out.ip), 0));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &out, sizeof(out), 0) < 0)
+		return TC_ACT_SHOT;
+	swap_macs(skb);
+	skb->mark = REFUSAL_MARK;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 // A translation's address and port in one argument (global functions take at most five): addr << 16 | port.
 #define NAT_ARG(addr, port) ((__u64)(addr) << 16 | (port))
 
@@ -1118,6 +1168,11 @@ __noinline int translate_rev(struct __sk_buff *skb, __u64 svc, __u64 orig, __u32
 static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 {
 	__u32 ifindex = skb->ifindex;
+	// A refusal this node's programs made for the pod (see refuse).
+	if (to_pod && skb->mark == REFUSAL_MARK) {
+		skb->mark = 0;
+		return TC_ACT_OK;
+	}
 	struct endpoint *ep = bpf_map_lookup_elem(&caracal_ep_v2, &ifindex);
 	if (!ep)
 		return verdict(ifindex, to_pod, 0); // not programmed yet: fail closed
@@ -1169,9 +1224,11 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 		__be32 client;
 		__builtin_memcpy(&client, &p.src[12], 4);
 		int chosen = svc_choose(&sk, client, &b);
-		// No serving endpoint: refused (dropped here; docs/bpf.md).
-		if (chosen == SVC_REFUSE)
-			return verdict(ifindex, to_pod, 0);
+		// No serving endpoint: refused.
+		if (chosen == SVC_REFUSE) {
+			count(ifindex, to_pod, 0);
+			return refuse(skb);
+		}
 		if (chosen == SVC_PICKED) {
 			service = b.addr == client ? 2 : 1; // 2: the pod itself (hairpin)
 			__builtin_memcpy(&p.dst[12], &b.addr, 4);

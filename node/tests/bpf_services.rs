@@ -3,7 +3,7 @@
 //! writes): a pod's connections to a ClusterIP reach every backend (TCP and UDP) and their replies come back
 //! from the ClusterIP; policy judges the backend (a backend whose ingress denies is never reached); affinity
 //! keeps a client on one backend; a pod reaches itself through its own Service; a frontend without backends
-//! answers nothing; a change of backends moves new connections at once while an established one keeps its
+//! refuses (TCP and UDP); a change of backends moves new connections at once while an established one keeps its
 //! backend. Needs root.
 
 #![expect(
@@ -215,6 +215,7 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
             },
         ),
         (key(empty, 80, 6), Frontend::default()),
+        (key(empty, 80, 17), Frontend::default()),
         (
             key(own, 80, 6),
             Frontend {
@@ -224,7 +225,7 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
         ),
     ]);
     let done = maps.apply(&desired).expect("write the frontends");
-    assert_eq!(done.written, 5);
+    assert_eq!(done.written, 6);
     let (bs, cs) = (b.ip.to_string(), c.ip.to_string());
 
     // TCP and UDP through the ClusterIP reach both backends; each answer came back through the translation.
@@ -242,8 +243,20 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
     assert_eq!(seen(&st).len(), 1, "{st:?}");
     assert!(st.iter().all(Option::is_some), "{st:?}");
 
-    // No backends: nothing answers. A pod reaches itself through its own Service.
-    assert_eq!(seen(&answers(&a, (empty, 80).into(), "TCP", 2)).len(), 0);
+    // No backends: refused at once, over TCP and UDP (an ICMP port unreachable from the Service, as
+    // kube-proxy's REJECT). A pod reaches itself through its own Service.
+    for proto in ["TCP", "UDP"] {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            probe::whoami(&a.ns, (empty, 80).into(), proto, Duration::from_secs(3)),
+            Err(probe::Outcome::Refused),
+            "{proto}: a Service without endpoints refuses"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{proto}: refused, not timed out"
+        );
+    }
     let me = answers(&a, (own, 80).into(), "TCP", 4);
     assert!(
         me.iter().all(|x| x.as_deref() == Some(a.ip.to_string().as_str())),
@@ -285,7 +298,7 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
         },
     );
     let done = maps.apply(&desired).expect("change");
-    assert_eq!((done.written, done.kept), (1, 4));
+    assert_eq!((done.written, done.kept), (1, 5));
     let moved = answers(&a, (vip, 80).into(), "TCP", 8);
     assert_eq!(seen(&moved), BTreeSet::from([other.ip.to_string()]), "{moved:?}");
     held.write_all(probe::WHOAMI).expect("ask again");
@@ -298,11 +311,11 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
 
     // A reopened writer (a restarted agent) finds the frontends as written and rewrites nothing.
     let mut again = ServiceMaps::open(&dir).expect("reopen");
-    assert_eq!(again.programmed().len(), 5);
+    assert_eq!(again.programmed().len(), 6);
     let done = again.apply(&desired).expect("same");
-    assert_eq!((done.written, done.removed, done.kept), (0, 0, 5));
+    assert_eq!((done.written, done.removed, done.kept), (0, 0, 6));
     desired.clear();
-    assert_eq!(again.apply(&desired).expect("none").removed, 5);
+    assert_eq!(again.apply(&desired).expect("none").removed, 6);
 
     stop.store(true, Ordering::Relaxed);
     caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");

@@ -1,14 +1,18 @@
 //! Lab tier: the whole system from `caracal-lab up` (control plane, operator from its manifest, three nodes
-//! with lab kubelets, the VXLAN Installation). The agents run inside their nodes' namespaces. Pods pinned to
-//! the three nodes reach each other; the demo's policies are enforced; a NetworkPolicy applied with kubectl
+//! with lab kubelets and the real kube-proxy, the VXLAN Installation). The agents run inside their nodes'
+//! namespaces. Pods pinned to the three nodes reach each other; the demo's policies are enforced, also on
+//! its Services' traffic (pod -> ClusterIP over TCP and UDP reaches exactly the backends the policy allows,
+//! affinity keeps a client on one, NodePorts answer from other nodes, scaling moves the backends); a
+//! NetworkPolicy applied with kubectl
 //! is enforced across nodes; and at every point the connectivity measured with real connections equals what
 //! `caracalctl policy matrix` computes from the same objects read back from the API server. An invalid
 //! Installation edit is Degraded and changes nothing; an edit from VXLAN to BGP with an explicit MTU rolls
 //! the agents and connectivity comes back (BIRD's routes, new pods with the new MTU). A live switch to the
 //! BPF data plane (`linuxDataplane: BPF`) keeps an established TCP connection between pods on two nodes and
 //! leaves no iptables policy behind; in BPF mode connectivity equals the matrix, a NetworkPolicy applied with
-//! kubectl is enforced across nodes, restarting a node agent keeps an established connection, and a deleted
-//! pod's endpoint entry leaves the maps; the switch back to iptables keeps the connection too and leaves no
+//! kubectl is enforced across nodes, the Services work the same without kube-proxy (Caracal serves them and
+//! removes the rules kube-proxy left), restarting a node agent keeps an established connection (pod to pod
+//! and through a ClusterIP), and a deleted pod's endpoint entry leaves the maps; the switch back to iptables keeps the connection too and leaves no
 //! BPF pin behind. Deleting a pod releases its address; deleting the Installation stops every agent and
 //! Typha; tearing the lab down leaves no namespace behind. Needs root and the workspace's binaries
 //! (`cargo test --workspace` builds them).
@@ -425,7 +429,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
             .expect("lock")
             .iter()
             .filter(|(k, _)| k.starts_with("caracal-system/caracal-node-"))
-            .flat_map(|(_, p)| p.processes.iter().filter_map(|s| s.pid()).collect::<Vec<_>>())
+            .flat_map(|(_, p)| p.pids())
             .collect();
         assert!(!pids.is_empty(), "no agent process on {name}");
         for pid in pids {
@@ -615,10 +619,31 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         policy_rules(&lab, 0) > 0,
         "the iptables policy is in place before the switch"
     );
+    // As Calico documents the switch to its eBPF data plane: the operator is given the API server's address
+    // (the kubernetes-services-endpoint ConfigMap), kube-proxy stops (its rules stay behind), then the
+    // Installation changes; the BPF agents remove kube-proxy's rules and serve Services themselves.
+    lab.give_api_server_address()
+        .await
+        .expect("the API server's address");
+    lab.stop_kube_proxy();
     let bpf_from = ds_generation(&ds_api).await;
     edit(&bgp_bpf("BPF"));
     wait_rolled(&ds_api, "Iptables -> BPF", bpf_from).await;
     across.check("after the switch to BPF");
+    let start = Instant::now();
+    for (name, ns, _) in &lab.nodes {
+        loop {
+            let nat = ns.exec(&["iptables-save", "-t", "nat"]).unwrap_or_default();
+            if !nat.contains("KUBE-SERVICES") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{name}: kube-proxy's rules were not removed:\n{nat}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     for i in 0..3 {
         assert_eq!(
             policy_rules(&lab, i),
@@ -651,6 +676,60 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     assert_eq!(to_p1("e2e/p0"), Some(true), "p0 -> p1 in BPF mode");
     assert_eq!(to_p1("e2e/p3"), Some(false), "p3 -> p1 in BPF mode");
     across.check("with the NetworkPolicy in place");
+
+    // Services without kube-proxy: the same cells as in iptables mode, from Caracal's programs.
+    let svc = services_agree(&lab, "BPF mode, no kube-proxy").await;
+    let reached = |from: &str, to: &str, port: u64| {
+        svc.iter()
+            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
+            .and_then(|c| c["backends"].as_array().map(Vec::len))
+    };
+    assert_eq!(
+        reached("frontend/web", "svc:backend/api", 8080),
+        Some(2),
+        "BPF: web reaches both API pods"
+    );
+    assert_eq!(
+        reached("frontend/web", "svc:backend/api", 53),
+        Some(2),
+        "BPF: and over UDP"
+    );
+    assert_eq!(
+        reached("data/db", "svc:backend/api", 8080),
+        Some(0),
+        "BPF: db is denied at the backends"
+    );
+    assert_eq!(
+        reached("frontend/web", "svc:backend/api-sticky", 80),
+        Some(1),
+        "BPF: affinity"
+    );
+    scaling_moves_the_backends(&lab, "BPF mode").await;
+    // A connection through a ClusterIP, held across the agent restart below.
+    let web_ns = caracal_e2e::netns::NetNs::existing(&recorded(&lab, "frontend/web", "netns").await);
+    let api_vip: std::net::Ipv4Addr =
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), "backend")
+            .get("api")
+            .await
+            .expect("api Service")
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .expect("ClusterIP")
+            .parse()
+            .expect("IPv4");
+    let mut via_vip = web_ns
+        .enter(move || std::net::TcpStream::connect_timeout(&(api_vip, 8080).into(), Duration::from_secs(3)))
+        .expect("enter")
+        .expect("connect web -> api's ClusterIP");
+    let whoami = |s: &mut std::net::TcpStream| {
+        use std::io::{Read as _, Write as _};
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(caracal_e2e::probe::WHOAMI)?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    let vip_backend = whoami(&mut via_vip).expect("through the ClusterIP");
 
     // Restarting a node agent in BPF mode (its pod deleted; the DaemonSet brings a new one) keeps an
     // established TCP connection between pods on two nodes working: the programs and maps stay pinned and
@@ -722,6 +801,12 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         "the established connection broke"
     );
     drop(stream);
+    assert_eq!(
+        whoami(&mut via_vip).expect("the ClusterIP connection after the agent restart"),
+        vip_backend,
+        "the connection through the ClusterIP kept its backend across the restart"
+    );
+    drop(via_vip);
 
     // Deleting a pod releases its address.
     let p2_ip = recorded(&lab, "e2e/p2", "ip").await;
@@ -741,7 +826,9 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // BPF -> Iptables: the connection keeps going, and no BPF pin is left on any node.
+    // BPF -> Iptables: kube-proxy back first; the connection keeps going, and no BPF pin is left on any node.
+    lab.start_kube_proxy(caracal_e2e::kubeproxy::Mode::Iptables)
+        .expect("kube-proxy again");
     let ipt_from = ds_generation(&ds_api).await;
     edit(&bgp_bpf("Iptables"));
     wait_rolled(&ds_api, "BPF -> Iptables", ipt_from).await;
@@ -763,6 +850,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         );
     }
     agrees(&lab, "back in iptables mode").await;
+    services_agree(&lab, "back in iptables mode, kube-proxy again").await;
     drop(across);
 
     // Deleting the Installation tears Caracal down: the operator's objects go, and with them every agent and

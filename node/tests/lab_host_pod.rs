@@ -127,7 +127,7 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
     let (pid, health) = {
         let m = host_pods.lock().expect("lock");
         let hp = &m["caracal-system/typha-x"];
-        (hp.processes[0].pid().expect("pid"), hp.ports[&9098])
+        (hp.pids()[0], hp.ports[&9098])
     };
     assert_ne!(health, 9098);
     let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");

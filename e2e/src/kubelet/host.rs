@@ -100,18 +100,43 @@ async fn api_server_for(client: &Client, plan: &podspec::Plan) -> Result<String,
 /// A host-network pod this kubelet runs.
 #[derive(Debug)]
 pub struct HostPod {
-    /// Its processes (the containers, not the finished init containers).
-    pub processes: Vec<Supervised>,
+    /// Its processes (the containers, not the finished init containers); one that exits is started again
+    /// (restartPolicy Always), after a back-off of 1 s doubling to 30 s.
+    pub processes: Arc<std::sync::Mutex<Vec<Supervised>>>,
     /// Declared port -> the port it got on this machine.
     pub ports: BTreeMap<u16, u16>,
     ready_loop: Arc<AtomicBool>,
 }
 
+impl HostPod {
+    /// The process ids of its running processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes
+            .lock()
+            .map(|ps| ps.iter().filter_map(Supervised::pid).collect())
+            .unwrap_or_default()
+    }
+
+    /// Each process's name and id.
+    pub fn named_pids(&self) -> Vec<(String, u32)> {
+        self.processes
+            .lock()
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| Some((p.name().to_owned(), p.pid()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl Drop for HostPod {
     fn drop(&mut self) {
         self.ready_loop.store(false, Ordering::Relaxed);
-        for p in &mut self.processes {
-            p.stop(Duration::from_secs(5));
+        if let Ok(mut ps) = self.processes.lock() {
+            for p in ps.iter_mut() {
+                p.stop(Duration::from_secs(5));
+            }
         }
     }
 }
@@ -270,7 +295,38 @@ pub async fn start(
         }
     }
     patch_status(client, pod, ready_status(host_ip, false)).await?;
+    let processes = Arc::new(std::sync::Mutex::new(processes));
     let ready_loop = Arc::new(AtomicBool::new(true));
+    // restartPolicy Always: a process that exits is started again after a back-off.
+    {
+        let (processes, alive) = (processes.clone(), ready_loop.clone());
+        tokio::spawn(async move {
+            let mut backoff: BTreeMap<usize, (Duration, Option<std::time::Instant>)> = BTreeMap::new();
+            while alive.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Ok(mut ps) = processes.lock() else { return };
+                if !alive.load(Ordering::Relaxed) {
+                    return;
+                }
+                for (i, p) in ps.iter_mut().enumerate() {
+                    if !p.exited() {
+                        continue;
+                    }
+                    let (delay, since) = backoff.entry(i).or_insert((Duration::from_secs(1), None));
+                    let due = since.get_or_insert_with(std::time::Instant::now);
+                    if due.elapsed() < *delay {
+                        continue;
+                    }
+                    warn!(process = %p.name(), "exited; restarting (restartPolicy Always)");
+                    if let Err(e) = p.respawn() {
+                        warn!(process = %p.name(), error = %e, "restarting");
+                    }
+                    *delay = (*delay * 2).min(Duration::from_secs(30));
+                    *since = None;
+                }
+            }
+        });
+    }
     // Readiness follows the probe (or the processes running, without one).
     {
         let (client, pod, host_ip, alive) = (

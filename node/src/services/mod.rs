@@ -179,7 +179,11 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
     let (mut svc_pending, mut slice_pending) = (None, None);
     let (mut svc_synced, mut slice_synced) = (false, false);
     let mut skipped_said: Vec<String> = Vec::new();
-    let mut housekeeping = tokio::time::interval(Duration::from_secs(30));
+    // Housekeeping (addresses, NodePort programs, kube-proxy's leftovers): at once, then every 30 s, or
+    // every second while the NodePort programs are not attached yet (the data plane may still be pinning
+    // them).
+    let housekeeping = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(housekeeping);
     loop {
         let mut dirty = false;
         tokio::select! {
@@ -200,7 +204,7 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
                 }
                 dirty = true;
             }
-            _ = housekeeping.tick() => {
+            () = &mut housekeeping => {
                 // The node's addresses and interface (NodePorts), and kube-proxy's leftovers.
                 match node_addresses(&client, &cfg.node).await {
                     Ok(a) if a != addrs => {
@@ -220,6 +224,8 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
                         info!(removed, "removed kube-proxy's rules (the BPF data plane handles Services)");
                     }
                 }
+                let next = if host_iface.is_some() { 30 } else { 1 };
+                housekeeping.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(next));
             }
         }
         if !dirty || !svc_synced || !slice_synced {
@@ -384,8 +390,11 @@ pub async fn cleanup_kube_proxy(exec_prefix: &[String]) -> usize {
             }
         }
         // kube-proxy's nftables mode keeps everything in tables of its own.
+        let tables = run(&["nft", "list", "tables"], None).unwrap_or_default();
         for family in ["ip", "ip6"] {
-            if run(&["nft", "list", "table", family, "kube-proxy"], None).is_some()
+            if tables
+                .lines()
+                .any(|l| l.trim() == format!("table {family} kube-proxy"))
                 && run(&["nft", "delete", "table", family, "kube-proxy"], None).is_some()
             {
                 removed += 1;
