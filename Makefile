@@ -108,6 +108,7 @@ bench: deps controlplane cni-plugins
 	$(CARGO) bench --locked -p caracal-node --bench cni
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) bench --locked -p caracal-node --bench lab
+	$(CARGO) bench --locked -p caracal-node --bench services
 
 lab: deps controlplane
 	$(CARGO) build --locked --workspace --bins

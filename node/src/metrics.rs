@@ -58,6 +58,18 @@ impl Health for Status {
             "From a datastore change reaching the policy engine to the incremental program that applied it (the last one)",
             ConstGauge::new(self.last_change_us.load(Ordering::Relaxed) as f64 / 1e6),
         );
+        if let Some(svc) = self.services.get() {
+            r.register(
+                "services_frontends",
+                "Service frontends (ClusterIP and NodePort ports) the BPF data plane serves",
+                ConstGauge::new(svc.frontends.load(Ordering::Relaxed) as i64),
+            );
+            r.register(
+                "services_syncs",
+                "Times the Service maps were brought up to date with the Services and EndpointSlices",
+                ConstCounter::new(svc.syncs.load(Ordering::Relaxed)),
+            );
+        }
         if let Some(rows) = self.bpf_counter_rows() {
             for (iface, from, to) in rows.iter() {
                 for (direction, c) in [("from_pod", from), ("to_pod", to)] {

@@ -303,6 +303,41 @@ fn drift_is_repaired_by_the_next_apply() {
     let stats = agent.converge(DENY_X_INGRESS_FROM_Y);
     assert!(stats.hooked && stats.chains_written == 0, "{stats:?}");
     assert_eq!(probe(&node, &check), Outcome::NoAnswer);
+    // kube-proxy starting later prepends its own jump, whose chain accepts what it marked before policy
+    // would see it: the next apply puts the hook first again (and only moves it).
+    node.ns
+        .exec(&["iptables", "-N", "KUBE-FORWARD"])
+        .expect("a kube-proxy chain");
+    node.ns
+        .exec(&[
+            "iptables",
+            "-A",
+            "KUBE-FORWARD",
+            "-m",
+            "mark",
+            "--mark",
+            "0x4000/0x4000",
+            "-j",
+            "ACCEPT",
+        ])
+        .expect("its accept");
+    node.ns
+        .exec(&["iptables", "-I", "FORWARD", "1", "-j", "KUBE-FORWARD"])
+        .expect("prepended");
+    let stats = agent.converge(DENY_X_INGRESS_FROM_Y);
+    assert!(stats.hooked && stats.chains_written == 0, "{stats:?}");
+    let forward = node.ns.exec(&["iptables", "-S", "FORWARD"]).expect("FORWARD");
+    let rules: Vec<&str> = forward.lines().filter(|l| l.starts_with("-A FORWARD")).collect();
+    assert_eq!(
+        rules,
+        vec!["-A FORWARD -j crc-FORWARD", "-A FORWARD -j KUBE-FORWARD"],
+        "Caracal's hook first, kube-proxy's kept after it"
+    );
+    node.ns
+        .exec(&["iptables", "-D", "FORWARD", "-j", "KUBE-FORWARD"])
+        .expect("unhook kube-proxy");
+    node.ns.exec(&["iptables", "-F", "KUBE-FORWARD"]).expect("flush");
+    node.ns.exec(&["iptables", "-X", "KUBE-FORWARD"]).expect("delete");
     // A changed set is swapped in; unchanged chains stay untouched.
     let stats = agent.converge(DENY_X_INGRESS_FROM_Y);
     assert!(stats.is_noop(), "a steady state rewrites nothing: {stats:?}");

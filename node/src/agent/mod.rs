@@ -87,6 +87,8 @@ pub struct Status {
     /// and names each interface, so scrapes closer together than [`BPF_COUNTERS_MAX_AGE`] share one read
     /// (a scraper polling every few milliseconds would otherwise take a CPU from the policy engine).
     pub bpf_counters: Mutex<Option<(std::time::Instant, Arc<BpfCounterRows>)>>,
+    /// The BPF data plane's Service manager, when it runs.
+    pub services: std::sync::OnceLock<Arc<crate::services::Stats>>,
 }
 
 /// Per endpoint interface: (name, from the pod, to the pod).

@@ -247,11 +247,8 @@ async fn agent_main() -> anyhow::Result<()> {
             exec_prefix: exec_prefix.clone(),
             kube_proxy_cleanup: env("CARACAL_KUBE_PROXY_CLEANUP", "true") != "false",
         };
-        tokio::spawn(caracal_node::services::run(
-            client.clone(),
-            cfg,
-            Default::default(),
-        ))
+        let stats = status.services.get_or_init(Default::default).clone();
+        tokio::spawn(caracal_node::services::run(client.clone(), cfg, stats))
     });
     let cfg = Config {
         node_name,

@@ -1,0 +1,328 @@
+//! `make bench` figures for Services, written to `target/bench/services.json`: the lab (3 nodes, the VXLAN
+//! Installation) with 1,000 Services in the cluster, measured first with the real kube-proxy in iptables mode
+//! and Caracal's iptables data plane, then, on the same lab, after the documented switch to Caracal's BPF
+//! data plane without kube-proxy (the API server's address given to the operator, kube-proxy stopped, the
+//! Installation changed; the agents remove kube-proxy's rules):
+//!
+//! - connections per second through one ClusterIP (a client pod and the Service's two backends on `lab-node-0`;
+//!   each connection: connect, one request and its answer, close with a reset so no TIME_WAIT piles up),
+//!   sequential, `SAMPLES` samples of `SAMPLE_SECONDS` each, the kernel's connection table flushed before
+//!   each; with the latency of each connection (p50 / p99);
+//! - endpoint change -> new connections reach the new backend: `FLIPS` times a Service's selector moves from
+//!   one pod to the other (a label added to the new one, removed from the old); the time from that API write
+//!   until a new connection is first answered by the new pod, p50 / p99.
+//!
+//! The figure the issue asks for is `bpf.connections_per_second / kube_proxy.connections_per_second` (goal: at
+//! least 1.2). Timings are reported, never asserted. Needs root and the workspace's binaries.
+
+#![expect(
+    clippy::expect_used,
+    reason = "a benchmark that cannot go on stops with the reason"
+)]
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use caracal_e2e::controlplane::workspace_root;
+use caracal_e2e::lab::{Lab, LabOptions};
+use caracal_e2e::measure::{percentile, summary_ms};
+use caracal_e2e::netns::NetNs;
+use caracal_e2e::probe;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+const SERVICES: usize = 1000;
+const SAMPLES: usize = 5;
+const SAMPLE_SECONDS: f64 = 4.0;
+const FLIPS: usize = 20;
+
+/// One connection through the Service: connect, ask, read the answer, reset. The answering pod's address.
+fn one(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.set_nodelay(true).ok()?;
+    s.write_all(probe::WHOAMI).ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    // SO_LINGER 0: closed with a reset, no TIME_WAIT on either side.
+    let _ = nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// Connections per second and their latencies over `SAMPLES` samples, from inside `client`.
+fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr) -> Value {
+    let mut rates = Vec::new();
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    for _ in 0..SAMPLES {
+        let _ = node.exec(&["conntrack", "-F"]);
+        let (n, f, l) = client
+            .enter(move || {
+                let (mut n, mut f, mut l) = (0usize, 0usize, Vec::new());
+                let t = Instant::now();
+                while t.elapsed().as_secs_f64() < SAMPLE_SECONDS {
+                    let c = Instant::now();
+                    if one(addr).is_some() {
+                        n += 1;
+                        l.push(c.elapsed().as_secs_f64() * 1e3);
+                    } else {
+                        f += 1;
+                    }
+                }
+                (n, f, l)
+            })
+            .expect("enter the client");
+        rates.push(n as f64 / SAMPLE_SECONDS);
+        failed += f;
+        lat.extend(l);
+    }
+    rates.sort_by(f64::total_cmp);
+    json!({
+        "connections_per_second": percentile(&rates, 0.5),
+        "samples": rates,
+        "failed": failed,
+        "latency": summary_ms(lat),
+    })
+}
+
+/// Moves the `flip` Service from one pod to the other `FLIPS` times; each time, the ms from the API write
+/// until a new connection is first answered by the new pod.
+async fn flips(lab: &Lab, client: &NetNs, addr: SocketAddr, pods: [(&str, &str); 2]) -> Value {
+    let api: Api<Pod> = Api::namespaced(lab.client.clone(), "svcbench");
+    let label = |on: bool| json!({"metadata": {"labels": {"flip": if on { Some("on") } else { None }}}});
+    let mut ms = Vec::new();
+    for i in 0..FLIPS {
+        let (old, new) = if i % 2 == 0 {
+            (pods[0], pods[1])
+        } else {
+            (pods[1], pods[0])
+        };
+        let t = Instant::now();
+        api.patch(new.0, &PatchParams::default(), &Patch::Merge(&label(true)))
+            .await
+            .expect("label the new pod");
+        api.patch(old.0, &PatchParams::default(), &Patch::Merge(&label(false)))
+            .await
+            .expect("unlabel the old pod");
+        let want = new.1.to_owned();
+        let ns = NetNs::existing(client.name());
+        let took = tokio::task::spawn_blocking(move || {
+            ns.enter(move || {
+                loop {
+                    let started = t.elapsed();
+                    if one(addr).as_deref() == Some(want.as_str()) {
+                        return Some(started);
+                    }
+                    if t.elapsed() > Duration::from_secs(30) {
+                        return None;
+                    }
+                }
+            })
+            .expect("enter")
+        })
+        .await
+        .expect("join")
+        .expect("the new backend was never used");
+        ms.push(took.as_secs_f64() * 1e3);
+        // Settled: only the new pod answers.
+        let (ns, want) = (NetNs::existing(client.name()), new.1.to_owned());
+        tokio::task::spawn_blocking(move || {
+            ns.enter(move || {
+                let mut in_a_row = 0;
+                let t = Instant::now();
+                while in_a_row < 10 && t.elapsed() < Duration::from_secs(30) {
+                    in_a_row = if one(addr).as_deref() == Some(want.as_str()) {
+                        in_a_row + 1
+                    } else {
+                        0
+                    };
+                }
+            })
+        })
+        .await
+        .expect("join")
+        .expect("enter");
+    }
+    summary_ms(ms)
+}
+
+async fn wait_rolled(lab: &Lab) {
+    let ds: Api<DaemonSet> = Api::namespaced(lab.client.clone(), "caracal-system");
+    let t = Instant::now();
+    loop {
+        let d = ds.get("caracal-node").await.expect("ds");
+        let (g, s) = (d.metadata.generation, d.status.unwrap_or_default());
+        if s.observed_generation >= g
+            && s.updated_number_scheduled == Some(s.desired_number_scheduled)
+            && s.number_ready == s.desired_number_scheduled
+        {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "the agents never rolled");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let installation = workspace_root().join("examples/installation-vxlan.yaml");
+    let lab = Lab::up(&LabOptions::new(3, installation.clone()))
+        .await
+        .expect("lab up (make bench builds the workspace first)");
+    let dir = lab.cp.dir().to_path_buf();
+    let pods = dir.join("svcbench.yaml");
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: svcbench}\n");
+    for (name, labels) in [
+        ("client", "{app: client}"),
+        ("b0", "{app: backend, flip: on}"),
+        ("b1", "{app: backend}"),
+    ] {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: svcbench, labels: {labels}}}\nspec:\n  nodeName: lab-node-0\n  containers: [{{name: c, image: lab/echo, ports: [{{containerPort: 8080}}]}}]\n"
+        ));
+    }
+    std::fs::write(&pods, text).expect("write");
+    lab.apply(&pods).expect("pods");
+    lab.wait_pods(&["svcbench"]).await.expect("pods");
+    // 1,000 Services in front of the two backends (the measured one among them), and `flip`.
+    let svcs: Api<Service> = Api::namespaced(lab.client.clone(), "svcbench");
+    let t = Instant::now();
+    for i in 0..=SERVICES {
+        let (name, selector) = if i == SERVICES {
+            ("flip".to_owned(), json!({"flip": "on"}))
+        } else {
+            (format!("s{i:04}"), json!({"app": "backend"}))
+        };
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"selector": selector, "ports": [{"port": 80, "targetPort": 8080}]}
+        }))
+        .expect("service");
+        svcs.create(&PostParams::default(), &svc)
+            .await
+            .expect("create a Service");
+    }
+    println!(
+        "==> {} Services created in {:.1} s",
+        SERVICES + 1,
+        t.elapsed().as_secs_f64()
+    );
+    let vip = |name: &str| {
+        let svcs = svcs.clone();
+        let name = name.to_owned();
+        async move {
+            svcs.get(&name)
+                .await
+                .expect("service")
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .expect("ClusterIP")
+                .parse::<Ipv4Addr>()
+                .expect("IPv4")
+        }
+    };
+    let measured: SocketAddr = (vip("s0500").await, 80).into();
+    let flip: SocketAddr = (vip("flip").await, 80).into();
+    let recorded = lab.record_pods().await.expect("record");
+    let find = |name: &str, field: &str| {
+        recorded
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["pod"] == name)
+            .and_then(|p| p[field].as_str().map(str::to_owned))
+            .expect("recorded pod")
+    };
+    let client = NetNs::existing(&find("svcbench/client", "netns"));
+    let node = NetNs::existing(lab.nodes[0].1.name());
+    let (b0, b1) = (find("svcbench/b0", "ip"), find("svcbench/b1", "ip"));
+    let ready = |addr: SocketAddr| {
+        let ns = NetNs::existing(client.name());
+        async move {
+            let t = Instant::now();
+            loop {
+                let ns2 = NetNs::existing(ns.name());
+                if tokio::task::spawn_blocking(move || ns2.enter(move || one(addr)).ok().flatten())
+                    .await
+                    .expect("join")
+                    .is_some()
+                {
+                    return;
+                }
+                assert!(t.elapsed() < Duration::from_secs(180), "{addr} never answered");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    ready(measured).await;
+    ready(flip).await;
+
+    println!("==> kube-proxy (iptables mode)");
+    let (n, c) = (NetNs::existing(node.name()), NetNs::existing(client.name()));
+    let kube_proxy = tokio::task::spawn_blocking(move || rate(&n, &c, measured))
+        .await
+        .expect("join");
+    let kube_proxy_flips = flips(&lab, &client, flip, [("b0", &b0), ("b1", &b1)]).await;
+
+    println!("==> switching to the BPF data plane (kube-proxy stopped)");
+    lab.give_api_server_address().await.expect("ConfigMap");
+    lab.stop_kube_proxy();
+    let text = std::fs::read_to_string(&installation)
+        .expect("installation")
+        .replace("linuxDataplane: Iptables", "linuxDataplane: BPF");
+    let bpf_inst = dir.join("installation-bpf.yaml");
+    std::fs::write(&bpf_inst, text).expect("write");
+    lab.apply(&bpf_inst).expect("BPF");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_rolled(&lab).await;
+    let t = Instant::now();
+    while lab.nodes[0]
+        .1
+        .exec(&["iptables-save", "-t", "nat"])
+        .unwrap_or_default()
+        .contains("KUBE-SERVICES")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "kube-proxy's rules stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ready(measured).await;
+    ready(flip).await;
+    println!("==> Caracal BPF");
+    let (n, c) = (NetNs::existing(node.name()), NetNs::existing(client.name()));
+    let bpf = tokio::task::spawn_blocking(move || rate(&n, &c, measured))
+        .await
+        .expect("join");
+    let bpf_flips = flips(&lab, &client, flip, [("b0", &b0), ("b1", &b1)]).await;
+
+    let ratio = bpf["connections_per_second"].as_f64().unwrap_or(0.0)
+        / kube_proxy["connections_per_second"].as_f64().unwrap_or(f64::NAN);
+    let figures = json!({
+        "services_in_cluster": SERVICES + 1,
+        "kube_proxy_iptables": {"through_cluster_ip": kube_proxy, "endpoint_change_to_new_backend_ms": kube_proxy_flips},
+        "bpf": {"through_cluster_ip": bpf, "endpoint_change_to_new_backend_ms": bpf_flips},
+        "bpf_over_kube_proxy_connections_per_second": ratio,
+        "note": "one lab, kube-proxy (iptables mode) with Caracal's iptables policy first, then Caracal's BPF data plane after the documented switch; client and backends on lab-node-0; sequential connections (connect, one request and answer, reset); the median of the samples; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
+    });
+    println!("{}", serde_json::to_string_pretty(&figures).expect("json"));
+    let out = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out).expect("target/bench");
+    std::fs::write(
+        out.join("services.json"),
+        serde_json::to_string_pretty(&figures).expect("json"),
+    )
+    .expect("write");
+    lab.down();
+}
