@@ -108,7 +108,8 @@ bench: deps controlplane cni-plugins
 	$(CARGO) bench --locked -p caracal-node --bench cni
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) bench --locked -p caracal-node --bench lab
-	$(CARGO) bench --locked -p caracal-node --bench services
+	$(CARGO) build --locked --release --workspace --bins
+	CARACAL_LAB_BIN_DIR=$(ROOT)/target/release $(CARGO) bench --locked -p caracal-node --bench services
 
 lab: deps controlplane
 	$(CARGO) build --locked --workspace --bins

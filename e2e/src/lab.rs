@@ -199,7 +199,11 @@ impl Lab {
         )
         .await
         .map_err(anyhow::Error::msg)?;
-        let bin = workspace_root().join("target/debug");
+        // The workspace's binaries: the debug build, or the one `CARACAL_LAB_BIN_DIR` names (a benchmark
+        // measures the release build).
+        let bin = std::env::var_os("CARACAL_LAB_BIN_DIR")
+            .filter(|d| !d.is_empty())
+            .map_or_else(|| workspace_root().join("target/debug"), std::path::PathBuf::from);
         let hook = crate::controlplane::free_port()?;
         let operator = Supervised::spawn_env(
             "caracal-operator",
@@ -447,10 +451,10 @@ impl Lab {
         Ok(())
     }
 
-    /// Records every workload pod (namespace, address, declared ports) in `target/lab/pods.json`.
+    /// Records every workload pod (namespace, address, declared ports, node) in `target/lab/pods.json`.
     pub async fn record_pods(&self) -> anyhow::Result<Value> {
         let mut out = Vec::new();
-        for running in &self.pods {
+        for (running, (node, _, _)) in self.pods.iter().zip(&self.nodes) {
             let snapshot: Vec<(String, String, Ipv4Addr)> = running
                 .lock()
                 .map(|m| {
@@ -469,7 +473,9 @@ impl Lab {
                     .flat_map(|c| c.ports.iter().flatten())
                     .map(|p| json!({"port": p.container_port, "protocol": p.protocol.clone().unwrap_or_else(|| "TCP".into())}))
                     .collect();
-                out.push(json!({"pod": key, "netns": netns, "ip": ip.to_string(), "ports": ports}));
+                out.push(
+                    json!({"pod": key, "netns": netns, "ip": ip.to_string(), "ports": ports, "node": node}),
+                );
             }
         }
         let v = Value::Array(out);
@@ -589,6 +595,7 @@ impl Lab {
                     "clusterIP": spec.cluster_ip,
                     "type": spec.type_.unwrap_or_else(|| "ClusterIP".into()),
                     "affinity": spec.session_affinity.unwrap_or_else(|| "None".into()),
+                    "externalTrafficPolicy": spec.external_traffic_policy.unwrap_or_else(|| "Cluster".into()),
                     "ports": ports,
                     "backends": backends,
                 }));

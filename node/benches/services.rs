@@ -13,7 +13,8 @@
 //!   until a new connection is first answered by the new pod, p50 / p99.
 //!
 //! The figure the issue asks for is `bpf.connections_per_second / kube_proxy.connections_per_second` (goal: at
-//! least 1.2). Timings are reported, never asserted. Needs root and the workspace's binaries.
+//! least 1.2). Timings are reported, never asserted. Needs root and the workspace's binaries (`make bench`
+//! runs the release build, through `CARACAL_LAB_BIN_DIR`).
 
 #![expect(
     clippy::expect_used,

@@ -9,77 +9,24 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use caracal_e2e::netns::{self, NetNs, Pod};
+#[path = "common/bpf.rs"]
+mod bpf_common;
+
+use bpf_common::{entry, ifindex, table, with_loaded};
+
+use caracal_e2e::netns::{self, Pod};
 use caracal_e2e::probe;
-use caracal_node::dataplane::bpf::tables::{Image, image};
-use caracal_node::dataplane::bpf::{self, Endpoint, Loaded};
-use caracal_policy::classify::{Entry, EntryAction, compile};
-use caracal_policy::model::DataplaneModel;
+use caracal_node::dataplane::bpf::{self, Loaded};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
-
-fn ifindex(node: &NetNs, iface: &str) -> u32 {
-    let out = node.ip(&["-o", "link", "show", iface]).expect("link");
-    out.split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .expect("ifindex")
-}
-
-/// Runs `f` with the programs loaded in `node`'s namespace (a fresh load each time: maps and links are
-/// found through their pins, as a restarted agent finds them).
-fn with_loaded<T: Send + 'static>(
-    node: &NetNs,
-    dir: &Path,
-    f: impl FnOnce(&mut Loaded) -> T + Send + 'static,
-) -> T {
-    let dir = dir.to_path_buf();
-    node.enter(move || {
-        let mut loaded = Loaded::load(&dir).expect("the verifier accepts the programs");
-        f(&mut loaded)
-    })
-    .expect("enter the node")
-}
-
-/// A table that allows everything (no policy: the final Allow alone) or denies everything (a tier whose
-/// default is Deny ahead of it).
-fn table(allow: bool) -> Image {
-    let mut entries = vec![Entry {
-        rule: None,
-        action: EntryAction::Allow,
-        policy: None,
-        tier: None,
-    }];
-    if !allow {
-        entries.insert(
-            0,
-            Entry {
-                rule: None,
-                action: EntryAction::Deny,
-                policy: None,
-                tier: Some("default"),
-            },
-        );
-    }
-    image(&entries, &compile(&entries, &DataplaneModel::default())).expect("lays out")
-}
 
 /// Writes the allow-all table as 1 and the deny-all table as 2.
 fn write_tables(l: &mut Loaded) {
     l.write_table(1, &table(true)).expect("allow table");
     l.write_table(2, &table(false)).expect("deny table");
-}
-
-/// An endpoint entry: egress and ingress tables (1 allows, 2 denies).
-fn entry(egress: u32, ingress: u32) -> Endpoint {
-    Endpoint {
-        flags: 0,
-        table: [egress, ingress],
-        pad: 0,
-    }
 }
 
 fn tcp(a: &Pod, b: &Pod, port: u16) -> probe::Outcome {

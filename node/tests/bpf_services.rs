@@ -14,71 +14,22 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use caracal_e2e::netns::{self, NetNs, Pod};
+#[path = "common/bpf.rs"]
+mod bpf_common;
+
+use bpf_common::{entry, ifindex, table, with_loaded};
+use caracal_e2e::netns::{self, Pod};
 use caracal_e2e::probe;
+use caracal_node::dataplane::bpf::Backend;
 use caracal_node::dataplane::bpf::services::ServiceMaps;
-use caracal_node::dataplane::bpf::tables::{Image, image};
-use caracal_node::dataplane::bpf::{Backend, Endpoint, Loaded};
 use caracal_node::services::model::{Frontend, key};
-use caracal_policy::classify::{Entry, EntryAction, compile};
-use caracal_policy::model::DataplaneModel;
 
 const TIMEOUT: Duration = Duration::from_millis(700);
-
-fn ifindex(node: &NetNs, iface: &str) -> u32 {
-    let out = node.ip(&["-o", "link", "show", iface]).expect("link");
-    out.split(':')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .expect("ifindex")
-}
-
-fn with_loaded<T: Send + 'static>(
-    node: &NetNs,
-    dir: &Path,
-    f: impl FnOnce(&mut Loaded) -> T + Send + 'static,
-) -> T {
-    let dir = dir.to_path_buf();
-    node.enter(move || {
-        let mut loaded = Loaded::load(&dir).expect("the verifier accepts the programs");
-        f(&mut loaded)
-    })
-    .expect("enter the node")
-}
-
-fn table(allow: bool) -> Image {
-    let mut entries = vec![Entry {
-        rule: None,
-        action: EntryAction::Allow,
-        policy: None,
-        tier: None,
-    }];
-    if !allow {
-        entries.insert(
-            0,
-            Entry {
-                rule: None,
-                action: EntryAction::Deny,
-                policy: None,
-                tier: Some("default"),
-            },
-        );
-    }
-    image(&entries, &compile(&entries, &DataplaneModel::default())).expect("lays out")
-}
-
-fn entry(egress: u32, ingress: u32) -> Endpoint {
-    Endpoint {
-        flags: 0,
-        table: [egress, ingress],
-        pad: 0,
-    }
-}
 
 /// Servers in `pod` answering TCP and UDP on `port` with the pod's address (what `probe::whoami` asks).
 fn serve(pod: &Pod, port: u16, stop: &Arc<AtomicBool>) {

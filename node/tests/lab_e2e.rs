@@ -143,8 +143,9 @@ const DEMO: [&str; 3] = ["frontend", "backend", "data"];
 
 /// Whether a measured Service cell is what the policy matrix implies: a ClusterIP cell reaches exactly the
 /// backends the client may reach directly on the target port (a pod reaching itself included), or, with
-/// `sessionAffinity: ClientIP`, exactly one of them; a NodePort cell from another node reaches every backend
-/// (the demo's NodePort Service is in front of pods no policy selects).
+/// `sessionAffinity: ClientIP`, exactly one of them; a NodePort cell from another node reaches every backend,
+/// or with `externalTrafficPolicy: Local` exactly those on the node asked (the demo's NodePort Services are in
+/// front of pods no policy selects).
 fn service_cell_ok(cell: &Value, services: &Value, pods: &Value, matrix: &[Value]) -> Result<(), String> {
     let measured: BTreeSet<String> = cell["backends"]
         .as_array()
@@ -169,11 +170,28 @@ fn service_cell_ok(cell: &Value, services: &Value, pods: &Value, matrix: &[Value
         .flatten()
         .filter_map(|b| b.as_str().map(str::to_owned))
         .collect();
-    if to.starts_with("nodeport:") {
-        return if measured == all {
+    if let Some(node) = to.strip_prefix("nodeport:") {
+        // externalTrafficPolicy Local: only the backends on the node asked (none: no answer).
+        let want: BTreeSet<String> = if svc["externalTrafficPolicy"] == "Local" {
+            all.iter()
+                .filter(|b| {
+                    pods.as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["ip"] == b.as_str() && p["node"] == node)
+                })
+                .cloned()
+                .collect()
+        } else {
+            all.clone()
+        };
+        return if measured == want {
             Ok(())
         } else {
-            Err(format!("{cell}: reached {measured:?}, not every backend {all:?}"))
+            Err(format!(
+                "{cell}: reached {measured:?}, want {want:?} (externalTrafficPolicy {})",
+                svc["externalTrafficPolicy"]
+            ))
         };
     }
     let port = svc["ports"]
@@ -297,6 +315,51 @@ async fn scaling_moves_the_backends(lab: &Lab, what: &str) {
             "{what}: the removed backend {ip} is still used"
         );
     }
+}
+
+/// The Services of the demo work in the data plane and proxy now running: [`services_agree`], then the cells
+/// that show it plainly (web reaches both API pods over TCP and UDP, db reaches none, affinity keeps web on
+/// one), then [`scaling_moves_the_backends`].
+async fn services_work(lab: &Lab, what: &str) {
+    let svc = services_agree(lab, what).await;
+    let reached = |from: &str, to: &str, port: u64| {
+        svc.iter()
+            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
+            .and_then(|c| c["backends"].as_array().map(Vec::len))
+    };
+    for (from, to, port, want, why) in [
+        (
+            "frontend/web",
+            "svc:backend/api",
+            8080,
+            2,
+            "web reaches both API pods",
+        ),
+        (
+            "frontend/web",
+            "svc:backend/api",
+            53,
+            2,
+            "web reaches both over UDP",
+        ),
+        (
+            "data/db",
+            "svc:backend/api",
+            8080,
+            0,
+            "db is denied at the backends",
+        ),
+        (
+            "frontend/web",
+            "svc:backend/api-sticky",
+            80,
+            1,
+            "affinity keeps web on one",
+        ),
+    ] {
+        assert_eq!(reached(from, to, port), Some(want), "{what}: {why}");
+    }
+    scaling_moves_the_backends(lab, what).await;
 }
 
 /// The caracal-node DaemonSet's generation now.
@@ -472,33 +535,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     // Services through the real kube-proxy (iptables mode): pod -> ClusterIP (TCP and UDP) reaches every
     // backend the client's policy allows, each connection judged at the backend after kube-proxy's DNAT;
     // affinity keeps a client on one backend; NodePort from another node; scaling moves the backends.
-    let svc = services_agree(&lab, "iptables mode, kube-proxy").await;
-    let reached = |from: &str, to: &str, port: u64| {
-        svc.iter()
-            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
-            .and_then(|c| c["backends"].as_array().map(Vec::len))
-    };
-    assert_eq!(
-        reached("frontend/web", "svc:backend/api", 8080),
-        Some(2),
-        "web reaches both API pods"
-    );
-    assert_eq!(
-        reached("frontend/web", "svc:backend/api", 53),
-        Some(2),
-        "and over UDP"
-    );
-    assert_eq!(
-        reached("data/db", "svc:backend/api", 8080),
-        Some(0),
-        "db is denied at the backends"
-    );
-    assert_eq!(
-        reached("frontend/web", "svc:backend/api-sticky", 80),
-        Some(1),
-        "affinity"
-    );
-    scaling_moves_the_backends(&lab, "iptables mode").await;
+    services_work(&lab, "iptables mode, kube-proxy").await;
 
     // A NetworkPolicy applied with kubectl isolates p2; the measurement follows across nodes.
     let deny = lab.cp.dir().join("deny.yaml");
@@ -622,6 +659,32 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     // As Calico documents the switch to its eBPF data plane: the operator is given the API server's address
     // (the kubernetes-services-endpoint ConfigMap), kube-proxy stops (its rules stay behind), then the
     // Installation changes; the BPF agents remove kube-proxy's rules and serve Services themselves.
+    // A connection through a ClusterIP opened under kube-proxy, kept across the switch (the kernel's
+    // connection tracker goes on translating it).
+    let web_ns = caracal_e2e::netns::NetNs::existing(&recorded(&lab, "frontend/web", "netns").await);
+    let api_vip: std::net::Ipv4Addr =
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), "backend")
+            .get("api")
+            .await
+            .expect("api Service")
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .expect("ClusterIP")
+            .parse()
+            .expect("IPv4");
+    let whoami = |s: &mut std::net::TcpStream| {
+        use std::io::{Read as _, Write as _};
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(caracal_e2e::probe::WHOAMI)?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    let mut kube_proxy_vip = web_ns
+        .enter(move || std::net::TcpStream::connect_timeout(&(api_vip, 8080).into(), Duration::from_secs(3)))
+        .expect("enter")
+        .expect("connect web -> api's ClusterIP under kube-proxy");
+    let kube_proxy_backend = whoami(&mut kube_proxy_vip).expect("through kube-proxy");
     lab.give_api_server_address()
         .await
         .expect("the API server's address");
@@ -630,6 +693,13 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     edit(&bgp_bpf("BPF"));
     wait_rolled(&ds_api, "Iptables -> BPF", bpf_from).await;
     across.check("after the switch to BPF");
+    assert_eq!(
+        whoami(&mut kube_proxy_vip)
+            .expect("the ClusterIP connection opened under kube-proxy, after the switch"),
+        kube_proxy_backend,
+        "a ClusterIP connection opened under kube-proxy keeps its backend after the switch to BPF"
+    );
+    drop(kube_proxy_vip);
     let start = Instant::now();
     for (name, ns, _) in &lab.nodes {
         loop {
@@ -678,57 +748,12 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     across.check("with the NetworkPolicy in place");
 
     // Services without kube-proxy: the same cells as in iptables mode, from Caracal's programs.
-    let svc = services_agree(&lab, "BPF mode, no kube-proxy").await;
-    let reached = |from: &str, to: &str, port: u64| {
-        svc.iter()
-            .find(|c| c["from"] == from && c["to"] == to && c["port"] == port)
-            .and_then(|c| c["backends"].as_array().map(Vec::len))
-    };
-    assert_eq!(
-        reached("frontend/web", "svc:backend/api", 8080),
-        Some(2),
-        "BPF: web reaches both API pods"
-    );
-    assert_eq!(
-        reached("frontend/web", "svc:backend/api", 53),
-        Some(2),
-        "BPF: and over UDP"
-    );
-    assert_eq!(
-        reached("data/db", "svc:backend/api", 8080),
-        Some(0),
-        "BPF: db is denied at the backends"
-    );
-    assert_eq!(
-        reached("frontend/web", "svc:backend/api-sticky", 80),
-        Some(1),
-        "BPF: affinity"
-    );
-    scaling_moves_the_backends(&lab, "BPF mode").await;
+    services_work(&lab, "BPF mode, no kube-proxy").await;
     // A connection through a ClusterIP, held across the agent restart below.
-    let web_ns = caracal_e2e::netns::NetNs::existing(&recorded(&lab, "frontend/web", "netns").await);
-    let api_vip: std::net::Ipv4Addr =
-        Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), "backend")
-            .get("api")
-            .await
-            .expect("api Service")
-            .spec
-            .and_then(|s| s.cluster_ip)
-            .expect("ClusterIP")
-            .parse()
-            .expect("IPv4");
     let mut via_vip = web_ns
         .enter(move || std::net::TcpStream::connect_timeout(&(api_vip, 8080).into(), Duration::from_secs(3)))
         .expect("enter")
         .expect("connect web -> api's ClusterIP");
-    let whoami = |s: &mut std::net::TcpStream| {
-        use std::io::{Read as _, Write as _};
-        s.set_read_timeout(Some(Duration::from_secs(15)))?;
-        s.write_all(caracal_e2e::probe::WHOAMI)?;
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf)?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
-    };
     let vip_backend = whoami(&mut via_vip).expect("through the ClusterIP");
 
     // Restarting a node agent in BPF mode (its pod deleted; the DaemonSet brings a new one) keeps an
