@@ -387,7 +387,9 @@ impl Lab {
                     .await
                     .map_err(|e| e.to_string())?
                     .unwrap_or_default();
-                    if rules.contains("default/kubernetes:https") {
+                    // iptables mode comments its rules `default/kubernetes:https`; nftables mode names its chains
+                    // `service-HASH-default/kubernetes/tcp/https`.
+                    if rules.contains("default/kubernetes:https") || rules.contains("default/kubernetes/tcp/https") {
                         Ok(true)
                     } else {
                         Err("the kubernetes Service is not programmed yet".into())
