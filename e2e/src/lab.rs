@@ -389,7 +389,9 @@ impl Lab {
                     .unwrap_or_default();
                     // iptables mode comments its rules `default/kubernetes:https`; nftables mode names its chains
                     // `service-HASH-default/kubernetes/tcp/https`.
-                    if rules.contains("default/kubernetes:https") || rules.contains("default/kubernetes/tcp/https") {
+                    if rules.contains("default/kubernetes:https")
+                        || rules.contains("default/kubernetes/tcp/https")
+                    {
                         Ok(true)
                     } else {
                         Err("the kubernetes Service is not programmed yet".into())

@@ -185,7 +185,7 @@ async fn main() {
     let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: svcbench}\n");
     for (name, labels) in [
         ("client", "{app: client}"),
-        ("b0", "{app: backend, flip: on}"),
+        ("b0", "{app: backend, flip: \"on\"}"),
         ("b1", "{app: backend}"),
     ] {
         text.push_str(&format!(

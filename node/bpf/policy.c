@@ -202,6 +202,8 @@ struct pkt {
 	__u8 icmp_type;
 	__u8 icmp_code;
 	__u16 echo_id;
+	__u8 syn; // a TCP SYN without ACK: a connection being opened
+	__u8 pad;
 };
 
 // Per CPU: the running AND of a chunk's field bitmaps, one side's port bitmap being assembled, and what the
@@ -825,6 +827,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct
 		p->has_ports = 1;
 		p->sport = bpf_ntohs(ports->source);
 		p->dport = bpf_ntohs(ports->dest);
+		if (p->proto == IPPROTO_TCP) {
+			// The flags byte (13th of the header): SYN 0x02, ACK 0x10.
+			__u8 *flags = (__u8 *)l4 + 13;
+			if ((void *)(flags + 1) > data_end)
+				return 0;
+			p->syn = (*flags & 0x12) == 0x02;
+		}
 	} else if ((p->version == 4 && p->proto == IPPROTO_ICMP) || (p->version == 6 && p->proto == IPPROTO_ICMPV6)) {
 		struct icmp_head *icmp = l4;
 		if ((void *)(icmp + 1) > data_end)
@@ -1200,9 +1209,15 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 	key.proto = p.proto;
 	__builtin_memcpy(key.src, p.src, 16);
 	__builtin_memcpy(key.dst, p.dst, 16);
-	// A packet of a known flow, either way round; translated when a Service's flow.
+	// A packet of a known flow, either way round; translated when a Service's flow. Not a known flow: a TCP
+	// SYN (a connection opened again on a tuple an ended one left in the tracker), and, from the pod, a packet
+	// on the translated tuple of a Service's flow (the pod talking to that backend directly from the same
+	// port): each starts afresh and its entries replace the stale ones.
 	int reversed;
 	ct = ct_find(&key, &reversed);
+	// (A SYN arriving at the pod under a reverse entry is its own Service's hairpin, just translated.)
+	if (ct && ((p.syn && !(to_pod && ct->nat == NAT_REV && !reversed)) || (!to_pod && ct->nat == NAT_REV && !reversed)))
+		ct = 0;
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
 		ct->last_seen_ns = now;
 		count(ifindex, to_pod, 1);
@@ -1290,6 +1305,9 @@ static __always_inline int handle_host(struct __sk_buff *skb, int egress)
 	__builtin_memcpy(key.dst, p.dst, 16);
 	int reversed;
 	struct ct_value *ct = ct_find(&key, &reversed);
+	// A SYN to a NodePort opens a new connection even where an ended one left its entries.
+	if (ct && p.syn && !egress)
+		ct = 0;
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
 		ct->last_seen_ns = now;
 		if (!egress && (ct->nat & NAT_FWD) && !reversed) {

@@ -100,6 +100,50 @@ fn answers(from: &Pod, addr: SocketAddr, proto: &str, n: usize) -> Vec<Option<St
         .collect()
 }
 
+/// Who answers a TCP connection from `from`, bound to source port `sport`, to `addr`; the connection is then
+/// closed with a reset, so the port is free again at once.
+fn from_port(from: &Pod, sport: u16, addr: SocketAddr) -> Option<String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let ip = from.ip;
+    from.ns
+        .enter(move || {
+            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).ok()?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true).ok()?;
+            let [a, b, c, d] = ip.octets();
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::new(a, b, c, d, sport),
+            )
+            .ok()?;
+            let mut s = std::net::TcpStream::from(fd);
+            let SocketAddr::V4(v4) = addr else { return None };
+            let [a, b, c, d] = v4.ip().octets();
+            nix::sys::socket::connect(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                &SockaddrIn::new(a, b, c, d, v4.port()),
+            )
+            .ok()?;
+            s.set_read_timeout(Some(TIMEOUT)).ok()?;
+            s.write_all(probe::WHOAMI).ok()?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).ok()?;
+            setsockopt(
+                &s,
+                sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            )
+            .ok()?;
+            Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+        })
+        .ok()
+        .flatten()
+}
+
 fn seen(a: &[Option<String>]) -> BTreeSet<String> {
     a.iter().flatten().cloned().collect()
 }
@@ -213,6 +257,35 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
         me.iter().all(|x| x.as_deref() == Some(a.ip.to_string().as_str())),
         "hairpin: {me:?}"
     );
+
+    // A pod that reaches a backend through a ClusterIP and then directly from the same source port (its
+    // earlier connection ended) talks to the backend, not to a translation left in the tracker.
+    let only_b: Ipv4Addr = "10.96.5.9".parse().expect("vip");
+    desired.insert(
+        key(only_b, 80, 6),
+        Frontend {
+            backends: vec![backend(&b, 8080)],
+            affinity_s: None,
+        },
+    );
+    maps.apply(&desired).expect("one more frontend");
+    assert_eq!(
+        from_port(&a, 40123, (only_b, 80).into()).as_deref(),
+        Some(bs.as_str()),
+        "through the ClusterIP"
+    );
+    assert_eq!(
+        from_port(&a, 40123, (b.ip, 8080).into()).as_deref(),
+        Some(bs.as_str()),
+        "then directly, from the same port"
+    );
+    assert_eq!(
+        from_port(&a, 40123, (only_b, 80).into()).as_deref(),
+        Some(bs.as_str()),
+        "and through the ClusterIP again"
+    );
+    desired.remove(&key(only_b, 80, 6));
+    maps.apply(&desired).expect("without it");
 
     // Policy judges the backend: b's ingress denies, so connections that picked b get no answer, and none
     // is ever answered by b.

@@ -142,6 +142,16 @@ fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
                                 }
                             });
                         }
+                        // Nothing pending: wait for the next connection (or 100 ms, to see the stop flag), so a
+                        // connection is accepted as it arrives, not at the next turn of a sleep.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            use std::os::fd::AsFd as _;
+                            let mut fds = [nix::poll::PollFd::new(
+                                listener.as_fd(),
+                                nix::poll::PollFlags::POLLIN,
+                            )];
+                            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+                        }
                         Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
                     }
                 }
