@@ -87,10 +87,11 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr) -> Value {
         failed += f;
         lat.extend(l);
     }
-    rates.sort_by(f64::total_cmp);
+    let mut sorted = rates.clone();
+    sorted.sort_by(f64::total_cmp);
     json!({
-        "connections_per_second": percentile(&rates, 0.5),
-        "samples": rates,
+        "connections_per_second": percentile(&sorted, 0.5),
+        "samples_in_order": rates,
         "failed": failed,
         "latency": summary_ms(lat),
     })
