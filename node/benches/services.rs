@@ -6,7 +6,8 @@
 //!
 //! - connections per second through one ClusterIP (a client pod and the Service's two backends on `lab-node-0`;
 //!   each connection: connect, one request and its answer, close with a reset so no TIME_WAIT piles up),
-//!   sequential, `SAMPLES` samples of `SAMPLE_SECONDS` each, the kernel's connection table flushed before
+//!   `CLIENTS` client threads at once (each sequential) so the node's CPUs set the rate, `SAMPLES` samples of
+//!   `SAMPLE_SECONDS` each, the kernel's connection table flushed before
 //!   each; with the latency of each connection (p50 / p99);
 //! - endpoint change -> new connections reach the new backend: `FLIPS` times a Service's selector moves from
 //!   one pod to the other (a label added to the new one, removed from the old); the time from that API write
@@ -39,6 +40,8 @@ const SERVICES: usize = 1000;
 const SAMPLES: usize = 5;
 const SAMPLE_SECONDS: f64 = 4.0;
 const FLIPS: usize = 20;
+/// Client threads connecting at once.
+const CLIENTS: usize = 4;
 
 /// One connection through the Service: connect, ask, read the answer, reset. The answering pod's address.
 fn one(addr: SocketAddr) -> Option<String> {
@@ -67,22 +70,42 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr) -> Value {
     let mut failed = 0;
     for _ in 0..SAMPLES {
         let _ = node.exec(&["conntrack", "-F"]);
-        let (n, f, l) = client
-            .enter(move || {
-                let (mut n, mut f, mut l) = (0usize, 0usize, Vec::new());
-                let t = Instant::now();
-                while t.elapsed().as_secs_f64() < SAMPLE_SECONDS {
-                    let c = Instant::now();
-                    if one(addr).is_some() {
-                        n += 1;
-                        l.push(c.elapsed().as_secs_f64() * 1e3);
-                    } else {
-                        f += 1;
-                    }
-                }
-                (n, f, l)
-            })
-            .expect("enter the client");
+        // CLIENTS connections at a time (each thread sequential), so the node's CPUs, not one client's
+        // round trips, set the rate: what each connection costs the data plane is what is compared.
+        let runs: Vec<(usize, usize, Vec<f64>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..CLIENTS)
+                .map(|_| {
+                    let ns = NetNs::existing(client.name());
+                    scope.spawn(move || {
+                        ns.enter(move || {
+                            let (mut n, mut f, mut l) = (0usize, 0usize, Vec::new());
+                            let t = Instant::now();
+                            while t.elapsed().as_secs_f64() < SAMPLE_SECONDS {
+                                let c = Instant::now();
+                                if one(addr).is_some() {
+                                    n += 1;
+                                    l.push(c.elapsed().as_secs_f64() * 1e3);
+                                } else {
+                                    f += 1;
+                                }
+                            }
+                            (n, f, l)
+                        })
+                        .expect("enter the client")
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client thread"))
+                .collect()
+        });
+        let (n, f, l) = runs
+            .into_iter()
+            .fold((0, 0, Vec::new()), |(n, f, mut l), (n2, f2, l2)| {
+                l.extend(l2);
+                (n + n2, f + f2, l)
+            });
         rates.push(n as f64 / SAMPLE_SECONDS);
         failed += f;
         lat.extend(l);
@@ -316,7 +339,7 @@ async fn main() {
         "kube_proxy_iptables": {"through_cluster_ip": kube_proxy, "endpoint_change_to_new_backend_ms": kube_proxy_flips},
         "bpf": {"through_cluster_ip": bpf, "endpoint_change_to_new_backend_ms": bpf_flips},
         "bpf_over_kube_proxy_connections_per_second": ratio,
-        "note": "one lab, kube-proxy (iptables mode) with Caracal's iptables policy first, then Caracal's BPF data plane after the documented switch; client and backends on lab-node-0; sequential connections (connect, one request and answer, reset); the median of the samples; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
+        "note": "one lab, kube-proxy (iptables mode) with Caracal's iptables policy first, then Caracal's BPF data plane after the documented switch; client and backends on lab-node-0; 4 client threads at once, each sequential (connect, one request and answer, reset); the median of the samples; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
     });
     println!("{}", serde_json::to_string_pretty(&figures).expect("json"));
     let out = workspace_root().join("target/bench");
