@@ -135,6 +135,31 @@ async fn open_maps(dir: &Path) -> ServiceMaps {
     }
 }
 
+/// Watches `api` and sends each event into `tx` as `wrap` makes it, until `tx` closes.
+fn forward<K>(
+    api: Api<K>,
+    tx: mpsc::Sender<Change>,
+    wrap: fn(Event<K>) -> Change,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut w = watcher::watcher(api, watcher::Config::default()).boxed();
+        while let Some(ev) = w.next().await {
+            match ev {
+                Ok(ev) => {
+                    if tx.send(wrap(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "{what}"),
+            }
+        }
+    })
+}
+
 /// Runs until the watches end: keeps the Service maps equal to what the Services and EndpointSlices say,
 /// the NodePort programs on the node's interface, and (when asked) kube-proxy's rules away.
 pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
@@ -143,38 +168,18 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
     let mut addrs: Vec<Ipv4Addr> = Vec::new();
     let mut host_iface: Option<String> = None;
     let (tx, mut rx) = mpsc::channel(1024);
-    let services = {
-        let (tx, api) = (tx.clone(), Api::<Service>::all(client.clone()));
-        tokio::spawn(async move {
-            let mut w = watcher::watcher(api, watcher::Config::default()).boxed();
-            while let Some(ev) = w.next().await {
-                match ev {
-                    Ok(ev) => {
-                        if tx.send(Change::Service(Box::new(ev))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "watching Services"),
-                }
-            }
-        })
-    };
-    let slices = {
-        let api = Api::<EndpointSlice>::all(client.clone());
-        tokio::spawn(async move {
-            let mut w = watcher::watcher(api, watcher::Config::default()).boxed();
-            while let Some(ev) = w.next().await {
-                match ev {
-                    Ok(ev) => {
-                        if tx.send(Change::Slice(Box::new(ev))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "watching EndpointSlices"),
-                }
-            }
-        })
-    };
+    let services = forward(
+        Api::<Service>::all(client.clone()),
+        tx.clone(),
+        |ev| Change::Service(Box::new(ev)),
+        "watching Services",
+    );
+    let slices = forward(
+        Api::<EndpointSlice>::all(client.clone()),
+        tx,
+        |ev| Change::Slice(Box::new(ev)),
+        "watching EndpointSlices",
+    );
     let (mut svc_store, mut slice_store) = (BTreeMap::new(), BTreeMap::new());
     let (mut svc_pending, mut slice_pending) = (None, None);
     let (mut svc_synced, mut slice_synced) = (false, false);
