@@ -439,6 +439,11 @@ impl ControlPlane {
         &self.server
     }
 
+    /// The API server's port (on 127.0.0.1, and behind the advertised address in a lab).
+    pub fn port(&self) -> Option<u16> {
+        self.server.rsplit(':').next()?.parse().ok()
+    }
+
     /// The state directory (logs, PKI, etcd data).
     pub fn dir(&self) -> &Path {
         &self.dir

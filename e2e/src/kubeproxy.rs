@@ -4,8 +4,7 @@
 //! Caracal's. Caracal's policy sees a Service's traffic after kube-proxy's DNAT, so it judges the backend pod.
 //!
 //! A node in BPF mode runs none: Caracal's BPF programs handle Services there, and the agent removes what a
-//! kube-proxy left behind ([`cleanup`] is the upstream way, `kube-proxy --cleanup`, used by tests to check
-//! Caracal's own removal against).
+//! kube-proxy left behind.
 
 use std::path::Path;
 
@@ -105,42 +104,19 @@ pub fn start(
     if !bin.exists() {
         return Err(crate::process::ProcessError::Missing { program: bin }.into());
     }
-    let mut args = ns.exec_prefix();
-    args.remove(0);
-    args.push(bin.display().to_string());
-    args.push(format!("--config={}", conf.display()));
-    args.push("--v=1".into());
+    let args = [
+        "netns".into(),
+        "exec".into(),
+        ns.name().to_owned(),
+        bin.display().to_string(),
+        format!("--config={}", conf.display()),
+        "--v=1".into(),
+    ];
     Ok(Supervised::spawn(
         &format!("kube-proxy/{node}"),
-        Path::new(ip_program()),
+        &crate::kubelet::host::ip_tool(),
         &args,
         &dir.join("kube-proxy.log"),
         Lifetime::Attached,
     )?)
-}
-
-fn ip_program() -> &'static str {
-    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .unwrap_or("ip")
-}
-
-/// `kube-proxy --cleanup` inside `ns`: removes every rule kube-proxy wrote there (both modes).
-pub fn cleanup(ns: &NetNs) -> Result<(), String> {
-    let bin = binary();
-    let out = std::process::Command::new(ip_program())
-        .args(["netns", "exec", ns.name()])
-        .arg(&bin)
-        .arg("--cleanup")
-        .output()
-        .map_err(|e| format!("running {}: {e}", bin.display()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "kube-proxy --cleanup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
 }

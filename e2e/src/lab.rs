@@ -230,12 +230,7 @@ impl Lab {
         ));
         let net: ipnet::Ipv4Net = "10.99.0.0/24".parse()?;
         let underlay = Underlay::new(net)?;
-        let api_port: u16 = cp
-            .server()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .context("the API server's port")?;
+        let api_port = cp.port().context("the API server's port")?;
         let mut nodes = Vec::new();
         let mut tasks = Vec::new();
         let mut pods = Vec::new();
@@ -346,13 +341,7 @@ impl Lab {
     /// `kubernetes` ClusterIP.
     pub async fn give_api_server_address(&self) -> anyhow::Result<()> {
         use k8s_openapi::api::core::v1::ConfigMap;
-        let port = self
-            .cp
-            .server()
-            .rsplit(':')
-            .next()
-            .context("the API server's port")?
-            .to_owned();
+        let port = self.cp.port().context("the API server's port")?.to_string();
         let cm: ConfigMap = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "kubernetes-services-endpoint", "namespace": "caracal-operator"},

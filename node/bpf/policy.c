@@ -972,6 +972,13 @@ static __always_inline void swap_macs(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, 6, &macs[0], 6, 0);
 }
 
+// Sends a packet that came from a pod straight back to it.
+static __always_inline long back_to_pod(struct __sk_buff *skb)
+{
+	swap_macs(skb);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 // Sends a packet whose source is now this node's address out where the routes say, with the neighbour
 // resolved by the kernel: it must not go through the IP stack's input, which drops a packet arriving with
 // one of the node's own addresses as its source.
@@ -1102,9 +1109,8 @@ __noinline int refuse(struct __sk_buff *skb)
 	out.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&out.ip, sizeof(out.ip), 0));
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &out, sizeof(out), 0) < 0)
 		return TC_ACT_SHOT;
-	swap_macs(skb);
 	skb->mark = REFUSAL_MARK;
-	return bpf_redirect(skb->ifindex, 0);
+	return back_to_pod(skb);
 }
 
 // A translation's address and port in one argument (global functions take at most five): addr << 16 | port.
@@ -1134,8 +1140,7 @@ __noinline int translate_fwd(struct __sk_buff *skb, __u64 to, __u32 nat, __be32 
 	if (nat & NAT_SNAT_HAIRPIN) {
 		if (!rewrite(skb, 0, HAIRPIN_SRC, bpf_ntohs(sp)))
 			return TC_ACT_SHOT;
-		swap_macs(skb);
-		return bpf_redirect(skb->ifindex, 0);
+		return back_to_pod(skb);
 	}
 	if (!rewrite(skb, 0, node_addr, bpf_ntohs(sp)))
 		return TC_ACT_SHOT;
@@ -1160,8 +1165,7 @@ __noinline int translate_rev(struct __sk_buff *skb, __u64 svc, __u64 orig, __u32
 	if (!rewrite(skb, 1, orig >> 16, orig & 0xffff))
 		return TC_ACT_SHOT;
 	if (where & REV_FROM_POD) {
-		swap_macs(skb);
-		return bpf_redirect(skb->ifindex, 0);
+		return back_to_pod(skb);
 	}
 	if (where & REV_HOST) {
 		void *data = (void *)(long)skb->data;
@@ -1172,6 +1176,25 @@ __noinline int translate_rev(struct __sk_buff *skb, __u64 svc, __u64 orig, __u32
 		return route_out(skb, svc >> 16, orig >> 16, ip->protocol);
 	}
 	return TC_ACT_OK;
+}
+
+// Records a new flow a Service translates: the forward entry under `key` (the tuple sent to frontend `sk`),
+// then the reverse one under the translated tuple, whose source is `new_src` when the forward direction's
+// source is translated too (0: kept). `key` is left as the translated tuple.
+static __always_inline void track_service_flow(struct ct_key *key, __u32 table, __u32 fwd_nat,
+					       const struct backend *b, const struct svc_key *sk, __be32 new_src)
+{
+	ct_add(key, table, fwd_nat, NAT_ARG(b->addr, b->port), 0);
+	__u64 orig = 0;
+	if (new_src) {
+		__be32 src;
+		__builtin_memcpy(&src, &key->src[12], 4);
+		orig = NAT_ARG(src, key->sport);
+		__builtin_memcpy(&key->src[12], &new_src, 4);
+	}
+	__builtin_memcpy(&key->dst[12], &b->addr, 4);
+	key->dport = b->port;
+	ct_add(key, table, NAT_REV, NAT_ARG(sk->addr, sk->port), orig);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int to_pod)
@@ -1270,18 +1293,7 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 	}
 	// The forward entry under the tuple the pod sent, the reverse one under the translated tuple.
 	__u32 fwd_nat = NAT_FWD | (service == 2 ? NAT_SNAT_HAIRPIN : 0);
-	ct_add(&key, table, fwd_nat, NAT_ARG(b.addr, b.port), 0);
-	__u64 orig = 0;
-	if (service == 2) {
-		__be32 hairpin = HAIRPIN_SRC;
-		__be32 self;
-		__builtin_memcpy(&self, &key.src[12], 4);
-		orig = NAT_ARG(self, key.sport);
-		__builtin_memcpy(&key.src[12], &hairpin, 4);
-	}
-	__builtin_memcpy(&key.dst[12], &b.addr, 4);
-	key.dport = b.port;
-	ct_add(&key, table, NAT_REV, NAT_ARG(sk.addr, sk.port), orig);
+	track_service_flow(&key, table, fwd_nat, &b, &sk, service == 2 ? HAIRPIN_SRC : 0);
 	count(ifindex, to_pod, 1);
 	return translate_fwd(skb, NAT_ARG(b.addr, b.port), fwd_nat, 0);
 }
@@ -1336,15 +1348,7 @@ static __always_inline int handle_host(struct __sk_buff *skb, int egress)
 		return TC_ACT_SHOT;
 	int remote = b.flags & BACKEND_REMOTE;
 	__u32 fwd_nat = NAT_FWD | (remote ? NAT_SNAT_NODE : 0);
-	ct_add(&key, 0, fwd_nat, NAT_ARG(b.addr, b.port), 0);
-	__u64 orig = 0;
-	if (remote) {
-		orig = NAT_ARG(client, key.sport);
-		__builtin_memcpy(&key.src[12], &sk.addr, 4);
-	}
-	__builtin_memcpy(&key.dst[12], &b.addr, 4);
-	key.dport = b.port;
-	ct_add(&key, 0, NAT_REV, NAT_ARG(sk.addr, sk.port), orig);
+	track_service_flow(&key, 0, fwd_nat, &b, &sk, remote ? sk.addr : 0);
 	return translate_fwd(skb, NAT_ARG(b.addr, b.port), fwd_nat, sk.addr);
 }
 

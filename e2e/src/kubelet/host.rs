@@ -38,7 +38,7 @@ pub struct HostConfig {
 }
 
 /// Where `ip` is (the processes of a node run behind `ip netns exec`).
-fn ip_tool() -> PathBuf {
+pub(crate) fn ip_tool() -> PathBuf {
     ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
         .iter()
         .map(PathBuf::from)

@@ -237,9 +237,7 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
             continue;
         }
         let started = Instant::now();
-        let svcs: Vec<Service> = svc_store.values().cloned().collect();
-        let sls: Vec<EndpointSlice> = slice_store.values().cloned().collect();
-        let f = model::frontends(&svcs, &sls, &cfg.node, &addrs);
+        let f = model::frontends(svc_store.values(), slice_store.values(), &cfg.node, &addrs);
         if f.skipped != skipped_said {
             for s in f.skipped.iter().filter(|s| !skipped_said.contains(s)) {
                 warn!(service = %s, "not served by the BPF data plane");
@@ -310,7 +308,6 @@ pub fn kube_proxy_cleanup_script(save: &str) -> Option<String> {
     let mut table = String::new();
     let mut deletes = Vec::new();
     let mut chains = Vec::new();
-    let mut any = false;
     let flush = |out: &mut String, table: &str, deletes: &mut Vec<String>, chains: &mut Vec<String>| {
         if deletes.is_empty() && chains.is_empty() {
             return;
@@ -336,7 +333,6 @@ pub fn kube_proxy_cleanup_script(save: &str) -> Option<String> {
             let name = decl.split_whitespace().next().unwrap_or_default();
             if kube_proxy_chain(name) {
                 chains.push(name.to_owned());
-                any = true;
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
@@ -347,11 +343,10 @@ pub fn kube_proxy_cleanup_script(save: &str) -> Option<String> {
                 .unwrap_or_default();
             if !kube_proxy_chain(chain) && kube_proxy_chain(target) {
                 deletes.push(rule.to_owned());
-                any = true;
             }
         }
     }
-    any.then_some(out)
+    (!out.is_empty()).then_some(out)
 }
 
 /// Removes kube-proxy's rules: its iptables chains (IPv4 and IPv6) and its nftables tables. Returns how

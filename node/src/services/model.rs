@@ -113,9 +113,9 @@ fn endpoints(
 
 /// The frontends of `services` with the endpoints in `slices`, as this node (`node`, with the IPv4
 /// addresses `node_addrs`) serves them.
-pub fn frontends(
-    services: &[Service],
-    slices: &[EndpointSlice],
+pub fn frontends<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &str,
     node_addrs: &[Ipv4Addr],
 ) -> Frontends {

@@ -79,12 +79,12 @@ impl ServiceMaps {
         &self.programmed
     }
 
-    fn new_set(&mut self) -> u32 {
-        let in_use: std::collections::BTreeSet<u32> = self.programmed.values().map(|(v, _)| v.set).collect();
+    /// A set id no frontend uses (`in_use`, which it joins).
+    fn new_set(&mut self, in_use: &mut std::collections::BTreeSet<u32>) -> u32 {
         loop {
             let id = self.next_set;
             self.next_set = self.next_set.wrapping_add(1).max(1);
-            if !in_use.contains(&id) {
+            if in_use.insert(id) {
                 return id;
             }
         }
@@ -109,6 +109,7 @@ impl ServiceMaps {
     /// gone ones are removed, their sets after them.
     pub fn apply(&mut self, desired: &BTreeMap<SvcKey, Frontend>) -> Result<Applied, BpfError> {
         let mut done = Applied::default();
+        let mut in_use = self.programmed.values().map(|(v, _)| v.set).collect();
         for (key, f) in desired {
             let flags = if f.affinity_s.is_some() { SVC_AFFINITY } else { 0 };
             let affinity_s = f.affinity_s.unwrap_or(0);
@@ -120,7 +121,7 @@ impl ServiceMaps {
                 done.kept += 1;
                 continue;
             }
-            let set = self.new_set();
+            let set = self.new_set(&mut in_use);
             for (i, b) in f.backends.iter().enumerate() {
                 let index = u32::try_from(i).unwrap_or(u32::MAX);
                 self.backend
