@@ -1352,10 +1352,85 @@ static __always_inline int handle_host(struct __sk_buff *skb, int egress)
 	return translate_fwd(skb, NAT_ARG(b.addr, b.port), fwd_nat, sk.addr);
 }
 
+// Delivers a packet its pod's program passed straight to the interface of the local pod it is addressed to,
+// past the node's IP stack: the kernel's routes and neighbours decide where (a FIB lookup, as forwarding
+// would), the time to live drops by one as forwarding would drop it, and the packet leaves through the
+// receiving pod's interface, whose to_pod program judges it as it judges every packet the pod receives.
+// Anything else (the node itself, another node, outside the cluster, a packet that needs the stack: an expired
+// time to live, one larger than the route's MTU) goes on into the stack as before. What the stack would add on
+// the way between two local pods (its connection tracker and the node's forward rules) is what is skipped: in
+// BPF mode policy and Services are these programs'. A global function: its lookup is on a stack of its own.
+__noinline int to_local_pod(struct __sk_buff *skb)
+{
+	if (!skb)
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = skb->ifindex;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
+			return TC_ACT_OK;
+		fib.family = 2; // AF_INET
+		fib.tos = ip->tos;
+		fib.l4_protocol = ip->protocol;
+		fib.tot_len = bpf_ntohs(ip->tot_len);
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end || ip6->hop_limit <= 1)
+			return TC_ACT_OK;
+		fib.family = 10; // AF_INET6
+		fib.l4_protocol = ip6->nexthdr;
+		fib.tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+	} else {
+		return TC_ACT_OK;
+	}
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK;
+	__u32 out = fib.ifindex;
+	if (out == skb->ifindex || !bpf_map_lookup_elem(&caracal_ep_v2, &out))
+		return TC_ACT_OK;
+	// Forwarded: one hop less to live.
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (fib.family == 2) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_OK;
+		__be16 old = *(__be16 *)&ip->ttl;
+		ip->ttl--;
+		bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, *(__be16 *)&ip->ttl, 2);
+	} else {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		ip6->hop_limit--;
+	}
+	// The pod's address not resolved yet: the kernel resolves it (and sets the Ethernet addresses).
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(out, 0, 0, 0);
+	bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0);
+	bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0);
+	return bpf_redirect(out, 0);
+}
+
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
 {
-	return handle(skb, 0);
+	int rc = handle(skb, 0);
+	return rc == TC_ACT_OK ? to_local_pod(skb) : rc;
 }
 
 SEC("classifier/to_pod")

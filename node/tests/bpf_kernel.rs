@@ -159,3 +159,72 @@ fn fail_closed_until_programmed_per_direction_verdicts_and_a_reload_keeps_everyt
         "no program is left on the interfaces"
     );
 }
+
+/// The time to live of `to`'s answer to one ping from `from` (`ping -6` for an IPv6 address), if it answered.
+fn ping_ttl(from: &Pod, to: &str) -> Option<u32> {
+    let family = if to.contains(':') { "-6" } else { "-4" };
+    let out = from
+        .ns
+        .exec(&["ping", family, "-c1", "-W1", to])
+        .ok()?;
+    let ttl = out.split("ttl=").nth(1)?;
+    ttl.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn local_pods_are_delivered_past_the_node_stack_and_still_judged_by_the_receiver() {
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node("bpffwd").expect("node");
+    node.sysctl("net.ipv6.conf.all.forwarding", "1").expect("v6 forwarding");
+    let a = netns::wire_pod(&node, "fwda", "crcfwda", "10.202.0.5".parse().expect("ip")).expect("pod a");
+    let b = netns::wire_pod(&node, "fwdb", "crcfwdb", "10.202.0.6".parse().expect("ip")).expect("pod b");
+    // IPv6 too: each pod's address routed to its interface, the node's link-local fe80::1 its gateway.
+    for (pod, v6) in [(&a, "fd00:202::5"), (&b, "fd00:202::6")] {
+        node.ip(&["-6", "addr", "add", "fe80::1/64", "dev", &pod.iface, "nodad"])
+            .expect("gateway");
+        node.ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", &pod.iface])
+            .expect("route");
+        pod.ns
+            .ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])
+            .expect("v6 address");
+        pod.ns
+            .ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])
+            .expect("v6 default");
+    }
+    // The node's stack forwards nothing between its pods.
+    for tool in ["iptables", "ip6tables"] {
+        node.exec(&[tool, "-P", "FORWARD", "DROP"]).expect("forward drop");
+    }
+    assert_eq!(
+        tcp(&a, &b, 7101),
+        probe::Outcome::NoAnswer,
+        "without the programs the node's forward rules drop a -> b"
+    );
+    assert_eq!(ping_ttl(&a, "fd00:202::6"), None, "and over IPv6");
+
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-test-fwd-{}", std::process::id()));
+    let (ia, ib) = (ifindex(&node, "crcfwda"), ifindex(&node, "crcfwdb"));
+    with_loaded(&node, &dir, move |l| {
+        write_tables(l);
+        l.attach("crcfwda").expect("attach a");
+        l.attach("crcfwdb").expect("attach b");
+        l.set_endpoint(ia, entry(1, 1)).expect("a");
+        l.set_endpoint(ib, entry(1, 1)).expect("b");
+    });
+    // Allowed flows go from pod to pod past the stack (its forward rules never see them), one hop each way.
+    assert!(tcp(&a, &b, 7102).connected(), "a -> b past the node's stack");
+    assert!(tcp(&b, &a, 7103).connected(), "b -> a");
+    assert_eq!(ping_ttl(&a, "10.202.0.6"), Some(63), "forwarded once: 64 - 1");
+    assert_eq!(ping_ttl(&a, "fd00:202::6"), Some(63), "IPv6: 64 - 1");
+    let (_, b_to) = with_loaded(&node, &dir, move |l| l.counters(ib).expect("counters"));
+    assert!(b_to.allowed > 0, "b's own program saw what it received: {b_to:?}");
+
+    // The receiver's policy still decides: b's ingress denies, a's packets are dropped by b's program.
+    with_loaded(&node, &dir, move |l| l.set_endpoint(ib, entry(1, 2)).expect("b"));
+    assert_eq!(tcp(&a, &b, 7104), probe::Outcome::NoAnswer, "b's ingress denies");
+    assert_eq!(ping_ttl(&a, "fd00:202::6"), None, "over IPv6 too");
+    let (_, b_denied) = with_loaded(&node, &dir, move |l| l.counters(ib).expect("counters"));
+    assert!(b_denied.dropped > b_to.dropped, "{b_denied:?}");
+    assert!(tcp(&b, &a, 7105).connected(), "b -> a still passes");
+    bpf::remove_all(&dir).expect("remove all");
+}
