@@ -68,8 +68,10 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr) -> Value {
     let mut rates = Vec::new();
     let mut lat = Vec::new();
     let mut failed = 0;
+    let mut forwarded = 0u64;
     for _ in 0..SAMPLES {
         let _ = node.exec(&["conntrack", "-F"]);
+        let forwarded_before = forwarded_datagrams(node);
         // CLIENTS connections at a time (each thread sequential), so the node's CPUs, not one client's
         // round trips, set the rate: what each connection costs the data plane is what is compared.
         let runs: Vec<(usize, usize, Vec<f64>)> = std::thread::scope(|scope| {
@@ -107,17 +109,37 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr) -> Value {
                 (n + n2, f + f2, l)
             });
         rates.push(n as f64 / SAMPLE_SECONDS);
+        forwarded += forwarded_datagrams(node).saturating_sub(forwarded_before);
         failed += f;
         lat.extend(l);
     }
     let mut sorted = rates.clone();
     sorted.sort_by(f64::total_cmp);
+    let connections = lat.len().max(1) as f64;
     json!({
         "connections_per_second": percentile(&sorted, 0.5),
         "samples_in_order": rates,
         "failed": failed,
         "latency": summary_ms(lat),
+        // Packets the node's IP stack forwarded (its `Ip: ForwDatagrams`), per connection: what the data
+        // plane sends through the stack between the client and the backends.
+        "node_stack_forwarded_per_connection": forwarded as f64 / connections,
     })
+}
+
+/// The node namespace's `Ip: ForwDatagrams` counter (`/proc/net/snmp` as a process in it reads it).
+fn forwarded_datagrams(node: &NetNs) -> u64 {
+    let text = node.exec(&["cat", "/proc/net/snmp"]).unwrap_or_default();
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (Some(names), Some(values)) = (ip.next(), ip.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ForwDatagrams")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Moves the `flip` Service from one pod to the other `FLIPS` times; each time, the ms from the API write

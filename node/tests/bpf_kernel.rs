@@ -163,10 +163,7 @@ fn fail_closed_until_programmed_per_direction_verdicts_and_a_reload_keeps_everyt
 /// The time to live of `to`'s answer to one ping from `from` (`ping -6` for an IPv6 address), if it answered.
 fn ping_ttl(from: &Pod, to: &str) -> Option<u32> {
     let family = if to.contains(':') { "-6" } else { "-4" };
-    let out = from
-        .ns
-        .exec(&["ping", family, "-c1", "-W1", to])
-        .ok()?;
+    let out = from.ns.exec(&["ping", family, "-c1", "-W1", to]).ok()?;
     let ttl = out.split("ttl=").nth(1)?;
     ttl.split_whitespace().next()?.parse().ok()
 }
@@ -175,7 +172,8 @@ fn ping_ttl(from: &Pod, to: &str) -> Option<u32> {
 fn local_pods_are_delivered_past_the_node_stack_and_still_judged_by_the_receiver() {
     assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
     let node = netns::node("bpffwd").expect("node");
-    node.sysctl("net.ipv6.conf.all.forwarding", "1").expect("v6 forwarding");
+    node.sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("v6 forwarding");
     let a = netns::wire_pod(&node, "fwda", "crcfwda", "10.202.0.5".parse().expect("ip")).expect("pod a");
     let b = netns::wire_pod(&node, "fwdb", "crcfwdb", "10.202.0.6".parse().expect("ip")).expect("pod b");
     // IPv6 too: each pod's address routed to its interface, the node's link-local fe80::1 its gateway.

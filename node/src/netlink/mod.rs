@@ -45,6 +45,10 @@ pub enum NetlinkError {
     /// A link that must exist does not.
     #[error("no link named {0}")]
     NoLink(String),
+    /// The kernel lacks what was asked for (a link kind whose module is missing), said without the kernel's
+    /// own answer (the routing managers' fake kernel).
+    #[error("{0}: not supported by this kernel")]
+    NotSupported(String),
     /// The netlink socket failed (sending, receiving or decoding), not the kernel's answer.
     #[error("{what}: {source}")]
     Io {
@@ -77,7 +81,8 @@ pub fn is_not_found(e: &NetlinkError) -> bool {
 
 /// True when the kernel does not support what was asked (a link kind whose module is missing).
 pub fn is_not_supported(e: &NetlinkError) -> bool {
-    matches!(e, NetlinkError::Request { source: rtnetlink::Error::NetlinkError(m), .. }
+    matches!(e, NetlinkError::NotSupported(_))
+        || matches!(e, NetlinkError::Request { source: rtnetlink::Error::NetlinkError(m), .. }
         if m.raw_code().checked_neg().is_some_and(|c| c == libc::EOPNOTSUPP || c == libc::ENODEV || c == libc::ENOENT))
 }
 
@@ -301,6 +306,49 @@ impl Netlink {
         Ok(all
             .into_iter()
             .filter_map(|l| link_name(&l).map(|n| (l.header.index, n)))
+            .collect())
+    }
+
+    /// Every link with its MTU and addresses: one dump of links, one of addresses.
+    pub async fn interfaces(&self) -> Result<Vec<crate::routing::kernel::Interface>, NetlinkError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let _turn = self.dumps.lock().await;
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing links"))?;
+        let addrs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing addresses"))?;
+        Ok(links
+            .into_iter()
+            .filter_map(|l| {
+                let index = l.header.index;
+                Some(crate::routing::kernel::Interface {
+                    index,
+                    name: link_name(&l)?,
+                    mtu: link_mtu(&l).unwrap_or(1500),
+                    addrs: addrs
+                        .iter()
+                        .filter(|m| m.header.index == index)
+                        .filter_map(|m| {
+                            m.attributes.iter().find_map(|a| match a {
+                                AddressAttribute::Address(ip) => IpNet::new(*ip, m.header.prefix_len).ok(),
+                                _ => None,
+                            })
+                        })
+                        .collect(),
+                })
+            })
             .collect())
     }
 

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sha2::{Digest, Sha256};
 
-use crate::netlink::{Netlink, NetlinkError};
+use super::kernel::Interface;
+use crate::netlink::NetlinkError;
 
 /// How to find the node's address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,14 +92,15 @@ pub struct Chosen<N = Ipv4Net> {
     pub mtu: u32,
 }
 
-/// Finds the node's IPv4 address by `method` among the links of `nl`'s namespace; `internal_ip` is the
-/// Node object's InternalIP for [`Method::KubernetesInternalIp`].
-pub async fn detect(
-    nl: &Netlink,
+/// Finds the node's IPv4 address by `method` among `interfaces` (the namespace's, from
+/// [`Kernel::interfaces`](super::kernel::Kernel::interfaces)); `internal_ip` is the Node object's InternalIP
+/// for [`Method::KubernetesInternalIp`].
+pub fn detect(
+    interfaces: &[Interface],
     method: &Method,
     internal_ip: Option<IpAddr>,
 ) -> Result<Chosen, AddressError> {
-    let c = detect_family(nl, method, internal_ip, true).await?;
+    let c = detect_family(interfaces, method, internal_ip, true)?;
     match c.ip {
         IpNet::V4(ip) => Ok(Chosen {
             ip,
@@ -111,12 +113,12 @@ pub async fn detect(
 }
 
 /// Finds the node's IPv6 address by `method` (global addresses only: never link-local).
-pub async fn detect_v6(
-    nl: &Netlink,
+pub fn detect_v6(
+    interfaces: &[Interface],
     method: &Method,
     internal_ip: Option<IpAddr>,
 ) -> Result<Chosen<Ipv6Net>, AddressError> {
-    let c = detect_family(nl, method, internal_ip, false).await?;
+    let c = detect_family(interfaces, method, internal_ip, false)?;
     match c.ip {
         IpNet::V6(ip) => Ok(Chosen {
             ip,
@@ -135,8 +137,8 @@ fn global(ip: IpAddr) -> bool {
     }
 }
 
-async fn detect_family(
-    nl: &Netlink,
+fn detect_family(
+    interfaces: &[Interface],
     method: &Method,
     internal_ip: Option<IpAddr>,
     v4: bool,
@@ -146,16 +148,16 @@ async fn detect_family(
         Method::SkipInterface(r) => (None, Some(regex::Regex::new(&format!("^(?:{r})$"))?)),
         _ => (None, None),
     };
-    let mut links = nl.links().await?;
-    links.sort();
-    for (index, name) in links {
-        if ours(&name)
-            || include.as_ref().is_some_and(|r| !r.is_match(&name))
-            || exclude.as_ref().is_some_and(|r| r.is_match(&name))
+    let mut sorted: Vec<&Interface> = interfaces.iter().collect();
+    sorted.sort_by_key(|i| i.index);
+    for i in sorted {
+        if ours(&i.name)
+            || include.as_ref().is_some_and(|r| !r.is_match(&i.name))
+            || exclude.as_ref().is_some_and(|r| r.is_match(&i.name))
         {
             continue;
         }
-        for addr in nl.addrs(index).await? {
+        for addr in &i.addrs {
             if addr.addr().is_ipv4() != v4 || !global(addr.addr()) {
                 continue;
             }
@@ -166,17 +168,16 @@ async fn detect_family(
                 _ => true,
             };
             if wanted {
-                let mtu = nl
-                    .link(&name)
-                    .await?
-                    .as_ref()
-                    .and_then(crate::netlink::link_mtu)
-                    .unwrap_or(1500);
                 let ip = match method {
                     Method::Fixed(f) => *f,
-                    _ => addr,
+                    _ => *addr,
                 };
-                return Ok(Chosen { ip, index, name, mtu });
+                return Ok(Chosen {
+                    ip,
+                    index: i.index,
+                    name: i.name.clone(),
+                    mtu: i.mtu,
+                });
             }
         }
     }
@@ -184,6 +185,80 @@ async fn detect_family(
         format!("{method:?}"),
         if v4 { 4 } else { 6 },
     ))
+}
+
+/// The node's underlay addresses as last found, and why IPv6 has none when it is on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Detected {
+    /// The IPv4 address and its link.
+    pub chosen: Chosen,
+    /// The IPv6 address and its link, when IPv6 is on and the node has one.
+    pub chosen6: Option<Chosen<Ipv6Net>>,
+    /// Why IPv6 is on without an address.
+    pub warning: Option<String>,
+}
+
+/// The address manager: finds the node's underlay address of each family (and turns forwarding on) at the
+/// first sync and every forced one: finding them dumps every link and address, and with hundreds of pods that
+/// is most of a sync's cost, so the other syncs reuse what it found.
+#[derive(Debug)]
+pub struct AddressManager {
+    method: Method,
+    method6: Option<Method>,
+    last: Option<Detected>,
+}
+
+impl AddressManager {
+    /// Finds the IPv4 address by `method` and, when IPv6 is on, the IPv6 one by `method6`.
+    pub fn new(method: Method, method6: Option<Method>) -> Self {
+        Self {
+            method,
+            method6,
+            last: None,
+        }
+    }
+
+    /// The addresses: found again when `force` or never found, else the last ones. `internal` is the Node's
+    /// InternalIP of each family (for `kubernetes-internal-ip`).
+    pub async fn detect<K: super::kernel::Kernel>(
+        &mut self,
+        k: &K,
+        internal: (Option<IpAddr>, Option<IpAddr>),
+        force: bool,
+    ) -> Result<Detected, super::RoutingError> {
+        if let (Some(d), false) = (&self.last, force) {
+            return Ok(d.clone());
+        }
+        let mut forwarding = vec![("net.ipv4.ip_forward".to_owned(), "1".to_owned())];
+        if self.method6.is_some() {
+            forwarding.push(("net.ipv6.conf.all.forwarding".to_owned(), "1".to_owned()));
+        }
+        k.sysctls(forwarding).await?;
+        let interfaces = k.interfaces().await?;
+        let chosen = detect(&interfaces, &self.method, internal.0)?;
+        let (chosen6, warning) = match &self.method6 {
+            Some(m) => match detect_v6(&interfaces, m, internal.1) {
+                Ok(c) => (Some(c), None),
+                Err(e) => (
+                    None,
+                    Some(format!("IPv6 is on but the node has no IPv6 address: {e}")),
+                ),
+            },
+            None => (None, None),
+        };
+        let d = Detected {
+            chosen,
+            chosen6,
+            warning,
+        };
+        self.last = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Whether IPv6 is on.
+    pub fn ipv6(&self) -> bool {
+        self.method6.is_some()
+    }
 }
 
 /// The node's VTEP MAC: locally administered, unicast, stable for the node name.
@@ -230,5 +305,97 @@ mod tests {
         assert_eq!(a, vtep_mac("node-a"));
         assert_ne!(a, vtep_mac("node-b"));
         assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
+    }
+
+    fn iface(index: u32, name: &str, mtu: u32, addrs: &[&str]) -> Interface {
+        Interface {
+            index,
+            name: name.into(),
+            mtu,
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn interfaces() -> Vec<Interface> {
+        vec![
+            iface(1, "lo", 65536, &["127.0.0.1/8", "::1/128"]),
+            iface(5, "eth1", 9000, &["192.168.7.2/24", "fe80::1/64", "fd00:7::2/64"]),
+            iface(2, "eth0", 1500, &["10.99.0.2/24"]),
+            iface(3, "vxlan.caracal", 1450, &["10.244.0.0/32"]),
+            iface(4, "crc0123456789a", 1500, &["169.254.1.1/32"]),
+        ]
+    }
+
+    #[test]
+    fn each_method_finds_its_address_in_link_order_never_caracals_own_or_loopback() {
+        let ifs = interfaces();
+        let c = detect(&ifs, &Method::FirstFound, None).unwrap();
+        assert_eq!(
+            (c.ip.to_string(), c.name.as_str(), c.mtu),
+            ("10.99.0.2/24".into(), "eth0", 1500)
+        );
+        let c = detect(&ifs, &Method::Interface("eth1".into()), None).unwrap();
+        assert_eq!((c.ip.to_string(), c.mtu), ("192.168.7.2/24".into(), 9000));
+        let c = detect(&ifs, &Method::SkipInterface("eth0".into()), None).unwrap();
+        assert_eq!(c.name, "eth1");
+        let c = detect(
+            &ifs,
+            &Method::Cidrs(vec!["192.168.0.0/16".parse().unwrap()]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.name, "eth1");
+        let c = detect(
+            &ifs,
+            &Method::KubernetesInternalIp,
+            Some("192.168.7.2".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(c.name, "eth1");
+        let fixed: IpNet = "10.99.0.2/16".parse().unwrap();
+        let c = detect(&ifs, &Method::Fixed(fixed), None).unwrap();
+        assert_eq!(
+            (c.ip.to_string(), c.name.as_str()),
+            ("10.99.0.2/16".into(), "eth0"),
+            "the fixed prefix wins"
+        );
+        // IPv6: global addresses only.
+        let c6 = detect_v6(&ifs, &Method::FirstFound, None).unwrap();
+        assert_eq!(c6.ip.to_string(), "fd00:7::2/64");
+        let e = detect(&ifs, &Method::Interface("vxlan.*".into()), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no IPv4 address matches"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_manager_turns_forwarding_on_and_finds_again_only_when_forced() {
+        use crate::routing::kernel::fake::FakeKernel;
+        let k = FakeKernel::with_underlay("eth0", 1500, &["10.99.0.2/24"]);
+        let mut m = AddressManager::new(Method::FirstFound, Some(Method::FirstFound));
+        let d = m.detect(&k, (None, None), false).await.unwrap();
+        assert_eq!(d.chosen.ip.to_string(), "10.99.0.2/24");
+        assert!(
+            d.chosen6.is_none()
+                && d.warning
+                    .as_deref()
+                    .is_some_and(|w| w.contains("no IPv6 address"))
+        );
+        assert_eq!(
+            k.state().sysctls.get("net.ipv4.ip_forward").map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            k.state()
+                .sysctls
+                .get("net.ipv6.conf.all.forwarding")
+                .map(String::as_str),
+            Some("1")
+        );
+        // The address changes: an unforced sync keeps what it found, a forced one finds the new one.
+        k.state().links.get_mut("eth0").unwrap().addrs = ["10.99.0.7/24".parse().unwrap()].into();
+        assert_eq!(m.detect(&k, (None, None), false).await.unwrap(), d);
+        let again = m.detect(&k, (None, None), true).await.unwrap();
+        assert_eq!(again.chosen.ip.to_string(), "10.99.0.7/24");
     }
 }

@@ -341,18 +341,26 @@ pub fn compute(
     d
 }
 
-/// The MTU pods get: `host_mtu` minus the encapsulation's overhead (VXLAN 50, IPIP 20, WireGuard 60).
-pub fn pod_mtu(host_mtu: u32, vxlan: bool, ipip: bool, wireguard: bool) -> u32 {
-    let overhead = if wireguard {
-        60
-    } else if vxlan {
-        50
-    } else if ipip {
-        20
-    } else {
-        0
-    };
-    host_mtu.saturating_sub(overhead)
+/// One encapsulation in use and what it costs each packet: `v6` when it runs over the IPv6 underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overhead {
+    /// Over the IPv6 underlay (its link's MTU applies).
+    pub v6: bool,
+    /// Bytes added to each packet.
+    pub bytes: u32,
+}
+
+/// The MTU pods get: the host MTU less the largest overhead in use, per underlay family (`host_v6`: the IPv6
+/// underlay link's MTU, when the node has one). No encapsulation: the IPv4 underlay's MTU.
+pub fn pod_mtu(host_v4: u32, host_v6: Option<u32>, overheads: &[Overhead]) -> u32 {
+    overheads
+        .iter()
+        .map(|o| {
+            let host = if o.v6 { host_v6.unwrap_or(host_v4) } else { host_v4 };
+            host.saturating_sub(o.bytes)
+        })
+        .min()
+        .unwrap_or(host_v4)
 }
 
 /// True when `ip` is inside one of `nets`.
@@ -629,10 +637,20 @@ mod tests {
         assert_eq!(d.masquerade.len(), 1);
         assert_eq!(d.all_pools.len(), 2);
         assert!(inside("10.245.1.1".parse().unwrap(), &d.all_pools));
-        assert_eq!(pod_mtu(1500, true, false, false), 1450);
-        assert_eq!(pod_mtu(1500, false, true, false), 1480);
-        assert_eq!(pod_mtu(1500, true, false, true), 1440);
-        assert_eq!(pod_mtu(9000, false, false, false), 9000);
+        let o = |v6, bytes| Overhead { v6, bytes };
+        assert_eq!(pod_mtu(1500, None, &[o(false, 50)]), 1450, "VXLAN");
+        assert_eq!(pod_mtu(1500, None, &[o(false, 20)]), 1480, "IPIP");
+        assert_eq!(
+            pod_mtu(1500, None, &[o(false, 50), o(false, 60)]),
+            1440,
+            "the largest overhead in use: WireGuard's"
+        );
+        assert_eq!(pod_mtu(9000, None, &[]), 9000, "no encapsulation");
+        assert_eq!(
+            pod_mtu(1500, Some(1400), &[o(false, 50), o(true, 70)]),
+            1330,
+            "VXLAN over an IPv6 underlay with a smaller MTU"
+        );
     }
 
     #[test]
