@@ -14,7 +14,7 @@ use caracal_node::cni::host_iface;
 use caracal_node::dataplane::Family;
 use caracal_node::dataplane::iptables::render;
 use caracal_policy::calc::{compute, local_endpoints};
-use caracal_policy::decode::{Input, POLICY_KINDS, decode, fail_closed_input};
+use caracal_policy::decode::{DATAPLANE_KINDS, Input, decode, fail_closed_input};
 use caracal_policy::load::WorldBuilder;
 use caracal_policy::synth::Rng;
 use serde_json::{Value, json};
@@ -322,7 +322,7 @@ fn apply(p: &mut Pipeline, store: &mut Store, rng: &mut Rng) -> &'static str {
         }
         _ => {
             // A relist after a lost watch: some objects vanished meanwhile, some changed.
-            let kind = POLICY_KINDS[rng.below(POLICY_KINDS.len() as u64) as usize];
+            let kind = DATAPLANE_KINDS[rng.below(DATAPLANE_KINDS.len() as u64) as usize];
             p.update(Update::Resync { kind: kind.into() });
             let keys: Vec<(String, String)> =
                 store.objects.keys().filter(|(k, _)| k == kind).cloned().collect();
@@ -351,7 +351,7 @@ fn the_agents_update_path_equals_a_full_computation_after_every_change() {
         let mut rng = Rng(seed * 1_000_003 + 1);
         let mut p = Pipeline::new(NODE);
         let mut store = Store::default();
-        for kind in POLICY_KINDS {
+        for kind in DATAPLANE_KINDS {
             p.update(Update::InSync { kind: (*kind).into() });
         }
         assert!(p.in_sync());
@@ -383,7 +383,7 @@ fn changes_name_exactly_what_a_rendering_must_rewrite() {
     let mut rng = Rng(99);
     let mut p = Pipeline::new(NODE);
     let mut store = Store::default();
-    for kind in POLICY_KINDS {
+    for kind in DATAPLANE_KINDS {
         p.update(Update::InSync { kind: (*kind).into() });
     }
     let mut before = p.model().clone();
@@ -515,7 +515,7 @@ fn the_bpf_backend_updated_by_changes_holds_what_a_full_computation_gives() {
     let mut rng = Rng(4242);
     let mut p = Pipeline::new(NODE);
     let mut store = Store::default();
-    for kind in POLICY_KINDS {
+    for kind in DATAPLANE_KINDS {
         p.update(Update::InSync { kind: (*kind).into() });
     }
     let _ = p.take_changes();

@@ -33,6 +33,21 @@ pub const POLICY_KINDS: &[&str] = &[
     "discovery.k8s.io/v1/EndpointSlice",
 ];
 
+/// Every kind the policy data plane's model reads: the policy kinds, and IP pools (natOutgoing).
+pub const DATAPLANE_KINDS: &[&str] = &[
+    "v1/Namespace",
+    "v1/Pod",
+    "v1/ServiceAccount",
+    "networking.k8s.io/v1/NetworkPolicy",
+    "caracal.dev/v1/NetworkPolicy",
+    "caracal.dev/v1/GlobalNetworkPolicy",
+    "caracal.dev/v1/Tier",
+    "caracal.dev/v1/NetworkSet",
+    "caracal.dev/v1/GlobalNetworkSet",
+    "discovery.k8s.io/v1/EndpointSlice",
+    "caracal.dev/v1/IPPool",
+];
+
 /// The policy kinds whose objects fail closed when they never converted.
 pub const POLICY_OBJECT_KINDS: &[&str] = &[
     "networking.k8s.io/v1/NetworkPolicy",
@@ -87,6 +102,8 @@ pub enum Input {
     },
     /// An EndpointSlice.
     Slice(Slice),
+    /// An IP pool (natOutgoing).
+    Pool(crate::model::PoolNat),
 }
 
 /// Why an object could not be decoded or converted. The text names the object and the field.
@@ -320,6 +337,14 @@ pub fn decode(kind: &str, key: &str, v: &Value) -> Result<Option<Input>, DecodeE
                 name: name(v),
                 labels: labels(v),
                 nets: spec.nets.iter().map(|n| n.net()).collect(),
+            })
+        }
+        "caracal.dev/v1/IPPool" => {
+            let spec: caracal_crds::ippool::IPPoolSpec = typed(kind, key, &v["spec"])?;
+            Input::Pool(crate::model::PoolNat {
+                cidr: spec.cidr.0.trunc(),
+                nat_outgoing: spec.nat_outgoing.unwrap_or(false),
+                disabled: spec.disabled.unwrap_or(false),
             })
         }
         "discovery.k8s.io/v1/EndpointSlice" => {

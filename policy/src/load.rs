@@ -116,7 +116,7 @@ impl WorldBuilder {
                     w.endpoints.push(ep);
                 }
             }
-            Input::NotAnEndpoint => {}
+            Input::NotAnEndpoint | Input::Pool(_) => {}
             Input::ServiceAccount {
                 namespace,
                 name,

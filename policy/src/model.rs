@@ -194,6 +194,31 @@ pub struct DataplaneModel {
     pub policies: BTreeMap<String, Policy>,
     /// Every set the rules reference, with its members.
     pub sets: BTreeMap<SetKey, SetMembers>,
+    /// natOutgoing: what leaves the pools with the node's address.
+    pub nat_outgoing: NatOutgoing,
+}
+
+/// natOutgoing, as every policy backend implements it: traffic from a pool with `natOutgoing: true` to
+/// anywhere outside every pool leaves with the node's address (or `address`, Felix's `natOutgoingAddress`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatOutgoing {
+    /// Pools whose traffic is masqueraded (enabled pools with `natOutgoing: true`).
+    pub masquerade: BTreeSet<IpNet>,
+    /// Every pool: destinations never masqueraded.
+    pub all_pools: BTreeSet<IpNet>,
+    /// The source address to use instead of the outgoing interface's (IPv4; None: masquerade).
+    pub address: Option<IpAddr>,
+}
+
+/// One IP pool as natOutgoing sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolNat {
+    /// The pool's network.
+    pub cidr: IpNet,
+    /// `natOutgoing: true`.
+    pub nat_outgoing: bool,
+    /// `disabled: true` (its blocks still exist, so it stays a pool destination; it no longer masquerades).
+    pub disabled: bool,
 }
 
 /// The tiers that apply to one endpoint, per direction, each listing the names of the selecting policies.

@@ -143,9 +143,11 @@ impl Engine {
         Ok(stats)
     }
 
-    /// Removes everything the backend created.
+    /// Removes everything the backend created, natOutgoing's objects too.
     pub fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
-        self.backend.remove_all()
+        let mut errors = self.backend.remove_all().err().unwrap_or_default();
+        errors.extend(self.backend.remove_nat());
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
     /// When to program next, once every kind is listed: at once when the last program is `debounce` past,

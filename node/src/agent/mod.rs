@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use caracal_datastore::{Cache, Update};
-use caracal_policy::decode::POLICY_KINDS;
+use caracal_policy::decode::{DATAPLANE_KINDS, POLICY_KINDS};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -100,7 +100,7 @@ pub const BPF_COUNTERS_MAX_AGE: Duration = Duration::from_secs(1);
 impl Status {
     /// Counts a failed conversion of an object of `kind`.
     pub fn conversion_failed(&self, kind: &str) {
-        let Some(k) = POLICY_KINDS.iter().find(|k| **k == kind) else {
+        let Some(k) = DATAPLANE_KINDS.iter().find(|k| **k == kind) else {
             return;
         };
         let mut m = self
@@ -110,13 +110,13 @@ impl Status {
         *m.entry(k).or_default() += 1;
     }
 
-    /// Conversion failures by kind, every policy kind listed.
+    /// Conversion failures by kind, every kind the data plane's model reads listed.
     pub fn conversion_failures(&self) -> Vec<(&'static str, u64)> {
         let m = self
             .conversion_failures
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        POLICY_KINDS
+        DATAPLANE_KINDS
             .iter()
             .map(|k| (*k, m.get(k).copied().unwrap_or(0)))
             .collect()
@@ -316,7 +316,7 @@ pub async fn run(
                         routing_due.get_or_insert_with(|| tokio::time::Instant::now() + cfg.debounce);
                     }
                     cache.apply(for_cache(&u));
-                    if POLICY_KINDS.contains(&kind_of(&u)) {
+                    if DATAPLANE_KINDS.contains(&kind_of(&u)) {
                         send(engine::Msg::Update(u));
                     }
                 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use caracal_datastore::Update;
 use caracal_policy::calc::graph::{CalcGraph, Changes};
-use caracal_policy::decode::{self, Input, POLICY_KINDS};
+use caracal_policy::decode::{self, DATAPLANE_KINDS, Input};
 use caracal_policy::model::DataplaneModel;
 use caracal_policy::world::Endpoint;
 use tracing::warn;
@@ -63,7 +63,7 @@ impl Pipeline {
 
     /// True once every policy kind has been listed completely.
     pub fn in_sync(&self) -> bool {
-        POLICY_KINDS.iter().all(|k| self.synced.contains(*k))
+        DATAPLANE_KINDS.iter().all(|k| self.synced.contains(*k))
     }
 
     /// The model.

@@ -5,13 +5,14 @@
 
 pub mod bpf;
 pub mod iptables;
+pub mod nat;
 
 /// The prefix of every kernel object Caracal owns (chains, ipsets, interfaces).
 pub const PREFIX: &str = "crc";
 
 pub use caracal_policy::calc::graph::Changes;
 pub use caracal_policy::model::{
-    DataplaneModel, EndpointTiers, Family, LocalEndpoint, SetKey, SetMembers, TierRef,
+    DataplaneModel, EndpointTiers, Family, LocalEndpoint, NatOutgoing, SetKey, SetMembers, TierRef,
 };
 
 /// What a backend reports about one convergence.
@@ -43,8 +44,18 @@ pub trait PolicyDataplane: Send {
     /// Applies what `changes` says changed in `model` since the last converge or update, without a
     /// read-back: the fast path. After a failed call the next one converges in full.
     fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError>;
-    /// Removes everything the backend created, reporting every error.
+    /// Removes everything the backend created, reporting every error, except natOutgoing: its objects are
+    /// the same whichever backend runs, so the backend taking over from another keeps them ([`TakeOver`]).
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>>;
+    /// What this backend must do, before its objects go, for the one taking over from it to see every flow
+    /// as the kernel would (`model` is what the new one converged to).
+    fn hand_over(&mut self, _model: &DataplaneModel) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Removes natOutgoing's objects (the agent's full teardown).
+    fn remove_nat(&mut self) -> Vec<DataplaneError> {
+        Vec::new()
+    }
     /// Work that can wait until no change is pending (the iptables backend reads back what it wrote, for
     /// drift detection). The engine calls it once it has been idle a moment after a program.
     fn idle(&mut self) -> Result<(), DataplaneError> {
@@ -52,10 +63,63 @@ pub trait PolicyDataplane: Send {
     }
 }
 
+/// natOutgoing as a backend programs it ([`nat`]): both families when IPv6 is on. A converge reads the
+/// kernel back and repairs drift; an update rewrites only when the model's natOutgoing changed.
+#[derive(Debug)]
+pub struct NatProgram {
+    exec_prefix: Vec<String>,
+    families: Vec<Family>,
+    last: Option<NatOutgoing>,
+}
+
+impl NatProgram {
+    /// natOutgoing behind `exec_prefix`, IPv6 too when `ipv6`.
+    pub fn new(exec_prefix: Vec<String>, ipv6: bool) -> Self {
+        let mut families = vec![Family::V4];
+        if ipv6 {
+            families.push(Family::V6);
+        }
+        Self {
+            exec_prefix,
+            families,
+            last: None,
+        }
+    }
+
+    /// Converges the nat table to `nat` (read back); whether anything changed.
+    pub fn converge(&mut self, nat: &NatOutgoing) -> Result<bool, iptables::apply::IptablesError> {
+        self.last = None;
+        let mut changed = false;
+        for f in &self.families {
+            changed |= nat::apply(&self.exec_prefix, *f, nat)?;
+        }
+        self.last = Some(nat.clone());
+        Ok(changed)
+    }
+
+    /// Converges when `nat` differs from what was last programmed.
+    pub fn update(&mut self, nat: &NatOutgoing) -> Result<bool, iptables::apply::IptablesError> {
+        if self.last.as_ref() == Some(nat) {
+            return Ok(false);
+        }
+        self.converge(nat)
+    }
+
+    /// Removes the chains and sets of every family.
+    pub fn remove(&mut self) -> Vec<iptables::apply::IptablesError> {
+        self.last = None;
+        self.families
+            .iter()
+            .flat_map(|f| nat::remove(&self.exec_prefix, *f))
+            .collect()
+    }
+}
+
 /// The iptables backend of both families: `iptables` always, `ip6tables` when IPv6 is on (Felix's
 /// `ipv6Support`). Each family keeps its rendering and converges on its own; the stats add up.
 pub struct DualStack {
     families: Vec<iptables::apply::Iptables>,
+    nat: Option<NatProgram>,
 }
 
 impl DualStack {
@@ -68,7 +132,13 @@ impl DualStack {
         if ipv6 {
             families.push(iptables::apply::Iptables::for_family(exec_prefix, Family::V6));
         }
-        Self { families }
+        Self { families, nat: None }
+    }
+
+    /// Programs natOutgoing too (what an agent's backend does; kernel tests of policy alone leave it out).
+    pub fn with_nat(mut self, nat: NatProgram) -> Self {
+        self.nat = Some(nat);
+        self
     }
 }
 
@@ -79,6 +149,9 @@ impl PolicyDataplane for DualStack {
             let desired = iptables::render::render_family(model, f.family());
             stats.add(&f.apply(&desired)?);
         }
+        if let Some(n) = &mut self.nat {
+            n.converge(&model.nat_outgoing)?;
+        }
         Ok(stats)
     }
 
@@ -86,6 +159,11 @@ impl PolicyDataplane for DualStack {
         let mut stats = ApplyStats::default();
         for f in &mut self.families {
             stats.add(&f.apply_changes(model, changes)?);
+        }
+        if let Some(n) = &mut self.nat
+            && changes.nat
+        {
+            n.update(&model.nat_outgoing)?;
         }
         Ok(stats)
     }
@@ -95,6 +173,13 @@ impl PolicyDataplane for DualStack {
             f.remember()?;
         }
         Ok(())
+    }
+
+    fn remove_nat(&mut self) -> Vec<DataplaneError> {
+        self.nat
+            .as_mut()
+            .map(|n| n.remove().into_iter().map(DataplaneError::from).collect())
+            .unwrap_or_default()
     }
 
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
@@ -117,8 +202,9 @@ pub fn backend(
     exec_prefix: Vec<String>,
     ipv6: bool,
 ) -> Result<Box<dyn PolicyDataplane>, DataplaneError> {
-    let iptables = || Box::new(DualStack::new(exec_prefix.clone(), ipv6));
-    let bpf = || Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix));
+    let nat = || NatProgram::new(exec_prefix.clone(), ipv6);
+    let iptables = || Box::new(DualStack::new(exec_prefix.clone(), ipv6).with_nat(nat()));
+    let bpf = || Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix).with_nat(nat()));
     match dataplane {
         "Iptables" | "" => Ok(Box::new(TakeOver::new(iptables(), bpf()))),
         "BPF" => Ok(Box::new(TakeOver::new(bpf(), iptables()))),
@@ -140,7 +226,13 @@ impl TakeOver {
         Self { new, old: Some(old) }
     }
 
-    fn retire_old(&mut self) {
+    fn retire_old(&mut self, model: Option<&DataplaneModel>) {
+        if let (Some(old), Some(model)) = (self.old.as_mut(), model)
+            && let Err(e) = old.hand_over(model)
+        {
+            tracing::warn!(error = %e, "handing over from the other data plane; trying again after the next converge");
+            return;
+        }
         if let Some(mut old) = self.old.take()
             && let Err(errors) = old.remove_all()
         {
@@ -155,7 +247,7 @@ impl TakeOver {
 impl PolicyDataplane for TakeOver {
     fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
         let stats = self.new.converge(model)?;
-        self.retire_old();
+        self.retire_old(Some(model));
         Ok(stats)
     }
 
@@ -171,8 +263,12 @@ impl PolicyDataplane for TakeOver {
     }
 
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
-        self.retire_old();
+        self.retire_old(None);
         self.new.remove_all()
+    }
+
+    fn remove_nat(&mut self) -> Vec<DataplaneError> {
+        self.new.remove_nat()
     }
 }
 

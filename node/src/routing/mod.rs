@@ -13,8 +13,10 @@
 //!
 //! IPv6, when on (`Config::method6`): the node's IPv6 address is found and published, IPv6 forwarding is
 //! on, IPv6 blocks are routed through `vxlan6.caracal` (tunnelled between the nodes' IPv6 addresses) or
-//! straight to the node's IPv6 address in the same subnet (or by BIRD, with BGP), and natOutgoing has its
-//! `ip6tables` twin.
+//! straight to the node's IPv6 address in the same subnet (or by BIRD, with BGP).
+//!
+//! natOutgoing is not routing's: it is part of the policy data plane's model, which every policy backend
+//! implements (`dataplane::nat`).
 
 pub mod address;
 pub mod bgp;
@@ -22,7 +24,6 @@ pub mod bird;
 pub mod ipip;
 pub mod kernel;
 pub mod model;
-pub mod nat;
 pub mod routes;
 #[cfg(test)]
 mod testutil;
@@ -91,9 +92,6 @@ pub enum RoutingError {
     /// No address to publish.
     #[error(transparent)]
     Address(#[from] address::AddressError),
-    /// The nat table.
-    #[error("natOutgoing: {0}")]
-    Nat(#[from] crate::dataplane::iptables::apply::IptablesError),
     /// The VTEP address could not be allocated.
     #[error("allocating the VTEP address: {0}")]
     Ipam(#[from] crate::ipam::node::IpamError),
@@ -117,8 +115,6 @@ pub struct SyncStats {
     pub routes_removed: usize,
     /// ARP/FDB entries written.
     pub neighbours_written: usize,
-    /// The nat table or its sets changed.
-    pub nat_changed: bool,
     /// The Node's annotations were updated.
     pub published: bool,
 }
@@ -244,7 +240,7 @@ impl<K: Kernel> Routing<K> {
     ///
     /// The managers run in order: addresses (found again on forced syncs only), BGP (BIRD's configuration),
     /// the VXLAN device of each family, IPIP, the Node's annotations, the routes (every manager's and the
-    /// pods'), natOutgoing.
+    /// pods').
     pub async fn sync(&mut self, cache: &Cache, force: bool) -> Result<SyncStats, RoutingError> {
         let me = self.cfg.node.clone();
         let my_node = cache.get("v1/Node", &me).cloned().unwrap_or(Value::Null);
@@ -377,22 +373,6 @@ impl<K: Kernel> Routing<K> {
         let warnings = std::mem::take(&mut out.warnings);
         self.warn(&warnings);
 
-        // The nat tools are processes: off the runtime's threads.
-        let (prefix, masq, all, v6) = (
-            self.cfg.exec_prefix.clone(),
-            desired.masquerade.clone(),
-            desired.all_pools.clone(),
-            self.addresses.ipv6(),
-        );
-        out.stats.nat_changed = tokio::task::spawn_blocking(move || {
-            let mut changed = nat::apply(&prefix, crate::dataplane::Family::V4, &masq, &all)?;
-            if v6 {
-                changed |= nat::apply(&prefix, crate::dataplane::Family::V6, &masq, &all)?;
-            }
-            Ok::<bool, crate::dataplane::iptables::apply::IptablesError>(changed)
-        })
-        .await
-        .map_err(|e| RoutingError::Task(e.to_string()))??;
         self.last = Some(key);
         Ok(out.stats)
     }

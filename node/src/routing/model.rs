@@ -1,10 +1,10 @@
 //! What reachability a node needs, computed from the datastore (pure): a route per remote block (through the
 //! VXLAN device, straight to the node in the same subnet, or nothing when BIRD carries it), a blackhole per
-//! own block, host routes for addresses borrowed across nodes, the VXLAN peers' neighbour and FDB entries,
-//! and the natOutgoing sets. Both families: an IPv6 block goes through `vxlan6.caracal` (tunnelled over the
+//! own block, host routes for addresses borrowed across nodes, and the VXLAN peers' neighbour and FDB
+//! entries. Both families: an IPv6 block goes through `vxlan6.caracal` (tunnelled over the
 //! nodes' IPv6 addresses) or straight to the node's IPv6 address, as its pool says.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use caracal_crds::ippool::EncapMode;
@@ -57,8 +57,6 @@ pub struct Pool {
     pub vxlan: EncapMode,
     /// IPIP mode (IPv4 pools only).
     pub ipip: EncapMode,
-    /// Masquerade traffic leaving every pool.
-    pub nat_outgoing: bool,
     /// No new allocations (routes still exist for what is allocated).
     pub disabled: bool,
 }
@@ -101,10 +99,6 @@ pub struct Desired {
     /// VXLAN peers: VTEP address -> (VTEP MAC, node address), for neighbour and FDB entries (IPv6 VTEPs
     /// belong to the IPv6 device).
     pub peers: BTreeMap<IpAddr, ([u8; 6], IpAddr)>,
-    /// Pools whose traffic leaving all pools is masqueraded.
-    pub masquerade: BTreeSet<IpNet>,
-    /// Every pool (destinations that are never masqueraded).
-    pub all_pools: BTreeSet<IpNet>,
     /// Problems worth a log line (a node without an address, an IPIP pool on a kernel without IPIP).
     pub warnings: Vec<String>,
 }
@@ -157,7 +151,6 @@ pub fn pools<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<Pool> {
             cidr: s["cidr"].as_str()?.parse().ok()?,
             vxlan: mode(&s["vxlanMode"]),
             ipip: mode(&s["ipipMode"]),
-            nat_outgoing: s["natOutgoing"].as_bool().unwrap_or(false),
             disabled: s["disabled"].as_bool().unwrap_or(false),
         })
     })
@@ -229,10 +222,6 @@ pub fn compute(
     d.vxlan = pools.iter().filter(active).any(|p| p.cidr.addr().is_ipv4());
     d.vxlan6 = pools.iter().filter(active).any(|p| p.cidr.addr().is_ipv6());
     for p in pools {
-        d.all_pools.insert(p.cidr);
-        if p.nat_outgoing && !p.disabled {
-            d.masquerade.insert(p.cidr);
-        }
         if p.ipip != EncapMode::Never && !p.disabled && p.cidr.addr().is_ipv4() {
             d.ipip = true;
         }
@@ -363,11 +352,6 @@ pub fn pod_mtu(host_v4: u32, host_v6: Option<u32>, overheads: &[Overhead]) -> u3
         .unwrap_or(host_v4)
 }
 
-/// True when `ip` is inside one of `nets`.
-pub fn inside(ip: IpAddr, nets: &BTreeSet<IpNet>) -> bool {
-    nets.iter().any(|n| n.contains(&ip))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,7 +375,6 @@ mod tests {
             cidr: cidr.parse().unwrap(),
             vxlan,
             ipip: EncapMode::Never,
-            nat_outgoing: true,
             disabled: false,
         }
     }
@@ -623,20 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn nat_sets_and_mtu() {
-        let mut p2 = pool("10.245.0.0/16", EncapMode::Never);
-        p2.nat_outgoing = false;
-        let d = compute(
-            "a",
-            Underlay::default(),
-            &[],
-            &[pool("10.244.0.0/16", EncapMode::Always), p2],
-            &[],
-            false,
-        );
-        assert_eq!(d.masquerade.len(), 1);
-        assert_eq!(d.all_pools.len(), 2);
-        assert!(inside("10.245.1.1".parse().unwrap(), &d.all_pools));
+    fn the_pod_mtu_is_the_host_mtu_less_the_largest_overhead_in_use() {
         let o = |v6, bytes| Overhead { v6, bytes };
         assert_eq!(pod_mtu(1500, None, &[o(false, 50)]), 1450, "VXLAN");
         assert_eq!(pod_mtu(1500, None, &[o(false, 20)]), 1480, "IPIP");

@@ -15,6 +15,7 @@
 //! thousands of random changes and compares after each.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use caracal_crds::selector::Expr;
@@ -115,6 +116,8 @@ pub struct Changes {
     pub policies: BTreeSet<String>,
     /// Local endpoint interfaces added, removed, or whose tiers changed.
     pub endpoints: BTreeSet<String>,
+    /// natOutgoing changed (rendered whole: a few pools).
+    pub nat: bool,
 }
 
 impl Changes {
@@ -124,10 +127,12 @@ impl Changes {
             && self.members.is_empty()
             && self.policies.is_empty()
             && self.endpoints.is_empty()
+            && !self.nat
     }
 
     /// Adds `other`'s changes (which came after these) to these.
     pub fn merge(&mut self, other: Changes) {
+        self.nat |= other.nat;
         for key in other.sets {
             self.members.remove(&key);
             self.sets.insert(key);
@@ -206,6 +211,8 @@ pub struct CalcGraph {
     everywhere: BTreeSet<String>,
     /// EndpointSlices by (namespace, slice name).
     slices: BTreeMap<(String, String), Slice>,
+    /// IP pools by name (natOutgoing).
+    pools: BTreeMap<String, crate::model::PoolNat>,
     local: BTreeMap<String, LocalEndpoint>,
     model: DataplaneModel,
     /// How many policies in `model.policies` reference each set.
@@ -247,6 +254,7 @@ impl CalcGraph {
             policies: BTreeMap::new(),
             everywhere: BTreeSet::new(),
             slices: BTreeMap::new(),
+            pools: BTreeMap::new(),
             local: BTreeMap::new(),
             model: DataplaneModel::default(),
             set_refs: BTreeMap::new(),
@@ -292,6 +300,7 @@ impl CalcGraph {
                 let name = key.rsplit('/').next().unwrap_or(key).to_owned();
                 self.set_slice(&ns, &name, Some(s));
             }
+            Input::Pool(p) => self.set_pool(key, Some(p)),
         }
     }
 
@@ -314,7 +323,41 @@ impl CalcGraph {
             "discovery.k8s.io/v1/EndpointSlice" => {
                 self.set_slice(ns.as_deref().unwrap_or_default(), &name, None);
             }
+            "caracal.dev/v1/IPPool" => self.set_pool(key, None),
             _ => {}
+        }
+    }
+
+    // ----- natOutgoing -----
+
+    /// Sets (or, with None, removes) the pool `name` and recomputes natOutgoing.
+    fn set_pool(&mut self, name: &str, pool: Option<crate::model::PoolNat>) {
+        match pool {
+            Some(p) => self.pools.insert(name.to_owned(), p),
+            None => self.pools.remove(name),
+        };
+        self.recompute_nat(self.model.nat_outgoing.address);
+    }
+
+    /// Sets Felix's `natOutgoingAddress` (None: masquerade to the outgoing interface's address).
+    pub fn set_nat_address(&mut self, address: Option<IpAddr>) {
+        self.recompute_nat(address);
+    }
+
+    fn recompute_nat(&mut self, address: Option<IpAddr>) {
+        let nat = crate::model::NatOutgoing {
+            masquerade: self
+                .pools
+                .values()
+                .filter(|p| p.nat_outgoing && !p.disabled)
+                .map(|p| p.cidr)
+                .collect(),
+            all_pools: self.pools.values().map(|p| p.cidr).collect(),
+            address,
+        };
+        if nat != self.model.nat_outgoing {
+            self.model.nat_outgoing = nat;
+            self.changes.nat = true;
         }
     }
 
@@ -867,5 +910,65 @@ impl CalcGraph {
                 self.recompute_set(&k);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::decode;
+    use ipnet::IpNet;
+    use serde_json::json;
+
+    fn pool(name: &str, cidr: &str, nat: bool, disabled: bool) -> Input {
+        let v = json!({"metadata": {"name": name}, "spec": {"cidr": cidr, "natOutgoing": nat, "disabled": disabled}});
+        decode("caracal.dev/v1/IPPool", name, &v)
+            .expect("decodes")
+            .expect("an input")
+    }
+
+    #[test]
+    fn pools_make_nat_outgoing_and_each_change_is_reported_once() {
+        let mut g = CalcGraph::new("n", Box::new(|e: &crate::world::Endpoint| e.name.clone()));
+        g.apply("a", pool("a", "10.244.0.0/16", true, false));
+        g.apply("b", pool("b", "10.245.0.0/16", false, false));
+        g.apply("c", pool("c", "fd00:244::/48", true, false));
+        let nat = &g.model().nat_outgoing;
+        let nets = |v: &[&str]| {
+            v.iter()
+                .map(|n| n.parse().expect("net"))
+                .collect::<BTreeSet<IpNet>>()
+        };
+        assert_eq!(nat.masquerade, nets(&["10.244.0.0/16", "fd00:244::/48"]));
+        assert_eq!(
+            nat.all_pools,
+            nets(&["10.244.0.0/16", "10.245.0.0/16", "fd00:244::/48"])
+        );
+        assert!(g.take_changes().nat);
+        // The same pool again: nothing changed.
+        g.apply("b", pool("b", "10.245.0.0/16", false, false));
+        assert!(!g.take_changes().nat);
+        // Disabled: no longer masquerades, still a pool destination; deleted: gone from both.
+        g.apply("a", pool("a", "10.244.0.0/16", true, true));
+        assert_eq!(g.model().nat_outgoing.masquerade, nets(&["fd00:244::/48"]));
+        assert!(
+            g.model()
+                .nat_outgoing
+                .all_pools
+                .contains(&"10.244.0.0/16".parse().expect("net"))
+        );
+        assert!(g.take_changes().nat);
+        g.remove("caracal.dev/v1/IPPool", "a");
+        assert_eq!(
+            g.model().nat_outgoing.all_pools,
+            nets(&["10.245.0.0/16", "fd00:244::/48"])
+        );
+        // Felix's natOutgoingAddress.
+        g.set_nat_address(Some("192.0.2.7".parse().expect("ip")));
+        assert_eq!(
+            g.model().nat_outgoing.address,
+            Some("192.0.2.7".parse().expect("ip"))
+        );
+        assert!(g.take_changes().nat);
     }
 }

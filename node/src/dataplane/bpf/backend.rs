@@ -263,6 +263,8 @@ pub struct BpfDataplane {
     dirty: bool,
     /// The endpoints each policy reaches.
     users: PolicyUsers,
+    /// natOutgoing (the kernel's nat table, as the iptables backend programs it: see `dataplane::nat`).
+    nat: Option<crate::dataplane::NatProgram>,
 }
 
 impl BpfDataplane {
@@ -279,7 +281,14 @@ impl BpfDataplane {
             next_id: 1,
             dirty: true,
             users: PolicyUsers::default(),
+            nat: None,
         }
+    }
+
+    /// Programs natOutgoing too (what an agent's backend does; kernel tests of policy alone leave it out).
+    pub fn with_nat(mut self, nat: crate::dataplane::NatProgram) -> Self {
+        self.nat = Some(nat);
+        self
     }
 
     /// The node's data plane, its pins under [`pin_dir`]`(exec_prefix)`.
@@ -788,7 +797,11 @@ impl PolicyDataplane for BpfDataplane {
     fn converge(&mut self, model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
         let r = self.in_netns(|me| me.converge_here(model));
         self.dirty = r.is_err();
-        Ok(r?)
+        let stats = r?;
+        if let Some(n) = &mut self.nat {
+            n.converge(&model.nat_outgoing)?;
+        }
+        Ok(stats)
     }
 
     fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError> {
@@ -797,7 +810,80 @@ impl PolicyDataplane for BpfDataplane {
         }
         let r = self.in_netns(|me| me.update_here(model, changes));
         self.dirty = r.is_err();
-        Ok(r?)
+        let stats = r?;
+        if let Some(n) = &mut self.nat
+            && changes.nat
+        {
+            n.update(&model.nat_outgoing)?;
+        }
+        Ok(stats)
+    }
+
+    /// Packets between two local pods skipped the node's stack (`to_local_pod`), so the kernel's tracker
+    /// holds such a flow as it was when BPF took over, its TCP window long behind: the iptables backend
+    /// would drop its next packet as INVALID. Each such entry is written again, established and answered,
+    /// without window data, so the kernel takes the window up again from the flow's next packets: the flow
+    /// stays established for the new backend, as it was for this one.
+    fn hand_over(&mut self, model: &DataplaneModel) -> Result<(), DataplaneError> {
+        let local: BTreeSet<std::net::IpAddr> = model
+            .endpoints
+            .iter()
+            .flat_map(|e| e.ips.iter().copied())
+            .collect();
+        self.in_netns(move |_| {
+            for t in bypassed_flows(&local) {
+                let (sport, dport) = (t.sport.to_string(), t.dport.to_string());
+                let (src, dst) = (t.src.to_string(), t.dst.to_string());
+                let tuple = [
+                    "-p", "tcp", "-s", &src, "-d", &dst, "--sport", &sport, "--dport", &dport,
+                ];
+                let reply = [
+                    "-r",
+                    &dst,
+                    "-q",
+                    &src,
+                    "--reply-port-src",
+                    &dport,
+                    "--reply-port-dst",
+                    &sport,
+                ];
+                let conntrack = |args: &[&str]| {
+                    std::process::Command::new("conntrack")
+                        .args(args)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                };
+                // Gone already (the flow ended meanwhile) is fine: nothing is written back then.
+                if conntrack(&[&["-D"][..], &tuple[..]].concat()).is_ok_and(|s| s.success()) {
+                    let _ = conntrack(
+                        &[
+                            &["-I"][..],
+                            &tuple[..],
+                            &reply[..],
+                            &[
+                                "--state",
+                                "ESTABLISHED",
+                                "--status",
+                                "ASSURED,SEEN_REPLY",
+                                "--timeout",
+                                "432000",
+                            ][..],
+                        ]
+                        .concat(),
+                    );
+                }
+            }
+            Ok(())
+        })
+        .map_err(DataplaneError::from)
+    }
+
+    fn remove_nat(&mut self) -> Vec<DataplaneError> {
+        self.nat
+            .as_mut()
+            .map(|n| n.remove().into_iter().map(DataplaneError::from).collect())
+            .unwrap_or_default()
     }
 
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
@@ -843,6 +929,24 @@ fn seed_flows(model: &DataplaneModel) -> Vec<super::CtKey> {
         }
     }
     out
+}
+
+/// The kernel tracker's established TCP flows (this thread's namespace) between two of `local`'s addresses,
+/// untranslated: the flows whose packets `to_local_pod` took past the stack.
+fn bypassed_flows(local: &BTreeSet<std::net::IpAddr>) -> Vec<Tuple> {
+    let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(conntrack_tuples)
+        .filter(|(orig, reply)| {
+            orig.proto == 6
+                && *reply == orig.reversed()
+                && local.contains(&orig.src)
+                && local.contains(&orig.dst)
+        })
+        .map(|(orig, _)| orig)
+        .collect()
 }
 
 /// One direction of a conntrack entry.

@@ -1,14 +1,20 @@
-//! natOutgoing: traffic from a pool with `natOutgoing: true` to anywhere outside every pool is masqueraded
-//! to the node's address. One chain (`crc-nat-outgoing`, hooked once from nat `POSTROUTING`) with one rule
-//! over two ipsets; a pool change only swaps set contents. Read back each time, so drift is repaired. IPv6
-//! has the same in `ip6tables` with its own sets (`crc6-masq-pools`, `crc6-all-pools`).
+//! natOutgoing, the part of the policy data plane's model ([`NatOutgoing`]) both backends implement the same
+//! way, in the kernel's nat table: traffic from a pool with `natOutgoing: true` to anywhere outside every pool
+//! is masqueraded to the outgoing interface's address, or SNATed to Felix's `natOutgoingAddress` when set
+//! (IPv4). One chain (`crc-nat-outgoing`, hooked once from nat `POSTROUTING`) with one rule over two ipsets; a
+//! pool change only swaps set contents. Read back each time, so drift is repaired. IPv6 has the same in
+//! `ip6tables` with its own sets (`crc6-masq-pools`, `crc6-all-pools`).
+//!
+//! The BPF data plane uses the same rules: a packet leaving the cluster is one its programs hand to the
+//! kernel's stack (only pod-to-local-pod packets skip it), so the stack's nat table sees it. The objects are
+//! the same whichever backend runs, so a switch between them keeps natOutgoing working throughout; only the
+//! agent's full teardown removes them ([`remove`]).
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
-use ipnet::IpNet;
-
-use crate::dataplane::Family;
 use crate::dataplane::iptables::apply::{IptablesError, run_tool};
+use crate::dataplane::{Family, NatOutgoing};
 
 /// The chain.
 pub const CHAIN: &str = "crc-nat-outgoing";
@@ -25,9 +31,13 @@ fn names(family: Family) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-fn rule(family: Family) -> String {
+fn rule(family: Family, address: Option<IpAddr>) -> String {
     let (masq, all, _) = names(family);
-    format!("-m set --match-set {masq} src -m set ! --match-set {all} dst -j MASQUERADE")
+    let target = match address.filter(|a| Family::of(a) == family) {
+        Some(a) => format!("SNAT --to-source {a}"),
+        None => "MASQUERADE".to_owned(),
+    };
+    format!("-m set --match-set {masq} src -m set ! --match-set {all} dst -j {target}")
 }
 
 fn hook() -> String {
@@ -50,14 +60,10 @@ fn members(save: &str, set: &str) -> Option<BTreeSet<String>> {
     found.then_some(out)
 }
 
-/// Converges the nat table of `family` and its two sets to the pools of that family in `masquerade` and
-/// `all`; returns whether anything had to change.
-pub fn apply(
-    exec_prefix: &[String],
-    family: Family,
-    masquerade: &BTreeSet<IpNet>,
-    all: &BTreeSet<IpNet>,
-) -> Result<bool, IptablesError> {
+/// Converges the nat table of `family` and its two sets to `nat`'s pools of that family; returns whether
+/// anything had to change.
+pub fn apply(exec_prefix: &[String], family: Family, want: &NatOutgoing) -> Result<bool, IptablesError> {
+    let (masquerade, all) = (&want.masquerade, &want.all_pools);
     let (masq_set, all_set, tool) = names(family);
     let inet = if family == Family::V4 { "inet" } else { "inet6" };
     let mut changed = false;
@@ -96,8 +102,9 @@ pub fn apply(
         .lines()
         .filter(|l| l.starts_with("-A POSTROUTING ") && l.ends_with(&format!("-j {CHAIN}")))
         .count();
-    if chain_rules != [rule(family).as_str()] || hooks != 1 {
-        let mut t = format!("*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} {}\n", rule(family));
+    let rule = rule(family, want.address);
+    if chain_rules != [rule.as_str()] || hooks != 1 {
+        let mut t = format!("*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} {rule}\n");
         for _ in 0..hooks {
             t.push_str(&format!("-D POSTROUTING {}\n", hook()));
         }
