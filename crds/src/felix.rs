@@ -1,7 +1,10 @@
 //! `FelixConfiguration`: the node agent's settings. `default` applies to every node; `node.<name>` to one.
 //!
 //! The operator owns a few of these fields (by server-side apply, field manager `caracal-operator`); every
-//! other field is the user's and stays as the user set it.
+//! other field is the user's and stays as the user set it. The agent honours every field it accepts
+//! (`caracal_node::felix`); Calico's fields Caracal does not implement stay in the schema only to be refused,
+//! by a rule naming the field and why, whatever field validation the client asks for (an unknown field would
+//! be pruned silently for a client that does not ask for strict validation).
 
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -98,26 +101,34 @@ pub enum NftablesMode {
 pub struct FelixConfigurationSpec {
     /// Use the eBPF data plane instead of iptables.
     pub bpf_enabled: Option<bool>,
-    /// Use the nftables data plane.
+    /// Calico's nftables data plane switch: refused (not implemented).
+    #[x_kube(validation = Rule::new("false").message("nftablesMode is not implemented by Caracal (this release has no nftables data plane): remove it"))]
     pub nftables_mode: Option<NftablesMode>,
-    /// BPF program log level: Off, Info or Debug.
-    #[x_kube(validation = Rule::new("self in ['Off', 'Info', 'Debug']").message("bpfLogLevel must be Off, Info or Debug"))]
+    /// Calico's BPF program log level: refused (not implemented).
     #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("false").message("bpfLogLevel is not implemented by Caracal (the BPF programs have no log output to set): remove it"))]
     pub bpf_log_level: Option<String>,
-    /// Regular expression of host interfaces that carry pod traffic in BPF mode.
+    /// Calico's pattern of host interfaces for BPF programs: refused (not implemented).
     #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("false").message("bpfDataIfacePattern is not implemented by Caracal (the BPF data plane finds the node's interface by its address): remove it"))]
     pub bpf_data_iface_pattern: Option<String>,
-    /// Which iptables to drive.
+    /// Calico's choice of iptables: refused (not implemented).
+    #[x_kube(validation = Rule::new("false").message("iptablesBackend is not implemented by Caracal (Caracal drives the host's iptables command as it is): remove it"))]
     pub iptables_backend: Option<IptablesBackend>,
-    /// Insert or append the jumps into the built-in chains.
+    /// Calico's insert-or-append of its hooks: refused (not implemented).
+    #[x_kube(validation = Rule::new("false").message("chainInsertMode is not implemented by Caracal (Caracal always inserts its hooks first): remove it"))]
     pub chain_insert_mode: Option<ChainInsertMode>,
-    /// Prefix of the host side of pod interfaces.
+    /// Calico's pod interface prefix: refused (not implemented).
     #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("false").message("interfacePrefix is not implemented by Caracal (pod interfaces are always named crc followed by a hash): remove it"))]
     pub interface_prefix: Option<String>,
-    /// Encrypt IPv4 pod traffic between nodes with WireGuard.
+    /// Encrypt IPv4 pod traffic between nodes with WireGuard (refused as true until this release carries
+    /// WireGuard: encryption asked for and not done would be silently false).
+    #[x_kube(validation = Rule::new("!self").message("wireguardEnabled: WireGuard is not available in this Caracal release yet: set it to false"))]
     pub wireguard_enabled: Option<bool>,
-    /// Encrypt IPv6 pod traffic between nodes with WireGuard.
+    /// Encrypt IPv6 pod traffic between nodes with WireGuard (refused as true, as `wireguardEnabled`).
     #[serde(rename = "wireguardEnabledV6")]
+    #[x_kube(validation = Rule::new("!self").message("wireguardEnabledV6: WireGuard is not available in this Caracal release yet: set it to false"))]
     pub wireguard_enabled_v6: Option<bool>,
     /// WireGuard IPv4 interface name.
     #[schemars(length(max = 15))]
@@ -176,13 +187,15 @@ pub struct FelixConfigurationSpec {
     #[serde(rename = "mtuIfacePattern")]
     #[schemars(length(max = 256))]
     pub mtu_iface_pattern: Option<String>,
-    /// Host ports open inbound whatever the policy says.
+    /// Calico's inbound failsafe ports: refused (not implemented).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("false").message("failsafeInboundHostPorts is not implemented by Caracal (Caracal has no host endpoint policy for failsafe ports to open): remove it"))]
     pub failsafe_inbound_host_ports: Option<Vec<ProtoPort>>,
-    /// Host ports open outbound whatever the policy says.
+    /// Calico's outbound failsafe ports: refused (not implemented).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("false").message("failsafeOutboundHostPorts is not implemented by Caracal (Caracal has no host endpoint policy for failsafe ports to open): remove it"))]
     pub failsafe_outbound_host_ports: Option<Vec<ProtoPort>>,
     /// Workload-to-host traffic handling.
     pub default_endpoint_to_host_action: Option<EndpointToHostAction>,
@@ -199,6 +212,10 @@ pub struct FelixConfigurationSpec {
     pub health_port: Option<u16>,
     /// Serve Prometheus /metrics.
     pub prometheus_metrics_enabled: Option<bool>,
+    /// Address the metrics server listens on (every address when unset, so Prometheus can scrape it from
+    /// off the node).
+    #[schemars(length(max = 64))]
+    pub prometheus_metrics_host: Option<String>,
     /// Port of the metrics server (9091 when unset).
     #[serde(default)]
     #[schemars(schema_with = "port_number_schema")]
@@ -207,9 +224,11 @@ pub struct FelixConfigurationSpec {
     pub route_refresh_interval: Option<Duration>,
     /// How often iptables is re-read and repaired.
     pub iptables_refresh_interval: Option<Duration>,
-    /// How often ipsets are re-read and repaired.
+    /// Calico's ipsets refresh: refused (not implemented; sets are read back with the rules).
+    #[x_kube(validation = Rule::new("false").message("ipsetsRefreshInterval is not implemented by Caracal (sets are read back with the rules, on iptablesRefreshInterval): remove it"))]
     pub ipsets_refresh_interval: Option<Duration>,
-    /// How often the agent reports its status.
+    /// Calico's status reporting interval: refused (not implemented).
+    #[x_kube(validation = Rule::new("false").message("reportingInterval is not implemented by Caracal (the agent reports through its metrics and events, not a status object): remove it"))]
     pub reporting_interval: Option<Duration>,
     /// Source address for natOutgoing traffic instead of the node's.
     #[serde(rename = "natOutgoingAddress")]

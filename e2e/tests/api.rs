@@ -645,10 +645,22 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "not a duration",
         ),
         (
-            "Felix failsafe over ICMP",
-            felix(json!({"failsafeInboundHostPorts": [{"protocol": "ICMP", "port": 1}]})),
-            "spec.failsafeInboundHostPorts[0].protocol",
-            "TCP, UDP or SCTP",
+            "Felix failsafe ports (not implemented)",
+            felix(json!({"failsafeInboundHostPorts": [{"protocol": "TCP", "port": 22}]})),
+            "spec.failsafeInboundHostPorts",
+            "failsafeInboundHostPorts is not implemented",
+        ),
+        (
+            "Felix nftablesMode (not implemented)",
+            felix(json!({"nftablesMode": "Disabled"})),
+            "spec.nftablesMode",
+            "nftablesMode is not implemented",
+        ),
+        (
+            "Felix WireGuard on (not yet)",
+            felix(json!({"wireguardEnabled": true})),
+            "spec.wireguardEnabled",
+            "not available in this Caracal release",
         ),
         (
             "BGP peer IP that is a name",

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cni;
 pub mod dataplane;
+pub mod felix;
 pub mod ipam;
 pub mod memory;
 pub mod metrics;

@@ -31,7 +31,6 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         "metadata": serde_json::to_value(meta("caracal-node", "default", false)).unwrap_or_default(),
         "spec": {
             "bpfEnabled": net.linux_dataplane == Some(LinuxDataplane::BPF),
-            "nftablesMode": if net.linux_dataplane == Some(LinuxDataplane::Nftables) { "Enabled" } else { "Disabled" },
             "wireguardEnabled": net.wireguard == Some(Toggle::Enabled),
             "vxlanEnabled": encaps.iter().any(|e| matches!(e, Encapsulation::VXLAN | Encapsulation::VXLANCrossSubnet)),
             "ipipEnabled": encaps.iter().any(|e| matches!(e, Encapsulation::IPIP | Encapsulation::IPIPCrossSubnet)),
