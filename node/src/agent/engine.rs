@@ -45,6 +45,11 @@ pub enum Msg {
     Wired(String),
     /// Converge in full now (the periodic refresh).
     Refresh,
+    /// FelixConfiguration's settings for the policy data plane's model.
+    Felix {
+        /// `natOutgoingAddress`.
+        nat_outgoing_address: Option<IpAddr>,
+    },
 }
 
 /// The engine's state: the update path and the backend. [`run`] drives it from a channel on a thread of
@@ -217,6 +222,7 @@ impl Engine {
                     let _ = self.program(true);
                 }
             }
+            Msg::Felix { nat_outgoing_address } => self.pipeline.set_nat_address(nat_outgoing_address),
         }
         self.pending.merge(self.pipeline.take_changes());
         if !self.pending.is_empty() || !self.programmed_once {

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::dataplane::{self, DataplaneError};
+use crate::felix::{Defaults, Felix};
 use crate::ipam::node::{Held, NodeIpam, attr};
 use crate::routing::Routing;
 
@@ -56,6 +57,28 @@ pub struct Parts {
     pub gc_every: Option<Duration>,
     /// Records a Warning Event on each object that fails to convert.
     pub events: Option<kube::Client>,
+    /// FelixConfiguration: the defaults the environment gives and where the settings in effect go.
+    pub felix: Option<FelixParts>,
+}
+
+/// The agent's FelixConfiguration side.
+pub struct FelixParts {
+    /// What applies where FelixConfiguration says nothing; `bpf` and `ipv6` are what this process runs.
+    pub defaults: Defaults,
+    /// The settings in effect, for what the agent's loop does not own (its listeners, its log level).
+    pub tx: tokio::sync::watch::Sender<Felix>,
+}
+
+/// The FelixConfiguration kind.
+pub const FELIX_KIND: &str = "caracal.dev/v1/FelixConfiguration";
+
+/// The settings in effect from what `cache` holds (`default` and `node.<node>`).
+pub fn felix_from(cache: &Cache, node: &str, defaults: &Defaults) -> (Felix, Vec<crate::felix::FelixError>) {
+    Felix::effective(
+        cache.get(FELIX_KIND, "default"),
+        cache.get(FELIX_KIND, &format!("node.{node}")),
+        defaults,
+    )
 }
 
 /// What the agent exposes to health checks and metrics.
@@ -73,6 +96,8 @@ pub struct Status {
     pub routing_changes: AtomicU64,
     /// Routing syncs that failed.
     pub routing_failures: AtomicU64,
+    /// Why the agent stopped to be started again (a FelixConfiguration change that needs a restart).
+    pub restart: std::sync::OnceLock<String>,
     /// Objects that failed to decode or convert, by kind (the kinds are a fixed list).
     pub conversion_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// The last program's duration, in microseconds.
@@ -178,12 +203,13 @@ fn for_cache(u: &Update) -> Update {
 async fn sync_routing(
     routing: &mut Option<Routing>,
     cache: &Cache,
+    felix: &Felix,
     status: &Status,
     first: &mut bool,
     force: bool,
 ) -> bool {
     let Some(r) = routing.as_mut() else { return true };
-    match r.sync(cache, force).await {
+    match r.sync(cache, felix, force).await {
         Ok(stats) => {
             if !stats.is_noop() {
                 if !*first {
@@ -272,7 +298,19 @@ pub async fn run(
         mut routing,
         gc_every,
         events,
+        felix: felix_parts,
     } = parts;
+    let defaults = felix_parts
+        .as_ref()
+        .map(|f| f.defaults.clone())
+        .unwrap_or_else(|| Defaults {
+            refresh: cfg.refresh,
+            bpf: cfg.dataplane == "BPF",
+            ipv6: cfg.ipv6,
+            ..Defaults::default()
+        });
+    let mut felix = Felix::effective(None, None, &defaults).0;
+    let running = felix.restart_key();
     let (to_engine, engine_rx) = std::sync::mpsc::channel();
     let (failures_tx, mut failures) = mpsc::unbounded_channel();
     let engine = {
@@ -294,8 +332,12 @@ pub async fn run(
     let mut reported: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut cache = Cache::default();
     let mut routing_first = true;
-    let mut refresh = tokio::time::interval(cfg.refresh);
-    refresh.tick().await;
+    // The full read-backs: routing's (routeRefreshInterval) and the policy data plane's
+    // (iptablesRefreshInterval), each on its own schedule.
+    let mut route_refresh = tokio::time::interval(felix.route_refresh);
+    route_refresh.tick().await;
+    let mut policy_refresh = tokio::time::interval(felix.iptables_refresh);
+    policy_refresh.tick().await;
     let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(60)));
     gc.tick().await;
     // When routing must sync next: `debounce` after the first routing change (and at once at start).
@@ -315,9 +357,45 @@ pub async fn run(
                     if routing_input(&u) {
                         routing_due.get_or_insert_with(|| tokio::time::Instant::now() + cfg.debounce);
                     }
+                    let felix_changed = kind_of(&u) == FELIX_KIND;
                     cache.apply(for_cache(&u));
                     if DATAPLANE_KINDS.contains(&kind_of(&u)) {
                         send(engine::Msg::Update(u));
+                    }
+                    if felix_changed {
+                        let (new, errors) = felix_from(&cache, &cfg.node_name, &defaults);
+                        for e in errors {
+                            warn!(error = %e, "FelixConfiguration: a field keeps its default");
+                        }
+                        if new != felix {
+                            if new.restart_key() != running {
+                                let why = format!(
+                                    "FelixConfiguration asks for bpfEnabled {} and IPv6 {} while the agent runs {} and {}: restarting to apply it",
+                                    new.bpf, new.ipv6, running.0, running.1
+                                );
+                                warn!("{why}");
+                                let _ = status.restart.set(why);
+                                break Ok(());
+                            }
+                            if (new.nat_outgoing_address, new.endpoint_to_host)
+                                != (felix.nat_outgoing_address, felix.endpoint_to_host)
+                            {
+                                send(engine::Msg::Felix {
+                                    nat_outgoing_address: new.nat_outgoing_address,
+                                });
+                            }
+                            if new.route_refresh != felix.route_refresh {
+                                route_refresh = tokio::time::interval_at(tokio::time::Instant::now() + new.route_refresh, new.route_refresh);
+                            }
+                            if new.iptables_refresh != felix.iptables_refresh {
+                                policy_refresh = tokio::time::interval_at(tokio::time::Instant::now() + new.iptables_refresh, new.iptables_refresh);
+                            }
+                            info!(?new, "FelixConfiguration in effect");
+                            if let Some(p) = &felix_parts {
+                                p.tx.send_replace(new.clone());
+                            }
+                            felix = new;
+                        }
                     }
                 }
                 None => break Ok(()),
@@ -348,15 +426,15 @@ pub async fn run(
             },
             () = tokio::time::sleep_until(routing_due.unwrap_or_else(tokio::time::Instant::now)),
                 if routing_due.is_some() && cache.in_sync() => {
-                let ok = sync_routing(&mut routing, &cache, &status, &mut routing_first, false).await;
+                let ok = sync_routing(&mut routing, &cache, &felix, &status, &mut routing_first, false).await;
                 // A failed sync is retried after a second (or sooner, at the next routing change).
                 routing_due = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
             },
-            _ = refresh.tick() => {
-                let ok = sync_routing(&mut routing, &cache, &status, &mut routing_first, true).await;
+            _ = route_refresh.tick() => {
+                let ok = sync_routing(&mut routing, &cache, &felix, &status, &mut routing_first, true).await;
                 routing_due = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
-                send(engine::Msg::Refresh);
             },
+            _ = policy_refresh.tick() => send(engine::Msg::Refresh),
         }
     };
     drop(to_engine);

@@ -71,6 +71,11 @@ impl Pipeline {
         self.graph.model()
     }
 
+    /// Felix's `natOutgoingAddress`.
+    pub fn set_nat_address(&mut self, address: Option<IpAddr>) {
+        self.graph.set_nat_address(address);
+    }
+
     /// What changed in the model since the last call.
     pub fn take_changes(&mut self) -> Changes {
         self.graph.take_changes()

@@ -95,35 +95,125 @@ fn main() -> anyhow::Result<()> {
     agent_main()
 }
 
+/// Sets the log level the agent's filter admits (from FelixConfiguration's `logSeverityScreen`).
+type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Logging to stderr (JSON with `CARACAL_LOG_FORMAT=json`), filtered by `RUST_LOG` when set, else by the level
+/// the returned function sets (info until FelixConfiguration says otherwise).
+fn init_logs() -> SetLevel {
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| "info".into());
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let reload: Box<dyn Fn(tracing_subscriber::EnvFilter) + Send + Sync> =
+        if env("CARACAL_LOG_FORMAT", "text") == "json" {
+            let builder = fmt.json().with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |f| {
+                let _ = handle.reload(f);
+            })
+        } else {
+            let builder = fmt.with_env_filter(filter).with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |f| {
+                let _ = handle.reload(f);
+            })
+        };
+    Box::new(move |level: &str| {
+        if !fixed {
+            reload(tracing_subscriber::EnvFilter::new(level));
+        }
+    })
+}
+
+/// Keeps the health and metrics listeners where FelixConfiguration says (each moves, starts or stops as its
+/// settings change), and the log level.
+async fn follow_felix(
+    mut rx: tokio::sync::watch::Receiver<caracal_node::felix::Felix>,
+    status: Arc<Status>,
+    set_level: SetLevel,
+) {
+    use caracal_node::felix::Listen;
+    let mut running: [Option<(Listen, Vec<tokio::task::JoinHandle<()>>)>; 2] = [None, None];
+    loop {
+        let f = rx.borrow_and_update().clone();
+        set_level(caracal_node::felix::log_directive(f.log_severity));
+        for (i, (what, want)) in [("health", f.health), ("metrics", f.metrics)]
+            .into_iter()
+            .enumerate()
+        {
+            if running[i].as_ref().map(|(l, _)| l) == Some(&want) {
+                continue;
+            }
+            if let Some((_, tasks)) = running[i].take() {
+                tasks.iter().for_each(tokio::task::JoinHandle::abort);
+            }
+            let mut tasks = Vec::new();
+            if want.enabled {
+                let addrs = want.addrs();
+                if addrs.is_empty() {
+                    tracing::warn!(host = %want.host, "the {what} server's host does not resolve: not listening");
+                }
+                for addr in addrs {
+                    let status = status.clone();
+                    tracing::info!(%addr, "{what} server listening");
+                    tasks.push(tokio::spawn(async move {
+                        if let Err(e) = caracal_datastore::http::serve(addr, status).await {
+                            tracing::warn!(%addr, error = %e, "the {what} server cannot listen");
+                        }
+                    }));
+                }
+            }
+            running[i] = Some((want, tasks));
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// FelixConfiguration `default` and `node.<node>` as the API server has them now (absent, or unreadable:
+/// None), so the agent starts with the data plane and IPv6 setting they ask for.
+async fn felix_at_start(
+    client: &kube::Client,
+    node: &str,
+) -> (Option<serde_json::Value>, Option<serde_json::Value>) {
+    let api: kube::Api<caracal_crds::felix::FelixConfiguration> = kube::Api::all(client.clone());
+    let get = |name: String| {
+        let api = api.clone();
+        async move {
+            api.get_opt(&name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|f| serde_json::to_value(f).ok())
+        }
+    };
+    (get("default".into()).await, get(format!("node.{node}")).await)
+}
+
 #[tokio::main]
 async fn agent_main() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if env("CARACAL_LOG_FORMAT", "text") == "json" {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    let set_level = init_logs();
     let node_name = std::env::var("CARACAL_NODE_NAME")
         .context("CARACAL_NODE_NAME must name this node (the DaemonSet sets it from spec.nodeName)")?;
-    let host = env("CARACAL_HEALTH_HOST", "127.0.0.1");
-    let health: std::net::SocketAddr = format!("{host}:{}", env("CARACAL_HEALTH_PORT", "9099"))
-        .parse()
-        .context("CARACAL_HEALTH_HOST / CARACAL_HEALTH_PORT")?;
-    let metrics: std::net::SocketAddr = format!("{host}:{}", env("CARACAL_METRICS_PORT", "9091"))
-        .parse()
-        .context("CARACAL_HEALTH_HOST / CARACAL_METRICS_PORT")?;
+    let port = |var: &str, default: u16| -> anyhow::Result<u16> {
+        env(var, &default.to_string())
+            .parse()
+            .with_context(|| format!("{var} must be a port number"))
+    };
+    let mut defaults = caracal_node::felix::Defaults::default();
+    defaults.health.host = env("CARACAL_HEALTH_HOST", "127.0.0.1");
+    defaults.health.port = port("CARACAL_HEALTH_PORT", 9099)?;
+    defaults.metrics.host = env("CARACAL_METRICS_HOST", "");
+    defaults.metrics.port = port("CARACAL_METRICS_PORT", 9091)?;
     let exec_prefix = match std::env::var("CARACAL_NETNS") {
         Ok(ns) if !ns.is_empty() => vec!["ip".into(), "netns".into(), "exec".into(), ns],
         _ => Vec::new(),
     };
     let status = Arc::new(Status::default());
-    let servers = [
-        tokio::spawn(caracal_datastore::http::serve(health, status.clone())),
-        tokio::spawn(caracal_datastore::http::serve(metrics, status.clone())),
-    ];
     // A short queue: during the initial list of a large cluster the watches wait for the agent rather than
     // pile up thousands of documents (each a few KiB of JSON) that the allocator then keeps.
     let (tx, rx) = mpsc::channel(256);
@@ -199,7 +289,24 @@ async fn agent_main() -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let ipv6 = method6.is_some();
+    // FelixConfiguration's bpfEnabled and ipv6Support, when set, decide over the environment: a restart
+    // that a change of either asks for comes back up with what it asks for.
+    let (felix_default, felix_node) = felix_at_start(&client, &node_name).await;
+    defaults.refresh = Duration::from_secs(
+        env("CARACAL_REFRESH_SECONDS", "90")
+            .parse()
+            .context("CARACAL_REFRESH_SECONDS")?,
+    );
+    defaults.bpf = env("CARACAL_DATAPLANE", "Iptables") == "BPF";
+    defaults.ipv6 = method6.is_some();
+    let (at_start, _) =
+        caracal_node::felix::Felix::effective(felix_default.as_ref(), felix_node.as_ref(), &defaults);
+    defaults.bpf = at_start.bpf;
+    let ipv6 = at_start.ipv6;
+    let method6 = method6.filter(|_| ipv6);
+    defaults.ipv6 = ipv6;
+    let (felix_tx, felix_rx) = tokio::sync::watch::channel(at_start);
+    let listeners = tokio::spawn(follow_felix(felix_rx, status.clone(), set_level));
     let mtu = Arc::new(std::sync::atomic::AtomicU32::new(1450));
     let explicit_mtu = match std::env::var("CARACAL_MTU") {
         Ok(m) if !m.is_empty() && m != "0" => Some(m.parse().context("CARACAL_MTU must be a number")?),
@@ -229,12 +336,12 @@ async fn agent_main() -> anyhow::Result<()> {
     let socket = std::path::PathBuf::from(env("CARACAL_CNI_SOCKET", "/var/run/caracal/cni.sock"));
     // On a thread of its own (it stops with the process).
     cni.spawn(socket).context("starting the CNI server's thread")?;
-    let refresh = Duration::from_secs(
-        env("CARACAL_REFRESH_SECONDS", "90")
-            .parse()
-            .context("CARACAL_REFRESH_SECONDS")?,
-    );
-    let dataplane = env("CARACAL_DATAPLANE", "Iptables");
+    let refresh = defaults.refresh;
+    let dataplane = match (defaults.bpf, env("CARACAL_DATAPLANE", "Iptables")) {
+        (true, _) => "BPF".to_owned(),
+        (false, d) if d == "BPF" => "Iptables".to_owned(),
+        (false, d) => d,
+    };
     // In BPF mode the agent also replaces kube-proxy: Services and EndpointSlices into the BPF maps.
     let services = (dataplane == "BPF").then(|| {
         let cfg = caracal_node::services::Config {
@@ -263,6 +370,10 @@ async fn agent_main() -> anyhow::Result<()> {
         routing: Some(routing),
         gc_every: Some(Duration::from_secs(30).min(refresh)),
         events: Some(client.clone()),
+        felix: Some(agent::FelixParts {
+            defaults,
+            tx: felix_tx,
+        }),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("SIGTERM handler")?;
@@ -272,9 +383,14 @@ async fn agent_main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    let result = agent::run(cfg, rx, status, parts, shutdown).await;
+    let result = agent::run(cfg, rx, status.clone(), parts, shutdown).await;
     watches.iter().for_each(tokio::task::JoinHandle::abort);
     services.iter().for_each(tokio::task::JoinHandle::abort);
-    servers.iter().for_each(tokio::task::JoinHandle::abort);
-    result.context("the policy data plane")
+    listeners.abort();
+    result.context("the policy data plane")?;
+    if let Some(why) = status.restart.get() {
+        // Exits so that the kubelet starts the agent again, which then runs what FelixConfiguration says.
+        anyhow::bail!("{why}");
+    }
+    Ok(())
 }

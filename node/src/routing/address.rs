@@ -196,6 +196,20 @@ pub struct Detected {
     pub chosen6: Option<Chosen<Ipv6Net>>,
     /// Why IPv6 is on without an address.
     pub warning: Option<String>,
+    /// The host MTU: the smallest MTU of the interfaces `mtuIfacePattern` matches (None: none matches, and
+    /// each family's underlay link's MTU is the host's).
+    pub host_mtu: Option<u32>,
+}
+
+impl Detected {
+    /// The host MTU for the IPv4 (`v6` false) or IPv6 underlay.
+    pub fn host_mtu(&self, v6: bool) -> u32 {
+        let link = match (&self.chosen6, v6) {
+            (Some(c6), true) => c6.mtu,
+            _ => self.chosen.mtu,
+        };
+        self.host_mtu.unwrap_or(link)
+    }
 }
 
 /// The address manager: finds the node's underlay address of each family (and turns forwarding on) at the
@@ -205,7 +219,8 @@ pub struct Detected {
 pub struct AddressManager {
     method: Method,
     method6: Option<Method>,
-    last: Option<Detected>,
+    /// What was found, and with which `mtuIfacePattern`.
+    last: Option<(Detected, String)>,
 }
 
 impl AddressManager {
@@ -218,15 +233,19 @@ impl AddressManager {
         }
     }
 
-    /// The addresses: found again when `force` or never found, else the last ones. `internal` is the Node's
-    /// InternalIP of each family (for `kubernetes-internal-ip`).
+    /// The addresses: found again when `force`, never found or `mtu_pattern` (Felix's `mtuIfacePattern`)
+    /// changed, else the last ones. `internal` is the Node's InternalIP of each family (for
+    /// `kubernetes-internal-ip`).
     pub async fn detect<K: super::kernel::Kernel>(
         &mut self,
         k: &K,
         internal: (Option<IpAddr>, Option<IpAddr>),
+        mtu_pattern: &str,
         force: bool,
     ) -> Result<Detected, super::RoutingError> {
-        if let (Some(d), false) = (&self.last, force) {
+        if let (Some((d, pattern)), false) = (&self.last, force)
+            && pattern == mtu_pattern
+        {
             return Ok(d.clone());
         }
         let mut forwarding = vec![("net.ipv4.ip_forward".to_owned(), "1".to_owned())];
@@ -246,12 +265,27 @@ impl AddressManager {
             },
             None => (None, None),
         };
+        let mut warning = warning;
+        let host_mtu = match regex::Regex::new(mtu_pattern) {
+            Ok(r) => interfaces
+                .iter()
+                .filter(|i| r.is_match(&i.name))
+                .map(|i| i.mtu)
+                .min(),
+            Err(e) => {
+                warning = Some(format!(
+                    "FelixConfiguration mtuIfacePattern {mtu_pattern:?} is not a regular expression ({e}): the underlay link's MTU is used"
+                ));
+                None
+            }
+        };
         let d = Detected {
             chosen,
             chosen6,
             warning,
+            host_mtu,
         };
-        self.last = Some(d.clone());
+        self.last = Some((d.clone(), mtu_pattern.to_owned()));
         Ok(d)
     }
 
@@ -373,7 +407,7 @@ mod tests {
         use crate::routing::kernel::fake::FakeKernel;
         let k = FakeKernel::with_underlay("eth0", 1500, &["10.99.0.2/24"]);
         let mut m = AddressManager::new(Method::FirstFound, Some(Method::FirstFound));
-        let d = m.detect(&k, (None, None), false).await.unwrap();
+        let d = m.detect(&k, (None, None), "^eth", false).await.unwrap();
         assert_eq!(d.chosen.ip.to_string(), "10.99.0.2/24");
         assert!(
             d.chosen6.is_none()
@@ -394,8 +428,25 @@ mod tests {
         );
         // The address changes: an unforced sync keeps what it found, a forced one finds the new one.
         k.state().links.get_mut("eth0").unwrap().addrs = ["10.99.0.7/24".parse().unwrap()].into();
-        assert_eq!(m.detect(&k, (None, None), false).await.unwrap(), d);
-        let again = m.detect(&k, (None, None), true).await.unwrap();
+        assert_eq!(m.detect(&k, (None, None), "^eth", false).await.unwrap(), d);
+        let again = m.detect(&k, (None, None), "^eth", true).await.unwrap();
         assert_eq!(again.chosen.ip.to_string(), "10.99.0.7/24");
+        // mtuIfacePattern: the smallest MTU of the interfaces it matches is the host's; a new pattern is
+        // applied at once, without waiting for a forced sync.
+        assert_eq!(again.host_mtu, Some(1500));
+        k.state().links.get_mut("eth0").unwrap().mtu = 9000;
+        k.add_link("eth1");
+        let both = m.detect(&k, (None, None), "^eth[01]$", false).await.unwrap();
+        assert_eq!(
+            (both.host_mtu, both.host_mtu(false)),
+            (Some(1500), 1500),
+            "eth1's 1500 under eth0's 9000"
+        );
+        let none = m.detect(&k, (None, None), "^wlan", false).await.unwrap();
+        assert_eq!(
+            (none.host_mtu, none.host_mtu(false)),
+            (None, 9000),
+            "nothing matches: the underlay link's"
+        );
     }
 }

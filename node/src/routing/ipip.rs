@@ -42,7 +42,9 @@ impl IpipManager {
                 .insert(annotation::IPV4_IPIP_TUNNEL_ADDR.into(), None);
             return Ok(());
         };
-        let mtu = plan.underlay.chosen.mtu.saturating_sub(Self::OVERHEAD);
+        let mtu = plan
+            .ipip_mtu
+            .unwrap_or(plan.underlay.host_mtu(false).saturating_sub(Self::OVERHEAD));
         let index = match k.ensure_ipip(IPIP_DEVICE, mtu).await {
             Ok(index) => index,
             Err(e) if crate::netlink::is_not_supported(&e) => {

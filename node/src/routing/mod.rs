@@ -42,6 +42,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::cni::host_iface;
+use crate::felix::Felix;
 use crate::ipam::node::{NodeIpam, attr};
 use crate::netlink::{Netlink, NetlinkError, OwnedRoute};
 use address::{AddressManager, Detected};
@@ -148,6 +149,8 @@ pub struct Plan<'a> {
     pub pod_mtu: u32,
     /// The VXLAN parameters.
     pub vxlan: VxlanParams,
+    /// Felix's `ipipMTU` (None: the host's less 20).
+    pub ipip_mtu: Option<u32>,
 }
 
 /// What the managers contribute in one sync: routes through their devices (the route manager owns the
@@ -182,13 +185,6 @@ pub struct Routing<K: Kernel = Netlink> {
     /// BIRD, when BGP is enabled.
     bird: Option<bird::Bird>,
     routes: RouteManager,
-}
-
-fn felix(cache: &Cache) -> Value {
-    cache
-        .get("caracal.dev/v1/FelixConfiguration", "default")
-        .cloned()
-        .unwrap_or(Value::Null)
 }
 
 /// The handle of a node's IPIP tunnel address.
@@ -241,7 +237,12 @@ impl<K: Kernel> Routing<K> {
     /// The managers run in order: addresses (found again on forced syncs only), BGP (BIRD's configuration),
     /// the VXLAN device of each family, IPIP, the Node's annotations, the routes (every manager's and the
     /// pods').
-    pub async fn sync(&mut self, cache: &Cache, force: bool) -> Result<SyncStats, RoutingError> {
+    pub async fn sync(
+        &mut self,
+        cache: &Cache,
+        felix: &Felix,
+        force: bool,
+    ) -> Result<SyncStats, RoutingError> {
         let me = self.cfg.node.clone();
         let my_node = cache.get("v1/Node", &me).cloned().unwrap_or(Value::Null);
         let internal = |v6: bool| -> Option<IpAddr> {
@@ -255,7 +256,12 @@ impl<K: Kernel> Routing<K> {
         };
         let detected = self
             .addresses
-            .detect(&self.kernel, (internal(false), internal(true)), force)
+            .detect(
+                &self.kernel,
+                (internal(false), internal(true)),
+                &felix.mtu_iface_pattern,
+                force,
+            )
             .await?;
         let mut warnings: Vec<String> = detected.warning.iter().cloned().collect();
         let nodes = model::nodes(cache.of_kind("v1/Node").map(|(_, v)| v));
@@ -265,8 +271,22 @@ impl<K: Kernel> Routing<K> {
             v4: Some(detected.chosen.ip),
             v6: detected.chosen6.as_ref().map(|c| c.ip),
         };
-        let desired = model::compute(&me, underlay, &nodes, &pools, &blocks, self.cfg.bgp);
+        let mut desired = model::compute(&me, underlay, &nodes, &pools, &blocks, self.cfg.bgp);
         warnings.extend(desired.warnings.iter().cloned());
+        // FelixConfiguration's vxlanEnabled / ipipEnabled override what the pools decide.
+        for (name, set, wanted) in [
+            ("vxlanEnabled", felix.vxlan_enabled, &mut desired.vxlan),
+            ("ipipEnabled", felix.ipip_enabled, &mut desired.ipip),
+        ] {
+            if let Some(on) = set {
+                if *wanted && !on {
+                    warnings.push(format!(
+                        "FelixConfiguration {name} is false while an IPPool asks for it: its routes are not programmed"
+                    ));
+                }
+                *wanted = on;
+            }
+        }
         for (name, p) in cache.of_kind("caracal.dev/v1/IPPool") {
             if !self.addresses.ipv6() && p["spec"]["cidr"].as_str().is_some_and(|c| c.contains(':')) {
                 warnings.push(format!(
@@ -278,16 +298,9 @@ impl<K: Kernel> Routing<K> {
         if self.bird.is_some() {
             self.sync_bgp(cache, &detected, &blocks).await?;
         }
-        let f = felix(cache);
         let vx = VxlanParams {
-            vni: f["vxlanVNI"]
-                .as_u64()
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(DEFAULT_VNI),
-            port: f["vxlanPort"]
-                .as_u64()
-                .and_then(|v| u16::try_from(v).ok())
-                .unwrap_or(DEFAULT_PORT),
+            vni: felix.vxlan_vni,
+            port: felix.vxlan_port,
         };
         let mut plan = Plan {
             me: &me,
@@ -295,8 +308,10 @@ impl<K: Kernel> Routing<K> {
             underlay: &detected,
             pod_mtu: 0,
             vxlan: vx,
+            ipip_mtu: felix.ipip_mtu,
         };
-        // The pod MTU: explicit, or the host's less the largest overhead in use.
+        // The pod MTU: explicit, or the host's less the largest overhead in use (or that encapsulation's
+        // configured MTU).
         let mut overheads: Vec<Overhead> = self
             .vxlan
             .iter()
@@ -304,25 +319,27 @@ impl<K: Kernel> Routing<K> {
             .map(|m| Overhead {
                 v6: m.v6(),
                 bytes: m.overhead(),
+                fixed: if m.v6() {
+                    felix.vxlan_mtu_v6
+                } else {
+                    felix.vxlan_mtu
+                },
             })
             .collect();
         if IpipManager::wanted(&plan) {
             overheads.push(Overhead {
                 v6: false,
                 bytes: IpipManager::OVERHEAD,
+                fixed: felix.ipip_mtu,
             });
         }
-        plan.pod_mtu = self
-            .cfg
-            .mtu
-            .or_else(|| f["vxlanMTU"].as_u64().and_then(|m| u32::try_from(m).ok()))
-            .unwrap_or_else(|| {
-                model::pod_mtu(
-                    detected.chosen.mtu,
-                    detected.chosen6.as_ref().map(|c| c.mtu),
-                    &overheads,
-                )
-            });
+        plan.pod_mtu = self.cfg.mtu.unwrap_or_else(|| {
+            model::pod_mtu(
+                detected.host_mtu(false),
+                detected.chosen6.as_ref().map(|_| detected.host_mtu(true)),
+                &overheads,
+            )
+        });
         self.mtu.store(plan.pod_mtu, Ordering::Relaxed);
         let key = (desired.clone(), detected.clone(), plan.pod_mtu, vx);
         if !force && self.last.as_ref() == Some(&key) {

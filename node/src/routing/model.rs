@@ -337,6 +337,8 @@ pub struct Overhead {
     pub v6: bool,
     /// Bytes added to each packet.
     pub bytes: u32,
+    /// The MTU configured for this encapsulation (Felix's `vxlanMTU`, `vxlanMTUV6`, `ipipMTU`): used as is.
+    pub fixed: Option<u32>,
 }
 
 /// The MTU pods get: the host MTU less the largest overhead in use, per underlay family (`host_v6`: the IPv6
@@ -346,7 +348,7 @@ pub fn pod_mtu(host_v4: u32, host_v6: Option<u32>, overheads: &[Overhead]) -> u3
         .iter()
         .map(|o| {
             let host = if o.v6 { host_v6.unwrap_or(host_v4) } else { host_v4 };
-            host.saturating_sub(o.bytes)
+            o.fixed.unwrap_or(host.saturating_sub(o.bytes))
         })
         .min()
         .unwrap_or(host_v4)
@@ -607,7 +609,21 @@ mod tests {
 
     #[test]
     fn the_pod_mtu_is_the_host_mtu_less_the_largest_overhead_in_use() {
-        let o = |v6, bytes| Overhead { v6, bytes };
+        let o = |v6, bytes| Overhead {
+            v6,
+            bytes,
+            fixed: None,
+        };
+        let fixed = Overhead {
+            v6: false,
+            bytes: 50,
+            fixed: Some(1400),
+        };
+        assert_eq!(
+            pod_mtu(1500, None, &[fixed, o(false, 20)]),
+            1400,
+            "a configured MTU is used as is"
+        );
         assert_eq!(pod_mtu(1500, None, &[o(false, 50)]), 1450, "VXLAN");
         assert_eq!(pod_mtu(1500, None, &[o(false, 20)]), 1480, "IPIP");
         assert_eq!(

@@ -30,6 +30,7 @@ pub fn detected(k: &FakeKernel) -> Detected {
             mtu: 1500,
         }),
         warning: None,
+        host_mtu: None,
     }
 }
 
@@ -44,6 +45,7 @@ pub fn plan<'a>(desired: &'a Desired, underlay: &'a Detected) -> Plan<'a> {
             vni: super::DEFAULT_VNI,
             port: super::DEFAULT_PORT,
         },
+        ipip_mtu: None,
     }
 }
 
