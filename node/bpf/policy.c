@@ -50,6 +50,7 @@ struct bits {
 };
 
 // What the agent programmed for one interface (key: its ifindex).
+#define EP_HOST_DROP 1 // what the pod sends its own host is dropped after its egress policy
 struct endpoint {
 	__u32 flags;
 	__u32 table[2]; // [0]: what the pod sends (egress policy); [1]: what it receives (ingress policy)
@@ -860,9 +861,8 @@ static __always_inline __u64 idle_limit(__u8 proto)
 	return CT_OTHER_NS;
 }
 
-// Whether `p`, sent by the pod, is addressed to the host itself: the host's own traffic with its pods is
-// outside pod policy, as in the iptables backend, whose policy is in the forward path only. A global
-// function: the lookup's parameters are on a stack of their own.
+// Whether `p`, sent by the pod, is addressed to the host itself (defaultEndpointToHostAction applies). A
+// global function: the lookup's parameters are on a stack of their own.
 __noinline int to_host(struct __sk_buff *skb, const struct pkt *p)
 {
 	if (!skb || !p)
@@ -1273,17 +1273,20 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 			p.dport = b.port;
 		}
 	}
-	// The host's own traffic, or evaluated against the endpoint's policy for the direction; a pod's flow to
-	// itself through its Service against both of its own (it leaves and enters the pod).
+	// The host's own traffic to the pod passes; everything else is evaluated against the endpoint's policy
+	// for the direction; a pod's flow to itself through its Service against both of its own (it leaves and
+	// enters the pod); a pod's flow to its own host then meets defaultEndpointToHostAction (Drop: the flag).
 	__u32 table = 0;
 	int allowed;
-	if (to_pod ? skb->ingress_ifindex == 0 : (!service && to_host(skb, &p))) {
+	if (to_pod && skb->ingress_ifindex == 0) {
 		allowed = 1;
 	} else {
 		table = ep->table[to_pod ? 1 : 0];
 		allowed = decide(table, &p);
 		if (allowed && service == 2)
 			allowed = decide(ep->table[1], &p);
+		if (allowed && !to_pod && !service && (ep->flags & EP_HOST_DROP) && to_host(skb, &p))
+			allowed = 0;
 	}
 	if (!allowed)
 		return verdict(ifindex, to_pod, 0);

@@ -272,6 +272,16 @@ impl Felix {
         (felix, errors)
     }
 
+    /// `defaultEndpointToHostAction` as the policy data plane's model has it.
+    pub fn endpoint_to_host_model(&self) -> caracal_policy::model::EndpointToHost {
+        use caracal_policy::model::EndpointToHost;
+        match self.endpoint_to_host {
+            EndpointToHostAction::Drop => EndpointToHost::Drop,
+            EndpointToHostAction::Return => EndpointToHost::Return,
+            EndpointToHostAction::Accept => EndpointToHost::Accept,
+        }
+    }
+
     /// What needs the agent restarted to change (Felix restarts itself for these).
     pub fn restart_key(&self) -> (bool, bool) {
         (self.bpf, self.ipv6)

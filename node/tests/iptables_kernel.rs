@@ -781,3 +781,126 @@ fn the_bpf_backend_passes_icmp_errors_related_to_an_allowed_flow() {
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/caracal-related-{}", std::process::id()));
     icmp_errors_are_related_to_their_flow(&node, Agent::bpf(&node, &pins));
 }
+
+/// A TCP connection from pod `from` to its host (the gateway address on the host side of its veth).
+fn to_host(node: &Node, from: &str, port: u16) -> Outcome {
+    let gateway = std::net::Ipv4Addr::new(169, 254, 1, 1);
+    let first = probe::tcp(&node.pods[from].ns, &node.ns, gateway, port, TIMEOUT).expect("probe");
+    if first == Outcome::Connected {
+        return first;
+    }
+    probe::tcp(
+        &node.pods[from].ns,
+        &node.ns,
+        gateway,
+        port,
+        Duration::from_secs(2),
+    )
+    .expect("probe")
+}
+
+fn set_to_host(agent: &mut Agent, action: caracal_policy::model::EndpointToHost) {
+    agent.engine.handle(Msg::Felix {
+        nat_outgoing_address: None,
+        endpoint_to_host: action,
+    });
+    agent.engine.flush().expect("program");
+}
+
+/// Felix's `defaultEndpointToHostAction` in both backends: Drop (the default) stops a pod's traffic to its
+/// own host, Accept lets it in, and the pod's egress policy still comes first; in iptables mode Return hands
+/// it to the host's own INPUT rules (which Accept bypasses). The host's own connections to a pod are
+/// unaffected.
+#[test]
+fn default_endpoint_to_host_action_drops_accepts_or_returns_a_pods_traffic_to_its_host() {
+    use caracal_policy::model::EndpointToHost;
+    let node = node();
+    let pins = bpf_pins("to-host");
+    for dataplane in ["Iptables", "BPF"] {
+        let mut agent = match dataplane {
+            "BPF" => Agent::bpf(&node, &pins),
+            _ => Agent::new(&node, false),
+        };
+        agent.converge(ALLOW_WEB);
+        assert_eq!(
+            to_host(&node, "x/b", 7201),
+            Outcome::NoAnswer,
+            "{dataplane}: Drop by default"
+        );
+        assert_eq!(
+            probe(&node, &("x/b", "x/a", "80/TCP", true)),
+            Outcome::Connected,
+            "{dataplane}: pod to pod is not the host's"
+        );
+        let from_host = probe::tcp(
+            &node.ns,
+            &node.pods["x/b"].ns,
+            node.pods["x/b"].ip,
+            7202,
+            Duration::from_secs(2),
+        )
+        .expect("probe");
+        assert_eq!(
+            from_host,
+            Outcome::Connected,
+            "{dataplane}: the host reaches its pods"
+        );
+
+        set_to_host(&mut agent, EndpointToHost::Accept);
+        assert_eq!(
+            to_host(&node, "x/b", 7203),
+            Outcome::Connected,
+            "{dataplane}: Accept"
+        );
+        assert_eq!(
+            to_host(&node, "x/a", 7204),
+            Outcome::NoAnswer,
+            "{dataplane}: x/a's egress policy (it may start nothing) still comes first"
+        );
+
+        if dataplane == "Iptables" {
+            // The host's own INPUT rule against the port: Return hands the packet to it, Accept does not.
+            node.ns
+                .exec(&[
+                    "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "7205", "-j", "DROP",
+                ])
+                .expect("host rule");
+            assert_eq!(
+                to_host(&node, "x/b", 7205),
+                Outcome::Connected,
+                "Accept bypasses the host's rules"
+            );
+            set_to_host(&mut agent, EndpointToHost::Return);
+            assert_eq!(
+                to_host(&node, "x/b", 7205),
+                Outcome::NoAnswer,
+                "Return: the host's rule drops it"
+            );
+            assert_eq!(
+                to_host(&node, "x/b", 7206),
+                Outcome::Connected,
+                "Return: other ports pass"
+            );
+            node.ns
+                .exec(&[
+                    "iptables", "-D", "INPUT", "-p", "tcp", "--dport", "7205", "-j", "DROP",
+                ])
+                .expect("host rule");
+        } else {
+            set_to_host(&mut agent, EndpointToHost::Return);
+            assert_eq!(
+                to_host(&node, "x/b", 7206),
+                Outcome::Connected,
+                "BPF: Return passes to the stack"
+            );
+        }
+        set_to_host(&mut agent, EndpointToHost::Drop);
+        assert_eq!(
+            to_host(&node, "x/b", 7207),
+            Outcome::NoAnswer,
+            "{dataplane}: Drop again"
+        );
+        agent.engine.remove_all().expect("clean up");
+    }
+    assert!(!pins.exists());
+}

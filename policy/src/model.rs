@@ -196,6 +196,22 @@ pub struct DataplaneModel {
     pub sets: BTreeMap<SetKey, SetMembers>,
     /// natOutgoing: what leaves the pools with the node's address.
     pub nat_outgoing: NatOutgoing,
+    /// What happens to a pod's traffic to its own host, after the pod's egress policy (Felix's
+    /// `defaultEndpointToHostAction`).
+    pub endpoint_to_host: EndpointToHost,
+}
+
+/// Felix's `defaultEndpointToHostAction`: what a pod's traffic to its own host meets once the pod's egress
+/// policy allowed it (a reply of a connection the host opened is always let through).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EndpointToHost {
+    /// Dropped (Calico's default).
+    #[default]
+    Drop,
+    /// Handed to the host's own input rules.
+    Return,
+    /// Accepted.
+    Accept,
 }
 
 /// natOutgoing, as every policy backend implements it: traffic from a pool with `natOutgoing: true` to

@@ -49,6 +49,8 @@ pub enum Msg {
     Felix {
         /// `natOutgoingAddress`.
         nat_outgoing_address: Option<IpAddr>,
+        /// `defaultEndpointToHostAction`.
+        endpoint_to_host: caracal_policy::model::EndpointToHost,
     },
 }
 
@@ -222,7 +224,10 @@ impl Engine {
                     let _ = self.program(true);
                 }
             }
-            Msg::Felix { nat_outgoing_address } => self.pipeline.set_nat_address(nat_outgoing_address),
+            Msg::Felix {
+                nat_outgoing_address,
+                endpoint_to_host,
+            } => self.pipeline.set_felix(nat_outgoing_address, endpoint_to_host),
         }
         self.pending.merge(self.pipeline.take_changes());
         if !self.pending.is_empty() || !self.programmed_once {

@@ -382,6 +382,7 @@ pub async fn run(
                             {
                                 send(engine::Msg::Felix {
                                     nat_outgoing_address: new.nat_outgoing_address,
+                                    endpoint_to_host: new.endpoint_to_host_model(),
                                 });
                             }
                             if new.route_refresh != felix.route_refresh {

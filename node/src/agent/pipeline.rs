@@ -71,9 +71,10 @@ impl Pipeline {
         self.graph.model()
     }
 
-    /// Felix's `natOutgoingAddress`.
-    pub fn set_nat_address(&mut self, address: Option<IpAddr>) {
-        self.graph.set_nat_address(address);
+    /// Felix's `natOutgoingAddress` and `defaultEndpointToHostAction`.
+    pub fn set_felix(&mut self, nat_address: Option<IpAddr>, to_host: caracal_policy::model::EndpointToHost) {
+        self.graph.set_nat_address(nat_address);
+        self.graph.set_endpoint_to_host(to_host);
     }
 
     /// What changed in the model since the last call.

@@ -118,6 +118,8 @@ pub struct Changes {
     pub endpoints: BTreeSet<String>,
     /// natOutgoing changed (rendered whole: a few pools).
     pub nat: bool,
+    /// What a pod's traffic to its host meets changed.
+    pub endpoint_to_host: bool,
 }
 
 impl Changes {
@@ -128,11 +130,13 @@ impl Changes {
             && self.policies.is_empty()
             && self.endpoints.is_empty()
             && !self.nat
+            && !self.endpoint_to_host
     }
 
     /// Adds `other`'s changes (which came after these) to these.
     pub fn merge(&mut self, other: Changes) {
         self.nat |= other.nat;
+        self.endpoint_to_host |= other.endpoint_to_host;
         for key in other.sets {
             self.members.remove(&key);
             self.sets.insert(key);
@@ -337,6 +341,14 @@ impl CalcGraph {
             None => self.pools.remove(name),
         };
         self.recompute_nat(self.model.nat_outgoing.address);
+    }
+
+    /// Sets Felix's `defaultEndpointToHostAction`.
+    pub fn set_endpoint_to_host(&mut self, action: crate::model::EndpointToHost) {
+        if self.model.endpoint_to_host != action {
+            self.model.endpoint_to_host = action;
+            self.changes.endpoint_to_host = true;
+        }
     }
 
     /// Sets Felix's `natOutgoingAddress` (None: masquerade to the outgoing interface's address).

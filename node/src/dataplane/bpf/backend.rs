@@ -51,6 +51,8 @@ struct Written {
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Programmed {
     ifindex: u32,
+    /// The entry's flags (`super::EP_HOST_DROP`).
+    flags: u32,
     /// Table hashes: [egress (from the pod), ingress (to the pod)].
     hashes: [u64; 2],
 }
@@ -543,21 +545,31 @@ impl BpfDataplane {
             }
         };
         let hashes = [images[0].hash, images[1].hash];
+        let flags = endpoint_flags(model);
         let before = self.endpoints.get(iface).copied();
-        if !force && before == Some(Programmed { ifindex, hashes }) {
+        if !force
+            && before
+                == Some(Programmed {
+                    ifindex,
+                    flags,
+                    hashes,
+                })
+        {
             return Ok(());
         }
         let [egress, ingress] = images;
         let table = [self.table_for(egress, stats)?, self.table_for(ingress, stats)?];
-        let entry = Endpoint {
-            flags: 0,
-            table,
-            pad: 0,
-        };
+        let entry = Endpoint { flags, table, pad: 0 };
         self.loaded()?.set_endpoint(ifindex, entry)?;
         stats.endpoints_written += 1;
-        self.endpoints
-            .insert(iface.to_owned(), Programmed { ifindex, hashes });
+        self.endpoints.insert(
+            iface.to_owned(),
+            Programmed {
+                ifindex,
+                flags,
+                hashes,
+            },
+        );
         if let Some(old) = before {
             if old.ifindex != ifindex {
                 self.loaded()?.remove_endpoint(old.ifindex)?;
@@ -651,11 +663,18 @@ impl BpfDataplane {
             let ids = hashes.map(|h| self.tables.get(&h).map(|w| w.id));
             let in_kernel = kernel_entries.get(&ifindex);
             let known = self.endpoints.get(iface).copied();
+            let flags = endpoint_flags(model);
             if let (Some(k), [Some(e), Some(i)]) = (in_kernel, ids)
                 && k.table == [e, i]
+                && k.flags == flags
             {
                 // Right already: take the references, write nothing.
-                if known != Some(Programmed { ifindex, hashes }) {
+                let now = Programmed {
+                    ifindex,
+                    flags,
+                    hashes,
+                };
+                if known != Some(now) {
                     for h in hashes {
                         if let Some(w) = self.tables.get_mut(&h) {
                             w.refs += 1;
@@ -666,8 +685,7 @@ impl BpfDataplane {
                             self.release(h, &mut stats)?;
                         }
                     }
-                    self.endpoints
-                        .insert(iface.to_owned(), Programmed { ifindex, hashes });
+                    self.endpoints.insert(iface.to_owned(), now);
                 }
                 continue;
             }
@@ -759,6 +777,10 @@ impl BpfDataplane {
             r[1].0 = true;
         }
         let mut affected: FastSet<&str> = changes.endpoints.iter().map(String::as_str).collect();
+        // defaultEndpointToHostAction is in every endpoint's entry.
+        if changes.endpoint_to_host {
+            affected.extend(model.endpoint_tiers.keys().map(String::as_str));
+        }
         for (p, dirs) in &reach {
             for (d, (other, own_sets)) in dirs.iter().enumerate() {
                 if !*other && own_sets.is_empty() {
@@ -893,6 +915,15 @@ impl PolicyDataplane for BpfDataplane {
         self.attached.clear();
         self.dirty = true;
         super::remove_all(&self.dir).map_err(|e| vec![e.into()])
+    }
+}
+
+/// The flags of every endpoint's entry: what `defaultEndpointToHostAction` asks (Drop: [`super::EP_HOST_DROP`];
+/// Return hands the packet to the stack, where the host's own input rules see it, as Accept does).
+fn endpoint_flags(model: &DataplaneModel) -> u32 {
+    match model.endpoint_to_host {
+        caracal_policy::model::EndpointToHost::Drop => super::EP_HOST_DROP,
+        caracal_policy::model::EndpointToHost::Return | caracal_policy::model::EndpointToHost::Accept => 0,
     }
 }
 

@@ -32,11 +32,15 @@ static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 
 use tables::{Bits, Image, MatchPart};
 
+/// An endpoint's flag: what it sends to its own host is dropped once its egress policy allowed it (Felix's
+/// `defaultEndpointToHostAction: Drop`; without the flag, Accept or Return: the host's stack gets it).
+pub const EP_HOST_DROP: u32 = 1;
+
 /// An endpoint entry (`struct endpoint` in policy.c).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Flags (none defined yet).
+    /// Flags: [`EP_HOST_DROP`].
     pub flags: u32,
     /// The policy tables new flows are evaluated against: `[0]` what the pod sends (its egress policy),
     /// `[1]` what it receives (its ingress policy).

@@ -1,6 +1,6 @@
 //! Converging the kernel to a [`Desired`] rendering: `ipset restore` for sets (a changed set is filled as a
 //! temporary set and swapped in, atomically), then one `iptables-restore --noflush` transaction that rewrites
-//! only chains whose content changed, deletes chains no longer wanted and hooks `FORWARD` exactly once.
+//! only chains whose content changed, deletes chains no longer wanted and hooks `FORWARD` and `INPUT` exactly once each, first.
 //!
 //! Read-back is `iptables-save` / `ipset save`: calling [`Iptables::apply`] again repairs drift (a deleted or
 //! edited rule, a removed hook, a changed set). What the kernel shows for a chain just written is read back
@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use super::render::{Desired, FORWARD_CHAIN, IpSet, order_free, render_changes, render_family, set_prefixes};
+use super::render::{Desired, HOOKS, IpSet, order_free, render_changes, render_family, set_prefixes};
 use crate::dataplane::{Changes, DataplaneModel, Family};
 
 /// Errors running the iptables and ipset tools.
@@ -139,19 +139,30 @@ pub struct Iptables {
 /// Chain name -> rules (without `-A NAME `), as `iptables-save` prints them.
 type Chains = BTreeMap<String, Vec<String>>;
 
-/// The `FORWARD` hook as found: rewritten unless there once and first.
+/// A hook from a built-in chain ([`HOOKS`]) as found: rewritten unless there once and first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Hooks {
     /// How many copies.
     count: usize,
-    /// Whether FORWARD's first rule is one.
+    /// Whether the built-in chain's first rule is one.
     first: bool,
 }
 
-/// Our chains as `iptables-save` shows them, plus the FORWARD rules.
-fn parse_save(text: &str) -> (Chains, Vec<String>) {
+impl Hooks {
+    /// A hook known to be in place (the fast path does not read the kernel back).
+    const IN_PLACE: Hooks = Hooks {
+        count: 1,
+        first: true,
+    };
+}
+
+/// The rules of each hooked built-in chain, in [`HOOKS`] order.
+type Builtins = [Vec<String>; 2];
+
+/// Our chains as `iptables-save` shows them, plus the rules of the built-in chains we hook.
+fn parse_save(text: &str) -> (Chains, Builtins) {
     let mut chains = Chains::new();
-    let mut forward = Vec::new();
+    let mut builtins: Builtins = Default::default();
     for line in text.lines() {
         if let Some(decl) = line.strip_prefix(':') {
             let name = decl.split_whitespace().next().unwrap_or_default();
@@ -162,12 +173,12 @@ fn parse_save(text: &str) -> (Chains, Vec<String>) {
             let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
             if chain.starts_with("crc-") {
                 chains.entry(chain.to_owned()).or_default().push(rest.to_owned());
-            } else if chain == "FORWARD" {
-                forward.push(rest.to_owned());
+            } else if let Some(i) = HOOKS.iter().position(|(b, _)| *b == chain) {
+                builtins[i].push(rest.to_owned());
             }
         }
     }
-    (chains, forward)
+    (chains, builtins)
 }
 
 /// The policy sets of `family` as `ipset save` shows them: name -> (type, members). Other sets (the other
@@ -253,7 +264,7 @@ impl Iptables {
         }
     }
 
-    fn current(&self) -> Result<(Chains, Vec<String>), IptablesError> {
+    fn current(&self) -> Result<(Chains, Builtins), IptablesError> {
         Ok(parse_save(&self.run(
             &self.tool("-save"),
             &["-t", "filter"],
@@ -273,7 +284,7 @@ impl Iptables {
             })
             .map(|(n, _)| n.clone())
             .collect();
-        let (chains, forward) = self.current()?;
+        let (chains, builtins) = self.current()?;
         let written: Vec<String> = desired
             .chains
             .iter()
@@ -297,13 +308,16 @@ impl Iptables {
             .filter(|c| !desired.chains.contains_key(*c))
             .cloned()
             .collect();
-        let is_hook = |r: &String| r.trim() == format!("-j {FORWARD_CHAIN}");
-        // The hook must be FORWARD's first rule: kube-proxy prepends its own jump (whose KUBE-FORWARD accepts
-        // the NodePort traffic it marked for masquerade) when it starts, and policy comes before that.
-        let hooks = Hooks {
-            count: forward.iter().filter(|r| is_hook(r)).count(),
-            first: forward.first().is_some_and(is_hook),
-        };
+        // Each hook must be its built-in chain's first rule: kube-proxy prepends its own jump to FORWARD (whose
+        // KUBE-FORWARD accepts the NodePort traffic it marked for masquerade) when it starts, and policy comes
+        // before that.
+        let hooks: [Hooks; 2] = std::array::from_fn(|i| {
+            let is_hook = |r: &String| r.trim() == format!("-j {}", HOOKS[i].1);
+            Hooks {
+                count: builtins[i].iter().filter(|r| is_hook(r)).count(),
+                first: builtins[i].first().is_some_and(is_hook),
+            }
+        });
         let stale_sets: Vec<String> = current_sets
             .keys()
             .filter(|n| !desired.sets.contains_key(*n))
@@ -405,10 +419,7 @@ impl Iptables {
             &written,
             &patched,
             &stale,
-            Hooks {
-                count: 1,
-                first: true,
-            },
+            [Hooks::IN_PLACE; 2],
             &stale_sets,
             stats,
         );
@@ -453,7 +464,7 @@ impl Iptables {
         written: &[String],
         patched: &[(String, String)],
         stale: &[String],
-        hooks: Hooks,
+        hooks: [Hooks; 2],
         stale_sets: &[String],
         mut stats: ApplyStats,
     ) -> Result<ApplyStats, IptablesError> {
@@ -474,12 +485,14 @@ impl Iptables {
         for (_, lines) in patched {
             restore.push_str(lines);
         }
-        if !(hooks.count == 1 && hooks.first) {
-            for _ in 0..hooks.count {
-                restore.push_str(&format!("-D FORWARD -j {FORWARD_CHAIN}\n"));
+        for (h, (builtin, chain)) in hooks.iter().zip(HOOKS) {
+            if !(h.count == 1 && h.first) {
+                for _ in 0..h.count {
+                    restore.push_str(&format!("-D {builtin} -j {chain}\n"));
+                }
+                restore.push_str(&format!("-I {builtin} 1 -j {chain}\n"));
+                stats.hooked = true;
             }
-            restore.push_str(&format!("-I FORWARD 1 -j {FORWARD_CHAIN}\n"));
-            stats.hooked = true;
         }
         for c in stale {
             restore.push_str(&format!("-F {c}\n"));
@@ -557,13 +570,12 @@ impl Iptables {
     pub fn remove_all(&mut self) -> Result<(), Vec<IptablesError>> {
         let mut errors = Vec::new();
         match self.current() {
-            Ok((chains, forward)) => {
+            Ok((chains, builtins)) => {
                 let mut restore = String::from("*filter\n");
-                for r in forward
-                    .iter()
-                    .filter(|r| r.contains(&format!("-j {FORWARD_CHAIN}")))
-                {
-                    restore.push_str(&format!("-D FORWARD {r}\n"));
+                for (rules, (builtin, chain)) in builtins.iter().zip(HOOKS) {
+                    for r in rules.iter().filter(|r| r.contains(&format!("-j {chain}"))) {
+                        restore.push_str(&format!("-D {builtin} {r}\n"));
+                    }
                 }
                 for c in chains.keys() {
                     restore.push_str(&format!("-F {c}\n"));

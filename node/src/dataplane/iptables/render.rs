@@ -36,8 +36,14 @@ use crate::dataplane::{Changes, DataplaneModel, Family, SetKey, SetMembers};
 pub const MARK_ACCEPT: u32 = 0x10000;
 /// The mark bit set when a policy passes.
 pub const MARK_PASS: u32 = 0x20000;
-/// The top-level chain.
+/// The top-level chain of forwarded traffic.
 pub const FORWARD_CHAIN: &str = "crc-FORWARD";
+/// The top-level chain of traffic to the host itself.
+pub const INPUT_CHAIN: &str = "crc-INPUT";
+/// A pod's traffic to its own host: its egress policy, then `defaultEndpointToHostAction`.
+pub const WL_TO_HOST: &str = "crc-wl-to-host";
+/// The built-in chains Caracal hooks, each with the chain its hook jumps to (first rule, exactly once).
+pub const HOOKS: [(&str, &str); 2] = [("FORWARD", FORWARD_CHAIN), ("INPUT", INPUT_CHAIN)];
 /// Dispatch to endpoints' ingress chains.
 pub const TO_WL: &str = "crc-to-wl-dispatch";
 /// Dispatch to endpoints' egress chains.
@@ -358,6 +364,35 @@ fn forward_chain() -> Vec<String> {
     ])
 }
 
+fn input_chain() -> Vec<String> {
+    with_hash(vec![format!("-i {IFACE_GLOB} -j {WL_TO_HOST}")])
+}
+
+/// A pod's traffic to its host: replies and related errors pass, invalid is dropped; IPv6 neighbour
+/// discovery and router solicitation pass (a pod resolves its gateway with them); then the pod's egress
+/// policy (its dispatch drops what it denies) and the configured action.
+fn wl_to_host_chain(model: &DataplaneModel, family: Family) -> Vec<String> {
+    let mut rules = vec![
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_owned(),
+        "-m conntrack --ctstate INVALID -j DROP".to_owned(),
+    ];
+    if family == Family::V6 {
+        for t in [130, 131, 132, 133, 135, 136] {
+            rules.push(format!("-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT"));
+        }
+    }
+    rules.push(format!("-j {FROM_WL}"));
+    let action = match model.endpoint_to_host {
+        caracal_policy::model::EndpointToHost::Drop => "DROP",
+        caracal_policy::model::EndpointToHost::Return => "RETURN",
+        caracal_policy::model::EndpointToHost::Accept => "ACCEPT",
+    };
+    rules.push(format!(
+        "-m comment --comment \"defaultEndpointToHostAction\" -j {action}"
+    ));
+    with_hash(rules)
+}
+
 /// Whether the order of chain `name`'s rules between its hash comment and its last rule is free: the
 /// dispatch chains, whose rules each match one distinct interface ahead of the final `DROP`. The fast path
 /// patches such a chain (inserts and deletes single rules) instead of rewriting it.
@@ -424,6 +459,9 @@ fn policy_chains(model: &DataplaneModel, name: &str, family: Family) -> [(String
 pub fn render_family(model: &DataplaneModel, family: Family) -> Desired {
     let mut d = Desired::default();
     d.chains.insert(FORWARD_CHAIN.into(), forward_chain());
+    d.chains.insert(INPUT_CHAIN.into(), input_chain());
+    d.chains
+        .insert(WL_TO_HOST.into(), wl_to_host_chain(model, family));
     d.chains.extend(dispatch_chains(model));
     for ep in &model.endpoints {
         for (name, rules) in endpoint_chains(model, &ep.iface) {
@@ -473,6 +511,9 @@ pub fn render_changes(d: &mut Desired, model: &DataplaneModel, changes: &Changes
         for (c, rules) in policy_chains(model, name, family) {
             chain(d, c, rules);
         }
+    }
+    if changes.endpoint_to_host {
+        chain(d, WL_TO_HOST.into(), Some(wl_to_host_chain(model, family)));
     }
     if !changes.endpoints.is_empty() {
         for iface in &changes.endpoints {
