@@ -32,6 +32,32 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The agent binary for node `name`, programming `node`'s namespace from the API server of `cp`: the
+/// process, its health and metrics ports, its log file.
+fn start_agent(
+    cp: &caracal_e2e::controlplane::ControlPlane,
+    node: &netns::NetNs,
+    name: &str,
+) -> (Reap, u16, u16, std::path::PathBuf) {
+    let (health, metrics) = (free_port(), free_port());
+    let log = cp.dir().join(format!("caracal-node-{name}.log"));
+    let child = Command::new(env!("CARGO_BIN_EXE_caracal-node"))
+        .env("KUBECONFIG", cp.kubeconfig())
+        .env("CARACAL_NODE_NAME", name)
+        .env("CARACAL_NETNS", node.name())
+        .env("CARACAL_CNI_SOCKET", cp.dir().join(format!("{name}.sock")))
+        .env("CARACAL_STATE_DIR", cp.dir().join(format!("{name}-state")))
+        .env("CARACAL_HEALTH_PORT", health.to_string())
+        .env("CARACAL_METRICS_PORT", metrics.to_string())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start caracal-node");
+    (Reap(child), health, metrics, log)
+}
+
 #[tokio::test]
 async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
@@ -53,22 +79,7 @@ async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
         .await
         .expect("pod");
 
-    let (health, metrics) = (free_port(), free_port());
-    let log = cp.dir().join("caracal-node.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_caracal-node"))
-        .env("KUBECONFIG", cp.kubeconfig())
-        .env("CARACAL_NODE_NAME", "bin-node")
-        .env("CARACAL_NETNS", node.name())
-        .env("CARACAL_CNI_SOCKET", cp.dir().join("bin-node.sock"))
-        .env("CARACAL_STATE_DIR", cp.dir().join("bin-node-state"))
-        .env("CARACAL_HEALTH_PORT", health.to_string())
-        .env("CARACAL_METRICS_PORT", metrics.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start caracal-node");
-    let mut child = Reap(child);
+    let (mut child, health, metrics, log) = start_agent(&cp, &node, "bin-node");
     let start = Instant::now();
     while http_get(health, "/readyz").map(|r| r.0) != Some(200) {
         assert!(
@@ -249,6 +260,177 @@ async fn the_node_binary_through_the_typha_binary_programs_its_node() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
+        .expect("backend")
+        .remove_all()
+        .expect("cleanup");
+}
+
+/// Waits until `f` holds, or fails with `what` and the agent's log.
+fn eventually(what: &str, within: Duration, log: &std::path::Path, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < within,
+            "{what}: not within {within:?}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    start.elapsed()
+}
+
+/// FelixConfiguration changes, written through the API server, take effect in the running agent without a
+/// restart: the per-node object moves the metrics listener; `iptablesRefreshInterval` puts the read-back
+/// that repairs drift on the new schedule; `defaultEndpointToHostAction` (Drop by default) lets a pod reach
+/// its host; `natOutgoingAddress` turns masquerading into SNAT to that address; `logSeverityScreen` Debug
+/// brings debug lines.
+#[tokio::test]
+async fn felix_configuration_changes_take_effect_in_the_running_agent() {
+    use caracal_e2e::probe::{self, Outcome};
+    use kube::api::{Api, Patch, PatchParams};
+    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
+    let (cp, client) = caracal_e2e::crds::control_plane()
+        .await
+        .expect("control plane with CRDs");
+    let node = netns::node("nfelix").expect("node namespace");
+    let pod = netns::wire_pod(
+        &node,
+        "nfpod",
+        &host_iface("app", "web"),
+        "10.62.0.1".parse().expect("ip"),
+    )
+    .expect("pod");
+    caracal_e2e::objects::namespace(&client, "app", json!({}))
+        .await
+        .expect("namespace");
+    caracal_e2e::objects::pod(&client, "app", "web", json!({}), "felix-node", "10.62.0.1")
+        .await
+        .expect("pod");
+    caracal_e2e::objects::ippool(
+        &client,
+        "pool",
+        "10.62.0.0/16",
+        caracal_crds::ippool::EncapMode::Never,
+        caracal_crds::ippool::EncapMode::Never,
+        true,
+    )
+    .await
+    .expect("pool");
+    let (_child, health, metrics, log) = start_agent(&cp, &node, "felix-node");
+    eventually("ready", Duration::from_secs(60), &log, || {
+        http_get(health, "/readyz").map(|r| r.0) == Some(200)
+    });
+    assert!(http_get(metrics, "/metrics").is_some_and(|r| r.0 == 200));
+    let gateway = std::net::Ipv4Addr::new(169, 254, 1, 1);
+    let to_host =
+        |port: u16| probe::tcp(&pod.ns, &node, gateway, port, Duration::from_millis(700)).expect("probe");
+    assert_eq!(
+        to_host(7301),
+        Outcome::NoAnswer,
+        "defaultEndpointToHostAction is Drop by default"
+    );
+
+    // Drift with the default schedule (90 s): the FORWARD hook deleted stays deleted for a while.
+    let hooked = || {
+        node.exec(&["iptables-save", "-t", "filter"])
+            .expect("save")
+            .contains("-A FORWARD -j crc-FORWARD")
+    };
+    node.exec(&["iptables", "-D", "FORWARD", "-j", "crc-FORWARD"])
+        .expect("drift");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!hooked(), "no read-back yet on the 90 s schedule");
+
+    let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
+    let new_metrics = free_port();
+    let apply = |name: &str, spec: serde_json::Value| {
+        let felix = felix.clone();
+        let name = name.to_owned();
+        async move {
+            let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": name}, "spec": spec});
+            felix
+                .patch(
+                    &name,
+                    &PatchParams::apply("caracal-test").force(),
+                    &Patch::Apply(&obj),
+                )
+                .await
+                .expect("apply FelixConfiguration");
+        }
+    };
+    apply(
+        "default",
+        json!({"iptablesRefreshInterval": "2s", "defaultEndpointToHostAction": "Accept", "natOutgoingAddress": "192.0.2.77", "logSeverityScreen": "Debug"}),
+    )
+    .await;
+    apply("node.felix-node", json!({"prometheusMetricsPort": new_metrics})).await;
+
+    let took = eventually(
+        "the drift repaired on the 2 s schedule",
+        Duration::from_secs(15),
+        &log,
+        hooked,
+    );
+    eprintln!("drift repaired {took:?} after the new schedule was written");
+    eventually(
+        "metrics moved to the per-node port",
+        Duration::from_secs(15),
+        &log,
+        || {
+            http_get(new_metrics, "/metrics")
+                .is_some_and(|r| r.0 == 200 && r.1.contains("caracal_node_ready 1"))
+        },
+    );
+    eventually(
+        "the old metrics port closed",
+        Duration::from_secs(15),
+        &log,
+        || http_get(metrics, "/metrics").is_none(),
+    );
+    assert!(
+        http_get(health, "/healthz").is_some_and(|r| r.0 == 200),
+        "health stays where it was"
+    );
+    eventually(
+        "Accept: the pod reaches its host",
+        Duration::from_secs(15),
+        &log,
+        || to_host(7302) == Outcome::Connected,
+    );
+    eventually(
+        "natOutgoingAddress: SNAT to it",
+        Duration::from_secs(15),
+        &log,
+        || {
+            node.exec(&["iptables-save", "-t", "nat"])
+                .expect("save")
+                .contains("-j SNAT --to-source 192.0.2.77")
+        },
+    );
+    eventually(
+        "Debug: debug lines in the log",
+        Duration::from_secs(15),
+        &log,
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("DEBUG")
+        },
+    );
+
+    // Back to Drop, through the per-node object this time (it wins over default).
+    apply(
+        "node.felix-node",
+        json!({"prometheusMetricsPort": new_metrics, "defaultEndpointToHostAction": "Drop"}),
+    )
+    .await;
+    eventually(
+        "Drop again from the per-node object",
+        Duration::from_secs(15),
+        &log,
+        || to_host(7303) == Outcome::NoAnswer,
+    );
     caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
         .expect("backend")
         .remove_all()

@@ -19,21 +19,8 @@ use crate::convert::{self, DEFAULT_TIER, TierInfo};
 use crate::ir::{Policy, TierDefault};
 use crate::world::{Endpoint, Labels, NamedPort, NetworkSet, ServiceBackends};
 
-/// The kinds policy reads (`apiVersion/kind`).
-pub const POLICY_KINDS: &[&str] = &[
-    "v1/Namespace",
-    "v1/Pod",
-    "v1/ServiceAccount",
-    "networking.k8s.io/v1/NetworkPolicy",
-    "caracal.dev/v1/NetworkPolicy",
-    "caracal.dev/v1/GlobalNetworkPolicy",
-    "caracal.dev/v1/Tier",
-    "caracal.dev/v1/NetworkSet",
-    "caracal.dev/v1/GlobalNetworkSet",
-    "discovery.k8s.io/v1/EndpointSlice",
-];
-
-/// Every kind the policy data plane's model reads: the policy kinds, and IP pools (natOutgoing).
+/// Every kind the policy data plane's model reads: the policy kinds ([`POLICY_KINDS`]), then IP pools
+/// (natOutgoing).
 pub const DATAPLANE_KINDS: &[&str] = &[
     "v1/Namespace",
     "v1/Pod",
@@ -47,6 +34,9 @@ pub const DATAPLANE_KINDS: &[&str] = &[
     "discovery.k8s.io/v1/EndpointSlice",
     "caracal.dev/v1/IPPool",
 ];
+
+/// The kinds policy is computed from (`apiVersion/kind`): [`DATAPLANE_KINDS`] but the pools.
+pub const POLICY_KINDS: &[&str] = DATAPLANE_KINDS.split_at(DATAPLANE_KINDS.len() - 1).0;
 
 /// The policy kinds whose objects fail closed when they never converted.
 pub const POLICY_OBJECT_KINDS: &[&str] = &[

@@ -11,7 +11,9 @@
 //! holds for a pod's interface (its tables, counters and flows) and, given a packet, each table's verdict
 //! with the entry that decided (in the namespace `CARACAL_NETNS` names, when set).
 //! - `CARACAL_HEALTH_PORT` (9099) and `CARACAL_METRICS_PORT` (9091): `/healthz` `/readyz` and `/metrics`.
-//! - `CARACAL_HEALTH_HOST` (127.0.0.1): the address both listen on.
+//! - `CARACAL_HEALTH_HOST` (127.0.0.1) and `CARACAL_METRICS_HOST` (every address): where each listens.
+//! - FelixConfiguration (`default`, then `node.<name>`) overrides these listeners, the refresh and the log
+//!   level live, and decides the data plane and IPv6 at start (`caracal_node::felix`).
 //! - `CARACAL_NETNS`: program the data plane of this named network namespace instead of the agent's own
 //!   (for a lab where agents reach the API server from the host).
 //! - `CARACAL_LOG_FORMAT=json` for JSON logs; `KUBECONFIG` or the in-cluster service account for the API.

@@ -295,32 +295,30 @@ impl Netlink {
     /// Every link's name by index.
     pub async fn links(&self) -> Result<Vec<(u32, String)>, NetlinkError> {
         let _turn = self.dumps.lock().await;
-        let all: Vec<LinkMessage> = self
-            .handle
+        Ok(self
+            .dump_links()
+            .await?
+            .into_iter()
+            .filter_map(|l| link_name(&l).map(|n| (l.header.index, n)))
+            .collect())
+    }
+
+    /// Every link's message (the caller holds the dump turn).
+    async fn dump_links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+        self.handle
             .link()
             .get()
             .execute()
             .try_collect()
             .await
-            .map_err(req("listing links"))?;
-        Ok(all
-            .into_iter()
-            .filter_map(|l| link_name(&l).map(|n| (l.header.index, n)))
-            .collect())
+            .map_err(req("listing links"))
     }
 
     /// Every link with its MTU and addresses: one dump of links, one of addresses.
     pub async fn interfaces(&self) -> Result<Vec<crate::routing::kernel::Interface>, NetlinkError> {
         use netlink_packet_route::address::AddressAttribute;
         let _turn = self.dumps.lock().await;
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req("listing links"))?;
+        let links = self.dump_links().await?;
         let addrs: Vec<_> = self
             .handle
             .address()
