@@ -58,26 +58,42 @@ fn start_agent(
     (Reap(child), health, metrics, log)
 }
 
-#[tokio::test]
-async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
+/// A control plane with Caracal's CRDs, a node namespace (`tag`) and the pod `app/web` at `ip` on node
+/// `node_name`, wired in the namespace and written to the API server.
+async fn cluster_with_pod(
+    tag: &str,
+    node_name: &str,
+    ip: &str,
+) -> (
+    caracal_e2e::controlplane::ControlPlane,
+    kube::Client,
+    netns::NetNs,
+    netns::Pod,
+) {
     assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
     let (cp, client) = caracal_e2e::crds::control_plane()
         .await
         .expect("control plane with CRDs");
-    let node = netns::node("nbin").expect("node namespace");
-    let _pod = netns::wire_pod(
+    let node = netns::node(tag).expect("node namespace");
+    let pod = netns::wire_pod(
         &node,
-        "nbpod",
+        &format!("{tag}pod"),
         &host_iface("app", "web"),
-        "10.61.0.1".parse().expect("ip"),
+        ip.parse().expect("ip"),
     )
     .expect("pod");
     caracal_e2e::objects::namespace(&client, "app", json!({}))
         .await
         .expect("namespace");
-    caracal_e2e::objects::pod(&client, "app", "web", json!({}), "bin-node", "10.61.0.1")
+    caracal_e2e::objects::pod(&client, "app", "web", json!({}), node_name, ip)
         .await
         .expect("pod");
+    (cp, client, node, pod)
+}
+
+#[tokio::test]
+async fn the_node_binary_programs_its_node_reports_ready_and_stops_cleanly() {
+    let (cp, _client, node, _pod) = cluster_with_pod("nbin", "bin-node", "10.61.0.1").await;
 
     let (mut child, health, metrics, log) = start_agent(&cp, &node, "bin-node");
     let start = Instant::now();
@@ -289,24 +305,7 @@ fn eventually(what: &str, within: Duration, log: &std::path::Path, mut f: impl F
 async fn felix_configuration_changes_take_effect_in_the_running_agent() {
     use caracal_e2e::probe::{self, Outcome};
     use kube::api::{Api, Patch, PatchParams};
-    assert!(nix::unistd::geteuid().is_root(), "needs root (CI runs as root)");
-    let (cp, client) = caracal_e2e::crds::control_plane()
-        .await
-        .expect("control plane with CRDs");
-    let node = netns::node("nfelix").expect("node namespace");
-    let pod = netns::wire_pod(
-        &node,
-        "nfpod",
-        &host_iface("app", "web"),
-        "10.62.0.1".parse().expect("ip"),
-    )
-    .expect("pod");
-    caracal_e2e::objects::namespace(&client, "app", json!({}))
-        .await
-        .expect("namespace");
-    caracal_e2e::objects::pod(&client, "app", "web", json!({}), "felix-node", "10.62.0.1")
-        .await
-        .expect("pod");
+    let (cp, client, node, pod) = cluster_with_pod("nfelix", "felix-node", "10.62.0.1").await;
     caracal_e2e::objects::ippool(
         &client,
         "pool",
@@ -432,6 +431,65 @@ async fn felix_configuration_changes_take_effect_in_the_running_agent() {
         || to_host(7303) == Outcome::NoAnswer,
     );
     caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
+        .expect("backend")
+        .remove_all()
+        .expect("cleanup");
+}
+
+/// `bpfEnabled` is one of the settings Felix restarts itself for: written while the agent runs iptables, the
+/// agent stops (saying why) so that the kubelet starts it again; started again, it reads FelixConfiguration
+/// before choosing and runs the BPF data plane although its environment still says iptables.
+#[tokio::test]
+async fn bpf_enabled_restarts_the_agent_into_the_bpf_data_plane() {
+    use kube::api::{Api, Patch, PatchParams};
+    let (cp, client, node, _pod) = cluster_with_pod("nbpfen", "bpfen-node", "10.63.0.1").await;
+    let (mut child, health, _metrics, log) = start_agent(&cp, &node, "bpfen-node");
+    eventually("ready", Duration::from_secs(60), &log, || {
+        http_get(health, "/readyz").map(|r| r.0) == Some(200)
+    });
+    let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
+    let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"bpfEnabled": true}});
+    felix
+        .patch(
+            "default",
+            &PatchParams::apply("caracal-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .expect("apply FelixConfiguration");
+    eventually(
+        "the agent stops to restart",
+        Duration::from_secs(30),
+        &log,
+        || child.0.try_wait().expect("wait").is_some(),
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("bpfEnabled true") && text.contains("restarting to apply it"),
+        "{text}"
+    );
+
+    // Started again with the same environment (CARACAL_DATAPLANE unset: iptables).
+    let (_again, health, _metrics, log) = start_agent(&cp, &node, "bpfen-node");
+    eventually("ready again", Duration::from_secs(60), &log, || {
+        http_get(health, "/readyz").map(|r| r.0) == Some(200)
+    });
+    let iface = host_iface("app", "web");
+    let programs = node
+        .enter(move || caracal_node::dataplane::bpf::Loaded::tcx_programs(&iface).expect("query"))
+        .expect("enter");
+    assert_eq!(programs, (1, 1), "the BPF programs on the pod's interface");
+    assert!(
+        !node
+            .exec(&["iptables-save", "-t", "filter"])
+            .expect("save")
+            .contains("-A FORWARD -j crc-FORWARD"),
+        "the iptables backend's rules went with the switch"
+    );
+    let prefix = node.exec_prefix();
+    caracal_node::dataplane::bpf::remove_all(&caracal_node::dataplane::bpf::backend::pin_dir(&prefix))
+        .expect("cleanup");
+    caracal_node::dataplane::backend("Iptables", prefix, true)
         .expect("backend")
         .remove_all()
         .expect("cleanup");

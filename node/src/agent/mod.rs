@@ -63,8 +63,10 @@ pub struct Parts {
 
 /// The agent's FelixConfiguration side.
 pub struct FelixParts {
-    /// What applies where FelixConfiguration says nothing; `bpf` and `ipv6` are what this process runs.
+    /// What applies where FelixConfiguration says nothing (`bpf` and `ipv6` as the environment has them).
     pub defaults: Defaults,
+    /// What this process runs that only a restart changes: (the BPF data plane, IPv6).
+    pub running: (bool, bool),
     /// The settings in effect, for what the agent's loop does not own (its listeners, its log level).
     pub tx: tokio::sync::watch::Sender<Felix>,
 }
@@ -310,7 +312,9 @@ pub async fn run(
             ..Defaults::default()
         });
     let mut felix = Felix::effective(None, None, &defaults).0;
-    let running = felix.restart_key();
+    let running = felix_parts
+        .as_ref()
+        .map_or((cfg.dataplane == "BPF", cfg.ipv6), |f| f.running);
     let (to_engine, engine_rx) = std::sync::mpsc::channel();
     let (failures_tx, mut failures) = mpsc::unbounded_channel();
     let engine = {

@@ -303,10 +303,9 @@ async fn agent_main() -> anyhow::Result<()> {
     defaults.ipv6 = method6.is_some();
     let (at_start, _) =
         caracal_node::felix::Felix::effective(felix_default.as_ref(), felix_node.as_ref(), &defaults);
-    defaults.bpf = at_start.bpf;
+    let running = at_start.restart_key();
     let ipv6 = at_start.ipv6;
     let method6 = method6.filter(|_| ipv6);
-    defaults.ipv6 = ipv6;
     let (felix_tx, felix_rx) = tokio::sync::watch::channel(at_start);
     let listeners = tokio::spawn(follow_felix(felix_rx, status.clone(), set_level));
     let mtu = Arc::new(std::sync::atomic::AtomicU32::new(1450));
@@ -339,7 +338,7 @@ async fn agent_main() -> anyhow::Result<()> {
     // On a thread of its own (it stops with the process).
     cni.spawn(socket).context("starting the CNI server's thread")?;
     let refresh = defaults.refresh;
-    let dataplane = match (defaults.bpf, env("CARACAL_DATAPLANE", "Iptables")) {
+    let dataplane = match (running.0, env("CARACAL_DATAPLANE", "Iptables")) {
         (true, _) => "BPF".to_owned(),
         (false, d) if d == "BPF" => "Iptables".to_owned(),
         (false, d) => d,
@@ -374,6 +373,7 @@ async fn agent_main() -> anyhow::Result<()> {
         events: Some(client.clone()),
         felix: Some(agent::FelixParts {
             defaults,
+            running,
             tx: felix_tx,
         }),
     };
