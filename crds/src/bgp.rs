@@ -48,16 +48,18 @@ pub struct BGPConfigurationSpec {
     #[schemars(schema_with = "port_number_schema")]
     pub listen_port: Option<u16>,
     /// BIRD's log level: Debug, Info, Warning, Error, Fatal.
-    #[x_kube(validation = Rule::new("self in ['Debug', 'Info', 'Warning', 'Error', 'Fatal']").message("logSeverityScreen must be Debug, Info, Warning, Error or Fatal"))]
     #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("false").message("logSeverityScreen is not implemented by Caracal yet (BIRD logs at its default level): remove it"))]
     pub log_severity_screen: Option<String>,
     /// Service cluster IP ranges to advertise.
     #[serde(rename = "serviceClusterIPs", default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("false").message("serviceClusterIPs is not implemented by Caracal yet (Service addresses are not advertised over BGP): remove it"))]
     pub service_cluster_ips: Vec<ServiceCidr>,
     /// Service external IP ranges to advertise.
     #[serde(rename = "serviceExternalIPs", default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("false").message("serviceExternalIPs is not implemented by Caracal yet (Service addresses are not advertised over BGP): remove it"))]
     pub service_external_ips: Vec<ServiceCidr>,
     /// LoadBalancer IP ranges to advertise.
     #[serde(
@@ -66,12 +68,15 @@ pub struct BGPConfigurationSpec {
         skip_serializing_if = "Vec::is_empty"
     )]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("false").message("serviceLoadBalancerIPs is not implemented by Caracal yet (Service addresses are not advertised over BGP): remove it"))]
     pub service_load_balancer_ips: Vec<ServiceCidr>,
     /// Where BIRD listens.
+    #[x_kube(validation = Rule::new("false").message("bindMode is not implemented by Caracal yet (BIRD listens on every address): remove it"))]
     pub bind_mode: Option<BindMode>,
     /// Interfaces whose routes BIRD ignores (shell globs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("false").message("ignoredInterfaces is not implemented by Caracal yet (BIRD imports only BGP routes and ignores interfaces already): remove it"))]
     pub ignored_interfaces: Vec<String>,
 }
 
@@ -149,14 +154,19 @@ pub struct BGPPeerSpec {
     #[schemars(range(min = 1))]
     pub as_number: Option<u32>,
     /// Keep the original next hop when re-advertising.
+    #[x_kube(validation = Rule::new("false").message("keepOriginalNextHop is not implemented by Caracal yet (BIRD sets the next hop itself): remove it"))]
     pub keep_original_next_hop: Option<bool>,
     /// MD5 password for the session.
+    #[x_kube(validation = Rule::new("false").message("password is not implemented by Caracal yet (MD5 sessions are not configured in BIRD): remove it"))]
     pub password: Option<BGPPassword>,
     /// Source address selection.
+    #[x_kube(validation = Rule::new("false").message("sourceAddress is not implemented by Caracal yet (BIRD chooses the source address): remove it"))]
     pub source_address: Option<SourceAddress>,
     /// How long the peer keeps routes while BIRD restarts (graceful restart), e.g. `120s`.
+    #[x_kube(validation = Rule::new("false").message("maxRestartTime is not implemented by Caracal yet (graceful restart is not configured): remove it"))]
     pub max_restart_time: Option<crate::schema::Duration>,
     /// Require this TTL hop count (GTSM).
     #[schemars(range(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("false").message("ttlSecurity is not implemented by Caracal yet (GTSM is not configured): remove it"))]
     pub ttl_security: Option<u8>,
 }

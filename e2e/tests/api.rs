@@ -669,6 +669,25 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "IP address",
         ),
         (
+            "BGP peer password (not implemented yet)",
+            bgppeer(
+                json!({"peerIP": "10.0.0.1", "asNumber": 64600, "password": {"secretKeyRef": {"name": "s", "key": "k"}}}),
+            ),
+            "spec.password",
+            "password is not implemented",
+        ),
+        (
+            "BGP serviceClusterIPs (not implemented yet)",
+            object(
+                "caracal.dev/v1",
+                "BGPConfiguration",
+                "default",
+                json!({"serviceClusterIPs": [{"cidr": "10.96.0.0/16"}]}),
+            ),
+            "spec.serviceClusterIPs",
+            "serviceClusterIPs is not implemented",
+        ),
+        (
             "BGP peer with no peer",
             bgppeer(json!({"node": "n1"})),
             "spec.peerIP",
