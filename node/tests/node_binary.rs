@@ -297,8 +297,9 @@ fn eventually(what: &str, within: Duration, log: &std::path::Path, mut f: impl F
 }
 
 /// FelixConfiguration changes, written through the API server, take effect in the running agent without a
-/// restart: the per-node object moves the metrics listener; `iptablesRefreshInterval` puts the read-back
-/// that repairs drift on the new schedule; `defaultEndpointToHostAction` (Drop by default) lets a pod reach
+/// restart: the per-node object moves the metrics listener; `iptablesRefreshInterval` and
+/// `routeRefreshInterval` put the read-backs that repair drift (a deleted hook, forwarding turned off) on the
+/// new schedules; `defaultEndpointToHostAction` (Drop by default) lets a pod reach
 /// its host; `natOutgoingAddress` turns masquerading into SNAT to that address; `logSeverityScreen` Debug
 /// brings debug lines.
 #[tokio::test]
@@ -306,6 +307,14 @@ async fn felix_configuration_changes_take_effect_in_the_running_agent() {
     use caracal_e2e::probe::{self, Outcome};
     use kube::api::{Api, Patch, PatchParams};
     let (cp, client, node, pod) = cluster_with_pod("nfelix", "felix-node", "10.62.0.1").await;
+    // An underlay address, so that routing finds the node's address and converges.
+    for args in [
+        &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"][..],
+        &["addr", "add", "10.99.9.2/24", "dev", "eth0"],
+        &["link", "set", "eth0", "up"],
+    ] {
+        node.ip(args).expect("underlay");
+    }
     caracal_e2e::objects::ippool(
         &client,
         "pool",
@@ -338,8 +347,23 @@ async fn felix_configuration_changes_take_effect_in_the_running_agent() {
     };
     node.exec(&["iptables", "-D", "FORWARD", "-j", "crc-FORWARD"])
         .expect("drift");
+    // Routing's drift: forwarding turned off (the address manager turns it on at its first sync and then at
+    // every forced one only).
+    eventually("routing's first sync", Duration::from_secs(30), &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("routing converged")
+    });
+    let forwarding = || {
+        node.exec(&["sysctl", "-n", "net.ipv4.ip_forward"])
+            .expect("sysctl")
+            .trim()
+            == "1"
+    };
+    node.sysctl("net.ipv4.ip_forward", "0").expect("drift");
     std::thread::sleep(Duration::from_secs(4));
     assert!(!hooked(), "no read-back yet on the 90 s schedule");
+    assert!(!forwarding(), "no forced routing sync yet on the 90 s schedule");
 
     let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
     let new_metrics = free_port();
@@ -360,11 +384,18 @@ async fn felix_configuration_changes_take_effect_in_the_running_agent() {
     };
     apply(
         "default",
-        json!({"iptablesRefreshInterval": "2s", "defaultEndpointToHostAction": "Accept", "natOutgoingAddress": "192.0.2.77", "logSeverityScreen": "Debug"}),
+        json!({"iptablesRefreshInterval": "2s", "routeRefreshInterval": "3s", "defaultEndpointToHostAction": "Accept", "natOutgoingAddress": "192.0.2.77", "logSeverityScreen": "Debug"}),
     )
     .await;
     apply("node.felix-node", json!({"prometheusMetricsPort": new_metrics})).await;
 
+    let routed = eventually(
+        "forwarding turned on again on the 3 s routing schedule",
+        Duration::from_secs(15),
+        &log,
+        forwarding,
+    );
+    eprintln!("routing drift repaired {routed:?} after the new schedule was written");
     let took = eventually(
         "the drift repaired on the 2 s schedule",
         Duration::from_secs(15),
