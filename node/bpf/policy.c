@@ -255,12 +255,15 @@ struct ct_key {
 #define NAT_SNAT_NODE 4
 // With NAT_FWD: also the source becomes HAIRPIN_SRC (a pod reaching itself through its own Service).
 #define NAT_SNAT_HAIRPIN 8
+// A flow the kernel's own tracker translates (seeded at a switch from a kube-proxy-era connection): its
+// packets keep going through the stack, whose tracker undoes the translation, never straight to a local pod.
+#define CT_STACK 1
 
 struct ct_value {
 	__u64 last_seen_ns;
 	__u32 table; // the policy table it was allowed by (0: traffic of the host, which policy does not cover)
 	__u8 nat;    // NAT_*
-	__u8 pad;
+	__u8 flags;  // CT_*
 	__u16 nat_port; // NAT_FWD: the backend's port; NAT_REV: the Service's (host order)
 	__be32 nat_addr; // NAT_FWD: the backend; NAT_REV: the Service's address
 	__be32 orig_addr; // NAT_REV with a translated source: the client, as replies must reach it (0: none)
@@ -1197,7 +1200,7 @@ static __always_inline void track_service_flow(struct ct_key *key, __u32 table, 
 	ct_add(key, table, NAT_REV, NAT_ARG(sk->addr, sk->port), orig);
 }
 
-static __always_inline int handle(struct __sk_buff *skb, int to_pod)
+static __always_inline int handle(struct __sk_buff *skb, int to_pod, int *stack_only)
 {
 	__u32 ifindex = skb->ifindex;
 	// A refusal this node's programs made for the pod (see refuse).
@@ -1243,6 +1246,7 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod)
 		ct = 0;
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
 		ct->last_seen_ns = now;
+		*stack_only = ct->flags & CT_STACK;
 		count(ifindex, to_pod, 1);
 		if ((ct->nat & NAT_FWD) && !reversed)
 			return translate_fwd(skb, NAT_ARG(ct->nat_addr, ct->nat_port), ct->nat, 0);
@@ -1432,14 +1436,16 @@ __noinline int to_local_pod(struct __sk_buff *skb)
 SEC("classifier/from_pod")
 int from_pod(struct __sk_buff *skb)
 {
-	int rc = handle(skb, 0);
-	return rc == TC_ACT_OK ? to_local_pod(skb) : rc;
+	int stack_only = 0;
+	int rc = handle(skb, 0, &stack_only);
+	return rc == TC_ACT_OK && !stack_only ? to_local_pod(skb) : rc;
 }
 
 SEC("classifier/to_pod")
 int to_pod(struct __sk_buff *skb)
 {
-	return handle(skb, 1);
+	int stack_only = 0;
+	return handle(skb, 1, &stack_only);
 }
 
 SEC("classifier/host_ingress")

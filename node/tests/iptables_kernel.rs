@@ -904,3 +904,56 @@ fn default_endpoint_to_host_action_drops_accepts_or_returns_a_pods_traffic_to_it
     }
     assert!(!pins.exists());
 }
+
+/// A connection the kernel's tracker translates (kube-proxy's DNAT of a ClusterIP to a pod on the same node)
+/// keeps working after the switch to BPF with kube-proxy's rule gone: the programs leave its packets to the
+/// stack, whose tracker still undoes the translation, instead of sending the backend's replies straight to
+/// the client pod (which would see them from the backend's own address).
+#[test]
+fn a_connection_the_kernel_translates_keeps_working_after_the_switch_to_bpf() {
+    use caracal_node::dataplane::{DualStack, TakeOver};
+    let node = node();
+    let pins = bpf_pins("natswitch");
+    let iptables = || Box::new(DualStack::new(node.ns.exec_prefix(), false));
+    let bpf = || Box::new(BpfDataplane::with_pins(&pins, &node.ns.exec_prefix()));
+    let mut agent = Agent::new(&node, false);
+    agent.converge(ALLOW_WEB);
+    let (client, server) = (&node.pods["x/b"], &node.pods["x/a"]);
+    let dnat = |op: &str| {
+        node.ns
+            .exec(&[
+                "iptables",
+                "-t",
+                "nat",
+                op,
+                "PREROUTING",
+                "-d",
+                "10.96.7.7",
+                "-p",
+                "tcp",
+                "--dport",
+                "8080",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{}:80", server.ip),
+            ])
+            .expect("kube-proxy's DNAT");
+    };
+    dnat("-A");
+    let mut conn = Established::open_via(
+        &client.ns,
+        &server.ns,
+        server.ip,
+        80,
+        "10.96.7.7:8080".parse().expect("addr"),
+    );
+    conn.roundtrip("through the DNAT, under iptables");
+    drop(agent);
+    let mut agent = Agent::with_backend(&node, false, "BPF", Box::new(TakeOver::new(bpf(), iptables())));
+    agent.set(ALLOW_WEB);
+    agent.engine.flush().expect("BPF takes over");
+    dnat("-D");
+    conn.roundtrip("after the switch to BPF, the DNAT rule gone");
+    agent.engine.remove_all().expect("clean up");
+}

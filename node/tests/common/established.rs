@@ -15,12 +15,24 @@ pub struct Established {
 impl Established {
     /// Listens in `server` on `ip:port`, connects from `client`, and keeps both ends (the listener goes).
     pub fn open(client: &NetNs, server: &NetNs, ip: Ipv4Addr, port: u16) -> Self {
+        Self::open_via(client, server, ip, port, (ip, port).into())
+    }
+
+    /// Listens in `server` on `ip:port` and connects from `client` to `via` (an address the node translates to
+    /// `ip:port`, as kube-proxy's DNAT of a ClusterIP).
+    pub fn open_via(
+        client: &NetNs,
+        server: &NetNs,
+        ip: Ipv4Addr,
+        port: u16,
+        via: std::net::SocketAddr,
+    ) -> Self {
         let listener = server
             .enter(move || std::net::TcpListener::bind((ip, port)))
             .expect("enter")
             .expect("bind");
         let client = client
-            .enter(move || TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(3)))
+            .enter(move || TcpStream::connect_timeout(&via, Duration::from_secs(3)))
             .expect("enter")
             .expect("connect");
         let (server, _) = listener.accept().expect("accept");

@@ -931,8 +931,10 @@ fn endpoint_flags(model: &DataplaneModel) -> u32 {
 /// this thread's namespace) that touch a local endpoint: one per endpoint interface and direction the flow
 /// crosses, keyed as the programs key a flow (its original tuple, and the reply tuple reversed when the
 /// kernel translated it). Only flows with replies are taken: a flow some policy denied never got one, so
-/// taking over adds no flow that was not allowed. Missing conntrack (no module) yields nothing.
-fn seed_flows(model: &DataplaneModel) -> Vec<super::CtKey> {
+/// taking over adds no flow that was not allowed. A flow the kernel translated (kube-proxy's DNAT) is marked
+/// [`super::CT_STACK`]: its packets keep going through the stack, whose tracker undoes the translation.
+/// Missing conntrack (no module) yields nothing.
+fn seed_flows(model: &DataplaneModel) -> Vec<(super::CtKey, u8)> {
     let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack") else {
         return Vec::new();
     };
@@ -947,10 +949,16 @@ fn seed_flows(model: &DataplaneModel) -> Vec<super::CtKey> {
     let mut out = Vec::new();
     for line in text.lines() {
         if let Some((orig, reply)) = conntrack_tuples(line) {
+            // Translated by the kernel (kube-proxy's DNAT): only the stack can undo it.
+            let flags = if reply.reversed() == orig {
+                0
+            } else {
+                super::CT_STACK
+            };
             for t in [orig, reply.reversed()] {
                 for ip in [t.src, t.dst] {
                     if let Some(ifindex) = by_ip.get(&ip) {
-                        let key = t.key(*ifindex);
+                        let key = (t.key(*ifindex), flags);
                         if !out.contains(&key) {
                             out.push(key);
                         }

@@ -32,6 +32,10 @@ static POLICY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 
 use tables::{Bits, Image, MatchPart};
 
+/// A tracker entry's flag: the kernel's own tracker translates this flow (a connection opened under kube-proxy,
+/// seeded at a switch), so its packets keep going through the stack, never straight to a local pod.
+pub const CT_STACK: u8 = 1;
+
 /// An endpoint's flag: what it sends to its own host is dropped once its egress policy allowed it (Felix's
 /// `defaultEndpointToHostAction: Drop`; without the flag, Accept or Return: the host's stack gets it).
 pub const EP_HOST_DROP: u32 = 1;
@@ -169,8 +173,8 @@ pub struct CtValue {
     pub table: u32,
     /// `NAT_*` of policy.c: 0 (none), 1 forward (| 4 source to the node, | 8 hairpin), 2 reverse.
     pub nat: u8,
-    /// Layout padding.
-    pub pad: u8,
+    /// `CT_*` of policy.c: [`CT_STACK`].
+    pub flags: u8,
     /// Forward: the backend's port; reverse: the Service's (host order).
     pub nat_port: u16,
     /// Forward: the backend's address; reverse: the Service's (network order bytes).
@@ -616,14 +620,15 @@ impl Loaded {
 
     /// Adds flows to the connection tracker (the kernel's established flows, when taking over from the
     /// iptables backend); an entry already there is kept.
-    pub fn add_flows(&mut self, flows: &[CtKey], now_ns: u64) -> Result<usize, BpfError> {
+    pub fn add_flows(&mut self, flows: &[(CtKey, u8)], now_ns: u64) -> Result<usize, BpfError> {
         let mut ct = self.hash::<CtKey, CtValue>(MAP_CT)?;
-        let value = CtValue {
-            last_seen_ns: now_ns,
-            ..CtValue::default()
-        };
         let mut added = 0;
-        for k in flows {
+        for (k, flags) in flows {
+            let value = CtValue {
+                last_seen_ns: now_ns,
+                flags: *flags,
+                ..CtValue::default()
+            };
             // BPF_NOEXIST: an entry the programs made is theirs.
             if ct.insert(k, value, 1).is_ok() {
                 added += 1;
