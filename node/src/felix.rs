@@ -124,10 +124,8 @@ pub struct Felix {
 /// A FelixConfiguration that does not parse (the webhook and the CRD's schema refuse these; a value that
 /// gets past them is reported and the field keeps its default).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("FelixConfiguration {object}: {message}")]
+#[error("FelixConfiguration: {message}")]
 pub struct FelixError {
-    /// `default` or `node.<name>`.
-    pub object: String,
     /// What is wrong, naming the field.
     pub message: String,
 }
@@ -183,7 +181,6 @@ impl Felix {
             Ok(s) => s,
             Err(e) => {
                 errors.push(FelixError {
-                    object: "default / node".into(),
                     message: format!("{e}: every field keeps its default"),
                 });
                 FelixConfigurationSpec::default()
@@ -195,7 +192,6 @@ impl Felix {
                 None => default,
                 Some(d) => parse_duration(&d.0).filter(|d| !d.is_zero()).unwrap_or_else(|| {
                     errors.push(FelixError {
-                        object: "default / node".into(),
                         message: format!(
                             "{field}: {:?} is not a duration (write 90s, 1m30s): kept {default:?}",
                             d.0
@@ -221,7 +217,6 @@ impl Felix {
                 Ok(ip) => Some(ip),
                 Err(_) => {
                     errors.push(FelixError {
-                        object: "default / node".into(),
                         message: format!(
                             "natOutgoingAddress: {a:?} is not an IP address: masquerading instead"
                         ),

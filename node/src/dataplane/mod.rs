@@ -105,12 +105,13 @@ impl NatProgram {
         self.converge(nat)
     }
 
-    /// Removes the chains and sets of every family.
-    pub fn remove(&mut self) -> Vec<iptables::apply::IptablesError> {
+    /// Removes the chains and sets of every family, reporting every error.
+    pub fn remove(&mut self) -> Vec<DataplaneError> {
         self.last = None;
         self.families
             .iter()
             .flat_map(|f| nat::remove(&self.exec_prefix, *f))
+            .map(DataplaneError::from)
             .collect()
     }
 }
@@ -176,10 +177,7 @@ impl PolicyDataplane for DualStack {
     }
 
     fn remove_nat(&mut self) -> Vec<DataplaneError> {
-        self.nat
-            .as_mut()
-            .map(|n| n.remove().into_iter().map(DataplaneError::from).collect())
-            .unwrap_or_default()
+        self.nat.as_mut().map(NatProgram::remove).unwrap_or_default()
     }
 
     fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {

@@ -904,7 +904,7 @@ impl PolicyDataplane for BpfDataplane {
     fn remove_nat(&mut self) -> Vec<DataplaneError> {
         self.nat
             .as_mut()
-            .map(|n| n.remove().into_iter().map(DataplaneError::from).collect())
+            .map(crate::dataplane::NatProgram::remove)
             .unwrap_or_default()
     }
 
