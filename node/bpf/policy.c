@@ -204,8 +204,12 @@ struct pkt {
 	__u8 icmp_code;
 	__u16 echo_id;
 	__u8 syn; // a TCP SYN without ACK: a connection being opened
-	__u8 pad;
+	__u8 tcp_flags; // TCP: the header's flags byte (TCP_*); 0 for other protocols
 };
+
+// TCP flags (the 13th byte of the header).
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
 
 // Per CPU: the running AND of a chunk's field bitmaps, one side's port bitmap being assembled, and what the
 // scan of `acc` found. (The scan's result goes through here rather than registers: read back from a map, it
@@ -258,6 +262,13 @@ struct ct_key {
 // A flow the kernel's own tracker translates (seeded at a switch from a kube-proxy-era connection): its
 // packets keep going through the stack, whose tracker undoes the translation, never straight to a local pod.
 #define CT_STACK 1
+// TCP closing (docs/bpf.md, "Closed connections"): a FIN seen in the direction of the entry's key, in the
+// other direction, and a reset seen arriving at the pod. Both FINs, or a reset, shorten the entry's life to
+// CT_FINS_NS / CT_RST_NS; the agent's sweeper removes entries past their life. A reset the pod sends itself
+// removes its entries at once (see ct_closing).
+#define CT_FIN_FWD 2
+#define CT_FIN_REV 4
+#define CT_RST 8
 
 struct ct_value {
 	__u64 last_seen_ns;
@@ -274,7 +285,7 @@ struct ct_value {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 524288);
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -377,6 +388,9 @@ struct {
 #define CT_TCP_NS (5ULL * 24 * 3600 * 1000000000ULL)
 #define CT_UDP_NS (120ULL * 1000000000ULL)
 #define CT_OTHER_NS (30ULL * 1000000000ULL)
+// A TCP flow after both FINs (Calico's TCPFinsSeen default), and after a reset (the kernel's CLOSE state).
+#define CT_FINS_NS (30ULL * 1000000000ULL)
+#define CT_RST_NS (10ULL * 1000000000ULL)
 
 // Per endpoint and direction: packets allowed and dropped (key: ifindex << 1 | to_pod).
 struct counters {
@@ -837,6 +851,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct
 			if ((void *)(flags + 1) > data_end)
 				return 0;
 			p->syn = (*flags & 0x12) == 0x02;
+			p->tcp_flags = *flags;
 		}
 	} else if ((p->version == 4 && p->proto == IPPROTO_ICMP) || (p->version == 6 && p->proto == IPPROTO_ICMPV6)) {
 		struct icmp_head *icmp = l4;
@@ -855,10 +870,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct
 	return 1;
 }
 
-static __always_inline __u64 idle_limit(__u8 proto)
+static __always_inline __u64 idle_limit(__u8 proto, __u8 flags)
 {
-	if (proto == IPPROTO_TCP)
+	if (proto == IPPROTO_TCP) {
+		if (flags & CT_RST)
+			return CT_RST_NS;
+		if ((flags & (CT_FIN_FWD | CT_FIN_REV)) == (CT_FIN_FWD | CT_FIN_REV))
+			return CT_FINS_NS;
 		return CT_TCP_NS;
+	}
 	if (proto == IPPROTO_UDP)
 		return CT_UDP_NS;
 	return CT_OTHER_NS;
@@ -922,6 +942,55 @@ static __always_inline struct ct_value *ct_lookup(struct ct_key *k)
 {
 	int reversed;
 	return ct_find(k, &reversed);
+}
+
+// A TCP FIN or reset on a tracked flow (`ct`, found under `k` or, when `reversed`, under `k` turned round;
+// `own`: the endpoint's pod sent the packet). A FIN marks its direction. A reset the pod sent itself ends
+// its entries at once: the tuple's, and for a Service's flow the other entry of the pair; the pod's own stack
+// ended the connection, so nothing of it can come later that these entries would be needed for (a late
+// packet of the peer meets policy as a new flow, and the pod's stack answers it with another reset). A reset
+// arriving at the pod could be forged by anyone who guessed the tuple, so it only shortens the entry's life
+// (CT_RST_NS), and the pod's next packet on the flow other than a reset (its connection is alive: the reset
+// was not its connection's) lengthens it again. `k` is changed.
+static __always_inline void ct_closing(struct ct_key *k, struct ct_value *ct, int reversed, __u8 tcp_flags,
+				       int own)
+{
+	if (!(tcp_flags & TCP_RST)) {
+		if (own)
+			ct->flags &= ~CT_RST;
+		if (tcp_flags & TCP_FIN)
+			ct->flags |= reversed ? CT_FIN_REV : CT_FIN_FWD;
+		return;
+	}
+	if (!own) {
+		ct->flags |= CT_RST;
+		return;
+	}
+	__u8 nat = ct->nat;
+	__be32 nat_addr = ct->nat_addr, orig_addr = ct->orig_addr;
+	__u16 nat_port = ct->nat_port, orig_port = ct->orig_port;
+	if (reversed)
+		ct_reverse(k);
+	bpf_map_delete_elem(&caracal_ct_v3, k);
+	if (nat & NAT_FWD) {
+		// The reverse entry: the translated tuple (the source too for a pod's flow to itself).
+		if (nat & NAT_SNAT_HAIRPIN) {
+			__be32 src = HAIRPIN_SRC;
+			__builtin_memcpy(&k->src[12], &src, 4);
+		}
+		__builtin_memcpy(&k->dst[12], &nat_addr, 4);
+		k->dport = nat_port;
+		bpf_map_delete_elem(&caracal_ct_v3, k);
+	} else if (nat == NAT_REV) {
+		// The forward entry: the tuple the client sent to the Service.
+		if (orig_addr) {
+			__builtin_memcpy(&k->src[12], &orig_addr, 4);
+			k->sport = orig_port;
+		}
+		__builtin_memcpy(&k->dst[12], &nat_addr, 4);
+		k->dport = nat_port;
+		bpf_map_delete_elem(&caracal_ct_v3, k);
+	}
 }
 
 // Rewrites one side (0: source, 1: destination) of an IPv4 TCP or UDP packet to `addr`:`port` (port in host
@@ -1046,7 +1115,11 @@ __noinline int ct_add(const struct ct_key *key, __u32 table, __u32 nat, __u64 to
 		.orig_addr = orig >> 16,
 		.orig_port = orig & 0xffff,
 	};
-	return bpf_map_update_elem(&caracal_ct_v3, key, &v, BPF_ANY);
+	long rc = bpf_map_update_elem(&caracal_ct_v3, key, &v, BPF_ANY);
+	// Looked up once at once: the LRU map takes the entries nobody has looked up yet first when it must
+	// make room, and a new flow's reverse entry is first looked up only when the reply comes.
+	bpf_map_lookup_elem(&caracal_ct_v3, key);
+	return rc;
 }
 
 #define SVC_NONE 0
@@ -1228,7 +1301,7 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod, int *stack_
 	if (key.pad[0]) {
 		key.pad[0] = 0;
 		ct = ct_lookup(&key);
-		return verdict(ifindex, to_pod, ct && now - ct->last_seen_ns < idle_limit(key.proto));
+		return verdict(ifindex, to_pod, ct && now - ct->last_seen_ns < idle_limit(key.proto, ct->flags));
 	}
 	key.sport = p.has_ports ? p.sport : p.echo_id;
 	key.dport = p.has_ports ? p.dport : p.echo_id;
@@ -1244,15 +1317,19 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod, int *stack_
 	// (A SYN arriving at the pod under a reverse entry is its own Service's hairpin, just translated.)
 	if (ct && ((p.syn && !(to_pod && ct->nat == NAT_REV && !reversed)) || (!to_pod && ct->nat == NAT_REV && !reversed)))
 		ct = 0;
-	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
+	if (ct && now - ct->last_seen_ns < idle_limit(p.proto, ct->flags)) {
 		ct->last_seen_ns = now;
 		*stack_only = ct->flags & CT_STACK;
 		count(ifindex, to_pod, 1);
-		if ((ct->nat & NAT_FWD) && !reversed)
-			return translate_fwd(skb, NAT_ARG(ct->nat_addr, ct->nat_port), ct->nat, 0);
-		if (ct->nat == NAT_REV && reversed)
-			return translate_rev(skb, NAT_ARG(ct->nat_addr, ct->nat_port),
-					     NAT_ARG(ct->orig_addr, ct->orig_port), to_pod ? 0 : REV_FROM_POD);
+		__u8 nat = ct->nat;
+		__u64 to = NAT_ARG(ct->nat_addr, ct->nat_port);
+		__u64 orig = NAT_ARG(ct->orig_addr, ct->orig_port);
+		if (p.tcp_flags & (TCP_FIN | TCP_RST) || (!to_pod && (ct->flags & CT_RST)))
+			ct_closing(&key, ct, reversed, p.tcp_flags, !to_pod);
+		if ((nat & NAT_FWD) && !reversed)
+			return translate_fwd(skb, to, nat, 0);
+		if (nat == NAT_REV && reversed)
+			return translate_rev(skb, to, orig, to_pod ? 0 : REV_FROM_POD);
 		return TC_ACT_OK;
 	}
 
@@ -1327,8 +1404,11 @@ static __always_inline int handle_host(struct __sk_buff *skb, int egress)
 	// A SYN to a NodePort opens a new connection even where an ended one left its entries.
 	if (ct && p.syn && !egress)
 		ct = 0;
-	if (ct && now - ct->last_seen_ns < idle_limit(p.proto)) {
+	if (ct && now - ct->last_seen_ns < idle_limit(p.proto, ct->flags)) {
 		ct->last_seen_ns = now;
+		// Nothing here is a pod's own packet: a reset only shortens the entries' life.
+		if (p.tcp_flags & (TCP_FIN | TCP_RST))
+			ct_closing(&key, ct, reversed, p.tcp_flags, 0);
 		if (!egress && (ct->nat & NAT_FWD) && !reversed) {
 			__be32 node;
 			__builtin_memcpy(&node, &p.dst[12], 4);

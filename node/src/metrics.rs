@@ -70,6 +70,33 @@ impl Health for Status {
                 ConstCounter::new(svc.syncs.load(Ordering::Relaxed)),
             );
         }
+        if let Some(ct) = self.bpf_conntrack.get() {
+            r.register(
+                "bpf_conntrack_entries",
+                "Entries in the BPF connection tracker at its last sweep",
+                ConstGauge::new(ct.entries.load(Ordering::Relaxed) as i64),
+            );
+            r.register(
+                "bpf_conntrack_removed",
+                "BPF connection tracker entries the sweeper removed (flows closed or idle past their limit)",
+                ConstCounter::new(ct.removed.load(Ordering::Relaxed)),
+            );
+            r.register(
+                "bpf_conntrack_sweeps",
+                "Sweeps of the BPF connection tracker",
+                ConstCounter::new(ct.sweeps.load(Ordering::Relaxed)),
+            );
+            r.register(
+                "bpf_conntrack_sweep_failures",
+                "Sweeps of the BPF connection tracker that failed (the agent's log says why)",
+                ConstCounter::new(ct.failures.load(Ordering::Relaxed)),
+            );
+            r.register(
+                "bpf_conntrack_last_sweep_seconds",
+                "How long the last sweep of the BPF connection tracker took",
+                ConstGauge::new(ct.last_us.load(Ordering::Relaxed) as f64 / 1e6),
+            );
+        }
         if let Some(rows) = self.bpf_counter_rows() {
             for (iface, from, to) in rows.iter() {
                 for (direction, c) in [("from_pod", from), ("to_pod", to)] {

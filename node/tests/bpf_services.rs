@@ -344,3 +344,129 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
     stop.store(true, Ordering::Relaxed);
     caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
 }
+
+/// A TCP connection from `from` to `addr`, asked once; its source port and the stream.
+fn ask(from: &Pod, addr: SocketAddr) -> (u16, std::net::TcpStream) {
+    let mut s = from
+        .ns
+        .enter(move || std::net::TcpStream::connect_timeout(&addr, TIMEOUT))
+        .expect("enter")
+        .expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    s.write_all(probe::WHOAMI).expect("ask");
+    let mut buf = [0u8; 64];
+    assert!(s.read(&mut buf).expect("answer") > 0, "answered");
+    (s.local_addr().expect("local").port(), s)
+}
+
+/// The tracker's entries of interface `ifindex` whose tuple has `port` on either side.
+fn entries_of(
+    node: &netns::NetNs,
+    dir: &std::path::Path,
+    ifindex: u32,
+    port: u16,
+) -> Vec<caracal_node::dataplane::bpf::CtValue> {
+    with_loaded(node, dir, move |l| {
+        l.flows(Some(ifindex))
+            .expect("flows")
+            .into_iter()
+            .filter(|(k, _)| k.sport == port || k.dport == port)
+            .map(|(_, v)| v)
+            .collect()
+    })
+}
+
+#[test]
+fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
+    use caracal_node::dataplane::bpf::sweep::{monotonic_ns, sweep};
+    use caracal_node::dataplane::bpf::{CT_FIN_FWD, CT_FIN_REV, CT_RST};
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node("ctc").expect("node");
+    let a = netns::wire_pod(&node, "cta", "crccta", "10.203.0.5".parse().expect("ip")).expect("pod a");
+    let b = netns::wire_pod(&node, "ctb", "crcctb", "10.203.0.6".parse().expect("ip")).expect("pod b");
+    let stop = Arc::new(AtomicBool::new(false));
+    serve(&b, 8080, &stop);
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-ctc-test-{}", std::process::id()));
+    let (ia, ib) = (ifindex(&node, "crccta"), ifindex(&node, "crcctb"));
+    with_loaded(&node, &dir, move |l| {
+        l.write_table(1, &table(true)).expect("allow");
+        for (iface, i) in [("crccta", ia), ("crcctb", ib)] {
+            l.attach(iface).expect("attach");
+            l.set_endpoint(i, entry(1, 1)).expect("entry");
+        }
+    });
+    let mut maps = ServiceMaps::open(&dir).expect("the Service maps are pinned");
+    let vip: Ipv4Addr = "10.96.6.6".parse().expect("vip");
+    let desired = BTreeMap::from([(
+        key(vip, 80, 6),
+        Frontend {
+            backends: vec![backend(&b, 8080)],
+            affinity_s: None,
+        },
+    )]);
+    maps.apply(&desired).expect("write the frontend");
+
+    // A Service connection the client resets: the client's own entries (the forward and the reverse one)
+    // go with its reset; the backend's, which only received the reset, stays marked with a short life.
+    let (reset_port, s) = ask(&a, (vip, 80).into());
+    assert_eq!(entries_of(&node, &dir, ia, reset_port).len(), 2, "forward and reverse while open");
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("linger");
+    drop(s);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        entries_of(&node, &dir, ia, reset_port).is_empty(),
+        "the client's reset removed its entries"
+    );
+    let at_b = entries_of(&node, &dir, ib, reset_port);
+    assert_eq!(at_b.len(), 1, "{at_b:?}");
+    assert_ne!(at_b[0].flags & CT_RST, 0, "the backend's entry saw the reset: {at_b:?}");
+
+    // A connection closed with FINs both ways: each side's entry has both marks.
+    let (fin_port, s) = ask(&a, (b.ip, 8080).into());
+    s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    let mut rest = Vec::new();
+    let _ = (&s).read_to_end(&mut rest);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(100));
+    for (who, i) in [("client", ia), ("server", ib)] {
+        let e = entries_of(&node, &dir, i, fin_port);
+        assert_eq!(e.len(), 1, "{who}: {e:?}");
+        assert_eq!(e[0].flags & (CT_FIN_FWD | CT_FIN_REV), CT_FIN_FWD | CT_FIN_REV, "{who}: {e:?}");
+    }
+
+    // An open connection, through the Service.
+    let (open_port, mut held) = ask(&a, (vip, 80).into());
+
+    // Now: nothing is past its life. 11 s on: the reset's entry is; 31 s on: the FINs' entries too; the open
+    // connection's entries never are, and it still talks after every sweep.
+    let now = monotonic_ns();
+    let swept = sweep(&dir, now).expect("sweep now");
+    assert_eq!(swept.removed, 0, "{swept:?}");
+    assert!(swept.entries >= 5, "{swept:?}");
+    let swept = sweep(&dir, now + 11_000_000_000).expect("sweep 11 s on");
+    assert_eq!(swept.removed, 1, "the reset's entry: {swept:?}");
+    assert!(entries_of(&node, &dir, ib, reset_port).is_empty());
+    assert_eq!(entries_of(&node, &dir, ia, fin_port).len(), 1, "the FINs' entries live 30 s");
+    let swept = sweep(&dir, now + 31_000_000_000).expect("sweep 31 s on");
+    // (With them anything else the pods sent that lives 30 s: IPv6 multicast listener reports.)
+    assert!(swept.removed >= 2, "the FINs' entries: {swept:?}");
+    assert!(entries_of(&node, &dir, ia, fin_port).is_empty());
+    assert!(entries_of(&node, &dir, ib, fin_port).is_empty());
+    assert_eq!(entries_of(&node, &dir, ia, open_port).len(), 2);
+    assert_eq!(entries_of(&node, &dir, ib, open_port).len(), 1);
+    held.write_all(probe::WHOAMI).expect("ask again");
+    let mut buf = [0u8; 64];
+    let n = held.read(&mut buf).expect("the open connection still answers");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), b.ip.to_string());
+
+    stop.store(true, Ordering::Relaxed);
+    caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
+}

@@ -79,16 +79,76 @@ fn ports(p: &Pod) -> Vec<(u16, String)> {
         .collect()
 }
 
-/// The echo servers of one pod: threads (not tasks, so a busy runtime never starves them) that stop when
-/// the flag is set.
-#[derive(Debug, Default)]
+/// The echo servers of one pod. TCP: tasks on [`echo_runtime`] (an accepted connection costs a task, not an OS
+/// thread: the Services bench opens thousands a second, and a thread's creation and exit per connection
+/// would weigh on what it measures as much as the data plane does); UDP: a thread per socket. All stop when
+/// this is dropped (the pod deleted): listeners, their connections, and the UDP threads.
+#[derive(Debug)]
 struct Servers {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with this: every TCP task sees its receiver end.
+    _tcp: tokio::sync::watch::Sender<()>,
 }
 
 impl Drop for Servers {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The runtime the pods' TCP echo servers run on: its own threads (two), so that a busy kubelet or test
+/// runtime never starves the servers, nor they it.
+fn echo_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pod-echo")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("the pods' echo runtime: {e}"))
+    })
+}
+
+/// Serves one TCP listener until `stop` ends: each connection answered ([`answer`]) until the client closes
+/// it, 30 s pass without a request, or the pod is deleted.
+async fn serve_tcp(
+    listener: std::net::TcpListener,
+    ip: Ipv4Addr,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let Ok((mut s, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 4096];
+            loop {
+                let read = tokio::select! {
+                    r = tokio::time::timeout(std::time::Duration::from_secs(30), s.read(&mut buf)) => r,
+                    _ = stop.changed() => return,
+                };
+                match read {
+                    Ok(Ok(n)) if n > 0 => {
+                        if s.write_all(&answer(ip, &buf[..n])).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
     }
 }
 
@@ -104,9 +164,12 @@ fn answer(ip: Ipv4Addr, got: &[u8]) -> Vec<u8> {
 
 /// Starts the echo servers of one pod inside its namespace: TCP echo and UDP echo per declared port.
 fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
-    use std::io::{Read as _, Write as _};
     use std::sync::atomic::Ordering;
-    let servers = Servers::default();
+    let (tcp, stopped) = tokio::sync::watch::channel(());
+    let servers = Servers {
+        stop: Arc::default(),
+        _tcp: tcp,
+    };
     for (port, proto) in ports {
         let (port, stop) = (*port, servers.stop.clone());
         if proto == "UDP" {
@@ -126,36 +189,10 @@ fn serve(ns: &NetNs, ip: Ipv4Addr, ports: &[(u16, String)]) -> Servers {
             let Ok(Ok(listener)) = ns.enter(move || std::net::TcpListener::bind((ip, port))) else {
                 continue;
             };
-            let _ = listener.set_nonblocking(true);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((mut s, _)) => {
-                            std::thread::spawn(move || {
-                                let _ = s.set_nonblocking(false);
-                                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
-                                let mut buf = [0u8; 4096];
-                                while let Ok(n) = s.read(&mut buf) {
-                                    if n == 0 || s.write_all(&answer(ip, &buf[..n])).is_err() {
-                                        break;
-                                    }
-                                }
-                            });
-                        }
-                        // Nothing pending: wait for the next connection (or 100 ms, to see the stop flag), so a
-                        // connection is accepted as it arrives, not at the next turn of a sleep.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            use std::os::fd::AsFd as _;
-                            let mut fds = [nix::poll::PollFd::new(
-                                listener.as_fd(),
-                                nix::poll::PollFlags::POLLIN,
-                            )];
-                            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
-                        }
-                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                    }
-                }
-            });
+            if listener.set_nonblocking(true).is_err() {
+                continue;
+            }
+            echo_runtime().spawn(serve_tcp(listener, ip, stopped.clone()));
         }
     }
     servers

@@ -344,6 +344,14 @@ async fn agent_main() -> anyhow::Result<()> {
         (false, d) => d,
     };
     // In BPF mode the agent also replaces kube-proxy: Services and EndpointSlices into the BPF maps.
+    if dataplane == "BPF" {
+        let stats = status.bpf_conntrack.get_or_init(Default::default).clone();
+        caracal_node::dataplane::bpf::sweep::spawn(
+            caracal_node::dataplane::bpf::backend::pin_dir(&exec_prefix),
+            stats,
+        )
+        .context("starting the BPF connection tracker's sweeper")?;
+    }
     let services = (dataplane == "BPF").then(|| {
         let cfg = caracal_node::services::Config {
             node: node_name.clone(),

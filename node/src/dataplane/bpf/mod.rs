@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod dump;
 pub mod services;
+pub mod sweep;
 mod sys;
 pub mod tables;
 
@@ -35,6 +36,12 @@ use tables::{Bits, Image, MatchPart};
 /// A tracker entry's flag: the kernel's own tracker translates this flow (a connection opened under kube-proxy,
 /// seeded at a switch), so its packets keep going through the stack, never straight to a local pod.
 pub const CT_STACK: u8 = 1;
+/// A tracker entry's flag: a TCP FIN seen in the direction of the entry's key.
+pub const CT_FIN_FWD: u8 = 2;
+/// A tracker entry's flag: a TCP FIN seen in the other direction.
+pub const CT_FIN_REV: u8 = 4;
+/// A tracker entry's flag: a TCP reset seen arriving at the pod (one the pod sends removes its entries).
+pub const CT_RST: u8 = 8;
 
 /// An endpoint's flag: what it sends to its own host is dropped once its egress policy allowed it (Felix's
 /// `defaultEndpointToHostAction: Drop`; without the flag, Accept or Return: the host's stack gets it).
@@ -173,7 +180,7 @@ pub struct CtValue {
     pub table: u32,
     /// `NAT_*` of policy.c: 0 (none), 1 forward (| 4 source to the node, | 8 hairpin), 2 reverse.
     pub nat: u8,
-    /// `CT_*` of policy.c: [`CT_STACK`].
+    /// `CT_*` of policy.c: [`CT_STACK`], [`CT_FIN_FWD`], [`CT_FIN_REV`], [`CT_RST`].
     pub flags: u8,
     /// Forward: the backend's port; reverse: the Service's (host order).
     pub nat_port: u16,

@@ -1,10 +1,14 @@
 //! The few `bpf(2)` commands aya 0.14 has no call for: opening a pinned object, pinning a descriptor,
-//! creating a TCX link from a program descriptor alone, and detaching a pinned link.
+//! creating a TCX link from a program descriptor alone, detaching a pinned link, and reading a hash map in
+//! batches and taking one entry out of it (the tracker's sweeper).
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -27,6 +31,22 @@ fn bpf(cmd: libc::c_long, attr: &Attr) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is valid for its whole length, and any pointer in it points at memory the caller keeps
     // alive for the call; the kernel only reads them for these commands.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// As [`bpf`], for the commands that write results back into `attr` itself.
+#[expect(
+    unsafe_code,
+    reason = "the bpf syscall has no safe wrapper for these commands"
+)]
+fn bpf_rw(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid and writable for its whole length, and its pointers point at buffers the caller
+    // keeps alive (and writable where the kernel writes) for the call, each as large as the command says.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -85,4 +105,73 @@ pub fn link_detach(path: &Path) -> std::io::Result<()> {
     let mut attr: Attr = [0; 128];
     attr[..4].copy_from_slice(&link.as_fd().as_raw_fd().to_ne_bytes());
     bpf(BPF_LINK_DETACH, &attr).map(drop)
+}
+
+/// Reads the entries of hash map `map` (keys of `key_size` bytes, values of `value_size`) from bucket cursor
+/// `cursor` on (None: the start) into `keys` and `values`, as many as they hold (`BPF_MAP_LOOKUP_BATCH`).
+/// Returns how many were read and the cursor to go on from (None: the map is done).
+pub fn map_lookup_batch(
+    map: BorrowedFd<'_>,
+    cursor: Option<u32>,
+    keys: &mut [u8],
+    key_size: usize,
+    values: &mut [u8],
+    value_size: usize,
+) -> std::io::Result<(usize, Option<u32>)> {
+    let count = (keys.len() / key_size).min(values.len() / value_size);
+    let count32 = u32::try_from(count).map_err(std::io::Error::other)?;
+    // A hash map's cursor is a bucket index (u32).
+    let in_batch = cursor.unwrap_or(0).to_ne_bytes();
+    let mut out_batch = [0u8; 4];
+    // `in_batch`, `out_batch`, `keys`, `values` (u64 pointers), `count`, `map_fd`, `elem_flags`, `flags`.
+    let mut attr: Attr = [0; 128];
+    if cursor.is_some() {
+        attr[..8].copy_from_slice(&(in_batch.as_ptr() as u64).to_ne_bytes());
+    }
+    attr[8..16].copy_from_slice(&(out_batch.as_mut_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(keys.as_mut_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(values.as_mut_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&count32.to_ne_bytes());
+    attr[36..40].copy_from_slice(&map.as_raw_fd().to_ne_bytes());
+    let rc = bpf_rw(BPF_MAP_LOOKUP_BATCH, &mut attr);
+    let mut read = [0u8; 4];
+    read.copy_from_slice(&attr[32..36]);
+    let read = (u32::from_ne_bytes(read) as usize).min(count);
+    match rc {
+        Ok(_) => Ok((read, Some(u32::from_ne_bytes(out_batch)))),
+        // The end of the map: the last (possibly empty) batch.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((read, None)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the entry under `key` out of hash map `map` and writes its value into `value`, in one step
+/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`). False when there is none.
+pub fn map_lookup_and_delete(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> std::io::Result<bool> {
+    // `map_fd`, padding, `key`, `value` (u64 pointers), `flags`.
+    let mut attr: Attr = [0; 128];
+    attr[..4].copy_from_slice(&map.as_raw_fd().to_ne_bytes());
+    attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
+    match bpf_rw(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `value` under `key` in map `map` unless an entry is there already (`BPF_MAP_UPDATE_ELEM` with
+/// `BPF_NOEXIST`). False when one was.
+pub fn map_insert_new(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> std::io::Result<bool> {
+    // `map_fd`, padding, `key`, `value` (u64 pointers), `flags` (BPF_NOEXIST: 1).
+    let mut attr: Attr = [0; 128];
+    attr[..4].copy_from_slice(&map.as_raw_fd().to_ne_bytes());
+    attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&1u64.to_ne_bytes());
+    match bpf(BPF_MAP_UPDATE_ELEM, &attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
 }

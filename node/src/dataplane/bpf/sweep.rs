@@ -1,0 +1,198 @@
+//! The connection tracker's sweeper: the programs only ever look at an entry when a packet of its flow
+//! comes, so an entry whose flow ended (both FINs, a reset the pod received, a flow idle past its limit)
+//! stays until the LRU map needs its room, and a full LRU map takes its room from the entries nobody has
+//! looked up yet, which are the newest flows' (a new Service connection's reverse entry, between its SYN and
+//! the answer). The agent removes such entries itself, every [`SWEEP_INTERVAL`], so the map keeps room for
+//! new flows (docs/bpf.md, "Closed connections").
+//!
+//! The limits mirror `idle_limit` in `bpf/policy.c`; [`idle_limit_ns`] must say what it says.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{BpfError, CT_FIN_FWD, CT_FIN_REV, CT_RST, MAP_CT, sys};
+
+/// How often the agent sweeps the tracker.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// `sizeof(struct ct_key)` and `sizeof(struct ct_value)`.
+const KEY_SIZE: usize = std::mem::size_of::<super::CtKey>();
+const VALUE_SIZE: usize = std::mem::size_of::<super::CtValue>();
+/// Entries read per `BPF_MAP_LOOKUP_BATCH`.
+const BATCH: usize = 4096;
+
+
+const SECOND: u64 = 1_000_000_000;
+
+/// How long an entry of protocol `proto` with flags `flags` lives after its flow's last packet (policy.c's
+/// `idle_limit`): the kernel tracker's defaults for established TCP (5 days), UDP (120 s) and the rest (30 s);
+/// a TCP flow after both FINs 30 s (Calico's `TCPFinsSeen`), after a reset 10 s (the kernel's CLOSE).
+pub fn idle_limit_ns(proto: u8, flags: u8) -> u64 {
+    match proto {
+        6 if flags & CT_RST != 0 => 10 * SECOND,
+        6 if flags & (CT_FIN_FWD | CT_FIN_REV) == CT_FIN_FWD | CT_FIN_REV => 30 * SECOND,
+        6 => 5 * 24 * 3600 * SECOND,
+        17 => 120 * SECOND,
+        _ => 30 * SECOND,
+    }
+}
+
+/// Whether the programs would no longer use an entry (`proto`, `flags`, last packet at `last_seen_ns`) at
+/// `now_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`). An entry seen after `now_ns` is not.
+pub fn expired(proto: u8, flags: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) >= idle_limit_ns(proto, flags)
+}
+
+/// The parts of a raw key and value the expiry needs: (proto, flags, last_seen_ns).
+fn parts(key: &[u8], value: &[u8]) -> (u8, u8, u64) {
+    let proto = key[std::mem::offset_of!(super::CtKey, proto)];
+    let flags = value[std::mem::offset_of!(super::CtValue, flags)];
+    let mut seen = [0u8; 8];
+    let at = std::mem::offset_of!(super::CtValue, last_seen_ns);
+    seen.copy_from_slice(&value[at..at + 8]);
+    (proto, flags, u64::from_ne_bytes(seen))
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Entries in the tracker when it was read.
+    pub entries: usize,
+    /// Entries removed.
+    pub removed: usize,
+}
+
+/// Removes the tracker entries pinned under `dir` that are expired at `now_ns`. Each is taken out with its
+/// value in one step, and put back if a packet refreshed it in the meantime (or its tuple started a new
+/// flow), unless the programs have written it again already; so a live flow never loses its entry. Nothing
+/// pinned: nothing to do.
+pub fn sweep(dir: &Path, now_ns: u64) -> Result<Swept, BpfError> {
+    let path = dir.join(MAP_CT);
+    if !path.exists() {
+        return Ok(Swept::default());
+    }
+    let io = |source| BpfError::Io {
+        path: path.clone(),
+        source,
+    };
+    let map = sys::obj_get(&path).map_err(io)?;
+    let map = std::os::fd::AsFd::as_fd(&map);
+    let mut keys = vec![0u8; BATCH * KEY_SIZE];
+    let mut values = vec![0u8; BATCH * VALUE_SIZE];
+    let mut stale: Vec<u8> = Vec::new();
+    let mut swept = Swept::default();
+    let mut cursor = None;
+    loop {
+        let (read, next) =
+            sys::map_lookup_batch(map, cursor, &mut keys, KEY_SIZE, &mut values, VALUE_SIZE)
+                .map_err(io)?;
+        swept.entries += read;
+        for i in 0..read {
+            let key = &keys[i * KEY_SIZE..(i + 1) * KEY_SIZE];
+            let (proto, flags, seen) = parts(key, &values[i * VALUE_SIZE..(i + 1) * VALUE_SIZE]);
+            if expired(proto, flags, seen, now_ns) {
+                stale.extend_from_slice(key);
+            }
+        }
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut value = [0u8; VALUE_SIZE];
+    for key in stale.chunks_exact(KEY_SIZE) {
+        if !sys::map_lookup_and_delete(map, key, &mut value).map_err(io)? {
+            continue;
+        }
+        let (proto, flags, seen) = parts(key, &value);
+        if expired(proto, flags, seen, now_ns) {
+            swept.removed += 1;
+        } else {
+            sys::map_insert_new(map, key, &value).map_err(io)?;
+        }
+    }
+    Ok(swept)
+}
+
+/// The sweeper's figures for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SweepStats {
+    /// Entries in the tracker at the last sweep.
+    pub entries: AtomicU64,
+    /// Entries removed, all sweeps.
+    pub removed: AtomicU64,
+    /// Sweeps done.
+    pub sweeps: AtomicU64,
+    /// Sweeps that failed.
+    pub failures: AtomicU64,
+    /// The last sweep's duration, microseconds.
+    pub last_us: AtomicU64,
+}
+
+/// CLOCK_MONOTONIC now, nanoseconds (the programs' clock).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * SECOND + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Sweeps the tracker pinned under `dir` every [`SWEEP_INTERVAL`], on a thread of its own (a sweep of a full
+/// map takes tens of milliseconds of system calls, which the agent's runtime should not wait for), for as
+/// long as the process runs.
+pub fn spawn(dir: std::path::PathBuf, stats: std::sync::Arc<SweepStats>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("ct-sweep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(SWEEP_INTERVAL);
+                let started = Instant::now();
+                match sweep(&dir, monotonic_ns()) {
+                    Ok(s) => {
+                        stats.entries.store(s.entries as u64, Ordering::Relaxed);
+                        stats.removed.fetch_add(s.removed as u64, Ordering::Relaxed);
+                        tracing::debug!(entries = s.entries, removed = s.removed, "swept the BPF tracker");
+                    }
+                    Err(e) => {
+                        stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "sweeping the BPF connection tracker");
+                    }
+                }
+                stats.sweeps.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .last_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+        })
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closing_shortens_a_tcp_flow_life_and_only_tcp_flows_close() {
+        let now = 100_000 * SECOND;
+        // An established TCP flow idle for an hour is alive; after both FINs 30 s is the end; after a reset
+        // 10 s; one FIN alone changes nothing.
+        assert!(!expired(6, 0, now - 3600 * SECOND, now));
+        assert!(!expired(6, CT_FIN_FWD, now - 3600 * SECOND, now));
+        assert!(!expired(6, CT_FIN_FWD | CT_FIN_REV, now - 29 * SECOND, now));
+        assert!(expired(6, CT_FIN_FWD | CT_FIN_REV, now - 30 * SECOND, now));
+        assert!(!expired(6, CT_RST, now - 9 * SECOND, now));
+        assert!(expired(6, CT_RST | CT_FIN_FWD, now - 10 * SECOND, now));
+        // UDP and the rest keep their idle limits whatever the flags.
+        assert!(!expired(17, CT_RST, now - 119 * SECOND, now));
+        assert!(expired(17, 0, now - 120 * SECOND, now));
+        assert!(expired(1, 0, now - 30 * SECOND, now));
+        // Seen after the sweep read the clock: alive.
+        assert!(!expired(6, CT_RST, now + SECOND, now));
+    }
+
+    #[test]
+    fn the_raw_sizes_are_the_c_structs() {
+        // policy.c's struct ct_key and struct ct_value, as the verifier-checked object declares them.
+        assert_eq!((KEY_SIZE, VALUE_SIZE), (44, 32));
+    }
+}
