@@ -122,13 +122,11 @@ pub struct FelixConfigurationSpec {
     #[schemars(length(max = 8))]
     #[x_kube(validation = Rule::new("false").message("interfacePrefix is not implemented by Caracal (pod interfaces are always named crc followed by a hash): remove it"))]
     pub interface_prefix: Option<String>,
-    /// Encrypt IPv4 pod traffic between nodes with WireGuard (refused as true until this release carries
-    /// WireGuard: encryption asked for and not done would be silently false).
-    #[x_kube(validation = Rule::new("!self").message("wireguardEnabled: WireGuard is not available in this Caracal release yet: set it to false"))]
+    /// Encrypt IPv4 pod traffic between nodes with WireGuard (the userspace device where the kernel has no
+    /// WireGuard module).
     pub wireguard_enabled: Option<bool>,
-    /// Encrypt IPv6 pod traffic between nodes with WireGuard (refused as true, as `wireguardEnabled`).
+    /// Encrypt IPv6 pod traffic between nodes with WireGuard.
     #[serde(rename = "wireguardEnabledV6")]
-    #[x_kube(validation = Rule::new("!self").message("wireguardEnabledV6: WireGuard is not available in this Caracal release yet: set it to false"))]
     pub wireguard_enabled_v6: Option<bool>,
     /// WireGuard IPv4 interface name.
     #[schemars(length(max = 15))]

@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod capture;
 pub mod cluster;
 pub mod cni;
 pub mod controlplane;

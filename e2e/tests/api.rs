@@ -657,12 +657,6 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "nftablesMode is not implemented",
         ),
         (
-            "Felix WireGuard on (not yet)",
-            felix(json!({"wireguardEnabled": true})),
-            "spec.wireguardEnabled",
-            "not available in this Caracal release",
-        ),
-        (
             "BGP peer IP that is a name",
             bgppeer(json!({"peerIP": "router", "asNumber": 64512})),
             "spec.peerIP",

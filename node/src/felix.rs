@@ -119,7 +119,29 @@ pub struct Felix {
     pub iptables_refresh: Duration,
     /// natOutgoing's source address instead of the interface's.
     pub nat_outgoing_address: Option<IpAddr>,
+    /// WireGuard: IPv4 (`wireguardEnabled`, ...) and IPv6 (`wireguardEnabledV6`, ...).
+    pub wireguard: [Wireguard; 2],
 }
+
+/// One family's WireGuard settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wireguard {
+    /// Encrypt this family's pod traffic between nodes.
+    pub enabled: bool,
+    /// The device's name.
+    pub iface: String,
+    /// Its UDP port.
+    pub port: u16,
+    /// Its MTU (None: the host's less 60 for IPv4, 80 for IPv6).
+    pub mtu: Option<u32>,
+}
+
+/// The WireGuard devices' default names: Calico's `wireguard.cali` made Caracal's would be
+/// `wireguard.caracal`, two characters over the kernel's 15-character limit on interface names, so the
+/// devices are named as the VXLAN ones are (`vxlan.caracal`, `vxlan6.caracal`).
+pub const WIREGUARD_IFACE: [&str; 2] = ["wg.caracal", "wg6.caracal"];
+/// Calico's default WireGuard ports.
+pub const WIREGUARD_PORT: [u16; 2] = [51820, 51821];
 
 /// A FelixConfiguration that does not parse (the webhook and the CRD's schema refuse these; a value that
 /// gets past them is reported and the field keeps its default).
@@ -263,6 +285,26 @@ impl Felix {
             route_refresh,
             iptables_refresh,
             nat_outgoing_address,
+            wireguard: [
+                Wireguard {
+                    enabled: spec.wireguard_enabled.unwrap_or(false),
+                    iface: spec
+                        .wireguard_interface_name
+                        .clone()
+                        .unwrap_or_else(|| WIREGUARD_IFACE[0].to_owned()),
+                    port: spec.wireguard_listening_port.unwrap_or(WIREGUARD_PORT[0]),
+                    mtu: mtu(spec.wireguard_mtu),
+                },
+                Wireguard {
+                    enabled: spec.wireguard_enabled_v6.unwrap_or(false),
+                    iface: spec
+                        .wireguard_interface_name_v6
+                        .clone()
+                        .unwrap_or_else(|| WIREGUARD_IFACE[1].to_owned()),
+                    port: spec.wireguard_listening_port_v6.unwrap_or(WIREGUARD_PORT[1]),
+                    mtu: mtu(spec.wireguard_mtu_v6),
+                },
+            ],
         };
         (felix, errors)
     }

@@ -17,3 +17,4 @@ pub mod netlink;
 pub mod routing;
 pub mod services;
 pub mod typha;
+pub mod wireguard;

@@ -70,6 +70,35 @@ impl Health for Status {
                 ConstCounter::new(svc.syncs.load(Ordering::Relaxed)),
             );
         }
+        if let Some(wg) = self.wireguard.get() {
+            let reports = wg
+                .lock()
+                .map(|r| r.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
+            for (family, report) in ["ipv4", "ipv6"].iter().zip(reports.iter()) {
+                for (state, nodes) in [
+                    ("encrypted", &report.encrypted),
+                    ("unencrypted", &report.unencrypted),
+                ] {
+                    r.sub_registry_with_label(("family".into(), (*family).into()))
+                        .sub_registry_with_label(("state".into(), state.into()))
+                        .register(
+                            "wireguard_peers",
+                            "Other nodes holding pod addresses, by whether WireGuard encrypts this node's pod traffic with them (unencrypted: WireGuard is on here and the node publishes no key)",
+                            ConstGauge::new(nodes.len() as i64),
+                        );
+                }
+                for node in &report.unencrypted {
+                    r.sub_registry_with_label(("family".into(), (*family).into()))
+                        .sub_registry_with_label(("node".into(), node.clone().into()))
+                        .register(
+                            "wireguard_unencrypted_peer",
+                            "A node this node's pod traffic goes to unencrypted although WireGuard is on here",
+                            ConstGauge::new(1),
+                        );
+                }
+            }
+        }
         if let Some(ct) = self.bpf_conntrack.get() {
             r.register(
                 "bpf_conntrack_entries",

@@ -409,7 +409,11 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     // A Service connection the client resets: the client's own entries (the forward and the reverse one)
     // go with its reset; the backend's, which only received the reset, stays marked with a short life.
     let (reset_port, s) = ask(&a, (vip, 80).into());
-    assert_eq!(entries_of(&node, &dir, ia, reset_port).len(), 2, "forward and reverse while open");
+    assert_eq!(
+        entries_of(&node, &dir, ia, reset_port).len(),
+        2,
+        "forward and reverse while open"
+    );
     nix::sys::socket::setsockopt(
         &s,
         nix::sys::socket::sockopt::Linger,
@@ -427,7 +431,11 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     );
     let at_b = entries_of(&node, &dir, ib, reset_port);
     assert_eq!(at_b.len(), 1, "{at_b:?}");
-    assert_ne!(at_b[0].flags & CT_RST, 0, "the backend's entry saw the reset: {at_b:?}");
+    assert_ne!(
+        at_b[0].flags & CT_RST,
+        0,
+        "the backend's entry saw the reset: {at_b:?}"
+    );
 
     // A connection closed with FINs both ways: each side's entry has both marks.
     let (fin_port, s) = ask(&a, (b.ip, 8080).into());
@@ -439,7 +447,11 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     for (who, i) in [("client", ia), ("server", ib)] {
         let e = entries_of(&node, &dir, i, fin_port);
         assert_eq!(e.len(), 1, "{who}: {e:?}");
-        assert_eq!(e[0].flags & (CT_FIN_FWD | CT_FIN_REV), CT_FIN_FWD | CT_FIN_REV, "{who}: {e:?}");
+        assert_eq!(
+            e[0].flags & (CT_FIN_FWD | CT_FIN_REV),
+            CT_FIN_FWD | CT_FIN_REV,
+            "{who}: {e:?}"
+        );
     }
 
     // An open connection, through the Service.
@@ -454,7 +466,11 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     let swept = sweep(&dir, now + 11_000_000_000).expect("sweep 11 s on");
     assert_eq!(swept.removed, 1, "the reset's entry: {swept:?}");
     assert!(entries_of(&node, &dir, ib, reset_port).is_empty());
-    assert_eq!(entries_of(&node, &dir, ia, fin_port).len(), 1, "the FINs' entries live 30 s");
+    assert_eq!(
+        entries_of(&node, &dir, ia, fin_port).len(),
+        1,
+        "the FINs' entries live 30 s"
+    );
     let swept = sweep(&dir, now + 31_000_000_000).expect("sweep 31 s on");
     // (With them anything else the pods sent that lives 30 s: IPv6 multicast listener reports.)
     assert!(swept.removed >= 2, "the FINs' entries: {swept:?}");

@@ -116,6 +116,8 @@ pub struct Status {
     pub bpf_counters: Mutex<Option<(std::time::Instant, Arc<BpfCounterRows>)>>,
     /// The BPF data plane's Service manager, when it runs.
     pub services: std::sync::OnceLock<Arc<crate::services::Stats>>,
+    /// What the WireGuard managers reported last (IPv4, IPv6).
+    pub wireguard: std::sync::OnceLock<Arc<Mutex<[crate::routing::wireguard::Report; 2]>>>,
     /// The BPF connection tracker's sweeper, when it runs.
     pub bpf_conntrack: std::sync::OnceLock<Arc<dataplane::bpf::sweep::SweepStats>>,
 }

@@ -327,7 +327,14 @@ async fn agent_main() -> anyhow::Result<()> {
         client.clone(),
         ipam.clone(),
         mtu.clone(),
-    );
+    )
+    .with_wireguard_devices(Box::new(caracal_node::wireguard::userspace::UserspaceFactory {
+        netns: std::env::var("CARACAL_NETNS")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .map(|n| caracal_node::netlink::named_netns(&n)),
+    }));
+    let _ = status.wireguard.set(routing.wireguard_report.clone());
     let cni = caracal_node::cni::server::CniServer {
         ipam: ipam.clone(),
         node: nl,

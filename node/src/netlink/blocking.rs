@@ -213,7 +213,7 @@ impl Rtnl {
     pub fn replace_route(&mut self, route: &OwnedRoute, proto: u8) -> Result<(), NetlinkError> {
         self.change(
             &format!("writing route {}", route.dst),
-            RouteNetlinkMessage::NewRoute(route_message(route, proto)),
+            RouteNetlinkMessage::NewRoute(route_message(route, proto, super::MAIN_TABLE)),
             NLM_F_CREATE | NLM_F_REPLACE,
         )
     }

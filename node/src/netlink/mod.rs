@@ -175,6 +175,26 @@ pub struct OwnedRoute {
     pub target: RouteTarget,
 }
 
+/// The main routing table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// A routing policy rule that sends to a table: `ip rule add [not] fwmark MARK/MASK lookup TABLE priority P`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    /// IPv6 (otherwise IPv4).
+    pub v6: bool,
+    /// Its priority (lower first).
+    pub priority: u32,
+    /// The table it sends to.
+    pub table: u32,
+    /// The mark it matches (with `fwmask`; both 0: any packet).
+    pub fwmark: u32,
+    /// The mark's mask.
+    pub fwmask: u32,
+    /// Matches what the mark does not match (`not`).
+    pub invert: bool,
+}
+
 /// Where an owned route sends traffic.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RouteTarget {
@@ -364,6 +384,115 @@ impl Netlink {
             .map_err(req(format!("setting link {index} up")))
     }
 
+    /// The routing policy rules of one family that send to a table (`ip rule`), as [`Rule`]s.
+    pub async fn rules(&self, v6: bool) -> Result<Vec<Rule>, NetlinkError> {
+        use netlink_packet_route::rule::{RuleAttribute, RuleFlags};
+        let _turn = self.dumps.lock().await;
+        let version = if v6 {
+            rtnetlink::IpVersion::V6
+        } else {
+            rtnetlink::IpVersion::V4
+        };
+        let msgs: Vec<_> = self
+            .handle
+            .rule()
+            .get(version)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("listing rules"))?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut r = Rule {
+                    v6,
+                    priority: 0,
+                    table: u32::from(m.header.table),
+                    fwmark: 0,
+                    fwmask: 0,
+                    invert: m.header.flags.contains(RuleFlags::Invert),
+                };
+                for a in &m.attributes {
+                    match a {
+                        RuleAttribute::Priority(p) => r.priority = *p,
+                        RuleAttribute::Table(t) => r.table = *t,
+                        RuleAttribute::FwMark(f) => r.fwmark = *f,
+                        RuleAttribute::FwMask(f) => r.fwmask = *f,
+                        _ => {}
+                    }
+                }
+                r
+            })
+            .collect())
+    }
+
+    /// Adds `rule`; one already there is fine.
+    pub async fn add_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+        let mut add = self
+            .handle
+            .rule()
+            .add()
+            .table_id(rule.table)
+            .priority(rule.priority);
+        add = add.action(netlink_packet_route::rule::RuleAction::ToTable);
+        if rule.fwmark != 0 || rule.fwmask != 0 {
+            add = add.fw_mark(rule.fwmark);
+        }
+        let finish = |m: &mut netlink_packet_route::rule::RuleMessage| {
+            use netlink_packet_route::rule::{RuleAttribute, RuleFlags};
+            if rule.fwmask != 0 {
+                m.attributes.push(RuleAttribute::FwMask(rule.fwmask));
+            }
+            if rule.invert {
+                m.header.flags |= RuleFlags::Invert;
+            }
+        };
+        let result = if rule.v6 {
+            let mut r = add.v6();
+            finish(r.message_mut());
+            r.execute().await
+        } else {
+            let mut r = add.v4();
+            finish(r.message_mut());
+            r.execute().await
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(req(format!("adding rule {rule:?}"))(e)),
+        }
+    }
+
+    /// Deletes `rule`; absent is fine.
+    pub async fn del_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+        use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+        let mut m = RuleMessage::default();
+        m.header.family = if rule.v6 {
+            netlink_packet_route::AddressFamily::Inet6
+        } else {
+            netlink_packet_route::AddressFamily::Inet
+        };
+        m.header.action = RuleAction::ToTable;
+        m.attributes.push(RuleAttribute::Table(rule.table));
+        m.attributes.push(RuleAttribute::Priority(rule.priority));
+        if rule.fwmark != 0 || rule.fwmask != 0 {
+            m.attributes.push(RuleAttribute::FwMark(rule.fwmark));
+        }
+        if rule.fwmask != 0 {
+            m.attributes.push(RuleAttribute::FwMask(rule.fwmask));
+        }
+        if rule.invert {
+            m.header.flags |= RuleFlags::Invert;
+        }
+        match self.handle.rule().del(m).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = req(format!("deleting rule {rule:?}"))(e);
+                if is_not_found(&e) { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
     /// Deletes the link named `name`; absent is fine. Returns whether it existed.
     pub async fn del_link(&self, name: &str) -> Result<bool, NetlinkError> {
         let Some(l) = self.link(name).await? else {
@@ -420,7 +549,17 @@ impl Netlink {
 
     /// Adds (or replaces) a route of either family, tagged with `proto`.
     pub async fn replace_route(&self, route: &OwnedRoute, proto: u8) -> Result<(), NetlinkError> {
-        let msg = route_message(route, proto);
+        self.replace_route_in(route, proto, MAIN_TABLE).await
+    }
+
+    /// As [`Netlink::replace_route`], in routing table `table`.
+    pub async fn replace_route_in(
+        &self,
+        route: &OwnedRoute,
+        proto: u8,
+        table: u32,
+    ) -> Result<(), NetlinkError> {
+        let msg = route_message(route, proto, table);
         self.handle
             .route()
             .add(msg)
@@ -444,10 +583,15 @@ impl Netlink {
 
     /// Deletes an owned route; absent is fine.
     pub async fn del_route(&self, route: &OwnedRoute, proto: u8) -> Result<(), NetlinkError> {
+        self.del_route_in(route, proto, MAIN_TABLE).await
+    }
+
+    /// As [`Netlink::del_route`], in routing table `table`.
+    pub async fn del_route_in(&self, route: &OwnedRoute, proto: u8, table: u32) -> Result<(), NetlinkError> {
         match self
             .handle
             .route()
-            .del(route_message(route, proto))
+            .del(route_message(route, proto, table))
             .execute()
             .await
         {
@@ -461,6 +605,11 @@ impl Netlink {
 
     /// Every route of both families in the main table tagged with `proto`.
     pub async fn routes(&self, proto: u8) -> Result<Vec<OwnedRoute>, NetlinkError> {
+        self.routes_in(proto, MAIN_TABLE).await
+    }
+
+    /// Every route of both families in routing table `table` tagged with `proto`.
+    pub async fn routes_in(&self, proto: u8, table: u32) -> Result<Vec<OwnedRoute>, NetlinkError> {
         let _turn = self.dumps.lock().await;
         let mut all: Vec<RouteMessage> = self
             .handle
@@ -481,7 +630,7 @@ impl Netlink {
         all.extend(v6);
         Ok(all
             .into_iter()
-            .filter(|m| u8::from(m.header.protocol) == proto)
+            .filter(|m| u8::from(m.header.protocol) == proto && route_table(m) == table)
             .filter_map(|m| parse_route(&m))
             .collect())
     }
@@ -761,11 +910,23 @@ fn default_route_message(gw: IpAddr, index: u32) -> RouteMessage {
     }
 }
 
-fn route_message(route: &OwnedRoute, proto: u8) -> RouteMessage {
+/// The routing table a dumped route is in.
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn route_message(route: &OwnedRoute, proto: u8, table: u32) -> RouteMessage {
     match (route.dst, route.target.clone()) {
         (IpNet::V4(dst), target) => {
             let b = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(dst.addr(), dst.prefix_len())
+                .table_id(table)
                 .protocol(RouteProtocol::from(proto));
             match target {
                 RouteTarget::Dev(i) => b.output_interface(i).scope(RouteScope::Link).build(),
@@ -777,6 +938,7 @@ fn route_message(route: &OwnedRoute, proto: u8) -> RouteMessage {
         (IpNet::V6(dst), target) => {
             let b = RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(dst.addr(), dst.prefix_len())
+                .table_id(table)
                 .protocol(RouteProtocol::from(proto));
             match target {
                 RouteTarget::Dev(i) => b.output_interface(i).scope(RouteScope::Link).build(),

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::netlink::{Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, VxlanDevice};
+use crate::netlink::{Netlink, NetlinkError, OwnedRoute, PROTO_CARACAL, Rule, VxlanDevice};
 
 /// One interface as address detection sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +81,30 @@ pub trait Kernel: Send + Sync {
         entry: Neighbour,
         fdb: bool,
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Sets link `name` up with MTU `mtu` and returns its index; None when there is no such link (a device
+    /// another component creates, such as the WireGuard device, that is not there yet).
+    fn link_up(&self, name: &str, mtu: u32)
+    -> impl Future<Output = Result<Option<u32>, NetlinkError>> + Send;
+    /// Caracal's routes in routing table `table` (not the main one).
+    fn table_routes(&self, table: u32) -> impl Future<Output = Result<Vec<OwnedRoute>, NetlinkError>> + Send;
+    /// Writes a route in table `table`.
+    fn replace_table_route(
+        &self,
+        table: u32,
+        route: &OwnedRoute,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Deletes a route from table `table`; absent is fine.
+    fn del_table_route(
+        &self,
+        table: u32,
+        route: &OwnedRoute,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// The routing policy rules of one family.
+    fn rules(&self, v6: bool) -> impl Future<Output = Result<Vec<Rule>, NetlinkError>> + Send;
+    /// Adds a rule; one already there is fine.
+    fn add_rule(&self, rule: &Rule) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Deletes a rule; absent is fine.
+    fn del_rule(&self, rule: &Rule) -> impl Future<Output = Result<(), NetlinkError>> + Send;
 }
 
 impl Kernel for Netlink {
@@ -139,6 +163,38 @@ impl Kernel for Netlink {
     async fn del_neighbour(&self, index: u32, entry: Neighbour, fdb: bool) -> Result<(), NetlinkError> {
         Netlink::del_neighbour(self, index, entry.0, entry.1, fdb).await
     }
+
+    async fn link_up(&self, name: &str, mtu: u32) -> Result<Option<u32>, NetlinkError> {
+        let Some(l) = self.link(name).await? else {
+            return Ok(None);
+        };
+        self.set_up(l.header.index, Some(mtu)).await?;
+        Ok(Some(l.header.index))
+    }
+
+    async fn table_routes(&self, table: u32) -> Result<Vec<OwnedRoute>, NetlinkError> {
+        Netlink::routes_in(self, PROTO_CARACAL, table).await
+    }
+
+    async fn replace_table_route(&self, table: u32, route: &OwnedRoute) -> Result<(), NetlinkError> {
+        Netlink::replace_route_in(self, route, PROTO_CARACAL, table).await
+    }
+
+    async fn del_table_route(&self, table: u32, route: &OwnedRoute) -> Result<(), NetlinkError> {
+        Netlink::del_route_in(self, route, PROTO_CARACAL, table).await
+    }
+
+    async fn rules(&self, v6: bool) -> Result<Vec<Rule>, NetlinkError> {
+        Netlink::rules(self, v6).await
+    }
+
+    async fn add_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+        Netlink::add_rule(self, rule).await
+    }
+
+    async fn del_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+        Netlink::del_rule(self, rule).await
+    }
 }
 
 /// An in-memory kernel for the managers' unit tests.
@@ -151,7 +207,7 @@ pub mod fake {
     use ipnet::IpNet;
 
     use super::{Interface, Kernel, Neighbour};
-    use crate::netlink::{NetlinkError, OwnedRoute, VxlanDevice};
+    use crate::netlink::{NetlinkError, OwnedRoute, Rule, VxlanDevice};
 
     /// A link the fake holds.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,6 +229,10 @@ pub mod fake {
         pub links: BTreeMap<String, Link>,
         /// Caracal's routes.
         pub routes: BTreeSet<OwnedRoute>,
+        /// Caracal's routes in other tables: (table, route).
+        pub table_routes: BTreeSet<(u32, OwnedRoute)>,
+        /// Routing policy rules.
+        pub rules: BTreeSet<Rule>,
         /// Neighbour entries: (link index, fdb, entry).
         pub neighbours: BTreeSet<(u32, bool, Neighbour)>,
         /// Sysctls written.
@@ -253,6 +313,7 @@ pub mod fake {
             };
             // What the kernel removes with a link.
             self.routes.retain(|r| !route_uses(r, l.index));
+            self.table_routes.retain(|(_, r)| !route_uses(r, l.index));
             self.neighbours.retain(|(i, _, _)| *i != l.index);
             true
         }
@@ -415,6 +476,77 @@ pub mod fake {
         async fn del_neighbour(&self, index: u32, entry: Neighbour, fdb: bool) -> Result<(), NetlinkError> {
             let mut s = self.state();
             if s.neighbours.remove(&(index, fdb, entry)) {
+                s.writes += 1;
+            }
+            Ok(())
+        }
+
+        async fn link_up(&self, name: &str, mtu: u32) -> Result<Option<u32>, NetlinkError> {
+            let mut s = self.state();
+            let Some(l) = s.links.get_mut(name) else {
+                return Ok(None);
+            };
+            let index = l.index;
+            if l.mtu != mtu {
+                l.mtu = mtu;
+                s.writes += 1;
+            }
+            Ok(Some(index))
+        }
+
+        async fn table_routes(&self, table: u32) -> Result<Vec<OwnedRoute>, NetlinkError> {
+            Ok(self
+                .state()
+                .table_routes
+                .iter()
+                .filter(|(t, _)| *t == table)
+                .map(|(_, r)| r.clone())
+                .collect())
+        }
+
+        async fn replace_table_route(&self, table: u32, route: &OwnedRoute) -> Result<(), NetlinkError> {
+            let mut s = self.state();
+            if let crate::netlink::RouteTarget::Dev(i) | crate::netlink::RouteTarget::Via(_, i) = route.target
+                && !s.links.values().any(|l| l.index == i)
+            {
+                return Err(no_link(i));
+            }
+            s.table_routes
+                .retain(|(t, r)| !(*t == table && r.dst == route.dst));
+            s.table_routes.insert((table, route.clone()));
+            s.writes += 1;
+            Ok(())
+        }
+
+        async fn del_table_route(&self, table: u32, route: &OwnedRoute) -> Result<(), NetlinkError> {
+            let mut s = self.state();
+            if s.table_routes.remove(&(table, route.clone())) {
+                s.writes += 1;
+            }
+            Ok(())
+        }
+
+        async fn rules(&self, v6: bool) -> Result<Vec<Rule>, NetlinkError> {
+            Ok(self
+                .state()
+                .rules
+                .iter()
+                .filter(|r| r.v6 == v6)
+                .copied()
+                .collect())
+        }
+
+        async fn add_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+            let mut s = self.state();
+            if s.rules.insert(*rule) {
+                s.writes += 1;
+            }
+            Ok(())
+        }
+
+        async fn del_rule(&self, rule: &Rule) -> Result<(), NetlinkError> {
+            let mut s = self.state();
+            if s.rules.remove(rule) {
                 s.writes += 1;
             }
             Ok(())

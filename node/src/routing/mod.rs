@@ -28,6 +28,7 @@ pub mod routes;
 #[cfg(test)]
 mod testutil;
 pub mod vxlan;
+pub mod wireguard;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -105,6 +106,9 @@ pub enum RoutingError {
     /// Publishing on the Node failed.
     #[error("publishing the node's address on its Node object: {0}")]
     Publish(kube::Error),
+    /// The WireGuard device.
+    #[error(transparent)]
+    Wireguard(#[from] crate::wireguard::WgError),
 }
 
 /// What one sync changed.
@@ -118,6 +122,8 @@ pub struct SyncStats {
     pub neighbours_written: usize,
     /// The Node's annotations were updated.
     pub published: bool,
+    /// Changes sent to WireGuard devices.
+    pub wireguard_changes: usize,
 }
 
 impl SyncStats {
@@ -151,6 +157,8 @@ pub struct Plan<'a> {
     pub vxlan: VxlanParams,
     /// Felix's `ipipMTU` (None: the host's less 20).
     pub ipip_mtu: Option<u32>,
+    /// WireGuard, IPv4 and IPv6.
+    pub wireguard: [wireguard::WgPlan; 2],
 }
 
 /// What the managers contribute in one sync: routes through their devices (the route manager owns the
@@ -178,10 +186,15 @@ pub struct Routing<K: Kernel = Netlink> {
     warned: BTreeSet<String>,
     /// What the last successful sync converged to: an unchanged input needs no kernel work until the next
     /// forced (periodic) sync.
-    last: Option<(Desired, Detected, u32, VxlanParams)>,
+    last: Option<(Desired, Detected, u32, VxlanParams, [wireguard::WgPlan; 2])>,
     addresses: AddressManager,
     vxlan: [VxlanManager; 2],
     ipip: IpipManager,
+    wireguard: [wireguard::WireguardManager; 2],
+    /// Makes WireGuard devices.
+    wg_devices: Box<dyn crate::wireguard::DeviceFactory>,
+    /// What the WireGuard managers reported last, IPv4 and IPv6 (for `/metrics`).
+    pub wireguard_report: Arc<std::sync::Mutex<[wireguard::Report; 2]>>,
     /// BIRD, when BGP is enabled.
     bird: Option<bird::Bird>,
     routes: RouteManager,
@@ -195,6 +208,15 @@ pub fn ipip_handle(node: &str) -> String {
 /// The handle of a node's VTEP address.
 pub fn vtep_handle(node: &str) -> String {
     format!("vxlan-tunnel-addr.{node}")
+}
+
+/// The handle of a node's WireGuard device address of a family.
+pub fn wireguard_handle(node: &str, v6: bool) -> String {
+    if v6 {
+        format!("wireguard-v6-tunnel-addr.{node}")
+    } else {
+        format!("wireguard-tunnel-addr.{node}")
+    }
 }
 
 /// The handle of a node's IPv6 VTEP address.
@@ -215,12 +237,24 @@ impl<K: Kernel> Routing<K> {
             addresses: AddressManager::new(cfg.method.clone(), cfg.method6.clone()),
             vxlan: [VxlanManager::new(false), VxlanManager::new(true)],
             ipip: IpipManager,
+            wireguard: [
+                wireguard::WireguardManager::new(false, cfg.state_dir.join("wireguard/private.key")),
+                wireguard::WireguardManager::new(true, cfg.state_dir.join("wireguard/private-v6.key")),
+            ],
+            wg_devices: Box::new(crate::wireguard::userspace::UserspaceFactory::default()),
+            wireguard_report: Arc::default(),
             bird: cfg
                 .bgp
                 .then(|| bird::Bird::new(&cfg.state_dir.join("bird"), cfg.exec_prefix.clone())),
             routes: RouteManager,
             cfg,
         }
+    }
+
+    /// Makes WireGuard devices with `factory` (the userspace backend in the agent's namespace otherwise).
+    pub fn with_wireguard_devices(mut self, factory: Box<dyn crate::wireguard::DeviceFactory>) -> Self {
+        self.wg_devices = factory;
+        self
     }
 
     /// BIRD's `show protocols`, when BGP is enabled.
@@ -302,6 +336,29 @@ impl<K: Kernel> Routing<K> {
             vni: felix.vxlan_vni,
             port: felix.vxlan_port,
         };
+        let wg = [false, true].map(|v6| {
+            let f = &felix.wireguard[usize::from(v6)];
+            let (peers, unencrypted) = if f.enabled {
+                model::wireguard_peers(&me, v6, &nodes, &blocks)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            wireguard::WgPlan {
+                params: wireguard::Params {
+                    enabled: f.enabled,
+                    iface: f.iface.clone(),
+                    port: f.port,
+                    mtu: f.mtu.unwrap_or_else(|| {
+                        detected
+                            .host_mtu(v6)
+                            .saturating_sub(wireguard::OVERHEAD[usize::from(v6)])
+                    }),
+                },
+                peers,
+                unencrypted,
+                key_file: self.wireguard[usize::from(v6)].key_file().exists(),
+            }
+        });
         let mut plan = Plan {
             me: &me,
             desired: &desired,
@@ -309,6 +366,7 @@ impl<K: Kernel> Routing<K> {
             pod_mtu: 0,
             vxlan: vx,
             ipip_mtu: felix.ipip_mtu,
+            wireguard: wg,
         };
         // The pod MTU: explicit, or the host's less the largest overhead in use (or that encapsulation's
         // configured MTU).
@@ -333,6 +391,15 @@ impl<K: Kernel> Routing<K> {
                 fixed: felix.ipip_mtu,
             });
         }
+        for (i, m) in self.wireguard.iter().enumerate() {
+            if m.wanted(&plan) {
+                overheads.push(Overhead {
+                    v6: i == 1,
+                    bytes: wireguard::OVERHEAD[i],
+                    fixed: felix.wireguard[i].mtu,
+                });
+            }
+        }
         plan.pod_mtu = self.cfg.mtu.unwrap_or_else(|| {
             model::pod_mtu(
                 detected.host_mtu(false),
@@ -341,7 +408,13 @@ impl<K: Kernel> Routing<K> {
             )
         });
         self.mtu.store(plan.pod_mtu, Ordering::Relaxed);
-        let key = (desired.clone(), detected.clone(), plan.pod_mtu, vx);
+        let key = (
+            desired.clone(),
+            detected.clone(),
+            plan.pod_mtu,
+            vx,
+            plan.wireguard.clone(),
+        );
         if !force && self.last.as_ref() == Some(&key) {
             return Ok(SyncStats::default());
         }
@@ -373,6 +446,22 @@ impl<K: Kernel> Routing<K> {
             false => None,
         };
         self.ipip.apply(&self.kernel, &plan, tunnel, &mut out).await?;
+        let mut reports: [wireguard::Report; 2] = Default::default();
+        for (i, v6) in [false, true].into_iter().enumerate() {
+            let address = match self.wireguard[i].wanted(&plan) {
+                true => Some(
+                    self.tunnel_address(&wireguard_handle(&me, v6), "wireguardTunnelAddress", v6)
+                        .await?,
+                ),
+                false => None,
+            };
+            reports[i] = self.wireguard[i]
+                .apply(&self.kernel, &plan, self.wg_devices.as_mut(), address, &mut out)
+                .await?;
+        }
+        if let Ok(mut r) = self.wireguard_report.lock() {
+            *r = reports;
+        }
         out.stats.published = self.publish(&my_node, &out.annotations).await?;
         let ipam = &self.ipam;
         let pods = async move {

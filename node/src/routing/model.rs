@@ -27,6 +27,19 @@ pub mod annotation {
     pub const VXLAN_TUNNEL_MAC_V6: &str = "caracal.dev/VXLANTunnelMACAddrV6";
     /// The node's IPIP tunnel address.
     pub const IPV4_IPIP_TUNNEL_ADDR: &str = "caracal.dev/IPv4IPIPTunnelAddr";
+    /// The node's WireGuard public key (base64), IPv4 device.
+    pub const WIREGUARD_PUBLIC_KEY: &str = "caracal.dev/WireguardPublicKey";
+    /// The node's WireGuard public key (base64), IPv6 device.
+    pub const WIREGUARD_PUBLIC_KEY_V6: &str = "caracal.dev/WireguardPublicKeyV6";
+    /// The IPv4 WireGuard device's address.
+    pub const IPV4_WIREGUARD_INTERFACE_ADDR: &str = "caracal.dev/IPv4WireguardInterfaceAddr";
+    /// The IPv6 WireGuard device's address.
+    pub const IPV6_WIREGUARD_INTERFACE_ADDR: &str = "caracal.dev/IPv6WireguardInterfaceAddr";
+    /// The nodes this node sends pod traffic to unencrypted although its WireGuard is on (they publish no
+    /// key of the family), comma-separated, IPv4 and IPv6 devices; absent when there are none.
+    pub const WIREGUARD_UNENCRYPTED_PEERS: &str = "caracal.dev/WireguardUnencryptedPeers";
+    /// As [`WIREGUARD_UNENCRYPTED_PEERS`], for the IPv6 device.
+    pub const WIREGUARD_UNENCRYPTED_PEERS_V6: &str = "caracal.dev/WireguardUnencryptedPeersV6";
 }
 
 /// What other nodes publish.
@@ -46,6 +59,10 @@ pub struct NodeInfo {
     pub vtep6: Option<Ipv6Addr>,
     /// IPv6 VTEP MAC.
     pub vtep_mac6: Option<[u8; 6]>,
+    /// WireGuard public keys: IPv4 and IPv6 devices.
+    pub wg_key: [Option<[u8; 32]>; 2],
+    /// WireGuard device addresses: IPv4 and IPv6 devices.
+    pub wg_addr: [Option<IpAddr>; 2],
 }
 
 /// A pool as routing sees it.
@@ -134,9 +151,83 @@ pub fn nodes<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<NodeInfo> {
             ip6: parsed(a, annotation::IPV6_ADDRESS),
             vtep6: parsed(a, annotation::IPV6_VXLAN_TUNNEL_ADDR),
             vtep_mac6: a[annotation::VXLAN_TUNNEL_MAC_V6].as_str().and_then(parse_mac),
+            wg_key: [
+                annotation::WIREGUARD_PUBLIC_KEY,
+                annotation::WIREGUARD_PUBLIC_KEY_V6,
+            ]
+            .map(|k| a[k].as_str().and_then(crate::wireguard::keys::decode)),
+            wg_addr: [
+                parsed::<Ipv4Addr>(a, annotation::IPV4_WIREGUARD_INTERFACE_ADDR).map(IpAddr::V4),
+                parsed::<Ipv6Addr>(a, annotation::IPV6_WIREGUARD_INTERFACE_ADDR).map(IpAddr::V6),
+            ],
         }
     })
     .collect()
+}
+
+/// One WireGuard peer of a family, as the datastore describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgPeer {
+    /// The node.
+    pub node: String,
+    /// Its public key.
+    pub key: [u8; 32],
+    /// Its underlay address of the family.
+    pub ip: IpAddr,
+    /// What it holds: its blocks of the family, addresses it borrowed from other nodes' blocks, its device's
+    /// address.
+    pub allowed: Vec<IpNet>,
+}
+
+/// The WireGuard peers of node `me` for a family: every other node with a key and an underlay address of
+/// the family, with what it holds; and the nodes that hold pod addresses of the family but publish no key
+/// (or no address), whose traffic stays unencrypted (Calico's behaviour: a node without WireGuard still
+/// talks to the others in the clear; the caller reports them).
+pub fn wireguard_peers(
+    me: &str,
+    v6: bool,
+    nodes: &[NodeInfo],
+    blocks: &[BlockInfo],
+) -> (Vec<WgPeer>, Vec<String>) {
+    let family = usize::from(v6);
+    let mut holds: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+    for b in blocks.iter().filter(|b| b.cidr.addr().is_ipv6() == v6) {
+        if let Some(n) = b.node.as_deref() {
+            holds.entry(n).or_default().push(b.cidr);
+        }
+        for (ip, holder) in &b.borrowed {
+            holds.entry(holder.as_str()).or_default().push(IpNet::from(*ip));
+        }
+    }
+    let mut peers = Vec::new();
+    let mut clear = Vec::new();
+    for n in nodes.iter().filter(|n| n.name != me) {
+        let ip = if v6 {
+            n.ip6.map(|i| IpAddr::V6(i.addr()))
+        } else {
+            n.ip.map(|i| IpAddr::V4(i.addr()))
+        };
+        let held = holds.get(n.name.as_str()).cloned().unwrap_or_default();
+        match (n.wg_key[family], ip) {
+            (Some(key), Some(ip)) => {
+                let mut allowed = held;
+                if let Some(a) = n.wg_addr[family] {
+                    allowed.push(IpNet::from(a));
+                }
+                allowed.sort();
+                allowed.dedup();
+                peers.push(WgPeer {
+                    node: n.name.clone(),
+                    key,
+                    ip,
+                    allowed,
+                });
+            }
+            _ if !held.is_empty() => clear.push(n.name.clone()),
+            _ => {}
+        }
+    }
+    (peers, clear)
 }
 
 fn mode(v: &Value) -> EncapMode {
@@ -536,6 +627,65 @@ mod tests {
             d.routes[&"10.244.0.128/26".parse().unwrap()],
             Hop::Ipip("10.98.0.4".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn wireguard_peers_are_the_keyed_nodes_with_what_they_hold_and_the_rest_are_reported() {
+        let keyed = |name: &str, ip: &str, key: u8, wg: &str| NodeInfo {
+            name: name.into(),
+            ip: Some(ip.parse().unwrap()),
+            wg_key: [Some([key; 32]), None],
+            wg_addr: [Some(wg.parse().unwrap()), None],
+            ..NodeInfo::default()
+        };
+        let nodes = vec![
+            keyed("a", "10.99.0.2/24", 1, "10.244.0.1"),
+            keyed("b", "10.99.0.3/24", 2, "10.244.0.65"),
+            // c runs pods but has no key (WireGuard off there, or not started yet); d has nothing.
+            node("c", "10.99.0.4/24", "10.244.0.129"),
+            node("d", "10.99.0.5/24", "10.244.0.193"),
+        ];
+        let block = |cidr: &str, node: &str| BlockInfo {
+            cidr: cidr.parse().unwrap(),
+            node: Some(node.into()),
+            borrowed: vec![],
+        };
+        let mut a_block = block("10.244.0.0/26", "a");
+        // b holds one address of a's block.
+        a_block.borrowed.push(("10.244.0.9".parse().unwrap(), "b".into()));
+        let blocks = vec![
+            a_block,
+            block("10.244.0.64/26", "b"),
+            block("10.244.1.0/26", "b"),
+            block("10.244.0.128/26", "c"),
+            block("fd10::/122", "b"),
+        ];
+        let (peers, clear) = wireguard_peers("a", false, &nodes, &blocks);
+        assert_eq!(clear, vec!["c".to_owned()]);
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        let b = &peers[0];
+        assert_eq!(
+            (b.node.as_str(), b.key, b.ip),
+            ("b", [2; 32], "10.99.0.3".parse().unwrap())
+        );
+        let allowed: Vec<String> = b.allowed.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            allowed,
+            [
+                "10.244.0.9/32",
+                "10.244.0.64/26",
+                "10.244.0.65/32",
+                "10.244.1.0/26"
+            ]
+        );
+        // From b: a is a peer with its block (less nothing: what b borrowed stays b's), c still clear.
+        let (peers, clear) = wireguard_peers("b", false, &nodes, &blocks);
+        assert_eq!(peers.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(clear, vec!["c".to_owned()]);
+        // IPv6: nobody has an IPv6 key; b holds an IPv6 block, so it is reported.
+        let (peers, clear) = wireguard_peers("a", true, &nodes, &blocks);
+        assert!(peers.is_empty());
+        assert_eq!(clear, vec!["b".to_owned()]);
     }
 
     #[test]

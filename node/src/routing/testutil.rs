@@ -46,6 +46,10 @@ pub fn plan<'a>(desired: &'a Desired, underlay: &'a Detected) -> Plan<'a> {
             port: super::DEFAULT_PORT,
         },
         ipip_mtu: None,
+        wireguard: [
+            super::wireguard::WgPlan::off(false),
+            super::wireguard::WgPlan::off(true),
+        ],
     }
 }
 

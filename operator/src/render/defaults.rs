@@ -166,14 +166,7 @@ pub fn compute(spec: &InstallationSpec, facts: &ClusterFacts) -> Result<Installa
             "the Nftables data plane is not available in this Caracal release yet: set linuxDataplane to Iptables",
         )),
     }
-    if *net.wireguard.get_or_insert(Toggle::Disabled) == Toggle::Enabled {
-        errors.push(err(
-            "spec.calicoNetwork.wireguard",
-            "EncryptionUnavailable",
-            "WireGuard encryption is not available in this Caracal release yet, and Caracal will not carry pod \
-             traffic unencrypted when encryption was asked for: set wireguard to Disabled to proceed without it",
-        ));
-    }
+    net.wireguard.get_or_insert(Toggle::Disabled);
     if *net.host_ports.get_or_insert(Toggle::Disabled) == Toggle::Enabled {
         errors.push(err(
             "spec.calicoNetwork.hostPorts",
@@ -351,8 +344,8 @@ mod tests {
         });
         let errs = compute(&spec, &ClusterFacts::default()).unwrap_err();
         let reasons: Vec<_> = errs.iter().map(|e| e.reason).collect();
-        assert_eq!(reasons, vec!["DataplaneUnavailable", "EncryptionUnavailable"]);
-        assert!(errs[1].message.contains("unencrypted"));
+        // WireGuard is one the node provides.
+        assert_eq!(reasons, vec!["DataplaneUnavailable"]);
         // The BPF data plane is one the node provides.
         let bpf = net(CalicoNetworkSpec {
             linux_dataplane: Some(LinuxDataplane::BPF),

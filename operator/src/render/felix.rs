@@ -32,6 +32,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         "spec": {
             "bpfEnabled": net.linux_dataplane == Some(LinuxDataplane::BPF),
             "wireguardEnabled": net.wireguard == Some(Toggle::Enabled),
+            "wireguardEnabledV6": net.wireguard == Some(Toggle::Enabled) && pools.iter().any(|p| !p.cidr.is_ipv4()),
             "vxlanEnabled": encaps.iter().any(|e| matches!(e, Encapsulation::VXLAN | Encapsulation::VXLANCrossSubnet)),
             "ipipEnabled": encaps.iter().any(|e| matches!(e, Encapsulation::IPIP | Encapsulation::IPIPCrossSubnet)),
         }

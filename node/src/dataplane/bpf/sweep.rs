@@ -22,7 +22,6 @@ const VALUE_SIZE: usize = std::mem::size_of::<super::CtValue>();
 /// Entries read per `BPF_MAP_LOOKUP_BATCH`.
 const BATCH: usize = 4096;
 
-
 const SECOND: u64 = 1_000_000_000;
 
 /// How long an entry of protocol `proto` with flags `flags` lives after its flow's last packet (policy.c's
@@ -85,8 +84,7 @@ pub fn sweep(dir: &Path, now_ns: u64) -> Result<Swept, BpfError> {
     let mut cursor = None;
     loop {
         let (read, next) =
-            sys::map_lookup_batch(map, cursor, &mut keys, KEY_SIZE, &mut values, VALUE_SIZE)
-                .map_err(io)?;
+            sys::map_lookup_batch(map, cursor, &mut keys, KEY_SIZE, &mut values, VALUE_SIZE).map_err(io)?;
         swept.entries += read;
         for i in 0..read {
             let key = &keys[i * KEY_SIZE..(i + 1) * KEY_SIZE];
