@@ -82,13 +82,15 @@ fn attempt(addr: SocketAddr) -> Result<String, &'static str> {
 }
 
 /// Connections per second and their latencies over `SAMPLES` samples, from inside `client`.
-fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize) -> Value {
+fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize, pins: &std::path::Path) -> Value {
     let mut rates = Vec::new();
     let mut lat = Vec::new();
     // Failed connections by what failed.
     let mut failed: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
     let mut forwarded = 0u64;
+    let (mut bpf_dropped, mut softnet_dropped) = (0u64, 0u64);
     for _ in 0..SAMPLES {
+        let (bpf_before, softnet_before) = (bpf_drops(pins), softnet_drops());
         let _ = node.exec(&["conntrack", "-F"]);
         let forwarded_before = forwarded_datagrams(node);
         // CLIENTS connections at a time (each thread sequential), so the node's CPUs, not one client's
@@ -132,6 +134,8 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize) -> Value
         }
         rates.push(n as f64 / SAMPLE_SECONDS);
         forwarded += forwarded_datagrams(node).saturating_sub(forwarded_before);
+        bpf_dropped += bpf_drops(pins).saturating_sub(bpf_before);
+        softnet_dropped += softnet_drops().saturating_sub(softnet_before);
     }
     let mut sorted = rates.clone();
     sorted.sort_by(f64::total_cmp);
@@ -144,7 +148,30 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize) -> Value
         // Packets the node's IP stack forwarded (its `Ip: ForwDatagrams`), per connection: what the data
         // plane sends through the stack between the client and the backends.
         "node_stack_forwarded_per_connection": forwarded as f64 / connections,
+        // Packets the BPF programs dropped on the node's pod interfaces (their counters; 0 without them), and
+        // packets the machine's per-CPU backlog queues dropped (`/proc/net/softnet_stat`), over the samples.
+        "bpf_dropped_packets": bpf_dropped,
+        "softnet_dropped_packets": softnet_dropped,
     })
+}
+
+/// Packets the BPF programs pinned under `pins` dropped, every endpoint and direction (0 when none are).
+fn bpf_drops(pins: &std::path::Path) -> u64 {
+    caracal_node::dataplane::bpf::pinned_counters(pins)
+        .unwrap_or_default()
+        .iter()
+        .map(|(_, from, to)| from.dropped + to.dropped)
+        .sum()
+}
+
+/// The machine's backlog drops (`/proc/net/softnet_stat`, second column, every CPU).
+fn softnet_drops() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|d| u64::from_str_radix(d, 16).ok())
+        .sum()
 }
 
 /// The node namespace's `Ip: ForwDatagrams` counter (`/proc/net/snmp` as a process in it reads it).
@@ -338,9 +365,13 @@ async fn main() {
     // falls on both sides alike.
     let measure = || {
         let (n, c) = (NetNs::existing(node.name()), NetNs::existing(client.name()));
+        let pins = caracal_e2e::lab::lab_dir()
+            .join("nodes")
+            .join(&lab.nodes[0].0)
+            .join("sys/fs/bpf/caracal");
         tokio::task::spawn_blocking(move || {
-            let busy = rate(&n, &c, measured, CLIENTS);
-            let single = rate(&n, &c, measured, 1);
+            let busy = rate(&n, &c, measured, CLIENTS, &pins);
+            let single = rate(&n, &c, measured, 1, &pins);
             (busy, single)
         })
     };
