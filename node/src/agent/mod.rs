@@ -125,6 +125,9 @@ pub struct Status {
 /// Per endpoint interface: (name, from the pod, to the pod).
 pub type BpfCounterRows = Vec<(String, dataplane::bpf::Counters, dataplane::bpf::Counters)>;
 
+/// How often the agent looks for a deleted WireGuard key file (a rotation asked for).
+pub const WIREGUARD_KEY_WATCH: Duration = Duration::from_secs(2);
+
 /// How stale the BPF counters on `/metrics` may be.
 pub const BPF_COUNTERS_MAX_AGE: Duration = Duration::from_secs(1);
 
@@ -348,6 +351,9 @@ pub async fn run(
     policy_refresh.tick().await;
     let mut gc = tokio::time::interval(gc_every.unwrap_or(Duration::from_secs(60)));
     gc.tick().await;
+    // A deleted WireGuard key file is a key rotation: noticed within this, not at the next full refresh.
+    let mut key_watch = tokio::time::interval(WIREGUARD_KEY_WATCH);
+    key_watch.tick().await;
     // When routing must sync next: `debounce` after the first routing change (and at once at start).
     let mut routing_due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     tokio::pin!(shutdown);
@@ -444,6 +450,11 @@ pub async fn run(
                 routing_due = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
             },
             _ = policy_refresh.tick() => send(engine::Msg::Refresh),
+            _ = key_watch.tick() => {
+                if routing.as_ref().is_some_and(|r| r.wireguard_key_missing(&felix)) {
+                    routing_due.get_or_insert_with(tokio::time::Instant::now);
+                }
+            },
         }
     };
     drop(to_engine);

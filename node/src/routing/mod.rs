@@ -257,6 +257,15 @@ impl<K: Kernel> Routing<K> {
         self
     }
 
+    /// Whether WireGuard is on for a family whose key file is missing (deleted to rotate the key): the next
+    /// sync makes a new one.
+    pub fn wireguard_key_missing(&self, felix: &Felix) -> bool {
+        self.wireguard
+            .iter()
+            .zip(&felix.wireguard)
+            .any(|(m, f)| f.enabled && !m.key_file().exists())
+    }
+
     /// BIRD's `show protocols`, when BGP is enabled.
     pub async fn bgp_protocols(&self) -> Option<String> {
         match &self.bird {

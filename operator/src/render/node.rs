@@ -183,7 +183,9 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         // The BPF data plane's pins, on the host's bpffs (the bpffs mount), so they outlive the agent.
         env("CARACAL_BPF_PIN_DIR", "/sys/fs/bpf/caracal"),
         env("CARACAL_BGP", toggle(net.bgp)),
-        env("CARACAL_WIREGUARD", toggle(net.wireguard)),
+        // No WireGuard variable: the agent takes WireGuard from FelixConfiguration (which the operator
+        // renders from the toggle) and turns it on and off without a restart, so the toggle never rolls
+        // the DaemonSet.
         env(
             "CARACAL_IPV4_AUTODETECTION",
             autodetection(net.node_address_autodetection_v4.as_ref()),
