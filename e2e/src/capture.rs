@@ -2,7 +2,7 @@
 //! sees while something runs, and what they carried between two addresses. What the WireGuard tests use to
 //! show that nothing but WireGuard's UDP crosses the underlay.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -55,51 +55,63 @@ pub fn capture<T>(ns: &NetNs, f: impl FnOnce() -> T) -> (T, Vec<Vec<u8>>) {
     (out, frames)
 }
 
-/// One IPv4 packet of a capture: protocol, source and destination, and the ports (TCP, UDP; 0 otherwise).
+/// One IP packet of a capture: protocol, source and destination, and the ports (TCP, UDP; 0 otherwise).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
-    /// IP protocol.
+    /// IP protocol (IPv6: the first header's next header).
     pub proto: u8,
     /// Source.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// Source port.
     pub sport: u16,
     /// Destination port.
     pub dport: u16,
 }
 
-/// The IPv4 packets of `frames` (Ethernet) between `a` and `b`, either way.
-pub fn between(frames: &[Vec<u8>], a: Ipv4Addr, b: Ipv4Addr) -> Vec<Seen> {
+/// One Ethernet frame's IP packet, if it is one.
+fn seen(f: &[u8]) -> Option<Seen> {
+    let ip = f.get(14..)?;
+    let (proto, src, dst, l4) = match f.get(12..14)? {
+        [0x08, 0x00] if ip.len() >= 20 => (
+            ip[9],
+            IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).ok()?),
+            IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).ok()?),
+            ip.get(usize::from(ip[0] & 0xf) * 4..)?,
+        ),
+        [0x86, 0xdd] if ip.len() >= 40 => (
+            ip[6],
+            IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?),
+            IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?),
+            &ip[40..],
+        ),
+        _ => return None,
+    };
+    let ports = matches!(proto, 6 | 17) && l4.len() >= 4;
+    Some(Seen {
+        proto,
+        src,
+        dst,
+        sport: if ports {
+            u16::from_be_bytes([l4[0], l4[1]])
+        } else {
+            0
+        },
+        dport: if ports {
+            u16::from_be_bytes([l4[2], l4[3]])
+        } else {
+            0
+        },
+    })
+}
+
+/// The IP packets (IPv4 or IPv6) of `frames` (Ethernet) between `a` and `b`, either way.
+pub fn between(frames: &[Vec<u8>], a: IpAddr, b: IpAddr) -> Vec<Seen> {
     frames
         .iter()
-        .filter(|f| f.len() >= 14 + 20 && f[12..14] == [0x08, 0x00])
-        .filter_map(|f| {
-            let ip = &f[14..];
-            let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-            let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-            if !((src == a && dst == b) || (src == b && dst == a)) {
-                return None;
-            }
-            let l4 = ip.get(usize::from(ip[0] & 0xf) * 4..).unwrap_or_default();
-            let ports = matches!(ip[9], 6 | 17) && l4.len() >= 4;
-            Some(Seen {
-                proto: ip[9],
-                src,
-                dst,
-                sport: if ports {
-                    u16::from_be_bytes([l4[0], l4[1]])
-                } else {
-                    0
-                },
-                dport: if ports {
-                    u16::from_be_bytes([l4[2], l4[3]])
-                } else {
-                    0
-                },
-            })
-        })
+        .filter_map(|f| seen(f))
+        .filter(|s| (s.src == a && s.dst == b) || (s.src == b && s.dst == a))
         .collect()
 }
 

@@ -3,7 +3,8 @@
 //! and an IPv6 address; pods on all nodes reach each other over IPv6 (TCP and UDP) through
 //! `vxlan6.caracal`, and again when the IPv6 pool stops encapsulating (routes straight to the nodes' IPv6
 //! addresses); natOutgoing masquerades IPv6 to the node's IPv6 address; a NetworkPolicy is enforced on IPv6 exactly as on IPv4 (ip6tables), so an IPv6 address never
-//! fails open; DEL releases both addresses. Needs root.
+//! fails open; WireGuard on both families encrypts pod traffic of each (only WireGuard's UDP on the underlay,
+//! policy unchanged); DEL releases both addresses. Needs root.
 
 #![expect(
     clippy::expect_used,
@@ -45,6 +46,47 @@ fn all_reachable(pods: &[TestPod]) -> Result<(), String> {
     } else {
         Err(format!("{failed:?}"))
     }
+}
+
+/// Sends `text` from `a` to `b` at `to`:8080 over a new TCP connection to an echo server the call starts in
+/// `b`; whether it came back.
+fn marker_exchange(a: &TestPod, b: &TestPod, to: std::net::IpAddr, text: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(Ok(listener)) = b.ns.enter(move || std::net::TcpListener::bind((to, 8080))) else {
+        return false;
+    };
+    let server = std::thread::spawn(move || {
+        let _ = listener.set_nonblocking(false);
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let mut buf = [0u8; 256];
+            if let Ok(n) = s.read(&mut buf) {
+                let _ = s.write_all(&buf[..n]);
+            }
+        }
+    });
+    let text = text.to_owned();
+    let ok =
+        a.ns.enter(move || -> Option<bool> {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&(to, 8080).into(), Duration::from_secs(1)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(text.as_bytes()).ok()?;
+            let mut buf = vec![0u8; text.len()];
+            s.read_exact(&mut buf).ok()?;
+            Some(buf == text.as_bytes())
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !ok {
+        // Unblock the server's accept.
+        let _ = b.ns.enter(move || {
+            std::net::TcpStream::connect_timeout(&(to, 8080).into(), Duration::from_millis(200))
+        });
+    }
+    let _ = server.join();
+    ok
 }
 
 /// (TCP 8080 over IPv6, TCP 8080 over IPv4, UDP 5353 over IPv6) from `a` to `b`.
@@ -210,6 +252,98 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
             f => Err(format!("{f:?}")),
         }
     })
+    .await;
+
+    // WireGuard on both families through FelixConfiguration: every node publishes an IPv4 and an IPv6 key
+    // and makes both devices; then web -> db (the policy still allows it, and still denies other -> db)
+    // crosses the underlay as WireGuard's UDP only (51820 between the IPv4 addresses, 51821 between the
+    // IPv6 ones), and the marker never shows on the wire.
+    Api::<caracal_crds::felix::FelixConfiguration>::all(c.client.clone())
+        .patch(
+            "default",
+            &PatchParams::apply("dual-stack-test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration",
+                "metadata": {"name": "default"},
+                "spec": {"wireguardEnabled": true, "wireguardEnabledV6": true}
+            })),
+        )
+        .await
+        .expect("FelixConfiguration with WireGuard");
+    let start = Instant::now();
+    loop {
+        let mut ready = 0;
+        for i in 0..3 {
+            let n = nodes.get(&format!("node-{i}")).await.expect("node");
+            let ann = n.metadata.annotations.unwrap_or_default();
+            if ann.contains_key("caracal.dev/WireguardPublicKey")
+                && ann.contains_key("caracal.dev/WireguardPublicKeyV6")
+                && ann.contains_key("caracal.dev/IPv6WireguardInterfaceAddr")
+                && !ann.contains_key("caracal.dev/WireguardUnencryptedPeers")
+                && !ann.contains_key("caracal.dev/WireguardUnencryptedPeersV6")
+            {
+                ready += 1;
+            }
+        }
+        if ready == 3 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "WireGuard never came up on every node ({ready} of 3)\n{}",
+            c.agent_log(0, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for dev in ["wg.caracal", "wg6.caracal"] {
+        c.nodes[0]
+            .ns
+            .ip(&["link", "show", dev])
+            .unwrap_or_else(|e| panic!("{dev}: {e}"));
+    }
+    let marker = "caracal-dual-stack-wireguard-marker-91c4";
+    let db6 = std::net::IpAddr::V6(db.ip6.expect("v6"));
+    let db4 = std::net::IpAddr::V4(db.ip);
+    let ((), frames) = caracal_e2e::capture::capture(&c.underlay.ns, || {
+        for to in [db6, db4] {
+            let start = Instant::now();
+            while !marker_exchange(web, db, to, marker) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "web -> db {to} through WireGuard"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    assert!(
+        !caracal_e2e::capture::carries(&frames, marker.as_bytes()),
+        "the marker never appears on the wire"
+    );
+    let (n0, n1) = (&c.nodes[web.node], &c.nodes[db.node]);
+    let v4 = caracal_e2e::capture::between(&frames, n0.ip.into(), n1.ip.into());
+    let v6 = caracal_e2e::capture::between(&frames, n0.ip6.expect("v6").into(), n1.ip6.expect("v6").into());
+    assert!(
+        !v4.is_empty() && !v6.is_empty(),
+        "both families crossed: {v4:?} {v6:?}"
+    );
+    assert!(
+        v4.iter()
+            .all(|s| s.proto == 17 && s.sport == 51820 && s.dport == 51820),
+        "{v4:?}"
+    );
+    assert!(
+        v6.iter()
+            .all(|s| s.proto == 17 && s.sport == 51821 && s.dport == 51821),
+        "{v6:?}"
+    );
+    eventually(
+        "the policy still enforced on both families through WireGuard",
+        || match (flows(web, db), flows(other, db)) {
+            ((true, true, false), (false, false, false)) => Ok(()),
+            f => Err(format!("{f:?}")),
+        },
+    )
     .await;
 
     // DEL releases both addresses.

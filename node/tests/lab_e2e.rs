@@ -496,7 +496,7 @@ async fn wireguard_on_and_off(lab: &Lab, edit: &impl Fn(&str)) {
     }
     held.check("after WireGuard on");
     let marker = "caracal-lab-wireguard-marker-5d1e";
-    let (node0, node2) = (lab.nodes[0].2, lab.nodes[2].2);
+    let (node0, node2) = (lab.nodes[0].2.into(), lab.nodes[2].2.into());
     let ((), frames) = capture(&lab.underlay.ns, || held.check(marker));
     // The matrix (policy enforced as before) measured through the tunnels.
     agrees(lab, "with WireGuard on").await;

@@ -25,7 +25,7 @@ use caracal_node::routing::address::{Chosen, Detected};
 use caracal_node::routing::model::{Desired, WgPeer, annotation};
 use caracal_node::routing::wireguard::{Params, Report, WgPlan, WireguardManager};
 use caracal_node::routing::{Contributions, Plan, VxlanParams};
-use caracal_node::wireguard::userspace::UserspaceFactory;
+use caracal_node::wireguard::kernel::{AutoFactory, Backend};
 
 const MARKER: &str = "caracal-wireguard-marker-7f3a9c";
 
@@ -35,10 +35,10 @@ struct Node {
     ns: NetNs,
     ip: Ipv4Addr,
     wg_addr: Ipv4Addr,
-    block: &'static str,
+    block: String,
     kernel: Netlink,
     manager: WireguardManager,
-    factory: UserspaceFactory,
+    factory: AutoFactory,
     key_file: PathBuf,
 }
 
@@ -126,11 +126,12 @@ impl Node {
 }
 
 async fn node(
+    userspace_only: bool,
     name: &'static str,
     underlay: &Underlay,
     ip: &str,
     wg_addr: &str,
-    block: &'static str,
+    block: &str,
     dir: &std::path::Path,
 ) -> Node {
     let ns = netns::node(name).expect("node namespace");
@@ -143,10 +144,14 @@ async fn node(
         name,
         ip,
         wg_addr: wg_addr.parse().expect("wg addr"),
-        block,
+        block: block.to_owned(),
         kernel,
         manager: WireguardManager::new(false, key_file.clone()),
-        factory: UserspaceFactory { netns: Some(path) },
+        factory: AutoFactory {
+            netns: Some(path),
+            chosen: None,
+            userspace_only,
+        },
         key_file,
         ns,
     }
@@ -212,31 +217,97 @@ fn say_within(from: &Pod, to: Ipv4Addr, port: u16, text: &str, deadline: Duratio
     None
 }
 
+/// Whether this kernel can make a `wireguard` link (tried in a namespace of its own).
+fn kernel_has_wireguard() -> bool {
+    let ns = NetNs::new("wgprobe").expect("namespace");
+    ns.ip(&["link", "add", "wgprobe", "type", "wireguard"]).is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_two_nodes_talk_through_wireguard_only_and_survive_a_key_rotation() {
+    scenario(true, "10.213", "10.214").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_backend_drives_the_kernel_module_where_there_is_one() {
+    if !kernel_has_wireguard() {
+        println!(
+            "SKIP the_kernel_backend_drives_the_kernel_module_where_there_is_one: wireguard kernel module missing"
+        );
+        return;
+    }
+    scenario(false, "10.215", "10.216").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_makes_the_kernels_device_where_it_can_and_the_userspace_one_elsewhere() {
+    let ns = netns::node("wgauto").expect("node");
+    let mut f = AutoFactory {
+        netns: Some(named_netns(ns.name())),
+        chosen: None,
+        userspace_only: false,
+    };
+    let device = caracal_node::wireguard::DeviceFactory::create(&mut f, "wg.caracal").expect("a device");
+    let details = ns
+        .ip(&["-d", "link", "show", "wg.caracal"])
+        .expect("the device's link");
+    if kernel_has_wireguard() {
+        assert_eq!(f.chosen, Some(Backend::Kernel));
+        assert!(details.contains("wireguard"), "{details}");
+    } else {
+        assert_eq!(
+            f.chosen,
+            Some(Backend::Userspace),
+            "no module here: boringtun's device"
+        );
+        assert!(details.contains("tun"), "a TUN interface: {details}");
+    }
+    drop(device);
+}
+
+/// Two nodes, a pod on each: WireGuard on, the capture, a key rotation, off. `userspace_only`: boringtun's
+/// devices; otherwise the kernel's (where the module exists). The networks: `{underlay}.0.0/24` and the
+/// pods' `{pods}.0.0/24` (node a) and `{pods}.1.0/24` (node b).
+async fn scenario(userspace_only: bool, underlay_net: &str, pods_net: &str) {
     assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
-    let dir = std::env::temp_dir().join(format!("caracal-wg-test-{}", std::process::id()));
-    let underlay = Underlay::new("10.213.0.0/24".parse().expect("net")).expect("underlay");
+    let dir = std::env::temp_dir().join(format!("caracal-wg-test-{}-{userspace_only}", std::process::id()));
+    let underlay = Underlay::new(format!("{underlay_net}.0.0/24").parse().expect("net")).expect("underlay");
+    let (wa, wb) = (format!("{pods_net}.0.1"), format!("{pods_net}.1.1"));
+    let bb = format!("{pods_net}.1.0/24");
     let mut a = node(
+        userspace_only,
         "wga",
         &underlay,
-        "10.213.0.2",
-        "10.214.0.1",
-        "10.214.0.0/24",
+        &format!("{underlay_net}.0.2"),
+        &wa,
+        &format!("{pods_net}.0.0/24"),
         &dir,
     )
     .await;
     let mut b = node(
+        userspace_only,
         "wgb",
         &underlay,
-        "10.213.0.3",
-        "10.214.1.1",
-        "10.214.1.0/24",
+        &format!("{underlay_net}.0.3"),
+        &wb,
+        &bb,
         &dir,
     )
     .await;
-    let pa = netns::wire_pod(&a.ns, "wpa", "crcwpa", "10.214.0.5".parse().expect("ip")).expect("pod a");
-    let pb = netns::wire_pod(&b.ns, "wpb", "crcwpb", "10.214.1.5".parse().expect("ip")).expect("pod b");
+    let pa = netns::wire_pod(
+        &a.ns,
+        "wpa",
+        "crcwpa",
+        format!("{pods_net}.0.5").parse().expect("ip"),
+    )
+    .expect("pod a");
+    let pb = netns::wire_pod(
+        &b.ns,
+        "wpb",
+        "crcwpb",
+        format!("{pods_net}.1.5").parse().expect("ip"),
+    )
+    .expect("pod b");
     let stop = Arc::new(AtomicBool::new(false));
     echo(&pb, 8080, &stop);
 
@@ -255,7 +326,7 @@ async fn pods_on_two_nodes_talk_through_wireguard_only_and_survive_a_key_rotatio
     let b_peer = b.as_peer(&b_out);
     assert_eq!(
         a_out.annotations[annotation::IPV4_WIREGUARD_INTERFACE_ADDR].as_deref(),
-        Some("10.214.0.1")
+        Some(wa.as_str())
     );
     let (_, a_report) = a.sync(true, vec![b_peer.clone()]).await;
     b.sync(true, vec![a_peer.clone()]).await;
@@ -266,13 +337,13 @@ async fn pods_on_two_nodes_talk_through_wireguard_only_and_survive_a_key_rotatio
     let link =
         a.ns.ip(&["-o", "addr", "show", "dev", "wg.caracal"])
             .expect("device");
-    assert!(link.contains("10.214.0.1"), "{link}");
+    assert!(link.contains(&wa), "{link}");
     let mtu =
         a.ns.ip(&["-o", "link", "show", "dev", "wg.caracal"])
             .expect("link");
     assert!(mtu.contains("mtu 1440") && mtu.contains(",UP"), "{mtu}");
     let table = a.ns.ip(&["route", "show", "table", "1"]).expect("table 1");
-    assert!(table.contains("10.214.1.0/24 dev wg.caracal"), "{table}");
+    assert!(table.contains(&format!("{bb} dev wg.caracal")), "{table}");
     let rules = a.ns.ip(&["rule", "show"]).expect("rules");
     assert!(
         rules.contains("99:\tnot from all fwmark 0x100000/0x100000 lookup 1"),
@@ -285,7 +356,7 @@ async fn pods_on_two_nodes_talk_through_wireguard_only_and_survive_a_key_rotatio
         say_within(&pa, pb.ip, 8080, MARKER, Duration::from_secs(20))
     });
     assert!(took.is_some(), "the pods talk through WireGuard");
-    let flows = between(&frames, a.ip, b.ip);
+    let flows = between(&frames, a.ip.into(), b.ip.into());
     assert!(!flows.is_empty(), "the pods' packets crossed the underlay");
     assert!(
         flows
@@ -297,7 +368,7 @@ async fn pods_on_two_nodes_talk_through_wireguard_only_and_survive_a_key_rotatio
         !carries(&frames, MARKER.as_bytes()),
         "the marker never appears on the wire"
     );
-    let pods_plain = between(&frames, pa.ip, pb.ip);
+    let pods_plain = between(&frames, pa.ip.into(), pb.ip.into());
     assert!(
         pods_plain.is_empty(),
         "no pod packet in the clear: {pods_plain:?}"

@@ -328,11 +328,14 @@ async fn agent_main() -> anyhow::Result<()> {
         ipam.clone(),
         mtu.clone(),
     )
-    .with_wireguard_devices(Box::new(caracal_node::wireguard::userspace::UserspaceFactory {
+    .with_wireguard_devices(Box::new(caracal_node::wireguard::kernel::AutoFactory {
         netns: std::env::var("CARACAL_NETNS")
             .ok()
             .filter(|n| !n.is_empty())
             .map(|n| caracal_node::netlink::named_netns(&n)),
+        chosen: None,
+        // CARACAL_WIREGUARD_BACKEND=userspace: boringtun's device even where the kernel has WireGuard.
+        userspace_only: env("CARACAL_WIREGUARD_BACKEND", "auto") == "userspace",
     }));
     let _ = status.wireguard.set(routing.wireguard_report.clone());
     let cni = caracal_node::cni::server::CniServer {

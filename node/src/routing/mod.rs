@@ -241,7 +241,7 @@ impl<K: Kernel> Routing<K> {
                 wireguard::WireguardManager::new(false, cfg.state_dir.join("wireguard/private.key")),
                 wireguard::WireguardManager::new(true, cfg.state_dir.join("wireguard/private-v6.key")),
             ],
-            wg_devices: Box::new(crate::wireguard::userspace::UserspaceFactory::default()),
+            wg_devices: Box::new(crate::wireguard::kernel::AutoFactory::default()),
             wireguard_report: Arc::default(),
             bird: cfg
                 .bgp
@@ -251,7 +251,8 @@ impl<K: Kernel> Routing<K> {
         }
     }
 
-    /// Makes WireGuard devices with `factory` (the userspace backend in the agent's namespace otherwise).
+    /// Makes WireGuard devices with `factory` (otherwise the kernel's where it has WireGuard, boringtun's
+    /// elsewhere, in the agent's namespace).
     pub fn with_wireguard_devices(mut self, factory: Box<dyn crate::wireguard::DeviceFactory>) -> Self {
         self.wg_devices = factory;
         self

@@ -1,12 +1,13 @@
 //! WireGuard devices: the node's encryption backend (docs/wireguard.md). [`routing::wireguard`] decides what
 //! a device should hold (the key, the port, the peers and their allowed IPs) and the routes and rule around
-//! it; a [`Device`] holds it. Two implementations, chosen at runtime: the kernel's WireGuard (over generic
-//! netlink, where the `wireguard` module exists) and a userspace one ([`userspace::Userspace`]: boringtun's
-//! device in the agent's process, on a TUN interface), which is what this machine runs, since its kernel
-//! has no WireGuard module.
+//! it; a [`Device`] holds it. Two implementations, chosen at runtime ([`kernel::AutoFactory`]): the kernel's
+//! WireGuard ([`kernel::KernelDevice`], over generic netlink, where the `wireguard` module exists) and a
+//! userspace one ([`userspace::Userspace`]: boringtun's device in the agent's process, on a TUN interface),
+//! which is what this machine runs, since its kernel has no WireGuard module.
 //!
 //! [`routing::wireguard`]: crate::routing::wireguard
 
+pub mod kernel;
 pub mod keys;
 pub mod uapi;
 pub mod userspace;

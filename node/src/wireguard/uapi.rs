@@ -158,25 +158,39 @@ pub struct Settings {
     pub fwmark: u32,
 }
 
-/// The `set=1` requests (each ends with its blank line) that take a device from `have` to `settings` with
-/// `peers`, in order: the device's settings (the private key first, since peers need it), then the removals,
-/// then the additions. A peer whose configuration differs is removed and added again (its session starts
-/// over); an unchanged one is not touched. Nothing when the device matches.
-pub fn plan(have: &DeviceState, settings: &Settings, peers: &[Peer]) -> Vec<String> {
+/// One change to a device, as either backend carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The device-wide settings: the private key (hex) when the device's differs, the port when it differs,
+    /// and the mark (always with these, so a new socket gets it).
+    Settings {
+        /// The private key, hex.
+        private_hex: Option<String>,
+        /// The UDP port.
+        listen_port: Option<u16>,
+        /// The mark.
+        fwmark: u32,
+    },
+    /// A peer removed.
+    RemovePeer([u8; 32]),
+    /// A peer added.
+    AddPeer(Peer),
+}
+
+/// The changes that take a device from `have` to `settings` with `peers`, in order: the device's settings
+/// (the private key first, since peers need it), then the removals, then the additions. A peer whose
+/// configuration differs is removed and added again (its session starts over); an unchanged one is not
+/// touched. Nothing when the device matches.
+pub fn changes(have: &DeviceState, settings: &Settings, peers: &[Peer]) -> Vec<Change> {
     let mut out = Vec::new();
-    let mut dev = String::new();
-    if have.public_key != Some(settings.public_key) {
-        dev.push_str(&format!("private_key={}\n", settings.private_hex));
-    }
-    if have.listen_port != settings.listen_port {
-        dev.push_str(&format!("listen_port={}\n", settings.listen_port));
-    }
-    if have.fwmark != settings.fwmark || !dev.is_empty() {
-        // Also after a new socket (listen_port): the mark goes on the sockets the device has.
-        dev.push_str(&format!("fwmark={}\n", settings.fwmark));
-    }
-    if !dev.is_empty() {
-        out.push(format!("set=1\n{dev}\n"));
+    let private_hex = (have.public_key != Some(settings.public_key)).then(|| settings.private_hex.clone());
+    let listen_port = (have.listen_port != settings.listen_port).then_some(settings.listen_port);
+    if private_hex.is_some() || listen_port.is_some() || have.fwmark != settings.fwmark {
+        out.push(Change::Settings {
+            private_hex,
+            listen_port,
+            fwmark: settings.fwmark,
+        });
     }
     let want: BTreeMap<[u8; 32], &Peer> = peers.iter().map(|p| (p.public_key, p)).collect();
     let same = |p: &Peer, s: &PeerState| {
@@ -191,29 +205,62 @@ pub fn plan(have: &DeviceState, settings: &Settings, peers: &[Peer]) -> Vec<Stri
         match want.get(key) {
             Some(p) if same(p, state) => {}
             Some(p) => {
-                out.push(format!("set=1\npublic_key={}\nremove=true\n\n", hex(key)));
+                out.push(Change::RemovePeer(*key));
                 add.push(*p);
             }
-            None => out.push(format!("set=1\npublic_key={}\nremove=true\n\n", hex(key))),
+            None => out.push(Change::RemovePeer(*key)),
         }
     }
     add.extend(peers.iter().filter(|p| !have.peers.contains_key(&p.public_key)));
-    for p in add {
-        let mut req = format!("set=1\npublic_key={}\n", hex(&p.public_key));
-        if let Some(e) = p.endpoint {
-            req.push_str(&format!("endpoint={e}\n"));
-        }
-        if p.keepalive > 0 {
-            req.push_str(&format!("persistent_keepalive_interval={}\n", p.keepalive));
-        }
-        req.push_str("replace_allowed_ips=true\n");
-        for ip in &p.allowed_ips {
-            req.push_str(&format!("allowed_ip={ip}\n"));
-        }
-        req.push('\n');
-        out.push(req);
-    }
+    out.extend(add.into_iter().map(|p| Change::AddPeer(p.clone())));
     out
+}
+
+/// A change as a UAPI `set=1` request (ending with its blank line).
+pub fn request(change: &Change) -> String {
+    match change {
+        Change::Settings {
+            private_hex,
+            listen_port,
+            fwmark,
+        } => {
+            let mut req = String::from("set=1\n");
+            if let Some(k) = private_hex {
+                req.push_str(&format!("private_key={k}\n"));
+            }
+            if let Some(p) = listen_port {
+                req.push_str(&format!("listen_port={p}\n"));
+            }
+            req.push_str(&format!("fwmark={fwmark}\n\n"));
+            req
+        }
+        Change::RemovePeer(key) => format!("set=1\npublic_key={}\nremove=true\n\n", hex(key)),
+        Change::AddPeer(p) => {
+            let mut req = format!("set=1\npublic_key={}\n", hex(&p.public_key));
+            if let Some(e) = p.endpoint {
+                req.push_str(&format!("endpoint={e}\n"));
+            }
+            if p.keepalive > 0 {
+                req.push_str(&format!("persistent_keepalive_interval={}\n", p.keepalive));
+            }
+            req.push_str("replace_allowed_ips=true\n");
+            for ip in &p.allowed_ips {
+                req.push_str(&format!("allowed_ip={ip}\n"));
+            }
+            req.push('\n');
+            req
+        }
+    }
+}
+
+/// [`changes`] as UAPI requests.
+pub fn plan(have: &DeviceState, settings: &Settings, peers: &[Peer]) -> Vec<String> {
+    changes(have, settings, peers).iter().map(request).collect()
+}
+
+/// The 32 bytes of a hex key (None: not 64 hex digits).
+pub fn key_from_hex(text: &str) -> Option<[u8; 32]> {
+    key_of(text)
 }
 
 /// Sends one request (`get=1\n\n` or a `set=1` one from [`plan`]) over `stream` and reads the answer up to
