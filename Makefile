@@ -102,6 +102,7 @@ bench: deps controlplane cni-plugins
 	$(CARGO) bench --locked -p caracal-operator --bench operator
 	$(CARGO) build --locked --release -p caracal-node --bin caracal-node
 	$(CARGO) bench --locked -p caracal-node --bench policy
+	$(CARGO) bench --locked -p caracal-node --bench wireguard
 	$(CARGO) build --locked --release -p caracal-typha --bin caracal-typha
 	$(CARGO) bench --locked -p caracal-typha --bench typha
 	$(CARGO) build --locked --release -p caracal-node --bin caracal-node -p caracal-cni --bin caracal-cni
