@@ -340,7 +340,8 @@ impl<K: Kernel> Routing<K> {
         }
         self.warn(&warnings);
         if self.bird.is_some() {
-            self.sync_bgp(cache, &detected, &blocks).await?;
+            self.sync_bgp(cache, &detected, model::bgp_blocks(&me, &blocks, &pools))
+                .await?;
         }
         let vx = VxlanParams {
             vni: felix.vxlan_vni,
@@ -507,7 +508,7 @@ impl<K: Kernel> Routing<K> {
         &mut self,
         cache: &Cache,
         detected: &Detected,
-        blocks: &[model::BlockInfo],
+        mine: BTreeSet<IpNet>,
     ) -> Result<(), RoutingError> {
         let me = self.cfg.node.as_str();
         let nodes: BTreeMap<String, Value> = cache
@@ -521,11 +522,6 @@ impl<K: Kernel> Routing<K> {
         let peers: Vec<Value> = cache
             .of_kind("caracal.dev/v1/BGPPeer")
             .map(|(_, v)| v.clone())
-            .collect();
-        let mine: BTreeSet<IpNet> = blocks
-            .iter()
-            .filter(|b| b.node.as_deref() == Some(me))
-            .map(|b| b.cidr)
             .collect();
         let input = bgp::input(
             me,

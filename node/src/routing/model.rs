@@ -76,6 +76,8 @@ pub struct Pool {
     pub ipip: EncapMode,
     /// No new allocations (routes still exist for what is allocated).
     pub disabled: bool,
+    /// `disableBGPExport`: its blocks are announced to no BGP peer.
+    pub no_bgp_export: bool,
 }
 
 /// A block as routing sees it.
@@ -243,9 +245,22 @@ pub fn pools<'a>(docs: impl Iterator<Item = &'a Value>) -> Vec<Pool> {
             vxlan: mode(&s["vxlanMode"]),
             ipip: mode(&s["ipipMode"]),
             disabled: s["disabled"].as_bool().unwrap_or(false),
+            no_bgp_export: s["disableBGPExport"].as_bool().unwrap_or(false),
         })
     })
     .collect()
+}
+
+/// The blocks node `me` announces over BGP: its own, less those of pools with `disableBGPExport` (Calico's
+/// meaning: that pool's routes go to no BGP peer, the node-to-node mesh's included, so such a pool is reached
+/// between nodes through its encapsulation only).
+pub fn bgp_blocks(me: &str, blocks: &[BlockInfo], pools: &[Pool]) -> std::collections::BTreeSet<IpNet> {
+    blocks
+        .iter()
+        .filter(|b| b.node.as_deref() == Some(me))
+        .filter(|b| !pools.iter().any(|p| p.no_bgp_export && p.cidr.contains(&b.cidr)))
+        .map(|b| b.cidr)
+        .collect()
 }
 
 /// The address `offset` places into `net`.
@@ -469,7 +484,28 @@ mod tests {
             vxlan,
             ipip: EncapMode::Never,
             disabled: false,
+            no_bgp_export: false,
         }
+    }
+
+    #[test]
+    fn blocks_of_a_pool_that_disables_bgp_export_are_not_announced() {
+        let mut quiet = pool("10.250.0.0/16", EncapMode::Always);
+        quiet.no_bgp_export = true;
+        let all = vec![pool("10.244.0.0/16", EncapMode::Never), quiet];
+        let blocks = vec![
+            block("10.244.0.0/26", "a"),
+            block("10.250.0.0/26", "a"),
+            block("10.244.0.64/26", "b"),
+        ];
+        let announced: Vec<String> = bgp_blocks("a", &blocks, &all)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(announced, ["10.244.0.0/26"]);
+        // Parsed from the IPPool document.
+        let doc = serde_json::json!({"spec": {"cidr": "10.250.0.0/16", "disableBGPExport": true}});
+        assert!(pools(std::iter::once(&doc))[0].no_bgp_export);
     }
 
     fn block(cidr: &str, node: &str) -> BlockInfo {
