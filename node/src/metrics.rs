@@ -190,3 +190,51 @@ impl Status {
         Some(rows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn text(status: &Status) -> String {
+        let mut r = Registry::default();
+        status.register(&mut r);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("encode");
+        out
+    }
+
+    #[test]
+    fn wireguard_peers_and_the_tracker_sweeper_are_on_metrics_when_they_run() {
+        let status = Status::default();
+        assert!(
+            !text(&status).contains("wireguard"),
+            "nothing before routing runs"
+        );
+        let report = crate::routing::wireguard::Report {
+            encrypted: vec!["b".into()],
+            unencrypted: vec!["c".into(), "d".into()],
+            new_key: false,
+        };
+        let _ = status
+            .wireguard
+            .set(Arc::new(std::sync::Mutex::new([report, Default::default()])));
+        let sweeper = Arc::new(crate::dataplane::bpf::sweep::SweepStats::default());
+        sweeper.entries.store(7, Ordering::Relaxed);
+        sweeper.removed.store(3, Ordering::Relaxed);
+        let _ = status.bpf_conntrack.set(sweeper);
+        let t = text(&status);
+        for line in [
+            "caracal_node_wireguard_peers{family=\"ipv4\",state=\"encrypted\"} 1",
+            "caracal_node_wireguard_peers{family=\"ipv4\",state=\"unencrypted\"} 2",
+            "caracal_node_wireguard_peers{family=\"ipv6\",state=\"unencrypted\"} 0",
+            "caracal_node_wireguard_unencrypted_peer{family=\"ipv4\",node=\"c\"} 1",
+            "caracal_node_wireguard_unencrypted_peer{family=\"ipv4\",node=\"d\"} 1",
+            "caracal_node_bpf_conntrack_entries 7",
+            "caracal_node_bpf_conntrack_removed_total 3",
+        ] {
+            assert!(t.contains(line), "{line} missing from:\n{t}");
+        }
+    }
+}
