@@ -82,15 +82,24 @@ fn attempt(addr: SocketAddr) -> Result<String, &'static str> {
 }
 
 /// Connections per second and their latencies over `SAMPLES` samples, from inside `client`.
-fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize, pins: &std::path::Path) -> Value {
+fn rate(
+    node: &NetNs,
+    client: &NetNs,
+    addr: SocketAddr,
+    clients: usize,
+    pins: &std::path::Path,
+    pods: &[String],
+) -> Value {
     let mut rates = Vec::new();
     let mut lat = Vec::new();
     // Failed connections by what failed.
     let mut failed: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
     let mut forwarded = 0u64;
     let (mut bpf_dropped, mut softnet_dropped) = (0u64, 0u64);
+    let mut tcp: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for _ in 0..SAMPLES {
         let (bpf_before, softnet_before) = (bpf_drops(pins), softnet_drops());
+        let tcp_before = tcp_counters(pods);
         let _ = node.exec(&["conntrack", "-F"]);
         let forwarded_before = forwarded_datagrams(node);
         // CLIENTS connections at a time (each thread sequential), so the node's CPUs, not one client's
@@ -136,6 +145,12 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize, pins: &s
         forwarded += forwarded_datagrams(node).saturating_sub(forwarded_before);
         bpf_dropped += bpf_drops(pins).saturating_sub(bpf_before);
         softnet_dropped += softnet_drops().saturating_sub(softnet_before);
+        for (k, v) in tcp_counters(pods) {
+            let d = v.saturating_sub(tcp_before.get(&k).copied().unwrap_or(0));
+            if d > 0 {
+                *tcp.entry(k).or_default() += d;
+            }
+        }
     }
     let mut sorted = rates.clone();
     sorted.sort_by(f64::total_cmp);
@@ -152,7 +167,55 @@ fn rate(node: &NetNs, client: &NetNs, addr: SocketAddr, clients: usize, pins: &s
         // packets the machine's per-CPU backlog queues dropped (`/proc/net/softnet_stat`), over the samples.
         "bpf_dropped_packets": bpf_dropped,
         "softnet_dropped_packets": softnet_dropped,
+        // The pods' own IP and TCP counters that moved over the samples (client and backends; the names are
+        // /proc/net/snmp's and /proc/net/netstat's): where a lost handshake shows up in a pod's stack.
+        "pod_stack_counters": tcp,
     })
+}
+
+/// The error and drop counters of `/proc/net/snmp` and `/proc/net/netstat` (Ip, Tcp, TcpExt) summed over
+/// the network namespaces `pods`.
+fn tcp_counters(pods: &[String]) -> std::collections::BTreeMap<String, u64> {
+    const WANTED: [&str; 16] = [
+        "Ip:InAddrErrors",
+        "Ip:InDiscards",
+        "Ip:InHdrErrors",
+        "Ip:OutNoRoutes",
+        "Tcp:AttemptFails",
+        "Tcp:EstabResets",
+        "Tcp:InErrs",
+        "Tcp:OutRsts",
+        "Tcp:RetransSegs",
+        "TcpExt:ListenDrops",
+        "TcpExt:ListenOverflows",
+        "TcpExt:TCPBacklogDrop",
+        "TcpExt:TCPSynRetrans",
+        "TcpExt:TCPTimeouts",
+        "TcpExt:PAWSEstab",
+        "TcpExt:TCPAbortOnData",
+    ];
+    let mut out = std::collections::BTreeMap::new();
+    for pod in pods {
+        let ns = NetNs::existing(pod);
+        for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+            let text = ns.exec(&["cat", file]).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for pair in lines.chunks(2) {
+                let [names, values] = pair else { continue };
+                let mut n = names.split_whitespace();
+                let mut v = values.split_whitespace();
+                let Some(group) = n.next() else { continue };
+                v.next();
+                for (name, value) in n.zip(v) {
+                    let key = format!("{group}{name}");
+                    if WANTED.contains(&key.as_str()) {
+                        *out.entry(key).or_default() += value.parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Packets the BPF programs pinned under `pins` dropped, every endpoint and direction (0 when none are).
@@ -340,6 +403,10 @@ async fn main() {
     let client = NetNs::existing(&find("svcbench/client", "netns"));
     let node = NetNs::existing(lab.nodes[0].1.name());
     let (b0, b1) = (find("svcbench/b0", "ip"), find("svcbench/b1", "ip"));
+    let pod_namespaces: Vec<String> = ["svcbench/client", "svcbench/b0", "svcbench/b1"]
+        .iter()
+        .map(|p| find(p, "netns"))
+        .collect();
     let ready = |addr: SocketAddr| {
         let ns = NetNs::existing(client.name());
         async move {
@@ -365,13 +432,14 @@ async fn main() {
     // falls on both sides alike.
     let measure = || {
         let (n, c) = (NetNs::existing(node.name()), NetNs::existing(client.name()));
+        let pod_namespaces = pod_namespaces.clone();
         let pins = caracal_e2e::lab::lab_dir()
             .join("nodes")
             .join(&lab.nodes[0].0)
             .join("sys/fs/bpf/caracal");
         tokio::task::spawn_blocking(move || {
-            let busy = rate(&n, &c, measured, CLIENTS, &pins);
-            let single = rate(&n, &c, measured, 1, &pins);
+            let busy = rate(&n, &c, measured, CLIENTS, &pins, &pod_namespaces);
+            let single = rate(&n, &c, measured, 1, &pins, &pod_namespaces);
             (busy, single)
         })
     };
