@@ -263,9 +263,8 @@ struct ct_key {
 // packets keep going through the stack, whose tracker undoes the translation, never straight to a local pod.
 #define CT_STACK 1
 // TCP closing (docs/bpf.md, "Closed connections"): a FIN seen in the direction of the entry's key, in the
-// other direction, and a reset seen arriving at the pod. Both FINs, or a reset, shorten the entry's life to
-// CT_FINS_NS / CT_RST_NS; the agent's sweeper removes entries past their life. A reset the pod sends itself
-// removes its entries at once (see ct_closing).
+// other direction, and a reset. Both FINs, or a reset, shorten the entry's life to CT_FINS_NS / CT_RST_NS;
+// the agent's sweeper removes entries past their life (see ct_closing).
 #define CT_FIN_FWD 2
 #define CT_FIN_REV 4
 #define CT_RST 8
@@ -945,43 +944,48 @@ static __always_inline struct ct_value *ct_lookup(struct ct_key *k)
 }
 
 // A TCP FIN or reset on a tracked flow (`ct`, found under `k` or, when `reversed`, under `k` turned round;
-// `own`: the endpoint's pod sent the packet). A FIN marks its direction. A reset the pod sent itself ends
-// its entries at once: the tuple's, and for a Service's flow the other entry of the pair; the pod's own stack
-// ended the connection, so nothing of it can come later that these entries would be needed for (a late
-// packet of the peer meets policy as a new flow, and the pod's stack answers it with another reset). A reset
-// arriving at the pod could be forged by anyone who guessed the tuple, so it only shortens the entry's life
-// (CT_RST_NS), and the pod's next packet on the flow other than a reset (its connection is alive: the reset
-// was not its connection's) lengthens it again. `k` is changed.
+// `own`: the endpoint's pod sent the packet). A FIN marks its direction; a reset marks the flow (CT_RST), which
+// shortens its entries' life to CT_RST_NS; the pod's next packet on the flow other than a reset clears the mark
+// (its connection is alive: the reset was not its connection's). Nothing is deleted here: a reset can arrive
+// out of order, after a new connection on the same tuple has replaced the entries (a client that reset a
+// connection and opened the next one from the same port on another CPU), and deleting would take the new
+// connection's entries; a forged reset arriving at the pod must not end a flow either. The sweeper removes
+// what is past its life. A Service's flow has two entries; both get the same marks, so neither outlives or
+// dies before the other. `k` is changed.
 static __always_inline void ct_closing(struct ct_key *k, struct ct_value *ct, int reversed, __u8 tcp_flags,
 				       int own)
 {
-	if (!(tcp_flags & TCP_RST)) {
+	__u8 set = 0, clear = 0;
+	if (tcp_flags & TCP_RST) {
+		set = CT_RST;
+	} else {
 		if (own)
-			ct->flags &= ~CT_RST;
+			clear = CT_RST;
 		if (tcp_flags & TCP_FIN)
-			ct->flags |= reversed ? CT_FIN_REV : CT_FIN_FWD;
-		return;
+			set = reversed ? CT_FIN_REV : CT_FIN_FWD;
 	}
-	if (!own) {
-		ct->flags |= CT_RST;
+	__u8 before = ct->flags;
+	ct->flags = (before | set) & ~clear;
+	if (ct->flags == before || !(ct->nat & (NAT_FWD | NAT_REV)))
 		return;
-	}
+	// The other entry of a Service's pair.
 	__u8 nat = ct->nat;
 	__be32 nat_addr = ct->nat_addr, orig_addr = ct->orig_addr;
 	__u16 nat_port = ct->nat_port, orig_port = ct->orig_port;
 	if (reversed)
 		ct_reverse(k);
-	bpf_map_delete_elem(&caracal_ct_v3, k);
 	if (nat & NAT_FWD) {
-		// The reverse entry: the translated tuple (the source too for a pod's flow to itself).
+		// The reverse entry: the translated tuple, with the source translated too where it is (a pod's flow
+		// to itself; a NodePort's to another node, whose new source is the node address the client sent to).
 		if (nat & NAT_SNAT_HAIRPIN) {
 			__be32 src = HAIRPIN_SRC;
 			__builtin_memcpy(&k->src[12], &src, 4);
+		} else if (nat & NAT_SNAT_NODE) {
+			__builtin_memcpy(&k->src[12], &k->dst[12], 4);
 		}
 		__builtin_memcpy(&k->dst[12], &nat_addr, 4);
 		k->dport = nat_port;
-		bpf_map_delete_elem(&caracal_ct_v3, k);
-	} else if (nat == NAT_REV) {
+	} else {
 		// The forward entry: the tuple the client sent to the Service.
 		if (orig_addr) {
 			__builtin_memcpy(&k->src[12], &orig_addr, 4);
@@ -989,8 +993,10 @@ static __always_inline void ct_closing(struct ct_key *k, struct ct_value *ct, in
 		}
 		__builtin_memcpy(&k->dst[12], &nat_addr, 4);
 		k->dport = nat_port;
-		bpf_map_delete_elem(&caracal_ct_v3, k);
 	}
+	struct ct_value *pair = bpf_map_lookup_elem(&caracal_ct_v3, k);
+	if (pair)
+		pair->flags = (pair->flags | set) & ~clear;
 }
 
 // Rewrites one side (0: source, 1: destination) of an IPv4 TCP or UDP packet to `addr`:`port` (port in host

@@ -359,6 +359,106 @@ fn ask(from: &Pod, addr: SocketAddr) -> (u16, std::net::TcpStream) {
     (s.local_addr().expect("local").port(), s)
 }
 
+/// Closes `s` with a reset (SO_LINGER 0).
+fn reset(s: std::net::TcpStream) {
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("linger");
+    drop(s);
+}
+
+/// As [`ask`], from source port `sport`.
+fn ask_from(from: &Pod, sport: u16, addr: SocketAddr) -> (u16, std::net::TcpStream) {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    let ip = from.ip;
+    let mut s = from
+        .ns
+        .enter(move || {
+            let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).expect("socket");
+            setsockopt(&fd, sockopt::ReuseAddr, &true).expect("reuse");
+            let [a, b, c, d] = ip.octets();
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::new(a, b, c, d, sport),
+            )
+            .expect("bind");
+            let s = std::net::TcpStream::from(fd);
+            let SocketAddr::V4(v4) = addr else { panic!("IPv4") };
+            let [a, b, c, d] = v4.ip().octets();
+            nix::sys::socket::connect(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                &SockaddrIn::new(a, b, c, d, v4.port()),
+            )
+            .expect("connect");
+            s
+        })
+        .expect("enter");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    s.write_all(probe::WHOAMI).expect("ask");
+    let mut buf = [0u8; 64];
+    assert!(s.read(&mut buf).expect("answer") > 0, "answered");
+    (sport, s)
+}
+
+/// Sends, from `from`'s namespace, a TCP reset from its address and port `sport` to `to`, as a late
+/// reset of an earlier connection on that tuple would look (a raw socket; the sequence number is not the
+/// current connection's).
+fn stale_reset(from: &Pod, sport: u16, to: SocketAddr) {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+    };
+    let src = from.ip;
+    from.ns
+        .enter(move || {
+            let SocketAddr::V4(dst) = to else { panic!("IPv4") };
+            let mut tcp = [0u8; 20];
+            tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+            tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+            tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = 0x04; // RST
+            // The checksum over the pseudo header and the segment.
+            let mut sum: u32 = 0;
+            let mut add = |b: &[u8]| {
+                for c in b.chunks(2) {
+                    sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+                }
+            };
+            add(&src.octets());
+            add(&dst.ip().octets());
+            add(&[0, 6, 0, 20]);
+            add(&tcp);
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::empty(),
+                SockProtocol::Tcp,
+            )
+            .expect("raw socket");
+            let [a, b, c, d] = dst.ip().octets();
+            sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &tcp,
+                &SockaddrIn::new(a, b, c, d, 0),
+                MsgFlags::empty(),
+            )
+            .expect("send the reset");
+        })
+        .expect("enter");
+}
+
 /// The tracker's entries of interface `ifindex` whose tuple has `port` on either side.
 fn entries_of(
     node: &netns::NetNs,
@@ -406,36 +506,62 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     )]);
     maps.apply(&desired).expect("write the frontend");
 
-    // A Service connection the client resets: the client's own entries (the forward and the reverse one)
-    // go with its reset; the backend's, which only received the reset, stays marked with a short life.
+    // A Service connection the client resets: its two entries at the client (forward and reverse) and the
+    // backend's are marked, so they live 10 s from then; nothing is deleted on the spot.
     let (reset_port, s) = ask(&a, (vip, 80).into());
     assert_eq!(
         entries_of(&node, &dir, ia, reset_port).len(),
         2,
         "forward and reverse while open"
     );
-    nix::sys::socket::setsockopt(
-        &s,
-        nix::sys::socket::sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .expect("linger");
-    drop(s);
+    reset(s);
     std::thread::sleep(Duration::from_millis(100));
+    for (who, i, n) in [("client", ia, 2), ("backend", ib, 1)] {
+        let e = entries_of(&node, &dir, i, reset_port);
+        assert_eq!(e.len(), n, "{who}: {e:?}");
+        assert!(
+            e.iter().all(|v| v.flags & CT_RST != 0),
+            "{who}: every entry marked: {e:?}"
+        );
+    }
+
+    // A reset that arrives after a new connection took the same tuple (a client that reset a connection and
+    // connected again from the same port on another CPU, its reset overtaken): it marks the new connection's
+    // entries, whose next packet clears the mark; the new connection keeps its backend and its translation.
+    let (again_port, mut again) = ask_from(&a, reset_port, (vip, 80).into());
+    assert_eq!(again_port, reset_port);
     assert!(
-        entries_of(&node, &dir, ia, reset_port).is_empty(),
-        "the client's reset removed its entries"
+        entries_of(&node, &dir, ia, reset_port)
+            .iter()
+            .all(|v| v.flags & CT_RST == 0),
+        "the new connection's entries replaced the old ones"
     );
-    let at_b = entries_of(&node, &dir, ib, reset_port);
-    assert_eq!(at_b.len(), 1, "{at_b:?}");
-    assert_ne!(
-        at_b[0].flags & CT_RST,
-        0,
-        "the backend's entry saw the reset: {at_b:?}"
+    stale_reset(&a, reset_port, (vip, 80).into());
+    std::thread::sleep(Duration::from_millis(100));
+    let e = entries_of(&node, &dir, ia, reset_port);
+    assert_eq!(
+        e.len(),
+        2,
+        "the stale reset took none of the new connection's entries: {e:?}"
     );
+    assert!(
+        e.iter().all(|v| v.flags & CT_RST != 0),
+        "the stale reset marked them: {e:?}"
+    );
+    again.write_all(probe::WHOAMI).expect("ask on the new connection");
+    let mut buf = [0u8; 64];
+    let n = again
+        .read(&mut buf)
+        .expect("the new connection answers after the stale reset");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), b.ip.to_string());
+    let e = entries_of(&node, &dir, ia, reset_port);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e.iter().all(|v| v.flags & CT_RST == 0),
+        "its own packets cleared the mark: {e:?}"
+    );
+    reset(again);
+    std::thread::sleep(Duration::from_millis(100));
 
     // A connection closed with FINs both ways: each side's entry has both marks.
     let (fin_port, s) = ask(&a, (b.ip, 8080).into());
@@ -464,7 +590,11 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     assert_eq!(swept.removed, 0, "{swept:?}");
     assert!(swept.entries >= 5, "{swept:?}");
     let swept = sweep(&dir, now + 11_000_000_000).expect("sweep 11 s on");
-    assert_eq!(swept.removed, 1, "the reset's entry: {swept:?}");
+    assert_eq!(
+        swept.removed, 3,
+        "the reset connection's three entries: {swept:?}"
+    );
+    assert!(entries_of(&node, &dir, ia, reset_port).is_empty());
     assert!(entries_of(&node, &dir, ib, reset_port).is_empty());
     assert_eq!(
         entries_of(&node, &dir, ia, fin_port).len(),

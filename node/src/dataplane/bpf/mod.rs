@@ -40,7 +40,7 @@ pub const CT_STACK: u8 = 1;
 pub const CT_FIN_FWD: u8 = 2;
 /// A tracker entry's flag: a TCP FIN seen in the other direction.
 pub const CT_FIN_REV: u8 = 4;
-/// A tracker entry's flag: a TCP reset seen arriving at the pod (one the pod sends removes its entries).
+/// A tracker entry's flag: a TCP reset seen on the flow (either way): the entry lives [`sweep::idle_limit_ns`].
 pub const CT_RST: u8 = 8;
 
 /// An endpoint's flag: what it sends to its own host is dropped once its egress policy allowed it (Felix's

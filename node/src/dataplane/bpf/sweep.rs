@@ -1,5 +1,5 @@
 //! The connection tracker's sweeper: the programs only ever look at an entry when a packet of its flow
-//! comes, so an entry whose flow ended (both FINs, a reset the pod received, a flow idle past its limit)
+//! comes, so an entry whose flow ended (both FINs, a reset, a flow idle past its limit)
 //! stays until the LRU map needs its room, and a full LRU map takes its room from the entries nobody has
 //! looked up yet, which are the newest flows' (a new Service connection's reverse entry, between its SYN and
 //! the answer). The agent removes such entries itself, every [`SWEEP_INTERVAL`], so the map keeps room for
