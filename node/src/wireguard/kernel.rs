@@ -340,27 +340,11 @@ pub struct AutoFactory {
     pub userspace_only: bool,
 }
 
-/// Runs `f` on a thread in `netns` (the calling thread when None).
-fn in_netns<T: Send + 'static>(
-    netns: Option<std::path::PathBuf>,
-    f: impl FnOnce() -> Result<T, WgError> + Send + 'static,
-) -> Result<T, WgError> {
-    let Some(ns) = netns else { return f() };
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&ns).map_err(|e| io_error("opening the namespace", e))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| io_error("entering the namespace", e))?;
-        f()
-    })
-    .join()
-    .map_err(|_| io_error("making the device", "its thread panicked"))?
-}
-
 impl DeviceFactory for AutoFactory {
     fn create(&mut self, name: &str) -> Result<Box<dyn Device>, WgError> {
         if !self.userspace_only && self.chosen != Some(Backend::Userspace) {
             let owned = name.to_owned();
-            match in_netns(self.netns.clone(), move || create(&owned))? {
+            match super::in_netns(self.netns.clone(), move || create(&owned))? {
                 Some(d) => {
                     if self.chosen.is_none() {
                         tracing::info!("WireGuard: the kernel's module");

@@ -49,3 +49,24 @@ pub trait DeviceFactory: Send + Sync {
     /// A device named `name`, in the agent's network namespace.
     fn create(&mut self, name: &str) -> Result<Box<dyn Device>, WgError>;
 }
+
+/// Runs `f` on a thread of its own in the network namespace `netns` (`/run/netns/NAME`), or on the calling
+/// thread when None. A device's worker threads and netlink sockets made there stay in that namespace.
+pub(crate) fn in_netns<T: Send + 'static>(
+    netns: Option<std::path::PathBuf>,
+    f: impl FnOnce() -> Result<T, WgError> + Send + 'static,
+) -> Result<T, WgError> {
+    let Some(ns) = netns else { return f() };
+    let failed = |reason: String| WgError::Create {
+        name: "wireguard".to_owned(),
+        reason,
+    };
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).map_err(|e| failed(format!("opening {}: {e}", ns.display())))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| failed(format!("entering {}: {e}", ns.display())))?;
+        f()
+    })
+    .join()
+    .map_err(|_| failed("the thread making the device panicked".to_owned()))?
+}

@@ -76,7 +76,8 @@ pub enum UapiError {
     Garbled(String),
 }
 
-fn key_of(hex_text: &str) -> Option<[u8; 32]> {
+/// The 32 bytes of a hex key (None: not 64 hex digits).
+pub fn key_from_hex(hex_text: &str) -> Option<[u8; 32]> {
     if hex_text.len() != 64 {
         return None;
     }
@@ -98,12 +99,12 @@ pub fn parse_get(text: &str) -> Result<DeviceState, UapiError> {
         let num = |v: &str| v.parse::<u64>().map_err(|_| UapiError::Garbled(line.to_owned()));
         match (k, peer) {
             ("public_key", _) => {
-                let key = key_of(v).ok_or_else(|| UapiError::Garbled(line.to_owned()))?;
+                let key = key_from_hex(v).ok_or_else(|| UapiError::Garbled(line.to_owned()))?;
                 dev.peers.insert(key, PeerState::default());
                 peer = Some(key);
             }
             ("private_key", None) => {
-                let private = key_of(v).ok_or_else(|| UapiError::Garbled("private_key".to_owned()))?;
+                let private = key_from_hex(v).ok_or_else(|| UapiError::Garbled("private_key".to_owned()))?;
                 dev.public_key = Some(super::keys::KeyPair::from_private(private).public.to_bytes());
             }
             ("listen_port", None) => dev.listen_port = num(v)? as u16,
@@ -256,11 +257,6 @@ pub fn request(change: &Change) -> String {
 /// [`changes`] as UAPI requests.
 pub fn plan(have: &DeviceState, settings: &Settings, peers: &[Peer]) -> Vec<String> {
     changes(have, settings, peers).iter().map(request).collect()
-}
-
-/// The 32 bytes of a hex key (None: not 64 hex digits).
-pub fn key_from_hex(text: &str) -> Option<[u8; 32]> {
-    key_of(text)
 }
 
 /// Sends one request (`get=1\n\n` or a `set=1` one from [`plan`]) over `stream` and reads the answer up to

@@ -87,27 +87,8 @@ pub struct UserspaceFactory {
 
 impl DeviceFactory for UserspaceFactory {
     fn create(&mut self, name: &str) -> Result<Box<dyn Device>, WgError> {
-        let Some(ns) = self.netns.clone() else {
-            return Ok(Box::new(Userspace::create(name)?));
-        };
-        // A thread of its own enters the namespace: the device's threads start from it and stay there.
         let name = name.to_owned();
-        std::thread::spawn(move || -> Result<Userspace, WgError> {
-            let create = |reason: String| WgError::Create {
-                name: name.clone(),
-                reason,
-            };
-            let file =
-                std::fs::File::open(&ns).map_err(|e| create(format!("opening {}: {e}", ns.display())))?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| create(format!("entering {}: {e}", ns.display())))?;
-            Userspace::create(&name)
-        })
-        .join()
-        .map_err(|_| WgError::Create {
-            name: "wireguard".to_owned(),
-            reason: "the thread creating the device panicked".to_owned(),
-        })?
-        .map(|d| Box::new(d) as Box<dyn Device>)
+        super::in_netns(self.netns.clone(), move || Userspace::create(&name))
+            .map(|d| Box::new(d) as Box<dyn Device>)
     }
 }

@@ -611,9 +611,7 @@ impl BpfDataplane {
             // First converge of this run: flows the kernel saw answered (established under whatever enforced
             // policy before, the iptables backend when switching) keep going; see `seed_flows`.
             let flows = seed_flows(model);
-            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-                .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-                .unwrap_or(0);
+            let now = super::sweep::monotonic_ns();
             self.loaded()?.add_flows(&flows, now)?;
         }
         // Adopt what the kernel holds: tables by content hash, entries by interface.
