@@ -196,8 +196,11 @@ impl WireguardManager {
             );
         }
         // The device: made when missing (first sync, a renamed device, or one whose interface vanished).
-        let present = kernel.link_names().await?.into_iter().any(|(_, n)| n == p.iface);
-        if self.made_as.as_deref() != Some(p.iface.as_str()) || !present || self.device.is_none() {
+        let mut index = match (&self.device, self.made_as.as_deref()) {
+            (Some(_), Some(made)) if made == p.iface => kernel.link_up(&p.iface, p.mtu).await?,
+            _ => None,
+        };
+        if index.is_none() {
             self.device = None;
             if let Some(old) = self.made_as.take() {
                 kernel.del_link(&old).await?;
@@ -205,10 +208,9 @@ impl WireguardManager {
             kernel.del_link(&p.iface).await?;
             self.device = Some(factory.create(&p.iface).map_err(RoutingError::from)?);
             self.made_as = Some(p.iface.clone());
+            index = kernel.link_up(&p.iface, p.mtu).await?;
         }
-        let index = kernel
-            .link_up(&p.iface, p.mtu)
-            .await?
+        let index = index
             .ok_or_else(|| RoutingError::Netlink(crate::netlink::NetlinkError::NoLink(p.iface.clone())))?;
         kernel.add_addr(index, IpNet::from(address)).await?;
 
