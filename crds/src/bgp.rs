@@ -83,9 +83,11 @@ pub struct BGPConfigurationSpec {
 /// A Secret key holding a BGP password.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, KubeSchema)]
 pub struct SecretKeyRef {
-    /// Secret name (in caracal-system).
+    /// Secret name (in caracal-node's namespace, caracal-system).
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 
@@ -156,8 +158,9 @@ pub struct BGPPeerSpec {
     /// Keep the original next hop when re-advertising.
     #[x_kube(validation = Rule::new("false").message("keepOriginalNextHop is not implemented by Caracal yet (BIRD sets the next hop itself): remove it"))]
     pub keep_original_next_hop: Option<bool>,
-    /// MD5 password for the session.
-    #[x_kube(validation = Rule::new("false").message("password is not implemented by Caracal yet (MD5 sessions are not configured in BIRD): remove it"))]
+    /// TCP MD5 password for the session: a key of a Secret in caracal-node's namespace, which caracal-node
+    /// must be allowed to get, list and watch (a Role with `resourceNames` and a RoleBinding). A session
+    /// whose password cannot be read is not configured.
     pub password: Option<BGPPassword>,
     /// Source address selection.
     #[x_kube(validation = Rule::new("false").message("sourceAddress is not implemented by Caracal yet (BIRD chooses the source address): remove it"))]

@@ -68,6 +68,8 @@ pub struct TestNode {
     pub state: PathBuf,
     /// Its agent's health port.
     pub health: u16,
+    /// Its agent's metrics port (chosen each time the agent starts).
+    pub metrics: u16,
     /// The running agent.
     pub agent: Option<Supervised>,
     /// The agent's log.
@@ -146,6 +148,7 @@ impl TestCluster {
                 socket: dir.join("cni.sock"),
                 state: dir.join("state"),
                 health: crate::controlplane::free_port()?,
+                metrics: 0,
                 agent: None,
                 log: dir.join("caracal-node.log"),
             });
@@ -190,6 +193,7 @@ impl TestCluster {
     pub fn start_agent(&mut self, i: usize) -> Result<(), ClusterError> {
         let n = &mut self.nodes[i];
         let metrics = crate::controlplane::free_port()?;
+        n.metrics = metrics;
         let mut env: Vec<(String, String)> = vec![
             ("KUBECONFIG".into(), self.cp.kubeconfig().display().to_string()),
             ("CARACAL_NODE_NAME".into(), n.name.clone()),

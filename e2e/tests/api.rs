@@ -663,12 +663,10 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "IP address",
         ),
         (
-            "BGP peer password (not implemented yet)",
-            bgppeer(
-                json!({"peerIP": "10.0.0.1", "asNumber": 64600, "password": {"secretKeyRef": {"name": "s", "key": "k"}}}),
-            ),
-            "spec.password",
-            "password is not implemented",
+            "BGP peer ttlSecurity (not implemented yet)",
+            bgppeer(json!({"peerIP": "10.0.0.1", "asNumber": 64600, "ttlSecurity": 1})),
+            "spec.ttlSecurity",
+            "ttlSecurity is not implemented",
         ),
         (
             "BGP serviceClusterIPs (not implemented yet)",

@@ -99,6 +99,19 @@ impl Health for Status {
                 }
             }
         }
+        if let Some(left) = self.bgp_left_out.get() {
+            let left = left
+                .lock()
+                .map(|l| l.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
+            for (peer, _) in left {
+                r.sub_registry_with_label(("peer".into(), peer.into())).register(
+                    "bgp_session_left_out",
+                    "A BGP session a BGPPeer asks for that BIRD is not given, because its password Secret cannot be read (the agent's log says why)",
+                    ConstGauge::new(1),
+                );
+            }
+        }
         if let Some(ct) = self.bpf_conntrack.get() {
             r.register(
                 "bpf_conntrack_entries",

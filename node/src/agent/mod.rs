@@ -118,6 +118,8 @@ pub struct Status {
     pub services: std::sync::OnceLock<Arc<crate::services::Stats>>,
     /// What the WireGuard managers reported last (IPv4, IPv6).
     pub wireguard: std::sync::OnceLock<Arc<Mutex<[crate::routing::wireguard::Report; 2]>>>,
+    /// BGP sessions left out because their password cannot be read: (peer address, why).
+    pub bgp_left_out: std::sync::OnceLock<Arc<Mutex<Vec<(String, String)>>>>,
     /// The BPF connection tracker's sweeper, when it runs.
     pub bpf_conntrack: std::sync::OnceLock<Arc<dataplane::bpf::sweep::SweepStats>>,
 }
@@ -356,6 +358,8 @@ pub async fn run(
     key_watch.tick().await;
     // When routing must sync next: `debounce` after the first routing change (and at once at start).
     let mut routing_due: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    // A BGP password's Secret changed: routing renders BIRD's configuration again.
+    let secrets_changed = routing.as_ref().map(|r| r.secrets_changed());
     tokio::pin!(shutdown);
     let result = loop {
         let ipam_changed = async {
@@ -364,8 +368,17 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let secret_changed = async {
+            match &secrets_changed {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut shutdown => break Ok(()),
+            () = secret_changed => {
+                routing_due.get_or_insert_with(|| tokio::time::Instant::now() + cfg.debounce);
+            },
             u = updates.recv() => match u {
                 Some(u) => {
                     if routing_input(&u) {

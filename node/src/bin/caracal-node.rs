@@ -322,6 +322,8 @@ async fn agent_main() -> anyhow::Result<()> {
             mtu: explicit_mtu,
             exec_prefix: exec_prefix.clone(),
             state_dir: std::path::PathBuf::from(env("CARACAL_STATE_DIR", "/var/lib/caracal")),
+            // The DaemonSet sets it from the pod's namespace (the downward API).
+            namespace: env("CARACAL_NAMESPACE", "caracal-system"),
         },
         nl.clone(),
         client.clone(),
@@ -338,6 +340,7 @@ async fn agent_main() -> anyhow::Result<()> {
         userspace_only: env("CARACAL_WIREGUARD_BACKEND", "auto") == "userspace",
     }));
     let _ = status.wireguard.set(routing.wireguard_report.clone());
+    let _ = status.bgp_left_out.set(routing.bgp_left_out.clone());
     let cni = caracal_node::cni::server::CniServer {
         ipam: ipam.clone(),
         node: nl,

@@ -41,6 +41,79 @@ pub struct Peer {
     pub rr_client: bool,
     /// The peer is on this node's subnet (a direct session; otherwise multihop).
     pub direct: bool,
+    /// The session's MD5 password, when its BGPPeer names one.
+    pub password: Option<Password>,
+}
+
+/// A session's MD5 password: the Secret key it comes from (`BGPPeer.password.secretKeyRef`, in the agent's
+/// namespace) and, once [`resolve_passwords`] read it, the text. Its `Debug` never shows the text.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Password {
+    /// The BGPPeer naming it.
+    pub peer: String,
+    /// The Secret.
+    pub secret: String,
+    /// The key in the Secret.
+    pub key: String,
+    /// The password.
+    pub value: Option<String>,
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Password")
+            .field("peer", &self.peer)
+            .field("secret", &self.secret)
+            .field("key", &self.key)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The Secrets the sessions of `input` take passwords from.
+pub fn secret_names(input: &BgpInput) -> BTreeSet<String> {
+    input
+        .peers
+        .iter()
+        .chain(input.v6.iter().flat_map(|v6| v6.peers.iter()))
+        .filter_map(|p| p.password.as_ref().map(|pw| pw.secret.clone()))
+        .collect()
+}
+
+/// Reads every session's password with `lookup(secret, key)`. A session whose password cannot be read is
+/// left out (never configured without the password its BGPPeer asks for); the returned list names each
+/// (its peer address) with a warning that says why.
+pub fn resolve_passwords(
+    input: &mut BgpInput,
+    lookup: impl Fn(&str, &str) -> Result<String, String>,
+) -> Vec<(IpAddr, String)> {
+    let mut warnings = Vec::new();
+    let mut resolve = |peers: &mut Vec<Peer>| {
+        peers.retain_mut(|p| {
+            let Some(pw) = p.password.as_mut() else { return true };
+            match lookup(&pw.secret, &pw.key) {
+                Ok(v) => {
+                    pw.value = Some(v);
+                    true
+                }
+                Err(why) => {
+                    warnings.push((
+                        p.ip,
+                        format!(
+                            "BGPPeer {}: the session with {} is not configured until its password can be read: {why}",
+                            pw.peer, p.ip
+                        ),
+                    ));
+                    false
+                }
+            }
+        });
+    };
+    resolve(&mut input.peers);
+    if let Some(v6) = input.v6.as_mut() {
+        resolve(&mut v6.peers);
+    }
+    warnings
 }
 
 /// Everything the configuration depends on.
@@ -190,33 +263,45 @@ fn sessions(
     let my_labels = labels(&my);
     let my_rr = rr_cluster(&my);
     let mut out: BTreeMap<IpAddr, Peer> = BTreeMap::new();
-    let add_node = |name: &str, node: &Value, out: &mut BTreeMap<IpAddr, Peer>| {
-        if name == me {
-            return;
-        }
-        let Some(ip) = node_ip(node, v6) else { return };
-        let theirs = rr_cluster(node);
-        // A reflector treats a peer outside its cluster as its client.
-        let rr_client = my_rr.is_some() && theirs != my_rr;
-        out.insert(
-            ip,
-            Peer {
-                name: protocol_name("node", ip),
+    let add_node =
+        |name: &str, node: &Value, password: Option<Password>, out: &mut BTreeMap<IpAddr, Peer>| {
+            if name == me {
+                return;
+            }
+            let Some(ip) = node_ip(node, v6) else { return };
+            let theirs = rr_cluster(node);
+            // A reflector treats a peer outside its cluster as its client.
+            let rr_client = my_rr.is_some() && theirs != my_rr;
+            out.insert(
                 ip,
-                port,
-                asn,
-                rr_client,
-                direct: subnet.contains(&ip),
-            },
-        );
-    };
+                Peer {
+                    name: protocol_name("node", ip),
+                    ip,
+                    port,
+                    asn,
+                    rr_client,
+                    direct: subnet.contains(&ip),
+                    password,
+                },
+            );
+        };
     if mesh {
         for (name, node) in nodes {
-            add_node(name, node, &mut out);
+            add_node(name, node, None, &mut out);
         }
     }
     for p in peers {
         let s = &p["spec"];
+        let r = &s["password"]["secretKeyRef"];
+        let password = match (r["name"].as_str(), r["key"].as_str()) {
+            (Some(secret), Some(key)) => Some(Password {
+                peer: p["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                secret: secret.to_owned(),
+                key: key.to_owned(),
+                value: None,
+            }),
+            _ => None,
+        };
         let applies_to = |name: &str, labels: &BTreeMap<String, String>| -> bool {
             match (s["node"].as_str(), s["nodeSelector"].is_string()) {
                 (Some(n), _) => n == name,
@@ -246,6 +331,7 @@ fn sessions(
                         .unwrap_or(asn),
                     rr_client: false,
                     direct: subnet.contains(&ip),
+                    password,
                 },
             );
         } else if s["peerSelector"].is_string() {
@@ -256,7 +342,7 @@ fn sessions(
                 let forward = applies_to(me, &my_labels) && selects(&s["peerSelector"], &l);
                 let backward = selects(&s["peerSelector"], &my_labels) && applies_to(name, &l);
                 if forward || backward {
-                    add_node(name, node, &mut out);
+                    add_node(name, node, password.clone(), &mut out);
                 }
             }
         }
@@ -346,6 +432,11 @@ pub fn render(input: &BgpInput) -> String {
         c.push_str(if p.direct { "  direct;\n" } else { "  multihop;\n" });
         if p.rr_client {
             c.push_str("  rr client;\n");
+        }
+        // TCP MD5 signatures (RFC 2385) on the session's segments, both ways; the kernel drops segments
+        // without a valid one. `secrets::password` vetted the text for BIRD's quoting.
+        if let Some(pw) = p.password.as_ref().and_then(|pw| pw.value.as_ref()) {
+            c.push_str(&format!("  password \"{pw}\";\n"));
         }
         c.push_str("}\n");
     }
@@ -484,6 +575,61 @@ mod tests {
             "protocol kernel caracal_kernel6",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_peers_password_comes_from_its_secret_and_an_unreadable_one_leaves_the_session_out() {
+        let peer = |name: &str, ip: &str, secret: &str, key: &str| {
+            json!({"metadata": {"name": name}, "spec": {"peerIP": ip, "asNumber": 65100,
+                "password": {"secretKeyRef": {"name": secret, "key": key}}}})
+        };
+        let peers = [
+            peer("tor", "10.0.0.100", "bgp", "tor"),
+            peer("tor2", "10.0.0.101", "absent", "x"),
+        ];
+        let mut i = ipv4_input("a", "10.0.0.2/24", &Value::Null, &peers);
+        assert_eq!(
+            secret_names(&i),
+            BTreeSet::from(["absent".to_owned(), "bgp".to_owned()])
+        );
+        let warnings = resolve_passwords(&mut i, |s, k| match (s, k) {
+            ("bgp", "tor") => Ok("s3cret".into()),
+            _ => Err("Secret caracal-system/absent does not exist".into()),
+        });
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].0.to_string(), "10.0.0.101");
+        assert!(warnings[0].1.contains("BGPPeer tor2"), "{warnings:?}");
+        let text = render(&i);
+        assert!(
+            text.contains("protocol bgp peer_10_0_0_100 from caracal_peer {\n  neighbor 10.0.0.100 port 179 as 65100;\n  direct;\n  password \"s3cret\";\n}"),
+            "{text}"
+        );
+        assert!(!text.contains("10.0.0.101"), "{text}");
+        assert_eq!(
+            text.matches("password").count(),
+            1,
+            "mesh sessions have none: {text}"
+        );
+        assert!(!format!("{i:?}").contains("s3cret"), "Debug shows the password");
+    }
+
+    #[test]
+    fn a_peer_selector_session_takes_its_password_on_both_sides() {
+        let cfg = json!({"spec": {"nodeToNodeMeshEnabled": false}});
+        let peer = json!({"metadata": {"name": "rr"}, "spec": {"nodeSelector": "all()",
+            "peerSelector": "route-reflector == 'true'", "password": {"secretKeyRef": {"name": "bgp", "key": "rr"}}}});
+        for (me, ip) in [("a", "10.0.0.2/24"), ("rr", "10.0.0.9/24")] {
+            let mut i = ipv4_input(me, ip, &cfg, std::slice::from_ref(&peer));
+            assert!(resolve_passwords(&mut i, |_, _| Ok("pw".into())).is_empty());
+            assert!(!i.peers.is_empty());
+            assert!(
+                i.peers
+                    .iter()
+                    .all(|p| p.password.as_ref().and_then(|p| p.value.as_deref()) == Some("pw")),
+                "{me}: {:?}",
+                i.peers
+            );
         }
     }
 

@@ -77,7 +77,21 @@ impl Bird {
         if running && self.last.as_deref() == Some(config) {
             return Ok(());
         }
-        std::fs::write(self.conf(), config).map_err(Self::io("writing bird.conf"))?;
+        // Owner-only: the configuration holds the BGP sessions' MD5 passwords.
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            let mut f = std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(self.conf())
+                .map_err(Self::io("writing bird.conf"))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .and_then(|()| f.write_all(config.as_bytes()))
+                .map_err(Self::io("writing bird.conf"))?;
+        }
         if running {
             let out = self
                 .command("birdc")

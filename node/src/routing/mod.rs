@@ -25,6 +25,7 @@ pub mod ipip;
 pub mod kernel;
 pub mod model;
 pub mod routes;
+pub mod secrets;
 #[cfg(test)]
 mod testutil;
 pub mod vxlan;
@@ -83,6 +84,8 @@ pub struct Config {
     pub exec_prefix: Vec<String>,
     /// Where BIRD's configuration, control socket and log live (per node).
     pub state_dir: std::path::PathBuf,
+    /// The agent's namespace: BGP password Secrets are read there.
+    pub namespace: String,
 }
 
 /// Errors converging routing.
@@ -197,6 +200,10 @@ pub struct Routing<K: Kernel = Netlink> {
     pub wireguard_report: Arc<std::sync::Mutex<[wireguard::Report; 2]>>,
     /// BIRD, when BGP is enabled.
     bird: Option<bird::Bird>,
+    /// The Secrets BGP passwords come from.
+    secrets: secrets::Secrets,
+    /// BGP sessions left out because their password cannot be read: (peer address, why), for `/metrics`.
+    pub bgp_left_out: Arc<std::sync::Mutex<Vec<(String, String)>>>,
     routes: RouteManager,
 }
 
@@ -229,7 +236,6 @@ impl<K: Kernel> Routing<K> {
     pub fn new(cfg: Config, kernel: K, client: Client, ipam: NodeIpam, mtu: Arc<AtomicU32>) -> Self {
         Self {
             kernel,
-            client,
             ipam,
             mtu,
             warned: BTreeSet::new(),
@@ -246,6 +252,9 @@ impl<K: Kernel> Routing<K> {
             bird: cfg
                 .bgp
                 .then(|| bird::Bird::new(&cfg.state_dir.join("bird"), cfg.exec_prefix.clone())),
+            secrets: secrets::Secrets::new(client.clone(), cfg.namespace.clone()),
+            client,
+            bgp_left_out: Arc::default(),
             routes: RouteManager,
             cfg,
         }
@@ -265,6 +274,11 @@ impl<K: Kernel> Routing<K> {
             .iter()
             .zip(&felix.wireguard)
             .any(|(m, f)| f.enabled && !m.key_file().exists())
+    }
+
+    /// Notified when a Secret a BGP password comes from changes (routing should sync).
+    pub fn secrets_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.secrets.changed()
     }
 
     /// BIRD's `show protocols`, when BGP is enabled.
@@ -523,7 +537,7 @@ impl<K: Kernel> Routing<K> {
             .of_kind("caracal.dev/v1/BGPPeer")
             .map(|(_, v)| v.clone())
             .collect();
-        let input = bgp::input(
+        let mut input = bgp::input(
             me,
             detected.chosen.ip,
             detected.chosen6.as_ref().map(|c| c.ip),
@@ -532,6 +546,20 @@ impl<K: Kernel> Routing<K> {
             &peers,
             mine,
         );
+        self.secrets.track(&bgp::secret_names(&input));
+        let (secrets, ns) = (&self.secrets, self.secrets.namespace());
+        let warnings = bgp::resolve_passwords(&mut input, |secret, key| {
+            secrets::password(ns, secret, key, &secrets.get(secret))
+        });
+        *self
+            .bgp_left_out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = warnings
+            .iter()
+            .map(|(ip, why)| (ip.to_string(), why.clone()))
+            .collect();
+        let warnings: Vec<String> = warnings.into_iter().map(|(_, why)| why).collect();
+        self.warn(&warnings);
         if let Some(bird) = self.bird.as_mut() {
             bird.ensure(&bgp::render(&input)).await?;
         }

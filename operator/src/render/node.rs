@@ -172,6 +172,18 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
             }),
             ..Default::default()
         },
+        // BGP password Secrets are read in the agent's own namespace.
+        EnvVar {
+            name: "CARACAL_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
         env(
             "CARACAL_DATAPLANE",
             format!(
