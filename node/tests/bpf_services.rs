@@ -412,6 +412,12 @@ fn ask_from(from: &Pod, sport: u16, addr: SocketAddr) -> (u16, std::net::TcpStre
 /// reset of an earlier connection on that tuple would look (a raw socket; the sequence number is not the
 /// current connection's).
 fn stale_reset(from: &Pod, sport: u16, to: SocketAddr) {
+    raw_segment(from, sport, to, 0x04);
+}
+
+/// Sends, from `from`'s namespace, one TCP segment with `flags` from its address and port `sport` to `to` (a
+/// raw socket: the kernel of `from` knows no connection).
+fn raw_segment(from: &Pod, sport: u16, to: SocketAddr, flags: u8) {
     use nix::sys::socket::{
         AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
     };
@@ -424,7 +430,8 @@ fn stale_reset(from: &Pod, sport: u16, to: SocketAddr) {
             tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
             tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
             tcp[12] = 5 << 4;
-            tcp[13] = 0x04; // RST
+            tcp[13] = flags;
+            tcp[14..16].copy_from_slice(&1024u16.to_be_bytes()); // window
             // The checksum over the pseudo header and the segment.
             let mut sum: u32 = 0;
             let mut add = |b: &[u8]| {
@@ -454,7 +461,7 @@ fn stale_reset(from: &Pod, sport: u16, to: SocketAddr) {
                 &SockaddrIn::new(a, b, c, d, 0),
                 MsgFlags::empty(),
             )
-            .expect("send the reset");
+            .expect("send the segment");
         })
         .expect("enter");
 }
@@ -613,6 +620,85 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     let n = held.read(&mut buf).expect("the open connection still answers");
     assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), b.ip.to_string());
 
+    stop.store(true, Ordering::Relaxed);
+    caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
+}
+
+/// A client whose SYN goes unanswered sends it again from the same port: every retransmission reaches the
+/// backend the first one was given (the kernel's tracker keeps a connection in SYN_SENT on its backend too),
+/// so the backend that answers late is the one the handshake ends with. Two backends; eight SYNs from one
+/// port: one backend sees them all. A connection that completed its handshake, then a SYN from its port: a
+/// new connection, chosen afresh.
+#[test]
+fn a_retransmitted_syn_keeps_the_backend_its_first_one_was_given() {
+    use caracal_node::dataplane::bpf::{CT_EST, CtValue};
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node("syn").expect("node");
+    let a = netns::wire_pod(&node, "syna", "crcsyna", "10.204.0.5".parse().expect("ip")).expect("pod a");
+    let b = netns::wire_pod(&node, "synb", "crcsynb", "10.204.0.6".parse().expect("ip")).expect("pod b");
+    let c = netns::wire_pod(&node, "sync", "crcsync", "10.204.0.7".parse().expect("ip")).expect("pod c");
+    // The backends never answer the SYNs (as a backend whose accept queue is full drops them): the client
+    // keeps sending them.
+    for p in [&b, &c] {
+        p.ns.exec(&[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP",
+        ])
+        .expect("drop SYNs at the backend");
+    }
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-syn-test-{}", std::process::id()));
+    let ifs: Vec<(&str, u32)> = ["crcsyna", "crcsynb", "crcsync"]
+        .iter()
+        .map(|n| (*n, ifindex(&node, n)))
+        .collect();
+    let attach = ifs.clone();
+    with_loaded(&node, &dir, move |l| {
+        l.write_table(1, &table(true)).expect("allow");
+        for (iface, i) in attach {
+            l.attach(iface).expect("attach");
+            l.set_endpoint(i, entry(1, 1)).expect("entry");
+        }
+    });
+    let mut maps = ServiceMaps::open(&dir).expect("the Service maps are pinned");
+    let vip: Ipv4Addr = "10.96.7.7".parse().expect("vip");
+    let desired = BTreeMap::from([(
+        key(vip, 80, 6),
+        Frontend {
+            backends: vec![backend(&b, 8080), backend(&c, 8080)],
+            affinity_s: None,
+        },
+    )]);
+    maps.apply(&desired).expect("write the frontend");
+    let sport = 40123;
+    for _ in 0..8 {
+        raw_segment(&a, sport, (vip, 80).into(), 0x02);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reached: Vec<&str> = ifs[1..]
+        .iter()
+        .filter(|(_, i)| !entries_of(&node, &dir, *i, sport).is_empty())
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(reached.len(), 1, "the SYNs of one handshake reached {reached:?}");
+    let client: Vec<CtValue> = entries_of(&node, &dir, ifs[0].1, sport);
+    assert_eq!(client.len(), 2, "one forward and one reverse entry: {client:?}");
+    assert!(
+        client.iter().all(|v| v.flags & CT_EST == 0),
+        "no handshake ended: {client:?}"
+    );
+
+    // The backends answer now. Each connection from that port completes its handshake and ends; the next
+    // SYN from it is a new connection, balanced afresh: both backends answer some.
+    let stop = Arc::new(AtomicBool::new(false));
+    for p in [&b, &c] {
+        p.ns.exec(&["iptables", "-F", "INPUT"]).expect("answer SYNs");
+        serve(p, 8080, &stop);
+    }
+    let answered: Vec<Option<String>> = (0..16).map(|_| from_port(&a, sport, (vip, 80).into())).collect();
+    assert_eq!(
+        seen(&answered),
+        BTreeSet::from([b.ip.to_string(), c.ip.to_string()]),
+        "{answered:?}"
+    );
     stop.store(true, Ordering::Relaxed);
     caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
 }
