@@ -289,6 +289,9 @@ async fn an_external_router_with_an_md5_password_learns_the_exported_blocks_and_
         .await
         .expect("BGPPeer with a password");
     c.start_agents().await.expect("agents");
+    caracal_e2e::objects::namespace(&c.client, "demo", json!({}))
+        .await
+        .expect("namespace");
     let exported = c.add_pod(0, "demo", "exported", json!({})).await.expect("pod 0");
     let hidden = c.add_pod(1, "demo", "hidden", json!({})).await.expect("pod 1");
     assert!(

@@ -119,7 +119,7 @@ pub struct Status {
     /// What the WireGuard managers reported last (IPv4, IPv6).
     pub wireguard: std::sync::OnceLock<Arc<Mutex<[crate::routing::wireguard::Report; 2]>>>,
     /// BGP sessions left out because their password cannot be read: (peer address, why).
-    pub bgp_left_out: std::sync::OnceLock<Arc<Mutex<Vec<(String, String)>>>>,
+    pub bgp_left_out: std::sync::OnceLock<crate::routing::LeftOut>,
     /// The BPF connection tracker's sweeper, when it runs.
     pub bpf_conntrack: std::sync::OnceLock<Arc<dataplane::bpf::sweep::SweepStats>>,
 }

@@ -203,9 +203,12 @@ pub struct Routing<K: Kernel = Netlink> {
     /// The Secrets BGP passwords come from.
     secrets: secrets::Secrets,
     /// BGP sessions left out because their password cannot be read: (peer address, why), for `/metrics`.
-    pub bgp_left_out: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    pub bgp_left_out: LeftOut,
     routes: RouteManager,
 }
+
+/// BGP sessions left out because their password cannot be read: (peer address, why).
+pub type LeftOut = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 /// The handle of a node's IPIP tunnel address.
 pub fn ipip_handle(node: &str) -> String {
