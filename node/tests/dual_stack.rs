@@ -224,6 +224,33 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
         .expect("ip6tables");
     assert!(rules.contains("-j DROP"), "{rules}");
 
+    // vxlanMTUV6 through FelixConfiguration: the IPv6 VXLAN device takes it (the pod MTU is the smallest of
+    // the encapsulations', so it is the IPv4 device's too).
+    Api::<caracal_crds::felix::FelixConfiguration>::all(c.client.clone())
+        .patch(
+            "default",
+            &PatchParams::apply("dual-stack-test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration",
+                "metadata": {"name": "default"},
+                "spec": {"vxlanMTUV6": 1280}
+            })),
+        )
+        .await
+        .expect("FelixConfiguration with vxlanMTUV6");
+    eventually("vxlan6.caracal at MTU 1280", || {
+        let link = c.nodes[0]
+            .ns
+            .ip(&["link", "show", "vxlan6.caracal"])
+            .map_err(|e| e.to_string())?;
+        if link.contains(" mtu 1280 ") {
+            Ok(())
+        } else {
+            Err(link)
+        }
+    })
+    .await;
+
     // The IPv6 pool stops encapsulating: routes go straight to the nodes' IPv6 addresses.
     Api::<IPPool>::all(c.client.clone())
         .patch(
@@ -255,9 +282,10 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
     .await;
 
     // WireGuard on both families through FelixConfiguration: every node publishes an IPv4 and an IPv6 key
-    // and makes both devices; then web -> db (the policy still allows it, and still denies other -> db)
-    // crosses the underlay as WireGuard's UDP only (51820 between the IPv4 addresses, 51821 between the
-    // IPv6 ones), and the marker never shows on the wire.
+    // and makes both devices (the IPv6 one with the name, port and MTU FelixConfiguration gives); then web
+    // -> db (the policy still allows it, and still denies other -> db) crosses the underlay as WireGuard's UDP
+    // only (51820 between the IPv4 addresses, 51911 between the IPv6 ones), and the marker never shows on
+    // the wire.
     Api::<caracal_crds::felix::FelixConfiguration>::all(c.client.clone())
         .patch(
             "default",
@@ -265,7 +293,9 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
             &Patch::Apply(json!({
                 "apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration",
                 "metadata": {"name": "default"},
-                "spec": {"wireguardEnabled": true, "wireguardEnabledV6": true}
+                "spec": {"wireguardEnabled": true, "wireguardEnabledV6": true,
+                    "wireguardInterfaceNameV6": "wg6-dual", "wireguardListeningPortV6": 51911,
+                    "wireguardMTUV6": 1360}
             })),
         )
         .await
@@ -295,11 +325,12 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    for dev in ["wg.caracal", "wg6.caracal"] {
-        c.nodes[0]
+    for (dev, mtu) in [("wg.caracal", " mtu 1440 "), ("wg6-dual", " mtu 1360 ")] {
+        let link = c.nodes[0]
             .ns
             .ip(&["link", "show", dev])
             .unwrap_or_else(|e| panic!("{dev}: {e}"));
+        assert!(link.contains(mtu), "{dev}: {link}");
     }
     let marker = "caracal-dual-stack-wireguard-marker-91c4";
     let db6 = std::net::IpAddr::V6(db.ip6.expect("v6"));
@@ -334,7 +365,7 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_policy_is_enforced_on_bo
     );
     assert!(
         v6.iter()
-            .all(|s| s.proto == 17 && s.sport == 51821 && s.dport == 51821),
+            .all(|s| s.proto == 17 && s.sport == 51911 && s.dport == 51911),
         "{v6:?}"
     );
     eventually(

@@ -2,6 +2,8 @@
 //! to the node's underlay address, and pods on two nodes reach each other. This kernel has no ipip module:
 //! the test probes for it first and reports `SKIP` when it is missing (the only skip the project allows).
 //! On such a kernel the agent logs that IPIP cannot be programmed; the routing unit tests pin the routes.
+//! Where it runs it also changes FelixConfiguration's `ipipMTU` (tunl0 takes it) and `ipipEnabled` (false
+//! takes IPIP's routes away although the pool asks for it).
 
 #![expect(
     clippy::expect_used,
@@ -86,4 +88,53 @@ async fn ipip_routes_carry_pod_traffic_between_nodes() {
         .ip(&["route", "show", "proto", "80"])
         .expect("routes");
     assert!(routes.contains("dev tunl0"), "{routes}");
+
+    // FelixConfiguration: ipipMTU sets tunl0's MTU; ipipEnabled false takes IPIP's routes away although the
+    // pool asks for it.
+    let felix = kube::Api::<caracal_crds::felix::FelixConfiguration>::all(c.client.clone());
+    let apply = |spec: serde_json::Value| {
+        let felix = felix.clone();
+        async move {
+            felix
+                .patch(
+                    "default",
+                    &kube::api::PatchParams::apply("ipip-test").force(),
+                    &kube::api::Patch::Apply(json!({
+                        "apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration",
+                        "metadata": {"name": "default"}, "spec": spec})),
+                )
+                .await
+                .expect("FelixConfiguration");
+        }
+    };
+    apply(json!({"ipipMTU": 1400})).await;
+    let start = Instant::now();
+    while !c.nodes[0]
+        .ns
+        .ip(&["link", "show", "tunl0"])
+        .unwrap_or_default()
+        .contains(" mtu 1400 ")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "tunl0 never took ipipMTU"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    apply(json!({"ipipEnabled": false})).await;
+    let start = Instant::now();
+    loop {
+        let routes = c.nodes[0]
+            .ns
+            .ip(&["route", "show", "proto", "80"])
+            .unwrap_or_default();
+        if !routes.contains("dev tunl0") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "ipipEnabled false left IPIP routes:\n{routes}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

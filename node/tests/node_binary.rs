@@ -39,9 +39,20 @@ fn start_agent(
     node: &netns::NetNs,
     name: &str,
 ) -> (Reap, u16, u16, std::path::PathBuf) {
+    start_agent_env(cp, node, name, &[])
+}
+
+/// [`start_agent`] with more environment.
+fn start_agent_env(
+    cp: &caracal_e2e::controlplane::ControlPlane,
+    node: &netns::NetNs,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (Reap, u16, u16, std::path::PathBuf) {
     let (health, metrics) = (free_port(), free_port());
     let log = cp.dir().join(format!("caracal-node-{name}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_caracal-node"))
+        .envs(env.iter().copied())
         .env("KUBECONFIG", cp.kubeconfig())
         .env("CARACAL_NODE_NAME", name)
         .env("CARACAL_NETNS", node.name())
@@ -521,6 +532,225 @@ async fn bpf_enabled_restarts_the_agent_into_the_bpf_data_plane() {
     caracal_node::dataplane::bpf::remove_all(&caracal_node::dataplane::bpf::backend::pin_dir(&prefix))
         .expect("cleanup");
     caracal_node::dataplane::backend("Iptables", prefix, true)
+        .expect("backend")
+        .remove_all()
+        .expect("cleanup");
+}
+
+/// The HTTP status of `path` at `addr` (None: nothing answers there).
+fn status_at(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// FelixConfiguration's encapsulation, WireGuard and listener fields take effect in the running agent
+/// without a restart: `vxlanEnabled` makes `vxlan.caracal` although the pool asks for none, with
+/// `vxlanVNI`, `vxlanPort` and `vxlanMTU`; `wireguardEnabled` makes the device `wireguardInterfaceName` with
+/// `wireguardMTU`, listening on `wireguardListeningPort`; `healthPort` and `prometheusMetricsHost` move the
+/// listeners. Then `mtuIfacePattern` makes a narrower interface the MTU's source (both devices follow it), a
+/// renamed WireGuard interface replaces the old one, and turning `vxlanEnabled`, `wireguardEnabled`,
+/// `healthEnabled` and `prometheusMetricsEnabled` off removes the devices and closes the listeners.
+#[tokio::test]
+async fn felix_encapsulation_wireguard_and_listener_fields_take_effect_in_the_running_agent() {
+    use kube::api::{Api, Patch, PatchParams};
+    let (cp, client, node, _pod) = cluster_with_pod("nfelx", "felx-node", "10.64.0.1").await;
+    for args in [
+        &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"][..],
+        &["addr", "add", "10.99.8.2/24", "dev", "eth0"],
+        &["link", "set", "eth0", "up"],
+        // A narrower interface mtuIfacePattern will pick.
+        &[
+            "link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "name", "eth1p", "mtu", "1400",
+        ],
+        &["link", "set", "eth1", "up"],
+        &["link", "set", "eth1p", "up"],
+    ] {
+        node.ip(args).expect("underlay");
+    }
+    caracal_e2e::objects::ippool(
+        &client,
+        "pool",
+        "10.64.0.0/16",
+        caracal_crds::ippool::EncapMode::Never,
+        caracal_crds::ippool::EncapMode::Never,
+        true,
+    )
+    .await
+    .expect("pool");
+    let (_child, health, metrics, log) = start_agent_env(
+        &cp,
+        &node,
+        "felx-node",
+        &[("CARACAL_WIREGUARD_BACKEND", "userspace")],
+    );
+    eventually("ready", Duration::from_secs(60), &log, || {
+        http_get(health, "/readyz").map(|r| r.0) == Some(200)
+    });
+    let link = |name: &str| node.ip(&["-d", "link", "show", name]).ok();
+    let mtu_of = |name: &str| {
+        link(name).and_then(|t| {
+            let w: Vec<&str> = t.split_whitespace().collect();
+            w.iter()
+                .position(|x| *x == "mtu")
+                .and_then(|i| w.get(i + 1)?.parse::<u32>().ok())
+        })
+    };
+    assert!(link("vxlan.caracal").is_none(), "the pool asks for no VXLAN");
+
+    let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
+    let apply = |spec: serde_json::Value| {
+        let felix = felix.clone();
+        async move {
+            let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": spec});
+            felix
+                .patch(
+                    "default",
+                    &PatchParams::apply("caracal-test").force(),
+                    &Patch::Apply(&obj),
+                )
+                .await
+                .expect("apply FelixConfiguration");
+        }
+    };
+    let new_health = free_port();
+    let local2 = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    apply(json!({
+        "vxlanEnabled": true, "vxlanVNI": 5000, "vxlanPort": 8472, "vxlanMTU": 1300,
+        "wireguardEnabled": true, "wireguardInterfaceName": "wg-t0", "wireguardListeningPort": 51900,
+        "wireguardMTU": 1380, "healthPort": new_health, "prometheusMetricsHost": "127.0.0.2",
+    }))
+    .await;
+    eventually(
+        "vxlan.caracal with VNI 5000, port 8472, MTU 1300",
+        Duration::from_secs(20),
+        &log,
+        || {
+            link("vxlan.caracal").is_some_and(|t| t.contains("id 5000") && t.contains("dstport 8472"))
+                && mtu_of("vxlan.caracal") == Some(1300)
+        },
+    );
+    eventually("wg-t0 with MTU 1380", Duration::from_secs(20), &log, || {
+        mtu_of("wg-t0") == Some(1380)
+    });
+    eventually(
+        "WireGuard listening on 51900",
+        Duration::from_secs(20),
+        &log,
+        || node.exec(&["ss", "-uln"]).unwrap_or_default().contains(":51900 "),
+    );
+    assert!(link("wg.caracal").is_none(), "only the named device");
+    eventually("health on the new port", Duration::from_secs(15), &log, || {
+        http_get(new_health, "/healthz").is_some_and(|r| r.0 == 200)
+    });
+    eventually(
+        "the old health port closed",
+        Duration::from_secs(15),
+        &log,
+        || http_get(health, "/healthz").is_none(),
+    );
+    eventually("metrics on 127.0.0.2 only", Duration::from_secs(15), &log, || {
+        status_at((local2, metrics).into(), "/metrics") == Some(200)
+            && http_get(metrics, "/metrics").is_none()
+    });
+
+    // The MTU from eth1 (1400): WireGuard's 60 bytes are the larger overhead, so the pod MTU and the VXLAN
+    // device are 1340, as the WireGuard device; the interface renamed.
+    apply(json!({
+        "vxlanEnabled": true, "vxlanVNI": 5000, "vxlanPort": 8472, "mtuIfacePattern": "^eth1$",
+        "wireguardEnabled": true, "wireguardInterfaceName": "wg-t1", "wireguardListeningPort": 51900,
+        "healthPort": new_health, "prometheusMetricsHost": "127.0.0.2",
+    }))
+    .await;
+    eventually(
+        "the MTU from eth1 on both devices",
+        Duration::from_secs(20),
+        &log,
+        || mtu_of("wg-t1") == Some(1340) && mtu_of("vxlan.caracal") == Some(1340),
+    );
+    assert!(link("wg-t0").is_none(), "the renamed device replaced the old one");
+
+    // Everything off.
+    apply(json!({
+        "vxlanEnabled": false, "wireguardEnabled": false, "healthEnabled": false,
+        "prometheusMetricsEnabled": false, "healthPort": new_health, "prometheusMetricsHost": "127.0.0.2",
+    }))
+    .await;
+    eventually("the devices gone", Duration::from_secs(20), &log, || {
+        link("vxlan.caracal").is_none() && link("wg-t1").is_none()
+    });
+    eventually("the listeners closed", Duration::from_secs(15), &log, || {
+        http_get(new_health, "/healthz").is_none()
+            && status_at((local2, metrics).into(), "/metrics").is_none()
+    });
+    caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
+        .expect("backend")
+        .remove_all()
+        .expect("cleanup");
+}
+
+/// `ipv6Support` is the other setting the agent restarts itself for: written false while the agent runs
+/// IPv6 (its environment names an IPv6 address), the agent stops saying why; started again with the same
+/// environment it runs IPv4 only: no IPv6 rules of its own in the node.
+#[tokio::test]
+async fn ipv6_support_false_restarts_the_agent_without_ipv6() {
+    use kube::api::{Api, Patch, PatchParams};
+    let (cp, client, node, _pod) = cluster_with_pod("nip6s", "ip6s-node", "10.65.0.1").await;
+    for args in [
+        &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"][..],
+        &["addr", "add", "10.99.7.2/24", "dev", "eth0"],
+        &["addr", "add", "fd00:99:7::2/64", "dev", "eth0", "nodad"],
+        &["link", "set", "eth0", "up"],
+    ] {
+        node.ip(args).expect("underlay");
+    }
+    let env = [("CARACAL_IP6", "fd00:99:7::2/64")];
+    let (mut child, health, _metrics, log) = start_agent_env(&cp, &node, "ip6s-node", &env);
+    eventually("ready", Duration::from_secs(60), &log, || {
+        http_get(health, "/readyz").map(|r| r.0) == Some(200)
+    });
+    let v6_rules = || {
+        node.exec(&["ip6tables-save", "-t", "filter"])
+            .unwrap_or_default()
+            .contains("crc-")
+    };
+    assert!(v6_rules(), "IPv6 on: the agent's ip6tables chains");
+    let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
+    let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"ipv6Support": false}});
+    felix
+        .patch(
+            "default",
+            &PatchParams::apply("caracal-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .expect("apply FelixConfiguration");
+    eventually(
+        "the agent stops to restart",
+        Duration::from_secs(30),
+        &log,
+        || child.0.try_wait().expect("wait").is_some(),
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("IPv6 false") && text.contains("restarting to apply it"),
+        "{text}"
+    );
+    let (_again, health, _metrics, log) = start_agent_env(&cp, &node, "ip6s-node", &env);
+    eventually("ready again", Duration::from_secs(60), &log, || {
+        http_get(health, "/readyz").map(|r| r.0) == Some(200)
+    });
+    eventually(
+        "no IPv6 rules of the agent's",
+        Duration::from_secs(20),
+        &log,
+        || !v6_rules(),
+    );
+    caracal_node::dataplane::backend("Iptables", node.exec_prefix(), true)
         .expect("backend")
         .remove_all()
         .expect("cleanup");

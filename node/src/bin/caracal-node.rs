@@ -150,7 +150,12 @@ async fn follow_felix(
                 continue;
             }
             if let Some((_, tasks)) = running[i].take() {
-                tasks.iter().for_each(tokio::task::JoinHandle::abort);
+                // Wait until the old listeners are gone: a move to another host on the same port binds it
+                // again at once.
+                for t in tasks {
+                    t.abort();
+                    let _ = t.await;
+                }
             }
             let mut tasks = Vec::new();
             if want.enabled {

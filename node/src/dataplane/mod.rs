@@ -191,10 +191,45 @@ impl PolicyDataplane for DualStack {
     }
 }
 
+/// What an agent that ran IPv6 left once IPv6 is off (`ipv6Support: false`, a restart): its `ip6tables`
+/// chains and sets and IPv6 natOutgoing. Left in place they would go on judging IPv6 traffic by rules nobody
+/// updates. Converging does nothing; removal is all it is for.
+pub struct Ipv6Leftovers {
+    exec_prefix: Vec<String>,
+}
+
+impl PolicyDataplane for Ipv6Leftovers {
+    fn converge(&mut self, _model: &DataplaneModel) -> Result<ApplyStats, DataplaneError> {
+        Ok(ApplyStats::default())
+    }
+
+    fn update(&mut self, _model: &DataplaneModel, _changes: &Changes) -> Result<ApplyStats, DataplaneError> {
+        Ok(ApplyStats::default())
+    }
+
+    fn remove_all(&mut self) -> Result<(), Vec<DataplaneError>> {
+        let mut errors: Vec<DataplaneError> =
+            iptables::apply::Iptables::for_family(self.exec_prefix.clone(), Family::V6)
+                .remove_all()
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(DataplaneError::from)
+                .collect();
+        errors.extend(
+            nat::remove(&self.exec_prefix, Family::V6)
+                .into_iter()
+                .map(DataplaneError::from),
+        );
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
 /// The backend for the configured data plane (`CARACAL_DATAPLANE`, as the operator renders it), enforcing
 /// IPv6 too when `ipv6`. `exec_prefix` runs the kernel tools elsewhere (a namespace, in tests); empty on a
 /// node. The other backend's objects, left by an agent that ran the other data plane on this node (a live
-/// switch), are removed once the chosen one has converged ([`TakeOver`]).
+/// switch), and without `ipv6` the IPv6 rules an agent that ran IPv6 left, are removed once the chosen one
+/// has converged ([`TakeOver`]).
 pub fn backend(
     dataplane: &str,
     exec_prefix: Vec<String>,
@@ -203,11 +238,15 @@ pub fn backend(
     let nat = || NatProgram::new(exec_prefix.clone(), ipv6);
     let iptables = || Box::new(DualStack::new(exec_prefix.clone(), ipv6).with_nat(nat()));
     let bpf = || Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix).with_nat(nat()));
-    match dataplane {
-        "Iptables" | "" => Ok(Box::new(TakeOver::new(iptables(), bpf()))),
-        "BPF" => Ok(Box::new(TakeOver::new(bpf(), iptables()))),
-        other => Err(DataplaneError::Unsupported(other.to_owned())),
+    let mut taken_over = match dataplane {
+        "Iptables" | "" => TakeOver::new(iptables(), bpf()),
+        "BPF" => TakeOver::new(bpf(), iptables()),
+        other => return Err(DataplaneError::Unsupported(other.to_owned())),
+    };
+    if !ipv6 {
+        taken_over.old.push(Box::new(Ipv6Leftovers { exec_prefix }));
     }
+    Ok(Box::new(taken_over))
 }
 
 /// One backend taking over from the other: the new one converges first (both enforce for that moment, so no
@@ -215,30 +254,34 @@ pub fn backend(
 /// succeeds it is tried again after every converge.
 pub struct TakeOver {
     new: Box<dyn PolicyDataplane>,
-    old: Option<Box<dyn PolicyDataplane>>,
+    /// What is still to be retired, in order.
+    old: Vec<Box<dyn PolicyDataplane>>,
 }
 
 impl TakeOver {
     /// `new` replacing whatever `old` left.
     pub fn new(new: Box<dyn PolicyDataplane>, old: Box<dyn PolicyDataplane>) -> Self {
-        Self { new, old: Some(old) }
+        Self { new, old: vec![old] }
     }
 
     fn retire_old(&mut self, model: Option<&DataplaneModel>) {
-        if let (Some(old), Some(model)) = (self.old.as_mut(), model)
-            && let Err(e) = old.hand_over(model)
-        {
-            tracing::warn!(error = %e, "handing over from the other data plane; trying again after the next converge");
-            return;
-        }
-        if let Some(mut old) = self.old.take()
-            && let Err(errors) = old.remove_all()
-        {
-            for e in &errors {
-                tracing::warn!(error = %e, "removing the other data plane's objects; trying again after the next converge");
+        let mut kept = Vec::new();
+        for mut old in std::mem::take(&mut self.old) {
+            if let Some(model) = model
+                && let Err(e) = old.hand_over(model)
+            {
+                tracing::warn!(error = %e, "handing over from the other data plane; trying again after the next converge");
+                kept.push(old);
+                continue;
             }
-            self.old = Some(old);
+            if let Err(errors) = old.remove_all() {
+                for e in &errors {
+                    tracing::warn!(error = %e, "removing objects of a data plane no longer in use; trying again after the next converge");
+                }
+                kept.push(old);
+            }
         }
+        self.old = kept;
     }
 }
 
@@ -250,7 +293,7 @@ impl PolicyDataplane for TakeOver {
     }
 
     fn update(&mut self, model: &DataplaneModel, changes: &Changes) -> Result<ApplyStats, DataplaneError> {
-        if self.old.is_some() {
+        if !self.old.is_empty() {
             return self.converge(model);
         }
         self.new.update(model, changes)

@@ -127,5 +127,13 @@ mod tests {
             out.annotations[annotation::IPV4_IPIP_TUNNEL_ADDR].as_deref(),
             Some("10.244.0.1")
         );
+        // Felix's ipipMTU wins over the detected one.
+        let mut p = plan(&d, &u);
+        p.ipip_mtu = Some(1400);
+        IpipManager
+            .apply(&k, &p, Some(ip("10.244.0.1")), &mut Contributions::default())
+            .await
+            .expect("apply");
+        assert_eq!(k.snapshot().links[IPIP_DEVICE].mtu, 1400);
     }
 }

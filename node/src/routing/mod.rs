@@ -189,7 +189,7 @@ pub struct Routing<K: Kernel = Netlink> {
     warned: BTreeSet<String>,
     /// What the last successful sync converged to: an unchanged input needs no kernel work until the next
     /// forced (periodic) sync.
-    last: Option<(Desired, Detected, u32, VxlanParams, [wireguard::WgPlan; 2])>,
+    last: Option<SyncKey>,
     addresses: AddressManager,
     vxlan: [VxlanManager; 2],
     ipip: IpipManager,
@@ -206,6 +206,17 @@ pub struct Routing<K: Kernel = Netlink> {
     pub bgp_left_out: LeftOut,
     routes: RouteManager,
 }
+
+/// What a sync converged to: the desired routing, the underlay, the pod MTU, the VXLAN parameters, Felix's
+/// `ipipMTU`, WireGuard's plans.
+type SyncKey = (
+    Desired,
+    Detected,
+    u32,
+    VxlanParams,
+    Option<u32>,
+    [wireguard::WgPlan; 2],
+);
 
 /// BGP sessions left out because their password cannot be read: (peer address, why).
 pub type LeftOut = Arc<std::sync::Mutex<Vec<(String, String)>>>;
@@ -441,6 +452,7 @@ impl<K: Kernel> Routing<K> {
             detected.clone(),
             plan.pod_mtu,
             vx,
+            plan.ipip_mtu,
             plan.wireguard.clone(),
         );
         if !force && self.last.as_ref() == Some(&key) {
