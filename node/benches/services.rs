@@ -91,6 +91,7 @@ fn rate(
     pods: &[String],
 ) -> Value {
     let mut rates = Vec::new();
+    let mut tracker = Vec::new();
     let mut lat = Vec::new();
     // Failed connections by what failed.
     let mut failed: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
@@ -142,6 +143,7 @@ fn rate(
             lat.extend(l2);
         }
         rates.push(n as f64 / SAMPLE_SECONDS);
+        tracker.push(caracal_node::dataplane::bpf::sweep::count(pins).unwrap_or(0));
         forwarded += forwarded_datagrams(node).saturating_sub(forwarded_before);
         bpf_dropped += bpf_drops(pins).saturating_sub(bpf_before);
         softnet_dropped += softnet_drops().saturating_sub(softnet_before);
@@ -170,6 +172,8 @@ fn rate(
         // The pods' own IP and TCP counters that moved over the samples (client and backends; the names are
         // /proc/net/snmp's and /proc/net/netstat's): where a lost handshake shows up in a pod's stack.
         "pod_stack_counters": tcp,
+        // Entries in the BPF connection tracker after each sample (0 without BPF; its map holds 524,288).
+        "bpf_tracker_entries_after_samples": tracker,
     })
 }
 

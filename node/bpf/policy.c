@@ -274,6 +274,10 @@ struct ct_key {
 // Service flow its backend, as the kernel's tracker keeps a SYN_SENT connection's); after it, a SYN is a new
 // connection on a reused tuple, and starts afresh.
 #define CT_EST 16
+// With CT_RST: the reset was the endpoint's own pod's (it ended its connection), so the entries live only
+// CT_RST_OWN_NS: at thousands of connections a second that a client resets, 10 s of them outgrow the map,
+// whose LRU then evicts the newest flows'. A reset arriving at the pod keeps the kernel's 10 s.
+#define CT_RST_OWN 32
 
 struct ct_value {
 	__u64 last_seen_ns;
@@ -396,6 +400,7 @@ struct {
 // A TCP flow after both FINs (Calico's TCPFinsSeen default), and after a reset (the kernel's CLOSE state).
 #define CT_FINS_NS (30ULL * 1000000000ULL)
 #define CT_RST_NS (10ULL * 1000000000ULL)
+#define CT_RST_OWN_NS (1ULL * 1000000000ULL)
 
 // Per endpoint and direction: packets allowed and dropped (key: ifindex << 1 | to_pod).
 struct counters {
@@ -878,6 +883,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct ct
 static __always_inline __u64 idle_limit(__u8 proto, __u8 flags)
 {
 	if (proto == IPPROTO_TCP) {
+		if (flags & CT_RST_OWN)
+			return CT_RST_OWN_NS;
 		if (flags & CT_RST)
 			return CT_RST_NS;
 		if ((flags & (CT_FIN_FWD | CT_FIN_REV)) == (CT_FIN_FWD | CT_FIN_REV))
@@ -963,10 +970,10 @@ static __always_inline void ct_closing(struct ct_key *k, struct ct_value *ct, in
 {
 	__u8 set = 0, clear = 0;
 	if (tcp_flags & TCP_RST) {
-		set = CT_RST;
+		set = own ? CT_RST | CT_RST_OWN : CT_RST;
 	} else {
 		if (own)
-			clear = CT_RST;
+			clear = CT_RST | CT_RST_OWN;
 		if (tcp_flags & TCP_FIN)
 			set = reversed ? CT_FIN_REV : CT_FIN_FWD;
 	}

@@ -486,7 +486,7 @@ fn entries_of(
 #[test]
 fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     use caracal_node::dataplane::bpf::sweep::{monotonic_ns, sweep};
-    use caracal_node::dataplane::bpf::{CT_FIN_FWD, CT_FIN_REV, CT_RST};
+    use caracal_node::dataplane::bpf::{CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_RST_OWN};
     assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
     let node = netns::node("ctc").expect("node");
     let a = netns::wire_pod(&node, "cta", "crccta", "10.203.0.5".parse().expect("ip")).expect("pod a");
@@ -568,7 +568,17 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
         "its own packets cleared the mark: {e:?}"
     );
     reset(again);
+    let reset_at = monotonic_ns();
     std::thread::sleep(Duration::from_millis(100));
+    // The client's own reset: its two entries are marked as such (they live 1 s), the backend's is not (10 s).
+    let own = |i| {
+        entries_of(&node, &dir, i, reset_port)
+            .iter()
+            .map(|v| v.flags & (CT_RST | CT_RST_OWN))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(own(ia), [CT_RST | CT_RST_OWN; 2], "the client's entries");
+    assert_eq!(own(ib), [CT_RST], "the backend's entry");
 
     // A connection closed with FINs both ways: each side's entry has both marks.
     let (fin_port, s) = ask(&a, (b.ip, 8080).into());
@@ -590,17 +600,19 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
     // An open connection, through the Service.
     let (open_port, mut held) = ask(&a, (vip, 80).into());
 
-    // Now: nothing is past its life. 11 s on: the reset's entry is; 31 s on: the FINs' entries too; the open
-    // connection's entries never are, and it still talks after every sweep.
+    // At the reset: nothing is past its life. 2 s on: the client's entries of the connection it reset are.
+    // 11 s after now: the backend's entry of it is; 31 s on: the FINs' entries too; the open connection's
+    // entries never are, and it still talks after every sweep.
     let now = monotonic_ns();
-    let swept = sweep(&dir, now).expect("sweep now");
+    let swept = sweep(&dir, reset_at).expect("sweep at the reset");
     assert_eq!(swept.removed, 0, "{swept:?}");
     assert!(swept.entries >= 5, "{swept:?}");
+    let swept = sweep(&dir, reset_at + 2_000_000_000).expect("sweep 2 s on");
+    assert_eq!(swept.removed, 2, "the client's two entries: {swept:?}");
+    assert!(entries_of(&node, &dir, ia, reset_port).is_empty());
+    assert_eq!(entries_of(&node, &dir, ib, reset_port).len(), 1);
     let swept = sweep(&dir, now + 11_000_000_000).expect("sweep 11 s on");
-    assert_eq!(
-        swept.removed, 3,
-        "the reset connection's three entries: {swept:?}"
-    );
+    assert_eq!(swept.removed, 1, "the backend's entry: {swept:?}");
     assert!(entries_of(&node, &dir, ia, reset_port).is_empty());
     assert!(entries_of(&node, &dir, ib, reset_port).is_empty());
     assert_eq!(

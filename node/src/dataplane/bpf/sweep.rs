@@ -11,10 +11,26 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{BpfError, CT_FIN_FWD, CT_FIN_REV, CT_RST, MAP_CT, sys};
+use super::{BpfError, CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_RST_OWN, MAP_CT, sys};
 
-/// How often the agent sweeps the tracker.
+/// How often the agent sweeps the tracker while it holds fewer than [`BUSY_ENTRIES`].
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often it sweeps a tracker holding more: at thousands of new connections a second, what closed flows
+/// leave within [`SWEEP_INTERVAL`] would outgrow the map.
+pub const BUSY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// The tracker's size (`max_entries` of `caracal_ct_v3` in policy.c).
+pub const CT_CAPACITY: usize = 524_288;
+/// Past this many entries (a quarter of the map) the sweeper sweeps every [`BUSY_SWEEP_INTERVAL`].
+pub const BUSY_ENTRIES: usize = CT_CAPACITY / 4;
+
+/// When to sweep next after a sweep that found `entries`.
+pub fn next_sweep(entries: usize) -> Duration {
+    if entries > BUSY_ENTRIES {
+        BUSY_SWEEP_INTERVAL
+    } else {
+        SWEEP_INTERVAL
+    }
+}
 
 /// `sizeof(struct ct_key)` and `sizeof(struct ct_value)`.
 const KEY_SIZE: usize = std::mem::size_of::<super::CtKey>();
@@ -26,9 +42,11 @@ const SECOND: u64 = 1_000_000_000;
 
 /// How long an entry of protocol `proto` with flags `flags` lives after its flow's last packet (policy.c's
 /// `idle_limit`): the kernel tracker's defaults for established TCP (5 days), UDP (120 s) and the rest (30 s);
-/// a TCP flow after both FINs 30 s (Calico's `TCPFinsSeen`), after a reset 10 s (the kernel's CLOSE).
+/// a TCP flow after both FINs 30 s (Calico's `TCPFinsSeen`), after a reset 10 s (the kernel's CLOSE), or 1 s
+/// when the reset was the endpoint pod's own.
 pub fn idle_limit_ns(proto: u8, flags: u8) -> u64 {
     match proto {
+        6 if flags & CT_RST_OWN != 0 => SECOND,
         6 if flags & CT_RST != 0 => 10 * SECOND,
         6 if flags & (CT_FIN_FWD | CT_FIN_REV) == CT_FIN_FWD | CT_FIN_REV => 30 * SECOND,
         6 => 5 * 24 * 3600 * SECOND,
@@ -77,27 +95,17 @@ pub fn sweep(dir: &Path, now_ns: u64) -> Result<Swept, BpfError> {
     };
     let map = sys::obj_get(&path).map_err(io)?;
     let map = std::os::fd::AsFd::as_fd(&map);
-    let mut keys = vec![0u8; BATCH * KEY_SIZE];
-    let mut values = vec![0u8; BATCH * VALUE_SIZE];
     let mut stale: Vec<u8> = Vec::new();
-    let mut swept = Swept::default();
-    let mut cursor = None;
-    loop {
-        let (read, next) =
-            sys::map_lookup_batch(map, cursor, &mut keys, KEY_SIZE, &mut values, VALUE_SIZE).map_err(io)?;
-        swept.entries += read;
-        for i in 0..read {
-            let key = &keys[i * KEY_SIZE..(i + 1) * KEY_SIZE];
-            let (proto, flags, seen) = parts(key, &values[i * VALUE_SIZE..(i + 1) * VALUE_SIZE]);
+    let mut swept = Swept {
+        entries: scan(map, |key, value| {
+            let (proto, flags, seen) = parts(key, value);
             if expired(proto, flags, seen, now_ns) {
                 stale.extend_from_slice(key);
             }
-        }
-        match next {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
+        })
+        .map_err(io)?,
+        removed: 0,
+    };
     let mut value = [0u8; VALUE_SIZE];
     for key in stale.chunks_exact(KEY_SIZE) {
         if !sys::map_lookup_and_delete(map, key, &mut value).map_err(io)? {
@@ -111,6 +119,42 @@ pub fn sweep(dir: &Path, now_ns: u64) -> Result<Swept, BpfError> {
         }
     }
     Ok(swept)
+}
+
+/// The entries of the tracker pinned under `dir` (0 when nothing is pinned), read as a sweep reads them.
+pub fn count(dir: &Path) -> Result<usize, BpfError> {
+    let path = dir.join(MAP_CT);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let io = |source| BpfError::Io {
+        path: path.clone(),
+        source,
+    };
+    let map = sys::obj_get(&path).map_err(io)?;
+    scan(std::os::fd::AsFd::as_fd(&map), |_, _| {}).map_err(io)
+}
+
+/// Reads every entry of the tracker `map` in batches, handing each raw key and value to `visit`; the number
+/// read.
+fn scan(map: std::os::fd::BorrowedFd<'_>, mut visit: impl FnMut(&[u8], &[u8])) -> std::io::Result<usize> {
+    let mut keys = vec![0u8; BATCH * KEY_SIZE];
+    let mut values = vec![0u8; BATCH * VALUE_SIZE];
+    let (mut n, mut cursor) = (0, None);
+    loop {
+        let (read, next) = sys::map_lookup_batch(map, cursor, &mut keys, KEY_SIZE, &mut values, VALUE_SIZE)?;
+        n += read;
+        for i in 0..read {
+            visit(
+                &keys[i * KEY_SIZE..(i + 1) * KEY_SIZE],
+                &values[i * VALUE_SIZE..(i + 1) * VALUE_SIZE],
+            );
+        }
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(n),
+        }
+    }
 }
 
 /// The sweeper's figures for `/metrics`.
@@ -135,18 +179,21 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sweeps the tracker pinned under `dir` every [`SWEEP_INTERVAL`], on a thread of its own (a sweep of a full
+/// Sweeps the tracker pinned under `dir` every [`SWEEP_INTERVAL`] ([`BUSY_SWEEP_INTERVAL`] while it is busy),
+/// on a thread of its own (a sweep of a full
 /// map takes tens of milliseconds of system calls, which the agent's runtime should not wait for), for as
 /// long as the process runs.
 pub fn spawn(dir: std::path::PathBuf, stats: std::sync::Arc<SweepStats>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ct-sweep".into())
         .spawn(move || {
+            let mut wait = SWEEP_INTERVAL;
             loop {
-                std::thread::sleep(SWEEP_INTERVAL);
+                std::thread::sleep(wait);
                 let started = Instant::now();
                 match sweep(&dir, monotonic_ns()) {
                     Ok(s) => {
+                        wait = next_sweep(s.entries);
                         stats.entries.store(s.entries as u64, Ordering::Relaxed);
                         stats.removed.fetch_add(s.removed as u64, Ordering::Relaxed);
                         tracing::debug!(entries = s.entries, removed = s.removed, "swept the BPF tracker");
@@ -180,12 +227,36 @@ mod tests {
         assert!(expired(6, CT_FIN_FWD | CT_FIN_REV, now - 30 * SECOND, now));
         assert!(!expired(6, CT_RST, now - 9 * SECOND, now));
         assert!(expired(6, CT_RST | CT_FIN_FWD, now - 10 * SECOND, now));
+        // The pod's own reset: 1 s.
+        assert!(!expired(6, CT_RST | CT_RST_OWN, now - SECOND / 2, now));
+        assert!(expired(6, CT_RST | CT_RST_OWN, now - SECOND, now));
         // UDP and the rest keep their idle limits whatever the flags.
         assert!(!expired(17, CT_RST, now - 119 * SECOND, now));
         assert!(expired(17, 0, now - 120 * SECOND, now));
         assert!(expired(1, 0, now - 30 * SECOND, now));
         // Seen after the sweep read the clock: alive.
         assert!(!expired(6, CT_RST, now + SECOND, now));
+    }
+
+    #[test]
+    fn the_capacity_is_the_maps() {
+        let c = include_str!("../../../bpf/policy.c");
+        let def = c
+            .split("} caracal_ct_v3 SEC")
+            .next()
+            .and_then(|before| before.rsplit("struct {").next())
+            .expect("the tracker's definition");
+        assert!(
+            def.contains(&format!("__uint(max_entries, {CT_CAPACITY});")),
+            "{def}"
+        );
+    }
+
+    #[test]
+    fn a_busy_tracker_is_swept_every_second() {
+        assert_eq!(next_sweep(0), SWEEP_INTERVAL);
+        assert_eq!(next_sweep(BUSY_ENTRIES), SWEEP_INTERVAL);
+        assert_eq!(next_sweep(BUSY_ENTRIES + 1), BUSY_SWEEP_INTERVAL);
     }
 
     #[test]
