@@ -210,7 +210,6 @@ struct pkt {
 // TCP flags (the 13th byte of the header).
 #define TCP_FIN 0x01
 #define TCP_RST 0x04
-#define TCP_SYN 0x02
 
 // Per CPU: the running AND of a chunk's field bitmaps, one side's port bitmap being assembled, and what the
 // scan of `acc` found. (The scan's result goes through here rather than registers: read back from a map, it
@@ -269,15 +268,10 @@ struct ct_key {
 #define CT_FIN_FWD 2
 #define CT_FIN_REV 4
 #define CT_RST 8
-// TCP: a packet other than a SYN or reset went in the direction of the entry's key (the client's ACK ending
-// the handshake). Until then a SYN on the flow is the client retrying its handshake and keeps the entry (and a
-// Service flow its backend, as the kernel's tracker keeps a SYN_SENT connection's); after it, a SYN is a new
-// connection on a reused tuple, and starts afresh.
-#define CT_EST 16
 // With CT_RST: the reset was the endpoint's own pod's (it ended its connection), so the entries live only
 // CT_RST_OWN_NS: at thousands of connections a second that a client resets, 10 s of them outgrow the map,
 // whose LRU then evicts the newest flows'. A reset arriving at the pod keeps the kernel's 10 s.
-#define CT_RST_OWN 32
+#define CT_RST_OWN 16
 
 struct ct_value {
 	__u64 last_seen_ns;
@@ -1328,20 +1322,16 @@ static __always_inline int handle(struct __sk_buff *skb, int to_pod, int *stack_
 	__builtin_memcpy(key.src, p.src, 16);
 	__builtin_memcpy(key.dst, p.dst, 16);
 	// A packet of a known flow, either way round; translated when a Service's flow. Not a known flow: a TCP
-	// SYN on an established flow (a connection opened again on a tuple an ended one left in the tracker; a SYN
-	// before the handshake ended is a retransmission, and keeps its flow), and, from the pod, a packet
+	// SYN (a connection opened again on a tuple an ended one left in the tracker), and, from the pod, a packet
 	// on the translated tuple of a Service's flow (the pod talking to that backend directly from the same
 	// port): each starts afresh and its entries replace the stale ones.
 	int reversed;
 	ct = ct_find(&key, &reversed);
 	// (A SYN arriving at the pod under a reverse entry is its own Service's hairpin, just translated.)
-	if (ct && ((p.syn && (ct->flags & CT_EST) && !(to_pod && ct->nat == NAT_REV && !reversed)) ||
-		   (!to_pod && ct->nat == NAT_REV && !reversed)))
+	if (ct && ((p.syn && !(to_pod && ct->nat == NAT_REV && !reversed)) || (!to_pod && ct->nat == NAT_REV && !reversed)))
 		ct = 0;
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto, ct->flags)) {
 		ct->last_seen_ns = now;
-		if (p.proto == IPPROTO_TCP && !(p.tcp_flags & (TCP_SYN | TCP_RST)) && !reversed && !(ct->flags & CT_EST))
-			ct->flags |= CT_EST;
 		*stack_only = ct->flags & CT_STACK;
 		count(ifindex, to_pod, 1);
 		__u8 nat = ct->nat;
@@ -1424,15 +1414,11 @@ static __always_inline int handle_host(struct __sk_buff *skb, int egress)
 	__builtin_memcpy(key.dst, p.dst, 16);
 	int reversed;
 	struct ct_value *ct = ct_find(&key, &reversed);
-	// A SYN to a NodePort opens a new connection even where an ended one left its entries (a retransmitted
-	// one, before the handshake ended, keeps its backend).
-	if (ct && p.syn && !egress && (ct->flags & CT_EST))
+	// A SYN to a NodePort opens a new connection even where an ended one left its entries.
+	if (ct && p.syn && !egress)
 		ct = 0;
 	if (ct && now - ct->last_seen_ns < idle_limit(p.proto, ct->flags)) {
 		ct->last_seen_ns = now;
-		if (!egress && p.proto == IPPROTO_TCP && !(p.tcp_flags & (TCP_SYN | TCP_RST)) && !reversed &&
-		    !(ct->flags & CT_EST))
-			ct->flags |= CT_EST;
 		// Nothing here is a pod's own packet: a reset only shortens the entries' life.
 		if (p.tcp_flags & (TCP_FIN | TCP_RST))
 			ct_closing(&key, ct, reversed, p.tcp_flags, 0);

@@ -948,11 +948,10 @@ fn seed_flows(model: &DataplaneModel) -> Vec<(super::CtKey, u8)> {
     for line in text.lines() {
         if let Some((orig, reply)) = conntrack_tuples(line) {
             // Translated by the kernel (kube-proxy's DNAT): only the stack can undo it.
-            // A seeded connection is past its handshake: a SYN on its tuple is a new connection.
             let flags = if reply.reversed() == orig {
-                super::CT_EST
+                0
             } else {
-                super::CT_STACK | super::CT_EST
+                super::CT_STACK
             };
             for t in [orig, reply.reversed()] {
                 for ip in [t.src, t.dst] {

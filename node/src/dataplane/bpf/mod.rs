@@ -42,12 +42,9 @@ pub const CT_FIN_FWD: u8 = 2;
 pub const CT_FIN_REV: u8 = 4;
 /// A tracker entry's flag: a TCP reset seen on the flow (either way): the entry lives [`sweep::idle_limit_ns`].
 pub const CT_RST: u8 = 8;
-/// A tracker entry's flag: a TCP packet other than a SYN went the way of the entry's key (the handshake
-/// ended); before it a SYN on the flow is a retransmission and keeps the entry (and a Service flow's backend).
-pub const CT_EST: u8 = 16;
 /// A tracker entry's flag, with [`CT_RST`]: the reset was the endpoint pod's own, so the entry lives only
 /// [`sweep::idle_limit_ns`] (1 s).
-pub const CT_RST_OWN: u8 = 32;
+pub const CT_RST_OWN: u8 = 16;
 
 /// An endpoint's flag: what it sends to its own host is dropped once its egress policy allowed it (Felix's
 /// `defaultEndpointToHostAction: Drop`; without the flag, Accept or Return: the host's stack gets it).
@@ -186,7 +183,7 @@ pub struct CtValue {
     pub table: u32,
     /// `NAT_*` of policy.c: 0 (none), 1 forward (| 4 source to the node, | 8 hairpin), 2 reverse.
     pub nat: u8,
-    /// `CT_*` of policy.c: [`CT_STACK`], [`CT_FIN_FWD`], [`CT_FIN_REV`], [`CT_RST`], [`CT_EST`], [`CT_RST_OWN`].
+    /// `CT_*` of policy.c: [`CT_STACK`], [`CT_FIN_FWD`], [`CT_FIN_REV`], [`CT_RST`], [`CT_RST_OWN`].
     pub flags: u8,
     /// Forward: the backend's port; reverse: the Service's (host order).
     pub nat_port: u16,
