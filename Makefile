@@ -27,7 +27,8 @@ CNIP_TARGETS := $(CNIP_BIN)/bridge $(CNIP_BIN)/host-local $(CNIP_BIN)/loopback
 
 # Debian packages the kernel tier needs (iptables and ipset for the policy data plane, ping and iperf3 to
 # probe it, conntrack to inspect flows, nft for the CNI bench to watch rules land).
-APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack bird2 nftables clang llvm libbpf-dev linux-libc-dev bpftool
+APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack bird2 nftables clang llvm libbpf-dev linux-libc-dev bpftool \
+                mmdebstrap umoci skopeo
 
 # Never let `go` download a toolchain; build with the one installed.
 export GOTOOLCHAIN := local
@@ -43,7 +44,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab bench deps controlplane cni-plugins manifests lint unit cluster build clean-controlplane
+.PHONY: test lab bench deps controlplane cni-plugins manifests lint unit cluster build clean-controlplane images
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -93,9 +94,16 @@ unit: deps
 
 # Every tier: unit, kernel, cluster and lab. Tests start other packages' binaries (caracal-cni, caracal-typha,
 # caracalctl) from target/debug, so every binary is built first.
-test: deps controlplane lint
+test: deps controlplane lint images
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
+
+# OCI images of the release binaries, without a container engine (target/images; e2e/src/bin/caracal-images.rs):
+# layouts, archives for `ctr images import`, and images.json. The Debian root filesystems are cached in
+# target/images/rootfs (delete it to take the mirror's current packages).
+images: deps
+	$(CARGO) build --locked --release -p caracal-operator -p caracal-node -p caracal-typha -p caracal-cni --bins
+	$(CARGO) run --locked -q -p caracal-e2e --bin caracal-images -- --out $(ROOT)/target/images --bin-dir $(ROOT)/target/release
 
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
 bench: deps controlplane cni-plugins

@@ -120,6 +120,10 @@ fn ask(
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("caracal-cni v{}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("install") {
         if let Err(e) = install() {
             eprintln!("caracal-cni install: {e}");

@@ -19,6 +19,7 @@ pub mod lab;
 pub mod measure;
 pub mod netns;
 pub mod objects;
+pub mod oci;
 pub mod pki;
 pub mod podspec;
 pub mod probe;

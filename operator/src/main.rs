@@ -17,7 +17,7 @@ use clap::Parser;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "caracal-operator", about = "Reconciles the Caracal Installation")]
+#[command(name = "caracal-operator", version = concat!("v", env!("CARGO_PKG_VERSION")), about = "Reconciles the Caracal Installation")]
 struct Args {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "CARACAL_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:9094")]
