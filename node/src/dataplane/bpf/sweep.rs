@@ -2,8 +2,9 @@
 //! comes, so an entry whose flow ended (both FINs, a reset, a flow idle past its limit)
 //! stays until the LRU map needs its room, and a full LRU map takes its room from the entries nobody has
 //! looked up yet, which are the newest flows' (a new Service connection's reverse entry, between its SYN and
-//! the answer). The agent removes such entries itself once the map is half full ([`BUSY_ENTRIES`]), so it
-//! keeps room for new flows; below that, removing them costs more than it saves ([`sweep`]) (docs/bpf.md,
+//! the answer). The agent removes such entries itself, every [`SWEEP_INTERVAL`] (every
+//! [`BUSY_SWEEP_INTERVAL`] while the map holds more than [`BUSY_ENTRIES`]), so the map keeps room for new
+//! flows and an entry left by an ended connection is gone before its tuple is used again (docs/bpf.md,
 //! "Closed connections").
 //!
 //! The limits mirror `idle_limit` in `bpf/policy.c`; [`idle_limit_ns`] must say what it says.
@@ -14,16 +15,15 @@ use std::time::{Duration, Instant};
 
 use super::{BpfError, CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_RST_OWN, MAP_CT, sys};
 
-/// How often the agent looks at the tracker while it holds no more than [`BUSY_ENTRIES`].
+/// How often the agent sweeps the tracker while it holds no more than [`BUSY_ENTRIES`].
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// How often it sweeps a tracker holding more: at thousands of new connections a second, what closed flows
 /// leave within [`SWEEP_INTERVAL`] would outgrow the map.
 pub const BUSY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The tracker's size (`max_entries` of `caracal_ct_v3` in policy.c).
 pub const CT_CAPACITY: usize = 524_288;
-/// Past this many entries (half the map) the sweeper removes expired entries, every
-/// [`BUSY_SWEEP_INTERVAL`] (below it, it only counts them: see [`sweep`] for why).
-pub const BUSY_ENTRIES: usize = CT_CAPACITY / 2;
+/// Past this many entries (a quarter of the map) the sweeper sweeps every [`BUSY_SWEEP_INTERVAL`].
+pub const BUSY_ENTRIES: usize = CT_CAPACITY / 4;
 
 /// When to sweep next after a sweep that found `entries`.
 pub fn next_sweep(entries: usize) -> Duration {
@@ -85,19 +85,7 @@ pub struct Swept {
 /// Removes the tracker entries pinned under `dir` that are expired at `now_ns`. Each is taken out with its
 /// value in one step, and put back if a packet refreshed it in the meantime (or its tuple started a new
 /// flow), unless the programs have written it again already. Nothing pinned: nothing to do.
-///
-/// That put-back leaves a moment (two system calls) in which a flow that just started again on the tuple
-/// has no entry: a reply arriving then is not translated. A client that reuses its ports at thousands of
-/// connections a second meets that moment often enough to lose a handshake in a few thousand (the services
-/// bench with a sweep every second), so the agent sweeps only a tracker that is filling up
-/// ([`sweep_above`]); below that the programs' own expiry is enough (an expired entry is a new flow's to
-/// overwrite).
 pub fn sweep(dir: &Path, now_ns: u64) -> Result<Swept, BpfError> {
-    sweep_above(dir, now_ns, 0)
-}
-
-/// [`sweep`] when the tracker holds more than `threshold` entries; otherwise it is only counted.
-pub fn sweep_above(dir: &Path, now_ns: u64, threshold: usize) -> Result<Swept, BpfError> {
     let path = dir.join(MAP_CT);
     if !path.exists() {
         return Ok(Swept::default());
@@ -119,9 +107,6 @@ pub fn sweep_above(dir: &Path, now_ns: u64, threshold: usize) -> Result<Swept, B
         .map_err(io)?,
         removed: 0,
     };
-    if swept.entries <= threshold {
-        return Ok(swept);
-    }
     let mut value = [0u8; VALUE_SIZE];
     for key in stale.chunks_exact(KEY_SIZE) {
         if !sys::map_lookup_and_delete(map, key, &mut value).map_err(io)? {
@@ -195,8 +180,8 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sweeps the tracker pinned under `dir` once it holds more than [`BUSY_ENTRIES`], looking every
-/// [`SWEEP_INTERVAL`] ([`BUSY_SWEEP_INTERVAL`] while it is that full), on a thread of its own (a sweep of a full
+/// Sweeps the tracker pinned under `dir` every [`SWEEP_INTERVAL`] ([`BUSY_SWEEP_INTERVAL`] while it holds more
+/// than [`BUSY_ENTRIES`]), on a thread of its own (a sweep of a full
 /// map takes tens of milliseconds of system calls, which the agent's runtime should not wait for), for as
 /// long as the process runs.
 pub fn spawn(dir: std::path::PathBuf, stats: std::sync::Arc<SweepStats>) -> std::io::Result<()> {
@@ -207,7 +192,7 @@ pub fn spawn(dir: std::path::PathBuf, stats: std::sync::Arc<SweepStats>) -> std:
             loop {
                 std::thread::sleep(wait);
                 let started = Instant::now();
-                match sweep_above(&dir, monotonic_ns(), BUSY_ENTRIES) {
+                match sweep(&dir, monotonic_ns()) {
                     Ok(s) => {
                         wait = next_sweep(s.entries);
                         stats.entries.store(s.entries as u64, Ordering::Relaxed);
