@@ -53,16 +53,41 @@ fn one(addr: SocketAddr) -> Option<String> {
     attempt(addr).ok()
 }
 
+/// The tracker entries of the first connections whose connect timed out (their client port on either side),
+/// read at the timeout, while the connecting socket still holds the port.
+static TIMED_OUT: std::sync::Mutex<Vec<Value>> = std::sync::Mutex::new(Vec::new());
+/// Where the BPF maps are pinned, once the BPF data plane runs.
+static PINS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 /// As [`one`], with what failed: `connect` (refused or reset), `connect timeout`, `request`, `answer`
-/// (nothing came back in time, or the connection was reset).
+/// (nothing came back in time, or the connection was reset). A timed-out connect's port goes to
+/// [`TIMED_OUT_PORTS`].
 fn attempt(addr: SocketAddr) -> Result<String, &'static str> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::TimedOut {
-            "connect timeout"
-        } else {
-            "connect"
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|_| "connect")?;
+    if let Err(e) = socket.connect_timeout(&addr.into(), Duration::from_millis(500)) {
+        if e.kind() != std::io::ErrorKind::TimedOut {
+            return Err("connect");
         }
-    })?;
+        // Still in SYN_SENT: its local address is the port the kernel chose, and nothing else takes it yet.
+        if let (Some(port), Some(pins)) = (
+            socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .map(|a| a.port()),
+            PINS.get(),
+        ) {
+            let mut seen = TIMED_OUT
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() < 8 {
+                seen.push(entries_of_port(pins, port));
+            }
+        }
+        return Err("connect timeout");
+    }
+    let mut s: TcpStream = socket.into();
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .map_err(|_| "request")?;
     s.set_nodelay(true).map_err(|_| "request")?;
@@ -81,6 +106,28 @@ fn attempt(addr: SocketAddr) -> Result<String, &'static str> {
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
 }
 
+/// The tracker entries (every interface) with TCP port `port` on either side, as JSON.
+fn entries_of_port(pins: &std::path::Path, port: u16) -> Value {
+    let now = caracal_node::dataplane::bpf::sweep::monotonic_ns();
+    let ip = |a: &[u8; 16]| Ipv4Addr::new(a[12], a[13], a[14], a[15]).to_string();
+    let list: Vec<Value> = caracal_node::dataplane::bpf::sweep::entries(pins)
+        .unwrap_or_default()
+        .iter()
+        .filter(|(k, _)| k.proto == 6 && (k.sport == port || k.dport == port))
+        .map(|(k, v)| {
+            json!({
+                "ifindex": k.ifindex,
+                "key": format!("{}:{} -> {}:{}", ip(&k.src), k.sport, ip(&k.dst), k.dport),
+                "nat": v.nat,
+                "flags": v.flags,
+                "nat_to": format!("{}:{}", Ipv4Addr::from(v.nat_addr), v.nat_port),
+                "age_ms": now.saturating_sub(v.last_seen_ns) / 1_000_000,
+            })
+        })
+        .collect();
+    json!({"port": port, "entries": list})
+}
+
 /// Connections per second and their latencies over `SAMPLES` samples, from inside `client`.
 fn rate(
     node: &NetNs,
@@ -90,6 +137,7 @@ fn rate(
     pins: &std::path::Path,
     pods: &[String],
 ) -> Value {
+    let _ = PINS.set(pins.to_path_buf());
     let mut rates = Vec::new();
     let mut tracker = Vec::new();
     let mut lat = Vec::new();
@@ -174,6 +222,11 @@ fn rate(
         "pod_stack_counters": tcp,
         // Entries in the BPF connection tracker after each sample (0 without BPF; its map holds 524,288).
         "bpf_tracker_entries_after_samples": tracker,
+        // The tracker's entries of the first timed-out connections' client ports, read at each timeout
+        // (empty without BPF).
+        "bpf_entries_of_timed_out_ports": std::mem::take(
+            &mut *TIMED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        ),
     })
 }
 

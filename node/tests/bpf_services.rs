@@ -521,6 +521,17 @@ fn closed_connections_leave_the_tracker_and_the_sweeper_takes_what_is_left() {
         2,
         "forward and reverse while open"
     );
+    // Read raw from the pinned map (no programs loaded), the same entries.
+    let mut raw: Vec<_> = caracal_node::dataplane::bpf::sweep::entries(&dir)
+        .expect("entries")
+        .into_iter()
+        .filter(|(k, _)| k.ifindex == ia && (k.sport == reset_port || k.dport == reset_port))
+        .map(|(_, v)| v)
+        .collect();
+    let mut loaded = entries_of(&node, &dir, ia, reset_port);
+    raw.sort_by_key(|v| (v.nat, v.last_seen_ns));
+    loaded.sort_by_key(|v| (v.nat, v.last_seen_ns));
+    assert_eq!(raw, loaded);
     reset(s);
     std::thread::sleep(Duration::from_millis(100));
     for (who, i, n) in [("client", ia, 2), ("backend", ib, 1)] {

@@ -136,6 +136,65 @@ pub fn count(dir: &Path) -> Result<usize, BpfError> {
     scan(std::os::fd::AsFd::as_fd(&map), |_, _| {}).map_err(io)
 }
 
+/// Every entry of the tracker pinned under `dir` (none when nothing is pinned), read as a sweep reads them:
+/// for looking at flows without loading the programs (`caracal-node bpf dump` loads them).
+pub fn entries(dir: &Path) -> Result<Vec<(super::CtKey, super::CtValue)>, BpfError> {
+    let path = dir.join(MAP_CT);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let io = |source| BpfError::Io {
+        path: path.clone(),
+        source,
+    };
+    let map = sys::obj_get(&path).map_err(io)?;
+    let mut out = Vec::new();
+    scan(std::os::fd::AsFd::as_fd(&map), |k, v| {
+        out.push((key_from(k), value_from(v)))
+    })
+    .map_err(io)?;
+    Ok(out)
+}
+
+fn bytes<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&b[at..at + N]);
+    out
+}
+
+/// A raw `struct ct_key`.
+fn key_from(b: &[u8]) -> super::CtKey {
+    use std::mem::offset_of;
+    type K = super::CtKey;
+    super::CtKey {
+        ifindex: u32::from_ne_bytes(bytes(b, offset_of!(K, ifindex))),
+        src: bytes(b, offset_of!(K, src)),
+        dst: bytes(b, offset_of!(K, dst)),
+        sport: u16::from_ne_bytes(bytes(b, offset_of!(K, sport))),
+        dport: u16::from_ne_bytes(bytes(b, offset_of!(K, dport))),
+        proto: b[offset_of!(K, proto)],
+        pad: bytes(b, offset_of!(K, pad)),
+    }
+}
+
+/// A raw `struct ct_value`.
+fn value_from(b: &[u8]) -> super::CtValue {
+    use std::mem::offset_of;
+    type V = super::CtValue;
+    super::CtValue {
+        last_seen_ns: u64::from_ne_bytes(bytes(b, offset_of!(V, last_seen_ns))),
+        table: u32::from_ne_bytes(bytes(b, offset_of!(V, table))),
+        nat: b[offset_of!(V, nat)],
+        flags: b[offset_of!(V, flags)],
+        nat_port: u16::from_ne_bytes(bytes(b, offset_of!(V, nat_port))),
+        nat_addr: bytes(b, offset_of!(V, nat_addr)),
+        orig_addr: bytes(b, offset_of!(V, orig_addr)),
+        orig_port: u16::from_ne_bytes(bytes(b, offset_of!(V, orig_port))),
+        pad2: u16::from_ne_bytes(bytes(b, offset_of!(V, pad2))),
+        pad3: u32::from_ne_bytes(bytes(b, offset_of!(V, pad3))),
+    }
+}
+
 /// Reads every entry of the tracker `map` in batches, handing each raw key and value to `visit`; the number
 /// read.
 fn scan(map: std::os::fd::BorrowedFd<'_>, mut visit: impl FnMut(&[u8], &[u8])) -> std::io::Result<usize> {
