@@ -1132,6 +1132,13 @@ __noinline int ct_add(const struct ct_key *key, __u32 table, __u32 nat, __u64 to
 	// Looked up once at once: the LRU map takes the entries nobody has looked up yet first when it must
 	// make room, and a new flow's reverse entry is first looked up only when the reply comes.
 	bpf_map_lookup_elem(&caracal_ct_v3, key);
+	// The same two sockets seen the other way round are this flow: an entry an earlier flow left under the
+	// reversed tuple on this interface would be found first for this flow's replies (ct_find looks the
+	// packet's own tuple up before the reversed one), and pass a Service's reply untranslated. It goes.
+	struct ct_key r;
+	__builtin_memcpy(&r, key, sizeof(r));
+	ct_reverse(&r);
+	bpf_map_delete_elem(&caracal_ct_v3, &r);
 	return rc;
 }
 
