@@ -483,22 +483,12 @@ async fn felix_configuration_changes_take_effect_in_the_running_agent() {
 /// before choosing and runs the BPF data plane although its environment still says iptables.
 #[tokio::test]
 async fn bpf_enabled_restarts_the_agent_into_the_bpf_data_plane() {
-    use kube::api::{Api, Patch, PatchParams};
     let (cp, client, node, _pod) = cluster_with_pod("nbpfen", "bpfen-node", "10.63.0.1").await;
     let (mut child, health, _metrics, log) = start_agent(&cp, &node, "bpfen-node");
     eventually("ready", Duration::from_secs(60), &log, || {
         http_get(health, "/readyz").map(|r| r.0) == Some(200)
     });
-    let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
-    let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"bpfEnabled": true}});
-    felix
-        .patch(
-            "default",
-            &PatchParams::apply("caracal-test").force(),
-            &Patch::Apply(&obj),
-        )
-        .await
-        .expect("apply FelixConfiguration");
+    apply_felix(&client, "default", json!({"bpfEnabled": true})).await;
     eventually(
         "the agent stops to restart",
         Duration::from_secs(30),
@@ -535,6 +525,21 @@ async fn bpf_enabled_restarts_the_agent_into_the_bpf_data_plane() {
         .expect("backend")
         .remove_all()
         .expect("cleanup");
+}
+
+/// Applies FelixConfiguration `name` with `spec` (server-side apply, the test's field manager: fields left
+/// out of `spec` are removed).
+async fn apply_felix(client: &kube::Client, name: &str, spec: serde_json::Value) {
+    use kube::api::{Api, Patch, PatchParams};
+    let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": name}, "spec": spec});
+    Api::<caracal_crds::felix::FelixConfiguration>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("caracal-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .expect("apply FelixConfiguration");
 }
 
 /// The HTTP status of `path` at `addr` (None: nothing answers there).
@@ -698,7 +703,6 @@ async fn felix_encapsulation_wireguard_and_listener_fields_take_effect_in_the_ru
 /// environment it runs IPv4 only: no IPv6 rules of its own in the node.
 #[tokio::test]
 async fn ipv6_support_false_restarts_the_agent_without_ipv6() {
-    use kube::api::{Api, Patch, PatchParams};
     let (cp, client, node, _pod) = cluster_with_pod("nip6s", "ip6s-node", "10.65.0.1").await;
     for args in [
         &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"][..],
@@ -719,16 +723,7 @@ async fn ipv6_support_false_restarts_the_agent_without_ipv6() {
             .contains("crc-")
     };
     assert!(v6_rules(), "IPv6 on: the agent's ip6tables chains");
-    let felix: Api<caracal_crds::felix::FelixConfiguration> = Api::all(client.clone());
-    let obj = json!({"apiVersion": "caracal.dev/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"ipv6Support": false}});
-    felix
-        .patch(
-            "default",
-            &PatchParams::apply("caracal-test").force(),
-            &Patch::Apply(&obj),
-        )
-        .await
-        .expect("apply FelixConfiguration");
+    apply_felix(&client, "default", json!({"ipv6Support": false})).await;
     eventually(
         "the agent stops to restart",
         Duration::from_secs(30),
