@@ -103,12 +103,12 @@ pub fn autodetection(method: Option<&NodeAddressAutodetection>) -> String {
     }
 }
 
-fn host_path(name: &str, path: &str, kind: &str) -> Volume {
+fn host_path(name: &str, path: &str, kind: Option<&str>) -> Volume {
     Volume {
         name: name.into(),
         host_path: Some(HostPathVolumeSource {
             path: path.into(),
-            type_: Some(kind.into()),
+            type_: kind.map(Into::into),
         }),
         ..Default::default()
     }
@@ -300,13 +300,15 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
             init_containers: Some(vec![install_cni]),
             containers: vec![agent],
             volumes: Some(vec![
-                host_path("cni-bin-dir", "/opt/cni/bin", "DirectoryOrCreate"),
-                host_path("cni-net-dir", "/etc/cni/net.d", "DirectoryOrCreate"),
-                host_path("var-run-caracal", "/var/run/caracal", "DirectoryOrCreate"),
-                host_path("var-lib-caracal", "/var/lib/caracal", "DirectoryOrCreate"),
-                host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
-                host_path("lib-modules", "/lib/modules", "Directory"),
-                host_path("xtables-lock", "/run/xtables.lock", "FileOrCreate"),
+                host_path("cni-bin-dir", "/opt/cni/bin", Some("DirectoryOrCreate")),
+                host_path("cni-net-dir", "/etc/cni/net.d", Some("DirectoryOrCreate")),
+                host_path("var-run-caracal", "/var/run/caracal", Some("DirectoryOrCreate")),
+                host_path("var-lib-caracal", "/var/lib/caracal", Some("DirectoryOrCreate")),
+                host_path("bpffs", "/sys/fs/bpf", Some("DirectoryOrCreate")),
+                // No type, as Calico renders it: a node whose kernel has no modules directory (everything built
+                // in) still runs the agent; `Directory` would refuse the pod there.
+                host_path("lib-modules", "/lib/modules", None),
+                host_path("xtables-lock", "/run/xtables.lock", Some("FileOrCreate")),
                 Volume {
                     name: "cni-config".into(),
                     config_map: Some(ConfigMapVolumeSource {
