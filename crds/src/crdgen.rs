@@ -9,12 +9,13 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::schema::strip_defaults;
-use crate::{bgp, felix, installation, ipam, ippool, networkset, policy};
+use crate::{bgp, felix, imageset, installation, ipam, ippool, networkset, policy};
 
 /// Every Caracal CRD, as the API server should store it.
 pub fn all() -> Vec<CustomResourceDefinition> {
     [
         installation::Installation::crd(),
+        imageset::ImageSet::crd(),
         ippool::IPPool::crd(),
         felix::FelixConfiguration::crd(),
         policy::GlobalNetworkPolicy::crd(),
@@ -145,5 +146,6 @@ mod tests {
                 .is_some()
         );
         assert_eq!(policy::NetworkPolicy::crd().spec.scope, "Namespaced");
+        assert_eq!(imageset::ImageSet::crd().spec.scope, "Cluster");
     }
 }

@@ -297,9 +297,11 @@ pub struct InstallationSpec {
     /// Prefix added to every image name.
     #[schemars(length(max = 63))]
     pub image_prefix: Option<String>,
-    /// Pull secrets (in the operator's namespace) copied to caracal-system.
+    /// Pull secrets (in the operator's namespace) copied to caracal-system and set on every pod the operator
+    /// renders; each must be of type kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(s, size(s.name) > 0)").message("every imagePullSecrets entry needs a name: the name of a Secret in the operator's namespace"))]
     pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
     /// Replicas of control-plane components (Typha's floor); from the node count when unset.
     #[schemars(range(min = 1, max = 100))]
@@ -344,6 +346,9 @@ pub struct InstallationStatus {
     pub computed: Option<InstallationSpec>,
     /// The pod MTU in force.
     pub mtu: Option<i32>,
+    /// The ImageSet whose digests the rendered images use (`caracal-<release>`); unset when images are
+    /// rendered by tag.
+    pub image_set: Option<String>,
     /// Per-component state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub components: Vec<ComponentStatus>,

@@ -1,6 +1,6 @@
 //! Caracal's API: every CustomResource type, with the schema and CEL rules the API server enforces.
 //!
-//! - `operator.caracal.dev/v1`: [`installation::Installation`].
+//! - `operator.caracal.dev/v1`: [`installation::Installation`], [`imageset::ImageSet`].
 //! - `caracal.dev/v1`: [`ippool::IPPool`], [`felix::FelixConfiguration`], [`policy::GlobalNetworkPolicy`],
 //!   [`policy::NetworkPolicy`], [`policy::Tier`], [`networkset::GlobalNetworkSet`],
 //!   [`networkset::NetworkSet`], [`bgp::BGPConfiguration`], [`bgp::BGPPeer`], [`ipam::IPAMBlock`],
@@ -17,6 +17,7 @@
 pub mod bgp;
 pub mod crdgen;
 pub mod felix;
+pub mod imageset;
 pub mod installation;
 pub mod ipam;
 pub mod ippool;

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use caracal_crds::{bgp, felix, installation, ipam, ippool, networkset, policy};
+use caracal_crds::{bgp, felix, imageset, installation, ipam, ippool, networkset, policy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -32,6 +32,7 @@ fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Value {
 fn round_trip_kind(doc: &Value) -> Option<Value> {
     Some(match doc["kind"].as_str()? {
         "Installation" => round_trip::<installation::Installation>(doc),
+        "ImageSet" => round_trip::<imageset::ImageSet>(doc),
         "IPPool" => round_trip::<ippool::IPPool>(doc),
         "FelixConfiguration" => round_trip::<felix::FelixConfiguration>(doc),
         "GlobalNetworkPolicy" => round_trip::<policy::GlobalNetworkPolicy>(doc),

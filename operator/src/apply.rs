@@ -52,12 +52,15 @@ pub fn resource(api_version: &str, kind: &str) -> ApiResource {
 }
 
 /// True when every field of `want` is present in `live` with the same value. Fields the API server adds
-/// (defaults, status, metadata it manages) do not count as differences; numbers compare by value.
+/// (defaults, status, metadata it manages) do not count as differences; numbers compare by value. A wanted
+/// empty list matches an absent field: the API server drops empty lists, and rendering one is how a list the
+/// operator set before (a pod's `imagePullSecrets`) is cleared by server-side apply.
 pub fn is_subset(want: &Value, live: &Value) -> bool {
     match (want, live) {
-        (Value::Object(w), Value::Object(l)) => w
-            .iter()
-            .all(|(k, wv)| l.get(k).is_some_and(|lv| is_subset(wv, lv))),
+        (Value::Object(w), Value::Object(l)) => w.iter().all(|(k, wv)| match l.get(k) {
+            Some(lv) => is_subset(wv, lv),
+            None => wv.as_array().is_some_and(Vec::is_empty),
+        }),
         (Value::Array(w), Value::Array(l)) => {
             w.len() == l.len() && w.iter().zip(l).all(|(a, b)| is_subset(a, b))
         }
@@ -186,6 +189,21 @@ mod tests {
         ));
         assert!(!is_subset(&want, &json!({"spec": {"containers": []}})));
         assert!(!is_subset(&want, &json!({"spec": {}})));
+    }
+
+    #[test]
+    fn a_wanted_empty_list_matches_an_absent_one_but_not_a_full_one() {
+        let want = json!({"spec": {"imagePullSecrets": []}});
+        assert!(is_subset(&want, &json!({"spec": {}})));
+        assert!(is_subset(&want, &json!({"spec": {"imagePullSecrets": []}})));
+        assert!(!is_subset(
+            &want,
+            &json!({"spec": {"imagePullSecrets": [{"name": "old"}]}})
+        ));
+        assert!(!is_subset(
+            &json!({"spec": {"imagePullSecrets": [{"name": "new"}]}}),
+            &json!({"spec": {}})
+        ));
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! A span per reconcile; Degraded (with an Event) when the Installation is invalid, in which case nothing that
 //! runs is changed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caracal_crds::installation::{INSTALLATION_NAME, Installation};
+use caracal_crds::imageset::ImageSet;
+use caracal_crds::installation::{INSTALLATION_NAME, Installation, InstallationSpec};
 use caracal_crds::ipam::IPAMBlock;
 use caracal_crds::ippool::IPPool;
 use futures::StreamExt;
@@ -78,7 +80,7 @@ pub struct Context {
     /// Publishes Events on the Installation.
     pub recorder: Recorder,
     /// The operator's own namespace (`POD_NAMESPACE`, else `caracal-operator`): where it reads the
-    /// `kubernetes-services-endpoint` ConfigMap.
+    /// `kubernetes-services-endpoint` ConfigMap and the Secrets `spec.imagePullSecrets` names.
     pub namespace: String,
 }
 
@@ -102,7 +104,42 @@ impl Context {
     }
 }
 
-async fn facts(client: &Client, namespace: &str) -> Result<ClusterFacts, Error> {
+/// The Secrets `spec.imagePullSecrets` names that exist in the operator's namespace.
+async fn pull_secrets(
+    client: &Client,
+    namespace: &str,
+    spec: &InstallationSpec,
+) -> Result<BTreeMap<String, Secret>, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut found = BTreeMap::new();
+    for name in render::pull_secrets::names(spec) {
+        if name.is_empty() {
+            continue;
+        }
+        if let Some(secret) = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| Error::Kube("reading an image pull secret", e))?
+        {
+            found.insert(name, secret);
+        }
+    }
+    Ok(found)
+}
+
+/// This release's ImageSet, or why it does not decode.
+async fn image_set(client: &Client) -> Result<(Option<ImageSet>, Option<String>), Error> {
+    match Api::<ImageSet>::all(client.clone())
+        .get_opt(&render::images::image_set_name())
+        .await
+    {
+        Ok(set) => Ok((set, None)),
+        Err(kube::Error::SerdeError(e)) => Ok((None, Some(e.to_string()))),
+        Err(e) => Err(Error::Kube("reading the ImageSet", e)),
+    }
+}
+
+async fn facts(client: &Client, namespace: &str, spec: &InstallationSpec) -> Result<ClusterFacts, Error> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node_count = nodes
         .list_metadata(&ListParams::default())
@@ -133,12 +170,17 @@ async fn facts(client: &Client, namespace: &str) -> Result<ClusterFacts, Error> 
         },
         None => (None, None),
     };
+    let (image_set, image_set_error) = image_set(client).await?;
     Ok(ClusterFacts {
         node_count,
         user_pools,
         certificates: Default::default(),
         api_server,
         api_server_error,
+        operator_namespace: namespace.to_owned(),
+        pull_secrets: pull_secrets(client, namespace, spec).await?,
+        image_set,
+        image_set_error,
     })
 }
 
@@ -202,7 +244,7 @@ async fn event(ctx: &Context, inst: &Installation, type_: EventType, reason: &st
 async fn apply(inst: Arc<Installation>, ctx: &Context) -> Result<Action, Error> {
     let generation = inst.metadata.generation.unwrap_or(0);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let mut facts = facts(&ctx.client, &ctx.namespace).await?;
+    let mut facts = facts(&ctx.client, &ctx.namespace, &inst.spec).await?;
     let computed = match render::compute(&inst.spec, &facts) {
         Ok(c) => c,
         Err(errors) => {
@@ -265,19 +307,16 @@ async fn apply(inst: Arc<Installation>, ctx: &Context) -> Result<Action, Error> 
     if !kept.is_empty() {
         ctx.metrics.failed("PoolInUse");
     }
-    write_status(
-        &inst,
-        ctx,
-        status::applied(
-            inst.status.as_ref(),
-            computed,
-            components,
-            &kept,
-            generation,
-            &now,
-        ),
-    )
-    .await?;
+    let mut st = status::applied(
+        inst.status.as_ref(),
+        computed,
+        components,
+        &kept,
+        generation,
+        &now,
+    );
+    st.image_set = facts.image_set.as_ref().map(ResourceExt::name_any);
+    write_status(&inst, ctx, st).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -389,7 +428,8 @@ fn to_default<T>(_: T) -> Option<ObjectRef<Installation>> {
 }
 
 /// Runs the controller until `shutdown` resolves: the Installation, plus everything the operator renders
-/// (so drift is repaired at once) and Nodes (Typha follows the node count).
+/// (so drift is repaired at once), Nodes (Typha follows the node count), the Secrets of its own namespace
+/// (image pull secrets are copied from there) and this release's ImageSet.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let own_namespace = ctx.namespace.clone();
@@ -434,6 +474,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     .watches(
         Api::<ConfigMap>::namespaced(client.clone(), &own_namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", render::API_SERVER_CONFIGMAP)),
+        to_default,
+    )
+    // Image pull secrets are read from the operator's namespace: a created or changed one is copied at once.
+    .watches(
+        Api::<Secret>::namespaced(client.clone(), &own_namespace),
+        watcher::Config::default(),
+        to_default,
+    )
+    .watches(
+        Api::<ImageSet>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", render::images::image_set_name())),
         to_default,
     )
     .graceful_shutdown_on(shutdown)

@@ -164,6 +164,8 @@ pub fn applied(
             .or(old.and_then(|s| s.mtu)),
         computed: Some(computed),
         components,
+        // The controller names the ImageSet it rendered with.
+        image_set: None,
     }
 }
 

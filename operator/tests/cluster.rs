@@ -935,3 +935,387 @@ async fn a_pool_that_still_holds_addresses_is_kept_and_reported_and_degraded_rai
     );
     op.stop().await;
 }
+
+/// The operator's namespace in these tests (`POD_NAMESPACE` is unset, so the default).
+const OPERATOR_NS: &str = "caracal-operator";
+
+fn pull_secret(name: &str, type_: &str, config: &str) -> k8s_openapi::api::core::v1::Secret {
+    let key = if type_ == "kubernetes.io/dockercfg" {
+        ".dockercfg"
+    } else {
+        ".dockerconfigjson"
+    };
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": OPERATOR_NS},
+        "type": type_,
+        "stringData": {key: config},
+    }))
+    .expect("secret")
+}
+
+/// The pull secret names and the images of a pod template.
+fn pod_images(spec: Option<k8s_openapi::api::core::v1::PodTemplateSpec>) -> (Vec<String>, Vec<String>) {
+    let pod = spec.and_then(|t| t.spec).unwrap_or_default();
+    let secrets = pod
+        .image_pull_secrets
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let images = pod
+        .init_containers
+        .unwrap_or_default()
+        .into_iter()
+        .chain(pod.containers)
+        .filter_map(|c| c.image)
+        .collect();
+    (secrets, images)
+}
+
+async fn node_pods(client: &Client) -> Option<(Vec<String>, Vec<String>)> {
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), NS)
+        .get_opt("caracal-node")
+        .await
+        .ok()??;
+    Some(pod_images(ds.spec.map(|s| s.template)))
+}
+
+async fn typha_pods(client: &Client) -> Option<(Vec<String>, Vec<String>)> {
+    let dep = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), NS)
+        .get_opt("caracal-typha")
+        .await
+        .ok()??;
+    Some(pod_images(dep.spec.map(|s| s.template)))
+}
+
+async fn copy_of(client: &Client, name: &str) -> Option<k8s_openapi::api::core::v1::Secret> {
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await
+        .ok()?
+}
+
+fn secret_text(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> String {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn image_pull_secrets_are_copied_kept_in_sync_set_on_pods_and_removed_when_unreferenced() {
+    let op = operator().await;
+    let c = op.client.clone();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": OPERATOR_NS}})).expect("ns"),
+        )
+        .await
+        .expect("operator namespace");
+    let sources: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(c.clone(), OPERATOR_NS);
+    sources
+        .create(
+            &PostParams::default(),
+            &pull_secret(
+                "regcred",
+                "kubernetes.io/dockerconfigjson",
+                r#"{"auths":{"registry.example":{"auth":"b25lOm9uZQ=="}}}"#,
+            ),
+        )
+        .await
+        .expect("regcred");
+    apply_installation(&c, json!({"imagePullSecrets": [{"name": "regcred"}]})).await;
+
+    // Copied into caracal-system, and named on the DaemonSet's and the Deployment's pods.
+    let copy = eventually("the copy of regcred", || copy_of(&c, "regcred")).await;
+    assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+    assert!(secret_text(&copy, ".dockerconfigjson").contains("b25lOm9uZQ=="));
+    eventually("regcred on the DaemonSet's and the Deployment's pods", || async {
+        let (node, _) = node_pods(&c).await?;
+        let (typha, _) = typha_pods(&c).await?;
+        (node == ["regcred"] && typha == ["regcred"]).then_some(())
+    })
+    .await;
+
+    // A changed source updates the copy (through the watch: the resync is minutes away).
+    sources
+        .replace(
+            "regcred",
+            &PostParams::default(),
+            &pull_secret(
+                "regcred",
+                "kubernetes.io/dockerconfigjson",
+                r#"{"auths":{"registry.example":{"auth":"dHdvOnR3bw=="}}}"#,
+            ),
+        )
+        .await
+        .expect("update regcred");
+    eventually("the copy follows the source", || async {
+        copy_of(&c, "regcred")
+            .await
+            .filter(|s| secret_text(s, ".dockerconfigjson").contains("dHdvOnR3bw=="))
+    })
+    .await;
+
+    // A reference to a Secret that does not exist: Degraded naming the field and the Secret; nothing changes.
+    let ds_before = Api::<DaemonSet>::namespaced(c.clone(), NS)
+        .get("caracal-node")
+        .await
+        .expect("ds")
+        .resource_version();
+    apply_installation(&c, json!({"imagePullSecrets": [{"name": "later"}]})).await;
+    let (_, reason, message) = eventually("Degraded=True", || async {
+        condition(&c, "Degraded").await.filter(|d| d.0 == "True")
+    })
+    .await;
+    assert_eq!(reason, "PullSecretNotFound");
+    assert!(
+        message.starts_with(
+            "spec.imagePullSecrets[0]: Secret \"later\" does not exist in namespace caracal-operator"
+        ) && message.contains("kubectl create secret docker-registry later"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        Api::<DaemonSet>::namespaced(c.clone(), NS)
+            .get("caracal-node")
+            .await
+            .expect("ds")
+            .resource_version(),
+        ds_before,
+        "the DaemonSet changed under an invalid Installation"
+    );
+    assert!(
+        copy_of(&c, "regcred").await.is_some(),
+        "the working copy was removed under an invalid Installation"
+    );
+
+    // A Secret of the wrong type is named too.
+    sources
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "later", "namespace": OPERATOR_NS}, "type": "Opaque", "stringData": {"a": "b"}}))
+                .expect("opaque"),
+        )
+        .await
+        .expect("opaque later");
+    let (_, reason, message) = eventually("Degraded PullSecretWrongType", || async {
+        condition(&c, "Degraded")
+            .await
+            .filter(|d| d.1 == "PullSecretWrongType")
+    })
+    .await;
+    assert!(
+        message.starts_with("spec.imagePullSecrets[0]: Secret \"later\"")
+            && message.contains("has type Opaque"),
+        "{reason}: {message}"
+    );
+
+    // Once it is a registry credential (created after the reference: the watch picks it up), it is copied, the
+    // pods name it, and the copy no longer referenced is removed.
+    sources
+        .delete("later", &DeleteParams::default())
+        .await
+        .expect("delete opaque");
+    sources
+        .create(
+            &PostParams::default(),
+            &pull_secret(
+                "later",
+                "kubernetes.io/dockercfg",
+                r#"{"registry.example":{"auth":"dGhyZWU6dGhyZWU="}}"#,
+            ),
+        )
+        .await
+        .expect("later");
+    eventually("later copied, regcred removed, pods switched", || async {
+        copy_of(&c, "later").await?;
+        if copy_of(&c, "regcred").await.is_some() {
+            return None;
+        }
+        let (node, _) = node_pods(&c).await?;
+        let (typha, _) = typha_pods(&c).await?;
+        (node == ["later"] && typha == ["later"]).then_some(())
+    })
+    .await;
+    let (_, reason, _) = condition(&c, "Degraded").await.expect("Degraded");
+    assert_eq!(reason, "AsExpected");
+    assert!(
+        sources.get_opt("regcred").await.expect("get").is_some(),
+        "the source of a removed copy stays"
+    );
+
+    // No pull secrets: no copies and no imagePullSecrets on the pods.
+    apply_installation(&c, json!({"imagePullSecrets": []})).await;
+    eventually("no copies and no pull secrets on the pods", || async {
+        if copy_of(&c, "later").await.is_some() {
+            return None;
+        }
+        let (node, _) = node_pods(&c).await?;
+        let (typha, _) = typha_pods(&c).await?;
+        (node.is_empty() && typha.is_empty()).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+fn digest(c: char) -> String {
+    format!("sha256:{}", c.to_string().repeat(64))
+}
+
+#[tokio::test]
+async fn an_image_set_pins_digests_and_an_invalid_one_is_refused_or_degraded() {
+    let op = operator().await;
+    let c = op.client.clone();
+    let name = caracal_operator::render::images::image_set_name();
+    apply_installation(&c, json!({"registry": "registry.example/"})).await;
+    let (_, images) = eventually("the DaemonSet", || node_pods(&c)).await;
+    let tag = format!(":{}", name.trim_start_matches("caracal-"));
+    assert!(images.iter().all(|i| i.ends_with(&tag)), "{images:?}");
+
+    // What the API server refuses, each with the field and what to write.
+    let create = |doc: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            let obj: kube::api::DynamicObject = serde_json::from_value(doc).expect("object");
+            let api = caracal_e2e::crds::api_for(&c, &obj).expect("kind");
+            match api.create(&PostParams::default(), &obj).await {
+                Err(kube::Error::Api(s)) => s.message,
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+        }
+    };
+    let set = |name: &str, images: serde_json::Value| json!({"apiVersion": "operator.caracal.dev/v1", "kind": "ImageSet", "metadata": {"name": name}, "spec": {"images": images}});
+    let msg = create(set(
+        &name,
+        json!([{"image": "caracal/node", "digest": "sha256:ABC"}]),
+    ))
+    .await;
+    assert!(
+        msg.contains("spec.images[0].digest") && msg.contains("64 lowercase hex digits"),
+        "{msg}"
+    );
+    let msg = create(set(
+        &name,
+        json!([{"image": "caracal/operator", "digest": digest('a')}]),
+    ))
+    .await;
+    assert!(
+        msg.contains("spec.images[0].image") && msg.contains("caracal/node"),
+        "{msg}"
+    );
+    let msg = create(set(
+        &name,
+        json!([{"image": "caracal/node", "digest": digest('a')}, {"image": "caracal/node", "digest": digest('b')}]),
+    ))
+    .await;
+    assert!(msg.contains("listed twice"), "{msg}");
+    let msg = create(set(
+        "my-images",
+        json!([{"image": "caracal/node", "digest": digest('a')}]),
+    ))
+    .await;
+    assert!(msg.contains("caracal-<release>"), "{msg}");
+
+    // A set without Typha's image: Degraded, and nothing changes.
+    let ds_before = Api::<DaemonSet>::namespaced(c.clone(), NS)
+        .get("caracal-node")
+        .await
+        .expect("ds")
+        .resource_version();
+    let sets: Api<caracal_crds::imageset::ImageSet> = Api::all(c.clone());
+    let partial = set(
+        &name,
+        json!([{"image": "caracal/node", "digest": digest('a')}, {"image": "caracal/cni", "digest": digest('c')}]),
+    );
+    sets.create(
+        &PostParams::default(),
+        &serde_json::from_value(partial).expect("set"),
+    )
+    .await
+    .expect("a partial set is a valid object");
+    let (_, reason, message) = eventually("Degraded=True", || async {
+        condition(&c, "Degraded").await.filter(|d| d.0 == "True")
+    })
+    .await;
+    assert_eq!(reason, "InvalidImageSet");
+    assert!(
+        message.starts_with(&format!(
+            "ImageSet {name}: spec.images: no digest for caracal/typha"
+        )),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        Api::<DaemonSet>::namespaced(c.clone(), NS)
+            .get("caracal-node")
+            .await
+            .expect("ds")
+            .resource_version(),
+        ds_before,
+        "the DaemonSet changed under an invalid ImageSet"
+    );
+
+    // Complete: every image by digest, under the Installation's registry and path.
+    let full = set(
+        &name,
+        json!([{"image": "caracal/node", "digest": digest('a')}, {"image": "caracal/cni", "digest": digest('c')}, {"image": "caracal/typha", "digest": digest('b')}]),
+    );
+    sets.patch(
+        &name,
+        &PatchParams::apply("test-user").force(),
+        &Patch::Apply(&full),
+    )
+    .await
+    .expect("complete the set");
+    let (_, node) = eventually("the DaemonSet by digest", || async {
+        node_pods(&c)
+            .await
+            .filter(|(_, images)| images.iter().all(|i| i.contains('@')))
+    })
+    .await;
+    assert_eq!(
+        node,
+        vec![
+            format!("registry.example/caracal/cni@{}", digest('c')),
+            format!("registry.example/caracal/node@{}", digest('a')),
+        ]
+    );
+    let (_, typha) = eventually("the Deployment by digest", || async {
+        typha_pods(&c)
+            .await
+            .filter(|(_, images)| images.iter().all(|i| i.contains('@')))
+    })
+    .await;
+    assert_eq!(
+        typha,
+        vec![format!("registry.example/caracal/typha@{}", digest('b'))]
+    );
+    let status = eventually("status.imageSet", || async {
+        Api::<Installation>::all(c.clone())
+            .get("default")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.image_set.is_some())
+    })
+    .await;
+    assert_eq!(status.image_set.as_deref(), Some(name.as_str()));
+    assert_eq!(condition(&c, "Degraded").await.expect("Degraded").1, "AsExpected");
+
+    // Deleted: back to tags.
+    sets.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the set");
+    eventually("the DaemonSet by tag again", || async {
+        node_pods(&c)
+            .await
+            .filter(|(_, images)| images.iter().all(|i| i.ends_with(&tag)))
+    })
+    .await;
+    op.stop().await;
+}

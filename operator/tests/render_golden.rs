@@ -7,13 +7,42 @@
     reason = "a test helper that cannot go on fails the test with the reason"
 )]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use caracal_crds::installation::Installation;
+use caracal_crds::imageset::ImageSet;
+use caracal_crds::installation::{Installation, InstallationSpec};
 use caracal_operator::render::{Certificates, ClusterFacts, compute, render};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
 
-fn facts() -> ClusterFacts {
+/// The facts every example renders with: the pull secrets it names exist in the operator's namespace, and
+/// `installation-private-registry.yaml` also finds the ImageSet of examples/imageset.yaml.
+fn facts(example: &Path, spec: &InstallationSpec) -> ClusterFacts {
+    let pull_secrets = spec
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|r| {
+            let secret = Secret {
+                type_: Some("kubernetes.io/dockerconfigjson".into()),
+                data: Some(BTreeMap::from([(
+                    ".dockerconfigjson".to_owned(),
+                    ByteString(br#"{"auths":{"registry.example.com":{"auth":"dXNlcjpwYXNz"}}}"#.to_vec()),
+                )])),
+                ..Default::default()
+            };
+            (r.name.clone(), secret)
+        })
+        .collect();
+    let image_set = example.ends_with("installation-private-registry.yaml").then(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/imageset.yaml");
+        serde_yaml::from_str::<ImageSet>(&std::fs::read_to_string(path).expect("read")).expect("an ImageSet")
+    });
     ClusterFacts {
+        operator_namespace: "caracal-operator".into(),
+        pull_secrets,
+        image_set,
         node_count: 3,
         user_pools: Vec::new(),
         certificates: Certificates {
@@ -34,7 +63,8 @@ fn golden_text(example: &Path) -> String {
         "# render of examples/{}\n",
         example.file_name().and_then(|n| n.to_str()).unwrap_or("")
     );
-    match compute(&inst.spec, &facts()) {
+    let facts = facts(example, &inst.spec);
+    match compute(&inst.spec, &facts) {
         Err(errors) => {
             out.push_str("# Degraded: nothing is rendered\n");
             for e in errors {
@@ -44,7 +74,7 @@ fn golden_text(example: &Path) -> String {
         Ok(computed) => {
             out.push_str("---\n# status.computed\n");
             out.push_str(&serde_yaml::to_string(&computed).expect("yaml"));
-            for o in render(&computed, &facts()).objects {
+            for o in render(&computed, &facts).objects {
                 out.push_str("---\n");
                 out.push_str(&serde_yaml::to_string(&o.body).expect("yaml"));
             }

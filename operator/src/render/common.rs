@@ -1,8 +1,7 @@
-//! What every rendered object shares: the namespace, labels, image names.
+//! What every rendered object shares: the namespace, labels, metadata, RBAC and probe builders.
 
 use std::collections::BTreeMap;
 
-use caracal_crds::installation::InstallationSpec;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -39,15 +38,6 @@ pub fn meta(component: &str, name: &str, namespaced: bool) -> ObjectMeta {
         labels: Some(labels(component)),
         ..Default::default()
     }
-}
-
-/// The image of a component: `{registry}{imagePath}/{imagePrefix}{name}:{version}`, as the Tigera operator
-/// composes them (registry ends with `/` when set; imagePath defaults to `caracal`).
-pub fn image(spec: &InstallationSpec, name: &str) -> String {
-    let registry = spec.registry.as_deref().unwrap_or("");
-    let path = spec.image_path.as_deref().unwrap_or("caracal");
-    let prefix = spec.image_prefix.as_deref().unwrap_or("");
-    format!("{registry}{path}/{prefix}{name}:{VERSION}")
 }
 
 /// The namespace, privileged for Pod Security (the node agent is a privileged hostNetwork pod).

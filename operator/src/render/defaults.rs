@@ -59,6 +59,8 @@ pub fn compute(spec: &InstallationSpec, facts: &ClusterFacts) -> Result<Installa
             e.clone(),
         ));
     }
+    errors.extend(super::pull_secrets::check(spec, facts));
+    errors.extend(super::images::check(facts));
     let net = out.calico_network.get_or_insert_with(CalicoNetworkSpec::default);
     let dataplane = *net.linux_dataplane.get_or_insert(LinuxDataplane::Iptables);
 

@@ -5,11 +5,17 @@
 mod common;
 pub mod defaults;
 mod felix;
+pub mod images;
 mod node;
+pub mod pull_secrets;
 mod typha;
 
+use std::collections::BTreeMap;
+
+use caracal_crds::imageset::ImageSet;
 use caracal_crds::installation::InstallationSpec;
 use caracal_crds::schema::Cidr;
+use k8s_openapi::api::core::v1::Secret;
 use serde::Serialize;
 
 pub use common::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, NAMESPACE, managed_selector, namespace};
@@ -56,6 +62,14 @@ pub struct ClusterFacts {
     pub api_server: Option<ApiServer>,
     /// Why that ConfigMap could not be used (the Installation is then Degraded and nothing changes).
     pub api_server_error: Option<String>,
+    /// The operator's own namespace, where `spec.imagePullSecrets` name Secrets.
+    pub operator_namespace: String,
+    /// The Secrets `spec.imagePullSecrets` names that exist in the operator's namespace, by name.
+    pub pull_secrets: BTreeMap<String, Secret>,
+    /// The ImageSet of this release (`caracal-<version>`), when there is one: images are rendered by digest.
+    pub image_set: Option<ImageSet>,
+    /// Why that ImageSet could not be read (it does not decode); the Installation is then Degraded.
+    pub image_set_error: Option<String>,
 }
 
 /// Where the API server is, as the `kubernetes-services-endpoint` ConfigMap gives it.
@@ -166,6 +180,7 @@ pub struct Rendered {
 /// Renders the objects for `computed` (the output of [`compute`]).
 pub fn render(computed: &InstallationSpec, facts: &ClusterFacts) -> Rendered {
     let mut objects = vec![common::namespace()];
+    objects.extend(pull_secrets::render(computed, facts));
     objects.extend(node::render(computed, facts));
     objects.extend(typha::render(computed, facts));
     objects.extend(felix::render(computed, facts));

@@ -12,7 +12,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
-use super::common::{self, NAMESPACE, env, identity, image, meta, probe, rule};
+use caracal_crds::imageset::ComponentImage;
+
+use super::common::{self, NAMESPACE, env, identity, meta, probe, rule};
+use super::images::image;
 use super::{ClusterFacts, Object};
 
 /// Component and object name.
@@ -229,7 +232,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
 
     let agent = Container {
         name: NODE.into(),
-        image: Some(image(spec, "node")),
+        image: Some(image(spec, facts, ComponentImage::Node)),
         command: Some(vec!["caracal-node".into()]),
         env: Some(env_vars),
         ports: Some(vec![ContainerPort {
@@ -257,7 +260,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
     };
     let install_cni = Container {
         name: "install-cni".into(),
-        image: Some(image(spec, "cni")),
+        image: Some(image(spec, facts, ComponentImage::Cni)),
         command: Some(vec!["caracal-cni".into(), "install".into()]),
         env: Some(vec![
             env("CNI_CONF_NAME", CONFLIST),
@@ -287,6 +290,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         spec: Some(PodSpec {
             host_network: Some(true),
             service_account_name: Some(NODE.into()),
+            image_pull_secrets: super::pull_secrets::references(spec),
             priority_class_name: Some("system-node-critical".into()),
             termination_grace_period_seconds: Some(5),
             node_selector: Some(BTreeMap::from([(

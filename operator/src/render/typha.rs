@@ -14,7 +14,10 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::common::{self, env, identity, image, meta, probe, rule};
+use caracal_crds::imageset::ComponentImage;
+
+use super::common::{self, env, identity, meta, probe, rule};
+use super::images::image;
 use super::{ClusterFacts, Object};
 
 /// Component, Deployment and Service name.
@@ -124,7 +127,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
     pod_labels.extend(selector.clone());
     let container = Container {
         name: TYPHA.into(),
-        image: Some(image(spec, "typha")),
+        image: Some(image(spec, facts, ComponentImage::Typha)),
         command: Some(vec!["caracal-typha".into()]),
         env: Some(
             [
@@ -180,6 +183,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         spec: Some(PodSpec {
             host_network: Some(true),
             service_account_name: Some(TYPHA.into()),
+            image_pull_secrets: super::pull_secrets::references(spec),
             priority_class_name: Some("system-cluster-critical".into()),
             termination_grace_period_seconds: Some(30),
             node_selector: Some(BTreeMap::from([(
