@@ -261,5 +261,23 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         list.display()
     );
+    // The ImageSet of the images the operator renders (node, typha, cni), so it renders them by digest:
+    // `kubectl apply -f <out>/imageset.yaml`. Written only when this run built all three.
+    {
+        use caracal_crds::imageset::{ComponentImage, ImageDigest, ImageSet, ImageSetSpec};
+        let images: Vec<ImageDigest> = ComponentImage::ALL
+            .iter()
+            .filter_map(|&image| {
+                let digest = listed.get(image.name())?["digest"].as_str()?.to_owned();
+                Some(ImageDigest { image, digest })
+            })
+            .collect();
+        if images.len() == ComponentImage::ALL.len() {
+            let set = ImageSet::new(&ImageSet::name_for(&args.tag), ImageSetSpec { images });
+            let path = args.out.join("imageset.yaml");
+            std::fs::write(&path, serde_yaml::to_string(&set)?)?;
+            println!("==> {}", path.display());
+        }
+    }
     Ok(())
 }
