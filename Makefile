@@ -3,6 +3,7 @@
 #   make test          set up what is missing, then lint and run every test tier
 #   make lab           run Caracal on this machine (today: the control plane; see README)
 #   make controlplane  build the pinned upstream Kubernetes control plane (and kube-proxy) into target/controlplane/bin
+#   make runtime       build the pinned kubelet, containerd (with its runc shim and ctr) and runc into target/runtime/bin
 #   make cni-plugins   build the pinned reference CNI plugins (bridge, host-local, loopback) into target/cni-plugins/bin
 #   make bench         performance figures into target/bench/*.json
 #   make manifests     regenerate manifests/crds from the Rust types
@@ -28,7 +29,7 @@ CNIP_TARGETS := $(CNIP_BIN)/bridge $(CNIP_BIN)/host-local $(CNIP_BIN)/loopback
 # Debian packages the kernel tier needs (iptables and ipset for the policy data plane, ping and iperf3 to
 # probe it, conntrack to inspect flows, nft for the CNI bench to watch rules land).
 APT_PACKAGES := iproute2 iptables ipset iputils-ping iperf3 conntrack bird2 nftables clang llvm libbpf-dev linux-libc-dev bpftool \
-                mmdebstrap umoci skopeo
+                mmdebstrap umoci skopeo libseccomp-dev
 
 # Never let `go` download a toolchain; build with the one installed.
 export GOTOOLCHAIN := local
@@ -44,7 +45,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab bench deps controlplane cni-plugins manifests lint unit cluster build clean-controlplane images
+.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -65,6 +66,29 @@ $(CP_TARGETS) &: $(CP_DIR)/go.mod $(CP_DIR)/go.sum | deps
 	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
 	  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kube-proxy
 	@touch $(CP_TARGETS)
+
+# A real node's parts (the real-node lab and test tier): the kubelet from the pinned Kubernetes release (the
+# control plane's module), containerd, its runc shim, ctr and runc from e2e/runtime (their own module: containerd's
+# Kubernetes libraries are newer than the pinned release's). runc needs cgo (its nsenter is C) and is built
+# with seccomp (libseccomp-dev): containerd gives every pod sandbox the runtime's default seccomp profile.
+RT_DIR      := $(ROOT)/e2e/runtime
+RT_BIN      := $(ROOT)/target/runtime/bin
+RT_TARGETS  := $(RT_BIN)/containerd $(RT_BIN)/containerd-shim-runc-v2 $(RT_BIN)/ctr $(RT_BIN)/runc
+runtime: $(RT_TARGETS) $(RT_BIN)/kubelet
+
+$(RT_BIN)/kubelet: $(CP_DIR)/go.mod $(CP_DIR)/go.sum | deps
+	@mkdir -p $(RT_BIN)
+	@echo "building the kubelet ($(K8S_VERSION))"
+	cd $(CP_DIR) && go build -ldflags '$(VERSION_LDFLAGS)' -o $(RT_BIN)/kubelet k8s.io/kubernetes/cmd/kubelet
+
+$(RT_TARGETS) &: $(RT_DIR)/go.mod $(RT_DIR)/go.sum | deps
+	@mkdir -p $(RT_BIN)
+	@echo "building containerd $$(awk '$$1 == "github.com/containerd/containerd/v2" {print $$2; exit}' $(RT_DIR)/go.mod) and runc $$(awk '$$1 == "github.com/opencontainers/runc" {print $$2; exit}' $(RT_DIR)/go.mod)"
+	cd $(RT_DIR) && CGO_ENABLED=0 go build -ldflags '-s -w' -o $(RT_BIN)/ \
+	  github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 \
+	  github.com/containerd/containerd/v2/cmd/ctr
+	cd $(RT_DIR) && CGO_ENABLED=1 go build -tags seccomp -ldflags '-s -w' -o $(RT_BIN)/runc github.com/opencontainers/runc
+	@touch $(RT_TARGETS)
 
 cni-plugins: $(CNIP_TARGETS)
 
@@ -102,7 +126,7 @@ test: deps controlplane lint images
 # layouts, archives for `ctr images import`, and images.json. The Debian root filesystems are cached in
 # target/images/rootfs (delete it to take the mirror's current packages).
 images: deps
-	$(CARGO) build --locked --release -p caracal-operator -p caracal-node -p caracal-typha -p caracal-cni --bins
+	$(CARGO) build --locked --release -p caracal-operator -p caracal-node -p caracal-typha -p caracal-cni -p caracal-testpod --bins
 	$(CARGO) run --locked -q -p caracal-e2e --bin caracal-images -- --out $(ROOT)/target/images --bin-dir $(ROOT)/target/release
 
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).

@@ -313,6 +313,23 @@ pub struct AgentRequest {
     pub args: BTreeMap<String, String>,
     /// The network configuration as given on stdin.
     pub conf: Value,
+    /// The pod's network namespace, opened by the plugin where the runtime called it and passed beside the
+    /// request line (`SCM_RIGHTS`): the agent may run in another mount namespace (as a container it does),
+    /// where the runtime's `CNI_NETNS` path does not exist. None for a DEL or STATUS, or a plugin that sent
+    /// none (the agent then opens `netns`).
+    #[serde(skip)]
+    pub netns_fd: Option<NetnsFd>,
+}
+
+/// An open network namespace passed with a request (shared: the request is cloned into the wiring).
+#[derive(Clone, Debug)]
+pub struct NetnsFd(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl PartialEq for NetnsFd {
+    fn eq(&self, other: &Self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        self.0.as_raw_fd() == other.0.as_raw_fd()
+    }
 }
 
 impl AgentRequest {
@@ -333,6 +350,7 @@ impl AgentRequest {
             ifname: inv.ifname.clone(),
             args: inv.args.clone(),
             conf,
+            netns_fd: None,
         }
     }
 }

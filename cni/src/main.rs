@@ -78,7 +78,22 @@ fn plugin() -> Result<serde_json::Value, (CniError, String)> {
         )
     })?;
     let raw: serde_json::Value = serde_json::from_slice(&stdin).unwrap_or_default();
-    let answer = ask(stream, &spec::AgentRequest::new(&inv, raw)).map_err(|e| {
+    // The namespace is opened here, where the runtime's path exists, and the open file goes to the agent.
+    let netns = if matches!(inv.command, spec::Command::Add | spec::Command::Check) {
+        Some(std::fs::File::open(&inv.netns).map_err(|e| {
+            (
+                CniError::new(
+                    Code::InvalidEnvironment,
+                    "CNI_NETNS cannot be opened",
+                    format!("CNI_NETNS {}: {e}", inv.netns),
+                ),
+                version.clone(),
+            )
+        })?)
+    } else {
+        None
+    };
+    let answer = ask(stream, &spec::AgentRequest::new(&inv, raw), netns.as_ref()).map_err(|e| {
         (
             CniError::new(
                 Code::TryAgainLater,
@@ -104,16 +119,31 @@ fn plugin() -> Result<serde_json::Value, (CniError, String)> {
     }
 }
 
-/// One request line out, one answer line back.
+/// One request line out (with `netns` beside its first byte, `SCM_RIGHTS`), one answer line back.
 fn ask(
     mut stream: std::os::unix::net::UnixStream,
     req: &spec::AgentRequest,
+    netns: Option<&std::fs::File>,
 ) -> std::io::Result<spec::AgentResponse> {
     use std::io::{BufRead as _, Write as _};
+    use std::os::fd::AsRawFd as _;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    let mut sent = 0;
+    if let Some(ns) = netns {
+        let fds = [ns.as_raw_fd()];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        sent = nix::sys::socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(&line)],
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    stream.write_all(&line[sent..])?;
     let mut answer = String::new();
     std::io::BufReader::new(stream).read_line(&mut answer)?;
     Ok(serde_json::from_str(&answer)?)

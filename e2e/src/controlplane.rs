@@ -298,6 +298,16 @@ impl ControlPlane {
                 "--authorization-mode=Node,RBAC".into(),
                 "--allow-privileged=true".into(),
                 format!("--endpoint-reconciler-type={reconciler}"),
+                // A real node's kubelet registers its name and InternalIP; nothing resolves the name here.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                // As a kubelet client (logs, exec) the API server presents the admin certificate and verifies the
+                // kubelet's serving certificate, which the same CA signs.
+                format!("--kubelet-client-certificate={}", s(&pki.admin_cert)),
+                format!("--kubelet-client-key={}", s(&pki.admin_key)),
+                format!("--kubelet-certificate-authority={}", s(&pki.ca_cert)),
+                // A webhook behind a Service (the operator's, when it runs as its Deployment on a real node)
+                // is dialled at its endpoint: the API server on the machine has no ClusterIP routing.
+                "--enable-aggregator-routing=true".into(),
                 "--profiling=false".into(),
                 "--v=1".into(),
             ],

@@ -37,6 +37,30 @@ pub struct LabOptions {
     /// The kube-proxy every node runs (None: none, as for Caracal's BPF data plane, which handles Services
     /// itself). [`LabOptions::new`] picks by the Installation's `linuxDataplane`.
     pub kube_proxy: Option<crate::kubeproxy::Mode>,
+    /// What runs each node's pods.
+    pub runtime: Runtime,
+}
+
+/// What runs a lab node's pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// The lab kubelet (`crate::kubelet`): processes and namespaces, no containers.
+    Lab,
+    /// The real kubelet with containerd and runc ([`crate::realnode`]), Caracal running from its images.
+    Containerd,
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lab" => Ok(Runtime::Lab),
+            "containerd" => Ok(Runtime::Containerd),
+            o => Err(format!(
+                "--runtime {o:?}: `lab` (the lab kubelet) or `containerd` (real kubelet, containerd, runc)"
+            )),
+        }
+    }
 }
 
 impl LabOptions {
@@ -50,6 +74,7 @@ impl LabOptions {
             nodes,
             installation,
             kube_proxy: (!bpf).then_some(crate::kubeproxy::Mode::Iptables),
+            runtime: Runtime::Lab,
         }
     }
 }
@@ -73,6 +98,8 @@ pub struct Lab {
     pub cp: ControlPlane,
     /// An admin client.
     pub client: Client,
+    /// Real nodes (with `Runtime::Containerd`), dropped before the namespaces they run in.
+    pub real_nodes: Vec<crate::realnode::RealNode>,
     /// The underlay.
     pub underlay: Underlay,
     /// Node namespaces, by Node name.
@@ -87,8 +114,21 @@ pub struct Lab {
     kube_proxies: std::sync::Mutex<Vec<Supervised>>,
     /// The pools' CIDRs, for kube-proxy.
     cluster_cidr: String,
+    /// The machine's kernel settings the kubelets change, put back when the lab goes.
+    sysctls: Option<crate::realnode::Sysctls>,
     dir: PathBuf,
 }
+
+/// The workspace's binaries the lab runs: the debug build, or the one `CARACAL_LAB_BIN_DIR` names (a
+/// benchmark measures the release build).
+fn lab_bin() -> PathBuf {
+    std::env::var_os("CARACAL_LAB_BIN_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| workspace_root().join("target/debug"), PathBuf::from)
+}
+
+/// The images every real node imports (`make images` builds them into `target/images`).
+pub const IMAGES: &[&str] = &["operator", "node", "cni", "typha", "pause", "echo"];
 
 /// The lab's directory.
 pub fn lab_dir() -> PathBuf {
@@ -173,60 +213,24 @@ impl Lab {
         step("CRDs");
         crate::crds::install(&client, Duration::from_secs(60)).await?;
 
-        step("operator: manifests/operator (its Deployment runs as a lab process instead)");
-        let mut docs = Vec::new();
-        let manifest_dir = workspace_root().join("manifests/operator");
-        for entry in std::fs::read_dir(&manifest_dir)? {
-            let text = std::fs::read_to_string(entry?.path())?;
-            for d in serde_yaml::Deserializer::from_str(&text) {
-                let v: Value = serde::Deserialize::deserialize(d)?;
-                if !v.is_null() && v["kind"] != "Deployment" {
-                    docs.push(serde_yaml::to_string(&v)?);
-                }
-            }
-        }
-        let manifest = dir.join("operator-manifest.yaml");
-        std::fs::write(&manifest, docs.join("---\n"))?;
-        kubectl_apply(&cp, &manifest)?;
-        let op_kc = dir.join("operator.kubeconfig");
-        crate::controlplane::service_account_kubeconfig(
-            &client,
-            cp.kubeconfig(),
-            "caracal-operator",
-            "caracal-operator",
-            None,
-            &op_kc,
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
-        // The workspace's binaries: the debug build, or the one `CARACAL_LAB_BIN_DIR` names (a benchmark
-        // measures the release build).
-        let bin = std::env::var_os("CARACAL_LAB_BIN_DIR")
-            .filter(|d| !d.is_empty())
-            .map_or_else(|| workspace_root().join("target/debug"), std::path::PathBuf::from);
-        let hook = crate::controlplane::free_port()?;
-        let operator = Supervised::spawn_env(
-            "caracal-operator",
-            &bin.join("caracal-operator"),
-            &[
-                "--webhook-addr".into(),
-                format!("127.0.0.1:{hook}"),
-                "--webhook-url".into(),
-                format!("https://127.0.0.1:{hook}/validate"),
-                "--http-addr".into(),
-                format!("127.0.0.1:{}", crate::controlplane::free_port()?),
-            ],
-            &[
-                ("KUBECONFIG".into(), op_kc.display().to_string()),
-                ("POD_NAME".into(), "lab-operator".into()),
-            ],
-            &dir.join("operator.log"),
-            Lifetime::Attached,
-        )?;
+        let real = opts.runtime == Runtime::Containerd;
+        let operator = if real {
+            step("operator: manifests/operator as it is (its Deployment runs from the operator image)");
+            kubectl_apply(&cp, &workspace_root().join("manifests/operator"))?;
+            None
+        } else {
+            Some(Self::operator_process(&cp, &client, &dir).await?)
+        };
+        let bin = lab_bin();
 
         step(&format!(
-            "{} nodes: namespaces on an underlay bridge, each with a lab kubelet",
-            opts.nodes
+            "{} nodes: namespaces on an underlay bridge, each with {}",
+            opts.nodes,
+            if real {
+                "the real kubelet, containerd and runc"
+            } else {
+                "a lab kubelet"
+            }
         ));
         let net: ipnet::Ipv4Net = "10.99.0.0/24".parse()?;
         let underlay = Underlay::new(net)?;
@@ -235,6 +239,12 @@ impl Lab {
         let mut tasks = Vec::new();
         let mut pods = Vec::new();
         let mut host_pods = Vec::new();
+        let mut real_nodes = Vec::new();
+        let sysctls = real.then(crate::realnode::Sysctls::record);
+        if real {
+            // The API server dials kubelets (logs, exec) and the operator's webhook at node addresses.
+            underlay.host_link("caracal-lab", Ipv4Addr::from(u32::from(net.broadcast()) - 1))?;
+        }
         for i in 0..opts.nodes {
             let name = format!("lab-node-{i}");
             let ns = crate::netns::node(&format!("lab{i}"))?;
@@ -244,6 +254,11 @@ impl Lab {
             ns.ip(&["addr", "add", &format!("{advertised}/32"), "dev", "lo"])?;
             tasks.push(api_forwarder(&ns, Ipv4Addr::LOCALHOST, api_port)?);
             tasks.push(api_forwarder(&ns, advertised, api_port)?);
+            if real {
+                real_nodes.push(Self::real_node(&cp, &name, &ns, ip, api_port, &dir).await?);
+                nodes.push((name, ns, ip));
+                continue;
+            }
             crate::objects::node(&client, &name, &ip.to_string()).await?;
             tasks.push(tokio::spawn(kubelet::heartbeat(client.clone(), name.clone())));
             let cfg = KubeletConfig {
@@ -276,9 +291,11 @@ impl Lab {
             pods,
             host_pods,
             tasks,
-            operator: Some(operator),
+            operator,
             kube_proxies: std::sync::Mutex::default(),
             cluster_cidr,
+            real_nodes,
+            sysctls,
             dir,
         };
         if let Some(mode) = opts.kube_proxy {
@@ -319,6 +336,98 @@ impl Lab {
         )
         .await?;
         Ok(lab)
+    }
+
+    /// A real node in `ns`: its containerd with every image of `make images` imported, then its kubelet,
+    /// which registers the Node.
+    async fn real_node(
+        cp: &ControlPlane,
+        name: &str,
+        ns: &NetNs,
+        ip: Ipv4Addr,
+        api_port: u16,
+        dir: &Path,
+    ) -> anyhow::Result<crate::realnode::RealNode> {
+        let cfg = crate::realnode::RealNodeConfig {
+            name: name.to_owned(),
+            netns: ns.name().to_owned(),
+            ip,
+            dir: dir.join("nodes").join(name),
+            api_port,
+            pki: cp.pki().clone(),
+            bin: crate::realnode::runtime_bin(),
+        };
+        // Not on a blocking-pool thread: the processes die with the thread that started them (their parent
+        // death signal), and the pool ends idle threads; the runtime's workers live as long as the lab.
+        let node = (move || -> anyhow::Result<_> {
+            let mut node = crate::realnode::RealNode::start(cfg)?;
+            let images = workspace_root().join("target/images");
+            for image in IMAGES {
+                let archive = images.join(format!("{image}.oci.tar"));
+                if !archive.exists() {
+                    bail!("{} is missing: run `make images`", archive.display());
+                }
+                node.import(&archive)?;
+            }
+            node.start_kubelet()?;
+            Ok(node)
+        })()?;
+        println!(
+            "    {name}: containerd up, {} images imported, kubelet started",
+            IMAGES.len()
+        );
+        Ok(node)
+    }
+
+    /// `manifests/operator` but its Deployment, and the operator as a lab process with its ServiceAccount's
+    /// token, its webhook registered at a loopback URL.
+    async fn operator_process(cp: &ControlPlane, client: &Client, dir: &Path) -> anyhow::Result<Supervised> {
+        step("operator: manifests/operator (its Deployment runs as a lab process instead)");
+        let mut docs = Vec::new();
+        let manifest_dir = workspace_root().join("manifests/operator");
+        for entry in std::fs::read_dir(&manifest_dir)? {
+            let text = std::fs::read_to_string(entry?.path())?;
+            for d in serde_yaml::Deserializer::from_str(&text) {
+                let v: Value = serde::Deserialize::deserialize(d)?;
+                if !v.is_null() && v["kind"] != "Deployment" {
+                    docs.push(serde_yaml::to_string(&v)?);
+                }
+            }
+        }
+        let manifest = dir.join("operator-manifest.yaml");
+        std::fs::write(&manifest, docs.join("---\n"))?;
+        kubectl_apply(cp, &manifest)?;
+        let op_kc = dir.join("operator.kubeconfig");
+        crate::controlplane::service_account_kubeconfig(
+            client,
+            cp.kubeconfig(),
+            "caracal-operator",
+            "caracal-operator",
+            None,
+            &op_kc,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let bin = lab_bin();
+        let hook = crate::controlplane::free_port()?;
+        Ok(Supervised::spawn_env(
+            "caracal-operator",
+            &bin.join("caracal-operator"),
+            &[
+                "--webhook-addr".into(),
+                format!("127.0.0.1:{hook}"),
+                "--webhook-url".into(),
+                format!("https://127.0.0.1:{hook}/validate"),
+                "--http-addr".into(),
+                format!("127.0.0.1:{}", crate::controlplane::free_port()?),
+            ],
+            &[
+                ("KUBECONFIG".into(), op_kc.display().to_string()),
+                ("POD_NAME".into(), "lab-operator".into()),
+            ],
+            &dir.join("operator.log"),
+            Lifetime::Attached,
+        )?)
     }
 
     /// Starts the real kube-proxy in `mode` on every node (as a cluster's kube-proxy DaemonSet would run).
@@ -444,21 +553,35 @@ impl Lab {
         Ok(())
     }
 
-    /// Records every workload pod (namespace, address, declared ports, node) in `target/lab/pods.json`.
+    /// Records every workload pod the API server knows that runs with an address (namespace, address,
+    /// declared ports, node, and the network namespace to probe from) in `target/lab/pods.json`.
     pub async fn record_pods(&self) -> anyhow::Result<Value> {
         let mut out = Vec::new();
-        for (running, (node, _, _)) in self.pods.iter().zip(&self.nodes) {
-            let snapshot: Vec<(String, String, Ipv4Addr)> = running
-                .lock()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, p)| (k.clone(), p.ns.name().to_owned(), p.ip))
-                        .collect()
-                })
-                .unwrap_or_default();
-            for (key, netns, ip) in snapshot {
-                let (ns, name) = key.split_once('/').unwrap_or(("", &key));
-                let pod = Api::<Pod>::namespaced(self.client.clone(), ns).get(name).await?;
+        let all = Api::<Pod>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?;
+        for (i, (node, _, _)) in self.nodes.iter().enumerate() {
+            for pod in all.items.iter().filter(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+                    && !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+            }) {
+                let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+                let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+                    continue;
+                };
+                let netns = if self.real_nodes.is_empty() {
+                    self.pods.get(i).and_then(|m| {
+                        m.lock()
+                            .ok()
+                            .and_then(|m| m.get(&key).map(|p| p.ns.name().to_owned()))
+                    })
+                } else {
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    crate::realnode::pod_netns(node, &uid)
+                };
+                let Some(netns) = netns else {
+                    continue;
+                };
                 let ports: Vec<Value> = pod
                     .spec
                     .iter()
@@ -466,11 +589,10 @@ impl Lab {
                     .flat_map(|c| c.ports.iter().flatten())
                     .map(|p| json!({"port": p.container_port, "protocol": p.protocol.clone().unwrap_or_else(|| "TCP".into())}))
                     .collect();
-                out.push(
-                    json!({"pod": key, "netns": netns, "ip": ip.to_string(), "ports": ports, "node": node}),
-                );
+                out.push(json!({"pod": key, "netns": netns, "ip": ip, "ports": ports, "node": node}));
             }
         }
+        out.sort_by_key(|p| p["pod"].as_str().map(str::to_owned));
         let v = Value::Array(out);
         std::fs::write(self.dir.join("pods.json"), serde_json::to_string_pretty(&v)?)?;
         Ok(v)
@@ -624,6 +746,8 @@ impl Lab {
         if let Some(mut op) = self.operator.take() {
             op.stop(Duration::from_secs(5));
         }
+        self.real_nodes.clear();
+        self.sysctls.take();
         self.nodes.clear();
         crate::netns::unmount_bpffs_under(&self.dir.join("nodes"));
     }

@@ -24,3 +24,4 @@ pub mod pki;
 pub mod podspec;
 pub mod probe;
 pub mod process;
+pub mod realnode;

@@ -103,9 +103,14 @@ impl NetNs {
             .map(|_| ())
     }
 
-    /// Runs `f` on a thread that has entered the namespace; sockets it opens stay in the namespace.
+    /// Runs `f` on a thread that has entered the namespace; sockets it opens stay in the namespace. A name
+    /// that is an absolute path is the namespace's file itself (a real node's pod: `/proc/PID/ns/net`).
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
-        let path = format!("/run/netns/{}", self.name);
+        let path = if self.name.starts_with('/') {
+            self.name.clone()
+        } else {
+            format!("/run/netns/{}", self.name)
+        };
         let name = self.name.clone();
         std::thread::spawn(move || {
             let file =
@@ -207,6 +212,40 @@ impl Underlay {
     /// The bridge's address (nodes' default gateway).
     pub fn gateway(&self) -> std::net::Ipv4Addr {
         self.net.hosts().next().unwrap_or(self.net.addr())
+    }
+
+    /// Links the machine's own namespace into the underlay (a veth named `iface`, address `host`): the one
+    /// link into the underlay the lab allows itself, for the API server, which dials a real node's kubelet (`logs`, `exec`) and
+    /// the operator's webhook on a node. Only the underlay's own subnet is routed through it; it goes with the
+    /// underlay's namespace.
+    pub fn host_link(&self, iface: &str, host: std::net::Ipv4Addr) -> Result<(), NetnsError> {
+        let n = self.links.fetch_add(1, Ordering::Relaxed);
+        let port = format!("ul{n}");
+        let _ = run(&["ip", "link", "del", iface]);
+        run(&[
+            "ip",
+            "link",
+            "add",
+            iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            self.ns.name(),
+        ])?;
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host}/{}", self.net.prefix_len()),
+            "dev",
+            iface,
+        ])?;
+        run(&["ip", "link", "set", iface, "up"])?;
+        Ok(())
     }
 
     /// Attaches `node` as `iface` with address `host` (an address of the underlay network), and a default

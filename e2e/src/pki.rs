@@ -173,3 +173,39 @@ impl TyphaPki {
         ])
     }
 }
+
+/// The control plane's CA, read back from its files, to sign with.
+fn ca_issuer(pki: &Pki) -> Result<rcgen::Issuer<'static, KeyPair>, PkiError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| PkiError::Write {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let ca_key = KeyPair::from_pem(&read(&pki.ca_key)?)?;
+    Ok(rcgen::Issuer::from_ca_cert_pem(&read(&pki.ca_cert)?, ca_key)?)
+}
+
+/// A client certificate and key (PEM) signed by the control plane's CA: common name `cn`, organisation
+/// `org` (the API server's user and group, e.g. `system:node:NAME` in `system:nodes` for a kubelet, which the
+/// Node authorizer then confines to its own node).
+pub fn client_cert(pki: &Pki, cn: &str, org: &str) -> Result<(String, String), PkiError> {
+    let ca = ca_issuer(pki)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.distinguished_name.push(DnType::OrganizationName, org);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok((p.signed_by(&key, &ca)?.pem(), key.serialize_pem()))
+}
+
+/// A serving certificate and key (PEM) signed by the control plane's CA for `ips` (a kubelet's, so that the
+/// API server's `logs` and `exec` reach it over verified TLS).
+pub fn serving_cert(pki: &Pki, cn: &str, ips: &[std::net::IpAddr]) -> Result<(String, String), PkiError> {
+    let ca = ca_issuer(pki)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(ips.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok((p.signed_by(&key, &ca)?.pem(), key.serialize_pem()))
+}

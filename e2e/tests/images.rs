@@ -55,7 +55,11 @@ fn unpack(layout: &Path, reference: &str, into: &Path) -> PathBuf {
 fn every_image_is_valid_oci_and_its_binaries_run_on_its_own_libraries() {
     assert!(nix::unistd::geteuid().is_root(), "needs root (chroot)");
     let (_, list) = images();
-    assert_eq!(list.len(), 4, "operator, node, cni, typha: {list:?}");
+    assert_eq!(
+        list.len(),
+        6,
+        "operator, node, cni, typha, and the real-node lab's pause and echo: {list:?}"
+    );
     let version = concat!("v", env!("CARGO_PKG_VERSION"));
     for (name, img) in &list {
         let layout = PathBuf::from(img["layout"].as_str().expect("layout"));
@@ -81,6 +85,8 @@ fn every_image_is_valid_oci_and_its_binaries_run_on_its_own_libraries() {
             "node" => &["caracal-cni", "caracal-node"],
             "cni" => &["caracal-cni"],
             "operator" => &["caracal-operator"],
+            "pause" => &["caracal-pause"],
+            "echo" => &["caracal-echo"],
             _ => &["caracal-typha"],
         };
         assert_eq!(bins, want, "{name}");

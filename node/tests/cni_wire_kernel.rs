@@ -23,6 +23,7 @@ fn wiring(node: &NetNs, pod: &NetNs, iface: &str, ip: &str) -> PodWiring {
     PodWiring {
         host_iface: iface.into(),
         netns: named_netns(pod.name()),
+        netns_fd: None,
         ifname: "eth0".into(),
         ips: vec![ip.parse().expect("ip")],
         mtu: 1450,

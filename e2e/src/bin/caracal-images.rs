@@ -10,6 +10,8 @@
 //! | `node` | the above, iptables (nft), ipset, bird2, iproute2, conntrack, nftables | caracal-node, caracal-cni |
 //! | `cni` | libc6, libgcc-s1 | caracal-cni (its `install` step copies it to the host) |
 //! | `typha` | libc6, libgcc-s1 | caracal-typha |
+//! | `pause` | libc6, libgcc-s1 | caracal-pause (the pod sandbox of the real-node lab) |
+//! | `echo` | libc6, libgcc-s1 | caracal-echo (the real-node lab's workload pods) |
 //!
 //! Written to `<out>/<image>/` (an OCI image layout) and `<out>/<image>.oci.tar` (the layout as one
 //! archive, for `ctr images import`), named `<registry><path>/<image>:<version>` as the operator renders
@@ -79,6 +81,18 @@ const IMAGES: &[Spec] = &[
         name: "typha",
         packages: &[],
         binaries: &["caracal-typha"],
+    },
+    // The real-node lab's own: the pod sandbox (containerd's pinned sandbox image) and the workload pods'
+    // echo server (`e2e/testpod`).
+    Spec {
+        name: "pause",
+        packages: &[],
+        binaries: &["caracal-pause"],
+    },
+    Spec {
+        name: "echo",
+        packages: &[],
+        binaries: &["caracal-echo"],
     },
 ];
 
@@ -218,7 +232,9 @@ fn main() -> anyhow::Result<()> {
         let reference = format!("{}{}/{}:{}", args.registry, args.image_path, spec.name, args.tag);
         let config = Config {
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
-            cmd: vec![spec.binaries[0].to_owned()],
+            // The program is the entrypoint: a pod's `args` are its arguments (`caracal-echo 80/TCP`), and a
+            // pod's `command` replaces it.
+            entrypoint: vec![spec.binaries[0].to_owned()],
             labels: [
                 (
                     "org.opencontainers.image.title".to_owned(),

@@ -45,6 +45,10 @@ enum Command {
         /// Installation's linuxDataplane is BPF, where Caracal handles Services).
         #[arg(long)]
         kube_proxy: Option<String>,
+        /// What runs the pods: `lab` (the lab kubelet: processes, no containers) or `containerd` (the real
+        /// kubelet, containerd and runc, Caracal from its images; needs `make runtime images`).
+        #[arg(long, default_value = "lab")]
+        runtime: String,
     },
     /// Stop a detached lab (everything it started goes with it).
     Down,
@@ -93,7 +97,12 @@ fn lab_dir() -> PathBuf {
 
 /// `up --detach`: the same lab in a background process of its own session; returns once it printed its
 /// table (or failed), showing its progress meanwhile.
-fn detach_up(nodes: usize, installation: &std::path::Path, kube_proxy: Option<&str>) -> anyhow::Result<()> {
+fn detach_up(
+    nodes: usize,
+    installation: &std::path::Path,
+    kube_proxy: Option<&str>,
+    runtime: &str,
+) -> anyhow::Result<()> {
     use std::io::{BufRead as _, Seek as _};
     use std::os::unix::process::CommandExt as _;
     let pid_file = lab_dir().join("lab.pid");
@@ -112,6 +121,7 @@ fn detach_up(nodes: usize, installation: &std::path::Path, kube_proxy: Option<&s
         .args(["up", "--nodes", &nodes.to_string(), "--installation"])
         .arg(installation)
         .args(kube_proxy.map(|k| format!("--kube-proxy={k}")))
+        .arg(format!("--runtime={runtime}"))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -255,7 +265,8 @@ async fn main() -> anyhow::Result<()> {
             installation,
             detach: true,
             kube_proxy,
-        } => return detach_up(nodes, &installation, kube_proxy.as_deref()),
+            runtime,
+        } => return detach_up(nodes, &installation, kube_proxy.as_deref(), &runtime),
         Command::Down => return down(),
         Command::Status => return status(&kubeconfig).await,
         Command::Up {
@@ -263,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
             installation,
             detach: false,
             kube_proxy,
+            runtime,
         } => {
             let installation = if installation.is_absolute() {
                 installation
@@ -275,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
             // control plane) cleans up on drop.
             let run = async {
                 let mut opts = caracal_e2e::lab::LabOptions::new(nodes, installation);
+                opts.runtime = runtime.parse().map_err(anyhow::Error::msg)?;
                 match kube_proxy.as_deref() {
                     None => {}
                     Some("none") => opts.kube_proxy = None,

@@ -110,7 +110,10 @@ fn init_logs() -> SetLevel {
     let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
     let fixed = from_env.is_some();
     let filter = from_env.unwrap_or_else(|| "info".into());
-    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // Colours only on a terminal (a container runtime writes the log to a file).
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let reload: Box<dyn Fn(tracing_subscriber::EnvFilter) + Send + Sync> =
         if env("CARACAL_LOG_FORMAT", "text") == "json" {
             let builder = fmt.json().with_env_filter(filter).with_filter_reloading();

@@ -45,6 +45,49 @@ pub struct CniServer {
     pub status: Arc<crate::agent::Status>,
 }
 
+/// The first bytes of a request and the network namespace the plugin passed beside them (`SCM_RIGHTS`, see
+/// [`caracal_cni::AgentRequest::netns_fd`]), if any.
+#[expect(
+    unsafe_code,
+    reason = "a descriptor received with SCM_RIGHTS becomes an OwnedFd: no safe constructor exists for one"
+)]
+async fn read_with_fd(
+    stream: &tokio::net::UnixStream,
+) -> std::io::Result<(Vec<u8>, Option<caracal_cni::NetnsFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let mut buf = vec![0u8; 64 * 1024];
+    let (n, fd) = stream
+        .async_io(tokio::io::Interest::READABLE, || {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut fd = None;
+            for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    for raw in fds {
+                        // SAFETY: the kernel just installed `raw` in this process for this message; nothing
+                        // else owns it. Only the first is kept; any other is closed when dropped here.
+                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                        if fd.is_none() {
+                            fd = Some(owned);
+                        }
+                    }
+                }
+            }
+            Ok((msg.bytes, fd))
+        })
+        .await?;
+    buf.truncate(n);
+    Ok((buf, fd.map(|f| caracal_cni::NetnsFd(Arc::new(f)))))
+}
+
 fn refused(msg: &str, details: impl Into<String>) -> CniError {
     CniError::new(Code::AgentRefused, msg, details)
 }
@@ -84,13 +127,20 @@ impl CniServer {
             let me = self.clone();
             let wirer = wirer.clone();
             tokio::spawn(async move {
+                let Ok((first, netns_fd)) = read_with_fd(&stream).await else {
+                    return;
+                };
                 let (read, mut write) = stream.into_split();
-                let mut line = String::new();
-                if BufReader::new(read).read_line(&mut line).await.is_err() {
+                let mut line = first;
+                if !line.contains(&b'\n') && BufReader::new(read).read_until(b'\n', &mut line).await.is_err()
+                {
                     return;
                 }
-                let response = match serde_json::from_str::<AgentRequest>(&line) {
-                    Ok(req) => me.handle(&wirer, req).await,
+                let response = match serde_json::from_slice::<AgentRequest>(&line) {
+                    Ok(mut req) => {
+                        req.netns_fd = netns_fd;
+                        me.handle(&wirer, req).await
+                    }
                     Err(e) => CniError::new(
                         Code::DecodeFailure,
                         "invalid request from the plugin",
@@ -123,6 +173,12 @@ impl CniServer {
         };
         match result {
             Ok(v) => AgentResponse::Ok(v),
+            // A runtime asks STATUS every few hundred milliseconds while the network is not ready (containerd's
+            // CRI does, to report the node's NetworkReady condition, which carries the message): not a warning.
+            Err(e) if req.command == "STATUS" => {
+                debug!(container = %req.container_id, error = %e, "CNI STATUS: not ready");
+                e.into()
+            }
             Err(e) => {
                 warn!(command = %req.command, container = %req.container_id, error = %e, "CNI request failed");
                 e.into()
@@ -152,6 +208,7 @@ impl CniServer {
         PodWiring {
             host_iface: host_iface(ns, pod),
             netns: PathBuf::from(&req.netns),
+            netns_fd: req.netns_fd.clone(),
             ifname: req.ifname.clone(),
             ips: ips
                 .iter()
@@ -165,7 +222,7 @@ impl CniServer {
     async fn add(&self, wirer: &Wirer, req: &AgentRequest) -> Result<Value, CniError> {
         let conf = spec::net_conf(req.conf.to_string().as_bytes())?;
         let (ns, pod) = Self::pod_of(req)?;
-        if !Path::new(&req.netns).exists() {
+        if req.netns_fd.is_none() && !Path::new(&req.netns).exists() {
             return Err(CniError::new(
                 Code::InvalidEnvironment,
                 "CNI_NETNS does not exist",

@@ -25,6 +25,9 @@ pub struct PodWiring {
     pub host_iface: String,
     /// The pod's network namespace (CNI_NETNS).
     pub netns: PathBuf,
+    /// The pod's network namespace as the plugin opened it, when it passed one (used instead of `netns`,
+    /// which exists only in the runtime's mount namespace).
+    pub netns_fd: Option<caracal_cni::NetnsFd>,
     /// The pod-side name (CNI_IFNAME).
     pub ifname: String,
     /// The pod's addresses.
@@ -227,10 +230,7 @@ impl Here {
     /// A socket in the pod's namespace (and, with `sysctls`, those written there first); the thread is back
     /// in the node's namespace when this returns.
     fn in_pod(&mut self, w: &PodWiring, sysctls: &[(String, String)]) -> Result<Rtnl, WireError> {
-        let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
-            path: w.netns.clone(),
-            source,
-        })?;
+        let pod_ns = open_netns(w)?;
         let ns_error = |source| WireError::Netns {
             path: w.netns.clone(),
             source,
@@ -273,10 +273,7 @@ fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
         // A stale or half-made pair: replaced.
         here.node.del_link(&w.host_iface)?;
     }
-    let pod_ns = std::fs::File::open(&w.netns).map_err(|source| WireError::Netns {
-        path: w.netns.clone(),
-        source,
-    })?;
+    let pod_ns = open_netns(w)?;
     // With IPv6, the host side comes up only once duplicate address detection is off on it (below).
     let v6 = ips.iter().any(|ip| ip.addr().is_ipv6());
     here.node.add_link(
@@ -389,9 +386,21 @@ fn host_side(here: &mut Here, w: &PodWiring, ips: &[IpNet], index: u32, up: bool
     Ok(())
 }
 
+/// The pod's namespace: the file the plugin passed, else `netns` opened here.
+fn open_netns(w: &PodWiring) -> Result<std::fs::File, WireError> {
+    let err = |source| WireError::Netns {
+        path: w.netns.clone(),
+        source,
+    };
+    match &w.netns_fd {
+        Some(fd) => fd.0.try_clone().map(std::fs::File::from).map_err(err),
+        None => std::fs::File::open(&w.netns).map_err(err),
+    }
+}
+
 /// The pod side when it is complete: it exists and holds every address and default route.
 fn pod_side(here: &mut Here, w: &PodWiring, ips: &[IpNet]) -> Result<Option<LinkMessage>, WireError> {
-    if !Path::new(&w.netns).exists() {
+    if w.netns_fd.is_none() && !Path::new(&w.netns).exists() {
         return Ok(None);
     }
     let mut pod = here.in_pod(w, &[])?;

@@ -190,8 +190,9 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
                 "kubernetes.io/os".to_owned(),
                 "linux".to_owned(),
             )])),
+            // Every taint, as Calico's Typha: the agents need Typha before any node is Ready (a node is
+            // `node.kubernetes.io/not-ready` until its network is), so Typha must start on such a node.
             tolerations: Some(vec![Toleration {
-                key: Some("CriticalAddonsOnly".into()),
                 operator: Some("Exists".into()),
                 ..Default::default()
             }]),
