@@ -1,6 +1,6 @@
 # Caracal's verbs. Every setup step a fresh machine needs lives here and is idempotent.
 #
-#   make test          set up what is missing, then lint and run every test tier
+#   make test          set up what is missing (control plane, kubelet/containerd/runc, images), then lint and run every test tier
 #   make lab           run Caracal on this machine (today: the control plane; see README)
 #   make controlplane  build the pinned upstream Kubernetes control plane (and kube-proxy) into target/controlplane/bin
 #   make runtime       build the pinned kubelet, containerd (with its runc shim and ctr) and runc into target/runtime/bin
@@ -118,7 +118,7 @@ unit: deps
 
 # Every tier: unit, kernel, cluster and lab. Tests start other packages' binaries (caracal-cni, caracal-typha,
 # caracalctl) from target/debug, so every binary is built first.
-test: deps controlplane lint images
+test: deps controlplane runtime lint images
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 

@@ -150,7 +150,7 @@ async fn caracal_installs_from_its_operator_deployment_on_real_kubelets_and_real
     for (name, _, _) in &lab.nodes {
         let dir = caracal_e2e::lab::lab_dir().join("nodes").join(name);
         assert!(
-            dir.join("opt-cni-bin/caracal-cni").exists(),
+            dir.join("opt-cni-bin/caracal").exists(),
             "{name}: no plugin installed"
         );
         assert!(
@@ -242,14 +242,31 @@ async fn caracal_installs_from_its_operator_deployment_on_real_kubelets_and_real
     );
 
     // An established connection across nodes survives the caracal-node pod of the client's node being
-    // deleted and replaced by the DaemonSet.
-    let web = recorded(&lab, "frontend/web", "node").await;
-    let db_node = recorded(&lab, "data/db", "node").await;
-    let (from, to) = if web == db_node {
-        ("frontend/web", "backend/api")
-    } else {
-        ("frontend/web", "data/db")
-    };
+    // deleted and replaced by the DaemonSet: two pods of their own, one on each node, in a namespace no policy
+    // selects (the test's connection is on a port the pods do not declare).
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
+    for i in 0..2 {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: e2e, labels: {{app: p{i}}}}}\nspec:\n  nodeName: lab-node-{i}\n  containers: [{{name: c, image: caracal/echo:v0.1.0, args: [\"9000/TCP\"], ports: [{{containerPort: 9000}}]}}]\n"
+        ));
+    }
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), text).expect("write pods");
+    lab.apply(file.path()).expect("apply e2e pods");
+    lab.wait_pods(&["e2e"]).await.expect("e2e pods running");
+    let web = "lab-node-0".to_owned();
+    let (from, to) = ("e2e/p0", "e2e/p1");
+    until("e2e pods recorded", Duration::from_secs(60), || async {
+        let pods = lab.record_pods().await.map_err(|e| e.to_string())?;
+        let n = pods
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["pod"].as_str().is_some_and(|n| n.starts_with("e2e/")))
+            .count();
+        if n == 2 { Ok(()) } else { Err(format!("{n} of 2")) }
+    })
+    .await;
     let mut echo = Echo::open(&lab, from, to).await;
     let victim = node_pods
         .iter()
