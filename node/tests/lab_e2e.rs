@@ -33,8 +33,8 @@ use caracal_e2e::controlplane::workspace_root;
 use caracal_e2e::lab::{self, Lab, LabOptions};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use matrix_probe::{Echo, agrees, expected, matrix_cells, recorded};
-use serde_json::{Value, json};
+use matrix_probe::{Echo, agrees, matrix_cells, recorded};
+use serde_json::Value;
 
 /// The demo's namespaces (where its Services are).
 const DEMO: [&str; 3] = ["frontend", "backend", "data"];

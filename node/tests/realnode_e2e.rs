@@ -11,6 +11,11 @@
 //!
 //! Needs root, `make runtime` (kubelet, containerd, runc) and `make images`; `make test` builds both first.
 
+#![expect(
+    clippy::expect_used,
+    reason = "a test helper that cannot go on fails the test with the reason"
+)]
+
 mod common;
 #[path = "common/matrix.rs"]
 mod matrix_probe;
@@ -23,7 +28,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams};
-use matrix_probe::{Echo, agrees, recorded};
+use matrix_probe::{Echo, agrees};
 use serde_json::Value;
 
 /// The images' references and digests as `make images` listed them.
