@@ -143,6 +143,8 @@ bench: deps controlplane cni-plugins
 	$(CARGO) bench --locked -p caracal-node --bench lab
 	$(CARGO) build --locked --release --workspace --bins
 	CARACAL_LAB_BIN_DIR=$(ROOT)/target/release $(CARGO) bench --locked -p caracal-node --bench services
+	$(MAKE) runtime images
+	$(CARGO) bench --locked -p caracal-node --bench podstartup
 
 lab: deps controlplane
 	$(CARGO) build --locked --workspace --bins

@@ -49,6 +49,11 @@ impl Health for Status {
             r.register(name, help, ConstCounter::new(value.load(Ordering::Relaxed)));
         }
         r.register(
+            "cni_add_seconds",
+            "How long CNI ADDs took in the agent (the address and the wiring), from the plugin's request to the answer",
+            self.cni_add.0.clone(),
+        );
+        r.register(
             "dataplane_last_program_seconds",
             "How long the last data plane program took",
             ConstGauge::new(self.last_program_us.load(Ordering::Relaxed) as f64 / 1e6),

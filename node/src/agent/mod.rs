@@ -122,6 +122,20 @@ pub struct Status {
     pub bgp_left_out: std::sync::OnceLock<crate::routing::LeftOut>,
     /// The BPF connection tracker's sweeper, when it runs.
     pub bpf_conntrack: std::sync::OnceLock<Arc<dataplane::bpf::sweep::SweepStats>>,
+    /// How long each CNI ADD took in the agent (request read to answer: address, wiring).
+    pub cni_add: CniAddSeconds,
+}
+
+/// The CNI ADD duration histogram (`caracal_node_cni_add_seconds`), buckets from 1 ms to 10 s.
+#[derive(Debug, Clone)]
+pub struct CniAddSeconds(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for CniAddSeconds {
+    fn default() -> Self {
+        CniAddSeconds(prometheus_client::metrics::histogram::Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]))
+    }
 }
 
 /// Per endpoint interface: (name, from the pod, to the pod).

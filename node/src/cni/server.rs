@@ -160,7 +160,12 @@ impl CniServer {
     /// Answers one request.
     pub async fn handle(&self, wirer: &Wirer, req: AgentRequest) -> AgentResponse {
         let result = match req.command.as_str() {
-            "ADD" => self.add(wirer, &req).await,
+            "ADD" => {
+                let start = std::time::Instant::now();
+                let r = self.add(wirer, &req).await;
+                self.status.cni_add.0.observe(start.elapsed().as_secs_f64());
+                r
+            }
             "DEL" => self.del(&req).await.map(|()| Value::Null),
             "CHECK" => self.check(wirer, &req).await.map(|()| Value::Null),
             "STATUS" => self.status().await.map(|()| Value::Null),
