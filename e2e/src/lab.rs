@@ -173,6 +173,9 @@ fn kubectl_apply(cp: &ControlPlane, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How [`until`] knows a wait is over without success: an error that starts with this stops it at once.
+const DEGRADED: &str = "the operator reports the Installation Degraded";
+
 async fn until<F, Fut>(what: &str, deadline: Duration, mut f: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
@@ -184,6 +187,7 @@ where
         match f().await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
+            Err(e) if e.starts_with(DEGRADED) => bail!("{e}"),
             Err(e) => {
                 if e != last {
                     println!("    {what}: {e}");
@@ -312,13 +316,25 @@ impl Lab {
         kubectl_apply(&lab.cp, &opts.installation)?;
         step("waiting for caracal-node on every node");
         let ds: Api<DaemonSet> = Api::namespaced(lab.client.clone(), "caracal-system");
+        let installations: Api<caracal_crds::installation::Installation> = Api::all(lab.client.clone());
         let want = i32::try_from(opts.nodes)?;
         until(
             "caracal-node ready on every node",
             Duration::from_secs(300),
             || {
-                let ds = ds.clone();
+                let (ds, installations) = (ds.clone(), installations.clone());
                 async move {
+                    // An Installation the operator refused is said at once, with its message: nothing will
+                    // come of waiting.
+                    if let Ok(Some(i)) = installations.get_opt("default").await
+                        && let Some(c) = i
+                            .status
+                            .iter()
+                            .flat_map(|s| s.conditions.iter())
+                            .find(|c| c.type_ == "Degraded" && c.status == "True")
+                    {
+                        return Err(format!("{DEGRADED}: {} ({})", c.message, c.reason));
+                    }
                     match ds.get_opt("caracal-node").await {
                         Ok(Some(d)) => {
                             let ready = d.status.map(|s| s.number_ready).unwrap_or(0);
@@ -553,47 +569,10 @@ impl Lab {
         Ok(())
     }
 
-    /// Records every workload pod the API server knows that runs with an address (namespace, address,
-    /// declared ports, node, and the network namespace to probe from) in `target/lab/pods.json`.
+    /// Records every workload pod the API server knows that runs with an address ([`list_pods`]) in
+    /// `target/lab/pods.json`.
     pub async fn record_pods(&self) -> anyhow::Result<Value> {
-        let mut out = Vec::new();
-        let all = Api::<Pod>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await?;
-        for (i, (node, _, _)) in self.nodes.iter().enumerate() {
-            for pod in all.items.iter().filter(|p| {
-                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
-                    && !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
-            }) {
-                let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-                let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
-                    continue;
-                };
-                let netns = if self.real_nodes.is_empty() {
-                    self.pods.get(i).and_then(|m| {
-                        m.lock()
-                            .ok()
-                            .and_then(|m| m.get(&key).map(|p| p.ns.name().to_owned()))
-                    })
-                } else {
-                    let uid = pod.metadata.uid.clone().unwrap_or_default();
-                    crate::realnode::pod_netns(node, &uid)
-                };
-                let Some(netns) = netns else {
-                    continue;
-                };
-                let ports: Vec<Value> = pod
-                    .spec
-                    .iter()
-                    .flat_map(|s| &s.containers)
-                    .flat_map(|c| c.ports.iter().flatten())
-                    .map(|p| json!({"port": p.container_port, "protocol": p.protocol.clone().unwrap_or_else(|| "TCP".into())}))
-                    .collect();
-                out.push(json!({"pod": key, "netns": netns, "ip": ip, "ports": ports, "node": node}));
-            }
-        }
-        out.sort_by_key(|p| p["pod"].as_str().map(str::to_owned));
-        let v = Value::Array(out);
+        let v = list_pods(&self.client).await?;
         std::fs::write(self.dir.join("pods.json"), serde_json::to_string_pretty(&v)?)?;
         Ok(v)
     }
@@ -753,17 +732,58 @@ impl Lab {
     }
 }
 
-/// Probes every ordered pair of recorded pods on every port the destination declares, with real
-/// connections between the pods' namespaces. The cells have the shape `caracalctl policy matrix` prints
-/// (`from`, `to`, `port`, `protocol`, `allowed`), sorted the same way.
-pub fn probe(pods: &Value, timeout: Duration) -> Vec<Value> {
+/// Every workload pod the API server knows that runs with an address, on any node: namespace/name, address,
+/// declared ports, node, and the network namespace to probe from: the lab kubelet's (its
+/// [`kubelet::NETNS_ANNOTATION`]) or, on a real node, the pod's own ([`crate::realnode::pod_netns`]). What
+/// `caracal-lab probe` measures, so a pod applied after `up` is measured too.
+pub async fn list_pods(client: &Client) -> anyhow::Result<Value> {
     let mut out = Vec::new();
+    for pod in Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+    {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let spec = pod.spec.clone().unwrap_or_default();
+        let (Some(node), false) = (spec.node_name.clone(), spec.host_network.unwrap_or(false)) else {
+            continue;
+        };
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            continue;
+        };
+        let netns = pod
+            .annotations()
+            .get(kubelet::NETNS_ANNOTATION)
+            .cloned()
+            .or_else(|| crate::realnode::pod_netns(&node, &pod.uid().unwrap_or_default()));
+        let Some(netns) = netns else {
+            continue;
+        };
+        let ports: Vec<Value> = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| json!({"port": p.container_port, "protocol": p.protocol.clone().unwrap_or_else(|| "TCP".into())}))
+            .collect();
+        let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        out.push(json!({"pod": key, "netns": netns, "ip": ip, "ports": ports, "node": node}));
+    }
+    out.sort_by_key(|p| p["pod"].as_str().map(str::to_owned));
+    Ok(Value::Array(out))
+}
+
+/// Probes every ordered pair of recorded pods on every port the destination declares, with real
+/// connections between the pods' namespaces, many cells at once (a denied cell waits out its timeout). The
+/// cells have the shape `caracalctl policy matrix` prints (`from`, `to`, `port`, `protocol`, `allowed`),
+/// sorted the same way.
+pub fn probe(pods: &Value, timeout: Duration) -> Vec<Value> {
     let list = pods.as_array().cloned().unwrap_or_default();
+    let mut todo = Vec::new();
     for src in &list {
         let Some(netns) = src["netns"].as_str() else {
             continue;
         };
-        let ns = NetNs::existing(netns);
         for dst in &list {
             if src["pod"] == dst["pod"] {
                 continue;
@@ -773,20 +793,55 @@ pub fn probe(pods: &Value, timeout: Duration) -> Vec<Value> {
             };
             for port in dst["ports"].as_array().into_iter().flatten() {
                 let p = u16::try_from(port["port"].as_u64().unwrap_or(0)).unwrap_or(0);
-                let proto = port["protocol"].as_str().unwrap_or("TCP");
-                let ok = if proto == "UDP" {
-                    crate::probe::udp_echo(&ns, ip, p, timeout)
-                } else {
-                    crate::probe::tcp_echo(&ns, ip, p, timeout)
-                }
-                .is_ok_and(|o| o.connected());
-                out.push(json!({"from": src["pod"], "to": dst["pod"], "port": p, "protocol": proto, "allowed": ok}));
+                let proto = port["protocol"].as_str().unwrap_or("TCP").to_owned();
+                todo.push((
+                    netns.to_owned(),
+                    ip,
+                    p,
+                    proto,
+                    src["pod"].clone(),
+                    dst["pod"].clone(),
+                ));
             }
         }
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Value> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PROBE_THREADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut cells = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((netns, ip, p, proto, from, to)) = todo.get(i) else {
+                            return cells;
+                        };
+                        let ns = NetNs::existing(netns);
+                        let ok = if proto == "UDP" {
+                            crate::probe::udp_echo(&ns, *ip, *p, timeout)
+                        } else {
+                            crate::probe::tcp_echo(&ns, *ip, *p, timeout)
+                        }
+                        .is_ok_and(|o| o.connected());
+                        cells.push(
+                            json!({"from": from, "to": to, "port": p, "protocol": proto, "allowed": ok}),
+                        );
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| w.join().ok())
+            .flatten()
+            .collect()
+    });
     sort_cells(&mut out);
     out
 }
+
+/// How many cells [`probe`] measures at once.
+const PROBE_THREADS: usize = 16;
 
 /// Connections per Service cell: enough that a Service with two backends reaching only one by chance is
 /// unlikely (2 x 2^-12).

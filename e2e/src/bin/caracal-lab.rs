@@ -348,10 +348,11 @@ async fn main() -> anyhow::Result<()> {
             result?;
         }
         Command::Probe { ports, output } => {
-            let pods: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(lab_dir().join("pods.json"))
-                    .context("no running lab (target/lab/pods.json)")?,
-            )?;
+            // The pods that exist now (not those of `up`): read from the API server.
+            let client = controlplane::client_from_kubeconfig(&kubeconfig)
+                .await
+                .context("no running lab (target/lab/kubeconfig)")?;
+            let pods = caracal_e2e::lab::list_pods(&client).await?;
             let wanted: Vec<(u64, String)> = ports
                 .iter()
                 .map(|p| {

@@ -149,7 +149,7 @@ async fn patch_status(client: &Client, pod: &Pod, status: serde_json::Value) -> 
         .map_err(|e| format!("reporting status: {e}"))
 }
 
-fn ready_status(host_ip: &str, ready: bool) -> serde_json::Value {
+fn ready_status(pod: &Pod, host_ip: &str, ready: bool) -> serde_json::Value {
     let s = if ready { "True" } else { "False" };
     json!({"status": {
         "phase": "Running",
@@ -160,7 +160,8 @@ fn ready_status(host_ip: &str, ready: bool) -> serde_json::Value {
             {"type": "ContainersReady", "status": s},
             {"type": "Initialized", "status": "True"},
             {"type": "PodScheduled", "status": "True"}
-        ]
+        ],
+        "containerStatuses": super::container_statuses(pod, ready),
     }})
 }
 
@@ -294,7 +295,7 @@ pub async fn start(
             readiness.clone_from(&p.readiness);
         }
     }
-    patch_status(client, pod, ready_status(host_ip, false)).await?;
+    patch_status(client, pod, ready_status(pod, host_ip, false)).await?;
     let processes = Arc::new(std::sync::Mutex::new(processes));
     let ready_loop = Arc::new(AtomicBool::new(true));
     // restartPolicy Always: a process that exits is started again after a back-off.
@@ -358,7 +359,7 @@ pub async fn start(
                     None => true,
                 };
                 if last != Some(ready) {
-                    match patch_status(&client, &pod, ready_status(&host_ip, ready)).await {
+                    match patch_status(&client, &pod, ready_status(&pod, &host_ip, ready)).await {
                         Ok(()) => {
                             info!(pod = %pod.name_any(), ready, "readiness changed");
                             last = Some(ready);

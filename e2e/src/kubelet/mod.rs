@@ -26,6 +26,9 @@ use tracing::{info, warn};
 use crate::cni::{self, Invocation};
 use crate::netns::NetNs;
 
+/// The annotation in which the lab kubelet records a pod's network namespace (its `ip netns` name).
+pub const NETNS_ANNOTATION: &str = "lab.caracal.dev/netns";
+
 /// A pod this kubelet runs.
 #[derive(Debug)]
 pub struct RunningPod {
@@ -160,6 +163,32 @@ fn answer(ip: Ipv4Addr, got: &[u8]) -> Vec<u8> {
     } else {
         got.to_vec()
     }
+}
+
+/// `status.containerStatuses` as a kubelet reports them: one per container, running since now, `ready`
+/// (what `kubectl get pods` counts in its READY column). The container ids name the lab kubelet as the
+/// runtime (`lab://`).
+pub fn container_statuses(p: &Pod, ready: bool) -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let uid = p.uid().unwrap_or_default();
+    Value::Array(
+        p.spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "image": c.image.clone().unwrap_or_default(),
+                    "imageID": "",
+                    "containerID": format!("lab://{uid}/{}", c.name),
+                    "ready": ready,
+                    "started": true,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": now}},
+                })
+            })
+            .collect(),
+    )
 }
 
 /// Starts the echo servers of one pod inside its namespace: TCP echo and UDP echo per declared port.
@@ -316,6 +345,13 @@ impl KubeletConfig {
             .and_then(|a| a.parse::<Ipv4Addr>().ok())
             .ok_or_else(|| format!("ADD result without an IPv4 address: {out}"))?;
         let servers = serve(&netns, ip, &ports(p));
+        // Where the pod's network namespace is, for `caracal-lab probe` in another process (before the
+        // status, so a Running pod always has it).
+        let note = json!({"metadata": {"annotations": {NETNS_ANNOTATION: netns.name()}}});
+        Api::<Pod>::namespaced(client.clone(), &ns)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&note))
+            .await
+            .map_err(|e| format!("recording the network namespace: {e}"))?;
         let status = json!({"status": {
             "phase": "Running",
             "hostIP": self.host_ip.to_string(),
@@ -326,7 +362,8 @@ impl KubeletConfig {
                 {"type": "Ready", "status": "True"},
                 {"type": "ContainersReady", "status": "True"},
                 {"type": "PodScheduled", "status": "True"}
-            ]
+            ],
+            "containerStatuses": container_statuses(p, true),
         }});
         Api::<Pod>::namespaced(client.clone(), &ns)
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
