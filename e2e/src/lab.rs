@@ -312,6 +312,12 @@ impl Lab {
             step("no kube-proxy: the operator gets the API server's address (kubernetes-services-endpoint)");
             lab.give_api_server_address().await?;
         }
+        if real && opts.kube_proxy.is_some() {
+            // On real nodes Caracal reaches the API server by the address the operator renders in every
+            // mode, as Calico documents for an operator install: its own pods do not wait for Services.
+            step("the operator gets the API server's address (kubernetes-services-endpoint)");
+            lab.give_api_server_address().await?;
+        }
         step(&format!("Installation from {}", opts.installation.display()));
         kubectl_apply(&lab.cp, &opts.installation)?;
         step("waiting for caracal-node on every node");

@@ -6,8 +6,10 @@
 //! become Ready on every node; the demo's pods are real containers of the echo image, wired by the kubelet's
 //! CNI calls through containerd, with addresses from Caracal's IPAM; connectivity between them, across nodes,
 //! with the demo's NetworkPolicies, is exactly what `caracalctl policy matrix` computes; the API server reaches
-//! the kubelets (`kubectl logs`); deleting a pod through the API releases its address; and deleting a node's
-//! caracal-node pod (the DaemonSet starts a new one) keeps an established connection.
+//! the kubelets (`kubectl logs`); deleting a pod through the API releases its address; deleting a node's
+//! caracal-node pod (the DaemonSet starts a new one) keeps an established connection; the agents reach the API
+//! server by the address the operator renders; and with the `ImageSet` `make images` writes, the operator
+//! renders the images by digest and containerd runs them so.
 //!
 //! Needs root, `make runtime` (kubelet, containerd, runc) and `make images`; `make test` builds both first.
 
@@ -145,6 +147,25 @@ async fn caracal_installs_from_its_operator_deployment_on_real_kubelets_and_real
         },
     )
     .await;
+    // The agents reach the API server by the address the operator rendered from the
+    // `kubernetes-services-endpoint` ConfigMap, not through the `kubernetes` ClusterIP.
+    for p in &node_pods {
+        let env = p
+            .spec
+            .as_ref()
+            .map(|s| s.containers[0].env.clone().unwrap_or_default())
+            .unwrap_or_default();
+        let host = env
+            .iter()
+            .find(|e| e.name == "KUBERNETES_SERVICE_HOST")
+            .and_then(|e| e.value.clone());
+        assert_eq!(
+            host.as_deref(),
+            Some(caracal_e2e::controlplane::ADVERTISED_ADDRESS.to_string().as_str()),
+            "{}: {env:?}",
+            p.name_any()
+        );
+    }
     let mut on_nodes: Vec<String> = node_pods
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
@@ -317,6 +338,42 @@ async fn caracal_installs_from_its_operator_deployment_on_real_kubelets_and_real
         .await
         .expect("delete api-2");
     common::wait_released(&lab.client, ip, Duration::from_secs(90)).await;
+
+    // The ImageSet `make images` wrote: the operator renders the images by digest, the DaemonSet rolls, and
+    // containerd runs the imported images by those digests.
+    let imageset = workspace_root().join("target/images/imageset.yaml");
+    lab.apply(&imageset).expect("apply the ImageSet");
+    let digest = images["node"]["digest"].as_str().expect("node digest").to_owned();
+    until(
+        "caracal-node rolled to the image by digest",
+        Duration::from_secs(240),
+        || async {
+            let list = pods(&lab, "caracal-system", "k8s-app=caracal-node").await;
+            if list.len() != 2 {
+                return Err(format!("{} caracal-node pods", list.len()));
+            }
+            for p in &list {
+                let spec_image = p
+                    .spec
+                    .as_ref()
+                    .map(|s| s.containers[0].image.clone().unwrap_or_default());
+                if spec_image.as_deref() != Some(&format!("caracal/node@{digest}")) {
+                    return Err(format!("{} runs {spec_image:?}", p.name_any()));
+                }
+                let st = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.clone())
+                    .unwrap_or_default();
+                if !st.iter().all(|c| c.ready && c.image_id.ends_with(&digest)) || st.is_empty() {
+                    return Err(format!("{} not ready on the digest: {st:?}", p.name_any()));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
+    agrees(&lab, "after the roll to images by digest").await;
 
     lab.down();
 }
