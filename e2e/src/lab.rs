@@ -209,6 +209,9 @@ impl Lab {
         crate::netns::unmount_bpffs_under(&dir.join("nodes"));
         let _ = std::fs::remove_dir_all(dir.join("nodes"));
         let _ = std::fs::remove_dir_all(dir.join("pods"));
+        // What an earlier lab recorded describes namespaces that are gone.
+        let _ = std::fs::remove_file(dir.join("pods.json"));
+        let _ = std::fs::remove_file(dir.join("services.json"));
         std::fs::create_dir_all(&dir)?;
         step("control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)");
         let cp = ControlPlane::start(Options::lab()).await?;

@@ -144,7 +144,11 @@ async fn the_netpol_e2e_pod_model_applied_after_up_is_probed_and_matches_the_pol
         let pods = lab::list_pods(&lab.client).await.expect("pods");
         let mut measured: Vec<Value> = measured
             .into_iter()
-            .filter(|c| !c["to"].as_str().unwrap_or("").starts_with("svc:"))
+            // Pod cells only (a recorded Service's cells are `svc:` and `nodeport:`).
+            .filter(|c| {
+                let to = c["to"].as_str().unwrap_or("");
+                !to.starts_with("svc:") && !to.starts_with("nodeport:")
+            })
             .collect();
         lab::sort_cells(&mut measured);
         let want = matrix_probe::expected(&lab.client, &pods).await;
@@ -176,7 +180,9 @@ async fn the_netpol_e2e_pod_model_applied_after_up_is_probed_and_matches_the_pol
         }
         assert!(
             start.elapsed() < Duration::from_secs(90),
-            "probe and policy matrix disagree: {:?}",
+            "probe and policy matrix disagree ({} vs {} cells): {:?}",
+            measured.len(),
+            want.len(),
             measured
                 .iter()
                 .zip(&want)
