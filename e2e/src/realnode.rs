@@ -219,16 +219,21 @@ pub struct RealNode {
     kubelet: Option<Supervised>,
 }
 
+/// The shell commands that move the shell itself (`$$`) into the cgroup `rel` in every hierarchy.
+fn move_into(rel: &str) -> String {
+    hierarchies()
+        .iter()
+        .map(|h| format!("echo $$ > {}", h.join(rel).join("cgroup.procs").display()))
+        .collect::<Vec<_>>()
+        .join(" && ")
+}
+
 /// The wrapper that puts a program into the cgroup `rel` in every hierarchy, then enters the node's mount
 /// and network namespaces and executes it: `sh -c 'echo $$ > ...; exec nsenter ... -- PROGRAM ARGS'`.
 fn in_node(rel: &str, mnt: &Path, netns: &str, program: &Path, args: &[String]) -> Vec<String> {
-    let moves: Vec<String> = hierarchies()
-        .iter()
-        .map(|h| format!("echo $$ > {}", h.join(rel).join("cgroup.procs").display()))
-        .collect();
     let mut out = vec![
         "-c".to_owned(),
-        format!("{} && exec \"$@\"", moves.join(" && ")),
+        format!("{} && exec \"$@\"", move_into(rel)),
         "sh".to_owned(),
         "nsenter".to_owned(),
         format!("--mount={}", mnt.display()),
@@ -508,20 +513,11 @@ pub fn pod_netns(node: &str, uid: &str) -> Option<String> {
 /// The holder's arguments: into the node's runtime cgroup, then `unshare --mount --propagation private` of
 /// `script` (which mounts and then becomes `sleep infinity`).
 fn in_node_holder(cgroup: &str, script: &str) -> Vec<String> {
-    let moves: Vec<String> = hierarchies()
-        .iter()
-        .map(|h| {
-            format!(
-                "echo $$ > {}",
-                h.join(cgroup).join("runtime/cgroup.procs").display()
-            )
-        })
-        .collect();
     vec![
         "-c".to_owned(),
         format!(
             "{} && exec unshare --mount --propagation private -- sh -c \"$1\"",
-            moves.join(" && ")
+            move_into(&format!("{cgroup}/runtime"))
         ),
         "sh".to_owned(),
         script.to_owned(),
