@@ -387,12 +387,25 @@ impl Lab {
         let node = (move || -> anyhow::Result<_> {
             let mut node = crate::realnode::RealNode::start(cfg)?;
             let images = workspace_root().join("target/images");
+            let listed: Value = std::fs::read_to_string(images.join("images.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
             for image in IMAGES {
                 let archive = images.join(format!("{image}.oci.tar"));
+                let (Some(reference), Some(digest)) = (
+                    listed[image]["reference"].as_str(),
+                    listed[image]["digest"].as_str(),
+                ) else {
+                    bail!(
+                        "{image} is not in {}: run `make images`",
+                        images.join("images.json").display()
+                    );
+                };
                 if !archive.exists() {
                     bail!("{} is missing: run `make images`", archive.display());
                 }
-                node.import(&archive)?;
+                node.import(&archive, reference, digest)?;
             }
             node.start_kubelet()?;
             Ok(node)

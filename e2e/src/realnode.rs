@@ -372,8 +372,10 @@ impl RealNode {
     }
 
     /// Imports an image archive (`make images`: `target/images/<image>.oci.tar`) into the node's containerd,
-    /// unpacked for the overlay snapshotter the kubelet's pods use.
-    pub fn import(&self, archive: &Path) -> anyhow::Result<()> {
+    /// unpacked for the overlay snapshotter the kubelet's pods use, and names it also by its digest
+    /// (`<repository>@<digest>`, as a pull by digest would): the CRI resolves a pod's `name@sha256:…` image
+    /// (the operator's rendering with an ImageSet) only through such a name.
+    pub fn import(&self, archive: &Path, reference: &str, digest: &str) -> anyhow::Result<()> {
         let out = self
             .ctr()
             .args(["images", "import", "--snapshotter", "overlayfs", "--local"])
@@ -383,6 +385,24 @@ impl RealNode {
             bail!(
                 "ctr images import {} on {}: {}",
                 archive.display(),
+                self.cfg.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let repository = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
+        let out = self
+            .ctr()
+            .args([
+                "images",
+                "tag",
+                "--force",
+                reference,
+                &format!("{repository}@{digest}"),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ctr images tag {reference} by its digest on {}: {}",
                 self.cfg.name,
                 String::from_utf8_lossy(&out.stderr)
             );
