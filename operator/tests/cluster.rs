@@ -120,6 +120,15 @@ const RENDERED: &[(&str, &str)] = &[
     ("PodDisruptionBudget", "caracal-typha"),
 ];
 
+/// The caracal-node DaemonSet's resourceVersion (what an invalid edit must leave unchanged).
+async fn ds_version(client: &Client) -> Option<String> {
+    Api::<DaemonSet>::namespaced(client.clone(), NS)
+        .get("caracal-node")
+        .await
+        .expect("ds")
+        .resource_version()
+}
+
 async fn exists(client: &Client, kind: &str, name: &str) -> bool {
     let ar = caracal_operator::apply::resource(
         match kind {
@@ -284,11 +293,7 @@ async fn drift_is_repaired_invalid_edits_change_nothing_and_user_felix_fields_su
     assert_eq!(f.spec.bpf_enabled, Some(false), "operator-owned field still set");
 
     // An invalid edit: Degraded with the message, and nothing that runs changes.
-    let ds_before = daemonsets
-        .get("caracal-node")
-        .await
-        .expect("ds")
-        .resource_version();
+    let ds_before = ds_version(&c).await;
     let cm_before = Api::<ConfigMap>::namespaced(c.clone(), NS)
         .get("caracal-cni-config")
         .await
@@ -307,15 +312,7 @@ async fn drift_is_repaired_invalid_edits_change_nothing_and_user_felix_fields_su
         "{message}"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        daemonsets
-            .get("caracal-node")
-            .await
-            .expect("ds")
-            .resource_version(),
-        ds_before,
-        "DaemonSet changed"
-    );
+    assert_eq!(ds_version(&c).await, ds_before, "DaemonSet changed");
     let cm_after = Api::<ConfigMap>::namespaced(c.clone(), NS)
         .get("caracal-cni-config")
         .await
@@ -1062,11 +1059,7 @@ async fn image_pull_secrets_are_copied_kept_in_sync_set_on_pods_and_removed_when
     .await;
 
     // A reference to a Secret that does not exist: Degraded naming the field and the Secret; nothing changes.
-    let ds_before = Api::<DaemonSet>::namespaced(c.clone(), NS)
-        .get("caracal-node")
-        .await
-        .expect("ds")
-        .resource_version();
+    let ds_before = ds_version(&c).await;
     apply_installation(&c, json!({"imagePullSecrets": [{"name": "later"}]})).await;
     let (_, reason, message) = eventually("Degraded=True", || async {
         condition(&c, "Degraded").await.filter(|d| d.0 == "True")
@@ -1081,11 +1074,7 @@ async fn image_pull_secrets_are_copied_kept_in_sync_set_on_pods_and_removed_when
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        Api::<DaemonSet>::namespaced(c.clone(), NS)
-            .get("caracal-node")
-            .await
-            .expect("ds")
-            .resource_version(),
+        ds_version(&c).await,
         ds_before,
         "the DaemonSet changed under an invalid Installation"
     );
@@ -1222,11 +1211,7 @@ async fn an_image_set_pins_digests_and_an_invalid_one_is_refused_or_degraded() {
     assert!(msg.contains("caracal-<release>"), "{msg}");
 
     // A set without Typha's image: Degraded, and nothing changes.
-    let ds_before = Api::<DaemonSet>::namespaced(c.clone(), NS)
-        .get("caracal-node")
-        .await
-        .expect("ds")
-        .resource_version();
+    let ds_before = ds_version(&c).await;
     let sets: Api<caracal_crds::imageset::ImageSet> = Api::all(c.clone());
     let partial = set(
         &name,
@@ -1251,11 +1236,7 @@ async fn an_image_set_pins_digests_and_an_invalid_one_is_refused_or_degraded() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        Api::<DaemonSet>::namespaced(c.clone(), NS)
-            .get("caracal-node")
-            .await
-            .expect("ds")
-            .resource_version(),
+        ds_version(&c).await,
         ds_before,
         "the DaemonSet changed under an invalid ImageSet"
     );
