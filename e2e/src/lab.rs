@@ -207,6 +207,7 @@ impl Lab {
     pub async fn up(opts: &LabOptions) -> anyhow::Result<Self> {
         let dir = lab_dir();
         crate::netns::unmount_bpffs_under(&dir.join("nodes"));
+        crate::netns::remove_orphans();
         let _ = std::fs::remove_dir_all(dir.join("nodes"));
         let _ = std::fs::remove_dir_all(dir.join("pods"));
         // What an earlier lab recorded describes namespaces that are gone.
@@ -248,6 +249,16 @@ impl Lab {
         let mut host_pods = Vec::new();
         let mut real_nodes = Vec::new();
         let sysctls = real.then(crate::realnode::Sysctls::record);
+        // The images every real node imports, as `make images` listed them (read once for all nodes).
+        let images: Value = if real {
+            let list = workspace_root().join("target/images/images.json");
+            serde_json::from_str(
+                &std::fs::read_to_string(&list)
+                    .with_context(|| format!("{}: run `make images`", list.display()))?,
+            )?
+        } else {
+            Value::Null
+        };
         if real {
             // The API server dials kubelets (logs, exec) and the operator's webhook at node addresses.
             underlay.host_link("caracal-lab", Ipv4Addr::from(u32::from(net.broadcast()) - 1))?;
@@ -262,7 +273,7 @@ impl Lab {
             tasks.push(api_forwarder(&ns, Ipv4Addr::LOCALHOST, api_port)?);
             tasks.push(api_forwarder(&ns, advertised, api_port)?);
             if real {
-                real_nodes.push(Self::real_node(&cp, &name, &ns, ip, api_port, &dir).await?);
+                real_nodes.push(Self::real_node(&cp, &name, &ns, ip, api_port, &dir, &images)?);
                 nodes.push((name, ns, ip));
                 continue;
             }
@@ -311,15 +322,33 @@ impl Lab {
             // As a cluster's kube-proxy DaemonSet is up before a CNI is installed: the agents reach the API
             // server through the `kubernetes` ClusterIP.
             lab.wait_kube_proxy(mode).await?;
-        } else {
-            step("no kube-proxy: the operator gets the API server's address (kubernetes-services-endpoint)");
-            lab.give_api_server_address().await?;
         }
-        if real && opts.kube_proxy.is_some() {
-            // On real nodes Caracal reaches the API server by the address the operator renders in every
-            // mode, as Calico documents for an operator install: its own pods do not wait for Services.
+        // Without kube-proxy nothing serves the `kubernetes` ClusterIP to host-network pods; on real nodes Caracal
+        // reaches the API server by the address the operator renders in every mode, as Calico documents for an
+        // operator install: its own pods do not wait for Services.
+        if real || opts.kube_proxy.is_none() {
             step("the operator gets the API server's address (kubernetes-services-endpoint)");
             lab.give_api_server_address().await?;
+        }
+        if real {
+            // As a user waits for the operator before applying an Installation: until it serves, its
+            // admission webhook refuses every Installation ("no endpoints available").
+            step("waiting for the operator's Deployment");
+            let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+                Api::namespaced(lab.client.clone(), "caracal-operator");
+            until("the operator available", Duration::from_secs(180), || {
+                let deployments = deployments.clone();
+                async move {
+                    let d = deployments.get("caracal-operator").await.map_err(|e| e.to_string())?;
+                    let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                    if available >= 1 {
+                        Ok(true)
+                    } else {
+                        Err("no replica available yet".into())
+                    }
+                }
+            })
+            .await?;
         }
         step(&format!("Installation from {}", opts.installation.display()));
         kubectl_apply(&lab.cp, &opts.installation)?;
@@ -363,17 +392,20 @@ impl Lab {
         Ok(lab)
     }
 
-    /// A real node in `ns`: its containerd with every image of `make images` imported, then its kubelet,
-    /// which registers the Node.
-    async fn real_node(
+    /// A real node in `ns`: its containerd with every image of `make images` (listed in `images`) imported,
+    /// then its kubelet, which registers the Node. Called on the lab's own thread, not a blocking-pool one:
+    /// the processes die with the thread that started them (their parent death signal), and the pool ends
+    /// idle threads.
+    fn real_node(
         cp: &ControlPlane,
         name: &str,
         ns: &NetNs,
         ip: Ipv4Addr,
         api_port: u16,
         dir: &Path,
+        images: &Value,
     ) -> anyhow::Result<crate::realnode::RealNode> {
-        let cfg = crate::realnode::RealNodeConfig {
+        let mut node = crate::realnode::RealNode::start(crate::realnode::RealNodeConfig {
             name: name.to_owned(),
             netns: ns.name().to_owned(),
             ip,
@@ -381,35 +413,22 @@ impl Lab {
             api_port,
             pki: cp.pki().clone(),
             bin: crate::realnode::runtime_bin(),
-        };
-        // Not on a blocking-pool thread: the processes die with the thread that started them (their parent
-        // death signal), and the pool ends idle threads; the runtime's workers live as long as the lab.
-        let node = (move || -> anyhow::Result<_> {
-            let mut node = crate::realnode::RealNode::start(cfg)?;
-            let images = workspace_root().join("target/images");
-            let listed: Value = std::fs::read_to_string(images.join("images.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            for image in IMAGES {
-                let archive = images.join(format!("{image}.oci.tar"));
-                let (Some(reference), Some(digest)) = (
-                    listed[image]["reference"].as_str(),
-                    listed[image]["digest"].as_str(),
-                ) else {
-                    bail!(
-                        "{image} is not in {}: run `make images`",
-                        images.join("images.json").display()
-                    );
-                };
-                if !archive.exists() {
-                    bail!("{} is missing: run `make images`", archive.display());
-                }
-                node.import(&archive, reference, digest)?;
+        })?;
+        let archives = workspace_root().join("target/images");
+        for image in IMAGES {
+            let archive = archives.join(format!("{image}.oci.tar"));
+            let (Some(reference), Some(digest)) = (
+                images[image]["reference"].as_str(),
+                images[image]["digest"].as_str(),
+            ) else {
+                bail!("{image} is not in target/images/images.json: run `make images`");
+            };
+            if !archive.exists() {
+                bail!("{} is missing: run `make images`", archive.display());
             }
-            node.start_kubelet()?;
-            Ok(node)
-        })()?;
+            node.import(&archive, reference, digest)?;
+        }
+        node.start_kubelet()?;
         println!(
             "    {name}: containerd up, {} images imported, kubelet started",
             IMAGES.len()

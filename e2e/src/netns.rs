@@ -51,6 +51,42 @@ pub struct NetNs {
     owned: bool,
 }
 
+/// Deletes the namespaces [`NetNs::new`] made in processes that are gone (`crct-<tag>-<pid>-<n>` whose pid
+/// runs nothing): a test or lab killed before its guards ran (SIGKILL, a timeout) leaves its namespaces, their
+/// links and rules behind. A pid that runs something, perhaps a later process that reused it, keeps its
+/// namespaces: the cleanup errs on the side of leaving them.
+pub fn remove_orphans() {
+    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = creator(&name)
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = run(&["ip", "netns", "del", &name]);
+        }
+    }
+}
+
+/// The pid of the process that made the namespace `name` (`crct-<tag>-<pid>-<n>`), or None for a name of
+/// another form.
+fn creator(name: &str) -> Option<u32> {
+    let mut parts = name.strip_prefix("crct-")?.rsplitn(3, '-');
+    let (n, pid, _tag) = (parts.next()?, parts.next()?, parts.next()?);
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_creator_is_read_from_names_new_makes_and_no_other() {
+        assert_eq!(super::creator("crct-lab0-846-1"), Some(846));
+        assert_eq!(super::creator("crct-lpod-12-3-40"), Some(3));
+        assert_eq!(super::creator("crct-ul-846"), None);
+        assert_eq!(super::creator("cni-1234-5678"), None);
+        assert_eq!(super::creator("crct-x-y-1"), None);
+    }
+}
+
 impl NetNs {
     /// Creates `crct-<tag>-<pid>-<n>` with loopback up.
     pub fn new(tag: &str) -> Result<Self, NetnsError> {

@@ -214,6 +214,8 @@ fn kill_cgroup(rel: &str, deadline: Duration) {
 pub struct RealNode {
     cfg: RealNodeConfig,
     cgroup: String,
+    /// The node's mount namespace (the holder's).
+    mnt: PathBuf,
     holder: Supervised,
     containerd: Supervised,
     kubelet: Option<Supervised>,
@@ -228,21 +230,40 @@ fn move_into(rel: &str) -> String {
         .join(" && ")
 }
 
-/// The wrapper that puts a program into the cgroup `rel` in every hierarchy, then enters the node's mount
-/// and network namespaces and executes it: `sh -c 'echo $$ > ...; exec nsenter ... -- PROGRAM ARGS'`.
-fn in_node(rel: &str, mnt: &Path, netns: &str, program: &Path, args: &[String]) -> Vec<String> {
-    let mut out = vec![
+/// Starts `program` (from the runtime's directory) on the node, logging to `<node dir>/<program>.log`: a shell
+/// moves itself into the node's `runtime` cgroup in every hierarchy, then `nsenter` enters the node's mount
+/// namespace (`mnt`) and network namespace and executes the program, with the runtime's directory first on
+/// `PATH` (containerd finds its shim and runc there).
+fn spawn_in_node(
+    cfg: &RealNodeConfig,
+    cgroup: &str,
+    mnt: &Path,
+    program: &str,
+    args: &[String],
+) -> anyhow::Result<Supervised> {
+    let mut wrapped = vec![
         "-c".to_owned(),
-        format!("{} && exec \"$@\"", move_into(rel)),
+        format!("{} && exec \"$@\"", move_into(&format!("{cgroup}/runtime"))),
         "sh".to_owned(),
         "nsenter".to_owned(),
         format!("--mount={}", mnt.display()),
-        format!("--net=/run/netns/{netns}"),
+        format!("--net=/run/netns/{}", cfg.netns),
         "--".to_owned(),
-        program.display().to_string(),
+        cfg.bin.join(program).display().to_string(),
     ];
-    out.extend(args.iter().cloned());
-    out
+    wrapped.extend(args.iter().cloned());
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        cfg.bin.display()
+    );
+    Ok(Supervised::spawn_env(
+        &format!("{}-{program}", cfg.name),
+        Path::new("/bin/sh"),
+        &wrapped,
+        &[("PATH".into(), path)],
+        &cfg.dir.join(format!("{program}.log")),
+        Lifetime::Attached,
+    )?)
 }
 
 impl RealNode {
@@ -302,27 +323,17 @@ impl RealNode {
         std::fs::create_dir_all(&cd_dir)?;
         let config = cd_dir.join("config.toml");
         std::fs::write(&config, containerd_config(&cd_dir, &cfg.bin))?;
-        let path = format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            cfg.bin.display()
-        );
-        let containerd = Supervised::spawn_env(
-            &format!("{}-containerd", cfg.name),
-            Path::new("/bin/sh"),
-            &in_node(
-                &format!("{cgroup}/runtime"),
-                &mnt,
-                &cfg.netns,
-                &cfg.bin.join("containerd"),
-                &["--config".into(), config.display().to_string()],
-            ),
-            &[("PATH".into(), path)],
-            &dir.join("containerd.log"),
-            Lifetime::Attached,
+        let containerd = spawn_in_node(
+            &cfg,
+            &cgroup,
+            &mnt,
+            "containerd",
+            &["--config".into(), config.display().to_string()],
         )?;
         let mut node = RealNode {
             cfg,
             cgroup,
+            mnt,
             holder,
             containerd,
             kubelet: None,
@@ -445,33 +456,18 @@ impl RealNode {
             &config,
             kubelet_config(&self.cgroup, cfg.ip, &kdir, &cfg.pki.ca_cert),
         )?;
-        let mnt = PathBuf::from(format!(
-            "/proc/{}/ns/mnt",
-            self.holder.pid().context("the mount namespace holder's pid")?
-        ));
-        let path = format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            cfg.bin.display()
-        );
-        self.kubelet = Some(Supervised::spawn_env(
-            &format!("{}-kubelet", cfg.name),
-            Path::new("/bin/sh"),
-            &in_node(
-                &format!("{}/runtime", self.cgroup),
-                &mnt,
-                &cfg.netns,
-                &cfg.bin.join("kubelet"),
-                &[
-                    format!("--config={}", config.display()),
-                    format!("--kubeconfig={}", kubeconfig.display()),
-                    format!("--hostname-override={}", cfg.name),
-                    format!("--node-ip={}", cfg.ip),
-                    "--v=1".into(),
-                ],
-            ),
-            &[("PATH".into(), path)],
-            &cfg.dir.join("kubelet.log"),
-            Lifetime::Attached,
+        self.kubelet = Some(spawn_in_node(
+            cfg,
+            &self.cgroup,
+            &self.mnt,
+            "kubelet",
+            &[
+                format!("--config={}", config.display()),
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--hostname-override={}", cfg.name),
+                format!("--node-ip={}", cfg.ip),
+                "--v=1".into(),
+            ],
         )?);
         Ok(())
     }
