@@ -907,17 +907,24 @@ impl NodeIpam {
         labels: &BTreeMap<String, String>,
     ) -> Result<(), IpamError> {
         for _ in 0..2 {
-            let target = {
+            let enough = {
                 let st = self.inner.state.lock().await;
                 if !st.families.is_some_and(|k| k[f]) || st.room[f] != Some(true) {
                     return Ok(());
                 }
-                target.max(st.target_for(f, self.inner.cfg.reserve, Instant::now()))
+                // The reserve serves the burst as well as the free addresses do: blocks are short only by
+                // what the two together miss. (Free addresses alone would claim a block beside a block
+                // full of reserve, which the release of empty blocks then gives back: churn.)
+                let target = target.max(st.target_for(f, self.inner.cfg.reserve, Instant::now()));
+                target.saturating_sub(st.reserved_in(f))
             };
-            match self.claim(f == 0, labels, target, true).await? {
+            if enough == 0 {
+                return Ok(());
+            }
+            match self.claim(f == 0, labels, enough, true).await? {
                 Claimed::Blocks(blocks) => {
                     let cidrs: Vec<String> = blocks.iter().map(|b| b.spec.cidr.to_string()).collect();
-                    tracing::debug!(blocks = ?cidrs, target, "claimed blocks ahead of a burst");
+                    tracing::debug!(blocks = ?cidrs, enough, "claimed blocks ahead of a burst");
                 }
                 Claimed::Enough | Claimed::Nothing => return Ok(()),
             }
