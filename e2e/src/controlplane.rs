@@ -123,9 +123,12 @@ pub struct ControlPlane {
 
 /// The workspace root (where `target/` lives): `CARACAL_ROOT`, or this crate's parent.
 pub fn workspace_root() -> PathBuf {
-    std::env::var_os("CARACAL_ROOT")
+    let root = std::env::var_os("CARACAL_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    // Canonical: paths under it are compared with the kernel's (mount points in /proc/self/mounts), which
+    // never hold `..`.
+    root.canonicalize().unwrap_or(root)
 }
 
 /// A binary of another workspace package (`caracal-cni`, `caracal-typha`, `caracalctl`), as `cargo build

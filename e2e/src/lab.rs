@@ -208,8 +208,18 @@ impl Lab {
         let dir = lab_dir();
         crate::netns::unmount_bpffs_under(&dir.join("nodes"));
         crate::netns::remove_orphans();
-        let _ = std::fs::remove_dir_all(dir.join("nodes"));
-        let _ = std::fs::remove_dir_all(dir.join("pods"));
+        // A new lab starts from empty node directories: a real node's containerd would otherwise find the
+        // sandboxes of the last lab and tear them down (CNI DEL) under the new pods of the same names.
+        for sub in ["nodes", "pods"] {
+            match std::fs::remove_dir_all(dir.join(sub)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!(
+                    "removing {} (left by an earlier lab) failed: {e}; a mount left under it? (`grep {} /proc/self/mounts`)",
+                    dir.join(sub).display(),
+                    dir.display()
+                ),
+                _ => {}
+            }
+        }
         // What an earlier lab recorded describes namespaces that are gone.
         let _ = std::fs::remove_file(dir.join("pods.json"));
         let _ = std::fs::remove_file(dir.join("services.json"));
@@ -339,7 +349,10 @@ impl Lab {
             until("the operator available", Duration::from_secs(180), || {
                 let deployments = deployments.clone();
                 async move {
-                    let d = deployments.get("caracal-operator").await.map_err(|e| e.to_string())?;
+                    let d = deployments
+                        .get("caracal-operator")
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
                     if available >= 1 {
                         Ok(true)

@@ -2,8 +2,9 @@
 //! `caracal-node`, pods created through the real `caracal-cni` plugin. With a VXLAN pool, pods on all nodes
 //! reach each other over TCP, UDP and ICMP; a pod reaches an "outside" namespace through natOutgoing
 //! (the outside sees the node's address); nodes publish their addresses; pods get the MTU minus VXLAN's
-//! overhead; a deleted route and a deleted FDB entry come back; CHECK and STATUS answer; DEL after the pod's
-//! namespace is gone succeeds and the address is released. All of it with the iptables data plane and again
+//! overhead; a deleted route and a deleted FDB entry come back; CHECK and STATUS answer; a DEL for another
+//! sandbox of a pod leaves the pod's interface; DEL after the pod's namespace is gone succeeds and the address
+//! is released. All of it with the iptables data plane and again
 //! with the BPF data plane, where also: a restarted agent keeps an established TCP connection between pods on
 //! two nodes (and the programs keep enforcing while it is down), and a deleted pod's endpoint entry leaves
 //! the maps. Needs root.
@@ -265,6 +266,39 @@ async fn three_nodes(dataplane: &str) {
         )
         .expect("STATUS");
     assert_eq!(status.0, 0, "STATUS: {}", status.1);
+
+    // A DEL for another sandbox of the same pod (the kubelet removes a sandbox whose ADD failed after the
+    // pod's next one is wired) succeeds and leaves the live sandbox's interface: CHECK still passes.
+    let (code, out) = c
+        .cni(
+            0,
+            &Invocation {
+                command: "DEL",
+                container_id: "an-earlier-sandbox-of-p0",
+                netns: "",
+                ifname: "eth0",
+                pod: Some(("demo", "p0")),
+            },
+        )
+        .expect("DEL of another sandbox");
+    assert_eq!(code, 0, "DEL of another sandbox: {out}");
+    let check = c
+        .cni(
+            0,
+            &Invocation {
+                command: "CHECK",
+                container_id: &pods[0].container_id,
+                netns: &path0,
+                ifname: "eth0",
+                pod: Some(("demo", "p0")),
+            },
+        )
+        .expect("CHECK");
+    assert_eq!(
+        check.0, 0,
+        "CHECK after a DEL for another sandbox of the pod: {}",
+        check.1
+    );
 
     // DEL after the pod's namespace is gone succeeds, twice, and the address goes back to the pool.
     let gone = pods.pop().expect("pod");

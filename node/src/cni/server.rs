@@ -8,6 +8,7 @@
 //! is journalled, the interface exists and the agent holds the endpoint.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,7 +22,7 @@ use super::host_iface;
 use super::spec::{self, AgentRequest, AgentResponse, Attachment, CniError, Code};
 use super::wire::{self, PodWiring, Wirer};
 use crate::ipam::node::{NodeIpam, attr};
-use crate::netlink::Netlink;
+use crate::netlink::{Netlink, PROTO_CARACAL};
 
 /// How many threads wire pods ([`wire::Wirer`]): the kernel serializes most of a pod's wiring under its
 /// RTNL lock, so a few threads keep it busy and the rest of the pods wait in order.
@@ -202,14 +203,7 @@ impl CniServer {
         }
     }
 
-    fn wiring(
-        &self,
-        req: &AgentRequest,
-        ns: &str,
-        pod: &str,
-        ips: &[std::net::IpAddr],
-        mtu: u32,
-    ) -> PodWiring {
+    fn wiring(&self, req: &AgentRequest, ns: &str, pod: &str, ips: &[IpAddr], mtu: u32) -> PodWiring {
         PodWiring {
             host_iface: host_iface(ns, pod),
             netns: PathBuf::from(&req.netns),
@@ -299,15 +293,59 @@ impl CniServer {
             })
             .or_else(|| Self::pod_of(req).ok());
         if let Some((ns, pod)) = pod {
-            wire::del(&self.node, &host_iface(&ns, &pod))
-                .await
-                .map_err(|e| refused("removing the pod interface failed", e.to_string()))?;
+            let iface = host_iface(&ns, &pod);
+            if self.serves_another_sandbox(&handle, &ns, &pod, &iface).await {
+                debug!(
+                    pod = %format!("{ns}/{pod}"),
+                    container = %req.container_id,
+                    "DEL leaves the pod's interface: it carries another sandbox's address"
+                );
+            } else {
+                wire::del(&self.node, &iface)
+                    .await
+                    .map_err(|e| refused("removing the pod interface failed", e.to_string()))?;
+            }
         }
         self.ipam
             .release(&handle)
             .await
             .map_err(|e| refused("releasing the address failed", e.to_string()))?;
         Ok(())
+    }
+
+    /// True when the interface named for pod `ns/pod` routes an address that another handle than `handle`
+    /// holds for the same pod: it belongs to another sandbox of the pod, which a DEL for this one must leave.
+    /// Interface names come from the pod's name, and the runtime tears sandboxes down late: the kubelet
+    /// removes a sandbox whose ADD failed (or one a restarted runtime found) after the pod's next sandbox was
+    /// wired, with a DEL for the old container. When the interface cannot be read, it is left (an interface
+    /// left over is replaced by the pod's next ADD; one removed under a running pod cuts it off).
+    async fn serves_another_sandbox(&self, handle: &str, ns: &str, pod: &str, iface: &str) -> bool {
+        let others: Vec<IpAddr> = self
+            .ipam
+            .held()
+            .await
+            .into_iter()
+            .filter(|(h, x)| {
+                h != handle
+                    && x.attrs.get(attr::NAMESPACE).map(String::as_str) == Some(ns)
+                    && x.attrs.get(attr::POD).map(String::as_str) == Some(pod)
+            })
+            .flat_map(|(_, x)| x.ips)
+            .collect();
+        if others.is_empty() {
+            return false;
+        }
+        let (link, routes) = match (self.node.link(iface).await, self.node.routes(PROTO_CARACAL).await) {
+            (Ok(Some(link)), Ok(routes)) => (link, routes),
+            (Ok(None), _) => return false,
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(iface, error = %e, "DEL cannot tell whose the pod's interface is: it is left");
+                return true;
+            }
+        };
+        others
+            .iter()
+            .any(|ip| routes.contains(&wire::pod_route(*ip, link.header.index)))
     }
 
     async fn check(&self, wirer: &Wirer, req: &AgentRequest) -> Result<(), CniError> {
