@@ -103,7 +103,7 @@ clean-controlplane:
 	rm -rf $(CP_BIN)
 
 manifests:
-	$(CARGO) run -q -p caracal-crds --bin crdgen
+	$(CARGO) run -q -p caracal-operator --bin caracal-manifests
 
 lint: deps
 	$(CARGO) fmt --all -- --check

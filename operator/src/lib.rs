@@ -10,6 +10,7 @@ pub mod certs;
 pub mod controller;
 pub mod crds;
 pub mod http;
+pub mod install;
 pub mod leader;
 pub mod metrics;
 pub mod render;
