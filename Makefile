@@ -6,7 +6,9 @@
 #   make runtime       build the pinned kubelet, containerd (with its runc shim and ctr) and runc into target/runtime/bin
 #   make cni-plugins   build the pinned reference CNI plugins (bridge, host-local, loopback) into target/cni-plugins/bin
 #   make bench         performance figures into target/bench/*.json
-#   make manifests     regenerate manifests/crds from the Rust types
+#   make olm           build OLM (olm and catalog operators), opm and the bundle validator into target/olm/bin
+#   make helm          build helm into target/helm/bin
+#   make manifests     regenerate manifests/ (CRDs, operator manifest, OLM bundle, Helm chart) from the Rust source
 #   make lint          cargo fmt --check and clippy -D warnings
 
 SHELL := /bin/bash
@@ -45,7 +47,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images
+.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images olm helm
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -99,6 +101,35 @@ $(CNIP_TARGETS) &: $(CNIP_DIR)/go.mod $(CNIP_DIR)/go.sum | deps
 	  $(CNIP_MODULE)/plugins/main/bridge $(CNIP_MODULE)/plugins/ipam/host-local $(CNIP_MODULE)/plugins/main/loopback
 	@touch $(CNIP_TARGETS)
 
+# The Operator Framework's parts, from the Go module proxy (e2e/olm pins them): OLM's olm and catalog
+# operators, opm (serves a catalog), and bundle-validate (the validation library's default and optional suites).
+OLM_DIR     := $(ROOT)/e2e/olm
+OLM_BIN     := $(ROOT)/target/olm/bin
+# Pure-Go signature verification and no storage drivers: no gpgme, btrfs or devicemapper libraries needed.
+OLM_TAGS    := containers_image_openpgp,exclude_graphdriver_btrfs,exclude_graphdriver_devicemapper
+OLM_TARGETS := $(OLM_BIN)/olm $(OLM_BIN)/catalog $(OLM_BIN)/opm $(OLM_BIN)/bundle-validate
+olm: $(OLM_TARGETS)
+
+$(OLM_TARGETS) &: $(OLM_DIR)/go.mod $(OLM_DIR)/go.sum $(OLM_DIR)/validate/main.go | deps
+	@mkdir -p $(OLM_BIN)
+	@echo "building OLM $$(awk '$$1 == "github.com/operator-framework/operator-lifecycle-manager" {print $$2; exit}' $(OLM_DIR)/go.mod) and opm $$(awk '$$1 == "github.com/operator-framework/operator-registry" {print $$2; exit}' $(OLM_DIR)/go.mod)"
+	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/olm github.com/operator-framework/operator-lifecycle-manager/cmd/olm
+	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/catalog github.com/operator-framework/operator-lifecycle-manager/cmd/catalog
+	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/opm github.com/operator-framework/operator-registry/cmd/opm
+	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/bundle-validate ./validate
+	@touch $(OLM_TARGETS)
+
+HELM_DIR := $(ROOT)/e2e/helm
+HELM_BIN := $(ROOT)/target/helm/bin
+HELM_VERSION := $(shell awk '$$1 == "require" && $$2 == "helm.sh/helm/v4" {print $$3}' $(HELM_DIR)/go.mod)
+helm: $(HELM_BIN)/helm
+
+$(HELM_BIN)/helm: $(HELM_DIR)/go.mod $(HELM_DIR)/go.sum | deps
+	@mkdir -p $(HELM_BIN)
+	@echo "building helm $(HELM_VERSION)"
+	cd $(HELM_DIR) && go build -ldflags '-s -w -X helm.sh/helm/v4/internal/version.version=$(HELM_VERSION)' -o $(HELM_BIN)/helm helm.sh/helm/v4/cmd/helm
+	@touch $@
+
 clean-controlplane:
 	rm -rf $(CP_BIN)
 
@@ -118,7 +149,7 @@ unit: deps
 
 # Every tier: unit, kernel, cluster and lab. Tests start other packages' binaries (caracal-cni, caracal-typha,
 # caracalctl) from target/debug, so every binary is built first.
-test: deps controlplane runtime lint images
+test: deps controlplane runtime olm helm lint images
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 

@@ -1,5 +1,6 @@
 //! The operator installs Caracal's CRDs at start: server-side apply of what `caracal-crds` generates, but only
-//! for a CRD whose stored definition differs, so restarts write nothing.
+//! for a CRD whose stored definition differs, so restarts write nothing. Installed by OLM, it may only read
+//! them (OLM installs and upgrades the bundle's CRDs): a difference it may not write is logged, not fatal.
 
 use caracal_crds::crdgen;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,13 +22,24 @@ pub async fn ensure(client: &Client) -> Result<Vec<String>, kube::Error> {
             .get_opt(&name)
             .await?
             .map(|l| serde_json::to_value(l).unwrap_or_default());
+        let exists = live.is_some();
         if !live.is_some_and(|l| is_subset(&want, &l)) {
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&want),
-            )
-            .await?;
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&want),
+                )
+                .await
+            {
+                Ok(_) => {}
+                // Installed by OLM, which manages the CRDs (the bundle's role only reads them): the operator
+                // works with what OLM installed.
+                Err(kube::Error::Api(e)) if e.code == 403 && exists => {
+                    tracing::warn!(crd = %name, "the CRD differs from this operator's and it may not write CRDs (installed by OLM?): using it as it is");
+                }
+                Err(e) => return Err(e),
+            }
         }
         names.push(name);
     }

@@ -151,7 +151,13 @@ pub fn deployment_spec(image: &str, resources: &Value, pull_secrets: &[String]) 
             {"operator": "Exists", "effect": "NoSchedule"},
             {"operator": "Exists", "effect": "NoExecute"},
         ],
-        "nodeSelector": {"kubernetes.io/os": "linux"},
+        // The images are built for linux/amd64 only.
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{
+            "matchExpressions": [
+                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+                {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]},
+            ],
+        }]}}},
         "containers": [{
             "name": "caracal-operator",
             "image": image,
@@ -370,8 +376,47 @@ the Installation.";
 /// A small icon (the OperatorHub validator asks for one).
 const ICON_SVG: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64"><circle cx="32" cy="32" r="30" fill="#b5651d"/><path d="M14 10 L24 26 L18 28 Z M50 10 L40 26 L46 28 Z" fill="#2b1a0b"/><circle cx="24" cy="36" r="4" fill="#fff"/><circle cx="40" cy="36" r="4" fill="#fff"/></svg>"##;
 
+/// The example files the CSV's `alm-examples` come from: one object of each Caracal kind, as `examples/`
+/// ships them (which the tests apply), and an IPAMConfiguration.
+const EXAMPLES: &[&str] = &[
+    include_str!("../../examples/installation-vxlan.yaml"),
+    include_str!("../../examples/imageset.yaml"),
+    include_str!("../../examples/ippool.yaml"),
+    include_str!("../../examples/felixconfiguration.yaml"),
+    include_str!("../../examples/globalnetworkpolicy.yaml"),
+    include_str!("../../examples/networkpolicy.yaml"),
+    include_str!("../../examples/bgp.yaml"),
+    "apiVersion: caracal.dev/v1\nkind: IPAMConfiguration\nmetadata: {name: default}\nspec: {strictAffinity: false}\n",
+];
+
+/// The kinds the node agents write (IPAM's bookkeeping): OLM's UI hides them, and they have no example.
+const INTERNAL: &[&str] = &[
+    "ipamblocks.caracal.dev",
+    "blockaffinities.caracal.dev",
+    "ipamhandles.caracal.dev",
+];
+
+/// The first object of each Caracal kind in [`EXAMPLES`].
+fn alm_examples() -> anyhow::Result<Value> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for text in EXAMPLES {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let v: Value = serde::Deserialize::deserialize(doc)?;
+            let group = v["apiVersion"].as_str().unwrap_or_default();
+            let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+            if (group.starts_with("caracal.dev/") || group.starts_with("operator.caracal.dev/"))
+                && seen.insert(kind)
+            {
+                out.push(v);
+            }
+        }
+    }
+    Ok(Value::Array(out))
+}
+
 /// The ClusterServiceVersion of the OLM bundle.
-pub fn csv(r: &Release) -> Value {
+pub fn csv(r: &Release) -> anyhow::Result<Value> {
     let mut owned: Vec<Value> = crdgen::all()
         .iter()
         .map(|crd| {
@@ -389,12 +434,7 @@ pub fn csv(r: &Release) -> Value {
         })
         .collect();
     owned.sort_by_key(|o| o["name"].as_str().unwrap_or_default().to_owned());
-    let example = json!([{
-        "apiVersion": "operator.caracal.dev/v1",
-        "kind": "Installation",
-        "metadata": {"name": "default"},
-        "spec": example_installation_spec(),
-    }]);
+    let example = alm_examples()?;
     let mut annotations = json!({
         "alm-examples": serde_json::to_string_pretty(&example).unwrap_or_default(),
         "capabilities": "Seamless Upgrades",
@@ -404,6 +444,7 @@ pub fn csv(r: &Release) -> Value {
         "repository": "https://github.com/caracal-dev/caracal",
         "support": "Caracal",
         "operatorframework.io/suggested-namespace": NAMESPACE,
+        "operators.operatorframework.io/internal-objects": serde_json::to_string(INTERNAL)?,
     });
     if r.previous.is_some() {
         annotations["olm.skipRange"] = format!("<{}", r.version).into();
@@ -433,7 +474,7 @@ pub fn csv(r: &Release) -> Value {
         "install": {
             "strategy": "deployment",
             "spec": {
-                "clusterPermissions": [{"serviceAccountName": "caracal-operator", "rules": cluster_rules()}],
+                "clusterPermissions": [{"serviceAccountName": "caracal-operator", "rules": olm_cluster_rules()}],
                 "permissions": [{"serviceAccountName": "caracal-operator", "rules": namespace_rules()}],
                 "deployments": [{
                     "name": "caracal-operator",
@@ -448,13 +489,21 @@ pub fn csv(r: &Release) -> Value {
     if let Some(prev) = &r.previous {
         spec["replaces"] = format!("caracal-operator.v{prev}").into();
     }
-    json!({
+    Ok(json!({
         "apiVersion": "operators.coreos.com/v1alpha1",
         "kind": "ClusterServiceVersion",
         "metadata": {"name": r.csv_name(), "namespace": "placeholder", "annotations": annotations,
                      "labels": {"operatorframework.io/arch.amd64": "supported", "operatorframework.io/os.linux": "supported"}},
         "spec": spec,
-    })
+    }))
+}
+
+/// [`cluster_rules`] under OLM: OLM installs and upgrades the bundle's CRDs, so the operator only reads them
+/// (it finds them as it would have written them, and writes nothing).
+pub fn olm_cluster_rules() -> Vec<Value> {
+    let mut rules = cluster_rules();
+    rules[0] = rule(&["apiextensions.k8s.io"], &["customresourcedefinitions"], READ);
+    rules
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -483,7 +532,7 @@ pub fn bundle_files(r: &Release) -> anyhow::Result<BTreeMap<String, String>> {
     let mut files = BTreeMap::new();
     files.insert(
         "manifests/caracal-operator.clusterserviceversion.yaml".to_owned(),
-        yaml_stream(&header, &[("", csv(r))])?,
+        yaml_stream(&header, &[("", csv(r)?)])?,
     );
     for crd in crdgen::all() {
         let mut v = serde_json::to_value(&crd)?;
@@ -835,7 +884,7 @@ mod tests {
     #[test]
     fn the_csv_installs_the_same_deployment_and_rules_as_the_plain_manifest() {
         let r = Release::current();
-        let csv = csv(&r);
+        let csv = csv(&r).expect("csv");
         let objects = operator_objects(&r);
         let find = |kind: &str| {
             objects
@@ -846,9 +895,15 @@ mod tests {
         };
         let strategy = &csv["spec"]["install"]["spec"];
         assert_eq!(strategy["deployments"][0]["spec"], find("Deployment")["spec"]);
+        // The same rules, but for the CRDs: OLM installs them and the operator only reads them.
+        let tail = |v: &Value| v.as_array().map(|a| a[1..].to_vec());
         assert_eq!(
-            strategy["clusterPermissions"][0]["rules"],
-            find("ClusterRole")["rules"]
+            tail(&strategy["clusterPermissions"][0]["rules"]),
+            tail(&find("ClusterRole")["rules"])
+        );
+        assert_eq!(
+            strategy["clusterPermissions"][0]["rules"][0]["verbs"],
+            json!(["get", "list", "watch"])
         );
         assert_eq!(strategy["permissions"][0]["rules"], find("Role")["rules"]);
         assert_eq!(
