@@ -8,6 +8,7 @@
 #   make bench         performance figures into target/bench/*.json
 #   make olm           build OLM (olm and catalog operators), opm and the bundle validator into target/olm/bin
 #   make helm          build helm into target/helm/bin
+#   make release       one version's artefacts in target/dist/<version>: images, OLM bundle and its catalog entry, Helm chart
 #   make manifests     regenerate manifests/ (CRDs, operator manifest, OLM bundle, Helm chart) from the Rust source
 #   make lint          cargo fmt --check and clippy -D warnings
 
@@ -47,7 +48,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images olm helm
+.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images olm helm release
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -159,6 +160,21 @@ test: deps controlplane runtime olm helm lint images
 images: deps
 	$(CARGO) build --locked --release -p caracal-operator -p caracal-node -p caracal-typha -p caracal-cni -p caracal-testpod --bins
 	$(CARGO) run --locked -q -p caracal-e2e --bin caracal-images -- --out $(ROOT)/target/images --bin-dir $(ROOT)/target/release
+
+# One release (the workspace's version, which every binary, image, bundle and chart carries) in
+# target/dist/<version>: the image archives with images.json and the ImageSet, the OLM bundle (as committed in
+# manifests/olm, validated again) with its file-based catalog entry (`opm render`), and the packaged chart.
+VERSION  := $(shell awk -F'"' '$$1 ~ /^version *= */ {print $$2; exit}' $(ROOT)/Cargo.toml)
+DIST     := $(ROOT)/target/dist/$(VERSION)
+release: images olm helm
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	cp $(ROOT)/target/images/*.oci.tar $(ROOT)/target/images/images.json $(ROOT)/target/images/imageset.yaml $(DIST)/
+	cp -r $(ROOT)/manifests/olm/$(VERSION) $(DIST)/bundle
+	$(OLM_BIN)/bundle-validate $(DIST)/bundle | tail -1
+	$(OLM_BIN)/opm render $(DIST)/bundle -o yaml > $(DIST)/catalog-bundle.yaml
+	$(HELM_BIN)/helm lint $(ROOT)/manifests/helm/caracal
+	$(HELM_BIN)/helm package $(ROOT)/manifests/helm/caracal -d $(DIST)
+	@echo "==> Caracal $(VERSION) in $(DIST)"; ls -la $(DIST)
 
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
 bench: deps controlplane cni-plugins
