@@ -84,7 +84,8 @@ pub fn cluster_rules() -> Vec<Value> {
                 "installations/status",
                 "installations/finalizers",
             ],
-            &["get", "list", "watch", "patch", "update"],
+            // delete: `caracal-operator uninstall` (the chart's pre-delete hook) runs as the operator.
+            &["get", "list", "watch", "patch", "update", "delete"],
         ),
         // ImageSets (digests of a release's images): read only.
         rule(&["operator.caracal.dev"], &["imagesets"], READ),
@@ -572,6 +573,76 @@ pub fn bundle_files(r: &Release) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(files)
 }
 
+/// Deletes the Installation `default` and waits until it is gone, that is until the running operator has
+/// removed what it rendered and then its finalizer, printing what it waits for every five seconds. Fails
+/// after `timeout`, naming the finalizers left (an operator that is not running never removes them).
+pub async fn uninstall(client: &kube::Client, timeout: std::time::Duration) -> anyhow::Result<()> {
+    use caracal_crds::installation::{INSTALLATION_NAME, Installation};
+    let api: kube::Api<Installation> = kube::Api::all(client.clone());
+    let start = std::time::Instant::now();
+    match api
+        .delete(INSTALLATION_NAME, &kube::api::DeleteParams::default())
+        .await
+    {
+        Ok(_) => println!("deleting the Installation {INSTALLATION_NAME}"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            println!("no Installation {INSTALLATION_NAME}: nothing to remove");
+            return Ok(());
+        }
+        Err(e) => anyhow::bail!("deleting the Installation {INSTALLATION_NAME}: {e}"),
+    }
+    let mut last_report = std::time::Instant::now();
+    loop {
+        let Some(left) = api.get_opt(INSTALLATION_NAME).await? else {
+            println!(
+                "the Installation is gone after {:.1} s: Caracal is removed",
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        };
+        let finalizers = left.finalizers().join(", ");
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "the Installation is still there after {timeout:?} with finalizers [{finalizers}]: is the operator running? (it removes them once it has removed what it rendered)"
+            );
+        }
+        if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+            println!(
+                "{:.0} s: waiting for the operator to remove what it rendered (finalizers [{finalizers}])",
+                start.elapsed().as_secs_f64()
+            );
+            last_report = std::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// The chart's pre-delete hook: a Job that runs `caracal-operator uninstall` with the operator's image and
+/// ServiceAccount, on the host network (pod networking goes away while it runs).
+fn uninstall_job(image: &str, namespace: &str, labels: &Value) -> Value {
+    let spec = deployment_spec(image, &default_resources(), &[]);
+    let mut pod = spec["template"]["spec"].clone();
+    let container = &mut pod["containers"][0];
+    container["name"] = "uninstall".into();
+    container["command"] = json!(["caracal-operator", "uninstall", "--timeout", "280"]);
+    if let Some(c) = container.as_object_mut() {
+        for k in ["ports", "livenessProbe", "readinessProbe", "resources"] {
+            c.remove(k);
+        }
+    }
+    pod["restartPolicy"] = "Never".into();
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "caracal-uninstall", "namespace": namespace, "labels": labels,
+            "annotations": {
+                "helm.sh/hook": "pre-delete",
+                "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+            }},
+        "spec": {"backoffLimit": 0, "activeDeadlineSeconds": 300,
+                 "template": {"metadata": {"labels": {"k8s-app": "caracal-uninstall"}}, "spec": pod}},
+    })
+}
+
 /// Placeholders in the objects the chart's templates are made from, replaced by template expressions.
 const NS: &str = "CARACAL_CHART_NAMESPACE";
 const IMAGE: &str = "CARACAL_CHART_IMAGE";
@@ -721,6 +792,11 @@ installation:
             "The admission webhook, served by every operator replica.",
             json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": crate::webhook::NAME, "namespace": NS, "labels": labels}, "spec": webhook_service_spec()}),
+        ),
+        (
+            "uninstall-job.yaml",
+            "Before `helm uninstall` removes the operator: the Installation is deleted and the operator removes what it rendered, so no finalizer is left that nobody removes.",
+            uninstall_job(IMAGE, NS, &labels),
         ),
     ];
     for (name, comment, obj) in &templates {

@@ -44,6 +44,20 @@ struct Args {
     /// Run without the admission webhook.
     #[arg(long)]
     no_webhook: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Delete the Installation and wait until the running operator has removed what it rendered (its
+    /// finalizer gone): what the Helm chart's pre-delete hook runs, so that uninstalling never leaves an
+    /// Installation whose finalizer nobody removes.
+    Uninstall {
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 fn init_logs(format: &str) {
@@ -65,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
+    if let Some(Command::Uninstall { timeout }) = args.command {
+        return caracal_operator::install::uninstall(&client, std::time::Duration::from_secs(timeout)).await;
+    }
     let metrics = Arc::new(Metrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);

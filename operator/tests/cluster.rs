@@ -1300,3 +1300,92 @@ async fn an_image_set_pins_digests_and_an_invalid_one_is_refused_or_degraded() {
     .await;
     op.stop().await;
 }
+
+/// `caracal-operator uninstall` (the chart's pre-delete hook): with the operator running it deletes the
+/// Installation and returns once the operator has removed what it rendered; with none running it fails after
+/// its timeout, naming the finalizer left, instead of hanging.
+#[tokio::test]
+async fn uninstall_waits_for_the_operator_to_remove_what_it_rendered_and_fails_clearly_without_one() {
+    let op = operator().await;
+    let c = op.client.clone();
+    apply_installation(&c, json!({})).await;
+    let daemonsets: Api<DaemonSet> = Api::namespaced(c.clone(), NS);
+    eventually("the DaemonSet", || {
+        let d = daemonsets.clone();
+        async move { d.get_opt("caracal-node").await.ok().flatten() }
+    })
+    .await;
+    // Run off the test's runtime, which the in-process operator needs meanwhile.
+    let kubeconfig = op._cp.kubeconfig().to_path_buf();
+    let uninstall = |timeout: &'static str| {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_caracal-operator"))
+                    .env("KUBECONFIG", kubeconfig)
+                    .args(["uninstall", "--timeout", timeout])
+                    .output()
+                    .expect("run caracal-operator uninstall")
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let out = uninstall("120").await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Caracal is removed"), "{text}");
+    for (kind, name) in [
+        ("DaemonSet", "caracal-node"),
+        ("Deployment", "caracal-typha"),
+        ("IPPool", "default-ipv4-ippool"),
+    ] {
+        assert!(!exists(&c, kind, name).await, "{kind} {name} still there");
+    }
+    // Again: nothing to remove.
+    let out = uninstall("10").await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to remove"));
+
+    // A finalizer nobody removes (here the test's own; in a cluster, the operator's when no operator runs):
+    // uninstall fails after its timeout and names it, instead of hanging.
+    apply_installation(&c, json!({})).await;
+    let insts: Api<Installation> = Api::all(c.clone());
+    let with_operator_finalizer = eventually("the operator's finalizer", || {
+        let i = insts.clone();
+        async move {
+            let inst = i.get("default").await.ok()?;
+            inst.finalizers()
+                .iter()
+                .any(|f| f == controller::FINALIZER)
+                .then_some(inst)
+        }
+    })
+    .await;
+    let mut finalizers = with_operator_finalizer.finalizers().to_vec();
+    finalizers.push("test.caracal.dev/hold".into());
+    insts
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"finalizers": finalizers}})),
+        )
+        .await
+        .expect("hold");
+    let out = uninstall("3").await;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "uninstall returned with a finalizer left");
+    assert!(
+        text.contains("test.caracal.dev/hold") && text.contains("is the operator running?"),
+        "{text}"
+    );
+    insts
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"finalizers": []}})),
+        )
+        .await
+        .expect("release");
+    op.stop().await;
+}
