@@ -1131,8 +1131,12 @@ async fn image_pull_secrets_are_copied_kept_in_sync_set_on_pods_and_removed_when
         (node == ["later"] && typha == ["later"]).then_some(())
     })
     .await;
-    let (_, reason, _) = condition(&c, "Degraded").await.expect("Degraded");
-    assert_eq!(reason, "AsExpected");
+    // The status is written after the objects: it follows within the reconcile that switched the pods.
+    eventually("Degraded AsExpected again", || async {
+        let (_, reason, _) = condition(&c, "Degraded").await?;
+        (reason == "AsExpected").then_some(())
+    })
+    .await;
     assert!(
         sources.get_opt("regcred").await.expect("get").is_some(),
         "the source of a removed copy stays"
