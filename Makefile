@@ -118,6 +118,8 @@ $(OLM_TARGETS) &: $(OLM_DIR)/go.mod $(OLM_DIR)/go.sum $(OLM_DIR)/validate/main.g
 	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/catalog github.com/operator-framework/operator-lifecycle-manager/cmd/catalog
 	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/opm github.com/operator-framework/operator-registry/cmd/opm
 	cd $(OLM_DIR) && go build -tags $(OLM_TAGS) -ldflags '-s -w' -o $(OLM_BIN)/bundle-validate ./validate
+	@mkdir -p $(ROOT)/target/olm/crds
+	cp "$$(cd $(OLM_DIR) && go list -m -f '{{.Dir}}' github.com/operator-framework/api)"/crds/operators.coreos.com_*.yaml $(ROOT)/target/olm/crds/
 	@touch $(OLM_TARGETS)
 
 HELM_DIR := $(ROOT)/e2e/helm

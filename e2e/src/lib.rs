@@ -20,6 +20,7 @@ pub mod measure;
 pub mod netns;
 pub mod objects;
 pub mod oci;
+pub mod olm;
 pub mod pki;
 pub mod podspec;
 pub mod probe;
