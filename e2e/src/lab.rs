@@ -39,6 +39,27 @@ pub struct LabOptions {
     pub kube_proxy: Option<crate::kubeproxy::Mode>,
     /// What runs each node's pods.
     pub runtime: Runtime,
+    /// How the operator is installed on real nodes.
+    pub operator: OperatorInstall,
+}
+
+/// How the lab installs the operator on real nodes (the namespace lab runs it as a process).
+#[derive(Clone, Debug, Default)]
+pub enum OperatorInstall {
+    /// `kubectl apply -f manifests/operator`.
+    #[default]
+    Manifest,
+    /// Through the real OLM ([`crate::olm`]): a catalog of these bundles, a Subscription to it in
+    /// `caracal-operator`. OLM installs the CRDs.
+    Olm(Vec<crate::olm::CatalogBundle>),
+    /// `helm install caracal CHART -n caracal-operator --create-namespace` with these `--set` values and
+    /// `installation.enabled=false` (the lab applies its Installation itself).
+    Helm {
+        /// The chart directory or archive.
+        chart: PathBuf,
+        /// Extra `--set` values.
+        values: Vec<String>,
+    },
 }
 
 /// What runs a lab node's pods.
@@ -75,7 +96,29 @@ impl LabOptions {
             installation,
             kube_proxy: (!bpf).then_some(crate::kubeproxy::Mode::Iptables),
             runtime: Runtime::Lab,
+            operator: OperatorInstall::Manifest,
         }
+    }
+}
+
+impl OperatorInstall {
+    /// `manifest`, `olm` (a catalog of this version's bundle, `manifests/olm/<version>`) or `helm` (the
+    /// chart in `manifests/helm/caracal`).
+    pub fn from_flag(flag: &str) -> anyhow::Result<Self> {
+        let version = env!("CARGO_PKG_VERSION");
+        Ok(match flag {
+            "manifest" => OperatorInstall::Manifest,
+            "olm" => OperatorInstall::Olm(vec![crate::olm::CatalogBundle {
+                version: version.to_owned(),
+                dir: workspace_root().join("manifests/olm").join(version),
+                replaces: None,
+            }]),
+            "helm" => OperatorInstall::Helm {
+                chart: workspace_root().join("manifests/helm/caracal"),
+                values: Vec::new(),
+            },
+            o => bail!("--operator-install {o:?}: `manifest`, `olm` or `helm`"),
+        })
     }
 }
 
@@ -90,6 +133,19 @@ fn pool_cidrs(file: &Path) -> anyhow::Result<String> {
         .filter(|c| !c.contains(':'))
         .collect();
     Ok(cidrs.join(","))
+}
+
+/// The operator's namespace on every install path.
+pub const OPERATOR_NAMESPACE: &str = "caracal-operator";
+
+/// `helm` (built by `make helm`) with the lab's kubeconfig.
+pub fn helm(cp: &ControlPlane) -> std::process::Command {
+    let mut cmd = std::process::Command::new(workspace_root().join("target/helm/bin/helm"));
+    cmd.env("KUBECONFIG", cp.kubeconfig())
+        .env("HELM_CACHE_HOME", cp.dir().join("helm/cache"))
+        .env("HELM_CONFIG_HOME", cp.dir().join("helm/config"))
+        .env("HELM_DATA_HOME", cp.dir().join("helm/data"));
+    cmd
 }
 
 /// A running lab (dropping it tears everything down).
@@ -110,6 +166,8 @@ pub struct Lab {
     pub host_pods: Vec<HostPods>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     operator: Option<Supervised>,
+    /// OLM, when it installed the operator.
+    pub olm: Option<crate::olm::Olm>,
     /// Each node's kube-proxy, when it runs one.
     kube_proxies: std::sync::Mutex<Vec<Supervised>>,
     /// The pools' CIDRs, for kube-proxy.
@@ -228,13 +286,52 @@ impl Lab {
         let cp = ControlPlane::start(Options::lab()).await?;
         let client = cp.client().await?;
         std::fs::copy(cp.kubeconfig(), dir.join("kubeconfig"))?;
-        step("CRDs");
-        crate::crds::install(&client, Duration::from_secs(60)).await?;
-
         let real = opts.runtime == Runtime::Containerd;
+        if !real && !matches!(opts.operator, OperatorInstall::Manifest) {
+            bail!("the operator is installed through OLM or Helm on real nodes only (--runtime containerd)");
+        }
+        // Through OLM or Helm, the CRDs come with the operator (OLM installs the bundle's; the operator
+        // installs its own at start).
+        if matches!(opts.operator, OperatorInstall::Manifest) {
+            step("CRDs");
+            crate::crds::install(&client, Duration::from_secs(60)).await?;
+        }
+        let mut olm = None;
         let operator = if real {
-            step("operator: manifests/operator as it is (its Deployment runs from the operator image)");
-            kubectl_apply(&cp, &workspace_root().join("manifests/operator"))?;
+            match &opts.operator {
+                OperatorInstall::Manifest => {
+                    step(
+                        "operator: manifests/operator as it is (its Deployment runs from the operator image)",
+                    );
+                    kubectl_apply(&cp, &workspace_root().join("manifests/operator"))?;
+                }
+                OperatorInstall::Olm(bundles) => {
+                    step(
+                        "operator: through OLM (olm and catalog operators, a catalog served by opm, a Subscription)",
+                    );
+                    let mut o = crate::olm::Olm::start(&cp, &client, &dir.join("olm")).await?;
+                    let catalog = o.write_catalog(bundles)?;
+                    let addr = o.serve(&catalog).await?;
+                    o.publish(&client, addr).await?;
+                    o.subscribe(&client, OPERATOR_NAMESPACE).await?;
+                    olm = Some(o);
+                }
+                OperatorInstall::Helm { chart, values } => {
+                    step(&format!("operator: helm install caracal {}", chart.display()));
+                    let mut cmd = helm(&cp);
+                    cmd.args(["install", "caracal"])
+                        .arg(chart)
+                        .args(["--namespace", OPERATOR_NAMESPACE, "--create-namespace"])
+                        .args(["--set", "installation.enabled=false"]);
+                    for v in values {
+                        cmd.args(["--set", v]);
+                    }
+                    let out = cmd.output().context("running helm (make helm)")?;
+                    if !out.status.success() {
+                        bail!("helm install: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                }
+            }
             None
         } else {
             Some(Self::operator_process(&cp, &client, &dir).await?)
@@ -320,6 +417,7 @@ impl Lab {
             host_pods,
             tasks,
             operator,
+            olm,
             kube_proxies: std::sync::Mutex::default(),
             cluster_cidr,
             real_nodes,
@@ -779,6 +877,7 @@ impl Lab {
         if let Some(mut op) = self.operator.take() {
             op.stop(Duration::from_secs(5));
         }
+        self.olm.take();
         self.real_nodes.clear();
         self.sysctls.take();
         self.nodes.clear();

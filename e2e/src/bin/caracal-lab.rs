@@ -49,6 +49,10 @@ enum Command {
         /// kubelet, containerd and runc, Caracal from its images; needs `make runtime images`).
         #[arg(long, default_value = "lab")]
         runtime: String,
+        /// How the operator is installed on real nodes: `manifest` (manifests/operator), `olm` (the real OLM
+        /// with a catalog of this version's bundle; needs `make olm`) or `helm` (the chart; needs `make helm`).
+        #[arg(long, default_value = "manifest")]
+        operator_install: String,
     },
     /// Stop a detached lab (everything it started goes with it).
     Down,
@@ -102,6 +106,7 @@ fn detach_up(
     installation: &std::path::Path,
     kube_proxy: Option<&str>,
     runtime: &str,
+    operator_install: &str,
 ) -> anyhow::Result<()> {
     use std::io::{BufRead as _, Seek as _};
     use std::os::unix::process::CommandExt as _;
@@ -122,6 +127,7 @@ fn detach_up(
         .arg(installation)
         .args(kube_proxy.map(|k| format!("--kube-proxy={k}")))
         .arg(format!("--runtime={runtime}"))
+        .arg(format!("--operator-install={operator_install}"))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -266,7 +272,16 @@ async fn main() -> anyhow::Result<()> {
             detach: true,
             kube_proxy,
             runtime,
-        } => return detach_up(nodes, &installation, kube_proxy.as_deref(), &runtime),
+            operator_install,
+        } => {
+            return detach_up(
+                nodes,
+                &installation,
+                kube_proxy.as_deref(),
+                &runtime,
+                &operator_install,
+            );
+        }
         Command::Down => return down(),
         Command::Status => return status(&kubeconfig).await,
         Command::Up {
@@ -275,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
             detach: false,
             kube_proxy,
             runtime,
+            operator_install,
         } => {
             let installation = if installation.is_absolute() {
                 installation
@@ -288,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
             let run = async {
                 let mut opts = caracal_e2e::lab::LabOptions::new(nodes, installation);
                 opts.runtime = runtime.parse().map_err(anyhow::Error::msg)?;
+                opts.operator = caracal_e2e::lab::OperatorInstall::from_flag(&operator_install)?;
                 match kube_proxy.as_deref() {
                     None => {}
                     Some("none") => opts.kube_proxy = None,
