@@ -7,7 +7,8 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-/// Creates namespace `name` with `labels`, and its `default` ServiceAccount.
+/// Creates namespace `name` with `labels`, and its `default` ServiceAccount (unless a controller manager
+/// made it first).
 pub async fn namespace(client: &Client, name: &str, labels: serde_json::Value) -> Result<(), kube::Error> {
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
         .map_err(kube::Error::SerdeError)?;
@@ -16,10 +17,14 @@ pub async fn namespace(client: &Client, name: &str, labels: serde_json::Value) -
         .await?;
     let sa: ServiceAccount =
         serde_json::from_value(json!({"metadata": {"name": "default"}})).map_err(kube::Error::SerdeError)?;
-    Api::<ServiceAccount>::namespaced(client.clone(), name)
+    match Api::<ServiceAccount>::namespaced(client.clone(), name)
         .create(&PostParams::default(), &sa)
-        .await?;
-    Ok(())
+        .await
+    {
+        // A controller manager made it first.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 /// Creates pod `namespace/name` with `labels` on `node`, then sets `status.podIP` to `ip`.

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
@@ -94,6 +95,14 @@ async fn apply(client: &Client, ns: Option<&str>, obj: Value) -> anyhow::Result<
     Ok(())
 }
 
+/// Creates namespace `name` unless it exists.
+async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    match crate::objects::namespace(client, name, json!({})).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 impl Olm {
     /// Installs OLM's CRDs and starts its two operators; logs under `dir`.
     pub async fn start(cp: &ControlPlane, client: &Client, dir: &Path) -> anyhow::Result<Self> {
@@ -112,28 +121,37 @@ impl Olm {
         if !out.status.success() {
             bail!("applying OLM's CRDs: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let out = cp
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s", "crd"])
-            .args(
-                std::fs::read_dir(&crds)?
-                    .flatten()
-                    .filter_map(|e| {
-                        let n = e.file_name().to_string_lossy().into_owned();
-                        n.strip_prefix("operators.coreos.com_")
-                            .and_then(|p| p.strip_suffix(".yaml"))
-                            .map(|p| format!("{p}.operators.coreos.com"))
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "OLM's CRDs never became Established: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        // Established, polled (`kubectl wait` right after the apply fails on a status not written yet).
+        let names: Vec<String> = std::fs::read_dir(&crds)?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_prefix("operators.coreos.com_")
+                    .and_then(|p| p.strip_suffix(".yaml"))
+                    .map(|p| format!("{p}.operators.coreos.com"))
+            })
+            .collect();
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let start = Instant::now();
+        for name in &names {
+            loop {
+                let established = api.get_opt(name).await?.is_some_and(|c| {
+                    c.status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+                if established {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(60) {
+                    bail!("OLM's CRD {name} never became Established");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        crate::objects::namespace(client, CATALOG_NAMESPACE, json!({})).await?;
+        ensure_namespace(client, CATALOG_NAMESPACE).await?;
         let kubeconfig = cp.kubeconfig().to_string_lossy().into_owned();
         let env = [("KUBECONFIG".to_owned(), kubeconfig.clone())];
         let olm_bin = bin.join("olm").to_string_lossy().into_owned();
@@ -302,7 +320,7 @@ impl Olm {
     /// Subscribes `namespace` (created, with its OperatorGroup for all namespaces) to Caracal's package,
     /// channel `stable`, upgrades approved automatically.
     pub async fn subscribe(&self, client: &Client, namespace: &str) -> anyhow::Result<()> {
-        crate::objects::namespace(client, namespace, json!({})).await?;
+        ensure_namespace(client, namespace).await?;
         apply(
             client,
             Some(namespace),
