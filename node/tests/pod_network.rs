@@ -240,19 +240,22 @@ async fn three_nodes(dataplane: &str) {
 
     // CHECK and STATUS answer success.
     let path0 = format!("/run/netns/{}", pods[0].ns.name());
-    let check = c
-        .cni(
-            0,
-            &Invocation {
-                command: "CHECK",
-                container_id: &pods[0].container_id,
-                netns: &path0,
-                ifname: "eth0",
-                pod: Some(("demo", "p0")),
-            },
-        )
-        .expect("CHECK");
-    assert_eq!(check.0, 0, "CHECK: {}", check.1);
+    let check_p0 = |when: &str| {
+        let (code, out) = c
+            .cni(
+                0,
+                &Invocation {
+                    command: "CHECK",
+                    container_id: &pods[0].container_id,
+                    netns: &path0,
+                    ifname: "eth0",
+                    pod: Some(("demo", "p0")),
+                },
+            )
+            .expect("CHECK");
+        assert_eq!(code, 0, "CHECK {when}: {out}");
+    };
+    check_p0("of a wired pod");
     let status = c
         .cni(
             0,
@@ -282,23 +285,7 @@ async fn three_nodes(dataplane: &str) {
         )
         .expect("DEL of another sandbox");
     assert_eq!(code, 0, "DEL of another sandbox: {out}");
-    let check = c
-        .cni(
-            0,
-            &Invocation {
-                command: "CHECK",
-                container_id: &pods[0].container_id,
-                netns: &path0,
-                ifname: "eth0",
-                pod: Some(("demo", "p0")),
-            },
-        )
-        .expect("CHECK");
-    assert_eq!(
-        check.0, 0,
-        "CHECK after a DEL for another sandbox of the pod: {}",
-        check.1
-    );
+    check_p0("after a DEL for another sandbox of the pod");
 
     // DEL after the pod's namespace is gone succeeds, twice, and the address goes back to the pool.
     let gone = pods.pop().expect("pod");

@@ -79,6 +79,17 @@ async fn apply_installation(client: &Client, spec: serde_json::Value) {
     .expect("apply Installation");
 }
 
+/// Applies the default Installation and waits for the operator to render the caracal-node DaemonSet.
+async fn install_default(client: &Client) -> DaemonSet {
+    apply_installation(client, json!({})).await;
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    eventually("the DaemonSet", || {
+        let d = daemonsets.clone();
+        async move { d.get_opt("caracal-node").await.ok().flatten() }
+    })
+    .await
+}
+
 async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -437,13 +448,7 @@ async fn reconcile_count(op: &Running) -> u64 {
 async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang() {
     let op = operator().await;
     let c = op.client.clone();
-    apply_installation(&c, json!({})).await;
-    let daemonsets: Api<DaemonSet> = Api::namespaced(c.clone(), NS);
-    eventually("the DaemonSet", || {
-        let d = daemonsets.clone();
-        async move { d.get_opt("caracal-node").await.ok().flatten() }
-    })
-    .await;
+    install_default(&c).await;
     // A second finalizer of the test's own holds the object after the operator's cleanup, so the status
     // the operator writes while uninstalling can be read.
     let insts: Api<Installation> = Api::all(c.clone());
@@ -1312,13 +1317,7 @@ async fn an_image_set_pins_digests_and_an_invalid_one_is_refused_or_degraded() {
 async fn uninstall_waits_for_the_operator_to_remove_what_it_rendered_and_fails_clearly_without_one() {
     let op = operator().await;
     let c = op.client.clone();
-    apply_installation(&c, json!({})).await;
-    let daemonsets: Api<DaemonSet> = Api::namespaced(c.clone(), NS);
-    eventually("the DaemonSet", || {
-        let d = daemonsets.clone();
-        async move { d.get_opt("caracal-node").await.ok().flatten() }
-    })
-    .await;
+    install_default(&c).await;
     // Run off the test's runtime, which the in-process operator needs meanwhile.
     let kubeconfig = op._cp.kubeconfig().to_path_buf();
     let uninstall = |timeout: &'static str| {
