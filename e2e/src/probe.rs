@@ -307,3 +307,77 @@ pub fn whoami(src: &NetNs, addr: SocketAddr, protocol: &str, timeout: Duration) 
     });
     res.map_err(|e| Outcome::Error(e.to_string()))?
 }
+
+/// What a [`Continuous`] prober saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Connections tried.
+    pub attempts: u64,
+    /// Connections that failed.
+    pub failures: u64,
+    /// The longest time without a working connection: from the last success before a failure to the first
+    /// success after it (or to the end, when it ended failing).
+    pub longest_gap: Duration,
+    /// The first failures (at most 20): when, since the start, and how.
+    pub failed: Vec<(Duration, String)>,
+}
+
+/// Connects from the namespace `src` to `addr` every `interval`, each time a new TCP connection with an echo
+/// (`timeout` each), until stopped: what an upgrade must never interrupt. Runs on a thread of its own.
+pub struct Continuous {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Report>>,
+}
+
+impl Continuous {
+    /// Starts probing.
+    pub fn start(src: &str, addr: SocketAddr, interval: Duration, timeout: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let src = src.to_owned();
+        let thread = std::thread::spawn(move || {
+            let ns = NetNs::existing(&src);
+            let start = Instant::now();
+            let mut report = Report::default();
+            let mut last_ok = start;
+            let mut failing = false;
+            while !flag.load(Ordering::Relaxed) {
+                let tick = Instant::now();
+                let outcome = tcp_echo(&ns, addr.ip(), addr.port(), timeout)
+                    .unwrap_or_else(|e| Outcome::Error(e.to_string()));
+                report.attempts += 1;
+                if outcome.connected() {
+                    if failing {
+                        report.longest_gap = report.longest_gap.max(tick - last_ok);
+                        failing = false;
+                    }
+                    last_ok = Instant::now();
+                } else {
+                    report.failures += 1;
+                    failing = true;
+                    if report.failed.len() < 20 {
+                        report.failed.push((tick - start, format!("{outcome:?}")));
+                    }
+                }
+                if let Some(rest) = interval.checked_sub(tick.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            if failing {
+                report.longest_gap = report.longest_gap.max(last_ok.elapsed());
+            }
+            report
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops probing and returns what it saw.
+    pub fn stop(mut self) -> Report {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
