@@ -135,6 +135,34 @@ fn pool_cidrs(file: &Path) -> anyhow::Result<String> {
     Ok(cidrs.join(","))
 }
 
+/// The `kubernetes-services-endpoint` ConfigMap in the operator's namespace (created if missing): the API
+/// server's address for the operator and, through it, the agents and Typha, where no kube-proxy serves the
+/// `kubernetes` ClusterIP (yet).
+async fn api_server_address(cp: &ControlPlane, client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    match crate::objects::namespace(client, OPERATOR_NAMESPACE, json!({})).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        other => other?,
+    }
+    let port = cp.port().context("the API server's port")?.to_string();
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "kubernetes-services-endpoint", "namespace": "caracal-operator"},
+        "data": {
+            "KUBERNETES_SERVICE_HOST": crate::controlplane::ADVERTISED_ADDRESS.to_string(),
+            "KUBERNETES_SERVICE_PORT": port,
+        }
+    }))?;
+    Api::<ConfigMap>::namespaced(client.clone(), "caracal-operator")
+        .patch(
+            "kubernetes-services-endpoint",
+            &kube::api::PatchParams::apply("caracal-lab").force(),
+            &kube::api::Patch::Apply(&cm),
+        )
+        .await?;
+    Ok(())
+}
+
 /// The operator's namespace on every install path.
 pub const OPERATOR_NAMESPACE: &str = "caracal-operator";
 
@@ -298,6 +326,9 @@ impl Lab {
         }
         let mut olm = None;
         let operator = if real {
+            // Before the operator's pod starts: its container reads the address once, at start (the
+            // `kubernetes` ClusterIP works only once kube-proxy runs, after the nodes).
+            api_server_address(&cp, &client).await?;
             match &opts.operator {
                 OperatorInstall::Manifest => {
                     step(
@@ -617,24 +648,7 @@ impl Lab {
     /// plane): the operator passes it to the agents and Typha, which then reach the API server without the
     /// `kubernetes` ClusterIP.
     pub async fn give_api_server_address(&self) -> anyhow::Result<()> {
-        use k8s_openapi::api::core::v1::ConfigMap;
-        let port = self.cp.port().context("the API server's port")?.to_string();
-        let cm: ConfigMap = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "kubernetes-services-endpoint", "namespace": "caracal-operator"},
-            "data": {
-                "KUBERNETES_SERVICE_HOST": crate::controlplane::ADVERTISED_ADDRESS.to_string(),
-                "KUBERNETES_SERVICE_PORT": port,
-            }
-        }))?;
-        Api::<ConfigMap>::namespaced(self.client.clone(), "caracal-operator")
-            .patch(
-                "kubernetes-services-endpoint",
-                &kube::api::PatchParams::apply("caracal-lab").force(),
-                &kube::api::Patch::Apply(&cm),
-            )
-            .await?;
-        Ok(())
+        api_server_address(&self.cp, &self.client).await
     }
 
     /// Waits until every node's kube-proxy has programmed the `kubernetes` Service.

@@ -117,6 +117,17 @@ async fn caracal_installs_from_its_operator_deployment_on_real_kubelets_and_real
         },
     )
     .await;
+    // It started once: the API server's address was there before its container (no crash on a ClusterIP
+    // that nothing serves yet).
+    let restarts: Vec<i32> = operator
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|c| c.restart_count)
+        .collect();
+    assert_eq!(restarts, [0], "the operator's container restarted");
     let on = operator
         .spec
         .as_ref()
