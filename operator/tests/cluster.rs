@@ -79,6 +79,21 @@ async fn apply_installation(client: &Client, spec: serde_json::Value) {
     .expect("apply Installation");
 }
 
+/// A finalizer of the tests' own, which holds an Installation after the operator's cleanup.
+const HOLD: &str = "test.caracal.dev/hold";
+
+/// Sets the finalizers of the Installation `default`.
+async fn set_finalizers(insts: &Api<Installation>, finalizers: Vec<String>) {
+    insts
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"finalizers": finalizers}})),
+        )
+        .await
+        .expect("set the finalizers");
+}
+
 /// Applies the default Installation and waits for the operator to render the caracal-node DaemonSet.
 async fn install_default(client: &Client) -> DaemonSet {
     apply_installation(client, json!({})).await;
@@ -453,15 +468,8 @@ async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang()
     // the operator writes while uninstalling can be read.
     let insts: Api<Installation> = Api::all(c.clone());
     let mut finalizers = insts.get("default").await.expect("get").finalizers().to_vec();
-    finalizers.push("test.caracal.dev/hold".into());
-    insts
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"finalizers": finalizers}})),
-        )
-        .await
-        .expect("hold");
+    finalizers.push(HOLD.into());
+    set_finalizers(&insts, finalizers).await;
     insts
         .delete("default", &DeleteParams::default())
         .await
@@ -487,14 +495,7 @@ async fn deleting_the_installation_removes_what_was_rendered_and_does_not_hang()
         "{}",
         uninstalling.message
     );
-    insts
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"finalizers": []}})),
-        )
-        .await
-        .expect("release hold");
+    set_finalizers(&insts, Vec::new()).await;
     eventually("the Installation gone", || {
         let c = c.clone();
         async move {
@@ -1366,29 +1367,15 @@ async fn uninstall_waits_for_the_operator_to_remove_what_it_rendered_and_fails_c
     })
     .await;
     let mut finalizers = with_operator_finalizer.finalizers().to_vec();
-    finalizers.push("test.caracal.dev/hold".into());
-    insts
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"finalizers": finalizers}})),
-        )
-        .await
-        .expect("hold");
+    finalizers.push(HOLD.into());
+    set_finalizers(&insts, finalizers).await;
     let out = uninstall("3").await;
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "uninstall returned with a finalizer left");
     assert!(
-        text.contains("test.caracal.dev/hold") && text.contains("is the operator running?"),
+        text.contains(HOLD) && text.contains("is the operator running?"),
         "{text}"
     );
-    insts
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"finalizers": []}})),
-        )
-        .await
-        .expect("release");
+    set_finalizers(&insts, Vec::new()).await;
     op.stop().await;
 }
