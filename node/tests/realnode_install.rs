@@ -3,6 +3,8 @@
 //! chart). Each: the operator runs from what that path installed, installs Caracal, the demo's real pods
 //! connect exactly as the policy matrix says, and uninstalling through that path leaves nothing of Caracal:
 //! the Installation, what the operator rendered (caracal-system's DaemonSet and Deployment) and the operator.
+//! Through helm also: `helm upgrade` with the chart managing the Installation patches it in place (its hook
+//! Job), recreating neither it nor the DaemonSet, and connectivity still agrees.
 //!
 //! Needs root, `make runtime images olm helm`; `make test` builds them first.
 
@@ -151,6 +153,84 @@ async fn caracal_installs_and_uninstalls_through_olm_and_through_helm_on_real_no
     };
     let lab = Lab::up(&opts).await.expect("the lab, its operator through helm");
     demo_agrees(&lab, "installed through helm").await;
+    // `helm upgrade` with the chart managing the Installation (the lab's own spec as the chart's values): the
+    // hook Job applies it in place; neither the Installation nor the DaemonSet is recreated.
+    let uid = |v: Option<String>| v.expect("uid");
+    let inst_uid = uid(
+        Api::<caracal_crds::installation::Installation>::all(lab.client.clone())
+            .get("default")
+            .await
+            .expect("Installation")
+            .metadata
+            .uid,
+    );
+    let ds_uid = uid(Api::<DaemonSet>::namespaced(lab.client.clone(), "caracal-system")
+        .get("caracal-node")
+        .await
+        .expect("DaemonSet")
+        .metadata
+        .uid);
+    let example: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&opts.installation).expect("example")).expect("yaml");
+    let values = tempfile::NamedTempFile::new().expect("values file");
+    std::fs::write(
+        values.path(),
+        serde_yaml::to_string(&serde_json::json!({
+            "installation": {"enabled": true, "spec": example["spec"]},
+        }))
+        .expect("yaml"),
+    )
+    .expect("write values");
+    let out = caracal_e2e::lab::helm(&lab.cp)
+        .args(["upgrade", "caracal"])
+        .arg(workspace_root().join("manifests/helm/caracal"))
+        .args([
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--wait",
+            "--timeout",
+            "5m",
+            "-f",
+        ])
+        .arg(values.path())
+        .output()
+        .expect("helm");
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = Api::<caracal_crds::installation::Installation>::all(lab.client.clone())
+        .get("default")
+        .await
+        .expect("Installation after the upgrade");
+    assert_eq!(
+        after.metadata.uid.as_deref(),
+        Some(inst_uid.as_str()),
+        "Installation recreated"
+    );
+    let managers: Vec<String> = after
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.iter().any(|m| m == "caracal-chart"),
+        "the hook Job did not apply it: {managers:?}"
+    );
+    let ds_after = Api::<DaemonSet>::namespaced(lab.client.clone(), "caracal-system")
+        .get("caracal-node")
+        .await
+        .expect("DaemonSet after the upgrade");
+    assert_eq!(
+        ds_after.metadata.uid.as_deref(),
+        Some(ds_uid.as_str()),
+        "DaemonSet recreated"
+    );
+    agrees(&lab, "after helm upgrade").await;
     let out = caracal_e2e::lab::helm(&lab.cp)
         .args([
             "uninstall",

@@ -617,29 +617,104 @@ pub async fn uninstall(client: &kube::Client, timeout: std::time::Duration) -> a
     }
 }
 
-/// The chart's pre-delete hook: a Job that runs `caracal-operator uninstall` with the operator's image and
-/// ServiceAccount, on the host network (pod networking goes away while it runs).
-fn uninstall_job(image: &str, namespace: &str, labels: &Value) -> Value {
-    let spec = deployment_spec(image, &default_resources(), &[]);
+/// Applies the Installation in `file` (server-side, field manager `caracal-chart`), waiting up to `timeout`
+/// for what it needs to be there: the Installation CRD (the operator installs it at start) and the
+/// operator's admission webhook (serving once the operator is ready). A refusal (the webhook's or the
+/// schema's) fails at once with the API server's message. What the chart's post-install and post-upgrade
+/// hook Job runs: the Installation is then patched in place by every upgrade, never deleted and recreated.
+pub async fn apply_installation(
+    client: &kube::Client,
+    file: &Path,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use caracal_crds::installation::{INSTALLATION_NAME, Installation};
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let obj: Value = serde_yaml::from_str(&text)?;
+    if obj["kind"] != "Installation" || obj["metadata"]["name"] != INSTALLATION_NAME {
+        anyhow::bail!(
+            "{} must hold the Installation named {INSTALLATION_NAME}",
+            file.display()
+        );
+    }
+    let api: kube::Api<Installation> = kube::Api::all(client.clone());
+    let params = kube::api::PatchParams::apply("caracal-chart").force();
+    let start = std::time::Instant::now();
+    let mut last_report: Option<std::time::Instant> = None;
+    loop {
+        let err = match api
+            .patch(INSTALLATION_NAME, &params, &kube::api::Patch::Apply(&obj))
+            .await
+        {
+            Ok(_) => {
+                println!(
+                    "the Installation {INSTALLATION_NAME} is applied ({:.1} s)",
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        // Not there yet: the CRD (404), the webhook (no endpoints, connection refused: 500), the API server.
+        let waiting = match &err {
+            kube::Error::Api(e) => {
+                e.code == 404
+                    || (e.code == 500
+                        && (e.message.contains("failed calling webhook")
+                            || e.message.contains("no endpoints available")))
+                    || e.code == 503
+            }
+            _ => true,
+        };
+        if !waiting {
+            anyhow::bail!("the Installation was refused: {err}");
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!("the Installation could not be applied within {timeout:?}: {err}");
+        }
+        if last_report.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+            println!(
+                "{:.0} s: waiting for the operator (CRD and admission webhook): {err}",
+                start.elapsed().as_secs_f64()
+            );
+            last_report = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// A hook Job of the chart: `caracal-operator` with `args`, the operator's image and ServiceAccount, on the
+/// host network (pod networking may be going or not there yet while it runs); `config` mounts the
+/// `caracal-installation` ConfigMap at /etc/caracal.
+fn hook_job(name: &str, hook: &str, args: &[&str], config: bool, labels: &Value) -> Value {
+    let spec = deployment_spec(IMAGE, &default_resources(), &[]);
     let mut pod = spec["template"]["spec"].clone();
     let container = &mut pod["containers"][0];
-    container["name"] = "uninstall".into();
-    container["command"] = json!(["caracal-operator", "uninstall", "--timeout", "280"]);
+    container["name"] = name.into();
+    let mut command = vec!["caracal-operator"];
+    command.extend_from_slice(args);
+    container["command"] = json!(command);
     if let Some(c) = container.as_object_mut() {
         for k in ["ports", "livenessProbe", "readinessProbe", "resources"] {
             c.remove(k);
         }
     }
+    if config {
+        container["volumeMounts"] =
+            json!([{"name": "installation", "mountPath": "/etc/caracal", "readOnly": true}]);
+        pod["volumes"] = json!([{"name": "installation", "configMap": {"name": "caracal-installation"}}]);
+    }
     pod["restartPolicy"] = "Never".into();
     json!({
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": "caracal-uninstall", "namespace": namespace, "labels": labels,
+        "metadata": {"name": format!("caracal-{name}"), "namespace": NS, "labels": labels,
             "annotations": {
-                "helm.sh/hook": "pre-delete",
+                "helm.sh/hook": hook,
+                // The Job, not what it applies or deletes, goes before the next one and once it succeeded.
                 "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
             }},
         "spec": {"backoffLimit": 0, "activeDeadlineSeconds": 300,
-                 "template": {"metadata": {"labels": {"k8s-app": "caracal-uninstall"}}, "spec": pod}},
+                 "template": {"metadata": {"labels": {"k8s-app": format!("caracal-{name}")}}, "spec": pod}},
     })
 }
 
@@ -731,9 +806,10 @@ resources:
   requests:
     cpu: 50m
     memory: 64Mi
-# The Installation named default. With enabled, the chart creates it once the operator has installed the
-# CRDs (a post-install and post-upgrade hook: Helm cannot apply an object whose CRD it does not know yet) and
-# deletes it before the operator is uninstalled, so that the operator removes what it rendered.
+# The Installation named default. With enabled, a hook Job applies it after install and every upgrade, once
+# the operator has installed the CRDs and serves its webhook (Helm cannot apply an object whose CRD it does
+# not know yet); an upgrade patches it in place. `helm uninstall` deletes it first (a pre-delete hook), so
+# that the operator removes what it rendered.
 installation:
   enabled: true
   spec:
@@ -796,7 +872,13 @@ installation:
         (
             "uninstall-job.yaml",
             "Before `helm uninstall` removes the operator: the Installation is deleted and the operator removes what it rendered, so no finalizer is left that nobody removes.",
-            uninstall_job(IMAGE, NS, &labels),
+            hook_job(
+                "uninstall",
+                "pre-delete",
+                &["uninstall", "--timeout", "280"],
+                false,
+                &labels,
+            ),
         ),
     ];
     for (name, comment, obj) in &templates {
@@ -809,20 +891,46 @@ installation:
         "templates/installation.yaml".to_owned(),
         format!(
             "# {generated}
-# The Installation, once the operator has installed its CRD (see values.yaml).
+# The Installation, as the chart's values say: applied by the hook Job below once the operator has installed
+# its CRD and serves its webhook (Helm cannot apply an object whose CRD it does not know yet), and patched in
+# place by every upgrade.
 {{{{- if .Values.installation.enabled }}}}
-apiVersion: operator.caracal.dev/v1
-kind: Installation
+apiVersion: v1
+kind: ConfigMap
 metadata:
-  name: default
-  annotations:
-    helm.sh/hook: post-install,post-upgrade
-    helm.sh/hook-delete-policy: before-hook-creation
-spec:
-  {{{{- toYaml .Values.installation.spec | nindent 2 }}}}
+  name: caracal-installation
+  namespace: {{{{ .Release.Namespace }}}}
+data:
+  installation.yaml: |
+    apiVersion: operator.caracal.dev/v1
+    kind: Installation
+    metadata:
+      name: default
+    spec:
+      {{{{- toYaml .Values.installation.spec | nindent 6 }}}}
 {{{{- end }}}}
 "
         ),
+    );
+    let job = template(
+        "After install and every upgrade: `caracal-operator apply-installation` applies the Installation above.",
+        &hook_job(
+            "apply-installation",
+            "post-install,post-upgrade",
+            &[
+                "apply-installation",
+                "--file",
+                "/etc/caracal/installation.yaml",
+                "--timeout",
+                "280",
+            ],
+            true,
+            &labels,
+        ),
+    )?;
+    files.insert(
+        "templates/installation-job.yaml".to_owned(),
+        format!("# {generated}\n{{{{- if .Values.installation.enabled }}}}\n{job}{{{{- end }}}}\n"),
     );
     files.insert(
         "templates/NOTES.txt".to_owned(),

@@ -58,6 +58,16 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Apply the Installation in FILE once the operator's CRD and admission webhook are there (what the Helm
+    /// chart's post-install and post-upgrade hook runs: the Installation is patched in place).
+    ApplyInstallation {
+        /// A YAML file holding the Installation named default.
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// How long to wait for the operator, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 fn init_logs(format: &str) {
@@ -79,8 +89,20 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server (in-cluster or KUBECONFIG)")?;
-    if let Some(Command::Uninstall { timeout }) = args.command {
-        return caracal_operator::install::uninstall(&client, std::time::Duration::from_secs(timeout)).await;
+    match args.command {
+        Some(Command::Uninstall { timeout }) => {
+            return caracal_operator::install::uninstall(&client, std::time::Duration::from_secs(timeout))
+                .await;
+        }
+        Some(Command::ApplyInstallation { file, timeout }) => {
+            return caracal_operator::install::apply_installation(
+                &client,
+                &file,
+                std::time::Duration::from_secs(timeout),
+            )
+            .await;
+        }
+        None => {}
     }
     let metrics = Arc::new(Metrics::default());
     let mut registry = prometheus_client::registry::Registry::default();

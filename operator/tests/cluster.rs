@@ -1379,3 +1379,57 @@ async fn uninstall_waits_for_the_operator_to_remove_what_it_rendered_and_fails_c
     set_finalizers(&insts, Vec::new()).await;
     op.stop().await;
 }
+
+/// `caracal-operator apply-installation` (the chart's post-install and post-upgrade hook): applies the
+/// Installation from a file, and applying a changed one patches the same object in place (same UID: an
+/// upgrade never deletes it); a spec the API server refuses fails at once with its message.
+#[tokio::test]
+async fn apply_installation_patches_the_installation_in_place_and_fails_on_a_refused_spec() {
+    let op = operator().await;
+    let c = op.client.clone();
+    let kubeconfig = op._cp.kubeconfig().to_path_buf();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |spec: &str| {
+        let file = dir.path().join("installation.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: operator.caracal.dev/v1\nkind: Installation\nmetadata:\n  name: default\nspec:\n{spec}"
+            ),
+        )
+        .expect("write");
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_caracal-operator"))
+                    .env("KUBECONFIG", kubeconfig)
+                    .args(["apply-installation", "--timeout", "60", "--file"])
+                    .arg(file)
+                    .output()
+                    .expect("run caracal-operator apply-installation")
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let out = run("  calicoNetwork:\n    mtu: 1400\n").await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let insts: Api<Installation> = Api::all(c.clone());
+    let first = insts.get("default").await.expect("applied");
+    let out = run("  calicoNetwork:\n    mtu: 1300\n").await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = insts.get("default").await.expect("applied again");
+    assert_eq!(first.metadata.uid, second.metadata.uid, "recreated, not patched");
+    assert_eq!(
+        serde_json::to_value(&second.spec).expect("spec")["calicoNetwork"]["mtu"],
+        1300
+    );
+    let out = run("  calicoNetwork:\n    linuxDataplane: NoSuchPlane\n").await;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a refused spec was applied");
+    assert!(
+        text.contains("refused") && text.contains("linuxDataplane"),
+        "{text}"
+    );
+    op.stop().await;
+}

@@ -1,7 +1,8 @@
 //! The release's OLM bundle and Helm chart, checked by the Operator Framework's and Helm's own tools (built
 //! by `make olm helm`): the bundle passes the validation library's default and optional suites with no
 //! error; the chart passes `helm lint`, and `helm template` renders the operator from the chart's values
-//! (registry, image path, tag, pull secrets, resources) and the Installation as a hook after install.
+//! (registry, image path, tag, pull secrets, resources), the Installation for the hook Job that applies it
+//! after install and every upgrade, and the uninstall hook.
 
 #![expect(
     clippy::expect_used,
@@ -97,16 +98,42 @@ fn the_helm_chart_lints_and_renders_the_operator_from_its_values() {
             assert_eq!(o["metadata"]["namespace"], "caracal-operator", "{o}");
         }
     }
-    let installation = find(&objects, "Installation");
-    assert_eq!(installation["metadata"]["name"], "default");
-    assert!(
-        installation["metadata"]["annotations"]["helm.sh/hook"]
+    // The Installation is not a release object but the hook Job's input: a ConfigMap applied after install
+    // and every upgrade (patched in place, never deleted and recreated).
+    assert!(objects.iter().all(|o| o["kind"] != "Installation"));
+    let config = find(&objects, "ConfigMap");
+    let installation: Value = serde_yaml::from_str(
+        config["data"]["installation.yaml"]
             .as_str()
-            .is_some_and(|h| h.contains("post-install") && h.contains("post-upgrade"))
-    );
+            .expect("installation.yaml"),
+    )
+    .expect("the Installation parses");
+    assert_eq!(installation["kind"], "Installation");
+    assert_eq!(installation["metadata"]["name"], "default");
     assert_eq!(
         installation["spec"]["calicoNetwork"]["ipPools"][0]["cidr"],
         "10.244.0.0/16"
+    );
+    let jobs: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Job").collect();
+    let hook = |name: &str| {
+        jobs.iter()
+            .find(|j| j["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Job {name}"))
+    };
+    let apply = hook("caracal-apply-installation");
+    assert_eq!(
+        apply["metadata"]["annotations"]["helm.sh/hook"],
+        "post-install,post-upgrade"
+    );
+    assert_eq!(
+        apply["spec"]["template"]["spec"]["containers"][0]["command"][1],
+        "apply-installation"
+    );
+    let uninstall = hook("caracal-uninstall");
+    assert_eq!(uninstall["metadata"]["annotations"]["helm.sh/hook"], "pre-delete");
+    assert_eq!(
+        uninstall["spec"]["template"]["spec"]["containers"][0]["image"],
+        r.operator_image()
     );
 
     // Values: another registry, path and tag, pull secrets, resources; no Installation.
@@ -125,5 +152,10 @@ fn the_helm_chart_lints_and_renders_the_operator_from_its_values() {
     );
     assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
     assert_eq!(pod["containers"][0]["resources"]["limits"]["memory"], "256Mi");
-    assert!(objects.iter().all(|o| o["kind"] != "Installation"));
+    assert!(objects.iter().all(|o| o["kind"] != "ConfigMap"));
+    assert!(
+        objects
+            .iter()
+            .all(|o| o["metadata"]["name"] != "caracal-apply-installation")
+    );
 }
