@@ -462,10 +462,9 @@ impl Lab {
             // server through the `kubernetes` ClusterIP.
             lab.wait_kube_proxy(mode).await?;
         }
-        // Without kube-proxy nothing serves the `kubernetes` ClusterIP to host-network pods; on real nodes Caracal
-        // reaches the API server by the address the operator renders in every mode, as Calico documents for an
-        // operator install: its own pods do not wait for Services.
-        if real || opts.kube_proxy.is_none() {
+        // Without kube-proxy nothing serves the `kubernetes` ClusterIP to host-network pods. (Real nodes got the
+        // address before the operator was installed: Caracal's own pods never wait for Services there.)
+        if !real && opts.kube_proxy.is_none() {
             step("the operator gets the API server's address (kubernetes-services-endpoint)");
             lab.give_api_server_address().await?;
         }
