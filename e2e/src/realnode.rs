@@ -294,7 +294,7 @@ impl RealNode {
         script.push("mount -t bpf bpf /sys/fs/bpf".to_owned());
         script.push("exec sleep infinity".to_owned());
         let holder_args = in_node_holder(&cgroup, &script.join("\n"));
-        let holder = Supervised::spawn(
+        let mut holder = Supervised::spawn(
             &format!("{}-mounts", cfg.name),
             Path::new("/bin/sh"),
             &holder_args,
@@ -303,14 +303,16 @@ impl RealNode {
         )?;
         let pid = holder.pid().context("the mount namespace holder's pid")?;
         let mnt = PathBuf::from(format!("/proc/{pid}/ns/mnt"));
-        // The holder has mounted everything once `sleep` runs (its command line says so).
+        // The holder has mounted everything once `sleep` runs (its command line says so). The command line
+        // reads empty for a moment while the holder execs (the new image's arguments are not set up yet), so
+        // only the process's exit, not an empty read, means it failed.
         let start = Instant::now();
         loop {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if cmdline.starts_with(b"sleep") {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(10) || cmdline.is_empty() {
+            if start.elapsed() > Duration::from_secs(10) || holder.exited() {
                 bail!(
                     "the node's mount namespace did not come up: {}",
                     std::fs::read_to_string(dir.join("mounts.log")).unwrap_or_default()
