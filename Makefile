@@ -9,6 +9,7 @@
 #   make olm           build OLM (olm and catalog operators), opm and the bundle validator into target/olm/bin
 #   make helm          build helm into target/helm/bin
 #   make release       one version's artefacts in target/dist/<version>: images, OLM bundle and its catalog entry, Helm chart
+#   make previous      the previous release (N-1), built from its commit into target/previous/<version>: the upgrade tests' start
 #   make manifests     regenerate manifests/ (CRDs, operator manifest, OLM bundle, Helm chart) from the Rust source
 #   make lint          cargo fmt --check and clippy -D warnings
 
@@ -48,7 +49,7 @@ VERSION_LDFLAGS := -s -w \
   -X k8s.io/client-go/pkg/version.gitMajor=1 \
   -X k8s.io/client-go/pkg/version.gitMinor=$(K8S_MINOR)
 
-.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images olm helm release
+.PHONY: test lab bench deps controlplane runtime cni-plugins manifests lint unit cluster build clean-controlplane images olm helm release previous
 
 deps:
 	@command -v go >/dev/null || { echo "Go is required (the image provides it at /usr/local/go)"; exit 1; }
@@ -152,7 +153,7 @@ unit: deps
 
 # Every tier: unit, kernel, cluster and lab. Tests start other packages' binaries (caracal-cni, caracal-typha,
 # caracalctl) from target/debug, so every binary is built first.
-test: deps controlplane runtime olm helm lint images
+test: deps controlplane runtime olm helm lint previous images
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 
@@ -177,6 +178,34 @@ release: images olm helm
 	$(HELM_BIN)/helm lint $(ROOT)/manifests/helm/caracal
 	$(HELM_BIN)/helm package $(ROOT)/manifests/helm/caracal -d $(DIST)
 	@echo "==> Caracal $(VERSION) in $(DIST)"; ls -la $(DIST)
+
+# The previous release (N-1), where every upgrade test starts: the version operator/src/install.rs names
+# (PREVIOUS_RELEASE) and the commit its tag (v<version>) points at, named here by hash because a clone need not
+# carry tags while it always carries main's history. Its source (`git archive`) is built with this workspace's
+# target directory, so the dependencies it shares with this release are compiled once; its release binaries
+# are copied out and packed by this release's image builder (same Debian root filesystems) as v<version>; its
+# OLM bundle and Helm chart are taken as that release committed them. Built once (delete the directory to
+# build it again); `previous` runs before `images`, whose cargo build puts this release's binaries back in
+# target/release.
+PREVIOUS_VERSION := $(shell awk -F'"' '/^pub const PREVIOUS_RELEASE/ {print $$2}' $(ROOT)/operator/src/install.rs)
+PREVIOUS_COMMIT  := d0b0e3da6478ea8b4c59aaf00433d164516c117f
+PREV             := $(ROOT)/target/previous/$(PREVIOUS_VERSION)
+previous: $(PREV)/images/images.json
+
+$(PREV)/images/images.json: | deps
+	@git -C $(ROOT) cat-file -e '$(PREVIOUS_COMMIT)^{commit}' 2>/dev/null || { \
+	  echo "v$(PREVIOUS_VERSION)'s commit $(PREVIOUS_COMMIT) is not in this clone (a shallow clone lacks it): fetch main's full history"; exit 1; }
+	@echo "building the previous release v$(PREVIOUS_VERSION) ($(PREVIOUS_COMMIT)) into $(PREV)"
+	rm -rf $(PREV) && mkdir -p $(PREV)/src $(PREV)/bin
+	git -C $(ROOT) archive $(PREVIOUS_COMMIT) | tar -x -C $(PREV)/src
+	cd $(PREV)/src && CARGO_TARGET_DIR=$(ROOT)/target $(CARGO) build --locked --release \
+	  -p caracal-operator -p caracal-node -p caracal-typha -p caracal-cni --bins
+	cp $(ROOT)/target/release/caracal-operator $(ROOT)/target/release/caracal-node $(ROOT)/target/release/caracal-typha \
+	  $(ROOT)/target/release/caracal-cni $(PREV)/bin/
+	$(CARGO) run --locked -q -p caracal-e2e --bin caracal-images -- --out $(PREV)/images --bin-dir $(PREV)/bin \
+	  --tag v$(PREVIOUS_VERSION) --rootfs-cache $(ROOT)/target/images/rootfs --only operator --only node --only cni --only typha
+	cp -r $(PREV)/src/manifests/olm/$(PREVIOUS_VERSION) $(PREV)/bundle
+	cp -r $(PREV)/src/manifests/helm/caracal $(PREV)/chart
 
 # Performance figures, written to target/bench/*.json (timings are reported, never asserted).
 bench: deps controlplane cni-plugins

@@ -41,6 +41,57 @@ pub struct LabOptions {
     pub runtime: Runtime,
     /// How the operator is installed on real nodes.
     pub operator: OperatorInstall,
+    /// More image directories (each with `images.json` and the archives, as `make images` writes them) whose
+    /// images every real node imports besides `target/images`: the previous release's, for upgrades.
+    pub extra_images: Vec<PathBuf>,
+}
+
+/// The previous release (N-1) as `make previous` builds it from its commit into `target/previous/<version>`:
+/// its images, its OLM bundle and its Helm chart, as that release committed them.
+#[derive(Clone, Debug)]
+pub struct PreviousRelease {
+    /// `0.1.0`.
+    pub version: String,
+    /// `target/previous/<version>`.
+    pub dir: PathBuf,
+}
+
+impl PreviousRelease {
+    /// The release `version` built by `make previous`; an error names the command when it is missing.
+    pub fn open(version: &str) -> anyhow::Result<Self> {
+        let dir = workspace_root().join("target/previous").join(version);
+        for part in [
+            "images/images.json",
+            "bundle/metadata/annotations.yaml",
+            "chart/Chart.yaml",
+        ] {
+            if !dir.join(part).exists() {
+                bail!(
+                    "{} is missing: run `make previous` (it builds v{version} from its commit)",
+                    dir.join(part).display()
+                );
+            }
+        }
+        Ok(Self {
+            version: version.to_owned(),
+            dir,
+        })
+    }
+
+    /// Its images (`images.json` and the archives).
+    pub fn images(&self) -> PathBuf {
+        self.dir.join("images")
+    }
+
+    /// Its OLM bundle (`manifests/olm/<version>` of its commit).
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+
+    /// Its Helm chart (`manifests/helm/caracal` of its commit).
+    pub fn chart(&self) -> PathBuf {
+        self.dir.join("chart")
+    }
 }
 
 /// How the lab installs the operator on real nodes (the namespace lab runs it as a process).
@@ -97,6 +148,7 @@ impl LabOptions {
             kube_proxy: (!bpf).then_some(crate::kubeproxy::Mode::Iptables),
             runtime: Runtime::Lab,
             operator: OperatorInstall::Manifest,
+            extra_images: Vec::new(),
         }
     }
 }
@@ -215,6 +267,54 @@ fn lab_bin() -> PathBuf {
 
 /// The images every real node imports (`make images` builds them into `target/images`).
 pub const IMAGES: &[&str] = &["operator", "node", "cni", "typha", "pause", "echo"];
+
+/// One image a real node imports: its archive, reference and digest.
+struct NodeImage {
+    archive: PathBuf,
+    reference: String,
+    digest: String,
+}
+
+/// Every image of `make images` ([`IMAGES`] in `target/images`) and every image listed in the `images.json`
+/// of each directory of `extra`.
+fn node_images(extra: &[PathBuf]) -> anyhow::Result<Vec<NodeImage>> {
+    let read = |dir: &Path| -> anyhow::Result<Value> {
+        let list = dir.join("images.json");
+        Ok(serde_json::from_str(
+            &std::fs::read_to_string(&list)
+                .with_context(|| format!("{}: run `make images`", list.display()))?,
+        )?)
+    };
+    let entry = |dir: &Path, list: &Value, image: &str| -> anyhow::Result<NodeImage> {
+        let (Some(reference), Some(digest)) =
+            (list[image]["reference"].as_str(), list[image]["digest"].as_str())
+        else {
+            bail!("{image} is not in {}/images.json", dir.display());
+        };
+        let archive = dir.join(format!("{image}.oci.tar"));
+        if !archive.exists() {
+            bail!("{} is missing: run `make images`", archive.display());
+        }
+        Ok(NodeImage {
+            archive,
+            reference: reference.to_owned(),
+            digest: digest.to_owned(),
+        })
+    };
+    let own = workspace_root().join("target/images");
+    let list = read(&own)?;
+    let mut images = IMAGES
+        .iter()
+        .map(|image| entry(&own, &list, image))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for dir in extra {
+        let list = read(dir)?;
+        for image in list.as_object().into_iter().flat_map(|o| o.keys()) {
+            images.push(entry(dir, &list, image)?);
+        }
+    }
+    Ok(images)
+}
 
 /// The lab's directory.
 pub fn lab_dir() -> PathBuf {
@@ -388,14 +488,10 @@ impl Lab {
         let mut real_nodes = Vec::new();
         let sysctls = real.then(crate::realnode::Sysctls::record);
         // The images every real node imports, as `make images` listed them (read once for all nodes).
-        let images: Value = if real {
-            let list = workspace_root().join("target/images/images.json");
-            serde_json::from_str(
-                &std::fs::read_to_string(&list)
-                    .with_context(|| format!("{}: run `make images`", list.display()))?,
-            )?
+        let images = if real {
+            node_images(&opts.extra_images)?
         } else {
-            Value::Null
+            Vec::new()
         };
         if real {
             // The API server dials kubelets (logs, exec) and the operator's webhook at node addresses.
@@ -544,7 +640,7 @@ impl Lab {
         ip: Ipv4Addr,
         api_port: u16,
         dir: &Path,
-        images: &Value,
+        images: &[NodeImage],
     ) -> anyhow::Result<crate::realnode::RealNode> {
         let mut node = crate::realnode::RealNode::start(crate::realnode::RealNodeConfig {
             name: name.to_owned(),
@@ -555,24 +651,13 @@ impl Lab {
             pki: cp.pki().clone(),
             bin: crate::realnode::runtime_bin(),
         })?;
-        let archives = workspace_root().join("target/images");
-        for image in IMAGES {
-            let archive = archives.join(format!("{image}.oci.tar"));
-            let (Some(reference), Some(digest)) = (
-                images[image]["reference"].as_str(),
-                images[image]["digest"].as_str(),
-            ) else {
-                bail!("{image} is not in target/images/images.json: run `make images`");
-            };
-            if !archive.exists() {
-                bail!("{} is missing: run `make images`", archive.display());
-            }
-            node.import(&archive, reference, digest)?;
+        for image in images {
+            node.import(&image.archive, &image.reference, &image.digest)?;
         }
         node.start_kubelet()?;
         println!(
             "    {name}: containerd up, {} images imported, kubelet started",
-            IMAGES.len()
+            images.len()
         );
         Ok(node)
     }

@@ -136,3 +136,23 @@ fn building_the_same_inputs_again_gives_the_same_digests() {
         assert_eq!(again[name]["digest"], img["digest"], "{name}");
     }
 }
+
+/// The lab's demo names Caracal's images by this release's tag (the one `make images` builds and every real
+/// node imports): a version bump that leaves it behind would leave the demo's pods without an image.
+#[test]
+fn the_lab_demo_names_this_releases_images() {
+    let text = std::fs::read_to_string(workspace_root().join("e2e/lab/demo.yaml")).expect("demo.yaml");
+    let tag = concat!(":v", env!("CARGO_PKG_VERSION"));
+    let images: Vec<&str> = text
+        .split("image: ")
+        .skip(1)
+        .filter_map(|rest| rest.split([',', '}', '\n']).next())
+        .collect();
+    assert!(!images.is_empty(), "the demo runs pods");
+    for image in images {
+        assert!(
+            image.starts_with("caracal/") && image.ends_with(tag),
+            "e2e/lab/demo.yaml names {image}: Caracal's images of this release end in {tag}"
+        );
+    }
+}

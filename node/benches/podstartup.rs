@@ -40,7 +40,7 @@ fn pod(name: &str, node: usize) -> Pod {
         "metadata": {"name": name, "labels": {"app": "startup"}},
         "spec": {
             "nodeName": format!("lab-node-{node}"),
-            "containers": [{"name": "c", "image": "caracal/echo:v0.1.0", "args": ["8080/TCP"],
+            "containers": [{"name": "c", "image": concat!("caracal/echo:v", env!("CARGO_PKG_VERSION")), "args": ["8080/TCP"],
                             "ports": [{"containerPort": 8080}]}]
         }
     }))

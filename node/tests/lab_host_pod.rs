@@ -60,7 +60,7 @@ async fn a_host_network_pod_runs_as_a_process_becomes_ready_and_stops_on_delete(
             "hostNetwork": true,
             "containers": [{
                 "name": "caracal-typha",
-                "image": "caracal/typha:v0.1.0",
+                "image": concat!("caracal/typha:v", env!("CARGO_PKG_VERSION")),
                 "env": [
                     {"name": "CARACAL_TYPHA_PORT", "value": "5473"},
                     {"name": "CARACAL_TYPHA_HEALTH_PORT", "value": "9098"},

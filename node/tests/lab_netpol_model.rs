@@ -44,9 +44,10 @@ fn model() -> String {
             for port in [80, 81] {
                 for proto in ["TCP", "UDP"] {
                     containers.push_str(&format!(
-                        "  - {{name: cont-{port}-{}, image: caracal/echo:v0.1.0, args: [\"{port}/{proto}\"], ports: [{{containerPort: {port}, protocol: {proto}, name: serve-{port}-{}}}]}}\n",
+                        "  - {{name: cont-{port}-{}, image: caracal/echo:v{version}, args: [\"{port}/{proto}\"], ports: [{{containerPort: {port}, protocol: {proto}, name: serve-{port}-{}}}]}}\n",
                         proto.to_lowercase(),
-                        proto.to_lowercase()
+                        proto.to_lowercase(),
+                        version = env!("CARGO_PKG_VERSION"),
                     ));
                 }
             }

@@ -284,7 +284,8 @@ async fn caracal_installs_from_its_operator_deployment_on_real_kubelets_and_real
     let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
     for i in 0..2 {
         text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: e2e, labels: {{app: p{i}}}}}\nspec:\n  nodeName: lab-node-{i}\n  containers: [{{name: c, image: caracal/echo:v0.1.0, args: [\"9000/TCP\"], ports: [{{containerPort: 9000}}]}}]\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: e2e, labels: {{app: p{i}}}}}\nspec:\n  nodeName: lab-node-{i}\n  containers: [{{name: c, image: caracal/echo:v{version}, args: [\"9000/TCP\"], ports: [{{containerPort: 9000}}]}}]\n",
+            version = env!("CARGO_PKG_VERSION"),
         ));
     }
     let file = tempfile::NamedTempFile::new().expect("temp file");

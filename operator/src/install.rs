@@ -59,7 +59,7 @@ impl Release {
 
 /// The release before this one (tagged `v<version>` in git): the N-1 that upgrades are tested from. None
 /// for the first release.
-pub const PREVIOUS_RELEASE: Option<&str> = None;
+pub const PREVIOUS_RELEASE: Option<&str> = Some("0.1.0");
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
     json!({"apiGroups": groups, "resources": resources, "verbs": verbs})

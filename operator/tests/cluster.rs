@@ -740,16 +740,28 @@ async fn the_webhook_rejects_bad_selectors_overlapping_pools_and_missing_tiers()
     task.abort();
 }
 
-#[tokio::test]
-async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
-    let (_cp, client) = caracal_e2e::crds::control_plane()
+/// An upgrade from the release whose render is `fixture` (under tests/fixtures, its images tagged `old_tag`):
+/// its objects are applied as its operator left them (same field manager), this release's operator starts on
+/// the same Installation (examples/installation-vxlan.yaml), and the DaemonSet is returned once its image is
+/// no longer `old_tag`'s, with the UIDs the DaemonSet and the Typha Deployment had before.
+struct Upgraded {
+    _cp: ControlPlane,
+    client: Client,
+    old_uids: (String, String),
+    migrated: DaemonSet,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn upgrade_from(fixture: &str, old_tag: &str) -> Upgraded {
+    let (cp, client) = caracal_e2e::crds::control_plane()
         .await
         .expect("control plane with CRDs");
-    // What the previous operator left: its objects, written by the same field manager.
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/previous-release.yaml"
-    ))
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(fixture),
+    )
     .expect("fixture");
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}});
     let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
@@ -765,14 +777,28 @@ async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
         let name = doc["metadata"]["name"].as_str().expect("name");
         api.patch(name, &PatchParams::apply("caracal-operator"), &Patch::Apply(&doc))
             .await
-            .expect("previous object");
+            .unwrap_or_else(|e| panic!("previous {kind} {name}: {e}"));
     }
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
-    let old_uid = daemonsets.get("caracal-node").await.expect("old DS").uid();
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), NS);
+    let old_uids = (
+        daemonsets
+            .get("caracal-node")
+            .await
+            .expect("old DS")
+            .uid()
+            .expect("uid"),
+        deployments
+            .get("caracal-typha")
+            .await
+            .expect("old Deployment")
+            .uid()
+            .expect("uid"),
+    );
 
     // The new operator starts on the same Installation.
     let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::default())));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(controller::run(ctx, async move {
         let _ = rx.await;
     }));
@@ -785,8 +811,10 @@ async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
     )
     .expect("yaml");
     apply_installation(&client, example["spec"].clone()).await;
+    let old_suffix = format!(":{old_tag}");
     let migrated = eventually("the DaemonSet migrated", || {
         let d = daemonsets.clone();
+        let old_suffix = old_suffix.clone();
         async move {
             let ds = d.get("caracal-node").await.ok()?;
             let image = ds
@@ -799,17 +827,97 @@ async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
                 .first()?
                 .image
                 .clone()?;
-            (!image.ends_with(":v0.0.9")).then_some(ds)
+            (!image.ends_with(&old_suffix)).then_some(ds)
+        }
+    })
+    .await;
+    Upgraded {
+        _cp: cp,
+        client,
+        old_uids,
+        migrated,
+        stop,
+        task,
+    }
+}
+
+impl Upgraded {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// The real previous release: v0.1.0's render (its golden file) is adopted in place, the DaemonSet and the
+/// Typha Deployment keep their UIDs and take this release's images.
+#[tokio::test]
+async fn the_previous_releases_render_is_adopted_and_migrated_in_place() {
+    let previous = caracal_operator::install::PREVIOUS_RELEASE.expect("a previous release");
+    let up = upgrade_from(&format!("release-{previous}.yaml"), &format!("v{previous}")).await;
+    let tag = concat!(":v", env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        up.migrated.uid().as_deref(),
+        Some(up.old_uids.0.as_str()),
+        "the DaemonSet was replaced instead of updated in place"
+    );
+    let images: Vec<String> = up
+        .migrated
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| {
+            p.containers
+                .iter()
+                .chain(p.init_containers.iter().flatten())
+                .filter_map(|c| c.image.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !images.is_empty() && images.iter().all(|i| i.ends_with(tag)),
+        "every container of the agent runs this release: {images:?}"
+    );
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(up.client.clone(), NS);
+    let typha = eventually("Typha migrated", || {
+        let d = deployments.clone();
+        async move {
+            let dep = d.get("caracal-typha").await.ok()?;
+            let image = dep
+                .spec
+                .as_ref()?
+                .template
+                .spec
+                .as_ref()?
+                .containers
+                .first()?
+                .image
+                .clone()?;
+            image.ends_with(tag).then_some(dep)
         }
     })
     .await;
     assert_eq!(
-        migrated.uid(),
-        old_uid,
+        typha.uid().as_deref(),
+        Some(up.old_uids.1.as_str()),
+        "the Typha Deployment was replaced instead of updated in place"
+    );
+    up.stop().await;
+}
+
+/// What a release stopped rendering goes: an env var leaves the DaemonSet and an obsolete ConfigMap is
+/// pruned (a synthetic older release: no real one has dropped anything yet).
+#[tokio::test]
+async fn what_an_older_release_rendered_and_this_one_does_not_is_pruned_in_place() {
+    let up = upgrade_from("synthetic-older-release.yaml", "v0.0.9").await;
+    assert_eq!(
+        up.migrated.uid().as_deref(),
+        Some(up.old_uids.0.as_str()),
         "the DaemonSet was replaced instead of updated in place"
     );
-    let env: Vec<String> = migrated
+    let env: Vec<String> = up
+        .migrated
         .spec
+        .clone()
         .and_then(|s| s.template.spec)
         .expect("pod spec")
         .containers[0]
@@ -827,7 +935,7 @@ async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
         !env.contains(&"CARACAL_LEGACY_FELIX".to_owned()),
         "the old release's env var is gone: {env:?}"
     );
-    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let configmaps: Api<ConfigMap> = Api::namespaced(up.client.clone(), NS);
     eventually("the obsolete ConfigMap pruned", || {
         let c = configmaps.clone();
         async move {
@@ -838,8 +946,7 @@ async fn the_previous_release_render_is_adopted_and_migrated_in_place() {
         }
     })
     .await;
-    let _ = tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    up.stop().await;
 }
 
 #[tokio::test]

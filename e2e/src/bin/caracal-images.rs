@@ -16,7 +16,7 @@
 //! Written to `<out>/<image>/` (an OCI image layout) and `<out>/<image>.oci.tar` (the layout as one
 //! archive, for `ctr images import`), named `<registry><path>/<image>:<version>` as the operator renders
 //! them; `<out>/images.json` lists references, digests and sizes. The Debian root filesystems are cached in
-//! `<out>/rootfs/` (delete them to take the mirror's current packages).
+//! `<out>/rootfs/` or `--rootfs-cache` (delete them to take the mirror's current packages).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +47,10 @@ struct Args {
     /// Only these images (default: all).
     #[arg(long = "only")]
     only: Vec<String>,
+    /// Where the Debian root filesystems are cached (default: `<out>/rootfs`); the previous release's images
+    /// share the current one's.
+    #[arg(long)]
+    rootfs_cache: Option<PathBuf>,
 }
 
 /// Debian packages every image has: the C library and the unwinder Rust binaries link against.
@@ -103,14 +107,14 @@ const SOURCES: &[&str] = &[
     "deb http://deb.debian.org/debian-security bookworm-security main",
 ];
 
-/// The root filesystem of `packages` (and what they depend on), extracted once into `<out>/rootfs/<key>`.
-fn rootfs(out: &Path, packages: &[&str]) -> anyhow::Result<PathBuf> {
+/// The root filesystem of `packages` (and what they depend on), extracted once into `<cache>/<key>`.
+fn rootfs(cache: &Path, packages: &[&str]) -> anyhow::Result<PathBuf> {
     let key = if packages.len() == BASE.len() {
         "base".to_owned()
     } else {
         packages[BASE.len()..].join("-")
     };
-    let dir = out.join("rootfs").join(&key);
+    let dir = cache.join(&key);
     let done = dir.with_extension("done");
     if done.exists() {
         return Ok(dir);
@@ -218,7 +222,11 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let packages: Vec<&str> = BASE.iter().chain(spec.packages).copied().collect();
-        let root = rootfs(&args.out, &packages)?;
+        let cache = args
+            .rootfs_cache
+            .clone()
+            .unwrap_or_else(|| args.out.join("rootfs"));
+        let root = rootfs(&cache, &packages)?;
         let mut base = Layer::new();
         base.add_tree(&root, &keep)
             .with_context(|| format!("reading {}", root.display()))?;
