@@ -360,6 +360,7 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
     let before = uids(&lab).await;
     let probes = start_probes(&lab).await;
     let roll = RollWatch::start(&lab);
+    let started = Instant::now();
     let csv = format!("caracal-operator.v{VERSION}");
     let olm = lab.olm.as_mut().expect("OLM");
     let catalog = olm
@@ -377,8 +378,14 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
     olm.wait_installed(&client, OPERATOR_NAMESPACE, &csv, Duration::from_secs(300))
         .await
         .expect("OLM upgraded to N");
+    let csv_done = started.elapsed();
     upgraded(&lab, &before).await;
     let fewest = roll.finish().await;
+    println!(
+        "OLM upgrade v{} -> v{VERSION}: CSV Succeeded after {csv_done:?}, every pod on v{VERSION} after {:?}, fewest agents Ready {fewest} of 2",
+        prev.version,
+        started.elapsed()
+    );
     finish_probes(probes, "the OLM upgrade");
     assert!(
         fewest >= 1,
@@ -449,6 +456,7 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
     let before = uids(&lab).await;
     let probes = start_probes(&lab).await;
     let roll = RollWatch::start(&lab);
+    let started = Instant::now();
     let example: serde_json::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&opts.installation).expect("example")).expect("yaml");
     let values = tempfile::NamedTempFile::new().expect("values file");
@@ -480,8 +488,14 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let helm_done = started.elapsed();
     upgraded(&lab, &before).await;
     let fewest = roll.finish().await;
+    println!(
+        "helm upgrade v{} -> v{VERSION}: helm returned after {helm_done:?}, every pod on v{VERSION} after {:?}, fewest agents Ready {fewest} of 2",
+        prev.version,
+        started.elapsed()
+    );
     finish_probes(probes, "helm upgrade");
     assert!(
         fewest >= 1,
