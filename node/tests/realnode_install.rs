@@ -82,7 +82,7 @@ fn previous() -> PreviousRelease {
 }
 
 /// Nothing of Caracal is left: no Installation, no caracal-node DaemonSet or Typha Deployment, no operator
-/// Deployment.
+/// Deployment, no webhook registration or webhook Secret.
 async fn nothing_left(lab: &Lab) -> Result<(), String> {
     let e = |e: kube::Error| e.to_string();
     let inst = Api::<caracal_crds::installation::Installation>::all(lab.client.clone())
@@ -114,6 +114,26 @@ async fn nothing_left(lab: &Lab) -> Result<(), String> {
         .is_some()
     {
         return Err("the operator is still there".into());
+    }
+    // The webhook's registration (failurePolicy Fail: left behind it would refuse every write of the kinds it
+    // validates) and its Secret go with the install that owned them.
+    if Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
+        lab.client.clone(),
+    )
+    .get_opt("caracal-operator-webhook")
+    .await
+    .map_err(e)?
+    .is_some()
+    {
+        return Err("the webhook registration is still there".into());
+    }
+    if Api::<k8s_openapi::api::core::v1::Secret>::namespaced(lab.client.clone(), OPERATOR_NAMESPACE)
+        .get_opt("caracal-operator-webhook")
+        .await
+        .map_err(e)?
+        .is_some()
+    {
+        return Err("the webhook Secret is still there".into());
     }
     Ok(())
 }

@@ -2,6 +2,14 @@
 //! with the CA that signed its serving certificate. It rejects what CEL cannot check: selector syntax (the
 //! message gives the field, the character and a caret), IPPools overlapping another pool, and policies in a
 //! tier that does not exist.
+//!
+//! Its registration and TLS Secret belong to the operator's install (owner references, [`owners`]): every
+//! ClusterRoleBinding that binds the operator's ServiceAccount owns the registration, the ServiceAccount owns
+//! the Secret. Uninstalling the operator through any path (the plain manifest, `helm uninstall`, OLM deleting
+//! the CSV) deletes those, and the garbage collector then deletes the registration, which would otherwise stay
+//! behind with `failurePolicy: Fail` and refuse every write of the kinds it validates. Through an OLM upgrade
+//! the new CSV's binding exists before its operator starts, so the registration keeps an owner while the old
+//! CSV's binding goes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -122,8 +130,108 @@ pub async fn material(
     ))
 }
 
+/// The ServiceAccount the operator runs as (every install path names it so).
+pub const SERVICE_ACCOUNT: &str = "caracal-operator";
+
+/// How often a running operator checks its registration (a deleted or changed one is registered again).
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What the registration and the Secret belong to: owner references to every ClusterRoleBinding that binds
+/// the ServiceAccount [`SERVICE_ACCOUNT`] of `namespace` (the manifest's and the chart's `caracal-operator`,
+/// OLM's generated one per CSV), and to that ServiceAccount. None found: no owners (an operator run outside
+/// its install, as in some tests; its registration then stays until deleted).
+pub async fn owners(
+    client: &Client,
+    namespace: &str,
+) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>), WebhookError> {
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
+    let list = bindings
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| WebhookError::Api("listing ClusterRoleBindings", e))?;
+    let mut cluster: Vec<serde_json::Value> = list
+        .items
+        .iter()
+        .filter(|b| {
+            b.subjects.iter().flatten().any(|s| {
+                s.kind == "ServiceAccount"
+                    && s.name == SERVICE_ACCOUNT
+                    && s.namespace.as_deref() == Some(namespace)
+            })
+        })
+        .filter_map(|b| {
+            Some(
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                        "name": b.metadata.name.clone()?, "uid": b.metadata.uid.clone()?}),
+            )
+        })
+        .collect();
+    cluster.sort_by_key(|o| o["name"].as_str().unwrap_or_default().to_owned());
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), namespace);
+    let sa = accounts
+        .get_opt(SERVICE_ACCOUNT)
+        .await
+        .map_err(|e| WebhookError::Api("reading the operator's ServiceAccount", e))?
+        .and_then(|a| {
+            Some(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                        "name": a.metadata.name?, "uid": a.metadata.uid?}))
+        });
+    Ok((cluster, sa.into_iter().collect()))
+}
+
+/// Gives the Secret [`NAME`] in `namespace` the owners `owners` when it lacks one of them.
+async fn own_secret(
+    client: &Client,
+    namespace: &str,
+    owners: &[serde_json::Value],
+) -> Result<(), WebhookError> {
+    if owners.is_empty() {
+        return Ok(());
+    }
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(secret) = api
+        .get_opt(NAME)
+        .await
+        .map_err(|e| WebhookError::Api("reading the webhook Secret", e))?
+    else {
+        return Ok(());
+    };
+    let have: Vec<String> = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|o| o.uid.clone())
+        .collect();
+    if owners
+        .iter()
+        .all(|o| have.iter().any(|u| Some(u.as_str()) == o["uid"].as_str()))
+    {
+        return Ok(());
+    }
+    api.patch(
+        NAME,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
+    )
+    .await
+    .map_err(|e| WebhookError::Api("owning the webhook Secret", e))?;
+    Ok(())
+}
+
 /// Registers (or updates) the ValidatingWebhookConfiguration; writes only when it differs.
 pub async fn register(client: &Client, ca: &str, endpoint: &Endpoint) -> Result<(), WebhookError> {
+    register_owned(client, ca, endpoint, &[]).await
+}
+
+/// [`register`] with owner references (see [`owners`]).
+pub async fn register_owned(
+    client: &Client,
+    ca: &str,
+    endpoint: &Endpoint,
+    owners: &[serde_json::Value],
+) -> Result<(), WebhookError> {
     let bundle = ByteString(ca.as_bytes().to_vec());
     let client_config = match endpoint {
         Endpoint::Service { namespace, name } => {
@@ -135,7 +243,7 @@ pub async fn register(client: &Client, ca: &str, endpoint: &Endpoint) -> Result<
     let want = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/part-of": "caracal"}},
+        "metadata": {"name": NAME, "labels": {"app.kubernetes.io/part-of": "caracal"}, "ownerReferences": owners},
         "webhooks": [{
             "name": "validate.caracal.dev",
             "admissionReviewVersions": ["v1"],
@@ -266,6 +374,32 @@ pub async fn start(
     hosts.dedup();
     let (ca, cert, key) = material(client, namespace, &hosts).await?;
     let task = tokio::spawn(serve(addr, client.clone(), cert, key));
-    register(client, &ca, endpoint).await?;
+    let (bindings, account) = owners(client, namespace).await?;
+    own_secret(client, namespace, &account).await?;
+    register_owned(client, &ca, endpoint, &bindings).await?;
+    tokio::spawn(keep_registered(
+        client.clone(),
+        namespace.to_owned(),
+        ca,
+        endpoint.clone(),
+    ));
     Ok(task)
+}
+
+/// Every [`RECHECK`], registers again when the registration differs or is gone, but only while a binding
+/// owns it: once the install's bindings are gone the operator is being uninstalled, and a registration
+/// written then would have no owner left to remove it.
+async fn keep_registered(client: Client, namespace: String, ca: String, endpoint: Endpoint) {
+    loop {
+        tokio::time::sleep(RECHECK).await;
+        match owners(&client, &namespace).await {
+            Ok((bindings, _)) if bindings.is_empty() => {}
+            Ok((bindings, _)) => {
+                if let Err(e) = register_owned(&client, &ca, &endpoint, &bindings).await {
+                    tracing::warn!(error = %e, "re-registering the admission webhook");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "checking the admission webhook's owners"),
+        }
+    }
 }

@@ -635,6 +635,51 @@ async fn the_install_manifest_applies_and_its_rbac_is_enough_to_run_the_operator
     let hook = caracal_operator::webhook::start(&client, "caracal-operator", listen, &endpoint)
         .await
         .expect("the webhook starts with the operator's own RBAC");
+    // Its registration belongs to the manifest's ClusterRoleBinding and its Secret to the ServiceAccount, so
+    // that deleting the install removes them (the garbage collector; realnode_install shows it).
+    let uid_of = |v: Option<String>| v.expect("uid");
+    let binding = uid_of(
+        Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin.clone())
+            .get("caracal-operator")
+            .await
+            .expect("the manifest's ClusterRoleBinding")
+            .metadata
+            .uid,
+    );
+    let account = uid_of(
+        sa.get("caracal-operator")
+            .await
+            .expect("ServiceAccount")
+            .metadata
+            .uid,
+    );
+    let owners = |refs: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+        refs.unwrap_or_default()
+            .into_iter()
+            .map(|o| (o.kind, o.uid))
+            .collect::<Vec<_>>()
+    };
+    let registration =
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
+            admin.clone(),
+        )
+        .get(caracal_operator::webhook::NAME)
+        .await
+        .expect("the registration");
+    assert_eq!(
+        owners(registration.metadata.owner_references),
+        vec![("ClusterRoleBinding".to_owned(), binding)],
+        "the registration is owned by the binding of the operator's ServiceAccount, and only by it"
+    );
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), "caracal-operator")
+        .get(caracal_operator::webhook::NAME)
+        .await
+        .expect("the webhook Secret");
+    assert_eq!(
+        owners(secret.metadata.owner_references),
+        vec![("ServiceAccount".to_owned(), account)],
+        "the webhook Secret is owned by the operator's ServiceAccount"
+    );
     let elector = caracal_operator::leader::Elector::new(
         client.clone(),
         "caracal-operator",
