@@ -1585,3 +1585,56 @@ async fn apply_installation_patches_the_installation_in_place_and_fails_on_a_ref
     );
     op.stop().await;
 }
+
+/// An older release's CRD (here: the Installation CRD without one of this release's spec fields, written by
+/// the same field manager) is upgraded in place when the operator starts: what makes `helm upgrade`, which
+/// never touches CRDs, upgrade them.
+#[tokio::test]
+async fn the_operator_upgrades_an_older_releases_crd_in_place() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let (_cp, client) = caracal_e2e::crds::control_plane()
+        .await
+        .expect("control plane with CRDs");
+    let name = "installations.operator.caracal.dev";
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let current = crds.get(name).await.expect("the CRD");
+    let uid = current.metadata.uid.clone();
+    let mut older = serde_json::to_value(
+        caracal_crds::crdgen::all()
+            .into_iter()
+            .find(|c| c.name_any() == name)
+            .expect("generated"),
+    )
+    .expect("json");
+    older["apiVersion"] = "apiextensions.k8s.io/v1".into();
+    older["kind"] = "CustomResourceDefinition".into();
+    let spec_props =
+        &mut older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let removed = spec_props
+        .as_object_mut()
+        .expect("spec properties")
+        .remove("typhaDeployment")
+        .map(|_| "typhaDeployment")
+        .expect("this release's Installation has spec.typhaDeployment");
+    crds.patch(
+        name,
+        &PatchParams::apply(caracal_operator::apply::FIELD_MANAGER).force(),
+        &Patch::Apply(&older),
+    )
+    .await
+    .expect("write the older CRD");
+    let has = |c: &CustomResourceDefinition| {
+        serde_json::to_value(c).expect("json")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]
+            .get(removed)
+            .is_some()
+    };
+    assert!(
+        !has(&crds.get(name).await.expect("CRD")),
+        "the older CRD lacks {removed}"
+    );
+    caracal_operator::crds::ensure(&client).await.expect("ensure");
+    let after = crds.get(name).await.expect("CRD");
+    assert!(has(&after), "the operator restored spec.{removed}");
+    assert_eq!(after.metadata.uid, uid, "upgraded in place, not recreated");
+}
