@@ -343,6 +343,52 @@ async fn upgraded(lab: &Lab, before: &[String; 3]) {
     }
 }
 
+/// An upgrade under way: what must survive it, the probes and the roll watch, started before the upgrade.
+struct Upgrade {
+    before: [String; 3],
+    probes: Vec<(String, Continuous)>,
+    roll: RollWatch,
+    started: Instant,
+}
+
+impl Upgrade {
+    /// N-1 runs (every agent on `prev_tag`, the demo equal to the matrix); records the UIDs, starts the probes
+    /// and the roll watch.
+    async fn begin(lab: &Lab, prev_tag: &str, how: &str) -> Self {
+        until("the agents on N-1", Duration::from_secs(240), || {
+            all_on(lab, "caracal-system", "k8s-app=caracal-node", prev_tag, 2)
+        })
+        .await;
+        demo_agrees(lab, &format!("N-1 installed through {how}")).await;
+        let before = uids(lab).await;
+        let probes = start_probes(lab).await;
+        let roll = RollWatch::start(lab);
+        Upgrade {
+            before,
+            probes,
+            roll,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits until everything runs this release (`step` took `stepped` of it: OLM's CSV, helm's command),
+    /// then checks the probes, the roll and the matrix.
+    async fn finish(self, lab: &Lab, what: &str, step: &str, stepped: Duration) {
+        upgraded(lab, &self.before).await;
+        let fewest = self.roll.finish().await;
+        println!(
+            "{what}: {step} after {stepped:?}, every pod on v{VERSION} after {:?}, fewest agents Ready {fewest} of 2",
+            self.started.elapsed()
+        );
+        finish_probes(self.probes, what);
+        assert!(
+            fewest >= 1,
+            "the agents were replaced node by node: at one time {fewest} of 2 were Ready"
+        );
+        agrees(lab, &format!("after {what}")).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this_one_without_a_failed_connection()
  {
@@ -370,17 +416,8 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
         .wait_installed(&client, OPERATOR_NAMESPACE, &old_csv, Duration::from_secs(120))
         .await
         .expect("N-1's CSV Succeeded");
-    until("the agents on N-1", Duration::from_secs(240), || {
-        all_on(&lab, "caracal-system", "k8s-app=caracal-node", &prev_tag, 2)
-    })
-    .await;
-    demo_agrees(&lab, "N-1 installed through OLM").await;
-
     // Publish N beside N-1 (N replaces N-1): OLM upgrades the operator, the operator upgrades the rest.
-    let before = uids(&lab).await;
-    let probes = start_probes(&lab).await;
-    let roll = RollWatch::start(&lab);
-    let started = Instant::now();
+    let upgrade = Upgrade::begin(&lab, &prev_tag, "OLM").await;
     let csv = format!("caracal-operator.v{VERSION}");
     let olm = lab.olm.as_mut().expect("OLM");
     let catalog = olm
@@ -398,20 +435,9 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
     olm.wait_installed(&client, OPERATOR_NAMESPACE, &csv, Duration::from_secs(300))
         .await
         .expect("OLM upgraded to N");
-    let csv_done = started.elapsed();
-    upgraded(&lab, &before).await;
-    let fewest = roll.finish().await;
-    println!(
-        "OLM upgrade v{} -> v{VERSION}: CSV Succeeded after {csv_done:?}, every pod on v{VERSION} after {:?}, fewest agents Ready {fewest} of 2",
-        prev.version,
-        started.elapsed()
-    );
-    finish_probes(probes, "the OLM upgrade");
-    assert!(
-        fewest >= 1,
-        "the agents were replaced node by node: at one time {fewest} of 2 were Ready"
-    );
-    agrees(&lab, "after the OLM upgrade").await;
+    let csv_done = upgrade.started.elapsed();
+    let what = format!("the OLM upgrade v{} -> v{VERSION}", prev.version);
+    upgrade.finish(&lab, &what, "CSV Succeeded", csv_done).await;
     let old = Api::<DynamicObject>::namespaced_with(
         client.clone(),
         OPERATOR_NAMESPACE,
@@ -465,18 +491,9 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
     let lab = Lab::up(&opts)
         .await
         .expect("the lab, N-1's operator through helm");
-    until("the agents on N-1", Duration::from_secs(240), || {
-        all_on(&lab, "caracal-system", "k8s-app=caracal-node", &prev_tag, 2)
-    })
-    .await;
-    demo_agrees(&lab, "N-1 installed through helm").await;
-
     // `helm upgrade` to this release's chart, which now manages the Installation too (the lab's own spec as
     // the chart's values): its hook Job applies it in place.
-    let before = uids(&lab).await;
-    let probes = start_probes(&lab).await;
-    let roll = RollWatch::start(&lab);
-    let started = Instant::now();
+    let upgrade = Upgrade::begin(&lab, &prev_tag, "helm").await;
     let example: serde_json::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&opts.installation).expect("example")).expect("yaml");
     let values = tempfile::NamedTempFile::new().expect("values file");
@@ -508,19 +525,9 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let helm_done = started.elapsed();
-    upgraded(&lab, &before).await;
-    let fewest = roll.finish().await;
-    println!(
-        "helm upgrade v{} -> v{VERSION}: helm returned after {helm_done:?}, every pod on v{VERSION} after {:?}, fewest agents Ready {fewest} of 2",
-        prev.version,
-        started.elapsed()
-    );
-    finish_probes(probes, "helm upgrade");
-    assert!(
-        fewest >= 1,
-        "the agents were replaced node by node: at one time {fewest} of 2 were Ready"
-    );
+    let helm_done = upgrade.started.elapsed();
+    let what = format!("helm upgrade v{} -> v{VERSION}", prev.version);
+    upgrade.finish(&lab, &what, "helm returned", helm_done).await;
     let managers: Vec<String> = Api::<caracal_crds::installation::Installation>::all(lab.client.clone())
         .get("default")
         .await
@@ -535,7 +542,6 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
         managers.iter().any(|m| m == "caracal-chart"),
         "the hook Job did not apply it: {managers:?}"
     );
-    agrees(&lab, "after helm upgrade").await;
     let out = caracal_e2e::lab::helm(&lab.cp)
         .args([
             "uninstall",

@@ -798,6 +798,11 @@ struct Upgraded {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The image of the first container of a pod template.
+fn first_image(template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> Option<String> {
+    template?.spec.as_ref()?.containers.first()?.image.clone()
+}
+
 async fn upgrade_from(fixture: &str, old_tag: &str) -> Upgraded {
     let (cp, client) = caracal_e2e::crds::control_plane()
         .await
@@ -862,16 +867,7 @@ async fn upgrade_from(fixture: &str, old_tag: &str) -> Upgraded {
         let old_suffix = old_suffix.clone();
         async move {
             let ds = d.get("caracal-node").await.ok()?;
-            let image = ds
-                .spec
-                .as_ref()?
-                .template
-                .spec
-                .as_ref()?
-                .containers
-                .first()?
-                .image
-                .clone()?;
+            let image = first_image(ds.spec.as_ref().map(|s| &s.template))?;
             (!image.ends_with(&old_suffix)).then_some(ds)
         }
     })
@@ -927,16 +923,7 @@ async fn the_previous_releases_render_is_adopted_and_migrated_in_place() {
         let d = deployments.clone();
         async move {
             let dep = d.get("caracal-typha").await.ok()?;
-            let image = dep
-                .spec
-                .as_ref()?
-                .template
-                .spec
-                .as_ref()?
-                .containers
-                .first()?
-                .image
-                .clone()?;
+            let image = first_image(dep.spec.as_ref().map(|s| &s.template))?;
             image.ends_with(tag).then_some(dep)
         }
     })
