@@ -241,6 +241,17 @@ struct RollWatch {
     stop: Arc<AtomicBool>,
     fewest_ready: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    admission: tokio::task::JoinHandle<Admission>,
+}
+
+/// What a policy write (a server-side dry run, every 200 ms) met during the upgrade: the operator's
+/// webhook (`failurePolicy: Fail`) refuses writes while no operator serves it. Reported, not asserted.
+#[derive(Debug, Default)]
+struct Admission {
+    writes: u64,
+    refused: u64,
+    longest_refusal: Duration,
+    first_error: Option<String>,
 }
 
 impl RollWatch {
@@ -249,6 +260,47 @@ impl RollWatch {
         let fewest_ready = Arc::new(AtomicUsize::new(usize::MAX));
         let api: Api<Pod> = Api::namespaced(lab.client.clone(), "caracal-system");
         let (flag, fewest) = (stop.clone(), fewest_ready.clone());
+        let gnp = kube::discovery::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "caracal.dev",
+            "v1",
+            "GlobalNetworkPolicy",
+        ));
+        let policies: Api<DynamicObject> = Api::all_with(lab.client.clone(), &gnp);
+        let admission_flag = stop.clone();
+        let admission = tokio::spawn(async move {
+            let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+                "apiVersion": "caracal.dev/v1", "kind": "GlobalNetworkPolicy",
+                "metadata": {"name": "upgrade-dry-run"},
+                "spec": {"selector": "app == 'x'", "types": ["Ingress"]},
+            }))
+            .expect("a policy");
+            let params = kube::api::PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            let mut seen = Admission::default();
+            let mut refused_since: Option<Instant> = None;
+            while !admission_flag.load(Ordering::Relaxed) {
+                seen.writes += 1;
+                match policies.create(&params, &obj).await {
+                    Ok(_) => {
+                        if let Some(t) = refused_since.take() {
+                            seen.longest_refusal = seen.longest_refusal.max(t.elapsed());
+                        }
+                    }
+                    Err(e) => {
+                        seen.refused += 1;
+                        refused_since.get_or_insert_with(Instant::now);
+                        seen.first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if let Some(t) = refused_since {
+                seen.longest_refusal = seen.longest_refusal.max(t.elapsed());
+            }
+            seen
+        });
         let task = tokio::spawn(async move {
             while !flag.load(Ordering::Relaxed) {
                 if let Ok(list) = api
@@ -265,13 +317,15 @@ impl RollWatch {
             stop,
             fewest_ready,
             task,
+            admission,
         }
     }
 
-    async fn finish(self) -> usize {
+    async fn finish(self) -> (usize, Admission) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        self.fewest_ready.load(Ordering::Relaxed)
+        let admission = self.admission.await.unwrap_or_default();
+        (self.fewest_ready.load(Ordering::Relaxed), admission)
     }
 }
 
@@ -375,10 +429,22 @@ impl Upgrade {
     /// then checks the probes, the roll and the matrix.
     async fn finish(self, lab: &Lab, what: &str, step: &str, stepped: Duration) {
         upgraded(lab, &self.before).await;
-        let fewest = self.roll.finish().await;
+        let (fewest, admission) = self.roll.finish().await;
         println!(
             "{what}: {step} after {stepped:?}, every pod on v{VERSION} after {:?}, fewest agents Ready {fewest} of 2",
             self.started.elapsed()
+        );
+        println!(
+            "{what}: policy writes (dry run) {} tried, {} refused, longest refusal {:?}; first refusal: {}",
+            admission.writes,
+            admission.refused,
+            admission.longest_refusal,
+            admission.first_error.as_deref().unwrap_or("none")
+        );
+        assert!(
+            admission.refused < admission.writes,
+            "the policy-write probe never got through: {:?}",
+            admission.first_error
         );
         finish_probes(self.probes, what);
         assert!(
