@@ -291,7 +291,10 @@ impl RollWatch {
                     Err(e) => {
                         seen.refused += 1;
                         refused_since.get_or_insert_with(Instant::now);
-                        seen.first_error.get_or_insert_with(|| e.to_string());
+                        seen.first_error.get_or_insert_with(|| match e {
+                            kube::Error::Api(s) => s.message,
+                            e => e.to_string(),
+                        });
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
