@@ -349,12 +349,23 @@ pub async fn serve(addr: SocketAddr, client: Client, cert: String, key: String) 
 }
 
 /// Sets the webhook up and serves it: material, registration, then the TLS listener (spawned). Returns the
-/// listener task.
+/// listener task. The registration is checked again every [`RECHECK`].
 pub async fn start(
     client: &Client,
     namespace: &str,
     addr: SocketAddr,
     endpoint: &Endpoint,
+) -> Result<tokio::task::JoinHandle<Result<(), WebhookError>>, WebhookError> {
+    start_checking_every(client, namespace, addr, endpoint, RECHECK).await
+}
+
+/// [`start`], checking the registration every `recheck`.
+pub async fn start_checking_every(
+    client: &Client,
+    namespace: &str,
+    addr: SocketAddr,
+    endpoint: &Endpoint,
+    recheck: std::time::Duration,
 ) -> Result<tokio::task::JoinHandle<Result<(), WebhookError>>, WebhookError> {
     let mut hosts = vec![
         NAME.to_owned(),
@@ -382,16 +393,41 @@ pub async fn start(
         namespace.to_owned(),
         ca,
         endpoint.clone(),
+        recheck,
     ));
     Ok(task)
 }
 
-/// Every [`RECHECK`], registers again when the registration differs or is gone, but only while a binding
+/// Every `recheck`, registers again when the registration differs or is gone, but only while a binding
 /// owns it: once the install's bindings are gone the operator is being uninstalled, and a registration
 /// written then would have no owner left to remove it.
-async fn keep_registered(client: Client, namespace: String, ca: String, endpoint: Endpoint) {
+///
+/// The CA registered is the one in the Secret, which every replica reads, not the one this replica started
+/// with: replicas that started on either side of a renewal would otherwise register their own CAs in turn.
+async fn keep_registered(
+    client: Client,
+    namespace: String,
+    ca: String,
+    endpoint: Endpoint,
+    recheck: std::time::Duration,
+) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     loop {
-        tokio::time::sleep(RECHECK).await;
+        tokio::time::sleep(recheck).await;
+        let current = match secrets.get_opt(NAME).await {
+            Ok(Some(s)) => s
+                .data
+                .as_ref()
+                .and_then(|d| d.get("ca.crt"))
+                .and_then(|b| String::from_utf8(b.0.clone()).ok()),
+            _ => None,
+        };
+        if current.as_ref().is_some_and(|c| *c != ca) {
+            tracing::warn!(
+                "the webhook's CA in its Secret is newer than this replica's serving certificate: restart this replica to serve with it"
+            );
+        }
+        let ca = current.unwrap_or_else(|| ca.clone());
         match owners(&client, &namespace).await {
             Ok((bindings, _)) if bindings.is_empty() => {}
             Ok((bindings, _)) => {

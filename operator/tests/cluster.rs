@@ -1625,3 +1625,94 @@ async fn the_operator_upgrades_an_older_releases_crd_in_place() {
     assert!(has(&after), "the operator restored spec.{removed}");
     assert_eq!(after.metadata.uid, uid, "upgraded in place, not recreated");
 }
+
+/// A running operator restores a deleted webhook registration while a ClusterRoleBinding of its
+/// ServiceAccount owns it, and does not once none does (the install is being removed: a registration written
+/// then would have no owner to take it away).
+#[tokio::test]
+async fn the_webhook_registration_is_restored_while_owned_and_not_after_the_install_is_gone() {
+    use caracal_operator::webhook::{self, Endpoint};
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let (_cp, client) = caracal_e2e::crds::control_plane()
+        .await
+        .expect("control plane with CRDs");
+    let ns = "caracal-operator";
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), ns);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": webhook::SERVICE_ACCOUNT}})).expect("sa"),
+        )
+        .await
+        .expect("ServiceAccount");
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "caracal-operator"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "caracal-operator"},
+                "subjects": [{"kind": "ServiceAccount", "name": webhook::SERVICE_ACCOUNT, "namespace": ns}],
+            }))
+            .expect("binding"),
+        )
+        .await
+        .expect("ClusterRoleBinding");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let endpoint = Endpoint::Url(format!("https://127.0.0.1:{port}{}", webhook::PATH));
+    let recheck = Duration::from_millis(500);
+    let task = webhook::start_checking_every(&client, ns, addr, &endpoint, recheck)
+        .await
+        .expect("webhook");
+    let registrations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    registrations
+        .delete(webhook::NAME, &DeleteParams::default())
+        .await
+        .expect("delete the registration");
+    let restored = eventually("the registration restored", || {
+        let r = registrations.clone();
+        async move { r.get_opt(webhook::NAME).await.ok().flatten() }
+    })
+    .await;
+    assert_eq!(
+        restored
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.name)
+            .collect::<Vec<_>>(),
+        vec!["caracal-operator".to_owned()],
+        "restored with its owner"
+    );
+    // The install goes: its binding first (as every uninstall path deletes it), then the registration (the
+    // garbage collector's part, done by hand: this control plane runs none).
+    bindings
+        .delete("caracal-operator", &DeleteParams::default())
+        .await
+        .expect("delete the binding");
+    registrations
+        .delete(webhook::NAME, &DeleteParams::default())
+        .await
+        .expect("delete the registration");
+    tokio::time::sleep(recheck * 8).await;
+    assert!(
+        registrations.get_opt(webhook::NAME).await.expect("get").is_none(),
+        "a registration with no owner left was written again"
+    );
+    task.abort();
+}
