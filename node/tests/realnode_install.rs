@@ -12,8 +12,10 @@
 //! 100 ms, each a new TCP connection with an echo: none may fail (the longest gap is reported). After it: the
 //! Installation, the caracal-node DaemonSet and the Typha Deployment are the same objects (UIDs), every agent,
 //! Typha and the operator run this release's images, the agents were replaced node by node (never fewer than
-//! all but one Ready), and connectivity still agrees with the matrix. Uninstalling through each path leaves
-//! nothing of Caracal: the Installation, what the operator rendered and the operator.
+//! all but one Ready), and connectivity still agrees with the matrix; how long policy writes are refused
+//! while the operator (which serves their webhook) is replaced is reported. Uninstalling through each path
+//! leaves nothing of Caracal but its CRDs: no Installation, nothing the operator rendered, no operator, no
+//! webhook registration or webhook Secret (the garbage collector removes those with the operator's bindings).
 //!
 //! Needs root, `make runtime images olm helm previous`; `make test` builds them first.
 
