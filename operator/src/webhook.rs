@@ -220,12 +220,8 @@ async fn own_secret(
     Ok(())
 }
 
-/// Registers (or updates) the ValidatingWebhookConfiguration; writes only when it differs.
-pub async fn register(client: &Client, ca: &str, endpoint: &Endpoint) -> Result<(), WebhookError> {
-    register_owned(client, ca, endpoint, &[]).await
-}
-
-/// [`register`] with owner references (see [`owners`]).
+/// Registers (or updates) the ValidatingWebhookConfiguration with owner references `owners` (see
+/// [`owners`]; none: it stays until deleted); writes only when it differs.
 pub async fn register_owned(
     client: &Client,
     ca: &str,
