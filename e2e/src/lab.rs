@@ -157,14 +157,9 @@ impl OperatorInstall {
     /// `manifest`, `olm` (a catalog of this version's bundle, `manifests/olm/<version>`) or `helm` (the
     /// chart in `manifests/helm/caracal`).
     pub fn from_flag(flag: &str) -> anyhow::Result<Self> {
-        let version = env!("CARGO_PKG_VERSION");
         Ok(match flag {
             "manifest" => OperatorInstall::Manifest,
-            "olm" => OperatorInstall::Olm(vec![crate::olm::CatalogBundle {
-                version: version.to_owned(),
-                dir: workspace_root().join("manifests/olm").join(version),
-                replaces: None,
-            }]),
+            "olm" => OperatorInstall::Olm(vec![crate::olm::CatalogBundle::this_release(None)]),
             "helm" => OperatorInstall::Helm {
                 chart: workspace_root().join("manifests/helm/caracal"),
                 values: Vec::new(),

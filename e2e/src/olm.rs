@@ -47,6 +47,20 @@ pub struct CatalogBundle {
     pub replaces: Option<String>,
 }
 
+impl CatalogBundle {
+    /// This workspace's bundle (`manifests/olm/<version>`), replacing `replaces`.
+    pub fn this_release(replaces: Option<String>) -> Self {
+        let version = env!("CARGO_PKG_VERSION");
+        Self {
+            version: version.to_owned(),
+            dir: crate::controlplane::workspace_root()
+                .join("manifests/olm")
+                .join(version),
+            replaces,
+        }
+    }
+}
+
 /// OLM running against a control plane, and the catalog it reads.
 pub struct Olm {
     operators: Vec<Supervised>,

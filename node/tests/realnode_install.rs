@@ -83,61 +83,88 @@ fn previous() -> PreviousRelease {
     PreviousRelease::open(version).expect("the previous release")
 }
 
-/// Nothing of Caracal is left: no Installation, no caracal-node DaemonSet or Typha Deployment, no operator
-/// Deployment, no webhook registration or webhook Secret.
+/// The UID of `name`, None when there is none.
+async fn uid_of<K>(api: Api<K>, name: &str) -> Result<Option<String>, String>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    Ok(api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?
+        .and_then(|o| o.meta().uid.clone()))
+}
+
+/// What an upgrade keeps and an uninstall removes, each by its UID (None: not there): the Installation, the
+/// caracal-node DaemonSet, the Typha Deployment.
+async fn rendered(lab: &Lab) -> Result<[(&'static str, Option<String>); 3], String> {
+    let c = &lab.client;
+    Ok([
+        (
+            "the Installation",
+            uid_of(
+                Api::<caracal_crds::installation::Installation>::all(c.clone()),
+                "default",
+            )
+            .await?,
+        ),
+        (
+            "the caracal-node DaemonSet",
+            uid_of(
+                Api::<DaemonSet>::namespaced(c.clone(), "caracal-system"),
+                "caracal-node",
+            )
+            .await?,
+        ),
+        (
+            "the Typha Deployment",
+            uid_of(
+                Api::<Deployment>::namespaced(c.clone(), "caracal-system"),
+                "caracal-typha",
+            )
+            .await?,
+        ),
+    ])
+}
+
+/// Nothing of Caracal is left but its CRDs: none of [`rendered`], no operator Deployment, no webhook
+/// registration (failurePolicy Fail: left behind it would refuse every write of the kinds it validates) or
+/// webhook Secret, which go with the install that owned them.
 async fn nothing_left(lab: &Lab) -> Result<(), String> {
-    let e = |e: kube::Error| e.to_string();
-    let inst = Api::<caracal_crds::installation::Installation>::all(lab.client.clone())
-        .get_opt("default")
-        .await;
-    if matches!(inst, Ok(Some(_))) {
-        return Err("the Installation is still there".into());
+    let c = &lab.client;
+    let mut present = rendered(lab).await?.to_vec();
+    present.extend([
+        (
+            "the operator",
+            uid_of(
+                Api::<Deployment>::namespaced(c.clone(), OPERATOR_NAMESPACE),
+                "caracal-operator",
+            )
+            .await?,
+        ),
+        (
+            "the webhook registration",
+            uid_of(
+                Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
+                    c.clone(),
+                ),
+                "caracal-operator-webhook",
+            )
+            .await?,
+        ),
+        (
+            "the webhook Secret",
+            uid_of(
+                Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), OPERATOR_NAMESPACE),
+                "caracal-operator-webhook",
+            )
+            .await?,
+        ),
+    ]);
+    match present.iter().find(|(_, uid)| uid.is_some()) {
+        Some((what, _)) => Err(format!("{what} is still there")),
+        None => Ok(()),
     }
-    if Api::<DaemonSet>::namespaced(lab.client.clone(), "caracal-system")
-        .get_opt("caracal-node")
-        .await
-        .map_err(e)?
-        .is_some()
-    {
-        return Err("caracal-node is still there".into());
-    }
-    if Api::<Deployment>::namespaced(lab.client.clone(), "caracal-system")
-        .get_opt("caracal-typha")
-        .await
-        .map_err(e)?
-        .is_some()
-    {
-        return Err("caracal-typha is still there".into());
-    }
-    if Api::<Deployment>::namespaced(lab.client.clone(), OPERATOR_NAMESPACE)
-        .get_opt("caracal-operator")
-        .await
-        .map_err(e)?
-        .is_some()
-    {
-        return Err("the operator is still there".into());
-    }
-    // The webhook's registration (failurePolicy Fail: left behind it would refuse every write of the kinds it
-    // validates) and its Secret go with the install that owned them.
-    if Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
-        lab.client.clone(),
-    )
-    .get_opt("caracal-operator-webhook")
-    .await
-    .map_err(e)?
-    .is_some()
-    {
-        return Err("the webhook registration is still there".into());
-    }
-    if Api::<k8s_openapi::api::core::v1::Secret>::namespaced(lab.client.clone(), OPERATOR_NAMESPACE)
-        .get_opt("caracal-operator-webhook")
-        .await
-        .map_err(e)?
-        .is_some()
-    {
-        return Err("the webhook Secret is still there".into());
-    }
-    Ok(())
 }
 
 async fn demo_agrees(lab: &Lab, what: &str) {
@@ -151,39 +178,12 @@ async fn demo_agrees(lab: &Lab, what: &str) {
     assert!(measured.iter().any(|c| c["allowed"] == false));
 }
 
-/// The UIDs of what must survive an upgrade: the Installation, the caracal-node DaemonSet, the Typha
-/// Deployment.
-async fn uids(lab: &Lab) -> [String; 3] {
-    let uid = |u: Option<String>, what: &str| u.unwrap_or_else(|| panic!("{what} has no UID"));
-    [
-        uid(
-            Api::<caracal_crds::installation::Installation>::all(lab.client.clone())
-                .get("default")
-                .await
-                .expect("Installation")
-                .metadata
-                .uid,
-            "the Installation",
-        ),
-        uid(
-            Api::<DaemonSet>::namespaced(lab.client.clone(), "caracal-system")
-                .get("caracal-node")
-                .await
-                .expect("DaemonSet")
-                .metadata
-                .uid,
-            "the DaemonSet",
-        ),
-        uid(
-            Api::<Deployment>::namespaced(lab.client.clone(), "caracal-system")
-                .get("caracal-typha")
-                .await
-                .expect("Typha Deployment")
-                .metadata
-                .uid,
-            "the Typha Deployment",
-        ),
-    ]
+/// [`rendered`], which must all be there.
+async fn uids(lab: &Lab) -> [(&'static str, String); 3] {
+    rendered(lab)
+        .await
+        .expect("reading what the operator rendered")
+        .map(|(what, uid)| (what, uid.unwrap_or_else(|| panic!("{what} is not there"))))
 }
 
 /// Two pods of their own in a namespace no policy selects, one on each node, serving an echo on 9000; a
@@ -370,7 +370,7 @@ async fn all_on(lab: &Lab, ns: &str, selector: &str, tag: &str, want: usize) -> 
 }
 
 /// After an upgrade: the operator, every agent and Typha run this release, the same objects as before.
-async fn upgraded(lab: &Lab, before: &[String; 3]) {
+async fn upgraded(lab: &Lab, before: &[(&'static str, String); 3]) {
     let tag = format!(":v{VERSION}");
     until("the operator on this release", Duration::from_secs(240), || {
         all_on(lab, OPERATOR_NAMESPACE, "k8s-app=caracal-operator", &tag, 1)
@@ -390,21 +390,14 @@ async fn upgraded(lab: &Lab, before: &[String; 3]) {
     })
     .await;
     let after = uids(lab).await;
-    for (what, (b, a)) in [
-        "the Installation",
-        "the caracal-node DaemonSet",
-        "the Typha Deployment",
-    ]
-    .iter()
-    .zip(before.iter().zip(&after))
-    {
+    for ((what, b), (_, a)) in before.iter().zip(&after) {
         assert_eq!(b, a, "{what} was recreated by the upgrade");
     }
 }
 
 /// An upgrade under way: what must survive it, the probes and the roll watch, started before the upgrade.
 struct Upgrade {
-    before: [String; 3],
+    before: [(&'static str, String); 3],
     probes: Vec<(String, Continuous)>,
     roll: RollWatch,
     started: Instant,
@@ -492,14 +485,7 @@ async fn the_previous_release_installs_through_olm_and_helm_and_upgrades_to_this
     let csv = format!("caracal-operator.v{VERSION}");
     let olm = lab.olm.as_mut().expect("OLM");
     let catalog = olm
-        .write_catalog(&[
-            prev_bundle,
-            CatalogBundle {
-                version: VERSION.to_owned(),
-                dir: workspace_root().join("manifests/olm").join(VERSION),
-                replaces: Some(old_csv.clone()),
-            },
-        ])
+        .write_catalog(&[prev_bundle, CatalogBundle::this_release(Some(old_csv.clone()))])
         .expect("the catalog with N");
     let addr = olm.serve(&catalog).await.expect("serve the catalog with N");
     olm.publish(&client, addr).await.expect("publish N");

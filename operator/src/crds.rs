@@ -9,15 +9,21 @@ use kube::{Client, ResourceExt};
 
 use crate::apply::{FIELD_MANAGER, is_subset};
 
+/// `crd` as it is applied and written to the bundle: with its `apiVersion` and `kind`.
+pub fn manifest(crd: &CustomResourceDefinition) -> serde_json::Value {
+    let mut v = serde_json::to_value(crd).unwrap_or_default();
+    v["apiVersion"] = "apiextensions.k8s.io/v1".into();
+    v["kind"] = "CustomResourceDefinition".into();
+    v
+}
+
 /// Applies every CRD that is missing or differs; returns the names of all of them.
 pub async fn ensure(client: &Client) -> Result<Vec<String>, kube::Error> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut names = Vec::new();
     for crd in crdgen::all() {
         let name = crd.name_any();
-        let mut want = serde_json::to_value(&crd).unwrap_or_default();
-        want["apiVersion"] = "apiextensions.k8s.io/v1".into();
-        want["kind"] = "CustomResourceDefinition".into();
+        let want = manifest(&crd);
         let live = api
             .get_opt(&name)
             .await?

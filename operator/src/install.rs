@@ -536,12 +536,9 @@ pub fn bundle_files(r: &Release) -> anyhow::Result<BTreeMap<String, String>> {
         yaml_stream(&header, &[("", csv(r)?)])?,
     );
     for crd in crdgen::all() {
-        let mut v = serde_json::to_value(&crd)?;
-        v["apiVersion"] = "apiextensions.k8s.io/v1".into();
-        v["kind"] = "CustomResourceDefinition".into();
         files.insert(
             format!("manifests/{}.yaml", crd.name_any()),
-            yaml_stream(&header, &[("", v)])?,
+            yaml_stream(&header, &[("", crate::crds::manifest(&crd))])?,
         );
     }
     let mut svc_labels = labels(r);

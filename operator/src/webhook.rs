@@ -3,7 +3,7 @@
 //! message gives the field, the character and a caret), IPPools overlapping another pool, and policies in a
 //! tier that does not exist.
 //!
-//! Its registration and TLS Secret belong to the operator's install (owner references, [`owners`]): every
+//! Its registration and TLS Secret belong to the operator's install (owner references, [`binding_owners`]): every
 //! ClusterRoleBinding that binds the operator's ServiceAccount owns the registration, the ServiceAccount owns
 //! the Secret. Uninstalling the operator through any path (the plain manifest, `helm uninstall`, OLM deleting
 //! the CSV) deletes those, and the garbage collector then deletes the registration, which would otherwise stay
@@ -65,6 +65,14 @@ pub enum Endpoint {
     Url(String),
 }
 
+/// The text under `key` in a Secret's data.
+fn secret_field(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
 /// TLS material: (CA, serving certificate, key), kept in the Secret [`NAME`] so every replica serves with a
 /// certificate the registered CA signed. Made when missing or near expiry; a race between replicas is
 /// settled by create-or-reread.
@@ -75,20 +83,17 @@ pub async fn material(
 ) -> Result<(String, String, String), WebhookError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let now = OffsetDateTime::now_utc();
-    let read = |s: &Secret, k: &str| {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-    };
     for _ in 0..3 {
         let current = api
             .get_opt(NAME)
             .await
             .map_err(|e| WebhookError::Api("reading the webhook Secret", e))?;
         if let Some(s) = &current
-            && let (Some(ca), Some(crt), Some(key)) =
-                (read(s, "ca.crt"), read(s, "tls.crt"), read(s, "tls.key"))
+            && let (Some(ca), Some(crt), Some(key)) = (
+                secret_field(s, "ca.crt"),
+                secret_field(s, "tls.crt"),
+                secret_field(s, "tls.key"),
+            )
             && certs::is_fresh(&crt, now)
             && certs::is_fresh(&ca, now)
         {
@@ -136,20 +141,20 @@ pub const SERVICE_ACCOUNT: &str = "caracal-operator";
 /// How often a running operator checks its registration (a deleted or changed one is registered again).
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// What the registration and the Secret belong to: owner references to every ClusterRoleBinding that binds
-/// the ServiceAccount [`SERVICE_ACCOUNT`] of `namespace` (the manifest's and the chart's `caracal-operator`,
-/// OLM's generated one per CSV), and to that ServiceAccount. None found: no owners (an operator run outside
-/// its install, as in some tests; its registration then stays until deleted).
-pub async fn owners(
+/// What the registration belongs to: owner references to every ClusterRoleBinding that binds the
+/// ServiceAccount [`SERVICE_ACCOUNT`] of `namespace` (the manifest's and the chart's `caracal-operator`, OLM's
+/// generated one per CSV). None found: no owners (an operator run outside its install, as in some tests; its
+/// registration then stays until deleted).
+pub async fn binding_owners(
     client: &Client,
     namespace: &str,
-) -> Result<(Vec<serde_json::Value>, Vec<serde_json::Value>), WebhookError> {
+) -> Result<Vec<serde_json::Value>, WebhookError> {
     let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.clone());
     let list = bindings
         .list(&ListParams::default())
         .await
         .map_err(|e| WebhookError::Api("listing ClusterRoleBindings", e))?;
-    let mut cluster: Vec<serde_json::Value> = list
+    let mut owners: Vec<serde_json::Value> = list
         .items
         .iter()
         .filter(|b| {
@@ -166,29 +171,34 @@ pub async fn owners(
             )
         })
         .collect();
-    cluster.sort_by_key(|o| o["name"].as_str().unwrap_or_default().to_owned());
+    owners.sort_by_key(|o| o["name"].as_str().unwrap_or_default().to_owned());
+    Ok(owners)
+}
+
+/// What the Secret belongs to: an owner reference to the ServiceAccount [`SERVICE_ACCOUNT`] of `namespace`,
+/// if it exists.
+async fn account_owner(client: &Client, namespace: &str) -> Result<Option<serde_json::Value>, WebhookError> {
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
         Api::namespaced(client.clone(), namespace);
-    let sa = accounts
+    Ok(accounts
         .get_opt(SERVICE_ACCOUNT)
         .await
         .map_err(|e| WebhookError::Api("reading the operator's ServiceAccount", e))?
         .and_then(|a| {
             Some(json!({"apiVersion": "v1", "kind": "ServiceAccount",
                         "name": a.metadata.name?, "uid": a.metadata.uid?}))
-        });
-    Ok((cluster, sa.into_iter().collect()))
+        }))
 }
 
-/// Gives the Secret [`NAME`] in `namespace` the owners `owners` when it lacks one of them.
+/// Gives the Secret [`NAME`] in `namespace` the owner `owner` when it lacks it.
 async fn own_secret(
     client: &Client,
     namespace: &str,
-    owners: &[serde_json::Value],
+    owner: Option<serde_json::Value>,
 ) -> Result<(), WebhookError> {
-    if owners.is_empty() {
+    let Some(owner) = owner else {
         return Ok(());
-    }
+    };
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let Some(secret) = api
         .get_opt(NAME)
@@ -197,23 +207,19 @@ async fn own_secret(
     else {
         return Ok(());
     };
-    let have: Vec<String> = secret
+    let owned = secret
         .metadata
         .owner_references
         .iter()
         .flatten()
-        .map(|o| o.uid.clone())
-        .collect();
-    if owners
-        .iter()
-        .all(|o| have.iter().any(|u| Some(u.as_str()) == o["uid"].as_str()))
-    {
+        .any(|o| Some(o.uid.as_str()) == owner["uid"].as_str());
+    if owned {
         return Ok(());
     }
     api.patch(
         NAME,
         &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"ownerReferences": owners}})),
+        &Patch::Merge(json!({"metadata": {"ownerReferences": [owner]}})),
     )
     .await
     .map_err(|e| WebhookError::Api("owning the webhook Secret", e))?;
@@ -221,7 +227,7 @@ async fn own_secret(
 }
 
 /// Registers (or updates) the ValidatingWebhookConfiguration with owner references `owners` (see
-/// [`owners`]; none: it stays until deleted); writes only when it differs.
+/// [`binding_owners`]; none: it stays until deleted); writes only when it differs.
 pub async fn register_owned(
     client: &Client,
     ca: &str,
@@ -381,9 +387,8 @@ pub async fn start_checking_every(
     hosts.dedup();
     let (ca, cert, key) = material(client, namespace, &hosts).await?;
     let task = tokio::spawn(serve(addr, client.clone(), cert, key));
-    let (bindings, account) = owners(client, namespace).await?;
-    own_secret(client, namespace, &account).await?;
-    register_owned(client, &ca, endpoint, &bindings).await?;
+    own_secret(client, namespace, account_owner(client, namespace).await?).await?;
+    register_owned(client, &ca, endpoint, &binding_owners(client, namespace).await?).await?;
     tokio::spawn(keep_registered(
         client.clone(),
         namespace.to_owned(),
@@ -411,11 +416,7 @@ async fn keep_registered(
     loop {
         tokio::time::sleep(recheck).await;
         let current = match secrets.get_opt(NAME).await {
-            Ok(Some(s)) => s
-                .data
-                .as_ref()
-                .and_then(|d| d.get("ca.crt"))
-                .and_then(|b| String::from_utf8(b.0.clone()).ok()),
+            Ok(Some(s)) => secret_field(&s, "ca.crt"),
             _ => None,
         };
         if current.as_ref().is_some_and(|c| *c != ca) {
@@ -424,9 +425,9 @@ async fn keep_registered(
             );
         }
         let ca = current.unwrap_or_else(|| ca.clone());
-        match owners(&client, &namespace).await {
-            Ok((bindings, _)) if bindings.is_empty() => {}
-            Ok((bindings, _)) => {
+        match binding_owners(&client, &namespace).await {
+            Ok(bindings) if bindings.is_empty() => {}
+            Ok(bindings) => {
                 if let Err(e) = register_owned(&client, &ca, &endpoint, &bindings).await {
                     tracing::warn!(error = %e, "re-registering the admission webhook");
                 }

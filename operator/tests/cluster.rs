@@ -1586,15 +1586,12 @@ async fn the_operator_upgrades_an_older_releases_crd_in_place() {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let current = crds.get(name).await.expect("the CRD");
     let uid = current.metadata.uid.clone();
-    let mut older = serde_json::to_value(
-        caracal_crds::crdgen::all()
+    let mut older = caracal_operator::crds::manifest(
+        &caracal_crds::crdgen::all()
             .into_iter()
             .find(|c| c.name_any() == name)
             .expect("generated"),
-    )
-    .expect("json");
-    older["apiVersion"] = "apiextensions.k8s.io/v1".into();
-    older["kind"] = "CustomResourceDefinition".into();
+    );
     let spec_props =
         &mut older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
     let removed = spec_props

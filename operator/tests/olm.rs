@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use caracal_e2e::controlplane::{ControlPlane, Options, workspace_root};
+use caracal_e2e::controlplane::{ControlPlane, Options};
 use caracal_e2e::olm::{CatalogBundle, Olm, resource};
 use caracal_operator::install::Release;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -45,11 +45,7 @@ async fn olm_installs_the_operator_from_a_catalog_of_caracals_bundle() {
         .await
         .expect("OLM");
     let catalog = olm
-        .write_catalog(&[CatalogBundle {
-            version: r.version.clone(),
-            dir: workspace_root().join("manifests/olm").join(&r.version),
-            replaces: None,
-        }])
+        .write_catalog(&[CatalogBundle::this_release(None)])
         .expect("catalog");
     let addr = olm.serve(&catalog).await.expect("opm serve");
     olm.publish(&client, addr).await.expect("CatalogSource READY");

@@ -217,15 +217,15 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let started = Instant::now();
     let mut listed = serde_json::Map::new();
+    let cache = args
+        .rootfs_cache
+        .clone()
+        .unwrap_or_else(|| args.out.join("rootfs"));
     for spec in IMAGES {
         if !args.only.is_empty() && !args.only.iter().any(|o| o == spec.name) {
             continue;
         }
         let packages: Vec<&str> = BASE.iter().chain(spec.packages).copied().collect();
-        let cache = args
-            .rootfs_cache
-            .clone()
-            .unwrap_or_else(|| args.out.join("rootfs"));
         let root = rootfs(&cache, &packages)?;
         let mut base = Layer::new();
         base.add_tree(&root, &keep)
