@@ -331,10 +331,11 @@ struct backend_key {
 struct backend {
 	__be32 addr;
 	__u16 port; // host order
-	__u16 flags; // BACKEND_REMOTE: not on this node
+	__u16 flags; // BACKEND_*
 };
 
-#define BACKEND_REMOTE 1
+#define BACKEND_REMOTE 1 // not on this node
+#define BACKEND_NODE 2 // one of this node's own addresses (a host-network backend here)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1531,6 +1532,100 @@ __noinline int to_local_pod(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0);
 	bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0);
 	return bpf_redirect(out, 0);
+}
+
+// Connect-time load balancing (docs/bpf.md, "Connect-time load balancing"): a TCP socket of a network
+// namespace this node's agent registered (its pods', its own host's) that connects to a Service's frontend
+// is given a backend at connect(): the socket's destination is rewritten before the kernel routes anything,
+// so the flow's packets carry the backend from the first SYN and need no rewrite, no translation entries and
+// no reverse translation (Calico's bpfConnectTimeLoadBalancing: TCP). getpeername() still answers the
+// Service. What is not done here falls to the TC programs, which translate per packet: UDP, a Service with no
+// serving endpoint (refused there), a pod reaching itself (the hairpin, with its source translation and its
+// own ingress policy), and every namespace not registered (pods wired before the registration existed, and
+// in the lab the other nodes' namespaces, which share this kernel).
+#define CTLB_HOST 1 // the node's own namespace (not a pod's)
+
+struct ctlb_ns {
+	__be32 addr; // the pod's IPv4 address (the node's, with CTLB_HOST): the client, for sessionAffinity
+	__u32 flags; // CTLB_*
+	__u32 ifindex; // the pod's host-side interface (0 with CTLB_HOST): the agent's bookkeeping
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64); // the namespace's cookie
+	__type(value, struct ctlb_ns);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} caracal_ctlb_ns_v1 SEC(".maps");
+
+// What a socket connect() translated (key: its cookie), for getpeername(). Socket cookies are never reused;
+// a closed socket's entry is left for the LRU to take.
+struct ctlb_sock {
+	__be32 svc_addr;
+	__be32 be_addr;
+	__u16 svc_port; // network order, as in bpf_sock_addr
+	__u16 be_port;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, __u64);
+	__type(value, struct ctlb_sock);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} caracal_ctlb_sock_v1 SEC(".maps");
+
+// The sock_addr programs' verdict: go on with the call (0 would fail it with EPERM).
+#define SOCK_PROCEED 1
+
+SEC("cgroup/connect4")
+int ctlb_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SOCK_PROCEED;
+	__u64 ns = bpf_get_netns_cookie(ctx);
+	struct ctlb_ns *me = bpf_map_lookup_elem(&caracal_ctlb_ns_v1, &ns);
+	if (!me)
+		return SOCK_PROCEED;
+	struct svc_key sk = {.addr = ctx->user_ip4, .port = bpf_ntohs(ctx->user_port), .proto = IPPROTO_TCP};
+	struct svc_value *sv = bpf_map_lookup_elem(&caracal_svc_v1, &sk);
+	if (!sv || !sv->count)
+		return SOCK_PROCEED;
+	struct backend b = {};
+	if (!pick(&sk, sv, me->addr, bpf_ktime_get_ns(), &b))
+		return SOCK_PROCEED;
+	// A pod's connection to itself, or to its own node (which defaultEndpointToHostAction would judge as the
+	// pod's traffic to its host, not as a Service's): left to the TC programs.
+	if (!(me->flags & CTLB_HOST) && (b.addr == me->addr || (b.flags & BACKEND_NODE)))
+		return SOCK_PROCEED;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct ctlb_sock s = {
+		.svc_addr = sk.addr,
+		.svc_port = ctx->user_port,
+		.be_addr = b.addr,
+		.be_port = bpf_htons(b.port),
+	};
+	bpf_map_update_elem(&caracal_ctlb_sock_v1, &cookie, &s, BPF_ANY);
+	ctx->user_ip4 = b.addr;
+	ctx->user_port = bpf_htons(b.port);
+	return SOCK_PROCEED;
+}
+
+// getpeername() of a socket connect() translated answers the Service it was asked to connect to.
+SEC("cgroup/getpeername4")
+int ctlb_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct ctlb_sock *s = bpf_map_lookup_elem(&caracal_ctlb_sock_v1, &cookie);
+	if (s && ctx->user_ip4 == s->be_addr && ctx->user_port == s->be_port) {
+		ctx->user_ip4 = s->svc_addr;
+		ctx->user_port = s->svc_port;
+	}
+	return SOCK_PROCEED;
 }
 
 SEC("classifier/from_pod")

@@ -18,3 +18,20 @@ pub mod routing;
 pub mod services;
 pub mod typha;
 pub mod wireguard;
+
+/// The agent's state directory on the node (`CARACAL_STATE_DIR`, `/var/lib/caracal` when unset): IPAM's
+/// journal, BIRD's configuration, the WireGuard keys, the pods' namespace cookies.
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("CARACAL_STATE_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(
+            || std::path::PathBuf::from("/var/lib/caracal"),
+            std::path::PathBuf::from,
+        )
+}
+
+/// Where the CNI wiring records each pod's network namespace cookie, for connect-time load balancing
+/// (`dataplane::bpf::ctlb`).
+pub fn netns_records_dir() -> std::path::PathBuf {
+    state_dir().join("netns")
+}

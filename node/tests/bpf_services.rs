@@ -4,7 +4,9 @@
 //! from the ClusterIP; policy judges the backend (a backend whose ingress denies is never reached); affinity
 //! keeps a client on one backend; a pod reaches itself through its own Service; a frontend without backends
 //! refuses (TCP and UDP); a change of backends moves new connections at once while an established one keeps its
-//! backend. Needs root.
+//! backend. Connect-time load balancing: a registered pod's TCP connections get their backend at connect()
+//! (no translation in the tracker, getpeername still the ClusterIP), an unregistered one's are translated
+//! per packet as before. Needs root.
 
 #![expect(
     clippy::expect_used,
@@ -343,6 +345,155 @@ fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_chang
 
     stop.store(true, Ordering::Relaxed);
     caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
+}
+
+/// The Service-translated flows (`NAT_FWD` entries) the tracker holds for interface `ifindex`, by protocol:
+/// (TCP, UDP).
+fn translated(node: &netns::NetNs, dir: &std::path::Path, ifindex: u32) -> (usize, usize) {
+    with_loaded(node, dir, move |l| {
+        let flows = l.flows(Some(ifindex)).expect("flows");
+        let count = |proto| {
+            flows
+                .iter()
+                .filter(|(k, v)| k.proto == proto && v.nat & 1 != 0)
+                .count()
+        };
+        (count(6), count(17))
+    })
+}
+
+#[test]
+fn connect_time_load_balancing_gives_registered_pods_a_backend_at_connect() {
+    use caracal_node::dataplane::bpf::ctlb;
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node("ctl").expect("node");
+    let a = netns::wire_pod(&node, "cta", "crccta", "10.203.0.5".parse().expect("ip")).expect("pod a");
+    let b = netns::wire_pod(&node, "ctb", "crcctb", "10.203.0.6".parse().expect("ip")).expect("pod b");
+    let c = netns::wire_pod(&node, "ctc", "crcctc", "10.203.0.7".parse().expect("ip")).expect("pod c");
+    let d = netns::wire_pod(&node, "ctd", "crcctd", "10.203.0.8".parse().expect("ip")).expect("pod d");
+    let stop = Arc::new(AtomicBool::new(false));
+    for p in [&a, &b, &c] {
+        serve(p, 8080, &stop);
+    }
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-ctlb-test-{}", std::process::id()));
+    let ifaces = ["crccta", "crcctb", "crcctc", "crcctd"];
+    let idx: Vec<u32> = ifaces.iter().map(|i| ifindex(&node, i)).collect();
+    let ids = idx.clone();
+    with_loaded(&node, &dir, move |l| {
+        l.write_table(1, &table(true)).expect("allow");
+        for (i, iface) in ifaces.iter().enumerate() {
+            l.attach(iface).expect("attach");
+            l.set_endpoint(ids[i], entry(1, 1)).expect("entry");
+        }
+    });
+    let mut maps = ServiceMaps::open(&dir).expect("the Service maps are pinned");
+    let vip: Ipv4Addr = "10.96.6.5".parse().expect("vip");
+    let empty: Ipv4Addr = "10.96.6.7".parse().expect("vip");
+    let own: Ipv4Addr = "10.96.6.8".parse().expect("vip");
+    let both = vec![backend(&b, 8080), backend(&c, 8080)];
+    let desired = BTreeMap::from([
+        (
+            key(vip, 80, 6),
+            Frontend {
+                backends: both.clone(),
+                affinity_s: None,
+            },
+        ),
+        (
+            key(vip, 53, 17),
+            Frontend {
+                backends: both,
+                affinity_s: None,
+            },
+        ),
+        (key(empty, 80, 6), Frontend::default()),
+        (
+            key(own, 80, 6),
+            Frontend {
+                backends: vec![backend(&a, 8080)],
+                affinity_s: None,
+            },
+        ),
+    ]);
+    maps.apply(&desired).expect("write the frontends");
+    let cgroup = ctlb::cgroup2_mount().expect("a cgroup v2 hierarchy");
+    assert!(ctlb::attach_sockets(&dir, &cgroup).expect("attach the socket programs"));
+    // Attaching again (a restarted agent) keeps one link per program, given the program in place.
+    assert!(ctlb::attach_sockets(&dir, &cgroup).expect("attach again"));
+    let cookie =
+        a.ns.enter(ctlb::this_netns_cookie)
+            .expect("enter")
+            .expect("cookie");
+    let entry_a = ctlb::NsEntry {
+        addr: a.ip.octets(),
+        flags: 0,
+        ifindex: idx[0],
+        pad: 0,
+    };
+    ctlb::register(&dir, cookie, entry_a).expect("register a");
+    assert_eq!(ctlb::registered(&dir).expect("read"), vec![(cookie, entry_a)]);
+    let (bs, cs) = (b.ip.to_string(), c.ip.to_string());
+
+    // a (registered): every TCP connection reaches a backend, both are used, and none was translated per
+    // packet: the tracker holds no Service translation of a's TCP flows. getpeername() says the ClusterIP.
+    let tcp = answers(&a, (vip, 80).into(), "TCP", 24);
+    assert!(
+        tcp.iter().all(Option::is_some),
+        "every connection answered: {tcp:?}"
+    );
+    assert_eq!(seen(&tcp), BTreeSet::from([bs.clone(), cs.clone()]), "{tcp:?}");
+    let (_, held) = ask(&a, (vip, 80).into());
+    assert_eq!(held.peer_addr().expect("peer"), SocketAddr::from((vip, 80)));
+    reset(held);
+    // UDP is translated per packet (connect-time load balancing is TCP's), and still reaches both.
+    let udp = answers(&a, (vip, 53).into(), "UDP", 16);
+    assert_eq!(seen(&udp), BTreeSet::from([bs.clone(), cs.clone()]), "{udp:?}");
+    let (tcp_nat, udp_nat) = translated(&node, &dir, idx[0]);
+    assert_eq!(
+        tcp_nat, 0,
+        "a's TCP flows went to their backend from the first packet"
+    );
+    assert!(udp_nat > 0, "a's UDP flows were translated per packet");
+
+    // Left to the TC programs: a Service without endpoints refuses; a pod reaches itself (the hairpin).
+    assert_eq!(
+        probe::whoami(&a.ns, (empty, 80).into(), "TCP", Duration::from_secs(3)),
+        Err(probe::Outcome::Refused)
+    );
+    let me = answers(&a, (own, 80).into(), "TCP", 4);
+    assert!(
+        me.iter().all(|x| x.as_deref() == Some(a.ip.to_string().as_str())),
+        "hairpin: {me:?}"
+    );
+
+    // d (not registered: another node's pod, in the lab) is translated per packet, and reaches both.
+    let other = answers(&d, (vip, 80).into(), "TCP", 16);
+    assert_eq!(
+        seen(&other),
+        BTreeSet::from([bs.clone(), cs.clone()]),
+        "{other:?}"
+    );
+    assert!(
+        translated(&node, &dir, idx[3]).0 > 0,
+        "d's TCP flows were translated per packet"
+    );
+
+    // Unregistered, a is translated per packet again.
+    with_loaded(&node, &dir, move |l| {
+        l.unregister_netns(cookie).expect("unregister")
+    });
+    let before = translated(&node, &dir, idx[0]).0;
+    let again = answers(&a, (vip, 80).into(), "TCP", 4);
+    assert!(again.iter().all(Option::is_some), "{again:?}");
+    assert!(
+        translated(&node, &dir, idx[0]).0 > before,
+        "a's new TCP flows were translated per packet"
+    );
+
+    // Removing everything detaches the socket programs from the cgroup.
+    stop.store(true, Ordering::Relaxed);
+    caracal_node::dataplane::bpf::remove_all(&dir).expect("remove everything");
+    assert!(!dir.exists());
 }
 
 /// A TCP connection from `from` to `addr`, asked once; its source port and the stream.

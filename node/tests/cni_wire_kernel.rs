@@ -28,6 +28,7 @@ fn wiring(node: &NetNs, pod: &NetNs, iface: &str, ip: &str) -> PodWiring {
         ips: vec![ip.parse().expect("ip")],
         mtu: 1450,
         bpf_pins: None,
+        netns_records: None,
     }
 }
 

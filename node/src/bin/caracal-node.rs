@@ -18,7 +18,10 @@
 //!   (for a lab where agents reach the API server from the host).
 //! - `CARACAL_LOG_FORMAT=json` for JSON logs; `KUBECONFIG` or the in-cluster service account for the API.
 //! - `CARACAL_CNI_SOCKET` (/var/run/caracal/cni.sock): where the CNI server listens.
-//! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal.
+//! - `CARACAL_BPF_CONNECT_TIME_LB` (TCP): `Disabled` leaves every Service connection to the TC programs'
+//!   per-packet translation; `CARACAL_BPF_CGROUP` (the cgroup v2 root): where the socket programs go.
+//! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal, BIRD's and WireGuard's files, the pods'
+//!   namespace cookies (connect-time load balancing).
 //! - `CARACAL_IPV4_AUTODETECTION` (first-found) or `CARACAL_IP` (an address/prefix to use as is).
 //! - IPv6 (pods get an IPv6 address too, `ip6tables` enforces policy, IPv6 blocks are routed) is on when
 //!   `CARACAL_IPV6_AUTODETECTION` names a method or `CARACAL_IP6` an address/prefix; `none` or unset means
@@ -60,6 +63,29 @@ fn typha() -> Option<Typha> {
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Connect-time load balancing in BPF mode (`CARACAL_BPF_CONNECT_TIME_LB`: `TCP`, the default, or
+/// `Disabled`): the cgroup (v2) its socket programs go on, `CARACAL_BPF_CGROUP` or else the root of the
+/// cgroup v2 hierarchy this process sees; None when disabled.
+fn connect_time_lb() -> anyhow::Result<Option<std::path::PathBuf>> {
+    match env("CARACAL_BPF_CONNECT_TIME_LB", "TCP").as_str() {
+        "TCP" => {}
+        "Disabled" => return Ok(None),
+        other => anyhow::bail!(
+            "CARACAL_BPF_CONNECT_TIME_LB={other}: set TCP (translate TCP Service connections at connect()) or Disabled"
+        ),
+    }
+    let cgroup = std::env::var_os("CARACAL_BPF_CGROUP")
+        .filter(|c| !c.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(caracal_node::dataplane::bpf::ctlb::cgroup2_mount);
+    if cgroup.is_none() {
+        tracing::warn!(
+            "no cgroup v2 hierarchy is mounted: connect-time load balancing is off (set CARACAL_BPF_CGROUP)"
+        );
+    }
+    Ok(cgroup)
 }
 
 /// `caracal-node bpf dump IFACE [PACKET...]`.
@@ -270,8 +296,7 @@ async fn agent_main() -> anyhow::Result<()> {
     let nl = caracal_node::netlink::Netlink::open(netns.as_deref())
         .await
         .context("netlink")?;
-    let mut ipam_cfg =
-        caracal_node::ipam::node::Config::new(&node_name, env("CARACAL_STATE_DIR", "/var/lib/caracal"));
+    let mut ipam_cfg = caracal_node::ipam::node::Config::new(&node_name, caracal_node::state_dir());
     ipam_cfg.reserve = env("CARACAL_IPAM_RESERVE", "32")
         .parse()
         .context("CARACAL_IPAM_RESERVE")?;
@@ -333,7 +358,7 @@ async fn agent_main() -> anyhow::Result<()> {
             bgp: env("CARACAL_BGP", "Disabled") == "Enabled",
             mtu: explicit_mtu,
             exec_prefix: exec_prefix.clone(),
-            state_dir: std::path::PathBuf::from(env("CARACAL_STATE_DIR", "/var/lib/caracal")),
+            state_dir: caracal_node::state_dir(),
             // The DaemonSet sets it from the pod's namespace (the downward API).
             namespace: env("CARACAL_NAMESPACE", "caracal-system"),
         },
@@ -358,6 +383,7 @@ async fn agent_main() -> anyhow::Result<()> {
         node: nl,
         mtu,
         status: status.clone(),
+        netns_records: Some(caracal_node::netns_records_dir()),
     };
     let socket = std::path::PathBuf::from(env("CARACAL_CNI_SOCKET", "/var/run/caracal/cni.sock"));
     // On a thread of its own (it stops with the process).
@@ -377,6 +403,7 @@ async fn agent_main() -> anyhow::Result<()> {
         )
         .context("starting the BPF connection tracker's sweeper")?;
     }
+    let connect_time_lb = connect_time_lb()?;
     let services = (dataplane == "BPF").then(|| {
         let cfg = caracal_node::services::Config {
             node: node_name.clone(),
@@ -387,6 +414,7 @@ async fn agent_main() -> anyhow::Result<()> {
                 .map(|n| caracal_node::netlink::named_netns(&n)),
             exec_prefix: exec_prefix.clone(),
             kube_proxy_cleanup: env("CARACAL_KUBE_PROXY_CLEANUP", "true") != "false",
+            connect_time_lb,
         };
         let stats = status.services.get_or_init(Default::default).clone();
         tokio::spawn(caracal_node::services::run(client.clone(), cfg, stats))

@@ -44,6 +44,10 @@ pub struct CniServer {
     pub mtu: Arc<AtomicU32>,
     /// The agent's status: STATUS answers ready once it has programmed from a complete view.
     pub status: Arc<crate::agent::Status>,
+    /// Where each pod's network namespace cookie is recorded when it is wired (and forgotten when it is
+    /// removed), in every data plane mode, for the BPF data plane's connect-time load balancing
+    /// (`dataplane::bpf::ctlb`). None: not recorded.
+    pub netns_records: Option<PathBuf>,
 }
 
 /// The first bytes of a request and the network namespace the plugin passed beside them (`SCM_RIGHTS`, see
@@ -215,6 +219,7 @@ impl CniServer {
                 .collect(),
             mtu,
             bpf_pins: self.status.bpf_pins.get().cloned(),
+            netns_records: self.netns_records.clone(),
         }
     }
 
@@ -304,6 +309,11 @@ impl CniServer {
                 wire::del(&self.node, &iface)
                     .await
                     .map_err(|e| refused("removing the pod interface failed", e.to_string()))?;
+                if let Some(dir) = &self.netns_records
+                    && let Err(e) = crate::dataplane::bpf::ctlb::forget(dir, &iface)
+                {
+                    warn!(%iface, error = %e, "forgetting the pod's namespace cookie");
+                }
             }
         }
         self.ipam

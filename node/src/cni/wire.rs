@@ -37,6 +37,8 @@ pub struct PodWiring {
     /// Where the BPF policy data plane pins its programs, when it is the node's: the host side gets them
     /// before the pod side comes up (`bpf::attach_pinned`), so the pod's first packet meets its policy.
     pub bpf_pins: Option<PathBuf>,
+    /// Where the pod's network namespace cookie is recorded (`dataplane::bpf::ctlb::record`), when anywhere.
+    pub netns_records: Option<PathBuf>,
 }
 
 /// What was wired, for the CNI result.
@@ -227,6 +229,17 @@ impl Here {
         })
     }
 
+    /// The cookie of the network namespace `ns`; the thread is back in the node's namespace when this
+    /// returns.
+    fn cookie_of(&mut self, ns: &std::fs::File) -> std::io::Result<u64> {
+        blocking::enter(ns)?;
+        let cookie = crate::dataplane::bpf::ctlb::this_netns_cookie();
+        let back = blocking::enter(&self.home);
+        self.lost = back.is_err();
+        back?;
+        cookie
+    }
+
     /// A socket in the pod's namespace (and, with `sysctls`, those written there first); the thread is back
     /// in the node's namespace when this returns.
     fn in_pod(&mut self, w: &PodWiring, sysctls: &[(String, String)]) -> Result<Rtnl, WireError> {
@@ -274,6 +287,17 @@ fn add_here(here: &mut Here, w: &PodWiring) -> Result<Wired, WireError> {
         here.node.del_link(&w.host_iface)?;
     }
     let pod_ns = open_netns(w)?;
+    // The namespace's cookie is recorded before its interface exists, so the BPF data plane finds it when it
+    // first programs the endpoint (a pod without one is not registered for connect-time load balancing:
+    // its Service connections are translated per packet instead, so a failure here only says so).
+    if let Some(dir) = &w.netns_records {
+        let recorded = here
+            .cookie_of(&pod_ns)
+            .and_then(|c| crate::dataplane::bpf::ctlb::record(dir, &w.host_iface, c));
+        if let Err(e) = recorded {
+            tracing::warn!(iface = %w.host_iface, error = %e, "recording the pod's namespace cookie");
+        }
+    }
     // With IPv6, the host side comes up only once duplicate address detection is off on it (below).
     let v6 = ips.iter().any(|ip| ip.addr().is_ipv6());
     here.node.add_link(

@@ -237,7 +237,13 @@ pub fn backend(
 ) -> Result<Box<dyn PolicyDataplane>, DataplaneError> {
     let nat = || NatProgram::new(exec_prefix.clone(), ipv6);
     let iptables = || Box::new(DualStack::new(exec_prefix.clone(), ipv6).with_nat(nat()));
-    let bpf = || Box::new(bpf::backend::BpfDataplane::for_node(&exec_prefix).with_nat(nat()));
+    let bpf = || {
+        Box::new(
+            bpf::backend::BpfDataplane::for_node(&exec_prefix)
+                .with_nat(nat())
+                .with_netns_records(crate::netns_records_dir()),
+        )
+    };
     let mut taken_over = match dataplane {
         "Iptables" | "" => TakeOver::new(iptables(), bpf()),
         "BPF" => TakeOver::new(bpf(), iptables()),

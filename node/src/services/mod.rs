@@ -43,6 +43,9 @@ pub struct Config {
     pub exec_prefix: Vec<String>,
     /// Remove kube-proxy's rules.
     pub kube_proxy_cleanup: bool,
+    /// Connect-time load balancing: the cgroup (v2) the socket programs go on, or None to leave every
+    /// connection to the TC programs' translation (`dataplane::bpf::ctlb`).
+    pub connect_time_lb: Option<PathBuf>,
 }
 
 /// What the manager reports (for `/metrics` and tests).
@@ -167,6 +170,7 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
     info!(frontends = maps.programmed().len(), "Service maps opened");
     let mut addrs: Vec<Ipv4Addr> = Vec::new();
     let mut host_iface: Option<String> = None;
+    let mut ctlb_said = String::new();
     let (tx, mut rx) = mpsc::channel(1024);
     let services = forward(
         Api::<Service>::all(client.clone()),
@@ -222,6 +226,7 @@ pub async fn run(client: Client, cfg: Config, stats: Arc<Stats>) {
                 }
                 if let Some(first) = addrs.first().copied() {
                     attach_host(&cfg, first, &mut host_iface).await;
+                    connect_time_lb(&cfg, first, &mut ctlb_said).await;
                 }
                 if cfg.kube_proxy_cleanup {
                     let removed = cleanup_kube_proxy(&cfg.exec_prefix).await;
@@ -289,6 +294,48 @@ async fn attach_host(cfg: &Config, addr: Ipv4Addr, current: &mut Option<String>)
         }
         Ok(false) => warn!("the BPF programs are not pinned: NodePorts are not served"),
         Err(e) => warn!(%iface, error = %e, "attaching the NodePort programs"),
+    }
+}
+
+/// Keeps connect-time load balancing as configured: the socket programs on the cgroup and the node's own
+/// namespace registered with its address `addr` (so the node's own connections to a ClusterIP are
+/// translated too), or the programs detached. `said` is what was last logged, so a steady state logs once.
+async fn connect_time_lb(cfg: &Config, addr: Ipv4Addr, said: &mut String) {
+    use crate::dataplane::bpf::ctlb;
+    let (dir, cgroup) = (cfg.pin_dir.clone(), cfg.connect_time_lb.clone());
+    let done = crate::netlink::in_netns(cfg.netns.as_deref(), move || {
+        let Some(cgroup) = cgroup else {
+            ctlb::detach_sockets(&dir).map_err(std::io::Error::other)?;
+            return Ok("off: every Service connection is translated per packet".to_owned());
+        };
+        let cookie = ctlb::this_netns_cookie()?;
+        let entry = ctlb::NsEntry {
+            addr: addr.octets(),
+            flags: ctlb::CTLB_HOST,
+            ifindex: 0,
+            pad: 0,
+        };
+        if !ctlb::attach_sockets(&dir, &cgroup).map_err(std::io::Error::other)? {
+            return Ok("waiting for the BPF programs to be pinned".to_owned());
+        }
+        ctlb::register(&dir, cookie, entry).map_err(std::io::Error::other)?;
+        Ok(format!(
+            "on (TCP), socket programs on the cgroup {}",
+            cgroup.display()
+        ))
+    })
+    .await;
+    let now = match done {
+        Ok(s) => s,
+        Err(e) => format!("failed: {e}"),
+    };
+    if now != *said {
+        if now.starts_with("failed") {
+            warn!(state = %now, "connect-time load balancing (the TC programs translate every Service connection)");
+        } else {
+            info!(state = %now, "connect-time load balancing");
+        }
+        *said = now;
     }
 }
 

@@ -25,6 +25,12 @@ use crate::dataplane::bpf::{Backend, SvcKey};
 /// The default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
 
+/// A backend's flag (`BACKEND_REMOTE` of policy.c): on another node.
+pub const BACKEND_REMOTE: u16 = 1;
+/// A backend's flag (`BACKEND_NODE`): one of this node's own addresses (a host-network pod here, the API
+/// server on its node); a pod's connection to it is not translated at connect() (docs/bpf.md).
+pub const BACKEND_NODE: u16 = 2;
+
 /// What one frontend serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
@@ -62,12 +68,13 @@ pub fn key(addr: Ipv4Addr, port: u16, proto: u8) -> SvcKey {
 }
 
 /// The endpoints of the slices of one Service for the port named `port_name`: (ready, serving while
-/// terminating), each as backends (remote unless on `node`).
+/// terminating), each as backends (remote unless on `node`; of the node when one of `node_addrs`).
 fn endpoints(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto_name: &str,
     node: &str,
+    node_addrs: &[Ipv4Addr],
 ) -> (Vec<Backend>, Vec<Backend>) {
     let (mut ready, mut terminating) = (BTreeSet::new(), BTreeSet::new());
     for s in slices {
@@ -98,7 +105,8 @@ fn endpoints(
                 let b = Backend {
                     addr: ip.octets(),
                     port,
-                    flags: u16::from(remote),
+                    flags: if remote { BACKEND_REMOTE } else { 0 }
+                        | if node_addrs.contains(&ip) { BACKEND_NODE } else { 0 },
                 };
                 if is_ready && !is_terminating {
                     ready.insert(b);
@@ -175,9 +183,19 @@ pub fn frontends<'a>(
                 continue;
             };
             let Ok(port) = u16::try_from(p.port) else { continue };
-            let (ready, terminating) = endpoints(slices, p.name.as_deref().unwrap_or(""), proto_name, node);
+            let (ready, terminating) = endpoints(
+                slices,
+                p.name.as_deref().unwrap_or(""),
+                proto_name,
+                node,
+                node_addrs,
+            );
             let all = if ready.is_empty() { terminating } else { ready };
-            let local: Vec<Backend> = all.iter().copied().filter(|b| b.flags == 0).collect();
+            let local: Vec<Backend> = all
+                .iter()
+                .copied()
+                .filter(|b| b.flags & BACKEND_REMOTE == 0)
+                .collect();
             let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
             out.frontends.insert(
                 key(vip, port, proto),

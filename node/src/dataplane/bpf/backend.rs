@@ -267,6 +267,11 @@ pub struct BpfDataplane {
     users: PolicyUsers,
     /// natOutgoing (the kernel's nat table, as the iptables backend programs it: see `dataplane::nat`).
     nat: Option<crate::dataplane::NatProgram>,
+    /// Where the CNI wiring records pods' namespace cookies ([`super::ctlb::record`]): a programmed
+    /// endpoint's pod is registered for connect-time load balancing from there. None: no pod is.
+    netns_records: Option<PathBuf>,
+    /// The pods registered for connect-time load balancing, by interface: (cookie, entry).
+    registered: BTreeMap<String, (u64, super::ctlb::NsEntry)>,
 }
 
 impl BpfDataplane {
@@ -284,7 +289,54 @@ impl BpfDataplane {
             dirty: true,
             users: PolicyUsers::default(),
             nat: None,
+            netns_records: None,
+            registered: BTreeMap::new(),
         }
+    }
+
+    /// Registers each programmed endpoint's pod for connect-time load balancing, from the cookies recorded
+    /// under `dir` (see [`super::ctlb`]).
+    pub fn with_netns_records(mut self, dir: PathBuf) -> Self {
+        self.netns_records = Some(dir);
+        self
+    }
+
+    /// Registers `iface`'s pod (host-side index `ifindex`, addresses `ips`) for connect-time load balancing when its
+    /// namespace's cookie was recorded and it has an IPv4 address; a pod without either is left to the TC
+    /// programs' translation.
+    fn register(&mut self, ips: &[std::net::IpAddr], iface: &str, ifindex: u32) -> Result<(), BpfError> {
+        let Some(dir) = &self.netns_records else {
+            return Ok(());
+        };
+        let cookie = super::ctlb::recorded(dir, iface);
+        let addr = ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4.octets()),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let wanted = cookie.zip(addr).map(|(cookie, addr)| {
+            (
+                cookie,
+                super::ctlb::NsEntry {
+                    addr,
+                    flags: 0,
+                    ifindex,
+                    pad: 0,
+                },
+            )
+        });
+        let before = self.registered.get(iface).copied();
+        if before == wanted {
+            return Ok(());
+        }
+        if let Some((old, _)) = before {
+            self.loaded()?.unregister_netns(old)?;
+            self.registered.remove(iface);
+        }
+        if let Some((cookie, entry)) = wanted {
+            self.loaded()?.register_netns(cookie, entry)?;
+            self.registered.insert(iface.to_owned(), (cookie, entry));
+        }
+        Ok(())
     }
 
     /// Programs natOutgoing too (what an agent's backend does; kernel tests of policy alone leave it out).
@@ -561,6 +613,7 @@ impl BpfDataplane {
         let table = [self.table_for(egress, stats)?, self.table_for(ingress, stats)?];
         let entry = Endpoint { flags, table, pad: 0 };
         self.loaded()?.set_endpoint(ifindex, entry)?;
+        self.register(memo.ips_of(iface), iface, ifindex)?;
         stats.endpoints_written += 1;
         self.endpoints.insert(
             iface.to_owned(),
@@ -588,6 +641,9 @@ impl BpfDataplane {
     /// dispatch chains keep an unknown interface closed.
     fn unprogram(&mut self, iface: &str, stats: &mut ApplyStats) -> Result<(), BpfError> {
         let was_attached = self.attached.remove(iface);
+        if let Some((cookie, _)) = self.registered.remove(iface) {
+            self.loaded()?.unregister_netns(cookie)?;
+        }
         let old = self.endpoints.remove(iface);
         if let Some(old) = old {
             self.loaded()?.remove_endpoint(old.ifindex)?;
@@ -666,6 +722,7 @@ impl BpfDataplane {
                 && k.table == [e, i]
                 && k.flags == flags
             {
+                self.register(memo.ips_of(iface), iface, ifindex)?;
                 // Right already: take the references, write nothing.
                 let now = Programmed {
                     ifindex,
@@ -698,6 +755,13 @@ impl BpfDataplane {
             .collect();
         for iface in gone {
             self.unprogram(&iface, &mut stats)?;
+        }
+        // Pods' registrations nobody holds (an earlier run's, of pods gone since); the node's own stays.
+        let held: BTreeSet<u64> = self.registered.values().map(|(c, _)| *c).collect();
+        for (cookie, e) in self.loaded()?.netns_entries()? {
+            if e.flags & super::ctlb::CTLB_HOST == 0 && !held.contains(&cookie) {
+                self.loaded()?.unregister_netns(cookie)?;
+            }
         }
         let live: BTreeSet<u32> = self.endpoints.values().map(|p| p.ifindex).collect();
         for ifindex in self.loaded()?.endpoint_entries()?.keys() {

@@ -9,6 +9,7 @@
 //! to the node's model.
 
 pub mod backend;
+pub mod ctlb;
 pub mod dump;
 pub mod services;
 pub mod sweep;
@@ -22,7 +23,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 /// Where Caracal pins its BPF objects.
@@ -247,7 +248,8 @@ pub struct Backend {
     pub addr: [u8; 4],
     /// Its port, host order.
     pub port: u16,
-    /// `BACKEND_REMOTE` (1): on another node.
+    /// `BACKEND_REMOTE` (1): on another node; `BACKEND_NODE` (2): an address of this node
+    /// (`services::model`).
     pub flags: u16,
 }
 
@@ -391,6 +393,23 @@ fn pin_replacing(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> std::io::Resul
     sys::obj_pin(fd, path)
 }
 
+/// Pins a loaded program under `dir/progs/` for whoever attaches it later ([`attach_pinned`],
+/// [`ctlb::attach_sockets`]), replacing an earlier run's unless that is this very program (`tag` equal: a
+/// restart of the same build).
+fn pin_program(
+    dir: &Path,
+    name: &str,
+    tag: Option<u64>,
+    fd: &aya::programs::ProgramFd,
+) -> Result<(), BpfError> {
+    let path = dir.join("progs").join(name);
+    let pinned = aya::programs::ProgramInfo::from_pin(&path).map(|i| i.tag()).ok();
+    if tag.is_none() || tag != pinned {
+        pin_replacing(std::os::fd::AsFd::as_fd(fd), &path).map_err(|source| BpfError::Io { path, source })?;
+    }
+    Ok(())
+}
+
 /// Whether the nearest existing ancestor of `dir` (or `dir` itself) is on a bpf filesystem.
 fn on_bpffs(dir: &Path) -> bool {
     dir.ancestors()
@@ -433,6 +452,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
         dir.to_path_buf(),
         dir.join("links"),
         dir.join("host-links"),
+        dir.join(ctlb::LINKS),
         dir.join("progs"),
     ] {
         std::fs::create_dir_all(&d).map_err(|source| BpfError::Io { path: d, source })?;
@@ -457,16 +477,26 @@ impl Loaded {
                 .try_into()
                 .map_err(load_error)?;
             prog.load().map_err(load_error)?;
-            // Pinned for whoever wires a pod's interface ([`attach_pinned`]), replacing an earlier run's
-            // unless that is this very program (same tag: a restart of the same build).
-            let path = dir.join("progs").join(name);
-            let ours = prog.info().map(|i| i.tag()).ok();
-            let pinned = aya::programs::ProgramInfo::from_pin(&path).map(|i| i.tag()).ok();
-            if ours.is_none() || ours != pinned {
-                let fd = prog.fd().map_err(load_error)?;
-                pin_replacing(std::os::fd::AsFd::as_fd(fd), &path)
-                    .map_err(|source| BpfError::Io { path, source })?;
-            }
+            pin_program(
+                dir,
+                name,
+                prog.info().map(|i| i.tag()).ok(),
+                prog.fd().map_err(load_error)?,
+            )?;
+        }
+        for (name, _) in ctlb::SOCKET_HOOKS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| load_error(format!("no program {name} in the object")))?
+                .try_into()
+                .map_err(load_error)?;
+            prog.load().map_err(load_error)?;
+            pin_program(
+                dir,
+                name,
+                prog.info().map(|i| i.tag()).ok(),
+                prog.fd().map_err(load_error)?,
+            )?;
         }
         Ok(Self {
             ebpf,
@@ -1187,7 +1217,7 @@ fn detach_pinned(path: &Path) -> Result<(), BpfError> {
 /// Removes everything Caracal pinned under `dir`: every link is detached first (so no interface keeps a
 /// program), then the pins of links and maps go. Absent is fine.
 pub fn remove_all(dir: &Path) -> Result<(), BpfError> {
-    for links in [dir.join("links"), dir.join("host-links")] {
+    for links in [dir.join("links"), dir.join("host-links"), dir.join(ctlb::LINKS)] {
         match std::fs::read_dir(&links) {
             Ok(entries) => {
                 for e in entries.flatten() {

@@ -1,6 +1,7 @@
 //! The few `bpf(2)` commands aya 0.14 has no call for: opening a pinned object, pinning a descriptor,
-//! creating a TCX link from a program descriptor alone, detaching a pinned link, and reading a hash map in
-//! batches and taking one entry out of it (the tracker's sweeper).
+//! creating a TCX or cgroup link from a program descriptor alone, giving a link another program, detaching a
+//! pinned link, and reading a hash map in batches and taking one entry out of it (the tracker's sweeper);
+//! and a socket's network namespace cookie (`SO_NETNS_COOKIE`), which the connect-time programs key on.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -12,11 +13,18 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+/// Gives a link another program, atomically.
+const BPF_LINK_UPDATE: libc::c_long = 29;
 /// Detaches a link from its hook now, whoever else holds it.
 const BPF_LINK_DETACH: libc::c_long = 34;
 /// `BPF_TCX_INGRESS` and `BPF_TCX_EGRESS` (`enum bpf_attach_type`).
 pub const TCX_INGRESS: u32 = 46;
 pub const TCX_EGRESS: u32 = 47;
+/// `BPF_CGROUP_INET4_CONNECT` and `BPF_CGROUP_INET4_GETPEERNAME` (`enum bpf_attach_type`).
+pub const CGROUP_INET4_CONNECT: u32 = 10;
+pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
+/// `SO_NETNS_COOKIE` (`asm-generic/socket.h`; Linux 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
 /// `BPF_F_BEFORE`: with no relative program, first in the hook's order.
 const BPF_F_BEFORE: u32 = 1 << 3;
 
@@ -94,6 +102,53 @@ pub fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> 
     attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
     attr[12..16].copy_from_slice(&BPF_F_BEFORE.to_ne_bytes());
     owned(bpf(BPF_LINK_CREATE, &attr)?)
+}
+
+/// Attaches the program `prog` to the cgroup (v2) open at `cgroup` at `attach_type` ([`CGROUP_INET4_CONNECT`],
+/// ...) beside whatever else is attached there, and returns the link (`BPF_LINK_CREATE`).
+pub fn cgroup_link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> std::io::Result<OwnedFd> {
+    // `prog_fd`, `target_fd`, `attach_type`, `flags` (0: a cgroup's links always run side by side).
+    let mut attr: Attr = [0; 128];
+    attr[..4].copy_from_slice(&prog.as_raw_fd().to_ne_bytes());
+    attr[4..8].copy_from_slice(&cgroup.as_raw_fd().to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    owned(bpf(BPF_LINK_CREATE, &attr)?)
+}
+
+/// Gives the link `link` the program `prog` in place of its own, atomically (`BPF_LINK_UPDATE`).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    // `link_fd`, `new_prog_fd`, `flags` (0: whatever program it had), `old_prog_fd`.
+    let mut attr: Attr = [0; 128];
+    attr[..4].copy_from_slice(&link.as_raw_fd().to_ne_bytes());
+    attr[4..8].copy_from_slice(&prog.as_raw_fd().to_ne_bytes());
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+}
+
+/// The cookie of the network namespace socket `fd` lives in (`SO_NETNS_COOKIE`): what a BPF program's
+/// `bpf_get_netns_cookie` gives for that namespace's sockets, unique for as long as the machine runs.
+#[expect(unsafe_code, reason = "getsockopt has no safe wrapper for SO_NETNS_COOKIE")]
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid and writable for the call; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
 }
 
 /// Opens the link pinned at `path` and detaches it (`BPF_LINK_DETACH`): dropping the pin alone leaves the
