@@ -83,6 +83,18 @@ pub enum NftablesMode {
     Auto,
 }
 
+/// Where the BPF data plane gives a Service connection its backend (Calico's `bpfConnectTimeLoadBalancing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum BpfConnectTimeLoadBalancing {
+    /// TCP connections at `connect()` (the socket gets the backend; no per-packet translation), UDP per
+    /// packet. The default.
+    TCP,
+    /// TCP and UDP at `connect()`/`sendmsg()`: refused (not implemented).
+    Enabled,
+    /// Every Service connection translated per packet by the interface programs.
+    Disabled,
+}
+
 /// Settings of the node agent (Felix in Calico).
 #[skip_serializing_none]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -104,6 +116,10 @@ pub struct FelixConfigurationSpec {
     /// Calico's nftables data plane switch: refused (not implemented).
     #[x_kube(validation = Rule::new("false").message("nftablesMode is not implemented by Caracal (this release has no nftables data plane): remove it"))]
     pub nftables_mode: Option<NftablesMode>,
+    /// BPF mode: where Service connections get their backend (TCP when unset: TCP connections at connect(),
+    /// the rest per packet). The agent restarts to apply a change.
+    #[x_kube(validation = Rule::new("self != 'Enabled'").message("bpfConnectTimeLoadBalancing: Enabled (TCP and UDP at connect time) is not implemented by Caracal (UDP Service traffic is translated per packet): set TCP or Disabled"))]
+    pub bpf_connect_time_load_balancing: Option<BpfConnectTimeLoadBalancing>,
     /// Calico's BPF program log level: refused (not implemented).
     #[schemars(length(max = 8))]
     #[x_kube(validation = Rule::new("false").message("bpfLogLevel is not implemented by Caracal (the BPF programs have no log output to set): remove it"))]

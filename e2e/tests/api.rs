@@ -662,6 +662,12 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "nftablesMode is not implemented",
         ),
         (
+            "Felix bpfConnectTimeLoadBalancing Enabled (not implemented)",
+            felix(json!({"bpfConnectTimeLoadBalancing": "Enabled"})),
+            "spec.bpfConnectTimeLoadBalancing",
+            "Enabled (TCP and UDP at connect time) is not implemented",
+        ),
+        (
             "BGP peer IP that is a name",
             bgppeer(json!({"peerIP": "router", "asNumber": 64512})),
             "spec.peerIP",
@@ -754,6 +760,10 @@ fn valid_cases() -> Vec<(&'static str, Value)> {
             ippool(json!({"cidr": "fd00:1::/120", "blockSize": 128, "vxlanMode": "Always"})),
         ),
         ("MTU 576", installation(json!({"mtu": 576}))),
+        (
+            "bpfConnectTimeLoadBalancing Disabled",
+            felix(json!({"bpfEnabled": true, "bpfConnectTimeLoadBalancing": "Disabled"})),
+        ),
         (
             "MTU 9000 and IPv6 VXLAN pool",
             installation(json!({"mtu": 9000, "ipPools": [{"cidr": "fd00::/48", "encapsulation": "VXLAN"}]})),

@@ -10,12 +10,15 @@
 //! - `routeRefreshInterval`, `iptablesRefreshInterval`: the schedules of the full read-backs, at once;
 //! - `healthEnabled`/`Host`/`Port`, `prometheusMetricsEnabled`/`Host`/`Port`: the listeners move at once;
 //! - `logSeverityScreen`: at once;
-//! - `bpfEnabled`, `ipv6Support`: the agent restarts to apply them, as Felix does.
+//! - `bpfEnabled`, `ipv6Support`, `bpfConnectTimeLoadBalancing`: the agent restarts to apply them, as Felix
+//!   does.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use caracal_crds::felix::{EndpointToHostAction, FelixConfigurationSpec, LogSeverity};
+use caracal_crds::felix::{
+    BpfConnectTimeLoadBalancing, EndpointToHostAction, FelixConfigurationSpec, LogSeverity,
+};
 use serde_json::Value;
 
 /// Calico's default `mtuIfacePattern`: the interfaces whose smallest MTU is the host's.
@@ -87,6 +90,9 @@ impl Default for Defaults {
 pub struct Felix {
     /// The eBPF data plane.
     pub bpf: bool,
+    /// In BPF mode, TCP Service connections get their backend at connect() (`bpfConnectTimeLoadBalancing`
+    /// TCP, the default; false: Disabled).
+    pub connect_time_lb: bool,
     /// IPv6 on.
     pub ipv6: bool,
     /// The IPv4 VXLAN device regardless of the pools (Some), or as they decide (None).
@@ -248,6 +254,8 @@ impl Felix {
             });
         let felix = Felix {
             bpf: spec.bpf_enabled.unwrap_or(defaults.bpf),
+            connect_time_lb: spec.bpf_connect_time_load_balancing
+                != Some(BpfConnectTimeLoadBalancing::Disabled),
             ipv6: spec.ipv6_support.unwrap_or(true) && defaults.ipv6,
             vxlan_enabled: spec.vxlan_enabled,
             ipip_enabled: spec.ipip_enabled,
@@ -320,9 +328,25 @@ impl Felix {
     }
 
     /// What needs the agent restarted to change (Felix restarts itself for these).
-    pub fn restart_key(&self) -> (bool, bool) {
-        (self.bpf, self.ipv6)
+    pub fn restart_key(&self) -> RestartKey {
+        RestartKey {
+            bpf: self.bpf,
+            ipv6: self.ipv6,
+            // Only the BPF data plane has it: in iptables mode a change restarts nothing.
+            connect_time_lb: self.bpf && self.connect_time_lb,
+        }
     }
+}
+
+/// The settings the agent applies only when it starts (see [`Felix::restart_key`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartKey {
+    /// `bpfEnabled`.
+    pub bpf: bool,
+    /// `ipv6Support` (with an IPv6 autodetection method).
+    pub ipv6: bool,
+    /// BPF mode with `bpfConnectTimeLoadBalancing` not Disabled.
+    pub connect_time_lb: bool,
 }
 
 /// The tracing filter directive for a severity (`Fatal` logs errors: Rust has no level above).
@@ -372,6 +396,28 @@ mod tests {
         );
         assert_eq!(f.route_refresh, Duration::from_secs(90));
         assert_eq!(f.mtu_iface_pattern, DEFAULT_MTU_IFACE_PATTERN);
+        assert!(f.connect_time_lb, "bpfConnectTimeLoadBalancing: TCP by default");
+    }
+
+    #[test]
+    fn connect_time_load_balancing_restarts_the_agent_only_in_bpf_mode() {
+        let off = json!({"spec": {"bpfConnectTimeLoadBalancing": "Disabled"}});
+        let tcp = json!({"spec": {"bpfConnectTimeLoadBalancing": "TCP"}});
+        for bpf in [false, true] {
+            let d = Defaults {
+                bpf,
+                ..Defaults::default()
+            };
+            let (f_off, errors) = Felix::effective(Some(&off), None, &d);
+            assert!(errors.is_empty() && !f_off.connect_time_lb);
+            let (f_tcp, _) = Felix::effective(Some(&tcp), None, &d);
+            assert!(f_tcp.connect_time_lb);
+            assert_eq!(
+                f_off.restart_key() != f_tcp.restart_key(),
+                bpf,
+                "bpf {bpf}: a change restarts the agent only where it applies"
+            );
+        }
     }
 
     #[test]

@@ -65,8 +65,8 @@ pub struct Parts {
 pub struct FelixParts {
     /// What applies where FelixConfiguration says nothing (`bpf` and `ipv6` as the environment has them).
     pub defaults: Defaults,
-    /// What this process runs that only a restart changes: (the BPF data plane, IPv6).
-    pub running: (bool, bool),
+    /// What this process runs that only a restart changes.
+    pub running: crate::felix::RestartKey,
     /// The settings in effect, for what the agent's loop does not own (its listeners, its log level).
     pub tx: tokio::sync::watch::Sender<Felix>,
 }
@@ -335,9 +335,14 @@ pub async fn run(
             ..Defaults::default()
         });
     let mut felix = Felix::effective(None, None, &defaults).0;
-    let running = felix_parts
-        .as_ref()
-        .map_or((cfg.dataplane == "BPF", cfg.ipv6), |f| f.running);
+    let running = felix_parts.as_ref().map_or(
+        crate::felix::RestartKey {
+            bpf: cfg.dataplane == "BPF",
+            ipv6: cfg.ipv6,
+            connect_time_lb: false,
+        },
+        |f| f.running,
+    );
     let (to_engine, engine_rx) = std::sync::mpsc::channel();
     let (failures_tx, mut failures) = mpsc::unbounded_channel();
     let engine = {
@@ -410,9 +415,10 @@ pub async fn run(
                         }
                         if new != felix {
                             if new.restart_key() != running {
+                                let want = new.restart_key();
                                 let why = format!(
-                                    "FelixConfiguration asks for bpfEnabled {} and IPv6 {} while the agent runs {} and {}: restarting to apply it",
-                                    new.bpf, new.ipv6, running.0, running.1
+                                    "FelixConfiguration asks for bpfEnabled {}, IPv6 {} and connect-time load balancing {} while the agent runs {}, {} and {}: restarting to apply it",
+                                    want.bpf, want.ipv6, want.connect_time_lb, running.bpf, running.ipv6, running.connect_time_lb
                                 );
                                 warn!("{why}");
                                 let _ = status.restart.set(why);

@@ -18,8 +18,8 @@
 //!   (for a lab where agents reach the API server from the host).
 //! - `CARACAL_LOG_FORMAT=json` for JSON logs; `KUBECONFIG` or the in-cluster service account for the API.
 //! - `CARACAL_CNI_SOCKET` (/var/run/caracal/cni.sock): where the CNI server listens.
-//! - `CARACAL_BPF_CONNECT_TIME_LB` (TCP): `Disabled` leaves every Service connection to the TC programs'
-//!   per-packet translation; `CARACAL_BPF_CGROUP` (the cgroup v2 root): where the socket programs go.
+//! - `CARACAL_BPF_CGROUP` (the root of the cgroup v2 hierarchy): where the BPF data plane's socket programs
+//!   (connect-time load balancing) go.
 //! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal, BIRD's and WireGuard's files, the pods'
 //!   namespace cookies (connect-time load balancing).
 //! - `CARACAL_IPV4_AUTODETECTION` (first-found) or `CARACAL_IP` (an address/prefix to use as is).
@@ -65,16 +65,12 @@ fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-/// Connect-time load balancing in BPF mode (`CARACAL_BPF_CONNECT_TIME_LB`: `TCP`, the default, or
-/// `Disabled`): the cgroup (v2) its socket programs go on, `CARACAL_BPF_CGROUP` or else the root of the
-/// cgroup v2 hierarchy this process sees; None when disabled.
-fn connect_time_lb() -> anyhow::Result<Option<std::path::PathBuf>> {
-    match env("CARACAL_BPF_CONNECT_TIME_LB", "TCP").as_str() {
-        "TCP" => {}
-        "Disabled" => return Ok(None),
-        other => anyhow::bail!(
-            "CARACAL_BPF_CONNECT_TIME_LB={other}: set TCP (translate TCP Service connections at connect()) or Disabled"
-        ),
+/// Connect-time load balancing in BPF mode (FelixConfiguration `bpfConnectTimeLoadBalancing`, on unless
+/// Disabled): the cgroup (v2) its socket programs go on, `CARACAL_BPF_CGROUP` or else the root of the cgroup
+/// v2 hierarchy this process sees; None when off.
+fn connect_time_lb(on: bool) -> Option<std::path::PathBuf> {
+    if !on {
+        return None;
     }
     let cgroup = std::env::var_os("CARACAL_BPF_CGROUP")
         .filter(|c| !c.is_empty())
@@ -85,7 +81,7 @@ fn connect_time_lb() -> anyhow::Result<Option<std::path::PathBuf>> {
             "no cgroup v2 hierarchy is mounted: connect-time load balancing is off (set CARACAL_BPF_CGROUP)"
         );
     }
-    Ok(cgroup)
+    cgroup
 }
 
 /// `caracal-node bpf dump IFACE [PACKET...]`.
@@ -389,7 +385,7 @@ async fn agent_main() -> anyhow::Result<()> {
     // On a thread of its own (it stops with the process).
     cni.spawn(socket).context("starting the CNI server's thread")?;
     let refresh = defaults.refresh;
-    let dataplane = match (running.0, env("CARACAL_DATAPLANE", "Iptables")) {
+    let dataplane = match (running.bpf, env("CARACAL_DATAPLANE", "Iptables")) {
         (true, _) => "BPF".to_owned(),
         (false, d) if d == "BPF" => "Iptables".to_owned(),
         (false, d) => d,
@@ -403,7 +399,7 @@ async fn agent_main() -> anyhow::Result<()> {
         )
         .context("starting the BPF connection tracker's sweeper")?;
     }
-    let connect_time_lb = connect_time_lb()?;
+    let connect_time_lb = connect_time_lb(running.connect_time_lb);
     let services = (dataplane == "BPF").then(|| {
         let cfg = caracal_node::services::Config {
             node: node_name.clone(),
