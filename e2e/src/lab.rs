@@ -387,7 +387,7 @@ impl Lab {
     /// Brings the lab up (see the module docs), printing each step.
     pub async fn up(opts: &LabOptions) -> anyhow::Result<Self> {
         let dir = lab_dir();
-        crate::netns::unmount_bpffs_under(&dir.join("nodes"));
+        crate::netns::unmount_node_filesystems_under(&dir.join("nodes"));
         crate::netns::remove_orphans();
         // A new lab starts from empty node directories: a real node's containerd would otherwise find the
         // sandboxes of the last lab and tear them down (CNI DEL) under the new pods of the same names.
@@ -974,7 +974,7 @@ impl Lab {
         self.real_nodes.clear();
         self.sysctls.take();
         self.nodes.clear();
-        crate::netns::unmount_bpffs_under(&self.dir.join("nodes"));
+        crate::netns::unmount_node_filesystems_under(&self.dir.join("nodes"));
     }
 }
 

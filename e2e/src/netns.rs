@@ -341,13 +341,31 @@ pub fn mount_bpffs(dir: &std::path::Path) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-/// Unmounts every bpffs mounted at or under `root` (what [`mount_bpffs`] mounted for a lab's nodes), so
-/// their pins go and the directories can be removed.
-pub fn unmount_bpffs_under(root: &std::path::Path) {
+/// Mounts the machine's cgroup v2 hierarchy on `dir` (another mount of the one hierarchy) unless one is
+/// there already.
+pub fn mount_cgroup2(dir: &std::path::Path) -> std::io::Result<()> {
+    let mounted = nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("cgroup2"),
+        dir,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Unmounts every bpffs and cgroup2 mounted at or under `root` (what [`mount_bpffs`] and [`mount_cgroup2`]
+/// mounted for a lab's nodes), so their pins go and the directories can be removed.
+pub fn unmount_node_filesystems_under(root: &std::path::Path) {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for l in mounts.lines() {
         let mut f = l.split_whitespace();
-        let (Some(_), Some(at), Some("bpf")) = (f.next(), f.next(), f.next()) else {
+        let (Some(_), Some(at), Some("bpf" | "cgroup2")) = (f.next(), f.next(), f.next()) else {
             continue;
         };
         if std::path::Path::new(at).starts_with(root) {

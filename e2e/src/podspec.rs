@@ -4,7 +4,8 @@
 //!   `target/<profile>/caracal-node`, a `command` of `caracal-cni install` runs that binary with `install`);
 //! - a `hostPath` volume is the node's own directory (`<node root>/<path>`): nodes are namespaces on one
 //!   machine, so each gets its own `/var/run/caracal`, `/etc/cni/net.d`, ...; the one for `/sys/fs/bpf`
-//!   gets a bpffs of its own, mounted by the kubelet;
+//!   gets a bpffs of its own, mounted by the kubelet, and the one for `/sys/fs/cgroup` the machine's cgroup v2
+//!   hierarchy (every node's processes are in the machine's cgroups, as a real node's are in its own);
 //! - `configMap` and `secret` volumes are files written under the pod's directory;
 //! - an environment value under a container mount path is rewritten to where that mount points, and
 //!   `fieldRef`s (`spec.nodeName`, `status.hostIP`, `metadata.name`, `metadata.namespace`) are resolved;
@@ -45,6 +46,9 @@ pub struct Plan {
     /// Of those, the ones standing for the host's `/sys/fs/bpf`: the kubelet mounts a bpffs on each (a
     /// real node has one there), so what a process pins outlives the process.
     pub bpffs: Vec<PathBuf>,
+    /// Of those, the ones standing for the host's `/sys/fs/cgroup`: the kubelet mounts the machine's cgroup
+    /// v2 hierarchy on each.
+    pub cgroup2: Vec<PathBuf>,
     /// Init containers first, in order, then the containers.
     pub processes: Vec<ProcessSpec>,
 }
@@ -145,8 +149,10 @@ pub fn plan(pod: &Pod, ctx: &mut Context<'_>) -> Result<Plan, PlanError> {
     for v in spec.volumes.iter().flatten() {
         if let Some(hp) = &v.host_path {
             let dir = ctx.node_root.join(hp.path.trim_start_matches('/'));
-            if hp.path.trim_end_matches('/') == "/sys/fs/bpf" {
-                out.bpffs.push(dir.clone());
+            match hp.path.trim_end_matches('/') {
+                "/sys/fs/bpf" => out.bpffs.push(dir.clone()),
+                "/sys/fs/cgroup" => out.cgroup2.push(dir.clone()),
+                _ => {}
             }
             out.dirs.push(if hp.type_.as_deref() == Some("FileOrCreate") {
                 dir.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.clone())

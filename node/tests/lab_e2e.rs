@@ -753,6 +753,54 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         .expect("enter")
         .expect("connect web -> api's ClusterIP");
     let vip_backend = whoami(&mut via_vip).expect("through the ClusterIP");
+    // Connect-time load balancing: every node registered its own namespace and its pods' with its socket
+    // programs, and the connection above got its backend at connect(): getpeername() still says the
+    // ClusterIP, while no node's tracker translates it per packet.
+    for i in 0..3 {
+        let pins = bpf_pins(&lab, i);
+        let registered = caracal_node::dataplane::bpf::ctlb::registered(&pins).expect("registrations");
+        let host = registered
+            .iter()
+            .filter(|(_, e)| e.flags & caracal_node::dataplane::bpf::ctlb::CTLB_HOST != 0)
+            .count();
+        assert_eq!(
+            host, 1,
+            "{}: the node's own namespace registered once",
+            lab.nodes[i].0
+        );
+        assert!(
+            registered.len() > 1,
+            "{}: its pods registered: {registered:?}",
+            lab.nodes[i].0
+        );
+        for (name, _) in caracal_node::dataplane::bpf::ctlb::SOCKET_HOOKS {
+            assert!(
+                pins.join(caracal_node::dataplane::bpf::ctlb::LINKS)
+                    .join(name)
+                    .exists(),
+                "{}: {name} is not on the cgroup",
+                lab.nodes[i].0
+            );
+        }
+    }
+    assert_eq!(
+        via_vip.peer_addr().expect("peer"),
+        std::net::SocketAddr::from((api_vip, 8080)),
+        "getpeername() of a connection translated at connect()"
+    );
+    let vip_port = via_vip.local_addr().expect("local").port();
+    for i in 0..3 {
+        let translated: Vec<_> = caracal_node::dataplane::bpf::sweep::entries(&bpf_pins(&lab, i))
+            .expect("tracker")
+            .into_iter()
+            .filter(|(k, v)| (k.sport == vip_port || k.dport == vip_port) && v.nat != 0)
+            .collect();
+        assert!(
+            translated.is_empty(),
+            "{}: the ClusterIP connection translated per packet: {translated:?}",
+            lab.nodes[i].0
+        );
+    }
 
     // Restarting a node agent in BPF mode (its pod deleted; the DaemonSet brings a new one) keeps an
     // established TCP connection between pods on two nodes working: the programs and maps stay pinned and

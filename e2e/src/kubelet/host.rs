@@ -222,6 +222,10 @@ pub async fn start(
     for d in &plan.bpffs {
         crate::netns::mount_bpffs(d).map_err(|e| format!("mounting a bpffs on {}: {e}", d.display()))?;
     }
+    for d in &plan.cgroup2 {
+        crate::netns::mount_cgroup2(d)
+            .map_err(|e| format!("mounting the cgroup v2 hierarchy on {}: {e}", d.display()))?;
+    }
     for (path, data) in &plan.files {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

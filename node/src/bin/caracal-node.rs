@@ -18,8 +18,8 @@
 //!   (for a lab where agents reach the API server from the host).
 //! - `CARACAL_LOG_FORMAT=json` for JSON logs; `KUBECONFIG` or the in-cluster service account for the API.
 //! - `CARACAL_CNI_SOCKET` (/var/run/caracal/cni.sock): where the CNI server listens.
-//! - `CARACAL_BPF_CGROUP` (the root of the cgroup v2 hierarchy): where the BPF data plane's socket programs
-//!   (connect-time load balancing) go.
+//! - `CARACAL_BPF_CGROUP` (the DaemonSet: `/host/sys/fs/cgroup`, the host's `/sys/fs/cgroup`): the cgroup
+//!   hierarchy the BPF data plane's socket programs (connect-time load balancing) go on.
 //! - `CARACAL_STATE_DIR` (/var/lib/caracal): the IPAM journal, BIRD's and WireGuard's files, the pods'
 //!   namespace cookies (connect-time load balancing).
 //! - `CARACAL_IPV4_AUTODETECTION` (first-found) or `CARACAL_IP` (an address/prefix to use as is).
@@ -66,16 +66,22 @@ fn env(name: &str, default: &str) -> String {
 }
 
 /// Connect-time load balancing in BPF mode (FelixConfiguration `bpfConnectTimeLoadBalancing`, on unless
-/// Disabled): the cgroup (v2) its socket programs go on, `CARACAL_BPF_CGROUP` or else the root of the cgroup
-/// v2 hierarchy this process sees; None when off.
+/// Disabled): the cgroup (v2) its socket programs go on: the hierarchy at `CARACAL_BPF_CGROUP` (the host's
+/// `/sys/fs/cgroup`, which the DaemonSet mounts at `/host/sys/fs/cgroup`; its `unified` beside v1), or else
+/// the one this process sees; None when off.
 fn connect_time_lb(on: bool) -> Option<std::path::PathBuf> {
     if !on {
         return None;
     }
-    let cgroup = std::env::var_os("CARACAL_BPF_CGROUP")
+    use caracal_node::dataplane::bpf::ctlb;
+    let given = std::env::var_os("CARACAL_BPF_CGROUP")
         .filter(|c| !c.is_empty())
-        .map(std::path::PathBuf::from)
-        .or_else(caracal_node::dataplane::bpf::ctlb::cgroup2_mount);
+        .map(std::path::PathBuf::from);
+    let found = given.as_deref().and_then(ctlb::cgroup2_root);
+    if let (Some(g), None) = (&given, &found) {
+        tracing::warn!(path = %g.display(), "CARACAL_BPF_CGROUP holds no cgroup v2 hierarchy: using this process's own");
+    }
+    let cgroup = found.or_else(ctlb::cgroup2_mount);
     if cgroup.is_none() {
         tracing::warn!(
             "no cgroup v2 hierarchy is mounted: connect-time load balancing is off (set CARACAL_BPF_CGROUP)"

@@ -214,6 +214,9 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
         env("CARACAL_CNI_SOCKET", AGENT_SOCKET),
         // The agent's state (IPAM journal, BIRD's files), on the var-lib-caracal host mount.
         env("CARACAL_STATE_DIR", "/var/lib/caracal"),
+        // The host's cgroup hierarchy, where the BPF data plane's socket programs go (connect-time load
+        // balancing): the host's root, not the container's own cgroup.
+        env("CARACAL_BPF_CGROUP", "/host/sys/fs/cgroup"),
         env(
             "CARACAL_TYPHA_SERVICE",
             format!("{}.{NAMESPACE}", super::typha::TYPHA),
@@ -251,6 +254,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
             mount("var-run-caracal", "/var/run/caracal", false),
             mount("var-lib-caracal", "/var/lib/caracal", false),
             mount("bpffs", "/sys/fs/bpf", false),
+            mount("host-cgroup", "/host/sys/fs/cgroup", true),
             mount("lib-modules", "/lib/modules", true),
             mount("xtables-lock", "/run/xtables.lock", false),
             mount("typha-ca", "/etc/caracal/typha-ca", true),
@@ -309,6 +313,7 @@ pub fn render(spec: &InstallationSpec, facts: &ClusterFacts) -> Vec<Object> {
                 host_path("var-run-caracal", "/var/run/caracal", Some("DirectoryOrCreate")),
                 host_path("var-lib-caracal", "/var/lib/caracal", Some("DirectoryOrCreate")),
                 host_path("bpffs", "/sys/fs/bpf", Some("DirectoryOrCreate")),
+                host_path("host-cgroup", "/sys/fs/cgroup", Some("Directory")),
                 // No type, as Calico renders it: a node whose kernel has no modules directory (everything built
                 // in) still runs the agent; `Directory` would refuse the pod there.
                 host_path("lib-modules", "/lib/modules", None),

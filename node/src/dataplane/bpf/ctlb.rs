@@ -89,6 +89,18 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// The cgroup v2 hierarchy at `path` (the host's `/sys/fs/cgroup` mounted into the agent's container): the
+/// path itself when it is a cgroup2 mount (a host with cgroup v2 alone), else its `unified` (v2 beside v1).
+pub fn cgroup2_root(path: &Path) -> Option<PathBuf> {
+    let is_cgroup2 = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+    };
+    [path.to_path_buf(), path.join("unified")]
+        .into_iter()
+        .find(|p| is_cgroup2(p))
+}
+
 /// Attaches the socket programs pinned under `dir` to the cgroup (v2) at `cgroup`, beside anything else
 /// there, and pins the links under [`LINKS`]. Links already pinned (an earlier run's) get the pinned programs
 /// in place, atomically. False when the programs are not pinned (the data plane has not loaded yet).
@@ -229,6 +241,16 @@ mod tests {
         // This machine mounts cgroup v2 (beside v1 or alone); the path found is a cgroup2 root.
         let found = cgroup2_mount().expect("a cgroup2 mount");
         assert!(found.join("cgroup.procs").exists(), "{}", found.display());
+    }
+
+    #[test]
+    fn the_cgroup2_root_is_found_beside_v1_or_alone() {
+        let mounted = cgroup2_mount().expect("a cgroup2 mount");
+        assert_eq!(cgroup2_root(&mounted), Some(mounted.clone()));
+        if let Some(parent) = mounted.parent().filter(|_| mounted.ends_with("unified")) {
+            assert_eq!(cgroup2_root(parent), Some(mounted.clone()), "v2 beside v1");
+        }
+        assert_eq!(cgroup2_root(Path::new("/proc")), None);
     }
 
     #[test]
