@@ -253,11 +253,15 @@ pub struct Lab {
 }
 
 /// The workspace's binaries the lab runs: the debug build, or the one `CARACAL_LAB_BIN_DIR` names (a
-/// benchmark measures the release build).
+/// benchmark measures the release build), relative to the workspace (cargo runs a bench or test in its
+/// package's directory, so `target/release` means the workspace's).
 fn lab_bin() -> PathBuf {
     std::env::var_os("CARACAL_LAB_BIN_DIR")
         .filter(|d| !d.is_empty())
-        .map_or_else(|| workspace_root().join("target/debug"), PathBuf::from)
+        .map_or_else(
+            || workspace_root().join("target/debug"),
+            |d| workspace_root().join(d),
+        )
 }
 
 /// The images every real node imports (`make images` builds them into `target/images`).

@@ -21,7 +21,9 @@
 //! over the median of kube-proxy's (both rounds) (goal: at least 1.2), with the CPUs setting the rate;
 //! `..._one_client` is the same ratio for the single client. In BPF mode the client's TCP connections get
 //! their backend at connect() (connect-time load balancing, the default); the tracker's per-packet
-//! translations after each sample are reported to show it. Timings are reported, never asserted. Needs
+//! translations after each sample are reported to show it. Then, still in BPF mode, lab-node-0's agent is
+//! given `bpfConnectTimeLoadBalancing: Disabled` (its own FelixConfiguration) and measured again: every
+//! connection translated per packet, so the run also says what connect-time load balancing is worth. Timings are reported, never asserted. Needs
 //! root and the workspace's binaries (`make bench` runs the release build, through `CARACAL_LAB_BIN_DIR`).
 
 #![expect(
@@ -544,6 +546,37 @@ async fn main() {
     let (bpf, bpf_one) = measure().await.expect("join");
     let bpf_flips = flips(&lab, &client, flip, [("b0", &b0), ("b1", &b1)]).await;
 
+    // The same data plane with connect-time load balancing off on lab-node-0 (its own FelixConfiguration,
+    // which the operator does not manage; the agent restarts to apply it): every connection translated per
+    // packet by the pod's program, as before connect-time load balancing existed.
+    println!("==> Caracal BPF, bpfConnectTimeLoadBalancing: Disabled");
+    let off = dir.join("felix-node-0-ctlb-off.yaml");
+    std::fs::write(
+        &off,
+        format!(
+            "apiVersion: caracal.dev/v1\nkind: FelixConfiguration\nmetadata: {{name: node.{}}}\nspec: {{bpfConnectTimeLoadBalancing: Disabled}}\n",
+            lab.nodes[0].0
+        ),
+    )
+    .expect("write");
+    lab.apply(&off).expect("FelixConfiguration");
+    let link = caracal_e2e::lab::lab_dir()
+        .join("nodes")
+        .join(&lab.nodes[0].0)
+        .join("sys/fs/bpf/caracal")
+        .join(caracal_node::dataplane::bpf::ctlb::LINKS)
+        .join(caracal_node::dataplane::bpf::ctlb::SOCKET_HOOKS[0].0);
+    let t = Instant::now();
+    while link.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the socket programs stayed attached"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ready(measured).await;
+    let (per_packet, per_packet_one) = measure().await.expect("join");
+
     println!("==> back to kube-proxy and the iptables data plane");
     lab.start_kube_proxy(caracal_e2e::kubeproxy::Mode::Iptables)
         .expect("kube-proxy again");
@@ -573,6 +606,8 @@ async fn main() {
     let bpf_rate = median(&[&bpf]);
     let kube_proxy_one_rate = median(&[&kube_proxy_one, &kube_proxy_again_one]);
     let bpf_one_rate = median(&[&bpf_one]);
+    let per_packet_rate = median(&[&per_packet]);
+    let per_packet_one_rate = median(&[&per_packet_one]);
     let figures = json!({
         "services_in_cluster": SERVICES + 1,
         "kube_proxy_iptables": {
@@ -595,9 +630,20 @@ async fn main() {
             },
             "endpoint_change_to_new_backend_ms": bpf_flips,
         },
+        // BPF with bpfConnectTimeLoadBalancing: Disabled on lab-node-0: every TCP connection translated per
+        // packet in the client pod's program (the BPF side of earlier runs).
+        "bpf_connect_time_lb_disabled": {
+            "connections_per_second": per_packet_rate,
+            "through_cluster_ip": per_packet,
+            "one_client": {
+                "connections_per_second": per_packet_one_rate,
+                "through_cluster_ip": per_packet_one,
+            },
+        },
+        "bpf_connect_time_lb_disabled_over_kube_proxy_connections_per_second": per_packet_rate / kube_proxy_rate,
         "bpf_over_kube_proxy_connections_per_second": bpf_rate / kube_proxy_rate,
         "bpf_over_kube_proxy_connections_per_second_one_client": bpf_one_rate / kube_proxy_one_rate,
-        "note": "one lab: kube-proxy (iptables mode) with Caracal's iptables policy, then Caracal's BPF data plane after the documented switch, then kube-proxy again after the switch back; a side's rate is the median of all its samples; client and backends on lab-node-0; 4 client threads at once, each sequential (connect, one request and answer, reset), so the CPUs set the rate; one_client: a single such thread, so each connection's round trips set it; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
+        "note": "one lab: kube-proxy (iptables mode) with Caracal's iptables policy, then Caracal's BPF data plane after the documented switch (connect-time load balancing for TCP, the default), then the same with bpfConnectTimeLoadBalancing: Disabled on lab-node-0, then kube-proxy again after the switch back; a side's rate is the median of all its samples; client and backends on lab-node-0; 4 client threads at once, each sequential (connect, one request and answer, reset), so the CPUs set the rate; one_client: a single such thread, so each connection's round trips set it; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
     });
     println!("{}", serde_json::to_string_pretty(&figures).expect("json"));
     let out = workspace_root().join("target/bench");

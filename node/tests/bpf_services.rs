@@ -146,6 +146,43 @@ fn from_port(from: &Pod, sport: u16, addr: SocketAddr) -> Option<String> {
         .flatten()
 }
 
+/// A node namespace (named from `tag`) with `n` pods wired to it (`<net>.5`, `<net>.6`, ...), each serving
+/// on 8080, the programs loaded with their maps pinned under a directory of this test's, table
+/// 1 allowing and table 2 denying everything, and every pod's interface attached with table 1 both ways:
+/// (node, pods, pin directory, the pods' interface indexes, what stops the servers).
+fn node_with_pods(
+    tag: &str,
+    net: &str,
+    n: usize,
+) -> (netns::NetNs, Vec<Pod>, PathBuf, Vec<u32>, Arc<AtomicBool>) {
+    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
+    let node = netns::node(tag).expect("node");
+    let pods: Vec<Pod> = (0..n)
+        .map(|i| {
+            let name = format!("{tag}{i}");
+            let ip = format!("{net}.{}", 5 + i).parse().expect("ip");
+            netns::wire_pod(&node, &name, &format!("crc{name}"), ip).expect("pod")
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    for p in &pods {
+        serve(p, 8080, &stop);
+    }
+    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-{tag}-test-{}", std::process::id()));
+    let ifaces: Vec<String> = pods.iter().map(|p| p.iface.clone()).collect();
+    let idx: Vec<u32> = ifaces.iter().map(|i| ifindex(&node, i)).collect();
+    let ids = idx.clone();
+    with_loaded(&node, &dir, move |l| {
+        l.write_table(1, &table(true)).expect("allow");
+        l.write_table(2, &table(false)).expect("deny");
+        for (iface, index) in ifaces.iter().zip(ids) {
+            l.attach(iface).expect("attach");
+            l.set_endpoint(index, entry(1, 1)).expect("entry");
+        }
+    });
+    (node, pods, dir, idx, stop)
+}
+
 fn seen(a: &[Option<String>]) -> BTreeSet<String> {
     a.iter().flatten().cloned().collect()
 }
@@ -160,29 +197,8 @@ fn backend(pod: &Pod, port: u16) -> Backend {
 
 #[test]
 fn cluster_ips_reach_their_backends_under_policy_with_affinity_hairpin_and_changes() {
-    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
-    let node = netns::node("svc").expect("node");
-    let a = netns::wire_pod(&node, "sva", "crcsva", "10.202.0.5".parse().expect("ip")).expect("pod a");
-    let b = netns::wire_pod(&node, "svb", "crcsvb", "10.202.0.6".parse().expect("ip")).expect("pod b");
-    let c = netns::wire_pod(&node, "svc", "crcsvc", "10.202.0.7".parse().expect("ip")).expect("pod c");
-    let stop = Arc::new(AtomicBool::new(false));
-    for p in [&a, &b, &c] {
-        serve(p, 8080, &stop);
-    }
-    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-svc-test-{}", std::process::id()));
-    let idx: Vec<u32> = ["crcsva", "crcsvb", "crcsvc"]
-        .iter()
-        .map(|i| ifindex(&node, i))
-        .collect();
-    let ids = idx.clone();
-    with_loaded(&node, &dir, move |l| {
-        l.write_table(1, &table(true)).expect("allow");
-        l.write_table(2, &table(false)).expect("deny");
-        for (i, iface) in ["crcsva", "crcsvb", "crcsvc"].iter().enumerate() {
-            l.attach(iface).expect("attach");
-            l.set_endpoint(ids[i], entry(1, 1)).expect("entry");
-        }
-    });
+    let (node, pods, dir, idx, stop) = node_with_pods("sv", "10.202.0", 3);
+    let [a, b, c] = <[Pod; 3]>::try_from(pods).unwrap_or_else(|_| panic!("three pods"));
     let mut maps = ServiceMaps::open(&dir).expect("the Service maps are pinned");
     let vip: Ipv4Addr = "10.96.5.5".parse().expect("vip");
     let sticky: Ipv4Addr = "10.96.5.6".parse().expect("vip");
@@ -365,27 +381,8 @@ fn translated(node: &netns::NetNs, dir: &std::path::Path, ifindex: u32) -> (usiz
 #[test]
 fn connect_time_load_balancing_gives_registered_pods_a_backend_at_connect() {
     use caracal_node::dataplane::bpf::ctlb;
-    assert!(nix::unistd::geteuid().is_root(), "kernel-tier tests need root");
-    let node = netns::node("ctl").expect("node");
-    let a = netns::wire_pod(&node, "cta", "crccta", "10.203.0.5".parse().expect("ip")).expect("pod a");
-    let b = netns::wire_pod(&node, "ctb", "crcctb", "10.203.0.6".parse().expect("ip")).expect("pod b");
-    let c = netns::wire_pod(&node, "ctc", "crcctc", "10.203.0.7".parse().expect("ip")).expect("pod c");
-    let d = netns::wire_pod(&node, "ctd", "crcctd", "10.203.0.8".parse().expect("ip")).expect("pod d");
-    let stop = Arc::new(AtomicBool::new(false));
-    for p in [&a, &b, &c] {
-        serve(p, 8080, &stop);
-    }
-    let dir = PathBuf::from(format!("/sys/fs/bpf/caracal-ctlb-test-{}", std::process::id()));
-    let ifaces = ["crccta", "crcctb", "crcctc", "crcctd"];
-    let idx: Vec<u32> = ifaces.iter().map(|i| ifindex(&node, i)).collect();
-    let ids = idx.clone();
-    with_loaded(&node, &dir, move |l| {
-        l.write_table(1, &table(true)).expect("allow");
-        for (i, iface) in ifaces.iter().enumerate() {
-            l.attach(iface).expect("attach");
-            l.set_endpoint(ids[i], entry(1, 1)).expect("entry");
-        }
-    });
+    let (node, pods, dir, idx, stop) = node_with_pods("ct", "10.203.0", 4);
+    let [a, b, c, d] = <[Pod; 4]>::try_from(pods).unwrap_or_else(|_| panic!("four pods"));
     let mut maps = ServiceMaps::open(&dir).expect("the Service maps are pinned");
     let vip: Ipv4Addr = "10.96.6.5".parse().expect("vip");
     let empty: Ipv4Addr = "10.96.6.7".parse().expect("vip");

@@ -469,28 +469,21 @@ impl Loaded {
             .default_map_pin_directory(dir)
             .load(POLICY_OBJECT)
             .map_err(load_error)?;
+        fn program<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut aya::programs::Program, BpfError> {
+            ebpf.program_mut(name)
+                .ok_or_else(|| load_error(format!("no program {name} in the object")))
+        }
         for (name, _, _) in HOOKS.iter().chain(&HOST_HOOKS) {
-            let name = *name;
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| load_error(format!("no program {name} in the object")))?
-                .try_into()
-                .map_err(load_error)?;
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?.try_into().map_err(load_error)?;
             prog.load().map_err(load_error)?;
-            pin_program(
-                dir,
-                name,
-                prog.info().map(|i| i.tag()).ok(),
-                prog.fd().map_err(load_error)?,
-            )?;
         }
         for (name, _) in ctlb::SOCKET_HOOKS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| load_error(format!("no program {name} in the object")))?
-                .try_into()
-                .map_err(load_error)?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into().map_err(load_error)?;
             prog.load().map_err(load_error)?;
+        }
+        let names = HOOKS.iter().chain(&HOST_HOOKS).map(|h| h.0);
+        for name in names.chain(ctlb::SOCKET_HOOKS.iter().map(|h| h.0)) {
+            let prog = program(&mut ebpf, name)?;
             pin_program(
                 dir,
                 name,
