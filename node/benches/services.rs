@@ -21,8 +21,8 @@
 //! over the median of kube-proxy's (both rounds) (goal: at least 1.2), with the CPUs setting the rate;
 //! `..._one_client` is the same ratio for the single client. In BPF mode the client's TCP connections get
 //! their backend at connect() (connect-time load balancing, the default); the tracker's per-packet
-//! translations after each sample are reported to show it. Then, still in BPF mode, lab-node-0's agent is
-//! given `bpfConnectTimeLoadBalancing: Disabled` (its own FelixConfiguration) and measured again: every
+//! translations after each sample are reported to show it. Before that, still in BPF mode, lab-node-0's agent
+//! runs with `bpfConnectTimeLoadBalancing: Disabled` (its own FelixConfiguration) and is measured: every
 //! connection translated per packet, so the run also says what connect-time load balancing is worth. Timings are reported, never asserted. Needs
 //! root and the workspace's binaries (`make bench` runs the release build, through `CARACAL_LAB_BIN_DIR`).
 
@@ -514,6 +514,43 @@ async fn main() {
     let (kube_proxy, kube_proxy_one) = measure().await.expect("join");
     let kube_proxy_flips = flips(&lab, &client, flip, [("b0", &b0), ("b1", &b1)]).await;
 
+    // In BPF mode lab-node-0's agent is measured twice: first with `bpfConnectTimeLoadBalancing: Disabled`
+    // (its own FelixConfiguration, which the operator does not manage), every connection translated per
+    // packet by the pod's program; then with `TCP` (the default), each TCP connection given its backend at
+    // connect(). The agent restarts to apply each.
+    let ctlb = |value: &str| {
+        let file = dir.join(format!("felix-node-0-ctlb-{value}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: caracal.dev/v1\nkind: FelixConfiguration\nmetadata: {{name: node.{}}}\nspec: {{bpfConnectTimeLoadBalancing: {value}}}\n",
+                lab.nodes[0].0
+            ),
+        )
+        .expect("write");
+        lab.apply(&file).expect("FelixConfiguration");
+    };
+    let link = caracal_e2e::lab::lab_dir()
+        .join("nodes")
+        .join(&lab.nodes[0].0)
+        .join("sys/fs/bpf/caracal")
+        .join(caracal_node::dataplane::bpf::ctlb::LINKS)
+        .join(caracal_node::dataplane::bpf::ctlb::SOCKET_HOOKS[0].0);
+    let until_link = |attached: bool| {
+        let link = link.clone();
+        async move {
+            let t = Instant::now();
+            while link.exists() != attached {
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "the socket programs never became attached: {attached}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    ctlb("Disabled");
+
     println!("==> switching to the BPF data plane (kube-proxy stopped)");
     lab.give_api_server_address().await.expect("ConfigMap");
     lab.stop_kube_proxy();
@@ -540,42 +577,18 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    until_link(false).await;
+    ready(measured).await;
+    println!("==> Caracal BPF, bpfConnectTimeLoadBalancing: Disabled");
+    let (per_packet, per_packet_one) = measure().await.expect("join");
+
+    ctlb("TCP");
+    until_link(true).await;
     ready(measured).await;
     ready(flip).await;
-    println!("==> Caracal BPF");
+    println!("==> Caracal BPF (bpfConnectTimeLoadBalancing: TCP, the default)");
     let (bpf, bpf_one) = measure().await.expect("join");
     let bpf_flips = flips(&lab, &client, flip, [("b0", &b0), ("b1", &b1)]).await;
-
-    // The same data plane with connect-time load balancing off on lab-node-0 (its own FelixConfiguration,
-    // which the operator does not manage; the agent restarts to apply it): every connection translated per
-    // packet by the pod's program, as before connect-time load balancing existed.
-    println!("==> Caracal BPF, bpfConnectTimeLoadBalancing: Disabled");
-    let off = dir.join("felix-node-0-ctlb-off.yaml");
-    std::fs::write(
-        &off,
-        format!(
-            "apiVersion: caracal.dev/v1\nkind: FelixConfiguration\nmetadata: {{name: node.{}}}\nspec: {{bpfConnectTimeLoadBalancing: Disabled}}\n",
-            lab.nodes[0].0
-        ),
-    )
-    .expect("write");
-    lab.apply(&off).expect("FelixConfiguration");
-    let link = caracal_e2e::lab::lab_dir()
-        .join("nodes")
-        .join(&lab.nodes[0].0)
-        .join("sys/fs/bpf/caracal")
-        .join(caracal_node::dataplane::bpf::ctlb::LINKS)
-        .join(caracal_node::dataplane::bpf::ctlb::SOCKET_HOOKS[0].0);
-    let t = Instant::now();
-    while link.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the socket programs stayed attached"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    ready(measured).await;
-    let (per_packet, per_packet_one) = measure().await.expect("join");
 
     println!("==> back to kube-proxy and the iptables data plane");
     lab.start_kube_proxy(caracal_e2e::kubeproxy::Mode::Iptables)
@@ -643,7 +656,7 @@ async fn main() {
         "bpf_connect_time_lb_disabled_over_kube_proxy_connections_per_second": per_packet_rate / kube_proxy_rate,
         "bpf_over_kube_proxy_connections_per_second": bpf_rate / kube_proxy_rate,
         "bpf_over_kube_proxy_connections_per_second_one_client": bpf_one_rate / kube_proxy_one_rate,
-        "note": "one lab: kube-proxy (iptables mode) with Caracal's iptables policy, then Caracal's BPF data plane after the documented switch (connect-time load balancing for TCP, the default), then the same with bpfConnectTimeLoadBalancing: Disabled on lab-node-0, then kube-proxy again after the switch back; a side's rate is the median of all its samples; client and backends on lab-node-0; 4 client threads at once, each sequential (connect, one request and answer, reset), so the CPUs set the rate; one_client: a single such thread, so each connection's round trips set it; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
+        "note": "one lab: kube-proxy (iptables mode) with Caracal's iptables policy, then Caracal's BPF data plane after the documented switch, first with bpfConnectTimeLoadBalancing: Disabled on lab-node-0 (every connection translated per packet), then with TCP (the default: given its backend at connect()), then kube-proxy again after the switch back; a side's rate is the median of all its samples; client and backends on lab-node-0; 4 client threads at once, each sequential (connect, one request and answer, reset), so the CPUs set the rate; one_client: a single such thread, so each connection's round trips set it; the endpoint change is timed from the API write of the label until a new connection is first answered by the new pod",
     });
     println!("{}", serde_json::to_string_pretty(&figures).expect("json"));
     let out = workspace_root().join("target/bench");
