@@ -788,6 +788,27 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
         std::net::SocketAddr::from((api_vip, 8080)),
         "getpeername() of a connection translated at connect()"
     );
+    // The nodes' own processes reach a ClusterIP too (TCP, given its backend at connect()): before
+    // connect-time load balancing nothing translated a host's connection without kube-proxy. (frontend/web:
+    // its pods admit everyone.)
+    let web_vip: std::net::Ipv4Addr =
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), "frontend")
+            .get("web")
+            .await
+            .expect("web Service")
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .expect("ClusterIP")
+            .parse()
+            .expect("IPv4");
+    for (name, ns, _) in &lab.nodes {
+        let from_node =
+            caracal_e2e::probe::whoami(ns, (web_vip, 80).into(), "TCP", Duration::from_secs(3));
+        assert!(
+            from_node.as_ref().is_ok_and(|ip| !ip.is_empty()),
+            "{name}: the node's own connection to the ClusterIP: {from_node:?}"
+        );
+    }
     let vip_port = via_vip.local_addr().expect("local").port();
     for i in 0..3 {
         let translated: Vec<_> = caracal_node::dataplane::bpf::sweep::entries(&bpf_pins(&lab, i))
