@@ -443,6 +443,19 @@ fn bpf_pins(lab: &Lab, i: usize) -> std::path::PathBuf {
         .join("sys/fs/bpf/caracal")
 }
 
+/// The IPv4 ClusterIP of Service `ns/name`.
+async fn cluster_ip(lab: &Lab, ns: &str, name: &str) -> std::net::Ipv4Addr {
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), ns)
+        .get(name)
+        .await
+        .expect("the Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("ClusterIP")
+        .parse()
+        .expect("IPv4")
+}
+
 /// The endpoint entries in node `i`'s BPF maps.
 fn bpf_endpoint_entries(lab: &Lab, i: usize) -> usize {
     let pins = bpf_pins(lab, i);
@@ -660,16 +673,7 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     // A connection through a ClusterIP opened under kube-proxy, kept across the switch (the kernel's
     // connection tracker goes on translating it).
     let web_ns = caracal_e2e::netns::NetNs::existing(&recorded(&lab, "frontend/web", "netns").await);
-    let api_vip: std::net::Ipv4Addr =
-        Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), "backend")
-            .get("api")
-            .await
-            .expect("api Service")
-            .spec
-            .and_then(|s| s.cluster_ip)
-            .expect("ClusterIP")
-            .parse()
-            .expect("IPv4");
+    let api_vip = cluster_ip(&lab, "backend", "api").await;
     let whoami = |s: &mut std::net::TcpStream| {
         use std::io::{Read as _, Write as _};
         s.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -791,19 +795,9 @@ async fn the_lab_runs_caracal_end_to_end_and_measured_connectivity_matches_the_p
     // The nodes' own processes reach a ClusterIP too (TCP, given its backend at connect()): before
     // connect-time load balancing nothing translated a host's connection without kube-proxy. (frontend/web:
     // its pods admit everyone.)
-    let web_vip: std::net::Ipv4Addr =
-        Api::<k8s_openapi::api::core::v1::Service>::namespaced(lab.client.clone(), "frontend")
-            .get("web")
-            .await
-            .expect("web Service")
-            .spec
-            .and_then(|s| s.cluster_ip)
-            .expect("ClusterIP")
-            .parse()
-            .expect("IPv4");
+    let web_vip = cluster_ip(&lab, "frontend", "web").await;
     for (name, ns, _) in &lab.nodes {
-        let from_node =
-            caracal_e2e::probe::whoami(ns, (web_vip, 80).into(), "TCP", Duration::from_secs(3));
+        let from_node = caracal_e2e::probe::whoami(ns, (web_vip, 80).into(), "TCP", Duration::from_secs(3));
         assert!(
             from_node.as_ref().is_ok_and(|ip| !ip.is_empty()),
             "{name}: the node's own connection to the ClusterIP: {from_node:?}"

@@ -51,16 +51,6 @@ pub struct NsEntry {
     pub pad: u32,
 }
 
-#[expect(
-    unsafe_code,
-    reason = "aya reads map values as plain bytes: the type must be plain old data"
-)]
-mod pod {
-    // SAFETY: a repr(C) struct of integers and an integer array, without implicit padding, valid for every
-    // bit pattern.
-    unsafe impl aya::Pod for super::NsEntry {}
-}
-
 /// The cookie of the calling thread's network namespace.
 pub fn this_netns_cookie() -> std::io::Result<u64> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};

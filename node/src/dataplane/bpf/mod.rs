@@ -315,6 +315,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MemberKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ctlb::NsEntry {}
     // SAFETY: an array of integers.
     unsafe impl aya::Pod for super::tables::Bits {}
 }
