@@ -326,33 +326,24 @@ impl Underlay {
 /// Mounts a bpf filesystem on `dir` unless one is there already (a lab node's stand-in for the host's
 /// `/sys/fs/bpf`; it lives in the machine's mount namespace, so pins outlive the processes that made them).
 pub fn mount_bpffs(dir: &std::path::Path) -> std::io::Result<()> {
-    let on_bpffs =
-        nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
-    if on_bpffs {
-        return Ok(());
-    }
-    nix::mount::mount(
-        Some("bpffs"),
-        dir,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(std::io::Error::from)
+    mount_once(dir, "bpf", nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Mounts the machine's cgroup v2 hierarchy on `dir` (another mount of the one hierarchy) unless one is
 /// there already.
 pub fn mount_cgroup2(dir: &std::path::Path) -> std::io::Result<()> {
-    let mounted = nix::sys::statfs::statfs(dir)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC);
-    if mounted {
+    mount_once(dir, "cgroup2", nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// Mounts a filesystem of type `fstype` on `dir` unless `dir` already is one (`magic`).
+fn mount_once(dir: &std::path::Path, fstype: &str, magic: nix::sys::statfs::FsType) -> std::io::Result<()> {
+    if nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == magic) {
         return Ok(());
     }
     nix::mount::mount(
-        Some("cgroup2"),
+        Some(fstype),
         dir,
-        Some("cgroup2"),
+        Some(fstype),
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )

@@ -251,6 +251,15 @@ fn named_sets(model: &DataplaneModel) -> NamedSets<'_> {
         .collect()
 }
 
+/// An endpoint as looked at for connect-time load balancing: its interface, IPv4 address and the cookie
+/// of its namespace it was registered under (None: no record or no IPv4 address; not registered).
+#[derive(Clone, Copy)]
+struct Registration {
+    ifindex: u32,
+    addr: Option<[u8; 4]>,
+    cookie: Option<u64>,
+}
+
 /// The BPF data plane.
 pub struct BpfDataplane {
     dir: PathBuf,
@@ -270,8 +279,8 @@ pub struct BpfDataplane {
     /// Where the CNI wiring records pods' namespace cookies ([`super::ctlb::record`]): a programmed
     /// endpoint's pod is registered for connect-time load balancing from there. None: no pod is.
     netns_records: Option<PathBuf>,
-    /// The pods registered for connect-time load balancing, by interface: (cookie, entry).
-    registered: BTreeMap<String, (u64, super::ctlb::NsEntry)>,
+    /// The endpoints looked at for connect-time load balancing, by interface.
+    registered: BTreeMap<String, Registration>,
 }
 
 impl BpfDataplane {
@@ -308,34 +317,40 @@ impl BpfDataplane {
         let Some(dir) = &self.netns_records else {
             return Ok(());
         };
-        let cookie = super::ctlb::recorded(dir, iface);
         let addr = ips.iter().find_map(|ip| match ip {
             std::net::IpAddr::V4(v4) => Some(v4.octets()),
             std::net::IpAddr::V6(_) => None,
         });
-        let wanted = cookie.zip(addr).map(|(cookie, addr)| {
-            (
-                cookie,
-                super::ctlb::NsEntry {
-                    addr,
-                    flags: 0,
-                    ifindex,
-                    pad: 0,
-                },
-            )
-        });
-        let before = self.registered.get(iface).copied();
-        if before == wanted {
+        // An interface keeps its pod's namespace for its whole life (a new pod comes with a new interface,
+        // and the wiring records the cookie before the interface exists): read once per interface.
+        if self
+            .registered
+            .get(iface)
+            .is_some_and(|r| r.ifindex == ifindex && r.addr == addr)
+        {
             return Ok(());
         }
-        if let Some((old, _)) = before {
+        let cookie = addr.and_then(|_| super::ctlb::recorded(dir, iface));
+        if let Some(old) = self.registered.remove(iface).and_then(|r| r.cookie) {
             self.loaded()?.unregister_netns(old)?;
-            self.registered.remove(iface);
         }
-        if let Some((cookie, entry)) = wanted {
+        if let (Some(cookie), Some(addr)) = (cookie, addr) {
+            let entry = super::ctlb::NsEntry {
+                addr,
+                flags: 0,
+                ifindex,
+                pad: 0,
+            };
             self.loaded()?.register_netns(cookie, entry)?;
-            self.registered.insert(iface.to_owned(), (cookie, entry));
         }
+        self.registered.insert(
+            iface.to_owned(),
+            Registration {
+                ifindex,
+                addr,
+                cookie,
+            },
+        );
         Ok(())
     }
 
@@ -641,7 +656,7 @@ impl BpfDataplane {
     /// dispatch chains keep an unknown interface closed.
     fn unprogram(&mut self, iface: &str, stats: &mut ApplyStats) -> Result<(), BpfError> {
         let was_attached = self.attached.remove(iface);
-        if let Some((cookie, _)) = self.registered.remove(iface) {
+        if let Some(cookie) = self.registered.remove(iface).and_then(|r| r.cookie) {
             self.loaded()?.unregister_netns(cookie)?;
         }
         let old = self.endpoints.remove(iface);
@@ -757,7 +772,7 @@ impl BpfDataplane {
             self.unprogram(&iface, &mut stats)?;
         }
         // Pods' registrations nobody holds (an earlier run's, of pods gone since); the node's own stays.
-        let held: BTreeSet<u64> = self.registered.values().map(|(c, _)| *c).collect();
+        let held: BTreeSet<u64> = self.registered.values().filter_map(|r| r.cookie).collect();
         for (cookie, e) in self.loaded()?.netns_entries()? {
             if e.flags & super::ctlb::CTLB_HOST == 0 && !held.contains(&cookie) {
                 self.loaded()?.unregister_netns(cookie)?;
